@@ -1,0 +1,8 @@
+"""fusedaccum: fused gradient accumulation, clipping and optimizer steps for PyTorch."""
+
+from fusedaccum import ops
+from fusedaccum.ops import available_backends
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "available_backends", "__version__"]

@@ -1,0 +1,145 @@
+"""The ops the wrapper calls, and the backend registry.
+
+Every op works on flat, contiguous 1-D tensors (the per-group buffers of
+:mod:`fusedaccum.buffers`, or slices of them) and takes ``backend=``:
+
+* ``"auto"`` (default, overridden by the ``FUSEDACCUM_BACKEND`` environment
+  variable): for CUDA tensors ``cuda``, else ``triton``, else ``reference``; for
+  CPU tensors ``cpu``, else ``reference``.
+* ``"reference"``, ``"triton"``, ``"cuda"``, ``"cpu"``: that backend, or
+  ``RuntimeError`` saying why it cannot run on the tensors' device.
+
+Signatures (identical for every backend; the reference module is the definition):
+
+``accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None) -> Tensor | None``
+    ``acc = (0 if overwrite else acc) + scale * float32(grad)`` in place. ``acc`` is
+    fp32, ``grad`` fp16/bf16/fp32 with the same number of elements. With
+    ``norm_type=2.0`` returns a 0-dim fp32 tensor holding the sum of squares of the
+    updated ``acc``; with ``norm_type=inf`` its largest absolute value (NaN if any
+    element is NaN); otherwise ``None``.
+
+``grad_norm(tensors, norm_type=2.0) -> Tensor``
+    0-dim fp32 tensor: the total 2-norm or inf-norm over all elements of the fp32
+    tensors, in a fixed reduction order (two calls give bitwise the same value).
+    Any NaN gives NaN, any inf (and no NaN) gives inf.
+
+``adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
+grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
+decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True) -> None``
+    torch.optim.AdamW (``decoupled_weight_decay=True``) or Adam math with
+    ``g = acc * grad_mult``; ``step`` is the step number after this update (>= 1).
+    ``param`` is fp32 (a master or an fp32 param) or fp16/bf16 (updated with fp32
+    math, rounded to nearest even). ``model_out``, if given, receives the updated
+    param rounded to its dtype (fp16/bf16). ``grad_mult`` and ``found_inf`` are 0-dim
+    fp32 tensors on the device: when ``found_inf != 0`` nothing but ``acc`` is
+    written. With ``zero_acc`` ``acc`` is zeroed in both cases.
+
+``sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
+lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, zero_acc=True)``
+    torch.optim.SGD math with ``g = acc * grad_mult``; ``momentum_buffer`` is required
+    when ``momentum != 0``; ``first_step`` says the buffer holds no history yet (torch
+    then sets it to the gradient, without dampening). Otherwise as ``adamw_step_``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+_MODULES = {
+    "reference": "fusedaccum.ops.reference",
+    "triton": "fusedaccum.ops.triton",
+    "cuda": "fusedaccum.ops.native",
+    "cpu": "fusedaccum.ops.native",
+}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_loaded: dict[str, object] = {}
+
+
+def _module(name: str):
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = importlib.import_module(_MODULES[name])
+        _loaded[name] = mod
+    return mod
+
+
+def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """None if backend ``name`` runs on ``device`` (default: this machine), else why not."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+    try:
+        mod = _module(name)
+    except ImportError as exc:  # the backend's module could not even be imported
+        return f"its module failed to import ({exc})"
+    return mod.unavailable_reason(name, None if device is None else torch.device(device))
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every backend name mapped to None (runs here) or a sentence saying why not."""
+    return {name: unavailable_reason(name) for name in BACKENDS}
+
+
+def resolve(backend: str | None, device: torch.device | str) -> str:
+    """The concrete backend name that ``backend`` means for tensors on ``device``.
+
+    Raises RuntimeError when an explicitly named backend cannot run there.
+    """
+    device = torch.device(device)
+    if backend is None or backend == "auto":
+        backend = os.environ.get("FUSEDACCUM_BACKEND", "auto") or "auto"
+        if backend != "auto":
+            source = "FUSEDACCUM_BACKEND"
+        else:
+            for name in _AUTO_ORDER.get(device.type, ("reference",)):
+                if unavailable_reason(name, device) is None:
+                    return name
+            return "reference"
+    else:
+        source = "backend="
+    why = unavailable_reason(backend, device)
+    if why is not None:
+        raise RuntimeError(
+            f"fusedaccum backend {backend!r} (from {source}) cannot run on {device.type} "
+            f"tensors: {why}. Use backend='auto' or one of the backends that "
+            f"`python -m fusedaccum info` lists as available."
+        )
+    return backend
+
+
+def get(backend: str | None, device: torch.device | str):
+    """The module implementing the ops for ``backend`` on ``device``."""
+    return _module(resolve(backend, device))
+
+
+def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None, backend="auto"):
+    return get(backend, acc.device).accumulate_(
+        acc, grad, scale, overwrite=overwrite, norm_type=norm_type
+    )
+
+
+def grad_norm(tensors, norm_type=2.0, *, backend="auto"):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("grad_norm needs at least one tensor")
+    return get(backend, tensors[0].device).grad_norm(tensors, norm_type)
+
+
+def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
+                backend="auto", **kwargs):
+    return get(backend, param.device).adamw_step_(
+        param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, **kwargs
+    )
+
+
+def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, backend="auto", **kwargs):
+    return get(backend, param.device).sgd_step_(param, acc, momentum_buffer, model_out, **kwargs)
+
+
+__all__ = [
+    "BACKENDS", "available_backends", "resolve", "get", "unavailable_reason",
+    "accumulate_", "grad_norm", "adamw_step_", "sgd_step_",
+]

@@ -1,0 +1,155 @@
+"""The reference backend: plain PyTorch, the definition of every op's math.
+
+Every other backend is tested against these functions. They favour clarity over
+speed, but never sync with the host: device-side scalars (``grad_mult``,
+``found_inf``) stay tensors, and a skipped step is expressed with ``torch.where``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, *HALF_DTYPES)
+
+
+def unavailable_reason(name: str, device: torch.device | None) -> str | None:
+    return None  # plain PyTorch runs wherever torch does
+
+
+def _check_flat(name: str, t: torch.Tensor, dtypes, numel: int | None = None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}, got {t.dtype}")
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _check_step_inputs(param, acc, extra: dict, model_out):
+    _check_flat("param", param, FLOAT_DTYPES)
+    n, dev = param.numel(), param.device
+    _check_flat("acc", acc, (torch.float32,), n, dev)
+    for name, t in extra.items():
+        if t is not None:
+            _check_flat(name, t, (torch.float32,), n, dev)
+    if model_out is not None:
+        _check_flat("model_out", model_out, HALF_DTYPES, n, dev)
+
+
+def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
+    _check_flat("acc", acc, (torch.float32,))
+    _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
+    g = grad.float()
+    if overwrite:
+        torch.mul(g, scale, out=acc)
+    else:
+        acc.add_(g, alpha=scale)
+    if norm_type is None:
+        return None
+    return _norm_stat(acc, float(norm_type))
+
+
+def _norm_stat(t: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """Sum of squares (2-norm) or largest |x| (inf-norm) of one fp32 tensor."""
+    if norm_type == 2.0:
+        return t.square().sum(dtype=torch.float32)
+    if math.isinf(norm_type):
+        if t.numel() == 0:
+            return torch.zeros((), dtype=torch.float32, device=t.device)
+        return t.abs().amax()
+    raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
+
+
+def grad_norm(tensors, norm_type=2.0):
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        _check_flat(f"tensors[{i}]", t, (torch.float32,), device=tensors[0].device)
+    norm_type = float(norm_type)
+    stats = torch.stack([_norm_stat(t, norm_type) for t in tensors])
+    if norm_type == 2.0:
+        return stats.sum().sqrt()
+    return stats.amax()
+
+
+def _keep_mask(found_inf) -> torch.Tensor | bool:
+    if isinstance(found_inf, torch.Tensor):
+        return found_inf == 0
+    return float(found_inf) == 0.0
+
+
+def _commit(dst: torch.Tensor, new: torch.Tensor, keep) -> None:
+    """dst = new where the step is kept, else dst unchanged (no host sync)."""
+    dst.copy_(torch.where(keep, new.to(dst.dtype), dst))
+
+
+def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
+                grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
+                decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
+    _check_step_inputs(param, acc, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
+                                    "max_exp_avg_sq": max_exp_avg_sq}, model_out)
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sq")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the step number after this update), got {step}")
+    keep = _keep_mask(found_inf)
+    g = acc * grad_mult
+    if maximize:
+        g = -g
+    p = param.float()
+    new_p = p
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            new_p = p * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
+    m = exp_avg.lerp(g, 1 - beta1)
+    v = (exp_avg_sq * beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    if amsgrad:
+        vmax = torch.maximum(max_exp_avg_sq, v)
+        denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
+        _commit(max_exp_avg_sq, vmax, keep)
+    else:
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    new_p = new_p.addcdiv(m, denom, value=-(lr / bias_correction1))
+    _commit(exp_avg, m, keep)
+    _commit(exp_avg_sq, v, keep)
+    _commit(param, new_p, keep)
+    if model_out is not None:
+        _commit(model_out, new_p, keep)
+    if zero_acc:
+        acc.zero_()
+
+
+def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
+              lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+              zero_acc=True):
+    _check_step_inputs(param, acc, {"momentum_buffer": momentum_buffer}, model_out)
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("momentum != 0 needs momentum_buffer")
+    keep = _keep_mask(found_inf)
+    g = acc * grad_mult
+    if maximize:
+        g = -g
+    p = param.float()
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    if momentum != 0:
+        buf = g if first_step else momentum_buffer * momentum + (1 - dampening) * g
+        _commit(momentum_buffer, buf, keep)
+        g = g + momentum * buf if nesterov else buf
+    new_p = p - lr * g
+    _commit(param, new_p, keep)
+    if model_out is not None:
+        _commit(model_out, new_p, keep)
+    if zero_acc:
+        acc.zero_()

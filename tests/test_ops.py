@@ -1,0 +1,284 @@
+"""Every backend's ops against the reference backend.
+
+Fresh random inputs, odd sizes, fp16/bf16/fp32 gradients, outputs poisoned first so
+an element a backend forgot to write shows up, and found-inf both set and unset.
+"""
+
+import math
+
+import pytest
+import torch
+
+from fusedaccum import ops
+from fusedaccum.ops import reference
+
+SIZES = [0, 1, 1023, 4097, 278011]
+GRAD_DTYPES = [
+    # (dtype, rtol, atol) for results that went through that dtype
+    (torch.float32, 1e-6, 1e-6),
+    (torch.float16, 1e-6, 1e-6),
+    (torch.bfloat16, 1e-6, 1e-6),
+]
+HALF = [(torch.float16, 1e-3, 1e-3), (torch.bfloat16, 8e-3, 8e-3)]
+NON_REFERENCE = [b for b in ops.BACKENDS if b != "reference"]
+
+
+def _devices():
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs.append("cuda")
+    return devs
+
+
+def _backend_cases():
+    cases = []
+    for backend in NON_REFERENCE:
+        for dev in _devices():
+            cases.append(pytest.param((backend, dev), id=f"{backend}-{dev}"))
+    return cases
+
+
+@pytest.fixture(params=_backend_cases())
+def backend_device(request):
+    backend, dev = request.param
+    why = ops.unavailable_reason(backend, dev)
+    if why is not None:
+        pytest.skip(f"backend {backend} not available on {dev}: {why}")
+    return backend, torch.device(dev)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(n, dtype, device, seed, scale=1.0):
+    return (torch.randn(n, generator=_gen(seed)) * scale).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype,rtol,atol", GRAD_DTYPES)
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("norm_type", [None, 2.0, math.inf])
+def test_accumulate(backend_device, n, dtype, rtol, atol, overwrite, norm_type):
+    backend, dev = backend_device
+    acc0 = _rand(n, torch.float32, dev, 1)
+    grad = _rand(n, dtype, dev, 2)
+    want_acc = acc0.clone()
+    want = reference.accumulate_(want_acc, grad, 0.37, overwrite=overwrite, norm_type=norm_type)
+    got_acc = acc0.clone()
+    got = ops.accumulate_(got_acc, grad, 0.37, overwrite=overwrite, norm_type=norm_type,
+                          backend=backend)
+    torch.testing.assert_close(got_acc, want_acc, rtol=rtol, atol=atol)
+    if norm_type is None:
+        assert got is None
+    else:
+        assert got.dtype == torch.float32 and got.dim() == 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_accumulate_norm_sees_nonfinite(backend_device, norm_type, bad):
+    backend, dev = backend_device
+    acc = torch.zeros(4097, device=dev)
+    grad = _rand(4097, torch.float16, dev, 3)
+    grad[1234] = bad
+    stat = ops.accumulate_(acc, grad, 1.0, norm_type=norm_type, backend=backend)
+    assert not torch.isfinite(stat)
+    if math.isnan(bad):
+        assert torch.isnan(stat)
+
+
+@pytest.mark.parametrize("sizes", [[0], [1], [1023, 4097], [278011, 1, 0, 5]])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_grad_norm(backend_device, sizes, norm_type):
+    backend, dev = backend_device
+    ts = [_rand(n, torch.float32, dev, 10 + i, scale=3.0) for i, n in enumerate(sizes)]
+    want = reference.grad_norm(ts, norm_type)
+    got = ops.grad_norm(ts, norm_type, backend=backend)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    again = ops.grad_norm(ts, norm_type, backend=backend)
+    assert torch.equal(got, again), "grad_norm must be deterministic"
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_grad_norm_nonfinite(backend_device, norm_type, bad):
+    backend, dev = backend_device
+    ts = [_rand(n, torch.float32, dev, i) for i, n in enumerate([1023, 4097])]
+    ts[1][4000] = bad
+    got = ops.grad_norm(ts, norm_type, backend=backend)
+    if math.isnan(bad):
+        assert torch.isnan(got)
+    else:
+        assert torch.isinf(got)
+
+
+def _step_inputs(n, param_dtype, dev, with_model_out):
+    param = _rand(n, param_dtype, dev, 20)
+    acc = _rand(n, torch.float32, dev, 21, scale=4.0)
+    state = [_rand(n, torch.float32, dev, 22 + i).abs() * 0.1 for i in range(3)]
+    out = None
+    if with_model_out:
+        out = torch.full((n,), float("nan"), dtype=with_model_out, device=dev)  # poisoned
+    return param, acc, state, out
+
+
+def _clone(xs):
+    return [None if x is None else x.clone() for x in xs]
+
+
+ADAM_CASES = [
+    # (param dtype, model_out dtype, amsgrad, maximize, decoupled, weight_decay)
+    (torch.float32, None, False, False, True, 0.1),
+    (torch.float32, torch.float16, False, False, True, 0.1),
+    (torch.float32, torch.bfloat16, True, False, True, 0.0),
+    (torch.float32, None, False, True, False, 0.05),
+    (torch.float16, None, False, False, True, 0.1),
+    (torch.bfloat16, None, True, True, False, 0.01),
+]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("case", ADAM_CASES)
+@pytest.mark.parametrize("skip", [False, True])
+def test_adamw_step(backend_device, n, case, skip):
+    backend, dev = backend_device
+    param_dtype, out_dtype, amsgrad, maximize, decoupled, wd = case
+    param, acc, (m, v, vmax), out = _step_inputs(n, param_dtype, dev, out_dtype)
+    if not amsgrad:
+        vmax = None
+    kw = dict(grad_mult=torch.tensor(0.25, device=dev),
+              found_inf=torch.tensor(1.0 if skip else 0.0, device=dev),
+              lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=wd, step=3,
+              decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=maximize)
+    want = _clone([param, acc, m, v, vmax, out])
+    reference.adamw_step_(*want, **kw)
+    got = _clone([param, acc, m, v, vmax, out])
+    ops.adamw_step_(*got, backend=backend, **kw)
+    names = ["param", "acc", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "model_out"]
+    for name, g, w in zip(names, got, want):
+        if g is None:
+            continue
+        tol = dict(rtol=1e-5, atol=1e-6)
+        if g.dtype in (torch.float16, torch.bfloat16):
+            tol = dict(rtol=0, atol=0) if skip else dict(rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(g, w, equal_nan=True, msg=lambda s, name=name: f"{name}: {s}",
+                                   **tol)
+    assert torch.count_nonzero(got[1]) == 0, "acc must be zeroed"
+    if skip:
+        torch.testing.assert_close(got[0], param, rtol=0, atol=0)
+        if out is not None:
+            assert torch.isnan(got[5].float()).all() or n == 0, "skipped step wrote model_out"
+
+
+SGD_CASES = [
+    # (param dtype, model_out dtype, momentum, dampening, nesterov, weight_decay, maximize, first)
+    (torch.float32, None, 0.0, 0.0, False, 0.0, False, False),
+    (torch.float32, torch.float16, 0.9, 0.0, True, 0.01, False, True),
+    (torch.float32, torch.bfloat16, 0.9, 0.1, False, 0.01, True, False),
+    (torch.float16, None, 0.8, 0.0, True, 0.0, False, False),
+    (torch.bfloat16, None, 0.0, 0.0, False, 0.1, True, False),
+]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("case", SGD_CASES)
+@pytest.mark.parametrize("skip", [False, True])
+def test_sgd_step(backend_device, n, case, skip):
+    backend, dev = backend_device
+    param_dtype, out_dtype, momentum, dampening, nesterov, wd, maximize, first = case
+    param, acc, (buf, _, _), out = _step_inputs(n, param_dtype, dev, out_dtype)
+    if momentum == 0:
+        buf = None
+    kw = dict(grad_mult=torch.tensor(0.5, device=dev),
+              found_inf=torch.tensor(1.0 if skip else 0.0, device=dev),
+              lr=0.1, momentum=momentum, dampening=dampening, weight_decay=wd,
+              nesterov=nesterov, maximize=maximize, first_step=first)
+    want = _clone([param, acc, buf, out])
+    reference.sgd_step_(*want, **kw)
+    got = _clone([param, acc, buf, out])
+    ops.sgd_step_(*got, backend=backend, **kw)
+    for g, w in zip(got, want):
+        if g is None:
+            continue
+        tol = dict(rtol=1e-5, atol=1e-6)
+        if g.dtype in (torch.float16, torch.bfloat16):
+            tol = dict(rtol=0, atol=0) if skip else dict(rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(g, w, equal_nan=True, **tol)
+    assert torch.count_nonzero(got[1]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_rounding_is_nearest_even(backend_device, dtype):
+    """model_out must be the fp32 result rounded to nearest even, as torch's .to() does."""
+    backend, dev = backend_device
+    n = 4097
+    param = _rand(n, torch.float32, dev, 30)
+    acc = torch.zeros(n, device=dev)
+    out = torch.empty(n, dtype=dtype, device=dev)
+    ops.sgd_step_(param, acc, None, out, grad_mult=torch.tensor(1.0, device=dev),
+                  found_inf=torch.tensor(0.0, device=dev), lr=0.0, momentum=0.0,
+                  dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                  first_step=False, backend=backend)
+    assert torch.equal(out, param.to(dtype))
+
+
+def test_reference_adamw_matches_torch():
+    """The reference itself equals torch.optim.AdamW on one tensor."""
+    torch.manual_seed(0)
+    p0 = torch.randn(1023)
+    grads = [torch.randn(1023) for _ in range(3)]
+    p_t = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.AdamW([p_t], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, amsgrad=True)
+    p, acc = p0.clone(), torch.zeros(1023)
+    m, v, vmax = torch.zeros(1023), torch.zeros(1023), torch.zeros(1023)
+    for step, g in enumerate(grads, 1):
+        p_t.grad = g.clone()
+        opt.step()
+        acc.copy_(g)
+        reference.adamw_step_(p, acc, m, v, vmax, grad_mult=torch.tensor(1.0),
+                              found_inf=torch.tensor(0.0), lr=1e-2, beta1=0.9, beta2=0.99,
+                              eps=1e-8, weight_decay=0.1, step=step, amsgrad=True)
+    torch.testing.assert_close(p, p_t.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m, opt.state[p_t]["exp_avg"], rtol=1e-6, atol=1e-7)
+
+
+def test_reference_sgd_matches_torch():
+    torch.manual_seed(0)
+    p0 = torch.randn(4097)
+    grads = [torch.randn(4097) for _ in range(3)]
+    p_t = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.SGD([p_t], lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01,
+                          nesterov=False)
+    p, acc, buf = p0.clone(), torch.zeros(4097), torch.zeros(4097)
+    for i, g in enumerate(grads):
+        p_t.grad = g.clone()
+        opt.step()
+        acc.copy_(g)
+        reference.sgd_step_(p, acc, buf, grad_mult=torch.tensor(1.0), found_inf=torch.tensor(0.0),
+                            lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01,
+                            nesterov=False, maximize=False, first_step=i == 0)
+    torch.testing.assert_close(p, p_t.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="unknown backend"):
+        ops.accumulate_(torch.zeros(3), torch.zeros(3), backend="nope")
+
+
+def test_available_backends_lists_every_backend():
+    avail = ops.available_backends()
+    assert set(avail) == set(ops.BACKENDS)
+    assert avail["reference"] is None
+    for name, why in avail.items():
+        assert why is None or (isinstance(why, str) and why)
+
+
+def test_env_var_overrides_auto(monkeypatch):
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "reference")
+    assert ops.resolve("auto", "cpu") == "reference"
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "nope")
+    with pytest.raises(RuntimeError, match="FUSEDACCUM_BACKEND"):
+        ops.resolve("auto", "cpu")
