@@ -1,0 +1,105 @@
+"""Flat per-(group, device, dtype) buffers and the param views into them.
+
+A :class:`Bucket` owns, for the params of one param group that share a device and a
+dtype, one flat fp32 accumulator, the stepped fp32 tensors (the params themselves
+when fp32, else fp32 master copies unless master weights are off), the flat
+half-precision model buffer the params point into, and the optimizer state. Every
+param's ``main_grad``, master and state entries are views into those buffers, so a
+boundary op is one launch per contiguous run of params instead of one per param.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ALIGN = 16  # elements; every param starts on a 64-byte boundary of the fp32 buffers
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Bucket:
+    """The params of one group that live on one device with one dtype."""
+
+    def __init__(self, params: list[torch.Tensor], indices: list[int], *, use_master: bool):
+        self.params = params
+        self.indices = indices  # position of each param in its param group's list
+        p0 = params[0]
+        self.device, self.dtype = p0.device, p0.dtype
+        self.is_half = self.dtype in HALF_DTYPES
+        self.has_master = self.is_half and use_master
+        self.numels = [p.numel() for p in params]
+        self.offsets = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += _align(n)
+        self.offsets.append(total)  # padded end of the last param
+        self.total = total
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.acc = torch.zeros(total, **f32)
+        # the flat buffer the model params point into
+        self.model = torch.zeros(total, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            for p, o, n in zip(params, self.offsets, self.numels):
+                self.model[o:o + n].view(p.shape).copy_(p.detach())
+                p.data = self.model[o:o + n].view(p.shape)
+        self.master = self.model.float() if self.has_master else None
+        # the flat tensor the optimizer steps (fp32 master, or the params themselves)
+        self.stepped_flat = self.master if self.has_master else self.model
+        self.main_grads = [self.acc[o:o + n].view(p.shape)
+                           for p, o, n in zip(params, self.offsets, self.numels)]
+        if self.has_master:
+            self.stepped = [self.master[o:o + n].view(p.shape)
+                            for p, o, n in zip(params, self.offsets, self.numels)]
+        else:
+            self.stepped = list(params)
+        for p, g in zip(params, self.main_grads):
+            p.main_grad = g
+        self.touched = [False] * len(params)
+        self.released = [False] * len(params)
+        self.state_flat: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def flat_slice(self, buf: torch.Tensor, i: int) -> torch.Tensor:
+        o = self.offsets[i]
+        return buf[o:o + self.numels[i]]
+
+    def view(self, buf: torch.Tensor, i: int) -> torch.Tensor:
+        return self.flat_slice(buf, i).view(self.params[i].shape)
+
+    def state_buffer(self, name: str) -> torch.Tensor:
+        """The flat fp32 optimizer-state buffer ``name``, allocated (zeroed) on first use."""
+        buf = self.state_flat.get(name)
+        if buf is None:
+            buf = torch.zeros(self.total, dtype=torch.float32, device=self.device)
+            self.state_flat[name] = buf
+        return buf
+
+    def runs(self, key) -> list[tuple[int, int, object]]:
+        """Maximal runs [i, j) of touched params with equal ``key(i)``, as (start, end, key).
+
+        Each run is one contiguous element range [offsets[i], offsets[j]) of every flat
+        buffer (alignment padding between params is always zero in every buffer, so a
+        step over it changes nothing).
+        """
+        out: list[tuple[int, int, object]] = []
+        i, n = 0, len(self.params)
+        while i < n:
+            if not self.touched[i]:
+                i += 1
+                continue
+            k = key(i)
+            j = i + 1
+            while j < n and self.touched[j] and key(j) == k:
+                j += 1
+            out.append((i, j, k))
+            i = j
+        return out
+
+    def elems(self, i: int, j: int) -> slice:
+        return slice(self.offsets[i], self.offsets[j])

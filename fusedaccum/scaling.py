@@ -1,0 +1,52 @@
+"""Loss scaling: a static or dynamic scale kept as a device tensor.
+
+The dynamic policy is torch.amp.GradScaler's: start at 2**16, halve on a skipped
+window, double after 2000 consecutive clean updates. The boundary already reads the
+found-inf flag to the host once, so the bookkeeping (growth tracker) is host-side;
+the scale itself stays a device tensor and is never read back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class LossScaler:
+    def __init__(self, spec, device: torch.device, *, init_scale: float = 2.0**16,
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000):
+        self.dynamic = spec == "dynamic"
+        if not self.dynamic:
+            if isinstance(spec, bool) or not isinstance(spec, (int, float)):
+                raise ValueError(
+                    f"loss_scale must be None, 'dynamic' or a positive float, got {spec!r}")
+            if not (math.isfinite(spec) and spec > 0):
+                raise ValueError(f"loss_scale must be a positive finite float, got {spec!r}")
+        self.scale = torch.tensor(float(init_scale if self.dynamic else spec),
+                                  dtype=torch.float32, device=device)
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.growth_tracker = 0
+
+    def update(self, skipped: bool) -> None:
+        if not self.dynamic:
+            return
+        if skipped:
+            self.scale.mul_(self.backoff_factor)
+            self.growth_tracker = 0
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            self.scale.mul_(self.growth_factor)
+            self.growth_tracker = 0
+
+    def state_dict(self) -> dict:
+        return {"dynamic": self.dynamic, "scale": self.scale.detach().clone(),
+                "growth_tracker": self.growth_tracker}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.scale.copy_(torch.as_tensor(sd["scale"], dtype=torch.float32))
+        self.growth_tracker = int(sd["growth_tracker"])
