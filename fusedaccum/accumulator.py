@@ -448,7 +448,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         for b in self._all_buckets():
             per_device.setdefault(b.device, []).append(b.acc)
         norms = []
-        for dev, accs in per_device.items():
+        for accs in per_device.values():
             n = ops.grad_norm(accs, self.norm_type, backend=self.backend)
             norms.append(n.to(self._device, non_blocking=True))
         if not norms:
@@ -507,13 +507,6 @@ class FusedAccumulator(torch.optim.Optimizer):
             self.update_count += 1
 
     # -- fused path ----------------------------------------------------------------
-    def _steps_of(self, b: Bucket):
-        steps = []
-        for t in b.stepped:
-            st = self.inner.state.get(t)
-            steps.append(int(_as_float(st["step"])) if st and "step" in st else 0)
-        return steps
-
     def _has_buffer(self, b: Bucket):
         out = []
         for t in b.stepped:
@@ -546,7 +539,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                   eps=_as_float(group["eps"]), weight_decay=_as_float(group["weight_decay"]),
                   decoupled_weight_decay=bool(decoupled), amsgrad=amsgrad,
                   maximize=bool(group.get("maximize", False)))
-        steps = self._steps_of(b)
+        steps = b.steps
         for i, j, step in b.runs(lambda k: steps[k]):
             s = b.elems(i, j)
             b.ops.adamw_step_(b.stepped_flat[s], b.acc[s], exp_avg[s], exp_avg_sq[s],
@@ -573,22 +566,25 @@ class FusedAccumulator(torch.optim.Optimizer):
         """After an applied update: state entries (views) and step counts, as torch keeps."""
         for gi, buckets in enumerate(self._buckets):
             group = self.inner.param_groups[gi]
+            keys = ()
+            if self._kind == "adam":
+                keys = _ADAM_KEYS if group.get("amsgrad", False) else _ADAM_KEYS[:2]
+            elif _as_float(group["momentum"]) != 0:
+                keys = ("momentum_buffer",)
             for b in buckets:
                 for i, t in enumerate(b.stepped):
                     if not b.touched[i]:
                         continue
                     st = self.inner.state[t]
                     if self._kind == "adam":
-                        if "step" in st and isinstance(st["step"], torch.Tensor):
-                            st["step"].add_(1)
+                        b.steps[i] += 1
+                        step = st.get("step")
+                        if isinstance(step, torch.Tensor):
+                            step.fill_(b.steps[i])
                         else:
-                            st["step"] = torch.tensor(float(st.get("step", 0)) + 1.0)
-                        st["exp_avg"] = b.view(b.state_buffer("exp_avg"), i)
-                        st["exp_avg_sq"] = b.view(b.state_buffer("exp_avg_sq"), i)
-                        if group.get("amsgrad", False):
-                            st["max_exp_avg_sq"] = b.view(b.state_buffer("max_exp_avg_sq"), i)
-                    elif _as_float(group["momentum"]) != 0:
-                        st["momentum_buffer"] = b.view(b.state_buffer("momentum_buffer"), i)
+                            st["step"] = torch.tensor(float(b.steps[i]))
+                    for key in keys:
+                        st[key] = b.state_view(key, i)
 
     # -- generic path --------------------------------------------------------------
     def _generic_update(self, mult: torch.Tensor) -> None:
@@ -691,7 +687,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         """Fused path: copy per-param state (by state_dict index) into the flat buffers."""
         if self._kind is None:
             # generic path: the inner optimizer keeps its own state; only re-key it
-            for idx, (b, i) in self._index_map().items():
+            for b, i in self._index_map().values():
                 st = self.inner.state.pop(b.params[i], None)
                 if st is not None and b.stepped[i] is not b.params[i]:
                     self.inner.state[b.stepped[i]] = st
@@ -704,14 +700,16 @@ class FusedAccumulator(torch.optim.Optimizer):
             for key in (*_ADAM_KEYS, "momentum_buffer"):
                 if key in b.state_flat:
                     b.flat_slice(b.state_flat[key], i).zero_()
+            b.steps[i] = 0
             if src:
                 for key, value in src.items():
                     if key in (*_ADAM_KEYS, "momentum_buffer") and value is not None:
-                        view = b.view(b.state_buffer(key), i)
+                        view = b.state_view(key, i)
                         view.copy_(value.reshape(view.shape))
                         new[key] = view
                     elif key == "step":
-                        new[key] = torch.tensor(_as_float(value), dtype=torch.float32)
+                        b.steps[i] = int(_as_float(value))
+                        new[key] = torch.tensor(float(b.steps[i]), dtype=torch.float32)
                     else:
                         new[key] = value
             if new:

@@ -61,6 +61,8 @@ class Bucket:
         self.touched = [False] * len(params)
         self.released = [False] * len(params)
         self.state_flat: dict[str, torch.Tensor] = {}
+        self._state_views: dict[str, list[torch.Tensor]] = {}
+        self.steps = [0] * len(params)  # per-param optimizer step counts (Adam)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -79,6 +81,15 @@ class Bucket:
             buf = torch.zeros(self.total, dtype=torch.float32, device=self.device)
             self.state_flat[name] = buf
         return buf
+
+    def state_view(self, name: str, i: int) -> torch.Tensor:
+        """Param ``i``'s view of state buffer ``name`` (made once, then reused)."""
+        views = self._state_views.get(name)
+        if views is None:
+            buf = self.state_buffer(name)
+            views = [self.view(buf, k) for k in range(len(self.params))]
+            self._state_views[name] = views
+        return views[i]
 
     def runs(self, key) -> list[tuple[int, int, object]]:
         """Maximal runs [i, j) of touched params with equal ``key(i)``, as (start, end, key).
