@@ -19,6 +19,7 @@ from collections import OrderedDict
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fusedaccum import distributed as dp
 from fusedaccum import ops
 from fusedaccum.buffers import Bucket
 from fusedaccum.scaling import LossScaler
@@ -110,10 +111,16 @@ class FusedAccumulator(torch.optim.Optimizer):
             raise RuntimeError(f"unknown backend {backend!r}; choose 'auto' or one of "
                                f"{', '.join(ops.BACKENDS)}")
         self.backend = backend
-        if process_group is not None or shard_optimizer_state:
-            raise NotImplementedError(
-                "process_group and shard_optimizer_state (data parallel) are not available "
-                "in this version of fusedaccum; run one process per model for now")
+        self._pg = process_group
+        self._shard = None
+        if shard_optimizer_state and process_group is None:
+            raise ValueError("shard_optimizer_state=True splits the state across a "
+                             "process_group: pass process_group (e.g. "
+                             "torch.distributed.group.WORLD)")
+        if process_group is not None:
+            rank, world = dp.check_process_group(process_group)
+            if shard_optimizer_state:
+                self._shard = (rank, world)
 
         # torch.optim.Optimizer's own bookkeeping, without its param-group building
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -126,14 +133,21 @@ class FusedAccumulator(torch.optim.Optimizer):
 
         self.inner = optimizer
         self._kind = _fused_kind(optimizer)
+        if self._shard is not None and self._kind is None:
+            raise ValueError("shard_optimizer_state=True runs on the fused path only "
+                             "(torch.optim.AdamW, Adam or SGD), not "
+                             f"{type(optimizer).__name__}")
         self._buckets: list[list[Bucket]] = []  # per param group
         self._handles: list = []
         self._check_params(optimizer.param_groups)
         first = next((p for g in optimizer.param_groups for p in g["params"]), None)
         self._device = first.device if first is not None else torch.device("cpu")
         self._scaler = None if loss_scale is None else LossScaler(loss_scale, self._device)
+        self._check_not_ddp([p for g in optimizer.param_groups for p in g["params"]])
         for gi in range(len(optimizer.param_groups)):
             self._build_group(gi)
+        if self._pg is not None:
+            dp.check_replicas(list(self._all_buckets()), self._pg, self._device)
         self._adopt_state({self._index_of(t): st for t, st in optimizer.state.items()
                            if self._index_of(t) is not None})
 
@@ -142,6 +156,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.stepped = False
         self._warned_skip = False
+        self._ddp_checked = False
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
         self._window_k = self._next_k()
 
@@ -275,7 +290,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             for p in members:
                 self._release_from_previous_owner(p)
             grads = [p.grad for p in members]
-            b = Bucket(members, idx, use_master=self.master_weights)
+            b = Bucket(members, idx, use_master=self.master_weights, shard=self._shard)
             b.ops = self._backend_module(device)
             buckets.append(b)
             for i, p in enumerate(members):
@@ -288,6 +303,18 @@ class FusedAccumulator(torch.optim.Optimizer):
                     self._expose_grad(b, i)
                 group["params"][idx[i]] = b.stepped[i]
         self._buckets.append(buckets)
+
+    @staticmethod
+    def _check_not_ddp(params) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        where = dp.find_ddp_module(params)
+        if where is not None:
+            raise RuntimeError(
+                f"the params are wrapped by DistributedDataParallel ({where}): DDP would "
+                "all-reduce every micro-batch into p.grad, which fusedaccum releases. Do not "
+                "wrap the model in DDP; pass process_group= to FusedAccumulator instead, which "
+                "averages the fp32 accumulators once per window")
 
     def _backend_module(self, device):
         return ops.get(self.backend, device)
@@ -327,7 +354,7 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def _expose_grad(self, b: Bucket, i: int) -> None:
         """Give the stepped tensor a ``.grad`` viewing the window (GradScaler sees it)."""
-        if b.has_master or not b.is_half:
+        if b.stepped[i].dtype == torch.float32:  # not half params stepped in place
             b.stepped[i].grad = b.main_grads[i]
 
     def _bad_grad(self, b: Bucket, i: int, grad: torch.Tensor) -> None:
@@ -410,6 +437,9 @@ class FusedAccumulator(torch.optim.Optimizer):
             if self._scaler is not None:
                 raise RuntimeError("use either torch.amp.GradScaler or the wrapper's own "
                                    f"loss_scale={self._scaler_spec()!r}, not both")
+        if not self._ddp_checked:
+            self._ddp_checked = True
+            self._check_not_ddp([p for b in self._all_buckets() for p in b.params])
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -446,7 +476,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         """Norm over every accumulator (raw: loss scale and 1/D not yet removed)."""
         per_device: dict[torch.device, list[torch.Tensor]] = {}
         for b in self._all_buckets():
-            per_device.setdefault(b.device, []).append(b.acc)
+            per_device.setdefault(b.device, []).append(b.acc_local)
         norms = []
         for accs in per_device.values():
             n = ops.grad_norm(accs, self.norm_type, backend=self.backend)
@@ -454,14 +484,27 @@ class FusedAccumulator(torch.optim.Optimizer):
         if not norms:
             return torch.zeros((), dtype=torch.float32, device=self._device)
         if len(norms) == 1:
-            return norms[0]
-        stacked = torch.stack(norms)
-        return stacked.amax() if self.norm_type == math.inf else stacked.square().sum().sqrt()
+            total = norms[0]
+        else:
+            stacked = torch.stack(norms)
+            total = stacked.amax() if self.norm_type == math.inf else \
+                stacked.square().sum().sqrt()
+        if self._shard is not None:  # each rank holds a disjoint shard of the gradient
+            total = dp.global_norm(total, self.norm_type, self._pg)
+        return total
 
     @torch.no_grad()
     def _boundary(self, num_items, grad_scale, scaler_found_inf) -> None:
         dev = self._device
         denom = num_items if num_items is not None else self._window_k
+        if self._pg is not None:
+            buckets = list(self._all_buckets())
+            items = dp.merge_window(buckets, num_items, self._pg, dev)
+            dp.reduce_gradients(buckets, self._pg)
+            world = torch.distributed.get_world_size(self._pg)
+            denom = items if items is not None else self._window_k * world
+            if scaler_found_inf is not None:
+                scaler_found_inf = dp.any_rank(scaler_found_inf.to(dev), self._pg)
         if isinstance(denom, torch.Tensor):
             denom = denom.to(device=dev, dtype=torch.float32)
         scale = grad_scale if grad_scale is not None else (
@@ -485,6 +528,8 @@ class FusedAccumulator(torch.optim.Optimizer):
             skipped = bool(found_f.item())  # the boundary's one host read
             if not skipped:
                 self._record_fused_steps()
+                if self._shard is not None:
+                    dp.gather_params(list(self._all_buckets()), self._pg)
         else:
             skipped = bool(found_f.item())
             if not skipped:
@@ -507,13 +552,6 @@ class FusedAccumulator(torch.optim.Optimizer):
             self.update_count += 1
 
     # -- fused path ----------------------------------------------------------------
-    def _has_buffer(self, b: Bucket):
-        out = []
-        for t in b.stepped:
-            st = self.inner.state.get(t)
-            out.append(bool(st) and st.get("momentum_buffer") is not None)
-        return out
-
     def _fused_update(self, mult: torch.Tensor, found: torch.Tensor) -> None:
         for gi, buckets in enumerate(self._buckets):
             group = self.inner.param_groups[gi]
@@ -522,13 +560,12 @@ class FusedAccumulator(torch.optim.Optimizer):
                     continue
                 m = mult if mult.device == b.device else mult.to(b.device)
                 f = found if found.device == b.device else found.to(b.device)
-                out_flat = b.model if b.has_master else None
                 if self._kind == "adam":
-                    self._adam_bucket(b, group, m, f, out_flat)
+                    self._adam_bucket(b, group, m, f)
                 else:
-                    self._sgd_bucket(b, group, m, f, out_flat)
+                    self._sgd_bucket(b, group, m, f)
 
-    def _adam_bucket(self, b: Bucket, group: dict, mult, found, out_flat) -> None:
+    def _adam_bucket(self, b: Bucket, group: dict, mult, found) -> None:
         amsgrad = bool(group.get("amsgrad", False))
         exp_avg = b.state_buffer("exp_avg")
         exp_avg_sq = b.state_buffer("exp_avg_sq")
@@ -540,26 +577,24 @@ class FusedAccumulator(torch.optim.Optimizer):
                   decoupled_weight_decay=bool(decoupled), amsgrad=amsgrad,
                   maximize=bool(group.get("maximize", False)))
         steps = b.steps
-        for i, j, step in b.runs(lambda k: steps[k]):
-            s = b.elems(i, j)
-            b.ops.adamw_step_(b.stepped_flat[s], b.acc[s], exp_avg[s], exp_avg_sq[s],
+        for s, step in b.runs(lambda k: steps[k]):
+            b.ops.adamw_step_(b.stepped_flat[s], b.acc_local[s], exp_avg[s], exp_avg_sq[s],
                               None if vmax is None else vmax[s],
-                              None if out_flat is None else out_flat[s],
+                              None if b.model_out is None else b.model_out[s],
                               grad_mult=mult, found_inf=found, step=step + 1, zero_acc=True,
                               **hp)
 
-    def _sgd_bucket(self, b: Bucket, group: dict, mult, found, out_flat) -> None:
+    def _sgd_bucket(self, b: Bucket, group: dict, mult, found) -> None:
         momentum = _as_float(group["momentum"])
         buf = b.state_buffer("momentum_buffer") if momentum != 0 else None
-        has = self._has_buffer(b)
+        has = b.has_buf
         hp = dict(lr=_as_float(group["lr"]), momentum=momentum,
                   dampening=_as_float(group["dampening"]),
                   weight_decay=_as_float(group["weight_decay"]),
                   nesterov=bool(group["nesterov"]), maximize=bool(group.get("maximize", False)))
-        for i, j, had in b.runs(lambda k: has[k]):
-            s = b.elems(i, j)
-            b.ops.sgd_step_(b.stepped_flat[s], b.acc[s], None if buf is None else buf[s],
-                            None if out_flat is None else out_flat[s], grad_mult=mult,
+        for s, had in b.runs(lambda k: has[k]):
+            b.ops.sgd_step_(b.stepped_flat[s], b.acc_local[s], None if buf is None else buf[s],
+                            None if b.model_out is None else b.model_out[s], grad_mult=mult,
                             found_inf=found, first_step=not had, zero_acc=True, **hp)
 
     def _record_fused_steps(self) -> None:
@@ -575,9 +610,12 @@ class FusedAccumulator(torch.optim.Optimizer):
                 for i, t in enumerate(b.stepped):
                     if not b.touched[i]:
                         continue
+                    b.steps[i] += 1
+                    b.has_buf[i] = "momentum_buffer" in keys
+                    if b.sharded:
+                        continue  # the state is materialized by state_dict()
                     st = self.inner.state[t]
                     if self._kind == "adam":
-                        b.steps[i] += 1
                         step = st.get("step")
                         if isinstance(step, torch.Tensor):
                             step.fill_(b.steps[i])
@@ -626,8 +664,28 @@ class FusedAccumulator(torch.optim.Optimizer):
         return None
 
     def state_dict(self) -> dict:
-        sd = self.inner.state_dict()
-        extra = {
+        """The inner optimizer's format (fp32 state) plus a ``"fusedaccum"`` entry.
+
+        With a process_group this is a collective (call it on every rank): the sharded
+        state is gathered, and a partial window is summed over the ranks.
+        """
+        index = self._index_map()
+        if self._shard is None:
+            sd = self.inner.state_dict()
+            masters = {idx: b.stepped[i].detach().clone()
+                       for idx, (b, i) in index.items() if b.has_master}
+        else:
+            sd, masters = self._gathered_state(index)
+        accumulators = {}
+        for idx, (b, i) in index.items():
+            if b.touched[i]:
+                accumulators[idx] = b.main_grads[i].detach().clone()
+        if self._pg is not None:
+            buckets = list(self._all_buckets())
+            dp.merge_window(buckets, None, self._pg, self._device)
+            accumulators = {idx: dp.sum_across(b.main_grads[i].detach(), self._pg)
+                            for idx, (b, i) in index.items() if b.touched[i]}
+        sd["fusedaccum"] = {
             "version": _STATE_VERSION,
             "micro_step": self.micro_step,
             "window_k": self._window_k,
@@ -635,18 +693,53 @@ class FusedAccumulator(torch.optim.Optimizer):
             "skipped_steps": self.skipped_steps,
             "warned_skip": self._warned_skip,
             "loss_scale": None if self._scaler is None else self._scaler.state_dict(),
-            "masters": {},
-            "accumulators": {},
+            "masters": masters,
+            "accumulators": accumulators,
         }
-        for idx, (b, i) in self._index_map().items():
-            if b.has_master:
-                extra["masters"][idx] = b.stepped[i].detach().clone()
-            if b.touched[i]:
-                extra["accumulators"][idx] = b.main_grads[i].detach().clone()
-        sd["fusedaccum"] = extra
         return sd
 
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        if self._kind == "adam":
+            return _ADAM_KEYS if group.get("amsgrad", False) else _ADAM_KEYS[:2]
+        if self._kind == "sgd" and _as_float(group["momentum"]) != 0:
+            return ("momentum_buffer",)
+        return ()
+
+    def _gathered_state(self, index) -> tuple[dict, dict]:
+        """ZeRO-1: the full per-param state and masters, assembled from every rank."""
+        groups = self.inner.state_dict()["param_groups"]
+        full: dict[tuple[int, str], torch.Tensor] = {}
+        for gi, buckets in enumerate(self._buckets):
+            keys = self._state_keys(self.inner.param_groups[gi])
+            for bi, b in enumerate(buckets):
+                for key in keys:
+                    full[(gi, bi, key)] = dp.gather_flat(b.state_buffer(key), b.total, self._pg)
+                if b.has_master:
+                    full[(gi, bi, "master")] = dp.gather_flat(b.master, b.total, self._pg)
+        state, masters = {}, {}
+        for gi, buckets in enumerate(self._buckets):
+            keys = self._state_keys(self.inner.param_groups[gi])
+            for bi, b in enumerate(buckets):
+                base = next(idx for idx, (bb, i) in index.items() if bb is b and i == 0) \
+                    - b.indices[0]
+                for i, pi in enumerate(b.indices):
+                    idx = base + pi
+                    if b.has_master:
+                        masters[idx] = b.view(full[(gi, bi, "master")], i).clone()
+                    if b.steps[i] == 0:
+                        continue
+                    st = {}
+                    if self._kind == "adam":
+                        st["step"] = torch.tensor(float(b.steps[i]))
+                    for key in keys:
+                        if key != "momentum_buffer" or b.has_buf[i]:
+                            st[key] = b.view(full[(gi, bi, key)], i).clone()
+                    if st:
+                        state[idx] = st
+        return {"state": state, "param_groups": groups}, masters
+
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this wrapper, or a plain inner-optimizer state dict."""
         sd = dict(state_dict)
         extra = sd.pop("fusedaccum", None)
         if self._kind is not None:
@@ -659,19 +752,23 @@ class FusedAccumulator(torch.optim.Optimizer):
             self.inner.load_state_dict(sd)
         if extra is None:
             return
+        # a partial window of a data-parallel run was saved summed over the ranks: one
+        # rank resumes it, so the boundary's sum is the same
+        keep_window = self._pg is None or torch.distributed.get_rank(self._pg) == 0
         with torch.no_grad():
             index = self._index_map()
             for idx, master in extra.get("masters", {}).items():
                 b, i = index[int(idx)]
                 if b.has_master:
-                    b.stepped[i].copy_(master)
-                    b.view(b.model, i).copy_(b.stepped[i])
+                    self._copy_local(b, i, b.master, master)
+                    b.view(b.model, i).copy_(master)
             for b in self._all_buckets():
                 b.acc.zero_()
             self._end_window()
             for idx, acc in extra.get("accumulators", {}).items():
                 b, i = index[int(idx)]
-                b.main_grads[i].copy_(acc)
+                if keep_window:
+                    b.main_grads[i].copy_(acc)
                 b.touched[i] = True
                 self._expose_grad(b, i)
         self.micro_step = int(extra["micro_step"])
@@ -681,6 +778,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._warned_skip = bool(extra.get("warned_skip", False))
         if extra.get("loss_scale") is not None and self._scaler is not None:
             self._scaler.load_state_dict(extra["loss_scale"])
+
+    @staticmethod
+    def _copy_local(b: Bucket, i: int, local_flat: torch.Tensor, value: torch.Tensor) -> None:
+        """Copy the part of param ``i``'s full-size ``value`` that lies in [lo, hi)."""
+        o, n = b.offsets[i], b.numels[i]
+        a, e = max(o, b.lo), min(o + n, b.hi)
+        if a < e:
+            local_flat[a - b.lo:e - b.lo].copy_(value.reshape(-1)[a - o:e - o])
 
     @torch.no_grad()
     def _adopt_state(self, loaded: dict) -> None:
@@ -692,27 +797,35 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if st is not None and b.stepped[i] is not b.params[i]:
                     self.inner.state[b.stepped[i]] = st
             return
+        state_keys = (*_ADAM_KEYS, "momentum_buffer")
         for idx, (b, i) in self._index_map().items():
             t = b.stepped[i]
             self.inner.state.pop(b.params[i], None)
             src = loaded.get(idx, loaded.get(str(idx)))
-            new = {}
-            for key in (*_ADAM_KEYS, "momentum_buffer"):
+            for key in state_keys:
                 if key in b.state_flat:
-                    b.flat_slice(b.state_flat[key], i).zero_()
+                    self._copy_local(b, i, b.state_flat[key],
+                                     torch.zeros(b.numels[i], device=b.device))
             b.steps[i] = 0
-            if src:
-                for key, value in src.items():
-                    if key in (*_ADAM_KEYS, "momentum_buffer") and value is not None:
-                        view = b.state_view(key, i)
-                        view.copy_(value.reshape(view.shape))
-                        new[key] = view
-                    elif key == "step":
-                        b.steps[i] = int(_as_float(value))
-                        new[key] = torch.tensor(float(b.steps[i]), dtype=torch.float32)
-                    else:
-                        new[key] = value
-            if new:
+            b.has_buf[i] = False
+            new = {}
+            for key, value in (src or {}).items():
+                if key in state_keys and value is not None:
+                    self._copy_local(b, i, b.state_buffer(key),
+                                     value.to(device=b.device, dtype=torch.float32))
+                    if not b.sharded:
+                        new[key] = b.state_view(key, i)
+                    b.has_buf[i] = b.has_buf[i] or key == "momentum_buffer"
+                elif key == "step":
+                    b.steps[i] = int(_as_float(value))
+                    new[key] = torch.tensor(float(b.steps[i]), dtype=torch.float32)
+                elif key != "momentum_buffer":
+                    new[key] = value
+            if self._kind == "sgd" and not b.has_buf[i]:
+                b.steps[i] = 0
+            elif self._kind == "sgd":
+                b.steps[i] = max(b.steps[i], 1)
+            if new and not b.sharded:
                 self.inner.state[t] = new
             else:
                 self.inner.state.pop(t, None)

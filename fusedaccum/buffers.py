@@ -23,7 +23,8 @@ def _align(n: int) -> int:
 class Bucket:
     """The params of one group that live on one device with one dtype."""
 
-    def __init__(self, params: list[torch.Tensor], indices: list[int], *, use_master: bool):
+    def __init__(self, params: list[torch.Tensor], indices: list[int], *, use_master: bool,
+                 shard: tuple[int, int] | None = None):
         self.params = params
         self.indices = indices  # position of each param in its param group's list
         p0 = params[0]
@@ -37,21 +38,31 @@ class Bucket:
             self.offsets.append(total)
             total += _align(n)
         self.offsets.append(total)  # padded end of the last param
+        # ZeRO-1: rank r of w owns elements [lo, hi) of every flat buffer; the master
+        # weights, the optimizer state and the reduced gradient exist for that range only
+        self.sharded = shard is not None
+        rank, world = shard if shard is not None else (0, 1)
+        total = -(-total // (ALIGN * world)) * ALIGN * world
         self.total = total
+        self.lo, self.hi = rank * total // world, (rank + 1) * total // world
         f32 = dict(dtype=torch.float32, device=self.device)
         self.acc = torch.zeros(total, **f32)
+        # the gradient the local step reads: acc itself, or this rank's reduced shard of it
+        self.acc_local = torch.zeros(self.hi - self.lo, **f32) if self.sharded else self.acc
         # the flat buffer the model params point into
         self.model = torch.zeros(total, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for p, o, n in zip(params, self.offsets, self.numels):
                 self.model[o:o + n].view(p.shape).copy_(p.detach())
                 p.data = self.model[o:o + n].view(p.shape)
-        self.master = self.model.float() if self.has_master else None
-        # the flat tensor the optimizer steps (fp32 master, or the params themselves)
-        self.stepped_flat = self.master if self.has_master else self.model
+        self.master = self.model[self.lo:self.hi].float() if self.has_master else None
+        # the flat tensor the optimizer steps, in local coordinates [lo, hi): the fp32
+        # master, or the params themselves
+        self.stepped_flat = self.master if self.has_master else self.model[self.lo:self.hi]
+        self.model_out = self.model[self.lo:self.hi] if self.has_master else None
         self.main_grads = [self.acc[o:o + n].view(p.shape)
                            for p, o, n in zip(params, self.offsets, self.numels)]
-        if self.has_master:
+        if self.has_master and not self.sharded:
             self.stepped = [self.master[o:o + n].view(p.shape)
                             for p, o, n in zip(params, self.offsets, self.numels)]
         else:
@@ -63,6 +74,7 @@ class Bucket:
         self.state_flat: dict[str, torch.Tensor] = {}
         self._state_views: dict[str, list[torch.Tensor]] = {}
         self.steps = [0] * len(params)  # per-param optimizer step counts (Adam)
+        self.has_buf = [False] * len(params)  # per-param momentum history (SGD)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -75,10 +87,10 @@ class Bucket:
         return self.flat_slice(buf, i).view(self.params[i].shape)
 
     def state_buffer(self, name: str) -> torch.Tensor:
-        """The flat fp32 optimizer-state buffer ``name``, allocated (zeroed) on first use."""
+        """The flat fp32 optimizer-state buffer ``name`` over [lo, hi), zeroed on first use."""
         buf = self.state_flat.get(name)
         if buf is None:
-            buf = torch.zeros(self.total, dtype=torch.float32, device=self.device)
+            buf = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=self.device)
             self.state_flat[name] = buf
         return buf
 
@@ -91,12 +103,13 @@ class Bucket:
             self._state_views[name] = views
         return views[i]
 
-    def runs(self, key) -> list[tuple[int, int, object]]:
-        """Maximal runs [i, j) of touched params with equal ``key(i)``, as (start, end, key).
+    def runs(self, key) -> list[tuple[slice, object]]:
+        """Local element ranges of the maximal runs of touched params with equal ``key``.
 
-        Each run is one contiguous element range [offsets[i], offsets[j]) of every flat
-        buffer (alignment padding between params is always zero in every buffer, so a
-        step over it changes nothing).
+        A run of params [i, j) is one contiguous element range [offsets[i], offsets[j])
+        of every flat buffer (alignment padding between params is always zero in every
+        buffer, so a step over it changes nothing); it is returned clipped to [lo, hi)
+        and shifted to local coordinates, with ``key(i)``.
         """
         out: list[tuple[int, int, object]] = []
         i, n = 0, len(self.params)
@@ -108,9 +121,8 @@ class Bucket:
             j = i + 1
             while j < n and self.touched[j] and key(j) == k:
                 j += 1
-            out.append((i, j, k))
+            a, e = max(self.offsets[i], self.lo), min(self.offsets[j], self.hi)
+            if a < e:
+                out.append((slice(a - self.lo, e - self.lo), k))
             i = j
         return out
-
-    def elems(self, i: int, j: int) -> slice:
-        return slice(self.offsets[i], self.offsets[j])

@@ -1,0 +1,234 @@
+"""Data parallel on Gloo: N ranks x k micro-batches == one process with N*k micro-batches.
+
+``num_items`` is each rank's LOCAL item count of the window; the wrapper sums them.
+
+Each case spawns 2 or 3 processes on 127.0.0.1 that train the same seeded model on
+their own slices of the data, and compares the params and optimizer state with a
+single-process run over all the micro-batches.
+"""
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedaccum
+
+BACKEND = os.environ.get("FUSEDACCUM_TEST_BACKEND", "reference")
+K = 2  # micro-batches per rank per window
+WINDOWS = 3
+MB = 4  # items per micro-batch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model(dtype):
+    torch.manual_seed(7)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(),
+                               torch.nn.Linear(10, 3)).to(dtype)
+
+
+def _data(world):
+    g = torch.Generator().manual_seed(3)
+    n = WINDOWS * world * K * MB
+    return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)
+
+
+def _opt(cfg, model, **kw):
+    if cfg["opt"] == "sgd":
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    else:
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return fusedaccum.FusedAccumulator(inner, max_grad_norm=cfg["clip"], backend=BACKEND, **kw)
+
+
+def _micro_batches(x, y, window, world, rank):
+    """The micro-batches rank ``rank`` of ``world`` runs in ``window``."""
+    base = window * world * K
+    for j in range(K):
+        idx = base + rank * K + j
+        yield x[idx * MB:(idx + 1) * MB], y[idx * MB:(idx + 1) * MB]
+
+
+def _loss(model, x, y, cfg):
+    out = model(x.to(cfg["dtype"])).float()
+    if cfg["num_items"]:
+        return torch.nn.functional.mse_loss(out, y, reduction="sum") / 3
+    return torch.nn.functional.mse_loss(out, y)
+
+
+def _train(cfg, model, opt, x, y, world, rank, windows, poison_window=None):
+    for w in windows:
+        for x_mb, y_mb in _micro_batches(x, y, w, world, rank):
+            loss = _loss(model, x_mb, y_mb, cfg)
+            if poison_window == w and rank == world - 1:
+                loss = loss * float("inf")
+            loss.backward()
+            opt.step(num_items=K * MB if cfg["num_items"] else None)
+
+
+def _worker(rank, world, port, cfg, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        group = dist.group.WORLD
+        x, y = _data(world)
+        model = _model(cfg["dtype"])
+        kw = dict(accumulation_steps=K, process_group=group,
+                  shard_optimizer_state=cfg["shard"])
+        opt = _opt(cfg, model, **kw)
+        poison = cfg.get("poison")
+        if cfg.get("resume_mid_window"):
+            _train(cfg, model, opt, x, y, world, rank, range(1), poison)
+            # one micro-batch of window 1, then checkpoint, rebuild and resume
+            x_mb, y_mb = next(_micro_batches(x, y, 1, world, rank))
+            _loss(model, x_mb, y_mb, cfg).backward()
+            opt.step(num_items=K * MB if cfg["num_items"] else None)
+            sd = copy.deepcopy(opt.state_dict())  # a collective: every rank calls it
+            msd = copy.deepcopy(model.state_dict())
+            model = _model(cfg["dtype"])
+            model.load_state_dict(msd)
+            opt = _opt(cfg, model, **kw)
+            opt.load_state_dict(sd)
+            x_mb, y_mb = list(_micro_batches(x, y, 1, world, rank))[1]
+            _loss(model, x_mb, y_mb, cfg).backward()
+            opt.step(num_items=K * MB if cfg["num_items"] else None)
+            _train(cfg, model, opt, x, y, world, rank, range(2, WINDOWS), poison)
+        else:
+            _train(cfg, model, opt, x, y, world, rank, range(WINDOWS), poison)
+        sd = opt.state_dict()
+        if rank == 0:
+            torch.save({"params": [p.detach().clone() for p in model.parameters()],
+                        "state": sd["state"], "masters": sd["fusedaccum"]["masters"],
+                        "counts": (opt.update_count, opt.skipped_steps)},
+                       os.path.join(out_dir, "result.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _single(cfg, world):
+    """One process, N*k micro-batches per window."""
+    x, y = _data(world)
+    model = _model(cfg["dtype"])
+    opt = _opt(cfg, model, accumulation_steps=world * K)
+    for w in range(WINDOWS):
+        for r in range(world):
+            for x_mb, y_mb in _micro_batches(x, y, w, world, r):
+                loss = _loss(model, x_mb, y_mb, cfg)
+                if cfg.get("poison") == w and r == world - 1:
+                    loss = loss * float("inf")
+                loss.backward()
+                opt.step(num_items=world * K * MB if cfg["num_items"] else None)
+    return model, opt
+
+
+CASES = [
+    dict(world=2, shard=False, dtype=torch.float32, opt="adamw", clip=0.05, num_items=False),
+    dict(world=2, shard=True, dtype=torch.bfloat16, opt="adamw", clip=None, num_items=True),
+    dict(world=3, shard=True, dtype=torch.float32, opt="adamw", clip=0.05, num_items=False),
+    dict(world=3, shard=True, dtype=torch.float16, opt="sgd", clip=0.1, num_items=False),
+    dict(world=2, shard=True, dtype=torch.float32, opt="adamw", clip=0.05, num_items=False,
+         resume_mid_window=True),
+    dict(world=2, shard=False, dtype=torch.bfloat16, opt="adamw", clip=None, num_items=False,
+         resume_mid_window=True),
+    dict(world=2, shard=True, dtype=torch.float32, opt="adamw", clip=None, num_items=False,
+         poison=1),
+]
+
+
+def _case_id(c):
+    parts = [f"w{c['world']}", "zero1" if c["shard"] else "allreduce",
+             str(c["dtype"]).split(".")[-1], c["opt"]]
+    parts += [k for k in ("resume_mid_window", "poison", "num_items") if c.get(k) is not None
+              and c.get(k) is not False]
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=[_case_id(c) for c in CASES])
+def test_data_parallel_equals_single_process(cfg, tmp_path):
+    world = cfg["world"]
+    mp.spawn(_worker, args=(world, _free_port(), cfg, str(tmp_path)), nprocs=world, join=True)
+    got = torch.load(tmp_path / "result.pt")
+    model, opt = _single(cfg, world)
+    half = cfg["dtype"] != torch.float32
+    tol = dict(rtol=1e-2, atol=1e-2) if half else dict(rtol=1e-5, atol=1e-6)
+    for p_got, p_want in zip(got["params"], model.parameters()):
+        torch.testing.assert_close(p_got, p_want.detach(), **tol)
+    want_sd = opt.state_dict()
+    assert got["counts"] == (opt.update_count, opt.skipped_steps)
+    assert set(got["state"]) == set(want_sd["state"])
+    for idx, st in want_sd["state"].items():
+        for key, value in st.items():
+            torch.testing.assert_close(got["state"][idx][key], value, rtol=1e-4, atol=1e-6)
+    for idx, m in want_sd["fusedaccum"]["masters"].items():
+        torch.testing.assert_close(got["masters"][idx], m, rtol=1e-5, atol=1e-6)
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model(torch.float32))
+        try:
+            fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
+                                        process_group=dist.group.WORLD)
+            msg = "no error"
+        except RuntimeError as exc:
+            msg = str(exc)
+        if rank == 0:
+            (torch.save(msg, os.path.join(out_dir, "msg.pt")))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_wrapped_model_is_refused(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    msg = torch.load(tmp_path / "msg.pt")
+    assert "DistributedDataParallel" in msg and "process_group" in msg
+
+
+def _mismatch_worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        model = _model(torch.float32)
+        if rank == 1:
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+        try:
+            fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
+                                        process_group=dist.group.WORLD)
+            msg = "no error"
+        except ValueError as exc:
+            msg = str(exc)
+        if rank == 0:
+            torch.save(msg, os.path.join(out_dir, "msg.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_params_that_differ_across_ranks_are_refused(tmp_path):
+    mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert "differ across the ranks" in torch.load(tmp_path / "msg.pt")
+
+
+def test_process_group_without_init_is_a_clear_error():
+    model = _model(torch.float32)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
+                                    process_group=object())
+
+
+def test_sharding_needs_a_process_group():
+    model = _model(torch.float32)
+    with pytest.raises(ValueError, match="process_group"):
+        fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
+                                    shard_optimizer_state=True)
