@@ -47,6 +47,8 @@ def _check_step_inputs(param, acc, extra: dict, model_out):
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
     _check_flat("acc", acc, (torch.float32,))
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
+    if norm_type is not None and float(norm_type) != 2.0 and not math.isinf(float(norm_type)):
+        raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
     g = grad.float()
     if overwrite:
         torch.mul(g, scale, out=acc)

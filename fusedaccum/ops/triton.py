@@ -1,0 +1,619 @@
+"""The Triton backend: every op of :mod:`fusedaccum.ops` as Triton kernels.
+
+Same signatures and math as :mod:`fusedaccum.ops.reference` (the definition). Layout:
+shared ``@triton.jit`` helpers first, then per op its private kernel followed by its
+launcher, then the ``torch.library`` registrations and the public functions.
+
+Rules every kernel follows:
+
+* element offsets are int64 (``_block_offsets``), so buffers over 2**31 elements work;
+  every load and store is masked at the tail;
+* all math is fp32; fp16/bf16 are only a storage format. fp32 -> bf16 is rounded to
+  nearest even with integer bit arithmetic (``_f32_to_bf16_rne``) and bf16 -> fp32 is
+  a 16-bit shift, because the interpreter truncates (and mishandles subnormals in) its
+  own bf16 conversions: that way the interpreter and a GPU give identical bits;
+* no host syncs: ``grad_mult`` and ``found_inf`` are device tensors read inside the
+  kernel; with ``found_inf != 0`` the step kernels read nothing and write nothing but
+  the zeroed accumulator;
+* reductions (norms) are deterministic: each block writes one partial into a buffer,
+  then a single program folds the partials in a fixed order. No atomics.
+
+The ops are registered as opaque ``torch.library.custom_op``s (``fusedaccum::triton_*``)
+with fake implementations, so ``torch.compile`` sees them as single nodes.
+``triton_op``/``wrap_triton`` would let inductor look inside, but they fail ``opcheck``
+under ``TRITON_INTERPRET=1`` in torch 2.13, which is how the backend is tested on CPU.
+
+The module imports without triton; :func:`unavailable_reason` then says why it cannot run.
+"""
+
+import math
+import os
+from contextlib import nullcontext
+
+import torch
+
+from fusedaccum.ops.reference import (
+    FLOAT_DTYPES,
+    _check_flat,
+    _check_step_inputs,
+)
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR = None
+except ImportError as _exc:  # the module must still import; unavailable_reason says why
+    _TRITON_IMPORT_ERROR = _exc
+
+    class _NoTriton:
+        """Stands in for ``triton`` and ``triton.language`` when triton is missing, so the
+        kernels below still define (as plain functions that are never launched)."""
+
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        def __getattr__(self, name):
+            return None
+
+    triton = tl = _NoTriton()
+
+
+# Block sizes, per kernel: (elements per program, num_warps) on a GPU. These are
+# sensible defaults for memory-bound kernels (a few KiB per program, 16-byte vector
+# accesses); no GPU was available when they were chosen, so re-tune them with
+# `python -m fusedaccum bench` when one is. Under the interpreter every program costs
+# Python overhead, so blocks there are large to keep the number of programs small.
+_GPU_CONFIG = {
+    "accumulate": (2048, 8),
+    "norm": (4096, 8),
+    "finish": (1024, 4),
+    "adamw": (1024, 4),
+    "sgd": (2048, 8),
+}
+_INTERPRET_BLOCK = 1 << 16
+_INTERPRET_FINISH_BLOCK = 1024
+
+# Storage kinds of a tensor as the kernels see them (a constexpr per pointer).
+_F32, _F16, _BF16 = 0, 1, 2
+_KIND = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
+# Norm codes (constexpr): sum of squares (2-norm) or NaN-aware max |x| (inf-norm).
+_NORM_NONE, _NORM_2, _NORM_INF = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_offsets(pid, BLOCK: tl.constexpr):
+    """Offsets of the BLOCK elements of program ``pid``, in int64: pid * BLOCK would
+    overflow int32 on buffers of 2**31 elements or more."""
+    return pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _load_f32(ptr, offs, mask, KIND: tl.constexpr):
+    """Load fp32/fp16/bf16 elements as fp32 (masked elements read as 0)."""
+    if KIND == 2:
+        # bf16 -> fp32 is exact: the bf16 bits become the fp32's upper half. Done on the
+        # bits because the interpreter's own conversion mishandles bf16 subnormals.
+        bits = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.uint16, bitcast=True)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _f32_to_bf16_rne(x):
+    """fp32 -> bf16, round to nearest even (as torch's ``.to(torch.bfloat16)``).
+
+    Adding 0x7FFF plus the lowest kept bit to the fp32 bits and dropping the low half
+    rounds to nearest with ties to even; a carry into the exponent gives the next binade
+    or inf, as it should. NaN would carry into the sign, so it becomes the canonical
+    quiet NaN 0x7FC0. The interpreter truncates ``x.to(tl.bfloat16)``; this gives the
+    same bits under the interpreter and on a GPU.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    hi = tl.where(x != x, 0x7FC0, rounded)
+    return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _store_f32(ptr, offs, x, mask, KIND: tl.constexpr):
+    """Store fp32 values into an fp32/fp16/bf16 tensor, rounding to nearest even."""
+    if KIND == 2:
+        tl.store(ptr + offs, _f32_to_bf16_rne(x), mask=mask)
+    elif KIND == 1:
+        # fp32 -> fp16 is round-to-nearest-even both on a GPU (cvt.rn.f16.f32) and under
+        # the interpreter (numpy's astype), subnormals and overflow to inf included.
+        tl.store(ptr + offs, x.to(tl.float16), mask=mask)
+    else:
+        tl.store(ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def _block_stat(x, NORM: tl.constexpr):
+    """One block's norm statistic: sum of squares (NORM == 1) or max |x| (NORM == 2).
+
+    ``tl.max`` does not propagate NaN on a GPU, so NaNs are counted separately and
+    turn the result into NaN. Masked-out elements must be 0.
+    """
+    if NORM == 1:
+        return tl.sum(x * x, axis=0)
+    else:
+        isnan = x != x
+        amax = tl.max(tl.where(isnan, 0.0, tl.abs(x)), axis=0)
+        return tl.where(tl.max(isnan.to(tl.int32), axis=0) > 0, float("nan"), amax)
+
+
+# --------------------------------------------------------------------------------------
+# norm reductions: stage 2 (shared by accumulate_ and grad_norm)
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _finish_kernel(partial_ptr, out_ptr, n_partials, NORM: tl.constexpr, SQRT: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """One program folds all partials in a fixed order: the result is bitwise
+    reproducible for a given number of partials."""
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    nan = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n_partials, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        x = tl.load(partial_ptr + offs, mask=offs < n_partials, other=0.0)
+        if NORM == 1:
+            total += x
+        else:
+            isnan = x != x
+            nan = nan | isnan.to(tl.int32)
+            total = tl.maximum(total, tl.where(isnan, 0.0, x))
+    if NORM == 1:
+        result = tl.sum(total, axis=0)
+        if SQRT:
+            result = tl.sqrt_rn(result)
+    else:
+        result = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(total, axis=0))
+    tl.store(out_ptr, result)
+
+
+def _finish(partials: torch.Tensor, norm: int, sqrt: bool) -> torch.Tensor:
+    out = torch.empty((), dtype=torch.float32, device=partials.device)
+    block, warps = _config("finish")
+    with _device_of(partials):
+        _finish_kernel[(1,)](partials, out, partials.numel(), NORM=norm, SQRT=sqrt,
+                             BLOCK=block, num_warps=warps)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# accumulate_
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _accumulate_kernel(acc_ptr, grad_ptr, partial_ptr, n, scale,
+                       GRAD_KIND: tl.constexpr, OVERWRITE: tl.constexpr, NORM: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = _block_offsets(pid, BLOCK)
+    mask = offs < n
+    g = _load_f32(grad_ptr, offs, mask, GRAD_KIND)
+    if OVERWRITE:
+        acc = g * scale  # the accumulator is not read at all
+    else:
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0.0) + g * scale
+    tl.store(acc_ptr + offs, acc, mask=mask)
+    if NORM != 0:  # this block's statistic of the updated accumulator
+        tl.store(partial_ptr + pid, _block_stat(acc, NORM))
+
+
+def _launch_accumulate(acc, grad, scale, overwrite, norm):
+    n = acc.numel()
+    if n == 0:
+        return None if norm == _NORM_NONE else acc.new_zeros(())
+    block, warps = _config("accumulate")
+    grid = (triton.cdiv(n, block),)
+    partials = acc if norm == _NORM_NONE else acc.new_empty(grid[0])  # acc: never written
+    with _device_of(acc):
+        _accumulate_kernel[grid](acc, grad, partials, n, scale, GRAD_KIND=_KIND[grad.dtype],
+                                 OVERWRITE=overwrite, NORM=norm, BLOCK=block, num_warps=warps)
+    if norm == _NORM_NONE:
+        return None
+    return _finish(partials, norm, sqrt=False)
+
+
+# --------------------------------------------------------------------------------------
+# grad_norm
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["base"])
+def _norm_partials_kernel(x_ptr, partial_ptr, base, n, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = _block_offsets(pid, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(partial_ptr + base + pid.to(tl.int64), _block_stat(x, NORM))
+
+
+def _launch_grad_norm(tensors, norm):
+    # Stage 1: one launch per non-empty tensor, all writing into one partials buffer at
+    # fixed offsets; stage 2: one program folds the buffer. The flat per-group buffers
+    # make the tensor count small (one per group), so per-tensor launches are cheap.
+    block, warps = _config("norm")
+    counts = [triton.cdiv(t.numel(), block) for t in tensors]
+    total = sum(counts)
+    device = tensors[0].device
+    if total == 0:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    partials = torch.empty(total, dtype=torch.float32, device=device)
+    base = 0
+    with _device_of(partials):
+        for t, count in zip(tensors, counts):
+            if count:
+                _norm_partials_kernel[(count,)](t, partials, base, t.numel(), NORM=norm,
+                                                BLOCK=block, num_warps=warps)
+                base += count
+    return _finish(partials, norm, sqrt=norm == _NORM_2)
+
+
+# --------------------------------------------------------------------------------------
+# adamw_step_
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _adamw_kernel(param_ptr, acc_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, out_ptr,
+                  grad_mult_ptr, found_inf_ptr, n,
+                  decay, weight_decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt,
+                  eps, neg_step_size,
+                  PARAM_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_OUT: tl.constexpr,
+                  WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  LERP_FROM_START: tl.constexpr, ZERO_ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = _block_offsets(tl.program_id(0), BLOCK)
+    mask = offs < n
+    # found_inf set: no element is live, so nothing is read and nothing but acc is written.
+    # (A scalar bound rather than `mask & keep`: `&` of a block and a scalar bool fails
+    # under the interpreter of triton 3.9.)
+    live = offs < tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, n, 0)
+    g = tl.load(acc_ptr + offs, mask=live, other=0.0) * tl.load(grad_mult_ptr).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    p = _load_f32(param_ptr, offs, live, PARAM_KIND)
+    new_p = p
+    if WD_MODE == 1:  # decoupled (AdamW): p * (1 - lr * weight_decay)
+        new_p = p * decay
+    elif WD_MODE == 2:  # L2 (Adam): g + weight_decay * p
+        g = g + weight_decay * p
+    m = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
+    # exp_avg.lerp(g, 1 - beta1), with torch's two formulas for small and large weights
+    if LERP_FROM_START:
+        m = m + lerp_weight * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - lerp_weight)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0) * beta2 + one_minus_beta2 * g * g
+    if AMSGRAD:
+        vmax = tl.maximum(tl.load(max_exp_avg_sq_ptr + offs, mask=live, other=0.0), v,
+                          propagate_nan=tl.PropagateNan.ALL)
+        tl.store(max_exp_avg_sq_ptr + offs, vmax, mask=live)
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bias_correction2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    new_p = new_p + tl.div_rn(neg_step_size * m, denom)
+    tl.store(exp_avg_ptr + offs, m, mask=live)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=live)
+    _store_f32(param_ptr, offs, new_p, live, PARAM_KIND)
+    if HAS_OUT:
+        _store_f32(out_ptr, offs, new_p, live, OUT_KIND)
+    if ZERO_ACC:
+        tl.store(acc_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+
+
+def _launch_adamw(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult,
+                  found_inf, lr, beta1, beta2, eps, weight_decay, step, decoupled_weight_decay,
+                  amsgrad, maximize, zero_acc):
+    n = param.numel()
+    if n == 0:
+        return
+    # Host-side scalars in fp64, as the reference forms them; the kernel gets them as fp32.
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    wd_mode = 0 if weight_decay == 0 else (1 if decoupled_weight_decay else 2)
+    lerp_weight = 1 - beta1
+    block, warps = _config("adamw")
+    with _device_of(param):
+        _adamw_kernel[(triton.cdiv(n, block),)](
+            param, acc, exp_avg, exp_avg_sq,
+            exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq,  # dummy: never touched
+            param if model_out is None else model_out,  # dummy: never touched
+            grad_mult, found_inf, n,
+            1 - lr * weight_decay, weight_decay, lerp_weight, beta2, 1 - beta2,
+            bias_correction2_sqrt, eps, -(lr / bias_correction1),
+            PARAM_KIND=_KIND[param.dtype],
+            OUT_KIND=_F32 if model_out is None else _KIND[model_out.dtype],
+            HAS_OUT=model_out is not None, WD_MODE=wd_mode, AMSGRAD=amsgrad,
+            MAXIMIZE=maximize, LERP_FROM_START=abs(lerp_weight) < 0.5, ZERO_ACC=zero_acc,
+            BLOCK=block, num_warps=warps,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# sgd_step_
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sgd_kernel(param_ptr, acc_ptr, buf_ptr, out_ptr, grad_mult_ptr, found_inf_ptr, n,
+                lr, momentum, one_minus_dampening, weight_decay,
+                PARAM_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_OUT: tl.constexpr,
+                HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
+                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ZERO_ACC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    offs = _block_offsets(tl.program_id(0), BLOCK)
+    mask = offs < n
+    live = offs < tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, n, 0)
+    g = tl.load(acc_ptr + offs, mask=live, other=0.0) * tl.load(grad_mult_ptr).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    p = _load_f32(param_ptr, offs, live, PARAM_KIND)
+    if HAS_WD:
+        g = g + weight_decay * p
+    if HAS_MOMENTUM:
+        if FIRST_STEP:  # torch: buf = clone(g), no dampening
+            buf = g
+        else:
+            buf = tl.load(buf_ptr + offs, mask=live, other=0.0) * momentum \
+                + one_minus_dampening * g
+        tl.store(buf_ptr + offs, buf, mask=live)
+        if NESTEROV:
+            g = g + momentum * buf
+        else:
+            g = buf
+    new_p = p - lr * g
+    _store_f32(param_ptr, offs, new_p, live, PARAM_KIND)
+    if HAS_OUT:
+        _store_f32(out_ptr, offs, new_p, live, OUT_KIND)
+    if ZERO_ACC:
+        tl.store(acc_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+
+
+def _launch_sgd(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr, momentum,
+                dampening, weight_decay, nesterov, maximize, first_step, zero_acc):
+    n = param.numel()
+    if n == 0:
+        return
+    block, warps = _config("sgd")
+    with _device_of(param):
+        _sgd_kernel[(triton.cdiv(n, block),)](
+            param, acc,
+            acc if momentum_buffer is None else momentum_buffer,  # dummy: never touched
+            param if model_out is None else model_out,  # dummy: never touched
+            grad_mult, found_inf, n,
+            lr, momentum, 1 - dampening, weight_decay,
+            PARAM_KIND=_KIND[param.dtype],
+            OUT_KIND=_F32 if model_out is None else _KIND[model_out.dtype],
+            HAS_OUT=model_out is not None, HAS_WD=weight_decay != 0,
+            HAS_MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
+            MAXIMIZE=maximize, ZERO_ACC=zero_acc, BLOCK=block, num_warps=warps,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# where the kernels run
+# --------------------------------------------------------------------------------------
+
+
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 when
+    this module was imported; triton decides at decoration time)."""
+    return type(_accumulate_kernel).__name__ == "InterpretedFunction"
+
+
+_INTERPRETED = _TRITON_IMPORT_ERROR is None and _kernels_interpreted()
+
+
+def _config(kernel: str) -> tuple[int, int]:
+    if _INTERPRETED:
+        block = _INTERPRET_FINISH_BLOCK if kernel == "finish" else _INTERPRET_BLOCK
+        return block, 4
+    return _GPU_CONFIG[kernel]
+
+
+def _device_of(t: torch.Tensor):
+    """Launch on the tensor's GPU (triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def unavailable_reason(name: str, device: torch.device | None) -> str | None:
+    """None if the Triton kernels run on ``device`` (None: on this machine), else why not."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return f"triton is not installed (import failed: {_TRITON_IMPORT_ERROR})"
+    late = (" (TRITON_INTERPRET is set now, but was not when fusedaccum.ops.triton was "
+            "imported: triton reads it at import time)") if _env_interpret() else ""
+    cuda = torch.cuda.is_available()
+    if device is None:
+        if cuda or _INTERPRETED:
+            return None
+        return ("no CUDA device and TRITON_INTERPRET is not set; set TRITON_INTERPRET=1 "
+                "(before importing fusedaccum) to run Triton kernels on CPU tensors" + late)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if cuda else "CUDA is not available to torch on this machine"
+    if device.type == "cpu":
+        if _INTERPRETED:
+            return None
+        return ("Triton runs on CPU tensors only through its interpreter; set "
+                "TRITON_INTERPRET=1 before importing fusedaccum to use it" + late)
+    return (f"Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+            f"not on {device.type} tensors")
+
+
+# --------------------------------------------------------------------------------------
+# torch.library registration: opaque custom ops with fakes
+# --------------------------------------------------------------------------------------
+
+
+def _norm_code(norm_type) -> int:
+    norm_type = float(norm_type)
+    if norm_type == 2.0:
+        return _NORM_2
+    if math.isinf(norm_type) and norm_type > 0:
+        return _NORM_INF
+    raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
+
+
+if _TRITON_IMPORT_ERROR is None:
+
+    @torch.library.custom_op("fusedaccum::triton_accumulate_", mutates_args=("acc",))
+    def _accumulate_op(acc: torch.Tensor, grad: torch.Tensor, scale: float,
+                       overwrite: bool) -> None:
+        _launch_accumulate(acc, grad, scale, overwrite, _NORM_NONE)
+
+    @_accumulate_op.register_fake
+    def _(acc, grad, scale, overwrite):
+        return None
+
+    @torch.library.custom_op("fusedaccum::triton_accumulate_norm_", mutates_args=("acc",))
+    def _accumulate_norm_op(acc: torch.Tensor, grad: torch.Tensor, scale: float,
+                            overwrite: bool, norm_type: float) -> torch.Tensor:
+        return _launch_accumulate(acc, grad, scale, overwrite, _norm_code(norm_type))
+
+    @_accumulate_norm_op.register_fake
+    def _(acc, grad, scale, overwrite, norm_type):
+        return acc.new_empty(())
+
+    @torch.library.custom_op("fusedaccum::triton_grad_norm", mutates_args=())
+    def _grad_norm_op(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+        return _launch_grad_norm(tensors, _norm_code(norm_type))
+
+    @_grad_norm_op.register_fake
+    def _(tensors, norm_type):
+        return tensors[0].new_empty(())
+
+    @torch.library.custom_op(
+        "fusedaccum::triton_adamw_step_",
+        mutates_args=("param", "acc", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "model_out"),
+    )
+    def _adamw_op(param: torch.Tensor, acc: torch.Tensor, exp_avg: torch.Tensor,
+                  exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None,
+                  model_out: torch.Tensor | None, grad_mult: torch.Tensor,
+                  found_inf: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, step: int, decoupled_weight_decay: bool, amsgrad: bool,
+                  maximize: bool, zero_acc: bool) -> None:
+        _launch_adamw(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult,
+                      found_inf, lr, beta1, beta2, eps, weight_decay, step,
+                      decoupled_weight_decay, amsgrad, maximize, zero_acc)
+
+    @_adamw_op.register_fake
+    def _(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult, found_inf,
+          lr, beta1, beta2, eps, weight_decay, step, decoupled_weight_decay, amsgrad, maximize,
+          zero_acc):
+        return None
+
+    @torch.library.custom_op(
+        "fusedaccum::triton_sgd_step_",
+        mutates_args=("param", "acc", "momentum_buffer", "model_out"),
+    )
+    def _sgd_op(param: torch.Tensor, acc: torch.Tensor, momentum_buffer: torch.Tensor | None,
+                model_out: torch.Tensor | None, grad_mult: torch.Tensor,
+                found_inf: torch.Tensor, lr: float, momentum: float, dampening: float,
+                weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
+                zero_acc: bool) -> None:
+        _launch_sgd(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr,
+                    momentum, dampening, weight_decay, nesterov, maximize, first_step, zero_acc)
+
+    @_sgd_op.register_fake
+    def _(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr, momentum,
+          dampening, weight_decay, nesterov, maximize, first_step, zero_acc):
+        return None
+
+
+def _require_triton():
+    if _TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(unavailable_reason("triton", None))
+
+
+def _device_scalar(name: str, x, device: torch.device) -> torch.Tensor:
+    """``grad_mult``/``found_inf`` as a one-element tensor on ``device``, without a sync."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a one-element tensor, got shape {tuple(x.shape)}")
+        if x.is_complex():
+            raise TypeError(f"{name} must be a real tensor, got {x.dtype}")
+        return x if x.device == device else x.to(device, non_blocking=True)
+    return torch.full((), float(x), dtype=torch.float32, device=device)
+
+
+# --------------------------------------------------------------------------------------
+# public ops (same signatures as fusedaccum.ops.reference)
+# --------------------------------------------------------------------------------------
+
+
+def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
+    _check_flat("acc", acc, (torch.float32,))
+    _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
+    _require_triton()
+    if norm_type is None:
+        torch.ops.fusedaccum.triton_accumulate_(acc, grad, float(scale), bool(overwrite))
+        return None
+    _norm_code(norm_type)  # a bad norm_type fails before acc changes
+    return torch.ops.fusedaccum.triton_accumulate_norm_(acc, grad, float(scale),
+                                                        bool(overwrite), float(norm_type))
+
+
+def grad_norm(tensors, norm_type=2.0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("grad_norm needs at least one tensor")
+    for i, t in enumerate(tensors):
+        _check_flat(f"tensors[{i}]", t, (torch.float32,), device=tensors[0].device)
+    _norm_code(norm_type)
+    _require_triton()
+    return torch.ops.fusedaccum.triton_grad_norm(tensors, float(norm_type))
+
+
+def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
+                grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
+                decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
+    _check_step_inputs(param, acc, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
+                                    "max_exp_avg_sq": max_exp_avg_sq}, model_out)
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sq")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the step number after this update), got {step}")
+    _require_triton()
+    dev = param.device
+    torch.ops.fusedaccum.triton_adamw_step_(
+        param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, model_out,
+        _device_scalar("grad_mult", grad_mult, dev), _device_scalar("found_inf", found_inf, dev),
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
+        bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), bool(zero_acc),
+    )
+
+
+def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
+              lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+              zero_acc=True):
+    _check_step_inputs(param, acc, {"momentum_buffer": momentum_buffer}, model_out)
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("momentum != 0 needs momentum_buffer")
+    _require_triton()
+    dev = param.device
+    torch.ops.fusedaccum.triton_sgd_step_(
+        param, acc, momentum_buffer if momentum != 0 else None, model_out,
+        _device_scalar("grad_mult", grad_mult, dev), _device_scalar("found_inf", found_inf, dev),
+        float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+        bool(maximize), bool(first_step), bool(zero_acc),
+    )
+
+
+__all__ = ["unavailable_reason", "accumulate_", "grad_norm", "adamw_step_", "sgd_step_"]

@@ -1,0 +1,505 @@
+"""The Triton backend beyond tests/test_ops.py: torch.library registration (opcheck,
+torch.compile), determinism, int64 offsets, fp16/bf16 rounding edge cases, empty and
+non-finite inputs, and the reasons it gives when it cannot run.
+
+On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1, so the kernels
+run for real on CPU tensors through Triton's interpreter.
+"""
+
+import inspect
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fusedaccum import ops
+from fusedaccum.ops import reference
+
+T = pytest.importorskip("fusedaccum.ops.triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DEV = _device()
+pytestmark = [
+    pytest.mark.skipif(
+        T.unavailable_reason("triton", torch.device(DEV)) is not None,
+        reason=f"triton cannot run here: {T.unavailable_reason('triton', torch.device(DEV))}",
+    ),
+    # numpy's overflow/invalid warnings for inf and NaN inputs under the interpreter
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
+
+
+def _rand(n, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * scale).to(dtype).to(DEV)
+
+
+def _scalar(x):
+    return torch.tensor(x, dtype=torch.float32, device=DEV)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library: schemas, fakes, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------
+
+
+def test_ops_are_registered_with_mutations_declared():
+    schemas = {
+        name: str(getattr(torch.ops.fusedaccum, name).default._schema)
+        for name in ("triton_accumulate_", "triton_accumulate_norm_", "triton_grad_norm",
+                     "triton_adamw_step_", "triton_sgd_step_")
+    }
+    assert "Tensor(a0!) acc" in schemas["triton_accumulate_"]
+    assert "Tensor(a0!) acc" in schemas["triton_accumulate_norm_"]
+    assert "!" not in schemas["triton_grad_norm"]
+    for arg in ("param", "acc", "exp_avg", "exp_avg_sq"):
+        assert f"!) {arg}," in schemas["triton_adamw_step_"], schemas["triton_adamw_step_"]
+    for arg in ("max_exp_avg_sq", "model_out"):
+        assert f"!)? {arg}," in schemas["triton_adamw_step_"], schemas["triton_adamw_step_"]
+    assert "!)? momentum_buffer," in schemas["triton_sgd_step_"]
+    # grad_mult / found_inf are read-only device tensors
+    assert "Tensor grad_mult" in schemas["triton_sgd_step_"]
+    assert "Tensor found_inf" in schemas["triton_adamw_step_"]
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_opcheck_accumulate(grad_dtype, overwrite):
+    acc, grad = _rand(3001, seed=1), _rand(3001, grad_dtype, seed=2)
+    torch.library.opcheck(torch.ops.fusedaccum.triton_accumulate_.default,
+                          (acc, grad, 0.5, overwrite))
+    for norm_type in (2.0, math.inf):
+        torch.library.opcheck(torch.ops.fusedaccum.triton_accumulate_norm_.default,
+                              (acc, grad, 0.5, overwrite, norm_type))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_opcheck_grad_norm(norm_type):
+    ts = [_rand(n, seed=n) for n in (5, 3001, 0, 1)]
+    torch.library.opcheck(torch.ops.fusedaccum.triton_grad_norm.default, (ts, norm_type))
+
+
+@pytest.mark.parametrize("amsgrad,out_dtype,param_dtype", [
+    (False, None, torch.float32),
+    (True, torch.bfloat16, torch.float32),
+    (False, torch.float16, torch.float32),
+    (False, None, torch.bfloat16),
+])
+@pytest.mark.parametrize("found_inf", [0.0, 1.0])
+def test_opcheck_adamw(amsgrad, out_dtype, param_dtype, found_inf):
+    n = 2049
+    param = _rand(n, param_dtype, seed=3)
+    acc = _rand(n, seed=4)
+    m, v, vmax = (_rand(n, seed=5 + i).abs() for i in range(3))
+    out = None if out_dtype is None else torch.zeros(n, dtype=out_dtype, device=DEV)
+    args = (param, acc, m, v, vmax if amsgrad else None, out, _scalar(0.5), _scalar(found_inf),
+            1e-3, 0.9, 0.999, 1e-8, 0.1, 2, True, amsgrad, False, True)
+    torch.library.opcheck(torch.ops.fusedaccum.triton_adamw_step_.default, args)
+
+
+@pytest.mark.parametrize("momentum,out_dtype", [(0.0, None), (0.9, torch.float16)])
+@pytest.mark.parametrize("found_inf", [0.0, 1.0])
+def test_opcheck_sgd(momentum, out_dtype, found_inf):
+    n = 2049
+    param, acc, buf = _rand(n, seed=6), _rand(n, seed=7), _rand(n, seed=8)
+    out = None if out_dtype is None else torch.zeros(n, dtype=out_dtype, device=DEV)
+    args = (param, acc, buf if momentum else None, out, _scalar(0.5), _scalar(found_inf),
+            0.1, momentum, 0.0, 0.01, True, False, False, True)
+    torch.library.opcheck(torch.ops.fusedaccum.triton_sgd_step_.default, args)
+
+
+def test_torch_compile_sees_the_ops():
+    """fullgraph=True: the ops must be graph nodes, not graph breaks."""
+    torch._dynamo.reset()
+
+    def window(acc, g1, g2, param, m, v, grad_mult, found_inf):
+        ops.accumulate_(acc, g1, 1.0, overwrite=True, backend="triton")
+        sq = ops.accumulate_(acc, g2, 1.0, norm_type=2.0, backend="triton")
+        norm = ops.grad_norm([acc], 2.0, backend="triton")
+        ops.adamw_step_(param, acc, m, v, grad_mult=grad_mult, found_inf=found_inf, lr=1e-2,
+                        beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=1,
+                        backend="triton")
+        return sq, norm
+
+    def inputs():
+        return [_rand(1000, seed=10), _rand(1000, torch.bfloat16, seed=11),
+                _rand(1000, torch.float16, seed=12), _rand(1000, seed=13),
+                torch.zeros(1000, device=DEV), torch.zeros(1000, device=DEV),
+                _scalar(0.5), _scalar(0.0)]
+
+    eager_in, compiled_in = inputs(), inputs()
+    want = window(*eager_in)
+    got = torch.compile(window, backend="aot_eager", fullgraph=True)(*compiled_in)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    for g, w in zip(compiled_in, eager_in):
+        torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------------------------------
+# determinism and multi-block reductions
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_grad_norm_and_accumulate_stat_are_bitwise_deterministic(norm_type):
+    ts = [_rand(n, seed=20 + n, scale=3.0) for n in (278011, 7, 70001)]
+    first = T.grad_norm(ts, norm_type)
+    for _ in range(3):
+        assert torch.equal(T.grad_norm(ts, norm_type), first)
+    grad = _rand(278011, torch.float16, seed=21)
+    stats = []
+    for _ in range(3):
+        acc = ts[0].clone()
+        stats.append(T.accumulate_(acc, grad, 0.5, norm_type=norm_type))
+    assert all(torch.equal(s, stats[0]) for s in stats)
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """Many blocks and more partials than the finishing program's block, so the
+    second stage's loop runs several times (on a GPU the real table stays)."""
+    if T._INTERPRETED:
+        monkeypatch.setattr(T, "_INTERPRET_BLOCK", 64)
+        monkeypatch.setattr(T, "_INTERPRET_FINISH_BLOCK", 16)
+    else:
+        cfg = dict(T._GPU_CONFIG, accumulate=(64, 1), norm=(64, 1), finish=(16, 1))
+        monkeypatch.setattr(T, "_GPU_CONFIG", cfg)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_reductions_over_many_blocks(tiny_blocks, norm_type):
+    ts = [_rand(n, seed=30 + i, scale=2.0) for i, n in enumerate((5000, 63, 0, 1, 129))]
+    torch.testing.assert_close(T.grad_norm(ts, norm_type), reference.grad_norm(ts, norm_type),
+                               rtol=1e-5, atol=1e-6)
+    grad = _rand(5000, torch.bfloat16, seed=40)
+    want_acc, got_acc = ts[0].clone(), ts[0].clone()
+    want = reference.accumulate_(want_acc, grad, -0.3, norm_type=norm_type)
+    got = T.accumulate_(got_acc, grad, -0.3, norm_type=norm_type)
+    torch.testing.assert_close(got_acc, want_acc, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # NaN in a late block, larger values (inf) in an earlier one: still NaN
+    bad = ts[0].clone()
+    bad[100] = math.inf
+    bad[4900] = math.nan
+    assert torch.isnan(T.grad_norm([bad], norm_type))
+    assert torch.isnan(T.accumulate_(bad.clone(), torch.zeros_like(bad), norm_type=norm_type))
+
+
+# ---------------------------------------------------------------------------------------
+# int64 offsets
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _offsets_probe_kernel(out_ptr, first_pid, BLOCK: tl.constexpr):
+    offs = T._block_offsets(tl.program_id(0) + first_pid, BLOCK)
+    tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), offs)
+
+
+def test_block_offsets_do_not_overflow_int32():
+    """The offsets every kernel uses, for programs whose first element is past 2**31
+    (pid * BLOCK would wrap in int32), without allocating 8 GiB."""
+    block = 256
+    first_pid = (2**31 // block) - 1  # the second program starts exactly at 2**31
+    out = torch.empty(2 * block, dtype=torch.int64, device=DEV)
+    _offsets_probe_kernel[(2,)](out, first_pid, BLOCK=block)
+    want = torch.arange(first_pid * block, (first_pid + 2) * block, dtype=torch.int64)
+    assert torch.equal(out.cpu(), want)
+    assert out.max().item() > 2**31
+
+
+def test_every_kernel_indexes_through_int64_offsets():
+    """No kernel forms offsets from the int32 program id by itself."""
+    kernels = [v for k, v in vars(T).items() if k.startswith("_") and k.endswith("_kernel")]
+    assert len(kernels) >= 5
+    for kernel in kernels:
+        fn = getattr(kernel, "fn", kernel)
+        src = inspect.getsource(fn)
+        if "program_id" in src:
+            assert "_block_offsets(" in src, fn.__name__
+        assert "* BLOCK" not in src, f"{fn.__name__} multiplies by BLOCK outside _block_offsets"
+    assert ".to(tl.int64) * BLOCK" in inspect.getsource(getattr(T._block_offsets, "fn",
+                                                                T._block_offsets))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with ~14 GB free")
+def test_accumulate_past_2_pow_31_elements_on_gpu():
+    n = 2**31 + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < n * 6 + (1 << 30):
+        pytest.skip("not enough free GPU memory")
+    acc = torch.zeros(n, device="cuda")
+    grad = torch.ones(n, dtype=torch.float16, device="cuda")
+    grad[-5:] = 3.0
+    stat = T.accumulate_(acc, grad, 2.0, norm_type=math.inf)
+    assert acc[-5:].eq(6.0).all() and acc[-6].item() == 2.0 and acc[0].item() == 2.0
+    assert stat.item() == 6.0
+    del acc, grad
+
+
+# ---------------------------------------------------------------------------------------
+# fp16 / bf16 rounding: identical to torch's .to(dtype), round to nearest even
+# ---------------------------------------------------------------------------------------
+
+
+def _edge_fp32_values():
+    bits = [
+        0x00000000, 0x80000000, 0x7F800000, 0xFF800000,  # +-0, +-inf
+        0x00000001, 0x00008000, 0x00018000, 0x00008001, 0x00007FFF, 0x007FFFFF, 0x00800000,
+        0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF,  # bf16 ties / near ties around 1
+        0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF, 0xFF7F8000,  # bf16 overflow to inf
+        0x477FE000, 0x477FEFFF, 0x477FF000, 0x477FFFFF,  # fp16: 65504, near 65520 (tie)
+        0x33800000, 0x33000000, 0x33400000, 0x33C00000, 0x38800000, 0x387FE000,  # fp16 subn.
+        0x387FF000, 0x3F801000, 0x3F803000, 0xB3400000, 0xC77FF000,
+    ]
+    g = torch.Generator().manual_seed(0)
+    rand_bits = torch.randint(-(2**31), 2**31, (50000,), generator=g, dtype=torch.int64)
+    small = torch.randint(0, 2**31, (20000,), generator=g, dtype=torch.int64) & 0x387FFFFF
+    all_bits = torch.cat([torch.tensor(bits, dtype=torch.int64), rand_bits, small])
+    all_bits = torch.where(all_bits >= 2**31, all_bits - 2**32, all_bits)
+    return all_bits.to(torch.int32).view(torch.float32)
+
+
+def _assert_same_bits(got, want):
+    gnan, wnan = torch.isnan(got.float()), torch.isnan(want.float())
+    assert torch.equal(gnan, wnan)
+    keep = ~wnan
+    bad = (got[keep].view(torch.int16) != want[keep].view(torch.int16)).nonzero()
+    assert bad.numel() == 0, (
+        f"{bad.numel()} mismatches, e.g. {want.float()[keep][bad[:5, 0]].tolist()} -> "
+        f"{got[keep][bad[:5, 0]].float().tolist()} (want "
+        f"{want[keep][bad[:5, 0]].float().tolist()})")
+
+
+def _sgd_copy(param, out=None):
+    """lr=0, zero gradient: the param is rewritten unchanged and model_out gets it."""
+    n = param.numel()
+    T.sgd_step_(param, torch.zeros(n, device=DEV), None, out, grad_mult=_scalar(1.0),
+                found_inf=_scalar(0.0), lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                nesterov=False, maximize=False, first_step=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_out_rounding_matches_torch_on_edge_values(dtype):
+    x = _edge_fp32_values().to(DEV)
+    out = torch.empty(x.numel(), dtype=dtype, device=DEV)
+    _sgd_copy(x.clone(), out)
+    _assert_same_bits(out.cpu(), x.cpu().to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_params_round_trip_every_bit_pattern(dtype):
+    """Loading a half param to fp32 and storing it back is exact for all 65536 patterns
+    (subnormals included: the interpreter's own bf16 conversion gets those wrong)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    param = bits.view(dtype).to(DEV)
+    got = param.clone()
+    _sgd_copy(got)
+    _assert_same_bits(got.cpu(), param.cpu())
+    # and the fp32 values seen by the kernel are torch's: accumulate a bf16/fp16 grad
+    acc = torch.zeros(param.numel(), device=DEV)
+    T.accumulate_(acc, param, 1.0)
+    want = param.float()
+    assert torch.equal(torch.isnan(acc), torch.isnan(want))
+    assert torch.equal(acc[~torch.isnan(want)], want[~torch.isnan(want)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adamw_half_param_update_rounds_like_torch(dtype):
+    """A half param updated in place equals the fp32 update rounded by torch."""
+    n = 4099
+    param = _rand(n, dtype, seed=50)
+    master = param.float()
+    acc = _rand(n, seed=51)
+    m, v = torch.zeros(n, device=DEV), torch.zeros(n, device=DEV)
+    kw = dict(grad_mult=_scalar(1.0), found_inf=_scalar(0.0), lr=1e-2, beta1=0.9, beta2=0.999,
+              eps=1e-8, weight_decay=0.0, step=1)
+    T.adamw_step_(master, acc.clone(), m.clone(), v.clone(), **kw)
+    T.adamw_step_(param, acc.clone(), m.clone(), v.clone(), **kw)
+    mismatch = (param != master.to(dtype)).sum().item()
+    # fp32 results may differ from the reference by an ulp, which can flip a rounding
+    assert mismatch <= n // 1000, mismatch
+
+
+# ---------------------------------------------------------------------------------------
+# empty tensors, non-finite values, found-inf, scalar arguments
+# ---------------------------------------------------------------------------------------
+
+
+def test_empty_tensors():
+    e = torch.empty(0, device=DEV)
+    assert T.accumulate_(e, torch.empty(0, dtype=torch.float16, device=DEV), 2.0) is None
+    for norm_type in (2.0, math.inf):
+        stat = T.accumulate_(e, torch.empty(0, device=DEV), norm_type=norm_type)
+        assert stat.shape == () and stat.item() == 0.0
+        assert T.grad_norm([e, e], norm_type).item() == 0.0
+    T.adamw_step_(e, e.clone(), e.clone(), e.clone(), e.clone(),
+                  torch.empty(0, dtype=torch.bfloat16, device=DEV), grad_mult=_scalar(1.0),
+                  found_inf=_scalar(0.0), lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
+                  weight_decay=0.1, step=1, amsgrad=True)
+    T.sgd_step_(e, e.clone(), e.clone(), None, grad_mult=_scalar(1.0), found_inf=_scalar(0.0),
+                lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False, first_step=True)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_grad_norm_nonfinite_in_any_tensor(norm_type):
+    ts = [_rand(n, seed=60 + n) for n in (100, 70000, 3)]
+    ts[2][1] = -math.inf
+    assert T.grad_norm(ts, norm_type).item() == math.inf
+    ts[1][69999] = math.nan
+    assert torch.isnan(T.grad_norm(ts, norm_type))
+
+
+def test_huge_finite_values_overflow_like_the_reference():
+    t = torch.full((10,), 3e38, device=DEV)
+    assert T.grad_norm([t], 2.0).item() == reference.grad_norm([t], 2.0).item() == math.inf
+    assert T.grad_norm([t], math.inf).item() == pytest.approx(3e38)
+
+
+@pytest.mark.parametrize("found_inf", [1.0, math.nan, math.inf, -2.0])
+def test_found_inf_any_nonzero_value_skips(found_inf):
+    n = 1000
+    param, acc, buf = _rand(n, seed=70), _rand(n, seed=71), _rand(n, seed=72)
+    out = torch.full((n,), math.nan, dtype=torch.bfloat16, device=DEV)
+    p0, b0 = param.clone(), buf.clone()
+    T.sgd_step_(param, acc, buf, out, grad_mult=_scalar(1.0), found_inf=_scalar(found_inf),
+                lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False, first_step=False)
+    assert torch.equal(param, p0) and torch.equal(buf, b0) and torch.isnan(out.float()).all()
+    assert torch.count_nonzero(acc) == 0
+
+
+def test_keep_acc_when_zero_acc_false():
+    n = 1000
+    param, acc = _rand(n, seed=73), _rand(n, seed=74)
+    a0 = acc.clone()
+    for skip in (0.0, 1.0):
+        T.sgd_step_(param, acc, None, None, grad_mult=_scalar(1.0), found_inf=_scalar(skip),
+                    lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                    maximize=False, first_step=False, zero_acc=False)
+        assert torch.equal(acc, a0)
+
+
+def test_scalar_arguments_as_numbers_or_one_element_tensors():
+    """GradScaler-style found_inf of shape [1]; plain-number grad_mult."""
+    n = 777
+    param, acc = _rand(n, seed=80), _rand(n, seed=81)
+    m, v = torch.zeros(n, device=DEV), torch.zeros(n, device=DEV)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=1)
+    want = [param.clone(), acc.clone(), m.clone(), v.clone()]
+    reference.adamw_step_(*want, grad_mult=_scalar(0.5), found_inf=_scalar(0.0), **kw)
+    got = [param.clone(), acc.clone(), m.clone(), v.clone()]
+    T.adamw_step_(*got, grad_mult=0.5, found_inf=torch.zeros(1, device=DEV), **kw)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one-element"):
+        T.adamw_step_(*got, grad_mult=torch.ones(2, device=DEV), found_inf=0.0, **kw)
+
+
+@pytest.mark.parametrize("beta1,step", [(0.3, 1), (0.0, 5), (0.5, 2), (0.95, 100)])
+def test_adamw_both_lerp_formulas_match_reference(beta1, step):
+    """torch's lerp switches formula at weight 0.5 (weight = 1 - beta1)."""
+    n = 3001
+    param, acc = _rand(n, seed=95), _rand(n, seed=96, scale=2.0)
+    m, v, vmax = (_rand(n, seed=97 + i).abs() for i in range(3))
+    kw = dict(grad_mult=_scalar(0.3), found_inf=_scalar(0.0), lr=3e-3, beta1=beta1,
+              beta2=0.98, eps=1e-6, weight_decay=0.02, step=step, amsgrad=True)
+    want = [t.clone() for t in (param, acc, m, v, vmax)]
+    reference.adamw_step_(*want, **kw)
+    got = [t.clone() for t in (param, acc, m, v, vmax)]
+    T.adamw_step_(*got, **kw)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_mutated_tensors_bump_their_version_counter():
+    """The wrapper detects in-place changes of accumulators through ``_version``."""
+    acc, grad = _rand(100, seed=98), _rand(100, torch.float16, seed=99)
+    v0 = acc._version
+    T.accumulate_(acc, grad)
+    T.accumulate_(acc, grad, norm_type=2.0)
+    assert acc._version > v0
+    param = _rand(100, seed=100)
+    p0 = param._version
+    _sgd_copy(param)
+    assert param._version > p0
+
+
+def test_bad_norm_type_fails_before_acc_changes():
+    acc = _rand(10, seed=90)
+    a0 = acc.clone()
+    with pytest.raises(ValueError, match="norm_type"):
+        T.accumulate_(acc, torch.ones(10, device=DEV), norm_type=1.0)
+    assert torch.equal(acc, a0)
+    with pytest.raises(ValueError, match="norm_type"):
+        T.grad_norm([acc], 3.0)
+
+
+# ---------------------------------------------------------------------------------------
+# where it runs, and why not
+# ---------------------------------------------------------------------------------------
+
+
+def test_unavailable_reason_here():
+    assert T.unavailable_reason("triton", None) is None
+    assert T.unavailable_reason("triton", torch.device(DEV)) is None
+    assert ops.unavailable_reason("triton", DEV) is None
+    why = T.unavailable_reason("triton", torch.device("meta"))
+    assert isinstance(why, str) and "meta" in why
+
+
+def _run_python(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_module_imports_without_triton():
+    res = _run_python("""
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        sys.modules["triton.language"] = None
+        import torch
+        from fusedaccum.ops import triton as T
+        why = T.unavailable_reason("triton", None)
+        assert "triton is not installed" in why, why
+        assert T.unavailable_reason("triton", torch.device("cpu")) == why
+        import fusedaccum
+        assert "triton is not installed" in fusedaccum.available_backends()["triton"]
+        try:
+            fusedaccum.ops.accumulate_(torch.zeros(3), torch.zeros(3), backend="triton")
+        except RuntimeError as exc:
+            assert "triton is not installed" in str(exc)
+        else:
+            raise AssertionError("expected RuntimeError")
+        print("ok")
+    """)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_without_interpreter_and_gpu_says_how_to_run():
+    res = _run_python("""
+        import os, torch
+        from fusedaccum.ops import triton as T
+        why = T.unavailable_reason("triton", None)
+        assert "TRITON_INTERPRET=1" in why and "no CUDA device" in why, why
+        assert "TRITON_INTERPRET=1" in T.unavailable_reason("triton", torch.device("cpu"))
+        os.environ["TRITON_INTERPRET"] = "1"  # too late: triton read it at import
+        assert "was not when" in T.unavailable_reason("triton", torch.device("cpu"))
+        print("ok")
+    """)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
