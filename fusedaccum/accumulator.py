@@ -793,9 +793,15 @@ class FusedAccumulator(torch.optim.Optimizer):
         if self._kind is None:
             # generic path: the inner optimizer keeps its own state; only re-key it
             for b, i in self._index_map().values():
+                t = b.stepped[i]
                 st = self.inner.state.pop(b.params[i], None)
-                if st is not None and b.stepped[i] is not b.params[i]:
-                    self.inner.state[b.stepped[i]] = st
+                if st is not None and t is not b.params[i]:
+                    # state made for the half param (Adagrad makes it in __init__) now
+                    # belongs to its fp32 master: never keep it in half precision
+                    self.inner.state[t] = {
+                        k: v.to(torch.float32) if isinstance(v, torch.Tensor)
+                        and v.is_floating_point() and v.shape == t.shape else v
+                        for k, v in st.items()}
             return
         state_keys = (*_ADAM_KEYS, "momentum_buffer")
         for idx, (b, i) in self._index_map().items():
