@@ -1,0 +1,1061 @@
+"""FusedAccumulator against plain torch.optim on the equivalent large batch.
+
+DESIGN.md sections 1 and 2: managed windows, the tutorial loop, every optimizer,
+token-weighted windows, half params with master weights, non-finite windows,
+grad_norm, LR schedulers, adaptive windows, counters, zero_grad, deepcopy, param
+groups, frozen/unused/zero-size/non-contiguous params and ownership.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from _models import (
+    ALL_DTYPES,
+    DEVICES,
+    HALF_DTYPES,
+    HALF_TOL,
+    INF,
+    MASTER_TOL,
+    NAN,
+    OPTIMIZERS,
+    OUT,
+    MasterEmulation,
+    adamw,
+    assert_params_close,
+    assert_states_close,
+    assert_unchanged,
+    big_batch_update,
+    group_tensors,
+    main_grad_is_clear,
+    make_batches,
+    make_model,
+    make_windows,
+    mse,
+    poison,
+    reference_big_batch,
+    run_managed,
+    snapshot,
+    sum_loss,
+    wrap,
+)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def _changed(model, seed=0, dtype=torch.float32, device="cpu", cls=None):
+    """True iff training moved every param (guards against tests passing on a no-op)."""
+    kwargs = {} if cls is None else {"cls": cls}
+    init = make_model(seed, dtype=dtype, device=device, **kwargs)
+    return all(not torch.equal(a, b) for a, b in zip(model.parameters(), init.parameters()))
+
+
+# ----------------------------------------------------------------------------- basics
+
+
+def test_is_an_optimizer_sharing_the_inner_structures(device):
+    model = make_model(device=device)
+    inner = adamw(model.parameters())
+    opt = wrap(inner)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups
+    assert opt.state is inner.state
+    assert opt.defaults is inner.defaults
+    # fp32 params: the groups hold the params themselves (no masters needed)
+    assert all(a is b for a, b in zip(group_tensors(opt), model.parameters()))
+    assert opt.micro_step == 0 and opt.accumulation_boundary  # default k=1
+    assert opt.update_count == 0 and opt.skipped_steps == 0 and not opt.stepped
+
+
+def test_master_weights_true_keeps_fp32_params_in_the_groups(device):
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=2, master_weights=True)
+    assert all(a is b for a, b in zip(group_tensors(opt), model.parameters()))
+    windows = make_windows(2, 2, device=device)
+    run_managed(model, opt, windows)
+    ref = make_model(device=device)
+    reference_big_batch(ref, adamw, windows)
+    assert_params_close(model, ref)
+
+
+# ------------------------------------------------------------------ managed windows
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+def test_managed_window_equals_big_batch(device, k, clip, opt_name):
+    make_opt = OPTIMIZERS[opt_name]
+    windows = make_windows(3, k, device=device)
+    model = make_model(device=device)
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=k, max_grad_norm=clip)
+    norms = run_managed(model, opt, windows)
+
+    ref = make_model(device=device)
+    ref_opt, ref_norms = reference_big_batch(ref, make_opt, windows, max_grad_norm=clip)
+    if clip is not None:
+        assert all(float(n) > 2 * clip for n in ref_norms)  # clipping really happened
+    assert opt.update_count == 3 and opt.skipped_steps == 0
+    assert len(norms) == 3
+    for got, want in zip(norms, ref_norms):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+    assert _changed(model, device=device)
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+def test_tutorial_loop_with_default_accumulation_steps(device, opt_name):
+    """Loss / k by the user, clip_grad_norm_ on model.parameters(), step every k-th."""
+    k, clip = 4, 0.05
+    make_opt = OPTIMIZERS[opt_name]
+    micro = make_batches(3 * k, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(make_opt(model.parameters()))  # accumulation_steps=1 (default)
+    ref_opt = make_opt(ref.parameters())
+    norms, ref_norms = [], []
+    for i, (x, y) in enumerate(micro):
+        for m in (model, ref):
+            (mse(m(x), y) / k).backward()
+        assert opt.accumulation_boundary and opt.micro_step == 0
+        if (i + 1) % k == 0:
+            ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip))
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            opt.step()
+            ref_opt.step()
+            assert opt.stepped
+            # the user clipped the window's gradient in place: its norm is now clip
+            torch.testing.assert_close(float(opt.grad_norm), clip, rtol=1e-4, atol=0)
+            opt.zero_grad()
+            ref_opt.zero_grad()
+    assert all(float(n) > 2 * clip for n in ref_norms)
+    for got, want in zip(norms, ref_norms):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert opt.update_count == 3
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_tutorial_loop_half_params_clip_through_max_grad_norm(device, dtype):
+    k, clip = 3, 0.05
+    micro = make_batches(2 * k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    opt = wrap(adamw(model.parameters()), max_grad_norm=clip)
+    for i, (x, y) in enumerate(micro):
+        (mse(model(x), y) / k).backward()
+        emu.backward(mse(emu.model(x), y) / k)
+        if (i + 1) % k == 0:
+            opt.step()
+            opt.zero_grad()
+            norm, applied = emu.step(1.0, max_grad_norm=clip)
+            assert applied and opt.stepped and float(norm) > 2 * clip
+            torch.testing.assert_close(opt.grad_norm, norm, rtol=1e-5, atol=1e-6)
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+# ------------------------------------------------------------------------ optimizers
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_every_optimizer_equals_plain_torch(device, opt_name):
+    make_opt = OPTIMIZERS[opt_name]
+    windows = make_windows(3, 3, device=device)
+    model = make_model(device=device)
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=3)
+    run_managed(model, opt, windows)
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, make_opt, windows)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+    assert _changed(model, device=device)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd_nesterov", "adam_amsgrad", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_optimizers_on_half_params_equal_master_emulation(device, opt_name, dtype):
+    make_opt = OPTIMIZERS[opt_name]
+    k = 2
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=k)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), make_opt)
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            opt.step()
+            opt.zero_grad()
+        emu.step(k)
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+# ---------------------------------------------------------------- token-weighted windows
+
+
+@pytest.mark.parametrize("mode", ["every_call", "boundary_only", "others_differ"])
+def test_token_weighted_windows(device, mode):
+    sizes = [[2, 5, 3], [4, 1, 6], [3, 3, 2]]
+    flat = make_batches(9, sizes=[s for w in sizes for s in w], device=device)
+    windows = [flat[0:3], flat[3:6], flat[6:9]]
+    n_items = [sum(w) for w in sizes]
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=3, max_grad_norm=0.5)
+    norms = []
+    for w, window in enumerate(windows):
+        for i, (x, y) in enumerate(window):
+            sum_loss(model(x), y).backward()
+            last = i == len(window) - 1
+            if last or mode == "every_call":
+                opt.step(num_items=n_items[w])
+            elif mode == "boundary_only":
+                opt.step()
+            else:  # other calls only validate their value: it must not be used
+                opt.step(num_items=1000 + 7 * i)
+            opt.zero_grad()
+            assert opt.stepped == last
+        norms.append(opt.grad_norm.clone())
+    ref = make_model(device=device)
+    ref_opt, ref_norms = reference_big_batch(ref, adamw, windows, loss_fn=sum_loss,
+                                             num_items=n_items, max_grad_norm=0.5)
+    for got, want in zip(norms, ref_norms):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+# ------------------------------------------------------------------------ half params
+
+
+@pytest.mark.parametrize("master_weights", [None, True])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_params_with_master_weights(device, dtype, master_weights):
+    k, clip = 3, 0.5
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    params = list(model.parameters())
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=clip,
+               master_weights=master_weights)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    masters = group_tensors(opt)
+    assert len(masters) == len(params)
+    for m, p in zip(masters, params):
+        assert m is not p and m.dtype == torch.float32 and m.shape == p.shape
+        assert torch.equal(m, p.detach().float())
+    for w, window in enumerate(windows):
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            for j, (p, m) in enumerate(zip(params, masters)):
+                assert p.grad is None, f"param {j}: half grad kept after backward"
+                assert p.main_grad.dtype == torch.float32 and p.main_grad.shape == p.shape
+                # the master's .grad views the accumulator (what GradScaler sees)
+                assert m.grad is not None and m.grad.data_ptr() == p.main_grad.data_ptr()
+                if w == 0:  # same half params as the emulation: the plain fp32 sum
+                    torch.testing.assert_close(p.main_grad, emu.acc[j], rtol=1e-6, atol=1e-8)
+            opt.step()
+            opt.zero_grad()
+        norm, applied = emu.step(k, max_grad_norm=clip)
+        assert applied and opt.stepped
+        torch.testing.assert_close(opt.grad_norm, norm, rtol=1e-5, atol=1e-6)
+        for j, (p, m) in enumerate(zip(params, masters)):
+            assert torch.equal(p.detach(), m.detach().to(dtype)), f"param {j} != round(master)"
+        assert_params_close(masters, emu.masters, **MASTER_TOL)
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert _changed(model, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_params_without_master_weights(device, dtype):
+    k = 2
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    params = list(model.parameters())
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, master_weights=False)
+    # no master copy: the groups hold the half params themselves
+    assert all(a is b for a, b in zip(group_tensors(opt), params))
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw, master_weights=False)
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            for p in params:
+                assert p.grad is None
+                assert p.main_grad.dtype == torch.float32
+            opt.step()
+            opt.zero_grad()
+        emu.step(k)
+        assert opt.stepped
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert _changed(model, dtype=dtype, device=device)
+
+
+def test_fp32_grad_shares_storage_with_main_grad(device):
+    """p.grad views the accumulator: scaling it in place scales the window's gradient."""
+    k = 3
+    window = make_windows(1, k, device=device)[0]
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.05)
+    ref_opt = adamw(ref.parameters())
+    for i, (x, y) in enumerate(window):
+        mse(model(x), y).backward()
+        (mse(ref(x), y) / k).backward()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert p.grad is not None and p.main_grad.dtype == torch.float32
+            assert p.grad.data_ptr() == p.main_grad.data_ptr()
+            assert p.grad.untyped_storage().data_ptr() == p.main_grad.untyped_storage().data_ptr()
+            torch.testing.assert_close(p.main_grad / k, q.grad, rtol=1e-5, atol=1e-7)
+        if i == 0:
+            for p, q in zip(model.parameters(), ref.parameters()):
+                p.grad.mul_(2.0)
+                q.grad.mul_(2.0)
+                torch.testing.assert_close(p.main_grad / k, q.grad, rtol=1e-5, atol=1e-7)
+        opt.step()
+        opt.zero_grad()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    ref_opt.step()
+    assert opt.stepped
+    torch.testing.assert_close(opt.grad_norm, norm, rtol=1e-5, atol=1e-6)
+    assert_params_close(model, ref)
+
+
+# -------------------------------------------------------------------- non-finite windows
+
+
+@pytest.mark.parametrize("bad", [INF, NAN], ids=["inf", "nan"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("skip_at", [0, 1])
+def test_nonfinite_window_is_skipped(device, bad, dtype, skip_at):
+    k, clip = 3, 1.0
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    params = list(model.parameters())
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=clip)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for w, window in enumerate(windows):
+            for i, (x, y) in enumerate(window):
+                handle = params[2].register_hook(poison(bad)) if (w, i) == (skip_at, 1) else None
+                mse(model(x), y).backward()
+                if handle is not None:
+                    handle.remove()
+                if w != skip_at:
+                    emu.backward(mse(emu.model(x), y))
+                if i == k - 1 and w == skip_at:
+                    snap = snapshot(model, opt)
+                    before = opt.update_count
+                opt.step()
+                opt.zero_grad()
+            if w == skip_at:
+                assert not opt.stepped
+                assert opt.skipped_steps == 1 and opt.update_count == before
+                assert not bool(torch.isfinite(opt.grad_norm))
+                assert_unchanged(snap, model, opt)
+                for j, p in enumerate(params):
+                    assert main_grad_is_clear(p), f"param {j}: skipped window not discarded"
+            else:
+                assert opt.stepped
+                emu.step(k, max_grad_norm=clip)
+    runtime = [c for c in caught if issubclass(c.category, RuntimeWarning)]
+    assert len(runtime) == 1, [str(c.message) for c in runtime]
+    assert opt.update_count == 2 and opt.skipped_steps == 1
+    if dtype == torch.float32:
+        ref = make_model(device=device)
+        clean = [win for w, win in enumerate(windows) if w != skip_at]
+        ref_opt, _ = reference_big_batch(ref, adamw, clean, max_grad_norm=clip)
+        assert_params_close(model, ref)
+        assert_states_close(opt, ref_opt)
+    else:
+        assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+        assert_states_close(opt, emu.opt, **MASTER_TOL)
+        assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+def test_runtime_warning_once_per_wrapper(device):
+    x, y = make_batches(1, device=device)[0]
+    count = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # two wrappers, two skipped windows each
+            model = make_model(device=device)
+            opt = wrap(adamw(model.parameters()))
+            for _ in range(2):
+                handle = model.fc1.weight.register_hook(poison(INF))
+                mse(model(x), y).backward()
+                handle.remove()
+                opt.step()
+                opt.zero_grad()
+                assert not opt.stepped
+            assert opt.skipped_steps == 2
+            count.append(sum(issubclass(c.category, RuntimeWarning) for c in caught))
+    assert count == [1, 2]
+
+
+# ------------------------------------------------------------------------- grad_norm
+
+
+@pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_grad_norm_attribute(device, norm_type, clip):
+    k = 3
+    windows = make_windows(3, k, device=device)
+    model = make_model(device=device)
+    make_opt = OPTIMIZERS["sgd_momentum"]
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=k, max_grad_norm=clip,
+               norm_type=norm_type)
+    norms = run_managed(model, opt, windows)
+    g = opt.grad_norm
+    assert isinstance(g, torch.Tensor) and g.dim() == 0 and g.dtype == torch.float32
+    assert g.device.type == torch.device(device).type
+    ref = make_model(device=device)
+    ref_opt, ref_norms = reference_big_batch(ref, make_opt, windows, max_grad_norm=clip,
+                                             norm_type=norm_type)
+    if clip is not None:
+        assert all(float(n) > 2 * clip for n in ref_norms)
+    for got, want in zip(norms, ref_norms):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-7)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+# ---------------------------------------------------------------------- LR schedulers
+
+SCHEDULERS = {
+    "steplr": (adamw, lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)),
+    "onecycle": (adamw, lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=0.05, total_steps=6)),
+    "tensor_lr": (lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(0.01), weight_decay=0.1),
+                  lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_lr_schedulers_stepped_on_updates(device, name):
+    make_opt, make_sched = SCHEDULERS[name]
+    k = 2
+    windows = make_windows(5, k, device=device)
+    model = make_model(device=device)
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=k, max_grad_norm=1.0)
+    sched = make_sched(opt)
+    run_managed(model, opt, windows, sched=sched)
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, make_opt, windows, max_grad_norm=1.0,
+                                     make_sched=make_sched)
+    for g, rg in zip(opt.param_groups, ref_opt.param_groups):
+        assert float(g["lr"]) == pytest.approx(float(rg["lr"]), rel=1e-6)
+        assert tuple(g["betas"]) == pytest.approx(tuple(rg["betas"]), rel=1e-6)
+    if name == "tensor_lr":
+        assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+# -------------------------------------------------------------- adaptive accumulation
+
+
+def test_adaptive_accumulation_steps(device):
+    seen = []
+
+    def steps(n):
+        seen.append(n)
+        return 1 if n < 2 else 3
+
+    sizes = [1, 1, 3, 3]
+    flat = make_batches(sum(sizes), device=device)
+    windows, at = [], 0
+    for s in sizes:
+        windows.append(flat[at:at + s])
+        at += s
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=steps)
+    for w, window in enumerate(windows):
+        for i, (x, y) in enumerate(window):
+            assert opt.micro_step == i, (w, i)
+            assert opt.accumulation_boundary == (i == len(window) - 1), (w, i)
+            mse(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            assert opt.stepped == (i == len(window) - 1)
+        assert opt.update_count == w + 1
+    assert seen == sorted(seen) and {0, 1, 2, 3} <= set(seen) <= {0, 1, 2, 3, 4}
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, adamw, windows)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+def test_adaptive_accumulation_counts_skipped_windows(device):
+    # window 0 (k=1) is skipped; it still counts as ended, so window 1 has k=2
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=lambda n: 2 if n == 1 else 1)
+    micro = make_batches(4, device=device)
+    expected = [(0, True), (0, False), (1, True), (0, True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t, (x, y) in enumerate(micro):
+            assert (opt.micro_step, opt.accumulation_boundary) == expected[t], t
+            handle = model.fc2.bias.register_hook(poison(NAN)) if t == 0 else None
+            mse(model(x), y).backward()
+            if handle is not None:
+                handle.remove()
+            opt.step()
+            opt.zero_grad()
+    assert opt.skipped_steps == 1 and opt.update_count == 2
+    ref = make_model(device=device)
+    reference_big_batch(ref, adamw, [micro[1:3], micro[3:4]])
+    assert_params_close(model, ref)
+
+
+# ---------------------------------------------------------------- counters and reset
+
+
+def test_counters_along_a_run_and_reset_accumulation(device):
+    k = 3
+    micro = make_batches(8, device=device)
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    assert (opt.micro_step, opt.accumulation_boundary, opt.stepped) == (0, False, False)
+    assert (opt.update_count, opt.skipped_steps) == (0, 0)
+    expected = [  # after each step(): micro_step, boundary, stepped, update_count
+        (1, False, False, 0), (2, True, False, 0), (0, False, True, 1),
+        (1, False, False, 1), (2, True, False, 1),
+    ]
+    for t in range(5):
+        x, y = micro[t]
+        mse(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        got = (opt.micro_step, opt.accumulation_boundary, opt.stepped, opt.update_count)
+        assert got == expected[t], t
+    assert opt.skipped_steps == 0
+    snap = snapshot(model, opt)
+    opt.reset_accumulation()  # drops micro-batches 3 and 4
+    assert (opt.micro_step, opt.accumulation_boundary, opt.update_count) == (0, False, 1)
+    assert_unchanged(snap, model, opt)
+    for j, p in enumerate(model.parameters()):
+        assert main_grad_is_clear(p), f"param {j}: partial window not dropped"
+    for t in range(5, 8):
+        x, y = micro[t]
+        mse(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.stepped and opt.update_count == 2 and opt.micro_step == 0
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, adamw, [micro[0:3], micro[5:8]])
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+# ------------------------------------------------------------------------- zero_grad
+
+
+@pytest.mark.parametrize("how", ["model", "opt_set_to_none", "opt_zero"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_zero_grad_mid_window_keeps_the_window(device, how, dtype):
+    k = 3
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+
+    def clear():
+        if how == "model":
+            model.zero_grad()
+        else:
+            opt.zero_grad(set_to_none=how == "opt_set_to_none")
+
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            before = [p.main_grad.clone() for p in model.parameters()]
+            clear()  # between backward and step, the boundary's included
+            for p, b in zip(model.parameters(), before):
+                assert torch.equal(p.main_grad, b)
+                if how != "opt_zero":
+                    assert p.grad is None
+                else:
+                    assert p.grad is None or int(torch.count_nonzero(p.grad)) == 0
+            opt.step()
+            clear()
+        assert opt.stepped
+        emu.step(k)
+    if dtype == torch.float32:
+        ref = make_model(device=device)
+        ref_opt, _ = reference_big_batch(ref, adamw, windows)
+        assert_params_close(model, ref)
+        assert_states_close(opt, ref_opt)
+    else:
+        assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+        assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+def test_model_zero_grad_set_to_none_false_drops_fp32_window(device):
+    """As in plain torch: zeroing p.grad in place zeroes the window it shares storage with."""
+    k = 2
+    (x0, y0), (x1, y1) = make_batches(2, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    ref_opt = adamw(ref.parameters())
+    mse(model(x0), y0).backward()
+    (mse(ref(x0), y0) / k).backward()
+    model.zero_grad(set_to_none=False)
+    ref.zero_grad(set_to_none=False)
+    for p in model.parameters():
+        assert int(torch.count_nonzero(p.main_grad)) == 0
+    opt.step()
+    mse(model(x1), y1).backward()
+    (mse(ref(x1), y1) / k).backward()
+    opt.step()
+    ref_opt.step()
+    assert opt.stepped
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_model_zero_grad_set_to_none_false_keeps_half_window(device, dtype):
+    """Half params hold no p.grad after backward: nothing for zero_grad to zero."""
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            model.zero_grad(set_to_none=False)
+            for p, a in zip(model.parameters(), emu.acc):
+                assert int(torch.count_nonzero(p.main_grad)) == int(torch.count_nonzero(a))
+            opt.step()
+        assert opt.stepped
+        emu.step(k)
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+def test_backward_with_create_graph_counts_each_gradient_once(device):
+    k = 2
+    windows = make_windows(2, k, device=device)
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: create_graph makes a cycle
+        for window in windows:
+            for x, y in window:
+                mse(model(x), y).backward(create_graph=True)
+                opt.step()
+                opt.zero_grad()
+            assert opt.stepped
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, adamw, windows, max_grad_norm=0.5)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+def test_per_group_hyperparameters(device):
+    k = 2
+    windows = make_windows(3, k, device=device)
+
+    def make_opt(_params, model=None):
+        return torch.optim.AdamW([
+            {"params": model.fc1.parameters(), "lr": 2e-2, "weight_decay": 0.3},
+            {"params": model.fc2.parameters(), "lr": 5e-3, "weight_decay": 0.0,
+             "betas": (0.8, 0.95)},
+        ])
+
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(make_opt(None, model), accumulation_steps=k, max_grad_norm=0.5)
+    run_managed(model, opt, windows)
+    ref_opt = make_opt(None, ref)
+    for window in windows:
+        big_batch_update(ref, ref_opt, window, max_grad_norm=0.5)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+# ------------------------------------------------------------------------- deepcopy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_deepcopy_of_wrapped_model_is_plain_and_independent(device, dtype):
+    k = 2
+    window = make_windows(1, k, dtype=dtype, device=device)[0]
+    extra_x, extra_y = make_batches(1, seed=9, dtype=dtype, device=device)[0]
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    x, y = window[0]
+    mse(model(x), y).backward()
+    emu.backward(mse(emu.model(x), y))
+    opt.step()
+    opt.zero_grad()
+
+    clone = copy.deepcopy(model)
+    held = [p.main_grad.clone() for p in model.parameters()]
+    plain = make_model(dtype=dtype, device=device)  # same values, never wrapped
+    mse(plain(extra_x), extra_y).backward()
+    for _ in range(2):
+        mse(clone(extra_x), extra_y).backward()
+    for p, q, c in zip(model.parameters(), plain.parameters(), clone.parameters()):
+        assert c.data_ptr() != p.data_ptr()
+        assert c.grad is not None and c.grad.dtype == dtype
+        # a plain model: backward accumulates into .grad, twice gives 2x
+        torch.testing.assert_close(c.grad.float(), 2 * q.grad.float(), rtol=1e-3, atol=1e-6)
+    for p, h in zip(model.parameters(), held):
+        assert torch.equal(p.main_grad, h)
+    assert opt.micro_step == 1
+
+    x, y = window[1]
+    mse(model(x), y).backward()
+    emu.backward(mse(emu.model(x), y))
+    opt.step()
+    assert opt.stepped
+    emu.step(k)
+    if dtype == torch.float32:
+        ref = make_model(device=device)
+        reference_big_batch(ref, adamw, [window])
+        assert_params_close(model, ref)
+    else:
+        assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    # the copy was not stepped
+    assert_params_close(clone, make_model(dtype=dtype, device=device), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------- param groups
+
+
+def test_add_param_group_trains_the_new_group(device):
+    k = 2
+    windows = make_windows(3, k, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    inner = adamw(model.fc1.parameters())
+    opt = wrap(inner, accumulation_steps=k, max_grad_norm=0.5)
+    ref_opt = adamw(ref.fc1.parameters())
+    fc2_before = [p.detach().clone() for p in model.fc2.parameters()]
+
+    run_managed(model, opt, windows[:1])
+    big_batch_update(ref, ref_opt, windows[0], max_grad_norm=0.5)
+    for p, b in zip(model.fc2.parameters(), fc2_before):
+        assert torch.equal(p.detach(), b)  # not in the optimizer yet
+    for m in (model, ref):
+        for p in m.fc2.parameters():
+            p.grad = None
+    opt.add_param_group({"params": list(model.fc2.parameters()), "lr": 5e-3})
+    ref_opt.add_param_group({"params": list(ref.fc2.parameters()), "lr": 5e-3})
+    assert opt.param_groups is inner.param_groups and len(opt.param_groups) == 2
+    assert opt.state is inner.state and opt.defaults is inner.defaults
+
+    run_managed(model, opt, windows[1:])
+    for window in windows[1:]:
+        big_batch_update(ref, ref_opt, window, max_grad_norm=0.5)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(model.fc2.parameters(),
+                                                                fc2_before))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_add_param_group_half_params_get_masters(device, dtype):
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.fc1.parameters()), accumulation_steps=k)
+    run_managed(model, opt, windows[:1])
+    for p in model.fc2.parameters():
+        p.grad = None
+    fc2 = list(model.fc2.parameters())
+    before = [p.detach().clone() for p in fc2]
+    opt.add_param_group({"params": fc2})
+    new = opt.param_groups[1]["params"]
+    assert len(new) == 2
+    for m, p in zip(new, fc2):
+        assert m is not p and m.dtype == torch.float32 and torch.equal(m, p.detach().float())
+    for x, y in windows[1]:
+        mse(model(x), y).backward()
+        for p in fc2:
+            assert p.grad is None
+        opt.step()
+        opt.zero_grad()
+    assert opt.stepped
+    for m, p, b in zip(new, fc2, before):
+        assert torch.equal(p.detach(), m.detach().to(dtype))
+        assert not torch.equal(p.detach(), b)
+        assert opt.state[m]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_frozen_and_unused_params_are_untouched(device, dtype):
+    class WithExtras(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_model()
+            self.frozen = nn.Parameter(torch.randn(OUT), requires_grad=False)
+            self.unused = nn.Parameter(torch.randn(OUT))
+
+        def forward(self, x):
+            return self.body(x) + self.frozen
+
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device, cls=WithExtras)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    stepped = dict(zip([id(p) for p in model.parameters()], group_tensors(opt)))
+    frozen0, unused0 = model.frozen.detach().clone(), model.unused.detach().clone()
+    for window in windows:
+        for i, (x, y) in enumerate(window):
+            mse(model(x), y).backward()
+            if i == k - 1:  # "whatever p.grad is at step()": not a gradient of the window
+                model.unused.grad = torch.ones_like(model.unused)
+            opt.step()
+            opt.zero_grad()
+        assert opt.stepped
+    assert torch.equal(model.frozen.detach(), frozen0)
+    assert torch.equal(model.unused.detach(), unused0)
+    for p in (model.frozen, model.unused):
+        key = stepped[id(p)]
+        assert torch.equal(key.detach(), p.detach().float().to(key.dtype))
+        assert not opt.state.get(key), "no optimizer state for a param without gradient"
+    for p in model.body.parameters():
+        assert opt.state[stepped[id(p)]], "trained params have state"
+    if dtype == torch.float32:
+        ref = make_model(device=device, cls=WithExtras)
+        reference_big_batch(ref, adamw, windows)
+        assert_params_close(model, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_zero_size_param(device, dtype):
+    class WithEmpty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_model()
+            self.empty = nn.Parameter(torch.zeros(0, OUT))
+
+        def forward(self, x):
+            return self.body(x) + self.empty.sum()
+
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device, cls=WithEmpty)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=1.0)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device, cls=WithEmpty), adamw)
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            assert model.empty.main_grad.shape == (0, OUT)
+            opt.step()
+            opt.zero_grad()
+        assert opt.stepped
+        emu.step(k, max_grad_norm=1.0)
+    assert model.empty.shape == (0, OUT)
+    if dtype == torch.float32:
+        ref = make_model(device=device, cls=WithEmpty)
+        ref_opt, _ = reference_big_batch(ref, adamw, windows, max_grad_norm=1.0)
+        assert_params_close(model, ref)
+        assert_states_close(opt, ref_opt)
+    else:
+        assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_non_contiguous_param(device, dtype):
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(OUT, 4).t())  # (4, OUT), strides (1, 4)
+            self.b = nn.Parameter(torch.randn(OUT))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.w + self.b)
+
+    k = 3
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device, cls=Transposed)
+    assert not model.w.is_contiguous()
+    w = model.w
+    opt = wrap(OPTIMIZERS["sgd_momentum"](model.parameters()), accumulation_steps=k)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device, cls=Transposed),
+                          OPTIMIZERS["sgd_momentum"])
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            assert model.w.main_grad.shape == (4, OUT)
+            opt.step()
+            opt.zero_grad()
+        emu.step(k)
+    assert model.w is w
+    if dtype == torch.float32:
+        ref = make_model(device=device, cls=Transposed)
+        ref_opt, _ = reference_big_batch(ref, OPTIMIZERS["sgd_momentum"], windows)
+        assert_params_close(model, ref)
+        assert_states_close(opt, ref_opt)
+    else:
+        assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert _changed(model, dtype=dtype, device=device, cls=Transposed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_params_whose_grads_skip_micro_batches(device, dtype):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_model()
+            self.head_b = nn.Linear(4, OUT)
+
+        def forward(self, x, use_b):
+            out = self.body(x)
+            return out + self.head_b(x) if use_b else out
+
+    k = 3
+    use = [[True, False, True], [False, False, False], [False, True, False]]
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device, cls=TwoHeads)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.3)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device, cls=TwoHeads), adamw)
+    ref = make_model(device=device, cls=TwoHeads)
+    ref_opt = adamw(ref.parameters())
+    for w, window in enumerate(windows):
+        head_before = [p.detach().clone() for p in model.head_b.parameters()]
+        for i, (x, y) in enumerate(window):
+            mse(model(x, use[w][i]), y).backward()
+            emu.backward(mse(emu.model(x, use[w][i]), y))
+            (mse(ref(x.float(), use[w][i]), y.float()) / k).backward()
+            opt.step()
+            opt.zero_grad()
+        assert opt.stepped
+        emu.step(k, max_grad_norm=0.3)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.3)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        if w == 1:  # head_b got no gradient in this window: untouched, no weight decay
+            for p, b in zip(model.head_b.parameters(), head_before):
+                assert torch.equal(p.detach(), b)
+    if dtype == torch.float32:
+        assert_params_close(model, ref)
+        assert_states_close(opt, ref_opt)
+        steps = [float(s["step"]) for s in (opt.state[p] for p in model.parameters())]
+        assert steps == [3.0, 3.0, 3.0, 3.0, 2.0, 2.0]  # step counts are per param
+    else:
+        assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+        assert_states_close(opt, emu.opt, **MASTER_TOL)
+        assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+# ------------------------------------------------------------------------- ownership
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_wrapping_again_moves_ownership(device, dtype):
+    windows = make_windows(2, 1, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    old = wrap(adamw(model.parameters()))
+    new = wrap(adamw(model.parameters()))
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    for window in windows:
+        x, y = window[0]
+        mse(model(x), y).backward()
+        emu.backward(mse(emu.model(x), y))
+        snap = snapshot(model, old)
+        old.step()  # its window got no gradient: it updates nothing
+        assert_unchanged(snap, model, old)
+        new.step()
+        new.zero_grad()
+        assert new.stepped
+        emu.step(1)
+    assert new.update_count == 2
+    if dtype == torch.float32:
+        ref = make_model(device=device)
+        reference_big_batch(ref, adamw, windows)
+        assert_params_close(model, ref)
+    else:
+        assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+# -------------------------------------------------------------------------- closure
+
+
+def test_step_closure_returns_its_loss_with_grad_enabled(device):
+    k = 2
+    windows = make_windows(2, k, device=device)
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    modes = []
+    for window in windows:
+        for x, y in window:
+            made = []
+
+            def closure(x=x, y=y, made=made):
+                modes.append(torch.is_grad_enabled())
+                loss = mse(model(x), y)
+                loss.backward()
+                made.append(loss)
+                return loss
+
+            with torch.no_grad():
+                ret = opt.step(closure)
+            assert ret is made[0]
+            opt.zero_grad()
+        assert opt.stepped
+    assert modes == [True] * 4
+    x, y = windows[0][0]
+    mse(model(x), y).backward()
+    assert opt.step() is None
+    opt.reset_accumulation()
+    ref = make_model(device=device)
+    reference_big_batch(ref, adamw, windows)
+    assert_params_close(model, ref)
+
+
+# ------------------------------------------------------------ single-rank process group
+
+
+@pytest.fixture
+def world():
+    import torch.distributed as dist
+
+    assert dist.is_available() and dist.is_gloo_available()
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "zero1"])
+def test_single_rank_process_group_equals_one_process(world, shard):
+    """N ranks with k micro-batches each = one process with N*k; here N = 1."""
+    k = 2
+    windows = make_windows(3, k)
+    model = make_model()
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.5,
+               process_group=world, shard_optimizer_state=shard)
+    norms = run_managed(model, opt, windows)
+    ref = make_model()
+    ref_opt, ref_norms = reference_big_batch(ref, adamw, windows, max_grad_norm=0.5)
+    for got, want in zip(norms, ref_norms):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_params_close(model, ref)
+    # state_dict() is the full state, loadable by a plain AdamW
+    sd = opt.state_dict()
+    plain = adamw([p.detach().clone() for p in ref.parameters()])
+    plain.load_state_dict({key: v for key, v in sd.items() if key != "fusedaccum"})
+    assert_states_close(plain, ref_opt)

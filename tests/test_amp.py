@@ -1,0 +1,340 @@
+"""Loss scaling: the wrapper's own (``loss_scale``) and ``torch.amp.GradScaler``.
+
+DESIGN.md section 2, "loss scaling" and "non-finite gradients".
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from _models import (
+    DEVICES,
+    HALF_DTYPES,
+    HALF_TOL,
+    INF,
+    MASTER_TOL,
+    MasterEmulation,
+    adamw,
+    as_float,
+    assert_params_close,
+    assert_states_close,
+    assert_unchanged,
+    group_tensors,
+    make_batches,
+    make_model,
+    make_windows,
+    mse,
+    poison,
+    reference_big_batch,
+    snapshot,
+    wrap,
+)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+# ------------------------------------------------------------------ wrapper loss scale
+
+
+def test_no_loss_scale_returns_loss_unchanged(device):
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()))
+    x, y = make_batches(1, device=device)[0]
+    loss = mse(model(x), y)
+    assert as_float(opt.loss_scale) == 1.0
+    scaled = opt.scale_loss(loss)
+    assert torch.equal(scaled, loss)
+    assert scaled.requires_grad
+
+
+def test_dynamic_scale_starts_at_2_16_and_multiplies(device):
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), loss_scale="dynamic")
+    x, y = make_batches(1, device=device)[0]
+    loss = mse(model(x), y)
+    assert as_float(opt.loss_scale) == 2.0**16
+    scaled = opt.scale_loss(loss)
+    assert scaled.requires_grad
+    torch.testing.assert_close(scaled.float().reshape(()), loss.detach() * 2.0**16,
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scale", ["dynamic", 1024.0])
+def test_loss_scale_equals_unscaled_training_fp32(device, scale):
+    k = 3
+    windows = make_windows(3, k, device=device)
+    a_model, b_model = make_model(device=device), make_model(device=device)
+    a = wrap(adamw(a_model.parameters()), accumulation_steps=k, max_grad_norm=0.5,
+             loss_scale=scale)
+    b = wrap(adamw(b_model.parameters()), accumulation_steps=k, max_grad_norm=0.5)
+    expected_scale = 2.0**16 if scale == "dynamic" else scale
+    for window in windows:
+        for x, y in window:
+            a.scale_loss(mse(a_model(x), y)).backward()
+            mse(b_model(x), y).backward()
+            # the accumulator holds the gradient of the scaled loss
+            for p, q in zip(a_model.parameters(), b_model.parameters()):
+                torch.testing.assert_close(p.main_grad, q.main_grad * expected_scale,
+                                           rtol=1e-6, atol=0)
+            a.step()
+            b.step()
+            a.zero_grad()
+            b.zero_grad()
+        assert a.stepped and b.stepped
+        torch.testing.assert_close(a.grad_norm, b.grad_norm, rtol=1e-6, atol=1e-8)
+    assert a.skipped_steps == 0 and as_float(a.loss_scale) == expected_scale
+    assert_params_close(a_model, b_model, rtol=1e-6, atol=1e-8)
+    assert_states_close(a, b, rtol=1e-6, atol=1e-8)
+    ref = make_model(device=device)
+    reference_big_batch(ref, adamw, windows, max_grad_norm=0.5)
+    assert_params_close(a_model, ref)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_dynamic_loss_scale_half_params_equals_emulation(device, dtype):
+    k = 2
+    windows = make_windows(3, k, dtype=dtype, device=device, x_scale=0.5, y_scale=0.2)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.5,
+               loss_scale="dynamic")
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    s = 2.0**16
+    for window in windows:
+        for x, y in window:
+            # loss computed in fp32 from half activations (the usual recipe)
+            opt.scale_loss(mse(model(x).float(), y.float())).backward()
+            emu.backward(mse(emu.model(x).float(), y.float()) * s)
+            opt.step()
+            opt.zero_grad()
+        norm, applied = emu.step(k, max_grad_norm=0.5, loss_scale=s)
+        assert applied and opt.stepped
+        torch.testing.assert_close(opt.grad_norm, norm, rtol=1e-5, atol=1e-7)
+    assert opt.skipped_steps == 0
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+def _tiny():
+    """A two-element model: the cheapest thing that has a gradient."""
+    p = nn.Parameter(torch.tensor([0.5, -0.25]))
+    c = torch.tensor([1.0, 2.0])
+    return p, c
+
+
+def test_dynamic_scale_halves_on_skip_and_doubles_after_2000_clean_updates():
+    p, c = _tiny()
+    opt = wrap(torch.optim.SGD([p], lr=1e-4), loss_scale="dynamic")
+
+    def clean(n):
+        for _ in range(n):
+            opt.scale_loss((p * c).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+
+    def skipped():
+        handle = p.register_hook(poison(INF))
+        opt.scale_loss((p * c).sum()).backward()
+        handle.remove()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step()
+        opt.zero_grad()
+        assert not opt.stepped
+
+    clean(1000)
+    assert as_float(opt.loss_scale) == 2.0**16
+    skipped()
+    assert as_float(opt.loss_scale) == 2.0**15 and opt.skipped_steps == 1
+    clean(1999)  # 2999 clean in all: no growth, the skip restarted the count
+    assert as_float(opt.loss_scale) == 2.0**15
+    clean(1)
+    assert as_float(opt.loss_scale) == 2.0**16
+    assert opt.update_count == 3000 and opt.skipped_steps == 1
+    # the scale never leaked into the update: plain SGD on the unscaled gradient
+    want = torch.tensor([0.5, -0.25])
+    for _ in range(3000):
+        want.add_(c, alpha=-1e-4)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_dynamic_scale_skip_discards_window_and_halves(device):
+    k = 2
+    windows = make_windows(3, k, device=device)
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, loss_scale="dynamic")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for w, window in enumerate(windows):
+            for i, (x, y) in enumerate(window):
+                handle = model.fc1.bias.register_hook(poison(INF)) if (w, i) == (1, 0) else None
+                opt.scale_loss(mse(model(x), y)).backward()
+                if handle is not None:
+                    handle.remove()
+                if w == 1 and i == k - 1:
+                    snap = snapshot(model, opt)
+                opt.step()
+                opt.zero_grad()
+            if w == 1:
+                assert not opt.stepped and opt.skipped_steps == 1
+                assert_unchanged(snap, model, opt)
+                assert as_float(opt.loss_scale) == 2.0**15
+            else:
+                assert opt.stepped
+    assert sum(issubclass(c.category, RuntimeWarning) for c in caught) == 1
+    ref = make_model(device=device)
+    reference_big_batch(ref, adamw, [windows[0], windows[2]])
+    assert_params_close(model, ref)
+
+
+def test_static_loss_scale_does_not_change_on_skip(device):
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), loss_scale=256.0)
+    x, y = make_batches(1, device=device)[0]
+    loss = mse(model(x), y)
+    assert as_float(opt.loss_scale) == 256.0
+    torch.testing.assert_close(opt.scale_loss(loss).float().reshape(()), loss.detach() * 256,
+                               rtol=1e-6, atol=0)
+    handle = model.fc2.weight.register_hook(poison(INF))
+    opt.scale_loss(loss).backward()
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step()
+    assert not opt.stepped and opt.skipped_steps == 1
+    assert as_float(opt.loss_scale) == 256.0
+
+
+# ----------------------------------------------------------------------- GradScaler
+
+
+def test_wrapper_declares_amp_scaling_support():
+    model = make_model()
+    opt = wrap(adamw(model.parameters()))
+    assert getattr(opt, "_step_supports_amp_scaling", False) is True
+
+
+@pytest.mark.parametrize("unscale_and_clip", [False, True], ids=["plain", "unscale_clip"])
+def test_gradscaler_fp32_params_documented_accumulation_pattern(device, unscale_and_clip):
+    k, clip, bad_window = 2, 0.05, 2
+    windows = make_windows(4, k, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(adamw(model.parameters()))  # accumulation_steps=1
+    ref_opt = adamw(ref.parameters())
+    scaler, ref_scaler = torch.amp.GradScaler(device), torch.amp.GradScaler(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for w, window in enumerate(windows):
+            for i, (x, y) in enumerate(window):
+                for m, s in ((model, scaler), (ref, ref_scaler)):
+                    loss = mse(m(x), y) / k
+                    bad = (w, i) == (bad_window, 1)
+                    handle = m.fc2.weight.register_hook(poison(INF)) if bad else None
+                    s.scale(loss).backward()
+                    if handle is not None:
+                        handle.remove()
+            scale_before = scaler.get_scale()
+            if w == bad_window:
+                snap = snapshot(model, opt)
+            for m, o, s in ((model, opt, scaler), (ref, ref_opt, ref_scaler)):
+                if unscale_and_clip:
+                    s.unscale_(o)
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+                s.step(o)
+                s.update()
+                o.zero_grad()
+            assert scaler.get_scale() == ref_scaler.get_scale()
+            if w == bad_window:
+                assert not opt.stepped and opt.skipped_steps == 1
+                assert scaler.get_scale() == scale_before / 2
+                assert_unchanged(snap, model, opt)
+            else:
+                assert opt.stepped
+    assert sum(issubclass(c.category, RuntimeWarning) for c in caught) == 1
+    assert opt.update_count == 3
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("unscale", [False, True], ids=["plain", "unscale"])
+def test_gradscaler_half_params(device, dtype, unscale):
+    k, clip, bad_window = 2, 0.05, 1
+    windows = make_windows(3, k, dtype=dtype, device=device, x_scale=0.5, y_scale=0.2)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), max_grad_norm=clip)  # half params clip here
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
+    emu_scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for w, window in enumerate(windows):
+            for i, (x, y) in enumerate(window):
+                bad = (w, i) == (bad_window, 0)
+                handle = model.fc1.weight.register_hook(poison(INF)) if bad else None
+                scaler.scale(mse(model(x).float(), y.float()) / k).backward()
+                if handle is not None:
+                    handle.remove()
+                handle = emu.params[0].register_hook(poison(INF)) if bad else None
+                emu.backward(emu_scaler.scale(mse(emu.model(x).float(), y.float()) / k))
+                if handle is not None:
+                    handle.remove()
+            if w == bad_window:
+                snap = snapshot(model, opt)
+            if unscale:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            live = emu.prepare()
+            emu_scaler.unscale_(emu.opt)
+            torch.nn.utils.clip_grad_norm_(live, clip)
+            emu_scaler.step(emu.opt)
+            emu_scaler.update()
+            emu.finish()
+            assert scaler.get_scale() == emu_scaler.get_scale()
+            if w == bad_window:
+                assert not opt.stepped and opt.skipped_steps == 1
+                assert scaler.get_scale() == 2.0**11
+                assert_unchanged(snap, model, opt)
+            else:
+                assert opt.stepped
+    assert opt.update_count == 2
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+def test_gradscaler_with_accumulation_steps_above_one_raises(device):
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+    scaler = torch.amp.GradScaler(device)
+    x, y = make_batches(1, device=device)[0]
+    scaler.scale(mse(model(x), y)).backward()
+    snap = snapshot(model, opt)
+    held = [p.main_grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError):
+        scaler.step(opt)
+    assert_unchanged(snap, model, opt)
+    assert opt.micro_step == 0 and not opt.stepped and opt.update_count == 0
+    for p, h in zip(model.parameters(), held):
+        assert torch.equal(p.main_grad, h)
+
+
+@pytest.mark.parametrize("own", ["dynamic", 128.0])
+def test_gradscaler_together_with_own_loss_scale_raises(device, own):
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), loss_scale=own)
+    scaler = torch.amp.GradScaler(device)
+    x, y = make_batches(1, device=device)[0]
+    scaler.scale(mse(model(x), y)).backward()
+    snap = snapshot(model, opt)
+    with pytest.raises(RuntimeError):
+        scaler.step(opt)
+    assert_unchanged(snap, model, opt)
+    assert opt.update_count == 0 and not opt.stepped

@@ -1,0 +1,223 @@
+"""Fast checks of the benchmark code itself (fusedaccum/bench.py).
+
+A benchmark that counts the wrong bytes, or whose peers run different math from the
+wrapper, reports meaningless numbers; these tests pin both, and that a --quick run on
+tiny sizes writes its reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+
+import pytest
+import torch
+
+from fusedaccum import bench as B
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+def test_bytes_per_element_match_design():
+    # DESIGN.md section 3/4 and the counts documented in bench/README.md
+    assert B.bytes_per_element("accumulate_", grad_dtype=torch.bfloat16) == 2 + 4 + 4
+    assert B.bytes_per_element("accumulate_", grad_dtype=torch.float16) == 10
+    assert B.bytes_per_element("accumulate_", grad_dtype=torch.float32) == 4 + 4 + 4
+    assert B.bytes_per_element("accumulate_", grad_dtype=torch.bfloat16, overwrite=True) == 6
+    assert B.bytes_per_element("grad_norm") == 4
+    assert B.bytes_per_element("adamw_step_") == 16 + 12 + 2 + 4 == 34
+    assert B.bytes_per_element("adamw_step_", zero_acc=False) == 30
+    assert B.bytes_per_element("adamw_step_", amsgrad=True) == 42
+    assert B.bytes_per_element("sgd_step_") == 4 + 4 + 4 + 4 + 4 + 2 + 4 == 26
+    assert B.bytes_per_element("sgd_step_", momentum=False) == 18
+    assert B.bytes_per_element("copy_") == B.bytes_per_element("mul_") == 8
+    with pytest.raises(ValueError):
+        B.bytes_per_element("nonsense")
+
+
+def test_op_specs_bytes_and_labels():
+    expect = {"accumulate_bf16": 10, "accumulate_fp32": 12, "grad_norm": 4,
+              "adamw_step_": 34, "sgd_step_": 26}
+    assert {k: s.bytes_per_element for k, s in B.OP_SPECS.items()} == expect
+    for spec in B.OP_SPECS.values():
+        assert sum(b for _, b in spec.breakdown()) == spec.bytes_per_element
+    # one window of the fused path: k x (autograd's grad clone 4 + accumulate 10) + 4 + 34
+    assert B.window_floor_bytes_per_param(4, 2) == 4 * 14 + 38
+
+
+def test_sizes_parse_and_format():
+    assert B.parse_sizes("1K,64K,1M,2^4,4096") == [16, 1024, 4096, 65536, 1 << 20]
+    assert B.parse_size("256M") == 256 << 20
+    assert [B.fmt_size(n) for n in (1024, 3 << 20, 1000, 256 << 20)] == ["1K", "3M", "1000",
+                                                                         "256M"]
+    with pytest.raises(argparse.ArgumentTypeError):
+        B.parse_size("12Q")
+    assert B.FULL_SIZES[0] == 1024 and B.FULL_SIZES[-1] == 256 << 20
+
+
+def test_model_shapes():
+    gpt2 = B.MODELS["gpt2-124m"]
+    assert gpt2.tensors == 148
+    assert 124e6 < gpt2.numel < 125e6
+    xl = B.MODELS["gpt2-1.5b"]
+    assert 1.5e9 < xl.numel < 1.6e9
+    assert B.MODELS["gpt2-124m/8"].tensors == 148  # scaled down, same tensor count
+
+
+def test_triton_never_timed_on_cpu():
+    backends, excluded = B.bench_backends(CPU)
+    assert "reference" in backends and "triton" not in backends and "cuda" not in backends
+    assert "triton" in excluded
+
+
+def test_timing_and_rotation_helpers():
+    seen = []
+    t = B.time_calls(lambda i: seen.append(i % 3), CPU,
+                     B.TimingConfig(budget_s=0.002, warmup_s=0.0, min_samples=3,
+                                    target_sample_s=1e-4), n_sets=3)
+    assert t.median_s > 0 and t.samples >= 3 and t.q1_s <= t.median_s <= t.q3_s
+    assert set(seen) == {0, 1, 2}  # every buffer set is used
+    x = B.fill_random_(torch.empty(70_000), -1.0, 2.0, seed=3)
+    assert float(x.min()) >= -1.0 and float(x.max()) < 2.0 and float(x.std()) > 0.5
+    a = torch.zeros(8)
+    assert B.storage_bytes([a, a[2:], torch.zeros(2)]) == 32 + 8
+    assert B.sanitize("Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz") == \
+        "Intel-Xeon-Gold-6338-CPU-2.00GHz"
+
+
+@pytest.mark.parametrize("key", list(B.OP_SPECS))
+def test_op_inputs_run_on_reference_and_match_bytes(key):
+    spec = B.OP_SPECS[key]
+    x = B.make_op_inputs(spec, 100, CPU, seed=0)
+    touched = sum(t.numel() * t.element_size() for t in x.values() if t.dim() == 1)
+    assert touched == B.op_set_bytes(spec, 100)
+    before = {k: v.clone() for k, v in x.items()}
+    with torch.no_grad():
+        B.op_callable(spec, B._ops.get("reference", CPU), x)()
+    if spec.op == "accumulate_":
+        torch.testing.assert_close(x["acc"], before["acc"] + before["grad"].float())
+    if spec.op in ("adamw_step_", "sgd_step_"):
+        assert not torch.equal(x["param"], before["param"])
+        assert torch.count_nonzero(x["acc"]) == 0  # zero_acc: the 34/26 bytes include it
+        torch.testing.assert_close(x["model_out"], x["param"].to(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def _window_backends():
+    backends, _ = B.bench_backends(CPU)
+    return backends
+
+
+@pytest.mark.parametrize("backend", _window_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_peers_compute_the_same_window_as_the_wrapper(backend, dtype):
+    wl = B.Workload(B.MODELS["tiny"], CPU, dtype)
+    init = [t.clone() for t in wl.init]
+    ours = B.FusedContender(wl, backend)
+    tutorial = B.TutorialContender(wl)
+    recipe = B.RecipeContender(wl)
+    for c in (ours, tutorial, recipe):
+        c.window()
+        assert c.windows == 1
+    assert ours.opt.stepped and ours.opt.update_count == 1
+
+    # the update moved the weights (else any comparison below is vacuous) ...
+    moved = max(float((w.float() - i.float()).abs().max())
+                for w, i in zip(ours.fp32_weights(), init))
+    assert moved > 1e-4
+    # ... and clipping was active (total norm of the synthetic grads > max_grad_norm)
+    assert float(ours.opt.grad_norm) > B.MAX_GRAD_NORM
+
+    # the recipe is the same math in fp32: masters agree to rounding
+    for a, b in zip(ours.fp32_weights(), recipe.fp32_weights()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours.model_params(), recipe.model_params()):
+        assert a.dtype == b.dtype == dtype
+        # fp32: rounding of the same math; bf16: the same master rounded, at most 1 ulp
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    # the tutorial accumulates (g / k) in the param dtype: exact in fp32, bf16 rounding else
+    for a, b in zip(ours.model_params(), tutorial.model_params()):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert float((a.float() - b.float()).abs().max()) <= 2e-3
+    for c in (ours, tutorial, recipe):
+        c.close()
+
+
+def test_alternated_windows_and_ratios():
+    notes = []
+    res = B.run_windows(B.MODELS["tiny"], CPU, torch.bfloat16, ["reference"],
+                        B.WindowConfig(budget_s=0.01, warmup_rounds=1, min_rounds=2,
+                                       max_rounds=2, profile=True),
+                        compile_mode=False, progress=B.Progress(1, enabled=False), notes=notes)
+    names = [r.contender for r in res]
+    assert names[:3] == ["fusedaccum[reference]", "tutorial", "recipe"]
+    for r in res:
+        assert len(r.times) == 2, r.note
+        assert r.persistent_bytes and r.persistent_bytes > 0
+        assert r.ops_per_window and r.ops_per_window > 0
+        assert r.peak_bytes is not None and r.peak_bytes >= 0
+        assert r.max_param_diff is not None
+    recipe = next(r for r in res if r.contender == "recipe")
+    assert recipe.max_param_diff < 1e-2  # same math after the same 4 windows
+    ratios = B.window_ratios(res)
+    assert {(o.contender, p.contender) for o, p, _ in ratios} == {
+        ("fusedaccum[reference]", "tutorial"), ("fusedaccum[reference]", "recipe")}
+    assert all(math.isfinite(x) and x > 0 for _, _, x in ratios)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _quick_args(tmp_path, *extra):
+    return ["--quick", "--sizes", "1K,4K", "--models", "tiny", "--out", str(tmp_path),
+            "--no-progress", "--copy-size", "256K", "--budget", "0.003",
+            "--window-budget", "0.02", "--backends", "reference", "--max-buffer-sets", "4",
+            *extra]
+
+
+def test_quick_run_writes_markdown_and_csv(tmp_path, capsys):
+    assert B.main(_quick_args(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "copy bandwidth" in out and "GB/s" in out
+    md = sorted(p for p in os.listdir(tmp_path) if p.endswith(".md"))
+    csvs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".csv"))
+    assert len(md) == 1 and len(csvs) == 1
+    assert md[0].endswith("_quick.md") and md[0][:-len("_quick.md")] == csvs[0][:-len("_quick.csv")]
+    text = (tmp_path / md[0]).read_text()
+    assert "## Ops" in text and "## Windows" in text and "copy bandwidth" in text
+    assert "= **34**" in text  # the byte accounting is written out
+    with open(tmp_path / csvs[0]) as f:
+        rows = list(csv.DictReader(f))
+    ops_rows = [r for r in rows if r["section"] == "op"]
+    assert len(ops_rows) == len(B.OP_SPECS) * 2
+    for r in ops_rows:
+        assert r["backend"] == "reference" and not r["note"], r
+        assert float(r["gbps"]) > 0 and float(r["frac_copy_bw"]) > 0
+        assert int(r["bytes_moved"]) == int(r["bytes_per_elem"]) * int(r["numel"])
+    assert any(r["section"] == "copy_bw" and r["note"] == "reference" for r in rows)
+    ratios = [r for r in rows if r["section"] == "window_ratio"]
+    assert {r["name"] for r in ratios} == {"tutorial / fusedaccum[reference]",
+                                           "recipe / fusedaccum[reference]"}
+    assert not any(p.endswith(".png") for p in os.listdir(tmp_path))  # --no-plot
+
+
+def test_main_accepts_a_namespace_and_selects_ops(tmp_path):
+    ns = B.build_parser().parse_args(_quick_args(tmp_path, "--ops", "accumulate_",
+                                                 "--no-windows"))
+    assert B.main(ns) == 0
+    (csv_path,) = [p for p in os.listdir(tmp_path) if p.endswith(".csv")]
+    with open(tmp_path / csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["name"] for r in rows if r["section"] == "op"} == {"accumulate_bf16",
+                                                                 "accumulate_fp32"}
+    assert not [r for r in rows if r["section"].startswith("window")]

@@ -1,0 +1,229 @@
+"""Every bad input of DESIGN.md section 2 gets its documented error, early, and a failed
+or bad call leaves everything unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from _models import (
+    INF,
+    adamw,
+    assert_params_close,
+    assert_unchanged,
+    make_batches,
+    make_model,
+    mse,
+    reference_big_batch,
+    run_managed,
+    snapshot,
+    sum_loss,
+    wrap,
+)
+
+
+def _model_opt():
+    model = make_model()
+    return model, adamw(model.parameters())
+
+
+# ----------------------------------------------------------------- constructor values
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "4"], ids=repr)
+def test_bad_accumulation_steps(bad):
+    model, inner = _model_opt()
+    with pytest.raises(ValueError):
+        wrap(inner, accumulation_steps=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_callable_accumulation_steps_returning_bad_value_at_first_window(bad):
+    model, inner = _model_opt()
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_batches(1)[0]
+    with pytest.raises(ValueError):
+        opt = wrap(inner, accumulation_steps=lambda n: bad)
+        opt.accumulation_boundary  # noqa: B018  (known before forward)
+        mse(model(x), y).backward()
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_callable_accumulation_steps_returning_bad_value_at_a_later_window(bad):
+    model, inner = _model_opt()
+    opt = wrap(inner, accumulation_steps=lambda n: 1 if n == 0 else bad)
+    micro = make_batches(3)
+    with pytest.raises(ValueError):
+        for x, y in micro:
+            opt.accumulation_boundary  # noqa: B018
+            mse(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    assert opt.update_count <= 1
+    ref = make_model()
+    reference_big_batch(ref, adamw, [micro[:1]][: opt.update_count])
+    assert_params_close(model, ref)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5])
+def test_bad_max_grad_norm(bad):
+    _, inner = _model_opt()
+    with pytest.raises(ValueError):
+        wrap(inner, max_grad_norm=bad)
+
+
+@pytest.mark.parametrize("bad", [1, 1.0, 3, 0.5])
+def test_bad_norm_type(bad):
+    _, inner = _model_opt()
+    with pytest.raises(ValueError):
+        wrap(inner, norm_type=bad)
+
+
+@pytest.mark.parametrize("norm_type", [2, 2.0, INF])
+def test_good_norm_types_are_accepted(norm_type):
+    model, inner = _model_opt()
+    opt = wrap(inner, norm_type=norm_type, max_grad_norm=1.0)
+    x, y = make_batches(1)[0]
+    mse(model(x), y).backward()
+    opt.step()
+    assert opt.stepped
+
+
+def test_lbfgs_is_rejected():
+    model = make_model()
+    with pytest.raises(ValueError):
+        wrap(torch.optim.LBFGS(model.parameters()))
+
+
+def test_duplicate_param_is_rejected():
+    model = make_model()
+    p = model.fc1.weight
+    with pytest.warns(UserWarning):  # torch itself only warns
+        inner = torch.optim.AdamW([p, model.fc1.bias, p])
+    with pytest.raises(ValueError):
+        wrap(inner)
+
+
+def test_add_param_group_with_a_param_already_present_is_rejected():
+    model, inner = _model_opt()
+    opt = wrap(inner)
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [model.fc1.weight]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend", ["cuda", "nope"])
+def test_backend_that_cannot_run_here(backend):
+    _, inner = _model_opt()  # CPU params: the cuda backend can never step them
+    import fusedaccum
+
+    with pytest.raises(RuntimeError, match=backend):
+        fusedaccum.FusedAccumulator(inner, backend=backend)
+
+
+def test_backend_env_var_that_cannot_run_here(monkeypatch):
+    import fusedaccum
+
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "nope")
+    model, inner = _model_opt()
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_batches(1)[0]
+    with pytest.raises(RuntimeError, match="nope"):
+        opt = fusedaccum.FusedAccumulator(inner, backend="auto")
+        mse(model(x), y).backward()
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_shard_optimizer_state_without_process_group_is_rejected():
+    # ZeRO-1 splits the state across the ranks of process_group: without one there is
+    # nothing to split across
+    _, inner = _model_opt()
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError)):
+        wrap(inner, shard_optimizer_state=True)
+
+
+# -------------------------------------------------------------------------- params
+
+
+class _Emb(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 3, sparse=True)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, idx):
+        return self.fc(self.emb(idx))
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
+def test_sparse_gradient_is_rejected_naming_the_param(named):
+    model = make_model(cls=_Emb)
+    params = model.named_parameters() if named else model.parameters()
+    opt = wrap(torch.optim.SGD(params, lr=0.1))
+    idx = torch.tensor([[1, 2], [3, 1]])
+    with pytest.raises(RuntimeError, match="emb.weight" if named else "(?i)sparse"):
+        model(idx).sum().backward()
+        opt.step()
+    assert opt.update_count == 0
+
+
+@pytest.mark.parametrize("kind", ["complex", "integer"])
+def test_complex_or_integer_param_is_rejected_naming_it(kind):
+    model = make_model()
+    if kind == "complex":
+        odd = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    else:
+        odd = nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)
+    name = f"my_{kind}_param"
+    inner = torch.optim.AdamW([("fc1.weight", model.fc1.weight), (name, odd)])
+    with pytest.raises((TypeError, RuntimeError), match=name):
+        wrap(inner)
+    # unnamed: still rejected
+    with pytest.raises((TypeError, RuntimeError)):
+        wrap(torch.optim.AdamW([model.fc2.weight, odd]))
+
+
+# ------------------------------------------------------------------------ num_items
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_bad_num_items_is_rejected_and_loses_nothing(bad):
+    k = 2
+    sizes = [3, 5]
+    micro = make_batches(2, sizes=sizes)
+    model = make_model()
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    for i, (x, y) in enumerate(micro):
+        sum_loss(model(x), y).backward()
+        snap = snapshot(model, opt)
+        held = [p.main_grad.clone() for p in model.parameters()]
+        with pytest.raises(ValueError):  # at a plain micro-batch, then at the boundary
+            opt.step(num_items=bad)
+        assert opt.micro_step == i and not opt.stepped and opt.update_count == 0
+        assert_unchanged(snap, model, opt)
+        for p, h in zip(model.parameters(), held):
+            assert torch.equal(p.main_grad, h)
+        opt.step(num_items=sum(sizes))
+        opt.zero_grad()
+    assert opt.stepped
+    ref = make_model()
+    reference_big_batch(ref, adamw, [micro], loss_fn=sum_loss, num_items=[sum(sizes)])
+    assert_params_close(model, ref)
+
+
+def test_state_after_errors_still_trains_like_torch():
+    """A wrapper that refused bad calls keeps training exactly like plain torch."""
+    model = make_model()
+    opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+    windows = [make_batches(2, seed=s) for s in (1, 2)]
+    with pytest.raises(ValueError):
+        opt.step(num_items=0)
+    run_managed(model, opt, windows)
+    ref = make_model()
+    reference_big_batch(ref, adamw, windows)
+    assert_params_close(model, ref)

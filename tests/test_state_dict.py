@@ -1,0 +1,273 @@
+"""state_dict / load_state_dict: resuming (also mid-window), the inner optimizer's
+format, fp32 state for half params and the shared group/state/defaults objects.
+
+DESIGN.md section 2, ``state_dict()`` / ``load_state_dict(sd)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from _models import (
+    ALL_DTYPES,
+    DEVICES,
+    INF,
+    RESUME_TOL,
+    adamw,
+    as_float,
+    assert_params_close,
+    assert_states_close,
+    big_batch_update,
+    group_tensors,
+    make_batches,
+    make_model,
+    make_windows,
+    mse,
+    poison,
+    reference_big_batch,
+    run_managed,
+    wrap,
+)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def _through(sd, how):
+    if how == "deepcopy":
+        return copy.deepcopy(sd)
+    if how == "torch_save":
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        return torch.load(buf)
+    assert how == "pickle"
+    return pickle.loads(pickle.dumps(sd))
+
+
+def _micro(model, opt, batch):
+    x, y = batch
+    mse(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _wrapped(dtype, device, seed=0, **kwargs):
+    model = make_model(seed, dtype=dtype, device=device)
+    kwargs.setdefault("accumulation_steps", 3)
+    kwargs.setdefault("max_grad_norm", 0.5)
+    return model, wrap(adamw(model.parameters()), **kwargs)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch_save", "pickle"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_resume_mid_window_gives_the_same_trajectory(device, dtype, how):
+    micro = make_batches(9, dtype=dtype, device=device)  # three windows of 3
+    cut = 5  # after window 0 and two micro-batches of window 1
+
+    model_a, opt_a = _wrapped(dtype, device)
+    for batch in micro:
+        _micro(model_a, opt_a, batch)
+    assert opt_a.update_count == 3
+
+    model_b, opt_b = _wrapped(dtype, device)
+    for batch in micro[:cut]:
+        _micro(model_b, opt_b, batch)
+    assert opt_b.micro_step == 2
+    sd = opt_b.state_dict()
+    assert "fusedaccum" in sd
+    saved_opt = _through(sd, how)
+    saved_model = _through(model_b.state_dict(), how)
+    del model_b, opt_b
+
+    # a fresh model with other values: everything must come from the saved state
+    model_c, opt_c = _wrapped(dtype, device, seed=123)
+    model_c.load_state_dict(saved_model)
+    opt_c.load_state_dict(saved_opt)
+    assert opt_c.micro_step == 2 and opt_c.update_count == 1 and opt_c.skipped_steps == 0
+    assert opt_c.accumulation_boundary
+    for batch in micro[cut:]:
+        _micro(model_c, opt_c, batch)
+    assert opt_c.update_count == 3 and opt_c.stepped
+
+    torch.testing.assert_close(opt_c.grad_norm, opt_a.grad_norm, **RESUME_TOL)
+    assert_params_close(group_tensors(opt_c), group_tensors(opt_a), **RESUME_TOL)
+    assert_params_close(model_c, model_a, **RESUME_TOL)
+    assert_states_close(opt_c, opt_a, **RESUME_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_resume_half_loading_optimizer_before_model(device, dtype):
+    micro = make_batches(7, dtype=dtype, device=device)
+    model_a, opt_a = _wrapped(dtype, device)
+    for batch in micro:
+        _micro(model_a, opt_a, batch)
+    model_b, opt_b = _wrapped(dtype, device)
+    for batch in micro[:4]:
+        _micro(model_b, opt_b, batch)
+    saved_opt = copy.deepcopy(opt_b.state_dict())
+    saved_model = copy.deepcopy(model_b.state_dict())
+    model_c, opt_c = _wrapped(dtype, device, seed=7)
+    opt_c.load_state_dict(saved_opt)
+    model_c.load_state_dict(saved_model)
+    for batch in micro[4:]:
+        _micro(model_c, opt_c, batch)
+    assert opt_c.update_count == opt_a.update_count == 2
+    assert_params_close(group_tensors(opt_c), group_tensors(opt_a), **RESUME_TOL)
+    assert_params_close(model_c, model_a, **RESUME_TOL)
+
+
+def test_resume_keeps_loss_scale_and_counters(device):
+    micro = make_batches(3, device=device)
+    model, opt = _wrapped(torch.float32, device, accumulation_steps=1, loss_scale="dynamic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t, (x, y) in enumerate(micro):
+            handle = model.fc1.weight.register_hook(poison(INF)) if t == 1 else None
+            opt.scale_loss(mse(model(x), y)).backward()
+            if handle is not None:
+                handle.remove()
+            opt.step()
+            opt.zero_grad()
+    assert (opt.update_count, opt.skipped_steps, as_float(opt.loss_scale)) == (2, 1, 2.0**15)
+    saved = _through(opt.state_dict(), "torch_save")
+    model2, opt2 = _wrapped(torch.float32, device, accumulation_steps=1, loss_scale="dynamic")
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(saved)
+    assert (opt2.update_count, opt2.skipped_steps, as_float(opt2.loss_scale)) == (2, 1, 2.0**15)
+    x, y = make_batches(1, seed=5, device=device)[0]
+    for m, o in ((model, opt), (model2, opt2)):
+        scaled = o.scale_loss(mse(m(x), y))
+        scaled.backward()
+        o.step()
+    assert_params_close(model2, model, **RESUME_TOL)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_state_dict_without_fusedaccum_entry_loads_into_plain_adamw(device, dtype):
+    k = 2
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    model, opt = _wrapped(dtype, device, accumulation_steps=k, max_grad_norm=None)
+    run_managed(model, opt, windows[:2])
+    sd = opt.state_dict()
+    inner_sd = {key: val for key, val in sd.items() if key != "fusedaccum"}
+    assert set(inner_sd) == {"state", "param_groups"}
+    for s in inner_sd["state"].values():
+        for key, val in s.items():
+            if isinstance(val, torch.Tensor) and key != "step":
+                assert val.dtype == torch.float32, (key, val.dtype)  # never downcast
+
+    # a plain AdamW over fp32 copies of the params loads it (the copies of the masters
+    # for half params, so that the continued run can be compared)
+    copies = [t.detach().clone().float() for t in group_tensors(opt)]
+    plain = adamw(copies)
+    plain.load_state_dict(copy.deepcopy(inner_sd))
+    assert_states_close(plain, opt, rtol=0, atol=0)
+
+    if dtype == torch.float32:
+        ref = make_model(device=device)
+        ref.load_state_dict(model.state_dict())
+        ref_opt = adamw(ref.parameters())
+        ref_opt.load_state_dict(copy.deepcopy(inner_sd))
+        run_managed(model, opt, windows[2:])
+        big_batch_update(ref, ref_opt, windows[2])
+        assert_params_close(model, ref)
+        assert_states_close(opt, ref_opt)
+
+
+def test_plain_adamw_state_dict_loads_into_wrapper(device):
+    k = 2
+    windows = make_windows(4, k, device=device)
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, adamw, windows[:2])
+    plain_sd = copy.deepcopy(ref_opt.state_dict())
+
+    model = make_model(seed=3, device=device)
+    model.load_state_dict(ref.state_dict())
+    inner = adamw(model.parameters())
+    opt = wrap(inner, accumulation_steps=k)
+    opt.load_state_dict(plain_sd)
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+    assert opt.micro_step == 0
+    assert_states_close(opt, ref_opt, rtol=0, atol=0)
+
+    run_managed(model, opt, windows[2:])
+    for window in windows[2:]:
+        big_batch_update(ref, ref_opt, window)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fp32_state_stays_fp32_for_half_params(device, dtype):
+    k = 2
+    windows = make_windows(2, k, device=device)
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, adamw, windows)
+    plain_sd = copy.deepcopy(ref_opt.state_dict())
+
+    model = make_model(dtype=dtype, device=device)
+    model.load_state_dict(ref.state_dict())
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    opt.load_state_dict(plain_sd)
+    # not downcast on the way in: bitwise the fp32 values that were saved
+    assert_states_close(opt, ref_opt, rtol=0, atol=0)
+    for s in opt.state_dict()["state"].values():
+        assert s["exp_avg"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32
+
+    half_windows = make_windows(1, k, seed=11, dtype=dtype, device=device)
+    run_managed(model, opt, half_windows)
+    sd = opt.state_dict()
+    model2 = make_model(dtype=dtype, device=device)
+    opt2 = wrap(adamw(model2.parameters()), accumulation_steps=k)
+    opt2.load_state_dict(_through(sd, "torch_save"))
+    for t in group_tensors(opt2):
+        assert t.dtype == torch.float32
+        assert opt2.state[t]["exp_avg"].dtype == torch.float32
+        assert opt2.state[t]["exp_avg_sq"].dtype == torch.float32
+    assert_states_close(opt2, opt, rtol=0, atol=0)
+
+
+def test_shared_objects_survive_load_state_dict_and_add_param_group(device):
+    model = make_model(device=device)
+    inner = adamw(model.fc1.parameters())
+    opt = wrap(inner, accumulation_steps=2)
+    ref = make_model(device=device)
+    ref_opt = adamw(ref.fc1.parameters())
+
+    def same():
+        assert opt.param_groups is inner.param_groups
+        assert opt.state is inner.state
+        assert opt.defaults is inner.defaults
+
+    same()
+    windows = make_windows(2, 2, device=device)
+    run_managed(model, opt, windows[:1])
+    big_batch_update(ref, ref_opt, windows[0])
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    same()
+    for m in (model, ref):
+        for p in m.fc2.parameters():
+            p.grad = None
+    opt.add_param_group({"params": list(model.fc2.parameters()), "lr": 1e-3})
+    ref_opt.add_param_group({"params": list(ref.fc2.parameters()), "lr": 1e-3})
+    same()
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 1e-3
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    same()
+    before = [p.detach().clone() for p in model.fc2.parameters()]
+    run_managed(model, opt, windows[1:])
+    big_batch_update(ref, ref_opt, windows[1])
+    same()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(model.fc2.parameters(), before))
+    # the state of the stepped tensors is where torch keeps it, for both groups
+    assert all(len(inner.state[t]) > 0 for t in group_tensors(inner))
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
