@@ -271,3 +271,31 @@ def test_shared_objects_survive_load_state_dict_and_add_param_group(device):
     assert all(len(inner.state[t]) > 0 for t in group_tensors(inner))
     assert_params_close(model, ref)
     assert_states_close(opt, ref_opt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_cpu_mapped_checkpoint_loads_onto_cuda_params(dtype):
+    """torch.load(map_location="cpu") of a CUDA run resumes on CUDA params."""
+    micro = make_batches(9, dtype=dtype, device="cuda")
+    model_a, opt_a = _wrapped(dtype, "cuda")
+    for batch in micro:
+        _micro(model_a, opt_a, batch)
+    model_b, opt_b = _wrapped(dtype, "cuda")
+    for batch in micro[:5]:
+        _micro(model_b, opt_b, batch)
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, map_location="cpu")
+    model_c, opt_c = _wrapped(dtype, "cuda", seed=123)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    for batch in micro[5:]:
+        _micro(model_c, opt_c, batch)
+    assert_params_close(model_c, model_a, **RESUME_TOL)
+    assert_states_close(opt_c, opt_a, **RESUME_TOL)
+    for st in opt_c.state.values():
+        for key, value in st.items():
+            if key != "step" and isinstance(value, torch.Tensor):
+                assert value.device.type == "cuda" and value.dtype == torch.float32
