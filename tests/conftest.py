@@ -1,5 +1,8 @@
 import os
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 # Triton runs its kernels on CPU tensors only through its interpreter, which must be
@@ -7,3 +10,12 @@ import torch
 # backend is tested for real.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import DEVICES  # noqa: E402  (needs the interpreter choice above)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device the backend under test runs on."""
+    return request.param

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 from _models import (
     ALL_DTYPES,
-    DEVICES,
     HALF_DTYPES,
     HALF_TOL,
     INF,
@@ -43,11 +42,6 @@ from _models import (
     sum_loss,
     wrap,
 )
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
 
 
 def _changed(model, seed=0, dtype=torch.float32, device="cpu", cls=None):

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn as nn
 from _models import (
-    DEVICES,
     HALF_DTYPES,
     HALF_TOL,
     INF,
@@ -32,12 +31,6 @@ from _models import (
     snapshot,
     wrap,
 )
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
 
 # ------------------------------------------------------------------ wrapper loss scale
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 from _models import (
     ALL_DTYPES,
-    DEVICES,
     INF,
     RESUME_TOL,
     adamw,
@@ -33,11 +32,6 @@ from _models import (
     run_managed,
     wrap,
 )
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
 
 
 def _through(sd, how):
