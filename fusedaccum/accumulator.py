@@ -143,7 +143,10 @@ class FusedAccumulator(torch.optim.Optimizer):
         first = next((p for g in optimizer.param_groups for p in g["params"]), None)
         self._device = first.device if first is not None else torch.device("cpu")
         self._scaler = None if loss_scale is None else LossScaler(loss_scale, self._device)
-        self._check_not_ddp([p for g in optimizer.param_groups for p in g["params"]])
+        all_params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._check_not_ddp(all_params)
+        for dev in {p.device for p in all_params}:  # fail before any param is touched
+            self._backend_module(dev)
         for gi in range(len(optimizer.param_groups)):
             self._build_group(gi)
         if self._pg is not None:
@@ -283,15 +286,16 @@ class FusedAccumulator(torch.optim.Optimizer):
         keyed: dict[tuple, list[int]] = {}
         for pi, p in enumerate(params):
             keyed.setdefault((p.device, p.dtype), []).append(pi)
+        # an unusable explicit backend fails here, before any param is touched
+        modules = {dev: self._backend_module(dev) for dev, _ in keyed}
         buckets = []
         for (device, _), idx in keyed.items():
-            self._backend_module(device)  # an unusable explicit backend fails here, early
             members = [params[pi] for pi in idx]
             for p in members:
                 self._release_from_previous_owner(p)
             grads = [p.grad for p in members]
             b = Bucket(members, idx, use_master=self.master_weights, shard=self._shard)
-            b.ops = self._backend_module(device)
+            b.ops = modules[device]
             buckets.append(b)
             for i, p in enumerate(members):
                 self._install_hooks(b, i, p)
