@@ -1,0 +1,139 @@
+// CPU entry points: split the work with at::parallel_for and run the loop table of the
+// best instruction set this CPU has (loops.h). Norms are reduced in fixed-size chunks
+// whose results are combined pairwise in index order, so every result depends on the
+// input only: not on the number of threads, nor on the instruction set.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../math.h"
+#include "kernels.h"
+
+namespace fa {
+namespace cpu {
+namespace {
+
+// Elements per parallel task of the element-wise loops (torch's grain size).
+constexpr int64_t kGrain = 32768;
+// Elements per norm chunk (one partial result each).
+constexpr int64_t kChunk = 8192;
+
+int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+bool cpu_has_avx2() {
+#if defined(FA_CPU_HAVE_AVX2)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// FUSEDACCUM_CPU_ISA=baseline forces the baseline loops (e.g. to compare both).
+const CpuLoops& pick_loops() {
+  const char* env = std::getenv("FUSEDACCUM_CPU_ISA");
+  const bool force_baseline = env != nullptr && std::strcmp(env, "baseline") == 0;
+#if defined(FA_CPU_HAVE_AVX2)
+  if (!force_baseline && cpu_has_avx2()) return kLoopsAvx2;
+#endif
+  (void)force_baseline;
+  return kLoopsBaseline;
+}
+
+const CpuLoops& loops() {
+  static const CpuLoops& chosen = pick_loops();
+  return chosen;
+}
+
+// Pairwise combination of finished partials x[0..n), in a fixed order.
+template <int MODE>
+typename Reduce<MODE>::T combine_tree(const float* x, int64_t n) {
+  using R = Reduce<MODE>;
+  if (n == 0) return R::zero();
+  if (n <= 8) {
+    typename R::T r = R::from_float(x[0]);
+    for (int64_t i = 1; i < n; ++i) r = R::combine(r, R::from_float(x[i]));
+    return r;
+  }
+  const int64_t h = n / 2;
+  return R::combine(combine_tree<MODE>(x, h), combine_tree<MODE>(x + h, n - h));
+}
+
+float combine(const std::vector<float>& partials, int mode) {
+  const int64_t n = static_cast<int64_t>(partials.size());
+  if (mode == kNormInf) return Reduce<kNormInf>::finish(combine_tree<kNormInf>(partials.data(), n));
+  return Reduce<kNormL2>::finish(combine_tree<kNormL2>(partials.data(), n));
+}
+
+void zero(float* acc, int64_t n) {
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    std::memset(acc + b, 0, static_cast<size_t>(e - b) * sizeof(float));
+  });
+}
+
+}  // namespace
+
+const char* isa() { return loops().name; }
+
+void accumulate(const AccumulateParams& p) {
+  const CpuLoops& L = loops();
+  if (p.norm_mode == kNoNorm) {
+    at::parallel_for(0, p.n, kGrain, [&](int64_t b, int64_t e) { L.accumulate(p, b, e); });
+    return;
+  }
+  std::vector<float> partials(static_cast<size_t>(num_chunks(p.n)), 0.f);
+  const int64_t chunks = static_cast<int64_t>(partials.size());
+  at::parallel_for(0, chunks, kGrain / kChunk, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t b = c * kChunk;
+      partials[c] = L.accumulate_norm(p, b, b + kChunk < p.n ? b + kChunk : p.n);
+    }
+  });
+  *p.out = combine(partials, p.norm_mode);
+}
+
+void norm(const NormParams& p) {
+  const CpuLoops& L = loops();
+  // one chunk table over all buffers, so that a single parallel_for covers everything
+  std::vector<int64_t> first(static_cast<size_t>(p.num_tensors) + 1, 0);
+  for (int64_t t = 0; t < p.num_tensors; ++t) first[t + 1] = first[t] + num_chunks(p.numels[t]);
+  std::vector<float> partials(static_cast<size_t>(first[p.num_tensors]), 0.f);
+  const int64_t chunks = static_cast<int64_t>(partials.size());
+  at::parallel_for(0, chunks, kGrain / kChunk, [&](int64_t cb, int64_t ce) {
+    int64_t t = 0;
+    for (int64_t c = cb; c < ce; ++c) {
+      while (first[t + 1] <= c) ++t;
+      const int64_t n = p.numels[t];
+      const int64_t b = (c - first[t]) * kChunk;
+      partials[c] = L.norm(p.tensors[t], p.norm_mode, b, b + kChunk < n ? b + kChunk : n);
+    }
+  });
+  const float total = combine(partials, p.norm_mode);
+  *p.out = p.norm_mode == kNormInf ? total : std::sqrt(total);
+}
+
+void adam_step(const AdamParams& p) {
+  if (*p.c.found_inf != 0.f) {  // NaN != 0 too: skip
+    if (p.c.zero_acc) zero(p.c.acc, p.c.n);
+    return;
+  }
+  const CpuLoops& L = loops();
+  const float gm = *p.c.grad_mult;
+  at::parallel_for(0, p.c.n, kGrain, [&](int64_t b, int64_t e) { L.adam(p, gm, b, e); });
+}
+
+void sgd_step(const SgdParams& p) {
+  if (*p.c.found_inf != 0.f) {
+    if (p.c.zero_acc) zero(p.c.acc, p.c.n);
+    return;
+  }
+  const CpuLoops& L = loops();
+  const float gm = *p.c.grad_mult;
+  at::parallel_for(0, p.c.n, kGrain, [&](int64_t b, int64_t e) { L.sgd(p, gm, b, e); });
+}
+
+}  // namespace cpu
+}  // namespace fa

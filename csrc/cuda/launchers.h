@@ -1,0 +1,19 @@
+// CUDA launchers (accumulate.cu, norm.cu, step.cu): plain structs in, an error code out
+// (0 = cudaSuccess, else a cudaError_t value; error_string() names it). They enqueue on
+// the stream in the struct and never wait for the device. Plain C++: the bindings include
+// this without CUDA headers, the kernels are compiled without torch.
+#pragma once
+
+#include "../params.h"
+
+namespace fa {
+namespace cuda {
+
+int accumulate(const AccumulateParams& p);
+int norm(const NormParams& p);
+int adam_step(const AdamParams& p);
+int sgd_step(const SgdParams& p);
+const char* error_string(int err);
+
+}  // namespace cuda
+}  // namespace fa

@@ -1,0 +1,283 @@
+"""The ``cpu`` and ``cuda`` backends: the C++/CUDA extension built from ``csrc/``.
+
+The extension registers the ops ``torch.ops.fusedaccum_native.*`` (see
+``csrc/bindings.cpp``); this module loads it and wraps the ops in the signatures of
+:mod:`fusedaccum.ops.reference`. Loading is lazy (nothing happens at ``import
+fusedaccum``) and happens once per process, on the first op call or availability
+query:
+
+1. the ahead-of-time build ``fusedaccum/_native*.so`` made by ``setup.py``, if present;
+2. else a just-in-time build of ``csrc/`` with ``torch.utils.cpp_extension.load`` and
+   ninja (cached across processes in ``$TORCH_EXTENSIONS_DIR``, default
+   ``~/.cache/torch_extensions``): CPU sources always, the CUDA sources too when torch has
+   CUDA, nvcc is found and a GPU is visible;
+3. else the backends report why they cannot run, and ``"auto"`` falls back to the
+   Triton/reference backends.
+
+``FUSEDACCUM_NATIVE=jit`` skips the ahead-of-time build (e.g. a stale one),
+``FUSEDACCUM_NATIVE=0`` disables the extension, ``FUSEDACCUM_NATIVE_VERBOSE=1`` shows
+the compiler's output, ``FUSEDACCUM_CPU_ISA=baseline`` makes the CPU kernels skip their
+AVX2 variant (results are bitwise the same either way).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_NS = "fusedaccum_native"
+_PKG_DIR = Path(__file__).resolve().parents[1]
+_CSRC = _PKG_DIR.parent / "csrc"
+_HINT = "install ninja and a C++ compiler, or build the extension with `pip install -e .`"
+
+
+class _State:
+    """What loading the extension gave: the ops, or why not."""
+
+    def __init__(self, error: str | None = None, cuda: bool = False,
+                 cuda_error: str | None = None, how: str = ""):
+        self.error = error  # None when the CPU ops are registered
+        self.cuda = cuda  # the CUDA kernels are registered too
+        self.cuda_error = cuda_error  # why not, when known
+        self.how = how  # "ahead-of-time build <path>" or "JIT build <path>"
+        self.ops = None
+
+
+_state: _State | None = None
+_lock = threading.Lock()
+
+
+def _first_lines(exc: BaseException, limit: int = 4) -> str:
+    """The first error lines of a failed build, on one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln.lower() or "error " in ln.lower()[:12]]
+    errors = [ln for ln in errors if not ln.startswith(("[", "FAILED", "Error building"))]
+    picked = (errors or lines)[:limit]
+    text = " | ".join(picked) or type(exc).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def _aot_library() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _PKG_DIR / f"_native{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _jit_build(with_cuda: bool) -> str:
+    from torch.utils import cpp_extension
+
+    sources = [str(_CSRC / "bindings.cpp"), *sorted(str(p) for p in _CSRC.glob("cpu/*.cpp"))]
+    cflags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+    ldflags = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is inline: without OpenMP here it would run on one thread
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    cuda_flags = ["-O3"]
+    if with_cuda:
+        sources += sorted(str(p) for p in _CSRC.glob("cuda/*.cu"))
+        cflags.append("-DFUSEDACCUM_WITH_CUDA")
+    name = "fusedaccum_native_cuda" if with_cuda else "fusedaccum_native_cpu"
+    return cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_flags,
+        extra_ldflags=ldflags,
+        is_python_module=False,
+        verbose=os.environ.get("FUSEDACCUM_NATIVE_VERBOSE", "") not in ("", "0"),
+    )
+
+
+def _load_uncached() -> _State:
+    mode = os.environ.get("FUSEDACCUM_NATIVE", "").strip().lower()
+    if mode in ("0", "off", "false", "no"):
+        return _State(f"the C++ extension is disabled by FUSEDACCUM_NATIVE={mode}; unset it")
+    aot_error = None
+    aot = None if mode == "jit" else _aot_library()
+    if aot is not None:
+        try:
+            torch.ops.load_library(str(aot))
+            state = _State(how=f"ahead-of-time build {aot}")
+            state.cuda = "cuda" in torch.ops.fusedaccum_native.build_info().split(",")
+            if not state.cuda:
+                state.cuda_error = (
+                    f"the ahead-of-time build {aot.name} was built without CUDA (no nvcc or "
+                    "no CUDA build of torch at build time); rebuild it where both exist, or "
+                    "delete it to compile on first use"
+                )
+            return state
+        except Exception as exc:  # e.g. built against another torch
+            aot_error = f"the ahead-of-time build {aot} failed to load ({_first_lines(exc, 2)})"
+    if not (_CSRC / "bindings.cpp").is_file():
+        why = aot_error or "no ahead-of-time build of the C++ extension is installed"
+        return _State(f"{why}, and its sources ({_CSRC}) are not there to compile it; install "
+                      "fusedaccum from a source checkout with a C++ compiler present")
+    from torch.utils import cpp_extension
+
+    cuda_error = None
+    if torch.version.cuda is None:
+        cuda_error = "the extension was built without CUDA (torch is a CPU-only build)"
+    elif cpp_extension.CUDA_HOME is None:
+        cuda_error = ("the extension was built without CUDA (nvcc not found; set CUDA_HOME "
+                      "or put nvcc on PATH)")
+    elif not torch.cuda.is_available():
+        cuda_error = "no CUDA device, so the extension was built without CUDA"
+    else:
+        try:
+            path = _jit_build(with_cuda=True)
+            return _State(cuda=True, how=f"JIT build {path}")
+        except Exception as exc:
+            cuda_error = ("the CUDA part of the C++ extension failed to compile: "
+                          f"{_first_lines(exc)}")
+    try:
+        path = _jit_build(with_cuda=False)
+    except Exception as exc:
+        prefix = f"{aot_error}; then the " if aot_error else ""
+        return _State(f"{prefix}C++ extension failed to compile: {_first_lines(exc)}; {_HINT}")
+    return _State(cuda_error=cuda_error, how=f"JIT build {path}")
+
+
+def _register_fakes() -> None:
+    """Shape-only kernels so that torch.compile / FakeTensor can trace the ops."""
+    lib = _NS
+
+    @torch.library.register_fake(f"{lib}::accumulate_norm_")
+    def _accumulate_norm_fake(acc, grad, scale, overwrite, norm_type):
+        return acc.new_empty(())
+
+    @torch.library.register_fake(f"{lib}::grad_norm")
+    def _grad_norm_fake(tensors, norm_type):
+        return tensors[0].new_empty(())
+
+    def _no_output(*args, **kwargs):
+        return None
+
+    for op in ("accumulate_", "adamw_step_", "sgd_step_"):
+        torch.library.register_fake(f"{lib}::{op}", _no_output)
+
+
+def _load() -> _State:
+    global _state
+    state = _state
+    if state is None:
+        with _lock:
+            if _state is None:
+                new = _load_uncached()
+                if new.error is None:
+                    try:
+                        _register_fakes()
+                        ns = torch.ops.fusedaccum_native
+                        new.ops = {name: getattr(ns, name).default for name in (
+                            "accumulate_", "accumulate_norm_", "grad_norm", "adamw_step_",
+                            "sgd_step_")}
+                    except Exception as exc:
+                        new = _State(f"the C++ extension loaded but its ops are incomplete "
+                                     f"({_first_lines(exc, 2)}); rebuild it")
+                _state = new
+            state = _state
+    return state
+
+
+def build_info() -> str:
+    """How the extension was (or was not) loaded, for ``python -m fusedaccum info``."""
+    state = _load()
+    if state.error is not None:
+        return state.error
+    return f"{state.how} ({'CPU and CUDA' if state.cuda else 'CPU only'} kernels)"
+
+
+def unavailable_reason(name: str, device: torch.device | None) -> str | None:
+    if name == "cpu":
+        if device is not None and device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors only, not {device.type}"
+    elif name == "cuda":
+        if device is not None and device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors only, not {device.type}"
+        if torch.version.cuda is None:
+            return ("no CUDA device: this torch is a CPU-only build (install a CUDA build of "
+                    "torch on a machine with an NVIDIA GPU)")
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+    else:
+        return f"fusedaccum.ops.native provides the cpu and cuda backends, not {name!r}"
+    state = _load()
+    if state.error is not None:
+        return state.error
+    if name == "cuda" and not state.cuda:
+        return state.cuda_error or (
+            "the extension was built without CUDA (no nvcc/CUDA torch at build time)")
+    return None
+
+
+def _ops() -> dict:
+    state = _state if _state is not None else _load()
+    if state.ops is None:
+        raise RuntimeError(f"fusedaccum C++ extension unavailable: {state.error}")
+    return state.ops
+
+
+def _device_scalar(x, device: torch.device) -> torch.Tensor:
+    """grad_mult / found_inf as a 0-dim fp32 tensor on ``device`` (no host sync)."""
+    if isinstance(x, torch.Tensor):
+        if x.device != device or x.dtype != torch.float32:
+            x = x.to(device=device, dtype=torch.float32, non_blocking=True)
+        return x
+    return torch.full((), float(x), dtype=torch.float32, device=device)
+
+
+def _norm_type(norm_type) -> float:
+    nt = float(norm_type)
+    if nt != 2.0 and not (math.isinf(nt) and nt > 0):
+        raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
+    return nt
+
+
+def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
+    ops = _ops()
+    if norm_type is None:
+        ops["accumulate_"](acc, grad, float(scale), bool(overwrite))
+        return None
+    return ops["accumulate_norm_"](acc, grad, float(scale), bool(overwrite),
+                                   _norm_type(norm_type))
+
+
+def grad_norm(tensors, norm_type=2.0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("grad_norm needs at least one tensor")
+    return _ops()["grad_norm"](tensors, _norm_type(norm_type))
+
+
+def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
+                grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
+                decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
+    ops = _ops()
+    dev = param.device
+    ops["adamw_step_"](
+        param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out,
+        _device_scalar(grad_mult, dev), _device_scalar(found_inf, dev),
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
+        bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), bool(zero_acc),
+    )
+
+
+def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
+              lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+              zero_acc=True):
+    ops = _ops()
+    dev = param.device
+    ops["sgd_step_"](
+        param, acc, momentum_buffer, model_out,
+        _device_scalar(grad_mult, dev), _device_scalar(found_inf, dev),
+        float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+        bool(maximize), bool(first_step), bool(zero_acc),
+    )

@@ -1,0 +1,405 @@
+"""The C++/CUDA extension (cpu and cuda backends) beyond tests/test_ops.py.
+
+torch.library.opcheck of every registered op (schema and mutation annotations, fake
+kernels, AOT dispatch), and properties specific to the native kernels: misaligned views
+(the CUDA vector path), exact fp16/bf16 rounding over whole bit-pattern ranges, bitwise
+determinism across thread counts and instruction sets, skipped steps, input checks.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fusedaccum.ops import native, reference
+
+ops = torch.ops.fusedaccum_native
+
+
+def _devices():
+    devs = []
+    if native.unavailable_reason("cpu", torch.device("cpu")) is None:
+        devs.append("cpu")
+    if native.unavailable_reason("cuda", torch.device("cuda")) is None:
+        devs.append("cuda")
+    return devs
+
+
+DEVICES = _devices()
+pytestmark = pytest.mark.skipif(
+    not DEVICES, reason=f"C++ extension unavailable: {native.unavailable_reason('cpu', None)}")
+
+
+def _rand(n, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * scale).to(dtype).to(device)
+
+
+def _scalar(x, device):
+    return torch.tensor(float(x), device=device)
+
+
+def _adam_args(n, device, param_dtype=torch.float32, out_dtype=torch.float16, amsgrad=True,
+               seed=0):
+    param = _rand(n, param_dtype, device, seed)
+    acc = _rand(n, device=device, seed=seed + 1, scale=3.0)
+    m, v, vmax = (_rand(n, device=device, seed=seed + 2 + i).abs() * 0.1 for i in range(3))
+    out = None if out_dtype is None else torch.empty(n, dtype=out_dtype, device=device)
+    return (param, acc, m, v, vmax if amsgrad else None, out,
+            _scalar(0.25, device), _scalar(0.0, device),
+            1e-2, 0.9, 0.99, 1e-8, 0.1, 3, True, amsgrad, False, True)
+
+
+def _sgd_args(n, device, param_dtype=torch.float32, out_dtype=torch.bfloat16, momentum=0.9,
+              seed=0):
+    param = _rand(n, param_dtype, device, seed)
+    acc = _rand(n, device=device, seed=seed + 1, scale=3.0)
+    buf = _rand(n, device=device, seed=seed + 2) if momentum else None
+    out = None if out_dtype is None else torch.empty(n, dtype=out_dtype, device=device)
+    return (param, acc, buf, out, _scalar(0.5, device), _scalar(0.0, device),
+            0.1, momentum, 0.1, 0.01, True, False, False, True)
+
+
+# ---- opcheck ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_accumulate(device):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for overwrite in (False, True):
+            args = (_rand(1000, device=device), _rand(1000, dtype, device, 1), 0.37, overwrite)
+            torch.library.opcheck(ops.accumulate_.default, args)
+            for norm_type in (2.0, math.inf):
+                torch.library.opcheck(ops.accumulate_norm_.default, (*args, norm_type))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_grad_norm(device):
+    ts = [_rand(n, device=device, seed=n) for n in (1000, 17, 0)]
+    for norm_type in (2.0, math.inf):
+        torch.library.opcheck(ops.grad_norm.default, (ts, norm_type))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param_dtype,out_dtype,amsgrad", [
+    (torch.float32, torch.float16, True),
+    (torch.float32, None, False),
+    (torch.bfloat16, None, False),
+])
+def test_opcheck_adamw(device, param_dtype, out_dtype, amsgrad):
+    args = _adam_args(1000, device, param_dtype, out_dtype, amsgrad)
+    torch.library.opcheck(ops.adamw_step_.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param_dtype,out_dtype,momentum", [
+    (torch.float32, torch.bfloat16, 0.9),
+    (torch.float16, None, 0.0),
+])
+def test_opcheck_sgd(device, param_dtype, out_dtype, momentum):
+    args = _sgd_args(1000, device, param_dtype, out_dtype, momentum)
+    torch.library.opcheck(ops.sgd_step_.default, args)
+
+
+def test_build_info_and_reasons():
+    info = ops.build_info()
+    assert info.startswith("cpu,cpu-isa=")
+    assert native.unavailable_reason("cpu", torch.device("cpu")) is None
+    why = native.unavailable_reason("cpu", torch.device("meta"))
+    assert why and "CPU tensors only" in why
+    why = native.unavailable_reason("cuda", None)
+    if "cuda" not in info.split(",") or not torch.cuda.is_available():
+        assert isinstance(why, str) and why
+    assert isinstance(native.build_info(), str)
+
+
+# ---- misaligned views: every offset mod 16 bytes, sizes around the 8-element unit -------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 4103])
+def test_misaligned_views(device, offset, n):
+    def view(t):  # same values, storage offset `offset` elements into a larger buffer
+        base = torch.full((n + 8,), float("nan"), dtype=t.dtype, device=device)
+        base[offset:offset + n] = t
+        return base[offset:offset + n]
+
+    grad = _rand(n, torch.float16, device, 1)
+    for norm_type in (None, 2.0, math.inf):
+        acc0 = _rand(n, device=device, seed=2)
+        want_acc = acc0.clone()
+        want = reference.accumulate_(want_acc, grad, 0.5, norm_type=norm_type)
+        got_acc = view(acc0)
+        got = native.accumulate_(got_acc, view(grad), 0.5, norm_type=norm_type)
+        torch.testing.assert_close(got_acc, want_acc, rtol=1e-6, atol=1e-6)
+        if norm_type is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    ts = [view(_rand(n, device=device, seed=3)), _rand(n + 3, device=device, seed=4)[3:]]
+    torch.testing.assert_close(native.grad_norm(ts), reference.grad_norm(ts), rtol=1e-5, atol=1e-6)
+
+    args = list(_adam_args(n, device, torch.float32, torch.bfloat16, True, seed=5))
+    want = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    got = [view(a) if isinstance(a, torch.Tensor) and a.dim() == 1 else a for a in args]
+    names = ["param", "acc", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "model_out"]
+    kw = dict(zip(["grad_mult", "found_inf", "lr", "beta1", "beta2", "eps", "weight_decay",
+                   "step", "decoupled_weight_decay", "amsgrad", "maximize", "zero_acc"],
+                  args[6:]))
+    reference.adamw_step_(*want[:6], **kw)
+    native.adamw_step_(*got[:6], **kw)
+    for name, g, w in zip(names, got[:6], want[:6]):
+        tol = dict(rtol=1e-2, atol=1e-3) if g.dtype == torch.bfloat16 else dict(rtol=1e-5,
+                                                                               atol=1e-6)
+        torch.testing.assert_close(g, w, msg=lambda s, name=name: f"{name}: {s}", **tol)
+
+
+# ---- exact conversions ------------------------------------------------------------------
+
+def _same_bits_or_both_nan(got, want):
+    nan = torch.isnan(want.float())
+    assert torch.equal(torch.isnan(got.float()), nan)
+    bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    assert torch.equal(got[~nan].view(bits), want[~nan].view(bits))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_widening_is_exact(device, dtype):
+    """Every fp16/bf16 bit pattern widens exactly (accumulate_ with overwrite, scale 1)."""
+    grad = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    grad = grad.to(device)
+    acc = torch.empty(grad.numel(), device=device)
+    native.accumulate_(acc, grad, 1.0, overwrite=True)
+    _same_bits_or_both_nan(acc, grad.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_rounding_matches_torch_bitwise(device, dtype):
+    """model_out (and half params) round like torch's .to(): nearest even, over random fp32
+    bit patterns concentrated on the half's subnormal, normal and overflow ranges."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 18,), generator=g, dtype=torch.int64)
+    # exponents 100..150 cover fp16 subnormals (below 113), normals and overflow (143+)
+    exp = torch.randint(100, 151, bits.shape, generator=g, dtype=torch.int64)
+    bits = (bits & ~(0xFF << 23)) | (exp << 23)
+    x = bits.to(torch.int32).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0,
+                            65519.99, 65520.0, -65520.0, 2**-24, 2**-25, 1.5 * 2**-25, 2**-26,
+                            3.3895313892515355e38, 1e-45])
+    x = torch.cat([x, special, torch.randn(4096, generator=g)]).to(device)
+    out = torch.empty(x.numel(), dtype=dtype, device=device)
+    param = x.clone()
+    native.sgd_step_(param, torch.zeros_like(x), None, out, grad_mult=1.0, found_inf=0.0,
+                     lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                     maximize=False, first_step=False)
+    _same_bits_or_both_nan(out, x.to(dtype))
+    half_param = x.to(dtype)
+    native.sgd_step_(half_param, torch.zeros_like(x), None, None, grad_mult=1.0,
+                     found_inf=0.0, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=False, first_step=False)
+    _same_bits_or_both_nan(half_param, x.to(dtype))
+
+
+# ---- determinism ------------------------------------------------------------------------
+
+def _norm_results(device):
+    ts = [_rand(n, device=device, seed=n, scale=3.0) for n in (300_001, 8191, 1, 70_000)]
+    acc = _rand(300_001, device=device, seed=9)
+    grad = _rand(300_001, torch.bfloat16, device, 10)
+    out = [native.grad_norm(ts, nt) for nt in (2.0, math.inf)]
+    out.append(native.accumulate_(acc.clone(), grad, 0.3, norm_type=2.0))
+    out.append(native.accumulate_(acc.clone(), grad, 0.3, norm_type=math.inf))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norms_bitwise_deterministic(device):
+    first = _norm_results(device)
+    for _ in range(3):
+        for a, b in zip(first, _norm_results(device)):
+            assert torch.equal(a, b)
+    if device == "cpu":  # and independent of the thread count
+        threads = torch.get_num_threads()
+        try:
+            for k in (1, 3):
+                torch.set_num_threads(k)
+                for a, b in zip(first, _norm_results(device)):
+                    assert torch.equal(a, b), f"differs with {k} threads"
+        finally:
+            torch.set_num_threads(threads)
+
+
+_ISA_SCRIPT = textwrap.dedent("""
+    import math, sys, torch
+    from fusedaccum.ops import native
+    assert native.unavailable_reason("cpu", None) is None
+    g = torch.Generator().manual_seed(0)
+    n = 100_003
+    res = {}
+    acc = torch.randn(n, generator=g); grad = torch.randn(n, generator=g).half()
+    res["norm2"] = native.accumulate_(acc, grad, 0.3, norm_type=2.0)
+    res["acc"] = acc
+    res["norminf"] = native.grad_norm([acc, torch.randn(77, generator=g)], math.inf)
+    p = torch.randn(n, generator=g); a = torch.randn(n, generator=g)
+    m, v, vm = torch.rand(n, generator=g), torch.rand(n, generator=g), torch.rand(n, generator=g)
+    out = torch.empty(n, dtype=torch.float16)
+    native.adamw_step_(p, a, m, v, vm, out, grad_mult=0.3, found_inf=0.0, lr=1e-2, beta1=0.9,
+                       beta2=0.99, eps=1e-8, weight_decay=0.1, step=5, amsgrad=True)
+    res.update(p=p, m=m, v=v, vm=vm, out=out)
+    buf = torch.randn(n, generator=g); ob = torch.empty(n, dtype=torch.bfloat16)
+    native.sgd_step_(p, torch.randn(n, generator=g), buf, ob, grad_mult=0.5, found_inf=0.0,
+                     lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=True,
+                     maximize=True, first_step=False)
+    res.update(p2=p, buf=buf, ob=ob)
+    torch.save(res, sys.argv[1])
+""")
+
+
+def test_cpu_instruction_sets_agree_bitwise(tmp_path):
+    """The AVX2 and the baseline CPU loops give bitwise identical results."""
+    if "cpu" not in DEVICES or "cpu-isa=avx2" not in ops.build_info():
+        pytest.skip("only one instruction set in use here")
+    results = []
+    for isa in ("avx2", "baseline"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, FUSEDACCUM_CPU_ISA=isa)
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env,
+                       timeout=600)
+        results.append(torch.load(path))
+    for key, a in results[0].items():
+        assert torch.equal(a, results[1][key]), key
+
+
+# ---- semantics the wrapper relies on ----------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("found_inf", [1.0, float("nan"), float("inf")])
+def test_skipped_step_writes_only_acc(device, found_inf):
+    n = 4099
+    adam = list(_adam_args(n, device, torch.float32, torch.float16, True))
+    adam[5].fill_(float("nan"))
+    adam[7] = _scalar(found_inf, device)
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in adam]
+    ops.adamw_step_(*adam)
+    for i in (0, 2, 3, 4):
+        assert torch.equal(adam[i], before[i])
+    assert torch.isnan(adam[5].float()).all()
+    assert torch.count_nonzero(adam[1]) == 0
+    sgd = list(_sgd_args(n, device))
+    sgd[3].fill_(1.0)
+    sgd[5] = _scalar(found_inf, device)
+    sgd[-1] = False  # zero_acc=False: acc untouched too
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in sgd]
+    ops.sgd_step_(*sgd)
+    for i in (0, 1, 2, 3):
+        assert torch.equal(sgd[i], before[i])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_acc_false_keeps_acc(device):
+    args = list(_adam_args(1000, device))
+    args[-1] = False
+    acc = args[1].clone()
+    ops.adamw_step_(*args)
+    assert torch.equal(args[1], acc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_buffers(device):
+    e = torch.empty(0, device=device)
+    assert native.accumulate_(e, e.half(), 2.0) is None
+    for nt in (2.0, math.inf):
+        assert native.accumulate_(e, e, 1.0, norm_type=nt).item() == 0.0
+        assert native.grad_norm([e, e], nt).item() == 0.0
+    native.adamw_step_(e, e.clone(), e.clone(), e.clone(), e.clone(), e.half(), grad_mult=1.0,
+                       found_inf=0.0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                       weight_decay=0.0, step=1, amsgrad=True)
+    native.sgd_step_(e, e.clone(), e.clone(), None, grad_mult=1.0, found_inf=0.0, lr=0.1,
+                     momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                     maximize=False, first_step=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inf_norm_nan_wins_over_inf(device):
+    t = _rand(10_000, device=device)
+    t[17] = float("inf")
+    t[9000] = float("nan")
+    assert torch.isnan(native.grad_norm([t], math.inf))
+    acc = torch.zeros(10_000, device=device)
+    assert torch.isnan(native.accumulate_(acc, t, 1.0, norm_type=math.inf))
+    t[9000] = -float("inf")
+    assert native.grad_norm([t], math.inf).item() == math.inf
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_norm_is_of_updated_acc(device):
+    acc = _rand(5000, device=device, seed=1)
+    grad = _rand(5000, torch.float16, device, 2)
+    stat = native.accumulate_(acc, grad, 0.5, norm_type=2.0)
+    torch.testing.assert_close(stat, acc.square().sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_checks_name_the_argument(device):
+    acc = torch.zeros(10, device=device)
+    with pytest.raises(TypeError, match="grad must have dtype"):
+        native.accumulate_(acc, torch.zeros(10, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="acc must have dtype"):
+        native.accumulate_(acc.half(), acc)
+    with pytest.raises(ValueError, match="grad has 9 elements, expected 10"):
+        native.accumulate_(acc, torch.zeros(9, device=device))
+    with pytest.raises(ValueError, match="acc must be a contiguous 1-D tensor"):
+        native.accumulate_(torch.zeros(20, device=device)[::2], acc)
+    with pytest.raises(ValueError, match="norm_type"):
+        native.accumulate_(acc, acc, norm_type=1.0)
+    with pytest.raises(ValueError, match=r"tensors\[1\]"):
+        native.grad_norm([acc, acc.view(2, 5)])
+    args = list(_adam_args(10, device))
+    args[4] = None
+    with pytest.raises(ValueError, match="amsgrad=True needs max_exp_avg_sq"):
+        ops.adamw_step_(*args)
+    args = list(_adam_args(10, device))
+    args[3] = torch.zeros(11, device=device)
+    with pytest.raises(ValueError, match="exp_avg_sq has 11 elements"):
+        ops.adamw_step_(*args)
+    args = list(_adam_args(10, device))
+    args[6] = torch.zeros(2, device=device)
+    with pytest.raises(ValueError, match="grad_mult must hold exactly one value"):
+        ops.adamw_step_(*args)
+    args = list(_sgd_args(10, device))
+    args[2] = None
+    with pytest.raises(ValueError, match="momentum != 0 needs momentum_buffer"):
+        ops.sgd_step_(*args)
+    args = list(_sgd_args(10, device))
+    args[3] = torch.zeros(10, device=device)
+    with pytest.raises(TypeError, match="model_out must have dtype float16 or bfloat16"):
+        ops.sgd_step_(*args)
+
+
+def test_cuda_tensors_on_cpu_only_build_fail_clearly():
+    if not torch.cuda.is_available() or "cuda" in ops.build_info().split(","):
+        pytest.skip("needs a GPU and a CPU-only build of the extension")
+    acc = torch.zeros(10, device="cuda")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        ops.accumulate_(acc, acc, 1.0, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_trace_under_torch_compile(device):
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(acc, grad, ts):
+        s = native.accumulate_(acc, grad, 0.5, norm_type=2.0)
+        return s + native.grad_norm(ts, 2.0)
+
+    acc = _rand(1000, device=device)
+    grad = _rand(1000, torch.bfloat16, device, 1)
+    ts = [_rand(100, device=device, seed=2)]
+    want_acc = acc.clone()
+    want = reference.accumulate_(want_acc, grad, 0.5, norm_type=2.0) + reference.grad_norm(ts)
+    got = f(acc, grad, ts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acc, want_acc, rtol=1e-6, atol=1e-6)
