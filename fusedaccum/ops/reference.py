@@ -44,6 +44,24 @@ def _check_step_inputs(param, acc, extra: dict, model_out):
         _check_flat("model_out", model_out, HALF_DTYPES, n, dev)
 
 
+def check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad,
+                       step) -> None:
+    """The argument checks every backend's adamw_step_ makes before touching anything."""
+    _check_step_inputs(param, acc, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
+                                    "max_exp_avg_sq": max_exp_avg_sq}, model_out)
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sq")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the step number after this update), got {step}")
+
+
+def check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum) -> None:
+    """The argument checks every backend's sgd_step_ makes before touching anything."""
+    _check_step_inputs(param, acc, {"momentum_buffer": momentum_buffer}, model_out)
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("momentum != 0 needs momentum_buffer")
+
+
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
     _check_flat("acc", acc, (torch.float32,))
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
@@ -95,12 +113,7 @@ def _commit(dst: torch.Tensor, new: torch.Tensor, keep) -> None:
 def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
                 grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
                 decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
-    _check_step_inputs(param, acc, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
-                                    "max_exp_avg_sq": max_exp_avg_sq}, model_out)
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError("amsgrad=True needs max_exp_avg_sq")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the step number after this update), got {step}")
+    check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad, step)
     keep = _keep_mask(found_inf)
     g = acc * grad_mult
     if maximize:
@@ -135,9 +148,7 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
 def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
               zero_acc=True):
-    _check_step_inputs(param, acc, {"momentum_buffer": momentum_buffer}, model_out)
-    if momentum != 0 and momentum_buffer is None:
-        raise ValueError("momentum != 0 needs momentum_buffer")
+    check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
     keep = _keep_mask(found_inf)
     g = acc * grad_mult
     if maximize:

@@ -35,7 +35,8 @@ import torch
 from fusedaccum.ops.reference import (
     FLOAT_DTYPES,
     _check_flat,
-    _check_step_inputs,
+    check_adamw_inputs,
+    check_sgd_inputs,
 )
 
 try:
@@ -584,12 +585,7 @@ def grad_norm(tensors, norm_type=2.0):
 def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
                 grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
                 decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
-    _check_step_inputs(param, acc, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
-                                    "max_exp_avg_sq": max_exp_avg_sq}, model_out)
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError("amsgrad=True needs max_exp_avg_sq")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the step number after this update), got {step}")
+    check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad, step)
     _require_triton()
     dev = param.device
     torch.ops.fusedaccum.triton_adamw_step_(
@@ -603,9 +599,7 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
 def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
               zero_acc=True):
-    _check_step_inputs(param, acc, {"momentum_buffer": momentum_buffer}, model_out)
-    if momentum != 0 and momentum_buffer is None:
-        raise ValueError("momentum != 0 needs momentum_buffer")
+    check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
     _require_triton()
     dev = param.device
     torch.ops.fusedaccum.triton_sgd_step_(
