@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -30,6 +32,16 @@ _STATE_VERSION = 1
 
 # param -> (weakref to its wrapper, hook handles): a param belongs to one live wrapper
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel of the first frame outside fusedaccum and torch.optim/amp."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.optim.__file__),
+              os.path.dirname(torch.amp.__file__), os.path.dirname(torch.utils.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _as_float(x) -> float:
@@ -551,7 +563,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 warnings.warn("fusedaccum: non-finite gradients (inf/NaN) in the accumulation "
                               "window; the update was skipped and the window discarded. This "
                               "warning is shown once; opt.skipped_steps counts skips.",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=_caller_stacklevel())
         else:
             self.update_count += 1
 
