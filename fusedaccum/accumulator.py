@@ -209,6 +209,24 @@ class FusedAccumulator(torch.optim.Optimizer):
                         "its model's params by hooks. Save opt.state_dict() (and the model's) "
                         "and load them into a new FusedAccumulator")
 
+    def optimizer_memory_bytes(self) -> int:
+        """Bytes this process holds for fp32 master weights and optimizer state.
+
+        With ``shard_optimizer_state=True`` about 1/N of the unsharded figure. The
+        accumulators and the model's own params are not counted; on the generic path
+        the inner optimizer's own state tensors are.
+        """
+        total = 0
+        for b in self._all_buckets():
+            if b.master is not None:
+                total += b.master.numel() * b.master.element_size()
+            total += sum(t.numel() * t.element_size() for t in b.state_flat.values())
+        if self._kind is None:
+            for st in self.inner.state.values():
+                total += sum(v.numel() * v.element_size() for v in st.values()
+                             if isinstance(v, torch.Tensor) and v.dim() > 0)
+        return total
+
     # -- window bookkeeping --------------------------------------------------------
     @property
     def accumulation_boundary(self) -> bool:

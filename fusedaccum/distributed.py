@@ -148,3 +148,21 @@ def sum_across(t: torch.Tensor, group) -> torch.Tensor:
     out = t.clone()
     dist.all_reduce(out, group=group)
     return out
+
+
+def bytes_per_window(numel: int, param_bytes: int, world: int, k: int,
+                     shard: bool) -> dict[str, float]:
+    """Bytes each rank sends per window (ring algorithms), fusedaccum against DDP.
+
+    ``numel`` elements of params stored in ``param_bytes`` bytes each. fusedaccum
+    reduces the fp32 accumulators once per window: an all-reduce (2(N-1)/N of the
+    buffer), or with ZeRO-1 a reduce-scatter of the fp32 accumulators plus an all-gather
+    of the updated params ((N-1)/N of each). DDP all-reduces every micro-batch's
+    gradient in the param dtype: k times 2(N-1)/N of it.
+    """
+    share = (world - 1) / world
+    fused = (share * numel * 4 + share * numel * param_bytes) if shard \
+        else 2 * share * numel * 4
+    ddp = k * 2 * share * numel * param_bytes
+    return {"fusedaccum": fused, "ddp_every_micro_batch": ddp, "ratio": ddp / fused if fused
+            else float("nan")}

@@ -125,7 +125,8 @@ def _worker(rank, world, port, cfg, out_dir):
         if rank == 0:
             torch.save({"params": [p.detach().clone() for p in model.parameters()],
                         "state": sd["state"], "masters": sd["fusedaccum"]["masters"],
-                        "counts": (opt.update_count, opt.skipped_steps)},
+                        "counts": (opt.update_count, opt.skipped_steps),
+                        "memory": opt.optimizer_memory_bytes()},
                        os.path.join(out_dir, "result.pt"))
     except BaseException:
         dist.destroy_process_group()
@@ -189,6 +190,12 @@ def test_data_parallel_equals_single_process(cfg, tmp_path):
             torch.testing.assert_close(got["state"][idx][key], value, rtol=1e-4, atol=1e-6)
     for idx, m in want_sd["fusedaccum"]["masters"].items():
         torch.testing.assert_close(got["masters"][idx], m, rtol=1e-5, atol=1e-6)
+    # ZeRO-1: masters + optimizer state per rank are about 1/N of one process's
+    full = opt.optimizer_memory_bytes()
+    if cfg["shard"]:
+        assert full / world <= got["memory"] <= full / world + 4096, (got["memory"], full)
+    else:
+        assert got["memory"] == full
 
 
 def _ddp_worker(rank, world, port, out_dir):
@@ -255,3 +262,17 @@ def test_sharding_needs_a_process_group():
     with pytest.raises(ValueError, match="process_group"):
         fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
                                     shard_optimizer_state=True)
+
+
+def test_bytes_per_window_counts_one_exchange_per_window():
+    from fusedaccum.distributed import bytes_per_window
+
+    n = 1_000_000
+    # 4 ranks, k=8, bf16 params: DDP moves 8 bf16 all-reduces, we move one fp32 one
+    b = bytes_per_window(n, 2, world=4, k=8, shard=False)
+    assert b["fusedaccum"] == 2 * 0.75 * n * 4
+    assert b["ddp_every_micro_batch"] == 8 * 2 * 0.75 * n * 2
+    assert b["ratio"] == 4.0
+    z = bytes_per_window(n, 2, world=4, k=8, shard=True)
+    assert z["fusedaccum"] == 0.75 * n * 4 + 0.75 * n * 2
+    assert bytes_per_window(n, 2, world=1, k=8, shard=False)["fusedaccum"] == 0
