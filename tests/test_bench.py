@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import math
 import os
 
@@ -18,6 +19,8 @@ import torch
 from fusedaccum import bench as B
 
 CPU = torch.device("cpu")
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+PEERS = ["tutorial", "recipe"] + (["recipe+DeepSpeedCPUAdam"] if HAS_DEEPSPEED else [])
 
 
 # --------------------------------------------------------------------------- bytes
@@ -149,6 +152,12 @@ def test_peers_compute_the_same_window_as_the_wrapper(backend, dtype):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         else:
             assert float((a.float() - b.float()).abs().max()) <= 2e-3
+    if HAS_DEEPSPEED:  # peer 4 when deepspeed is importable: the same math as the recipe
+        ds = B.RecipeContender(wl, optimizer="deepspeed")
+        ds.window()
+        for a, b in zip(ours.fp32_weights(), ds.fp32_weights()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        ds.close()
     for c in (ours, tutorial, recipe):
         c.close()
 
@@ -160,7 +169,7 @@ def test_alternated_windows_and_ratios():
                                        max_rounds=2, profile=True),
                         compile_mode=False, progress=B.Progress(1, enabled=False), notes=notes)
     names = [r.contender for r in res]
-    assert names[:3] == ["fusedaccum[reference]", "tutorial", "recipe"]
+    assert names == ["fusedaccum[reference]", *PEERS]
     for r in res:
         assert len(r.times) == 2, r.note
         assert r.persistent_bytes and r.persistent_bytes > 0
@@ -171,7 +180,7 @@ def test_alternated_windows_and_ratios():
     assert recipe.max_param_diff < 1e-2  # same math after the same 4 windows
     ratios = B.window_ratios(res)
     assert {(o.contender, p.contender) for o, p, _ in ratios} == {
-        ("fusedaccum[reference]", "tutorial"), ("fusedaccum[reference]", "recipe")}
+        ("fusedaccum[reference]", p) for p in PEERS}
     assert all(math.isfinite(x) and x > 0 for _, _, x in ratios)
 
 
@@ -206,8 +215,7 @@ def test_quick_run_writes_markdown_and_csv(tmp_path, capsys):
         assert int(r["bytes_moved"]) == int(r["bytes_per_elem"]) * int(r["numel"])
     assert any(r["section"] == "copy_bw" and r["note"] == "reference" for r in rows)
     ratios = [r for r in rows if r["section"] == "window_ratio"]
-    assert {r["name"] for r in ratios} == {"tutorial / fusedaccum[reference]",
-                                           "recipe / fusedaccum[reference]"}
+    assert {r["name"] for r in ratios} == {f"{p} / fusedaccum[reference]" for p in PEERS}
     assert not any(p.endswith(".png") for p in os.listdir(tmp_path))  # --no-plot
 
 
