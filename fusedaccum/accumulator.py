@@ -267,6 +267,7 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _end_window(self) -> None:
         for b in self._all_buckets():
             for i in range(len(b)):
+                b.exposed[i] = False
                 if b.touched[i]:
                     b.touched[i] = False
                     b.stepped[i].grad = None
@@ -281,6 +282,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                     p.grad = None
                 if b.has_master and b.stepped[i].grad is not None:
                     b.stepped[i].grad = None
+                b.exposed[i] = False
 
     # -- params, buckets and hooks -------------------------------------------------
     def _param_name(self, group: dict, gi: int, pi: int, p: torch.Tensor) -> str:
@@ -388,6 +390,7 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def _expose_grad(self, b: Bucket, i: int) -> None:
         """Give the stepped tensor a ``.grad`` viewing the window (GradScaler sees it)."""
+        b.exposed[i] = True
         if b.stepped[i].dtype == torch.float32:  # not half params stepped in place
             b.stepped[i].grad = b.main_grads[i]
 
@@ -406,7 +409,8 @@ class FusedAccumulator(torch.optim.Optimizer):
             p = p_ref()
             if p is None or b.released[i]:
                 return None
-            self._bad_grad(b, i, grad)
+            if grad.layout is not torch.strided:
+                self._bad_grad(b, i, grad)
             cur = p.grad
             if cur is not view:
                 if cur is not None:  # a .grad the user assigned: part of the window
@@ -421,17 +425,23 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _make_post_hook(self, b: Bucket, i: int):
         view = b.main_grads[i]
         flat = b.flat_slice(b.acc, i)
+        accumulate_ = b.ops.accumulate_
+        strided = torch.strided
 
         def post_hook(p):
-            if b.released[i]:
-                return
+            # the hot path: once per param per backward
             grad = p.grad
-            if grad is None:
+            if grad is None or b.released[i]:
                 return
-            self._bad_grad(b, i, grad)
+            if grad.layout is not strided:
+                self._bad_grad(b, i, grad)
             if b.is_half:
-                with torch.no_grad():
-                    b.ops.accumulate_(flat, grad.detach().reshape(-1), 1.0)
+                if grad.requires_grad or torch.is_grad_enabled():  # create_graph=True
+                    with torch.no_grad():
+                        accumulate_(flat, grad.detach().reshape(-1), 1.0)
+                else:
+                    accumulate_(flat, grad.view(-1) if grad.is_contiguous()
+                                else grad.reshape(-1), 1.0)
                 p.grad = None
             elif grad is not view:
                 # autograd replaced .grad out of place (create_graph=True): it holds the
@@ -439,8 +449,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                 with torch.no_grad():
                     view.copy_(grad.detach())
                 p.grad = view
-            b.touched[i] = True
-            self._expose_grad(b, i)
+            if not b.exposed[i]:  # first grad of the window, or since zero_grad()
+                b.touched[i] = True
+                self._expose_grad(b, i)
 
         return post_hook
 

@@ -69,7 +69,8 @@ class Bucket:
             self.stepped = list(params)
         for p, g in zip(params, self.main_grads):
             p.main_grad = g
-        self.touched = [False] * len(params)
+        self.touched = [False] * len(params)  # got a gradient in this window
+        self.exposed = [False] * len(params)  # its stepped tensor's .grad views the window
         self.released = [False] * len(params)
         self.state_flat: dict[str, torch.Tensor] = {}
         self._state_views: dict[str, list[torch.Tensor]] = {}
