@@ -817,9 +817,12 @@ class FusedAccumulator(torch.optim.Optimizer):
                 b.touched[i] = True
                 self._expose_grad(b, i)
         self.micro_step = int(extra["micro_step"])
-        self._window_k = int(extra["window_k"])
         self.update_count = int(extra["update_count"])
         self.skipped_steps = int(extra["skipped_steps"])
+        # a window saved part-way keeps the length it started with; otherwise the next
+        # window's length comes from this wrapper's accumulation_steps (it may differ,
+        # e.g. when resuming on another number of ranks)
+        self._window_k = int(extra["window_k"]) if self.micro_step > 0 else self._next_k()
         self._warned_skip = bool(extra.get("warned_skip", False))
         if extra.get("loss_scale") is not None and self._scaler is not None:
             self._scaler.load_state_dict(extra["loss_scale"])

@@ -1417,6 +1417,7 @@ def write_markdown(path, *, device, copy, ops_results, backends, excluded, win_r
             md.append("")
         md += _window_legend(device, k)
         md.append("")
+        md += _communication_lines(win_results, k)
     if notes:
         md.append("## Notes")
         md.append("")
@@ -1424,6 +1425,29 @@ def write_markdown(path, *, device, copy, ops_results, backends, excluded, win_r
         md.append("")
     with open(path, "w") as f:
         f.write("\n".join(md))
+
+
+def _communication_lines(win_results, k):
+    """Data parallel: bytes each rank sends per window, fusedaccum against DDP (computed)."""
+    from fusedaccum.distributed import bytes_per_window
+
+    rows = []
+    for name in dict.fromkeys(r.model for r in win_results):
+        m = MODELS[name]
+        for world in (2, 8):
+            plain = bytes_per_window(m.numel, 2, world, k, shard=False)
+            zero = bytes_per_window(m.numel, 2, world, k, shard=True)
+            rows.append([name, str(world), fmt_bytes(plain["ddp_every_micro_batch"]),
+                         fmt_bytes(plain["fusedaccum"]), f"{plain['ratio']:.2f}x",
+                         fmt_bytes(zero["fusedaccum"]), f"{zero['ratio']:.2f}x"])
+    return [f"## Data parallel: bytes each rank sends per window (k={k}, bf16 params)", "",
+            "Computed from ring-algorithm byte counts (`fusedaccum.distributed."
+            "bytes_per_window`), not measured on a network: DDP all-reduces every "
+            "micro-batch's bf16 gradient; fusedaccum all-reduces the fp32 accumulators once "
+            "per window, or with ZeRO-1 reduce-scatters them and all-gathers the bf16 params.",
+            "", format_table(["model", "ranks", "DDP every micro-batch", "fusedaccum",
+                              "DDP/ours", "fusedaccum ZeRO-1", "DDP/ours ZeRO-1"], rows,
+                             markdown=True), ""]
 
 
 def _window_legend(device, k):

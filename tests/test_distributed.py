@@ -55,7 +55,7 @@ def _model(dtype):
 
 def _data(world):
     g = torch.Generator().manual_seed(3)
-    n = WINDOWS * world * K * MB
+    n = (WINDOWS + 1) * world * K * MB  # one spare window for resuming elsewhere
     return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)
 
 
@@ -126,7 +126,8 @@ def _worker(rank, world, port, cfg, out_dir):
             torch.save({"params": [p.detach().clone() for p in model.parameters()],
                         "state": sd["state"], "masters": sd["fusedaccum"]["masters"],
                         "counts": (opt.update_count, opt.skipped_steps),
-                        "memory": opt.optimizer_memory_bytes()},
+                        "memory": opt.optimizer_memory_bytes(),
+                        "full": sd, "model": model.state_dict()},
                        os.path.join(out_dir, "result.pt"))
     except BaseException:
         dist.destroy_process_group()
@@ -134,12 +135,13 @@ def _worker(rank, world, port, cfg, out_dir):
     _finish()
 
 
-def _single(cfg, world):
+def _single(cfg, world, windows=WINDOWS, model=None, opt=None, start=0):
     """One process, N*k micro-batches per window."""
     x, y = _data(world)
-    model = _model(cfg["dtype"])
-    opt = _opt(cfg, model, accumulation_steps=world * K)
-    for w in range(WINDOWS):
+    if model is None:
+        model = _model(cfg["dtype"])
+        opt = _opt(cfg, model, accumulation_steps=world * K)
+    for w in range(start, windows):
         for r in range(world):
             for x_mb, y_mb in _micro_batches(x, y, w, world, r):
                 loss = _loss(model, x_mb, y_mb, cfg)
@@ -276,3 +278,26 @@ def test_bytes_per_window_counts_one_exchange_per_window():
     z = bytes_per_window(n, 2, world=4, k=8, shard=True)
     assert z["fusedaccum"] == 0.75 * n * 4 + 0.75 * n * 2
     assert bytes_per_window(n, 2, world=1, k=8, shard=False)["fusedaccum"] == 0
+
+
+@pytest.mark.parametrize("cfg", [CASES[2], CASES[3]], ids=[_case_id(CASES[2]), _case_id(CASES[3])])
+def test_sharded_checkpoint_resumes_on_another_world_size(cfg, tmp_path):
+    """The consolidated state dict of N ranks resumes in one process, same trajectory."""
+    world = cfg["world"]
+    mp.spawn(_worker, args=(world, _free_port(), cfg, str(tmp_path)), nprocs=world, join=True)
+    got = torch.load(tmp_path / "result.pt")
+    model = _model(cfg["dtype"])
+    opt = _opt(cfg, model, accumulation_steps=world * K)
+    model.load_state_dict(got["model"])
+    opt.load_state_dict(got["full"])
+    _single(cfg, world, WINDOWS + 1, model, opt, start=WINDOWS)
+    want_model, want_opt = _single(cfg, world, WINDOWS + 1)
+    half = cfg["dtype"] != torch.float32
+    tol = dict(rtol=1e-2, atol=1e-2) if half else dict(rtol=1e-5, atol=1e-6)
+    for p_got, p_want in zip(model.parameters(), want_model.parameters()):
+        torch.testing.assert_close(p_got.detach(), p_want.detach(), **tol)
+    assert opt.update_count == want_opt.update_count == WINDOWS + 1
+    got_sd, want_sd = opt.state_dict(), want_opt.state_dict()
+    for idx, st in want_sd["state"].items():
+        for key, value in st.items():
+            torch.testing.assert_close(got_sd["state"][idx][key], value, rtol=1e-4, atol=1e-6)
