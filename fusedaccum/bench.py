@@ -26,6 +26,7 @@ contenders). Our contender is the public wrapper used as DESIGN.md section 1 wri
 
 from __future__ import annotations
 
+import abc
 import argparse
 import csv
 import datetime as _dt
@@ -749,7 +750,7 @@ class Workload:
         return (2 + tutorial) * self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
-class Contender:
+class Contender(abc.ABC):
     """One way of running an accumulation window; subclasses fill in the parts."""
 
     name = "?"
@@ -761,22 +762,24 @@ class Contender:
         self.windows = 0
         self.compile_s: float | None = None
 
+    @abc.abstractmethod
     def window(self) -> None:
-        raise NotImplementedError
+        """Run one window: k micro-batches and the boundary."""
 
+    @abc.abstractmethod
     def model_params(self) -> list[torch.Tensor]:
         """The model's params (param dtype) after the windows run so far."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fp32_weights(self) -> list[torch.Tensor]:
         """The fp32 weights the optimizer steps (masters, or the fp32 params)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def persistent_tensors(self) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Params, masters, accumulators and optimizer state it keeps between windows."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release what the contender holds."""
 
 
 def _backward(params, grads) -> None:

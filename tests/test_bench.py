@@ -195,7 +195,7 @@ def _quick_args(tmp_path, *extra):
 
 
 def test_quick_run_writes_markdown_and_csv(tmp_path, capsys):
-    assert B.main(_quick_args(tmp_path)) == 0
+    assert B.main(_quick_args(tmp_path, "--no-plot")) == 0
     out = capsys.readouterr().out
     assert "copy bandwidth" in out and "GB/s" in out
     md = sorted(p for p in os.listdir(tmp_path) if p.endswith(".md"))
