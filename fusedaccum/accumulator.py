@@ -159,13 +159,6 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._check_not_ddp(all_params)
         for dev in {p.device for p in all_params}:  # fail before any param is touched
             self._backend_module(dev)
-        for gi in range(len(optimizer.param_groups)):
-            self._build_group(gi)
-        if self._pg is not None:
-            dp.check_replicas(list(self._all_buckets()), self._pg, self._device)
-        self._adopt_state({self._index_of(t): st for t, st in optimizer.state.items()
-                           if self._index_of(t) is not None})
-
         self.micro_step = 0
         self.update_count = 0
         self.skipped_steps = 0
@@ -173,7 +166,21 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._warned_skip = False
         self._ddp_checked = False
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
-        self._window_k = self._next_k()
+        self._window_k = self._next_k()  # a bad callable fails here, before any hook
+
+        for gi in range(len(optimizer.param_groups)):
+            self._build_group(gi)
+        try:
+            if self._pg is not None:
+                dp.check_replicas(list(self._all_buckets()), self._pg, self._device)
+        except BaseException:
+            for h in self._handles:  # a wrapper that failed to build must not accumulate
+                h.remove()
+            raise
+        index = {id(p): idx for idx, (b, i) in self._index_map().items()
+                 for p in (b.params[i], b.stepped[i])}
+        self._adopt_state({index[id(t)]: st for t, st in optimizer.state.items()
+                           if id(t) in index})
 
     # -- the inner optimizer's objects, at all times ---------------------------------
     @property
@@ -701,12 +708,6 @@ class FusedAccumulator(torch.optim.Optimizer):
                     out[base + pi] = (b, i)
             base += len(group["params"])
         return out
-
-    def _index_of(self, t: torch.Tensor) -> int | None:
-        for idx, (b, i) in self._index_map().items():
-            if b.stepped[i] is t or b.params[i] is t:
-                return idx
-        return None
 
     def state_dict(self) -> dict:
         """The inner optimizer's format (fp32 state) plus a ``"fusedaccum"`` entry.

@@ -51,6 +51,17 @@ def test_callable_accumulation_steps_returning_bad_value_at_first_window(bad):
         assert torch.equal(p.detach(), b)
 
 
+def test_failed_construction_leaves_no_hooks_behind():
+    """A wrapper whose construction failed never touches later backward passes."""
+    model, inner = _model_opt()
+    with pytest.raises(ValueError):
+        wrap(inner, accumulation_steps=lambda n: 0)
+    x, y = make_batches(1)[0]
+    mse(model(x), y).backward()
+    for p in model.parameters():
+        assert p.grad is not None and not hasattr(p, "main_grad")
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_callable_accumulation_steps_returning_bad_value_at_a_later_window(bad):
     model, inner = _model_opt()
