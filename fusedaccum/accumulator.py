@@ -271,8 +271,13 @@ class FusedAccumulator(torch.optim.Optimizer):
         self.micro_step = 0
         self._window_k = self._next_k()
 
+    def _ride_norm(self) -> bool:
+        """Whether this micro-batch's accumulations should also produce norm statistics."""
+        return self._pg is None and self.micro_step + 1 >= self._window_k
+
     def _end_window(self) -> None:
         for b in self._all_buckets():
+            b.stats = [None] * len(b)
             for i in range(len(b)):
                 b.exposed[i] = False
                 if b.touched[i]:
@@ -335,6 +340,10 @@ class FusedAccumulator(torch.optim.Optimizer):
             grads = [p.grad for p in members]
             b = Bucket(members, idx, use_master=self.master_weights, shard=self._shard)
             b.ops = modules[device]
+            # Measured on CPU: the norm riding on the last accumulation makes a window 4%
+            # faster on large tensors and costs nothing on small ones. On GPUs each such
+            # accumulation adds a finalize launch per param; off until measured there.
+            b.ride_norm = device.type == "cpu"
             buckets.append(b)
             for i, p in enumerate(members):
                 self._install_hooks(b, i, p)
@@ -443,12 +452,17 @@ class FusedAccumulator(torch.optim.Optimizer):
             if grad.layout is not strided:
                 self._bad_grad(b, i, grad)
             if b.is_half:
+                # in a window's last micro-batch the norm rides on the accumulation
+                norm_type = self.norm_type if b.ride_norm and self._ride_norm() else None
                 if grad.requires_grad or torch.is_grad_enabled():  # create_graph=True
                     with torch.no_grad():
-                        accumulate_(flat, grad.detach().reshape(-1), 1.0)
+                        stat = accumulate_(flat, grad.detach().reshape(-1), 1.0,
+                                           norm_type=norm_type)
                 else:
-                    accumulate_(flat, grad.view(-1) if grad.is_contiguous()
-                                else grad.reshape(-1), 1.0)
+                    stat = accumulate_(flat, grad.view(-1) if grad.is_contiguous()
+                                       else grad.reshape(-1), 1.0, norm_type=norm_type)
+                b.stats[i] = stat
+                b.stats_version = b.acc._version
                 p.grad = None
             elif grad is not view:
                 # autograd replaced .grad out of place (create_graph=True): it holds the
@@ -524,23 +538,53 @@ class FusedAccumulator(torch.optim.Optimizer):
             raise ValueError(f"num_items must be a number > 0 (the window's item count), "
                              f"got {num_items!r}")
 
-    def _total_norm(self) -> torch.Tensor:
-        """Norm over every accumulator (raw: loss scale and 1/D not yet removed)."""
+    def _ridden_stat(self, b: Bucket) -> torch.Tensor | None:
+        """The bucket's norm statistic from its last accumulations, if still valid.
+
+        Valid when every param with a gradient in the window produced a statistic at
+        its latest accumulation and nothing wrote the accumulator afterwards (GradScaler's
+        unscale_, user code, a reset: the version counter tells).
+        """
+        if not b.is_half or b.acc._version != b.stats_version:
+            return None
+        stats = []
+        for i, t in enumerate(b.touched):
+            if t:
+                if b.stats[i] is None:
+                    return None
+                stats.append(b.stats[i])
+        if not stats:
+            return torch.zeros((), dtype=torch.float32, device=b.device)
+        stacked = torch.stack(stats)
+        return stacked.amax() if self.norm_type == math.inf else stacked.sum()
+
+    def _total_norm(self, ridden_ok: bool) -> torch.Tensor:
+        """Norm over every accumulator (raw: loss scale and 1/D not yet removed).
+
+        Buckets whose statistics rode on the last accumulation are not read again; the
+        others get one grad_norm pass per device. ``ridden_ok`` is False under
+        torch.amp.GradScaler: its unscale_ rewrites the accumulators without bumping their
+        version counter.
+        """
         per_device: dict[torch.device, list[torch.Tensor]] = {}
+        parts = []  # sums of squares (2-norm) or maxima (inf-norm), on the main device
         for b in self._all_buckets():
-            per_device.setdefault(b.device, []).append(b.acc_local)
-        norms = []
-        for accs in per_device.values():
-            n = ops.grad_norm(accs, self.norm_type, backend=self.backend)
-            norms.append(n.to(self._device, non_blocking=True))
-        if not norms:
-            return torch.zeros((), dtype=torch.float32, device=self._device)
-        if len(norms) == 1:
+            stat = self._ridden_stat(b) if ridden_ok and self._shard is None else None
+            if stat is None:
+                per_device.setdefault(b.device, []).append(b.acc_local)
+            else:
+                parts.append(stat.to(self._device, non_blocking=True))
+        norms = [ops.grad_norm(accs, self.norm_type, backend=self.backend)
+                 .to(self._device, non_blocking=True) for accs in per_device.values()]
+        if len(norms) == 1 and not parts:  # one device, nothing ridden: the norm as is
             total = norms[0]
+        elif not norms and not parts:
+            total = torch.zeros((), dtype=torch.float32, device=self._device)
         else:
-            stacked = torch.stack(norms)
-            total = stacked.amax() if self.norm_type == math.inf else \
-                stacked.square().sum().sqrt()
+            if self.norm_type != math.inf:
+                norms = [n.square() for n in norms]
+            stacked = torch.stack(parts + norms)
+            total = stacked.amax() if self.norm_type == math.inf else stacked.sum().sqrt()
         if self._shard is not None:  # each rank holds a disjoint shard of the gradient
             total = dp.global_norm(total, self.norm_type, self._pg)
         return total
@@ -565,7 +609,8 @@ class FusedAccumulator(torch.optim.Optimizer):
             inv = torch.full((), 1.0, dtype=torch.float32, device=dev) / denom
         else:
             inv = (scale.to(device=dev, dtype=torch.float32) * denom).reciprocal()
-        norm = self._total_norm() * inv
+        norm = self._total_norm(ridden_ok=grad_scale is not None or scaler_found_inf is None) \
+            * inv
         found = ~torch.isfinite(norm)
         if scaler_found_inf is not None:
             found = found | (scaler_found_inf.to(dev) > 0)

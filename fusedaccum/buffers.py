@@ -71,6 +71,11 @@ class Bucket:
             p.main_grad = g
         self.touched = [False] * len(params)  # got a gradient in this window
         self.exposed = [False] * len(params)  # its stepped tensor's .grad views the window
+        # the norm statistic (sum of squares or max |x|) each param's last accumulation
+        # produced, and the accumulator's version right after it: the boundary uses them
+        # instead of a separate norm pass when nothing else wrote the accumulator since
+        self.stats: list = [None] * len(params)
+        self.stats_version = -1
         self.released = [False] * len(params)
         self.state_flat: dict[str, torch.Tensor] = {}
         self._state_views: dict[str, list[torch.Tensor]] = {}

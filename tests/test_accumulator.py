@@ -1053,3 +1053,77 @@ def test_single_rank_process_group_equals_one_process(world, shard):
     plain = adamw([p.detach().clone() for p in ref.parameters()])
     plain.load_state_dict({key: v for key, v in sd.items() if key != "fusedaccum"})
     assert_states_close(plain, ref_opt)
+
+
+# ------------------------------------------------- the norm riding on the last accumulation
+
+
+def _count_grad_norm_calls(monkeypatch):
+    import fusedaccum.ops as ops_mod
+
+    calls = []
+    real = ops_mod.grad_norm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops_mod, "grad_norm", counting)
+    return calls
+
+
+def _expected_norm(model, k, norm_type):
+    g = torch.cat([p.main_grad.reshape(-1) for p in model.parameters()]) / k
+    return torch.linalg.vector_norm(g, norm_type)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_params_norm_rides_on_the_last_accumulation(monkeypatch, device, dtype, norm_type):
+    """No separate norm pass when every gradient came through the last micro-batch."""
+    k = 3
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.1,
+               norm_type=norm_type)
+    calls = _count_grad_norm_calls(monkeypatch)
+    for x, y in make_batches(k, dtype=dtype, device=device):
+        mse(model(x), y).backward()
+        if opt.accumulation_boundary:
+            want = _expected_norm(model, k, norm_type)
+        opt.step()
+    assert opt.stepped and not calls
+    torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_ridden_norm_is_not_used_after_an_in_place_change(monkeypatch, device, dtype):
+    """Scaling the window's gradient in place (here through the groups' .grad views)
+    after the last backward makes the ridden statistics stale: a real pass is made."""
+    k = 2
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    calls = _count_grad_norm_calls(monkeypatch)
+    for x, y in make_batches(k, dtype=dtype, device=device):
+        mse(model(x), y).backward()
+        if opt.accumulation_boundary:
+            torch._foreach_mul_([t.grad for t in group_tensors(opt)], 0.25)
+            want = _expected_norm(model, k, 2.0)
+        opt.step()
+    assert calls, "the stale statistics were used"
+    torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
+
+
+def test_ridden_norm_needs_every_param_in_the_last_micro_batch(monkeypatch, device):
+    """A param whose gradient came only in an earlier micro-batch has no statistic."""
+    k = 2
+    model = make_model(dtype=torch.bfloat16, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    calls = _count_grad_norm_calls(monkeypatch)
+    (x0, y0), (x1, _) = make_batches(k, dtype=torch.bfloat16, device=device)
+    mse(model(x0), y0).backward()
+    opt.step()
+    model.fc1(x1).float().square().mean().backward()  # fc2 gets no gradient this time
+    want = _expected_norm(model, k, 2.0)
+    opt.step()
+    assert calls
+    torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
