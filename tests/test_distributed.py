@@ -200,45 +200,23 @@ def test_data_parallel_equals_single_process(cfg, tmp_path):
         assert got["memory"] == full
 
 
-def _ddp_worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(_model(torch.float32))
-        try:
-            fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
-                                        process_group=dist.group.WORLD)
-            msg = "no error"
-        except RuntimeError as exc:
-            msg = str(exc)
-        if rank == 0:
-            (torch.save(msg, os.path.join(out_dir, "msg.pt")))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _finish()
-
-
-def test_ddp_wrapped_model_is_refused(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    msg = torch.load(tmp_path / "msg.pt")
-    assert "DistributedDataParallel" in msg and "process_group" in msg
-
-
-def _mismatch_worker(rank, world, port, out_dir):
+def _refusal_worker(rank, world, port, out_dir, case):
+    """Build the wrapper on a model the wrapper must refuse; rank 0 saves the error."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
         model = _model(torch.float32)
-        if rank == 1:
+        if case == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        elif rank == 1:  # case "mismatch": rank 1 starts from other values
             with torch.no_grad():
                 model[0].weight.add_(1.0)
         try:
             fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
                                         process_group=dist.group.WORLD)
             msg = "no error"
-        except ValueError as exc:
-            msg = str(exc)
+        except (RuntimeError, ValueError) as exc:
+            msg = f"{type(exc).__name__}: {exc}"
         if rank == 0:
             torch.save(msg, os.path.join(out_dir, "msg.pt"))
     except BaseException:
@@ -247,9 +225,20 @@ def _mismatch_worker(rank, world, port, out_dir):
     _finish()
 
 
+def _refusal(tmp_path, case) -> str:
+    mp.spawn(_refusal_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2, join=True)
+    return torch.load(tmp_path / "msg.pt")
+
+
+def test_ddp_wrapped_model_is_refused(tmp_path):
+    msg = _refusal(tmp_path, "ddp")
+    assert msg.startswith("RuntimeError") and "DistributedDataParallel" in msg
+    assert "process_group" in msg
+
+
 def test_params_that_differ_across_ranks_are_refused(tmp_path):
-    mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert "differ across the ranks" in torch.load(tmp_path / "msg.pt")
+    msg = _refusal(tmp_path, "mismatch")
+    assert msg.startswith("ValueError") and "differ across the ranks" in msg
 
 
 def test_process_group_without_init_is_a_clear_error():
