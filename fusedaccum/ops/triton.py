@@ -269,13 +269,10 @@ def _launch_grad_norm(tensors, norm):
 
 
 @triton.jit
-def _adamw_kernel(param_ptr, acc_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, out_ptr,
-                  grad_mult_ptr, found_inf_ptr, n,
-                  decay, weight_decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt,
-                  eps, neg_step_size,
-                  PARAM_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_OUT: tl.constexpr,
-                  WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  LERP_FROM_START: tl.constexpr, ZERO_ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n, PARAM_KIND: tl.constexpr,
+                 MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """What every step kernel starts from: offsets, the in-range mask, the live mask, the
+    gradient ``acc * grad_mult`` (negated to maximize) and the param, both in fp32."""
     offs = _block_offsets(tl.program_id(0), BLOCK)
     mask = offs < n
     # found_inf set: no element is live, so nothing is read and nothing but acc is written.
@@ -286,6 +283,19 @@ def _adamw_kernel(param_ptr, acc_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
     if MAXIMIZE:
         g = -g
     p = _load_f32(param_ptr, offs, live, PARAM_KIND)
+    return offs, mask, live, g, p
+
+
+@triton.jit
+def _adamw_kernel(param_ptr, acc_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, out_ptr,
+                  grad_mult_ptr, found_inf_ptr, n,
+                  decay, weight_decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt,
+                  eps, neg_step_size,
+                  PARAM_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_OUT: tl.constexpr,
+                  WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  LERP_FROM_START: tl.constexpr, ZERO_ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, live, g, p = _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n,
+                                          PARAM_KIND, MAXIMIZE, BLOCK)
     new_p = p
     if WD_MODE == 1:  # decoupled (AdamW): p * (1 - lr * weight_decay)
         new_p = p * decay
@@ -355,13 +365,8 @@ def _sgd_kernel(param_ptr, acc_ptr, buf_ptr, out_ptr, grad_mult_ptr, found_inf_p
                 HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
                 NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ZERO_ACC: tl.constexpr,
                 BLOCK: tl.constexpr):
-    offs = _block_offsets(tl.program_id(0), BLOCK)
-    mask = offs < n
-    live = offs < tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, n, 0)
-    g = tl.load(acc_ptr + offs, mask=live, other=0.0) * tl.load(grad_mult_ptr).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    p = _load_f32(param_ptr, offs, live, PARAM_KIND)
+    offs, mask, live, g, p = _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n,
+                                          PARAM_KIND, MAXIMIZE, BLOCK)
     if HAS_WD:
         g = g + weight_decay * p
     if HAS_MOMENTUM:
