@@ -1,25 +1,68 @@
 #!/usr/bin/env bash
-# One device-tool call for a session that is lent a GPU: build the extension with CUDA,
-# run the GPU tests, then the full benchmark. Results land in $OUT (copy them to
-# bench/results/ and commit them with the card's name and date).
+# One device-tool call for a session that is lent a GPU: build the extension with CUDA
+# while the Triton tests run, then the CUDA tests, a Triton block-size sweep and the
+# benchmark. Every stage has its own time limit, so one hang cannot eat the lease.
+# Logs and reports land in $OUT (at most 8 files come back): copy the reports to
+# bench/results/ and commit them with the card's name and date.
 #   run(command="bash bench/gpu_session.sh", timeout_s=600)
+# Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
+STAGES=${STAGES:-"build triton cuda tune bench"}
+BENCH_ARGS=${BENCH_ARGS:-"--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3 --compile off"}
 mkdir -p "$OUT"
-log() { echo "== $*" | tee -a "$OUT/gpu_session.log"; }
-log "$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader) $(date -u +%F)"
-log "build (ahead of time, with CUDA)"
-python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$OUT/gpu_session.log"
-python -m fusedaccum info 2>&1 | tee -a "$OUT/gpu_session.log"
-log "op tests on the GPU (cuda and triton backends vs the reference)"
-python -m pytest -q -x tests/test_ops.py tests/test_native_library.py tests/test_triton_library.py \
-    2>&1 | tail -15 | tee -a "$OUT/gpu_session.log"
-for backend in cuda triton; do
-  log "wrapper suite, backend=$backend"
-  FUSEDACCUM_TEST_BACKEND=$backend timeout 240 python -m pytest -q tests/test_accumulator.py \
-      tests/test_amp.py tests/test_state_dict.py tests/test_errors.py 2>&1 | tail -15 \
-      | tee -a "$OUT/gpu_session.log"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/gpu_session.log"
+T0=$(date +%s)
+log() { echo "== [$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+PYTEST=(python -m pytest -q -p no:cacheprovider --tb=short -rfE --timeout 120)
+python -c "import xdist" 2>/dev/null && PYTEST+=(-n 8)
+WRAPPER_TESTS=(tests/test_accumulator.py tests/test_amp.py tests/test_state_dict.py
+               tests/test_errors.py)
+
+log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader) $(date -u +%F)"
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
+
+if has build; then
+  log "build (ahead of time, sm_90) in the background"
+  ( MAX_JOBS=8 TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python setup.py -q build_ext --inplace \
+      >"$OUT/build.log" 2>&1; echo "build exit $?" >>"$OUT/build.log" ) &
+  BUILD_PID=$!
+fi
+if has triton; then
+  log "triton: op tests + wrapper suite (extension disabled while it builds)"
+  FUSEDACCUM_NATIVE=0 FUSEDACCUM_TEST_BACKEND=triton timeout 160 "${PYTEST[@]}" \
+      tests/test_ops.py tests/test_triton_library.py "${WRAPPER_TESTS[@]}" \
+      >"$OUT/tests_triton.log" 2>&1
+  log "triton tests exit $?: $(tail -1 "$OUT/tests_triton.log")"
+fi
+if has build; then
+  wait "$BUILD_PID"
+  log "$(tail -1 "$OUT/build.log")"
+  grep -iE "error|warning: fusedaccum" "$OUT/build.log" | head -20 | tee -a "$LOG"
+fi
+python -m fusedaccum info 2>&1 | tee -a "$LOG"
+if has cuda; then
+  log "cuda: op tests + native library tests + wrapper suite"
+  FUSEDACCUM_TEST_BACKEND=cuda timeout 140 "${PYTEST[@]}" -k "not triton" tests/test_ops.py \
+      tests/test_native_library.py "${WRAPPER_TESTS[@]}" >"$OUT/tests_cuda.log" 2>&1
+  log "cuda tests exit $?: $(tail -1 "$OUT/tests_cuda.log")"
+fi
+if has tune; then
+  log "triton block-size sweep"
+  timeout 60 python bench/tune_triton.py --sizes 64M --budget 0.05 2>&1 | tee -a "$LOG"
+fi
+if has bench; then
+  log "benchmark: $BENCH_ARGS"
+  # shellcheck disable=SC2086
+  timeout 170 python -m fusedaccum bench --no-progress --out "$OUT" $BENCH_ARGS \
+      >>"$LOG" 2>&1
+  log "bench exit $?"
+fi
+for f in tests_triton tests_cuda; do
+  [[ -f "$OUT/$f.log" ]] && { echo "--- $f failures"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" \
+      | head -15; tail -1 "$OUT/$f.log"; }
 done
-log "benchmark"
-timeout 300 python -m fusedaccum bench --no-progress --out "$OUT" 2>&1 | tail -40 \
-    | tee -a "$OUT/gpu_session.log"
+log "done"
