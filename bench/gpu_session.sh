@@ -8,10 +8,10 @@
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
-STAGES=${STAGES:-"build triton cuda tune bench"}
+STAGES=${STAGES:-"build triton cuda diag bench"}
 BENCH_ARGS=${BENCH_ARGS:-"--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3 --compile off"}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 LOG="$OUT/gpu_session.log"
 T0=$(date +%s)
 log() { echo "== [$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
@@ -30,6 +30,7 @@ if has build; then
   ( MAX_JOBS=8 TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python setup.py -q build_ext --inplace \
       >"$OUT/build.log" 2>&1; echo "build exit $?" >>"$OUT/build.log" ) &
   BUILD_PID=$!
+  timeout 280 python bench/diag_cpp_exception.py >/tmp/diag_cpp.log 2>&1 &
 fi
 if has triton; then
   log "triton: op tests + wrapper suite (extension disabled while it builds)"
@@ -49,6 +50,13 @@ if has cuda; then
   FUSEDACCUM_TEST_BACKEND=cuda timeout 140 "${PYTEST[@]}" -k "not triton" tests/test_ops.py \
       tests/test_native_library.py "${WRAPPER_TESTS[@]}" >"$OUT/tests_cuda.log" 2>&1
   log "cuda tests exit $?: $(tail -1 "$OUT/tests_cuda.log")"
+fi
+if has diag; then
+  log "diag: the input-check test alone, without xdist (a crash shows its message here)"
+  timeout 60 python -X faulthandler -m pytest -q -p no:xdist -p no:cacheprovider -s -x \
+      --tb=short tests/test_native_library.py -k "input_checks" 2>&1 | tail -25 | tee -a "$LOG"
+  wait
+  cat /tmp/diag_cpp.log 2>/dev/null | tee -a "$LOG"
 fi
 if has tune; then
   log "triton block-size sweep"

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -126,6 +128,69 @@ void accumulate_op(const Tensor& acc, const Tensor& grad, double scale, bool ove
   fa::AccumulateParams p = accumulate_params(acc, grad, scale, overwrite);
   c10::DeviceGuard guard(acc.device());
   FA_RUN("accumulate_", accumulate, p, acc);
+}
+
+// Python's name of a dtype ("float16", "int32").
+std::string_view dtype_name(const Tensor& t) { return c10::getDtypeNames(t.scalar_type()).first; }
+
+// accs[i] += scale * grads[i] for every i: the element math of accumulate_ (overwrite=False,
+// no norm), one call for many pairs. Any shapes, each tensor contiguous with
+// grads[i].numel() == accs[i].numel(); accs fp32; grads of one dtype; one device.
+void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale) {
+  TORCH_CHECK_VALUE(accs.size() == grads.size(), "accs and grads must have the same length, got ",
+                    accs.size(), " accs and ", grads.size(), " grads");
+  const size_t count = accs.size();
+  if (count == 0) return;
+  const Tensor& grad0 = grads[0];
+  TORCH_CHECK_VALUE(accs[0].defined() && grad0.defined(),
+                    "accs and grads must hold tensors, got an undefined tensor");
+  const at::Device device = accs[0].device();
+  TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(),
+                    "accs[0] must be a CPU or CUDA tensor, got device ", device);
+  const auto gst = grad0.scalar_type();
+  TORCH_CHECK_TYPE(gst == at::kFloat || gst == at::kHalf || gst == at::kBFloat16,
+                   "grads[0] must have dtype ", dtype_list(false, false), ", got ",
+                   dtype_name(grad0));
+  c10::SmallVector<float*, 64> acc_ptrs;
+  c10::SmallVector<const void*, 64> grad_ptrs;
+  c10::SmallVector<int64_t, 64> numels;
+  acc_ptrs.reserve(count);
+  grad_ptrs.reserve(count);
+  numels.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    const Tensor& a = accs[i];
+    const Tensor& g = grads[i];
+    TORCH_CHECK_VALUE(a.defined(), "accs[", i, "] must be a tensor, got an undefined tensor");
+    TORCH_CHECK_VALUE(g.defined(), "grads[", i, "] must be a tensor, got an undefined tensor");
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "accs[", i, "] must have dtype float32, got ",
+                     dtype_name(a));
+    TORCH_CHECK_TYPE(g.scalar_type() == gst, "grads[", i, "] has dtype ", dtype_name(g),
+                     ", but grads[0] has ", dtype_name(grad0),
+                     " (all grads of one call share a dtype)");
+    TORCH_CHECK_VALUE(a.device() == device, "accs[", i, "] is on ", a.device(), ", expected ",
+                      device, " (the device of accs[0])");
+    TORCH_CHECK_VALUE(g.device() == device, "grads[", i, "] is on ", g.device(), ", expected ",
+                      device, " (the device of accs[0])");
+    TORCH_CHECK_VALUE(a.is_contiguous(), "accs[", i, "] must be contiguous, got shape ",
+                      a.sizes(), " and strides ", a.strides());
+    TORCH_CHECK_VALUE(g.is_contiguous(), "grads[", i, "] must be contiguous, got shape ",
+                      g.sizes(), " and strides ", g.strides());
+    TORCH_CHECK_VALUE(g.numel() == a.numel(), "grads[", i, "] has ", g.numel(),
+                      " elements, expected ", a.numel(), " (accs[", i, "])");
+    acc_ptrs.push_back(static_cast<float*>(a.data_ptr()));
+    grad_ptrs.push_back(g.const_data_ptr());
+    numels.push_back(a.numel());
+  }
+  fa::AccumulateManyParams p;
+  p.accs = acc_ptrs.data();
+  p.grads = grad_ptrs.data();
+  p.numels = numels.data();
+  p.num_tensors = static_cast<int64_t>(count);
+  p.grad_dtype = dtype_code(grad0);
+  p.scale = static_cast<float>(scale);
+  p.stream = stream_of(accs[0]);
+  c10::DeviceGuard guard(device);
+  FA_RUN("accumulate_many_", accumulate_many, p, accs[0]);
 }
 
 Tensor accumulate_norm_op(const Tensor& acc, const Tensor& grad, double scale, bool overwrite,
@@ -287,6 +352,7 @@ TORCH_LIBRARY(fusedaccum_native, m) {
   m.def(
       "accumulate_norm_(Tensor(a!) acc, Tensor grad, float scale, bool overwrite, "
       "float norm_type) -> Tensor");
+  m.def("accumulate_many_(Tensor(a!)[] accs, Tensor[] grads, float scale=1.0) -> ()");
   m.def("grad_norm(Tensor[] tensors, float norm_type) -> Tensor");
   m.def(
       "adamw_step_(Tensor(a!) param, Tensor(b!) acc, Tensor(c!) exp_avg, "
@@ -305,6 +371,7 @@ TORCH_LIBRARY(fusedaccum_native, m) {
 TORCH_LIBRARY_IMPL(fusedaccum_native, CPU, m) {
   m.impl("accumulate_", &accumulate_op);
   m.impl("accumulate_norm_", &accumulate_norm_op);
+  m.impl("accumulate_many_", &accumulate_many_op);
   m.impl("grad_norm", &grad_norm_op);
   m.impl("adamw_step_", &adamw_step_op);
   m.impl("sgd_step_", &sgd_step_op);
@@ -314,6 +381,7 @@ TORCH_LIBRARY_IMPL(fusedaccum_native, CPU, m) {
 TORCH_LIBRARY_IMPL(fusedaccum_native, CUDA, m) {
   m.impl("accumulate_", &accumulate_op);
   m.impl("accumulate_norm_", &accumulate_norm_op);
+  m.impl("accumulate_many_", &accumulate_many_op);
   m.impl("grad_norm", &grad_norm_op);
   m.impl("adamw_step_", &adamw_step_op);
   m.impl("sgd_step_", &sgd_step_op);

@@ -23,6 +23,18 @@ struct AccumulateParams {
   void* stream = nullptr;      // CUDA only: cudaStream_t
 };
 
+// accs[i] += scale * grads[i] for every i (accumulate without overwrite or norm, batched):
+// one op call, on CUDA one launch per group of up to kCudaManyMaxTensors pairs.
+struct AccumulateManyParams {
+  float* const* accs = nullptr;         // host array of num_tensors pointers
+  const void* const* grads = nullptr;   // host array of num_tensors pointers, grad_dtype
+  const int64_t* numels = nullptr;      // host array of num_tensors sizes
+  int64_t num_tensors = 0;
+  int grad_dtype = kFloat32;  // DType, the same for every grad
+  float scale = 1.f;
+  void* stream = nullptr;  // CUDA only: cudaStream_t
+};
+
 // Total norm over several fp32 buffers.
 struct NormParams {
   const float* const* tensors = nullptr;  // host array of num_tensors pointers
@@ -67,8 +79,11 @@ struct SgdParams {
 // ---- shared launch geometry (host side; static: each translation unit its own copy) ---
 
 // Elements per CUDA thread per iteration (16-byte vectors of fp32, or 16 bytes of halves
-// for the 8-element case), threads per block, and a block cap that depends on n only,
-// so the reduction order (and hence every norm) is the same on every GPU.
+// for the 8-element case), threads per block, and the grid of the norm-producing kernels
+// (accumulate_ with a norm, grad_norm): a block cap that depends on n only, so the
+// reduction order (and hence every norm) is the same on every GPU. The element-wise
+// kernels without a norm use a grid that covers the whole buffer instead (cuda/common.cuh
+// cover_blocks).
 constexpr int kCudaVec = 8;
 constexpr int kCudaThreads = 256;
 constexpr int64_t kCudaMaxBlocks = 2048;

@@ -29,6 +29,14 @@ from fusedaccum.scaling import LossScaler
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _STATE_VERSION = 1
+# Half gradients of at most this many elements wait in a per-bucket batch and are
+# accumulated together, one op call for many (on a GPU one launch instead of one Python
+# hook + launch each: that overhead dominates models of many small tensors). A batch is
+# flushed when its gradients reach _BATCH_FLUSH_BYTES, at the end of every backward pass
+# and before anything reads the accumulators, so it holds at most that many bytes (plus
+# one gradient) that plain autograd would have freed a little earlier.
+_BATCH_MAX_NUMEL = 1 << 22
+_BATCH_FLUSH_BYTES = 32 << 20
 
 # param -> (weakref to its wrapper, hook handles): a param belongs to one live wrapper
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -165,6 +173,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         self.stepped = False
         self._warned_skip = False
         self._ddp_checked = False
+        self._flush_queued = False  # an end-of-backward flush of the batches is queued
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
         self._window_k = self._next_k()  # a bad callable fails here, before any hook
 
@@ -264,6 +273,7 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def reset_accumulation(self) -> None:
         """Drop the partial window: accumulators zeroed, micro_step back to 0."""
+        self._drop_pending()
         with torch.no_grad():
             for b in self._all_buckets():
                 b.acc.zero_()
@@ -417,16 +427,21 @@ class FusedAccumulator(torch.optim.Optimizer):
             raise RuntimeError(f"{name} received a sparse gradient; fusedaccum accumulates "
                                "dense gradients only (use a dense embedding, sparse=False)")
 
+    # The hooks live on the params and must not keep their wrapper (which holds the params)
+    # alive: a param -> hook -> wrapper -> param cycle runs through C++ and is never
+    # collected. They hold the wrapper and the bucket weakly; the wrapper holds the buckets.
+
     def _make_pre_hook(self, b: Bucket, i: int, p_ref):
         """fp32 params: make ``p.grad`` the accumulator view, so autograd adds in place."""
         view = b.main_grads[i]
+        owner_ref, b_ref = weakref.ref(self), weakref.ref(b)
 
         def pre_hook(grad):
-            p = p_ref()
-            if p is None or b.released[i]:
+            p, b = p_ref(), b_ref()
+            if p is None or b is None or b.released[i]:
                 return None
             if grad.layout is not torch.strided:
-                self._bad_grad(b, i, grad)
+                owner_ref()._bad_grad(b, i, grad)
             cur = p.grad
             if cur is not view:
                 if cur is not None:  # a .grad the user assigned: part of the window
@@ -443,26 +458,31 @@ class FusedAccumulator(torch.optim.Optimizer):
         flat = b.flat_slice(b.acc, i)
         accumulate_ = b.ops.accumulate_
         strided = torch.strided
+        owner_ref, b_ref = weakref.ref(self), weakref.ref(b)
 
         def post_hook(p):
             # the hot path: once per param per backward
-            grad = p.grad
-            if grad is None or b.released[i]:
+            grad, b, self = p.grad, b_ref(), owner_ref()
+            if grad is None or b is None or self is None or b.released[i]:
                 return
             if grad.layout is not strided:
                 self._bad_grad(b, i, grad)
             if b.is_half:
+                g = grad.detach() if grad.requires_grad else grad  # create_graph=True
+                g = g.view(-1) if g.is_contiguous() else g.reshape(-1)
                 # in a window's last micro-batch the norm rides on the accumulation
-                norm_type = self.norm_type if b.ride_norm and self._ride_norm() else None
-                if grad.requires_grad or torch.is_grad_enabled():  # create_graph=True
-                    with torch.no_grad():
-                        stat = accumulate_(flat, grad.detach().reshape(-1), 1.0,
-                                           norm_type=norm_type)
+                ride = b.ride_norm and self._ride_norm()
+                if not ride and g.numel() <= _BATCH_MAX_NUMEL:
+                    self._pend(b, i, g)
                 else:
-                    stat = accumulate_(flat, grad.view(-1) if grad.is_contiguous()
-                                       else grad.reshape(-1), 1.0, norm_type=norm_type)
-                b.stats[i] = stat
-                b.stats_version = b.acc._version
+                    norm_type = self.norm_type if ride else None
+                    if torch.is_grad_enabled():  # create_graph=True
+                        with torch.no_grad():
+                            stat = accumulate_(flat, g, 1.0, norm_type=norm_type)
+                    else:
+                        stat = accumulate_(flat, g, 1.0, norm_type=norm_type)
+                    b.stats[i] = stat
+                    b.stats_version = b.acc._version
                 p.grad = None
             elif grad is not view:
                 # autograd replaced .grad out of place (create_graph=True): it holds the
@@ -475,6 +495,51 @@ class FusedAccumulator(torch.optim.Optimizer):
                 self._expose_grad(b, i)
 
         return post_hook
+
+    def _pend(self, b: Bucket, i: int, g: torch.Tensor) -> None:
+        """Add a small half gradient to its bucket's batch (see _BATCH_MAX_NUMEL)."""
+        if b.is_pending[i]:  # a second backward without the end-of-backward flush
+            self._flush(b)
+        b.pending.append((i, g))
+        b.is_pending[i] = True
+        b.stats[i] = None
+        b.pending_bytes += g.numel() * g.element_size()
+        if b.pending_bytes >= _BATCH_FLUSH_BYTES:
+            self._flush(b)
+        if not self._flush_queued:
+            self._flush_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush_all)
+
+    @torch.no_grad()
+    def _flush(self, b: Bucket) -> None:
+        pending = b.pending
+        if not pending:
+            return
+        b.pending, b.pending_bytes = [], 0
+        accs = [b.flat_slice(b.acc, i) for i, _ in pending]
+        grads = [g for _, g in pending]
+        for i, _ in pending:
+            b.is_pending[i] = False
+        many = getattr(b.ops, "accumulate_many_", None)
+        if many is not None:
+            many(accs, grads, 1.0)
+        else:
+            for acc, g in zip(accs, grads):
+                b.ops.accumulate_(acc, g, 1.0)
+
+    def _flush_all(self) -> None:
+        """Accumulate every waiting gradient (end of backward, and before any read)."""
+        self._flush_queued = False
+        for b in self._all_buckets():
+            if b.pending:
+                self._flush(b)
+
+    def _drop_pending(self) -> None:
+        """Forget the waiting gradients (the window they belong to is being dropped)."""
+        self._flush_queued = False
+        for b in self._all_buckets():
+            b.pending, b.pending_bytes = [], 0
+            b.is_pending = [False] * len(b)
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -493,6 +558,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         """
         if num_items is not None:
             self._check_num_items(num_items)
+        self._flush_all()
         scaler_attrs = "grad_scale" in self.__dict__ or "found_inf" in self.__dict__
         if scaler_attrs:
             if self._k_fn is not None or self._window_k != 1:
@@ -760,6 +826,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         With a process_group this is a collective (call it on every rank): the sharded
         state is gathered, and a partial window is summed over the ranks.
         """
+        self._flush_all()
         index = self._index_map()
         if self._shard is None:
             sd = self.inner.state_dict()
@@ -831,6 +898,7 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this wrapper, or a plain inner-optimizer state dict."""
+        self._drop_pending()
         sd = dict(state_dict)
         extra = sd.pop("fusedaccum", None)
         if self._kind is not None:
@@ -888,8 +956,10 @@ class FusedAccumulator(torch.optim.Optimizer):
             # generic path: the inner optimizer keeps its own state; only re-key it
             for b, i in self._index_map().values():
                 t = b.stepped[i]
+                if t is b.params[i]:
+                    continue
                 st = self.inner.state.pop(b.params[i], None)
-                if st is not None and t is not b.params[i]:
+                if st is not None:
                     # state made for the half param (Adagrad makes it in __init__) now
                     # belongs to its fp32 master: never keep it in half precision
                     self.inner.state[t] = {

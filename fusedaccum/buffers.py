@@ -76,6 +76,11 @@ class Bucket:
         # instead of a separate norm pass when nothing else wrote the accumulator since
         self.stats: list = [None] * len(params)
         self.stats_version = -1
+        # small half gradients waiting to be accumulated together (one op call for many):
+        # (param index, flat grad) pairs, their bytes, and which params are among them
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.pending_bytes = 0
+        self.is_pending = [False] * len(params)
         self.released = [False] * len(params)
         self.state_flat: dict[str, torch.Tensor] = {}
         self._state_views: dict[str, list[torch.Tensor]] = {}

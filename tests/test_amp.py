@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from _models import (
+    DEFAULT_DEVICE,
     HALF_DTYPES,
     HALF_TOL,
     INF,
@@ -115,8 +116,8 @@ def test_dynamic_loss_scale_half_params_equals_emulation(device, dtype):
 
 def _tiny():
     """A two-element model: the cheapest thing that has a gradient."""
-    p = nn.Parameter(torch.tensor([0.5, -0.25]))
-    c = torch.tensor([1.0, 2.0])
+    p = nn.Parameter(torch.tensor([0.5, -0.25], device=DEFAULT_DEVICE))
+    c = torch.tensor([1.0, 2.0], device=DEFAULT_DEVICE)
     return p, c
 
 

@@ -128,7 +128,8 @@ def test_add_param_group_with_a_param_already_present_is_rejected():
 
 @pytest.mark.parametrize("backend", ["cuda", "nope"])
 def test_backend_that_cannot_run_here(backend):
-    _, inner = _model_opt()  # CPU params: the cuda backend can never step them
+    model = make_model(device="cpu")  # CPU params: the cuda backend can never step them
+    inner = adamw(model.parameters())
     import fusedaccum
 
     with pytest.raises(RuntimeError, match=backend):
@@ -176,7 +177,7 @@ def test_sparse_gradient_is_rejected_naming_the_param(named):
     model = make_model(cls=_Emb)
     params = model.named_parameters() if named else model.parameters()
     opt = wrap(torch.optim.SGD(params, lr=0.1))
-    idx = torch.tensor([[1, 2], [3, 1]])
+    idx = torch.tensor([[1, 2], [3, 1]], device=model.fc.weight.device)
     with pytest.raises(RuntimeError, match="emb.weight" if named else "(?i)sparse"):
         model(idx).sum().backward()
         opt.step()

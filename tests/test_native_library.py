@@ -403,3 +403,130 @@ def test_ops_trace_under_torch_compile(device):
     got = f(acc, grad, ts)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(acc, want_acc, rtol=1e-6, atol=1e-6)
+
+
+# ---- accumulate_many_ -------------------------------------------------------------------
+
+_MANY_SIZES = [278011, 0, 1023, 1, 4097, 0, 1, 4097, 1023, 278011, 17]
+
+
+def _many_views(sizes, dtype, device, align, seed, fill=None):
+    """Views of one flat buffer, one per size, each start a multiple of `align` elements
+    plus 1 when align is odd (misaligned for the 16-byte vector path); the gaps hold
+    `fill` (or random values) and must never be written."""
+    starts, pos = [], 0
+    for n in sizes:
+        pos = (pos + 15) // 16 * 16 + (1 if align % 2 else 0)
+        starts.append(pos)
+        pos += n + 3
+    flat = _rand(pos + 16, dtype, device, seed)
+    if fill is not None:
+        flat.fill_(fill)
+    return flat, [flat[s:s + n] for s, n in zip(starts, sizes)]
+
+
+def _check_many_matches_accumulate(sizes, grad_dtype, device, acc_align, grad_align, scale,
+                                   seed=0):
+    acc_flat, accs = _many_views(sizes, torch.float32, device, acc_align, seed)
+    grad_flat, grads = _many_views(sizes, grad_dtype, device, grad_align, seed + 1)
+    want_flat = acc_flat.clone()
+    want = [want_flat[a.storage_offset():a.storage_offset() + a.numel()] for a in accs]
+    for a, g in zip(want, grads):
+        native.accumulate_(a, g, scale)
+    grad_before = grad_flat.clone()
+    native.accumulate_many_(accs, grads, scale)
+    assert torch.equal(acc_flat, want_flat)  # every pair bitwise, and the gaps untouched
+    assert torch.equal(grad_flat, grad_before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("acc_align,grad_align", [(16, 16), (1, 1), (16, 1), (1, 16)])
+def test_accumulate_many_bitwise_equals_accumulate(device, grad_dtype, acc_align, grad_align):
+    _check_many_matches_accumulate(_MANY_SIZES, grad_dtype, device, acc_align, grad_align, 0.37)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_many_more_pairs_than_one_launch(device):
+    """150 pairs (several CUDA launches), sizes from 0 to past a block, scale 1 and not."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [int(x) for x in torch.randint(0, 5000, (150,), generator=g)]
+    sizes[7] = sizes[64] = 0
+    sizes[100] = 70_001
+    for grad_dtype, align, scale in ((torch.bfloat16, 16, 1.0), (torch.float16, 1, -2.5)):
+        _check_many_matches_accumulate(sizes, grad_dtype, device, align, align, scale, seed=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_many_edge_cases(device):
+    native.accumulate_many_([], [])
+    e = torch.empty(0, device=device)
+    native.accumulate_many_([e, e.clone()], [e.half(), e.half()], 3.0)
+    # any contiguous shapes with equal numel; the default scale is 1
+    acc = _rand(12, device=device)
+    grad = _rand(12, torch.bfloat16, device, 1).view(3, 4)
+    want = acc.clone()
+    native.accumulate_(want, grad.view(-1), 1.0)
+    native.accumulate_many_([acc], [grad])
+    assert torch.equal(acc, want)
+    ops.accumulate_many_([acc], [grad])
+    native.accumulate_(want, grad.view(-1), 1.0)
+    assert torch.equal(acc, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_many_input_checks(device):
+    accs = [torch.zeros(n, device=device) for n in (3, 5, 7, 10)]
+    grads = [torch.zeros(n, dtype=torch.bfloat16, device=device) for n in (3, 5, 7, 10)]
+
+    def with_(lst, i, t):
+        return lst[:i] + [t] + lst[i + 1:]
+
+    with pytest.raises(ValueError, match=r"accs and grads must have the same length, got 4 "
+                                         r"accs and 3 grads"):
+        native.accumulate_many_(accs, grads[:3])
+    with pytest.raises(ValueError, match=r"same length, got 0 accs and 1 grads"):
+        native.accumulate_many_([], grads[:1])
+    bad = with_(grads, 3, torch.zeros(9, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match=r"grads\[3\] has 9 elements, expected 10 \(accs\[3\]\)"):
+        native.accumulate_many_(accs, bad)
+    bad = with_(grads, 2, torch.zeros(7, dtype=torch.float16, device=device))
+    with pytest.raises(TypeError, match=r"grads\[2\] has dtype float16, but grads\[0\] has "
+                                        r"bfloat16"):
+        native.accumulate_many_(accs, bad)
+    bad = [g.to(torch.int32) for g in grads]
+    with pytest.raises(TypeError, match=r"grads\[0\] must have dtype float32, float16 or "
+                                        r"bfloat16, got int32"):
+        native.accumulate_many_(accs, bad)
+    bad = with_(accs, 1, torch.zeros(5, dtype=torch.float16, device=device))
+    with pytest.raises(TypeError, match=r"accs\[1\] must have dtype float32, got float16"):
+        native.accumulate_many_(bad, grads)
+    bad = with_(accs, 2, torch.zeros(14, device=device)[::2])
+    with pytest.raises(ValueError, match=r"accs\[2\] must be contiguous"):
+        native.accumulate_many_(bad, grads)
+    bad = with_(grads, 1, torch.zeros(10, dtype=torch.bfloat16, device=device)[::2])
+    with pytest.raises(ValueError, match=r"grads\[1\] must be contiguous"):
+        native.accumulate_many_(accs, bad)
+    if torch.cuda.is_available() and "cuda" in DEVICES:
+        other = "cpu" if device == "cuda" else "cuda"
+        bad = with_(grads, 2, grads[2].to(other))
+        with pytest.raises(ValueError, match=r"grads\[2\] is on .*, expected .* \(the device "
+                                             r"of accs\[0\]\)"):
+            native.accumulate_many_(accs, bad)
+        bad = with_(accs, 3, accs[3].to(other))
+        with pytest.raises(ValueError, match=r"accs\[3\] is on .*, expected .* \(the device "
+                                             r"of accs\[0\]\)"):
+            native.accumulate_many_(bad, grads)
+    for a in accs:  # nothing was written by a rejected call
+        assert torch.count_nonzero(a) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_accumulate_many(device, grad_dtype):
+    sizes = [1000, 0, 17, 4097]
+    accs = [_rand(n, device=device, seed=i) for i, n in enumerate(sizes)]
+    grads = [_rand(n, grad_dtype, device, 10 + i) for i, n in enumerate(sizes)]
+    torch.library.opcheck(ops.accumulate_many_.default, (accs, grads, 0.37))
+    _, views = _many_views(sizes, torch.float32, device, 16, 20)
+    torch.library.opcheck(ops.accumulate_many_.default, (views, grads, -1.5))

@@ -89,6 +89,197 @@ def test_accumulate_norm_sees_nonfinite(backend_device, norm_type, bad):
         assert torch.isnan(stat)
 
 
+# ---------------------------------------------------------------------------------------
+# accumulate_many_: bitwise the per-pair accumulate_ of the same backend
+# ---------------------------------------------------------------------------------------
+
+MANY_SIZES = [4097, 0, 278011, 1, 1023, 0, 1]
+POISON = float("nan")
+
+
+def _views_of_flat(sizes, dtype, device, seed, align, poison=POISON):
+    """Views of one flat buffer, each starting at a multiple of ``align`` elements plus
+    (for an odd ``align``) an odd shift, separated by poisoned gaps. Returns the flat
+    buffer, the views and a mask of the gap elements."""
+    offsets, pos = [], 3 if align % 2 else 0
+    for n in sizes:
+        pos = -(-pos // align) * align + (align % 2)  # 16-aligned, or shifted off alignment
+        offsets.append(pos)
+        pos += n + 5
+    flat = torch.full((pos + 7,), poison, dtype=dtype)
+    gap = torch.ones(flat.numel(), dtype=torch.bool)
+    for i, (o, n) in enumerate(zip(offsets, sizes)):
+        flat[o:o + n] = (torch.randn(n, generator=_gen(seed + i)) * 2.0).to(dtype)
+        gap[o:o + n] = False
+    flat = flat.to(device)
+    return flat, [flat[o:o + n] for o, n in zip(offsets, sizes)], gap.to(device)
+
+
+def _bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def _many_pair(sizes, dtype, dev, align, seed=0):
+    acc_flat, accs, gap = _views_of_flat(sizes, torch.float32, dev, seed, align)
+    _, grads, _ = _views_of_flat(sizes, dtype, dev, seed + 100, align)
+    return acc_flat, accs, gap, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("align", [16, 1], ids=["aligned16", "odd"])
+@pytest.mark.parametrize("scale", [0.25, -0.37])
+def test_accumulate_many_is_bitwise_per_pair(backend_device, dtype, align, scale):
+    backend, dev = backend_device
+    flat, accs, gap, grads = _many_pair(MANY_SIZES, dtype, dev, align)
+    grads_before = [g.clone() for g in grads]
+    want_flat = flat.clone()
+    want_accs = [want_flat[a.storage_offset():a.storage_offset() + a.numel()] for a in accs]
+    for acc, grad in zip(want_accs, grads):
+        ops.accumulate_(acc, grad, scale, backend=backend)
+    assert ops.accumulate_many_(accs, grads, scale, backend=backend) is None
+    assert torch.equal(_bits(flat), _bits(want_flat))  # every element, the gaps included
+    assert torch.isnan(flat[gap]).all(), "a poisoned gap between the accs was written"
+    for g, g0 in zip(grads, grads_before):
+        assert torch.equal(_bits(g), _bits(g0))
+    # and the reference, within the usual tolerance
+    ref_flat, ref_accs, _, ref_grads = _many_pair(MANY_SIZES, dtype, dev, align)
+    reference.accumulate_many_(ref_accs, ref_grads, scale)
+    torch.testing.assert_close(flat, ref_flat, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_accumulate_many_150_tensors(backend_device):
+    backend, dev = backend_device
+    sizes = torch.randint(0, 3000, (150,), generator=_gen(7)).tolist()
+    sizes[::17] = [0] * len(sizes[::17])
+    sizes[5] = 70001
+    flat, accs, _, grads = _many_pair(sizes, torch.bfloat16, dev, 16, seed=11)
+    want = [a.clone() for a in accs]
+    for acc, grad in zip(want, grads):
+        ops.accumulate_(acc, grad, 0.25, backend=backend)
+    ops.accumulate_many_(accs, grads, 0.25, backend=backend)
+    for i, (got, w) in enumerate(zip(accs, want)):
+        assert torch.equal(_bits(got), _bits(w)), f"accs[{i}] ({got.numel()} elements)"
+
+
+def test_accumulate_many_separate_tensors_and_default_scale(backend_device):
+    backend, dev = backend_device
+    accs = [_rand(n, torch.float32, dev, 40 + n) for n in (5, 0, 4097)]
+    grads = tuple(_rand(n, torch.float16, dev, 50 + n) for n in (5, 0, 4097))
+    want = [a.clone() for a in accs]
+    for acc, grad in zip(want, grads):
+        ops.accumulate_(acc, grad, backend=backend)
+    ops.accumulate_many_(accs, grads, backend=backend)
+    for got, w in zip(accs, want):
+        assert torch.equal(got, w)
+
+
+def test_accumulate_many_takes_any_contiguous_shape(backend_device):
+    """Only element counts must agree: a 1-D acc slice and a param-shaped 2-D grad."""
+    backend, dev = backend_device
+    flat = _rand(40, torch.float32, dev, 60)
+    grads = [_rand(12, torch.float16, dev, 61).view(3, 4), _rand(5, torch.float16, dev, 62)]
+    want = flat.clone()
+    ops.accumulate_(want[1:13], grads[0].view(-1), 0.25, backend=backend)
+    ops.accumulate_(want[20:25], grads[1], 0.25, backend=backend)
+    ops.accumulate_many_([flat[1:13], flat[20:25].view(1, 5)], grads, 0.25, backend=backend)
+    assert torch.equal(flat, want)
+
+
+def test_accumulate_many_empty_and_zero_element(backend_device):
+    backend, dev = backend_device
+    assert ops.accumulate_many_([], [], 2.0, backend=backend) is None
+    assert ops.accumulate_many_(iter([]), (), backend=backend) is None
+    e = torch.empty(0, device=dev)
+    ops.accumulate_many_([e, e.clone()], [torch.empty(0, dtype=torch.bfloat16, device=dev)] * 2,
+                         backend=backend)
+
+
+def _many_error_cases(dev):
+    def f32(n):
+        return torch.zeros(n, device=dev)
+
+    def f16(n):
+        return torch.zeros(n, dtype=torch.float16, device=dev)
+
+    def bf16(n):
+        return torch.zeros(n, dtype=torch.bfloat16, device=dev)
+
+    accs = [f32(n) for n in (4, 5, 6, 10)]
+    return [
+        # (accs, grads, exception, message regex)
+        (accs, [bf16(4), bf16(5), bf16(6), bf16(9)], ValueError,
+         r"grads\[3\] has 9 elements, expected 10 \(accs\[3\]\)"),
+        (accs, [bf16(4), bf16(5), f16(6), bf16(10)], TypeError,
+         r"grads\[2\] has dtype float16, but grads\[0\] has bfloat16"),
+        (accs, [bf16(4), bf16(5), bf16(6)], ValueError, r"same length.*4.*3"),
+        ([], [bf16(4)], ValueError, r"same length.*0.*1"),
+        ([accs[0], bf16(5)], [bf16(4), bf16(5)], TypeError, r"accs\[1\] must have dtype"),
+        ([accs[0], f32(10)[::2]], [bf16(4), bf16(5)], ValueError,
+         r"accs\[1\] must be contiguous"),
+        ([accs[0], accs[1]], [bf16(4), bf16(10)[::2]], ValueError,
+         r"grads\[1\] must be contiguous"),
+        ([accs[0], accs[1]], [bf16(4), torch.zeros(5, dtype=torch.int32, device=dev)],
+         TypeError, r"grads\[1\] has dtype int32, but grads\[0\] has bfloat16"),
+        ([accs[0], accs[1]], [torch.zeros(4, dtype=torch.int32, device=dev), bf16(5)],
+         TypeError, r"grads\[0\] must have dtype"),
+        # not a tensor: the native backends' schema check raises RuntimeError
+        ([accs[0], accs[1]], [bf16(4), "x"], (TypeError, RuntimeError), r"grads"),
+        (accs[0], [bf16(4)], TypeError, r"accs must be a list or tuple"),
+    ]
+
+
+def test_accumulate_many_errors_change_nothing(backend_device):
+    backend, dev = backend_device
+    for accs, grads, exc, match in _many_error_cases(dev):
+        listed = accs if isinstance(accs, list) else []
+        for t in [*listed, *grads]:
+            if isinstance(t, torch.Tensor):
+                t.fill_(1)  # so that any accumulation would show
+        before = [a.clone() for a in listed]
+        with pytest.raises(exc, match=match):
+            ops.accumulate_many_(accs, grads, 0.5, backend=backend)
+        with pytest.raises(exc, match=match):
+            reference.accumulate_many_(accs, grads, 0.5)
+        for a, b in zip(listed, before):
+            assert torch.equal(a, b), "an acc changed although the call failed"
+
+
+def test_accumulate_many_on_another_device_is_an_error():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a second device")
+    with pytest.raises(ValueError, match=r"grads\[1\] is on cpu"):
+        reference.check_many_inputs([torch.zeros(2, device="cuda")] * 2,
+                                    [torch.zeros(2, device="cuda"), torch.zeros(2)])
+
+
+def test_accumulate_many_falls_back_to_accumulate_loop(monkeypatch):
+    """A backend module without accumulate_many_ (the native one, before it has it) gets
+    the argument checks and then one accumulate_ per pair."""
+    calls = []
+
+    class OnlyAccumulate:
+        @staticmethod
+        def unavailable_reason(name, device):
+            return None
+
+        @staticmethod
+        def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
+            calls.append((acc.numel(), scale))
+            return reference.accumulate_(acc, grad, scale)
+
+    monkeypatch.setitem(ops._loaded, "reference", OnlyAccumulate)
+    accs = [torch.zeros(3), torch.zeros(0), torch.ones(2)]
+    grads = [torch.ones(3, dtype=torch.float16), torch.ones(0, dtype=torch.float16),
+             torch.ones(2, dtype=torch.float16)]
+    ops.accumulate_many_(accs, grads, 0.5, backend="reference")
+    assert calls == [(3, 0.5), (0, 0.5), (2, 0.5)]
+    assert accs[0].tolist() == [0.5] * 3 and accs[2].tolist() == [1.5] * 2
+    with pytest.raises(ValueError, match=r"grads\[1\] has 1 elements"):
+        ops.accumulate_many_(accs[:2], [grads[0], torch.ones(1, dtype=torch.float16)],
+                             backend="reference")
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize("sizes", [[0], [1], [1023, 4097], [278011, 1, 0, 5]])
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_grad_norm(backend_device, sizes, norm_type):

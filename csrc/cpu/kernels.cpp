@@ -4,6 +4,7 @@
 // input only: not on the number of threads, nor on the instruction set.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -93,6 +94,32 @@ void accumulate(const AccumulateParams& p) {
     }
   });
   *p.out = combine(partials, p.norm_mode);
+}
+
+void accumulate_many(const AccumulateManyParams& p) {
+  if (p.num_tensors == 0) return;
+  const CpuLoops& L = loops();
+  // One element range over all pairs, concatenated: a single parallel_for with torch's
+  // grain, so a call with only small tensors runs inline on this thread; each task runs
+  // the accumulate loop over the pieces of the pairs its range covers.
+  std::vector<int64_t> first(static_cast<size_t>(p.num_tensors) + 1, 0);
+  for (int64_t t = 0; t < p.num_tensors; ++t) first[t + 1] = first[t] + p.numels[t];
+  at::parallel_for(0, first.back(), kGrain, [&](int64_t b, int64_t e) {
+    // the pair holding element b: the last t with first[t] <= b (skips empty pairs)
+    int64_t t = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
+    while (b < e) {
+      while (first[t + 1] <= b) ++t;
+      const int64_t end = std::min(e, first[t + 1]);
+      AccumulateParams q;
+      q.acc = p.accs[t];
+      q.grad = p.grads[t];
+      q.grad_dtype = p.grad_dtype;
+      q.n = p.numels[t];
+      q.scale = p.scale;
+      L.accumulate(q, b - first[t], end - first[t]);
+      b = end;
+    }
+  });
 }
 
 void norm(const NormParams& p) {

@@ -13,6 +13,7 @@ namespace fa {
 namespace cpu {
 
 void accumulate(const AccumulateParams& p);
+void accumulate_many(const AccumulateManyParams& p);
 void norm(const NormParams& p);
 void adam_step(const AdamParams& p);
 void sgd_step(const SgdParams& p);

@@ -1,12 +1,35 @@
 // acc = (0 if overwrite else acc) + scale * grad on the GPU, one launch per flat buffer;
 // with a norm, each block also reduces the updated acc (fixed order) into one partial and
 // a one-block second launch combines the partials: deterministic, no atomics, no sync.
+// Without a norm the grid covers the buffer (cover_blocks), one 8-element unit per thread.
+//
+// accumulate_many: the same update (no overwrite, no norm) for many (acc, grad) pairs, one
+// launch per group of up to kManyMaxTensors pairs. The pointers, sizes and a prefix sum of
+// blocks per pair travel by value in the kernel's parameters (no H2D copy); each block
+// finds its pair by binary search over the prefix sum and handles one kThreads * kVec
+// chunk of it.
 #include "common.cuh"
 #include "launchers.h"
 
 namespace fa {
 namespace cuda {
 namespace {
+
+// Unit u of acc (+)= scale * grad; the updated values are left in a. Shared by both
+// kernels, so that they compile the element math identically (bitwise equal results).
+template <int GDT, bool OVERWRITE>
+__device__ __forceinline__ void accumulate_unit(float* __restrict__ acc,
+                                                const typename Cvt<GDT>::T* __restrict__ grad,
+                                                int64_t u, int64_t n, bool full, float scale,
+                                                float (&a)[kVec]) {
+  float g[kVec];
+  Vec8<GDT>::load(grad, u, n, full, g);
+  if (!OVERWRITE) Vec8<kFloat32>::load(acc, u, n, full, a);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) a[j] = accumulate_value(OVERWRITE ? 0.f : a[j], g[j], scale,
+                                                        OVERWRITE);
+  Vec8<kFloat32>::store(acc, u, n, full, a);
+}
 
 template <int GDT, int MODE, bool OVERWRITE>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateParams p, bool aligned) {
@@ -20,13 +43,8 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateParams p
   typename R::T stat = R::zero();
   for (int64_t u = first_unit(); u < units; u += unit_stride()) {
     const bool full = u < full_units;
-    float a[kVec], g[kVec];
-    Vec8<GDT>::load(grad, u, n, full, g);
-    if (!OVERWRITE) Vec8<kFloat32>::load(acc, u, n, full, a);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) a[j] = accumulate_value(OVERWRITE ? 0.f : a[j], g[j], p.scale,
-                                                          OVERWRITE);
-    Vec8<kFloat32>::store(acc, u, n, full, a);
+    float a[kVec];
+    accumulate_unit<GDT, OVERWRITE>(acc, grad, u, n, full, p.scale, a);
     if (MODE != kNoNorm) {
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
@@ -58,12 +76,79 @@ void launch_dtype(const AccumulateParams& p, int64_t blocks, bool aligned, cudaS
   }
 }
 
+// ---- accumulate_many --------------------------------------------------------------------
+
+// Pairs per launch: the by-value parameter struct below stays under 4 KB (about 1.8 KB).
+constexpr int kManyMaxTensors = 64;
+// Blocks of one pair in a launch at most (a larger pair's blocks stride over it), so that
+// the prefix sums of a launch fit in int32 and stay below kMaxGridX.
+constexpr int64_t kManyMaxBlocksPerTensor = int64_t{1} << 24;
+static_assert(kManyMaxTensors * kManyMaxBlocksPerTensor < kMaxGridX, "grid overflow");
+
+struct ManyArgs {
+  float* acc[kManyMaxTensors];
+  const void* grad[kManyMaxTensors];
+  int64_t n[kManyMaxTensors];
+  int32_t block_start[kManyMaxTensors + 1];  // pair t owns blocks [start[t], start[t + 1])
+  uint64_t aligned;  // bit t: acc[t] and grad[t] are 16-byte aligned
+  int32_t count;     // pairs in this launch, each with n > 0
+  float scale;
+};
+static_assert(sizeof(ManyArgs) < 4096, "kernel parameters must stay under 4 KB");
+static_assert(kManyMaxTensors <= 64, "the alignment mask is 64 bits");
+
+template <int GDT>
+__global__ void __launch_bounds__(kThreads) accumulate_many_kernel(const ManyArgs args) {
+  using GT = typename Cvt<GDT>::T;
+  const int32_t b = static_cast<int32_t>(blockIdx.x);
+  // the last pair whose first block is <= b (uniform across the block)
+  int lo = 0, hi = args.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (args.block_start[mid] <= b) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int t = lo;
+  float* __restrict__ acc = args.acc[t];
+  const GT* __restrict__ grad = static_cast<const GT*>(args.grad[t]);
+  const int64_t n = args.n[t];
+  const int64_t units = (n + kVec - 1) / kVec;
+  const int64_t full_units = ((args.aligned >> t) & 1u) ? n / kVec : 0;
+  const int64_t blocks = args.block_start[t + 1] - args.block_start[t];
+  const int64_t stride = blocks * kThreads;  // runs once unless the pair was capped
+  for (int64_t u = static_cast<int64_t>(b - args.block_start[t]) * kThreads + threadIdx.x;
+       u < units; u += stride) {
+    float a[kVec];
+    accumulate_unit<GDT, false>(acc, grad, u, n, u < full_units, args.scale, a);
+  }
+}
+
+int launch_many(const ManyArgs& args, int grad_dtype, cudaStream_t stream) {
+  const int64_t blocks = args.block_start[args.count];
+  switch (grad_dtype) {
+    case kFloat16:
+      accumulate_many_kernel<kFloat16><<<grid(blocks), kThreads, 0, stream>>>(args);
+      break;
+    case kBFloat16:
+      accumulate_many_kernel<kBFloat16><<<grid(blocks), kThreads, 0, stream>>>(args);
+      break;
+    default:
+      accumulate_many_kernel<kFloat32><<<grid(blocks), kThreads, 0, stream>>>(args);
+      break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
 
 int accumulate(const AccumulateParams& p) {
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   if (p.norm_mode == kNoNorm && p.n == 0) return 0;
-  const int64_t blocks = cuda_blocks(p.n);  // norm_partials(n): the binding sized partials
+  // with a norm: norm_partials(n) blocks (the binding sized partials); else cover the buffer
+  const int64_t blocks = p.norm_mode == kNoNorm ? cover_blocks(p.n) : cuda_blocks(p.n);
   const bool aligned = aligned16(p.acc) && aligned16(p.grad);
   switch (p.norm_mode) {
     case kNormL2: launch_dtype<kNormL2>(p, blocks, aligned, stream); break;
@@ -73,6 +158,36 @@ int accumulate(const AccumulateParams& p) {
   int err = static_cast<int>(cudaGetLastError());
   if (err != 0 || p.norm_mode == kNoNorm) return err;
   return launch_finalize(p.norm_mode, p.partials, blocks, p.out, false, stream);
+}
+
+int accumulate_many(const AccumulateManyParams& p) {
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  ManyArgs args;
+  args.aligned = 0;
+  args.count = 0;
+  args.scale = p.scale;
+  args.block_start[0] = 0;
+  for (int64_t i = 0; i < p.num_tensors; ++i) {
+    const int64_t n = p.numels[i];
+    if (n == 0) continue;
+    const int c = args.count;
+    const int64_t units = (n + kVec - 1) / kVec;
+    int64_t blocks = (units + kThreads - 1) / kThreads;
+    if (blocks > kManyMaxBlocksPerTensor) blocks = kManyMaxBlocksPerTensor;
+    args.acc[c] = p.accs[i];
+    args.grad[c] = p.grads[i];
+    args.n[c] = n;
+    if (aligned16(p.accs[i]) && aligned16(p.grads[i])) args.aligned |= uint64_t{1} << c;
+    args.block_start[c + 1] = args.block_start[c] + static_cast<int32_t>(blocks);
+    args.count = c + 1;
+    if (args.count == kManyMaxTensors) {
+      const int err = launch_many(args, p.grad_dtype, stream);
+      if (err != 0) return err;
+      args.aligned = 0;
+      args.count = 0;
+    }
+  }
+  return args.count > 0 ? launch_many(args, p.grad_dtype, stream) : 0;
 }
 
 const char* error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }

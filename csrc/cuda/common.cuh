@@ -20,6 +20,20 @@ static_assert(kVec == 8, "the vector I/O below moves 8 elements");
 
 inline dim3 grid(int64_t blocks) { return dim3(static_cast<unsigned>(blocks)); }
 
+// Largest gridDim.x.
+constexpr int64_t kMaxGridX = 0x7fffffff;
+
+// Grid of the element-wise kernels without a norm (accumulate_ without norm_type, the
+// optimizer steps): one kVec-element unit per thread over the whole buffer, so every
+// thread's grid-stride loop runs once, in a single pass with no ragged second wave. The
+// loop stays as the fallback for a buffer past kMaxGridX blocks. (The norm kernels keep
+// cuda_blocks: their partial count must depend on n only.)
+inline int64_t cover_blocks(int64_t n) {
+  const int64_t units = (n + kVec - 1) / kVec;
+  const int64_t b = (units + kThreads - 1) / kThreads;
+  return b < 1 ? 1 : (b < kMaxGridX ? b : kMaxGridX);
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // First unit (of kVec elements) of this thread and the grid stride, in int64.

@@ -10,6 +10,7 @@ namespace fa {
 namespace cuda {
 
 int accumulate(const AccumulateParams& p);
+int accumulate_many(const AccumulateManyParams& p);
 int norm(const NormParams& p);
 int adam_step(const AdamParams& p);
 int sgd_step(const SgdParams& p);

@@ -1,5 +1,6 @@
-// Fused AdamW/Adam and SGD steps on the GPU, one launch per flat buffer: read acc, param
-// and state, write param, state, the optional fp16/bf16 model copy and the zeroed acc.
+// Fused AdamW/Adam and SGD steps on the GPU, one launch per flat buffer with a grid that
+// covers it (one 8-element unit per thread, cover_blocks): read acc, param and state,
+// write param, state, the optional fp16/bf16 model copy and the zeroed acc.
 // grad_mult and found_inf are read on the device (no host sync); with found_inf != 0 the
 // kernel only zeroes acc (when zero_acc).
 #include "common.cuh"
@@ -105,7 +106,7 @@ template <template <int, int, bool> class K, class P>
 int launch_step(const P& p, bool flag, bool aligned) {
   if (p.c.n == 0) return 0;
   cudaStream_t stream = static_cast<cudaStream_t>(p.c.stream);
-  const int64_t blocks = cuda_blocks(p.c.n);
+  const int64_t blocks = cover_blocks(p.c.n);  // one unit per thread, no norm
   const int out = p.c.model_out == nullptr ? 0 : p.c.out_dtype;
   const int key = (p.c.param_dtype * 3 + out) * 2 + (flag ? 1 : 0);
   switch (key) {

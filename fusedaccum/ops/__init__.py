@@ -18,6 +18,17 @@ Signatures (identical for every backend; the reference module is the definition)
     updated ``acc``; with ``norm_type=inf`` its largest absolute value (NaN if any
     element is NaN); otherwise ``None``.
 
+``accumulate_many_(accs, grads, scale=1.0) -> None``
+    For every i, ``accs[i] += scale * float32(grads[i])`` in place: exactly
+    ``accumulate_(accs[i], grads[i], scale)`` (no overwrite, no norm), bitwise, but in
+    one call (the Triton backend: one kernel launch). ``accs`` is a list of fp32
+    tensors (in practice 1-D views into one flat buffer; they must not overlap one
+    another), ``grads`` a list of as many fp16/bf16/fp32 tensors, all of one dtype, with
+    ``grads[i].numel() == accs[i].numel()``; all contiguous (any shape: only element
+    counts must agree), on one device. An empty list does nothing; zero-element tensors
+    are allowed. Everything is checked before anything is written
+    (``reference.check_many_inputs``: ValueError/TypeError naming the argument and index).
+
 ``grad_norm(tensors, norm_type=2.0) -> Tensor``
     0-dim fp32 tensor: the total 2-norm or inf-norm over all elements of the fp32
     tensors, in a fixed reduction order (two calls give bitwise the same value).
@@ -47,6 +58,8 @@ import importlib
 import os
 
 import torch
+
+from fusedaccum.ops.reference import check_many_inputs
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 _MODULES = {
@@ -121,6 +134,25 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None, backen
     )
 
 
+def accumulate_many_(accs, grads, scale=1.0, *, backend="auto"):
+    if not isinstance(accs, (list, tuple, torch.Tensor)):
+        accs = list(accs)  # any other iterable; a tensor is refused by the checks
+    if not isinstance(grads, (list, tuple, torch.Tensor)):
+        grads = list(grads)
+    if not isinstance(accs, (list, tuple)) or not accs or not isinstance(accs[0], torch.Tensor):
+        check_many_inputs(accs, grads)  # raises unless both lists are empty
+        return None
+    mod = get(backend, accs[0].device)
+    many = getattr(mod, "accumulate_many_", None)
+    if many is not None:
+        return many(accs, grads, scale)
+    # A backend without a batched op: the same checks, then one accumulate_ per pair.
+    check_many_inputs(accs, grads)
+    for acc, grad in zip(accs, grads):
+        mod.accumulate_(acc.view(-1), grad.view(-1), scale)
+    return None
+
+
 def grad_norm(tensors, norm_type=2.0, *, backend="auto"):
     tensors = list(tensors)
     if not tensors:
@@ -141,5 +173,5 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, backend="auto
 
 __all__ = [
     "BACKENDS", "available_backends", "resolve", "get", "unavailable_reason",
-    "accumulate_", "grad_norm", "adamw_step_", "sgd_step_",
+    "accumulate_", "accumulate_many_", "grad_norm", "adamw_step_", "sgd_step_",
 ]

@@ -161,7 +161,7 @@ def _register_fakes() -> None:
     def _no_output(*args, **kwargs):
         return None
 
-    for op in ("accumulate_", "adamw_step_", "sgd_step_"):
+    for op in ("accumulate_", "accumulate_many_", "adamw_step_", "sgd_step_"):
         torch.library.register_fake(f"{lib}::{op}", _no_output)
 
 
@@ -177,8 +177,8 @@ def _load() -> _State:
                         _register_fakes()
                         ns = torch.ops.fusedaccum_native
                         new.ops = {name: getattr(ns, name).default for name in (
-                            "accumulate_", "accumulate_norm_", "grad_norm", "adamw_step_",
-                            "sgd_step_")}
+                            "accumulate_", "accumulate_norm_", "accumulate_many_",
+                            "grad_norm", "adamw_step_", "sgd_step_")}
                     except Exception as exc:
                         new = _State(f"the C++ extension loaded but its ops are incomplete "
                                      f"({_first_lines(exc, 2)}); rebuild it")
@@ -248,6 +248,14 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
         return None
     return ops["accumulate_norm_"](acc, grad, float(scale), bool(overwrite),
                                    _norm_type(norm_type))
+
+
+def accumulate_many_(accs, grads, scale=1.0):
+    """``accs[i] += scale * grads[i]`` for every i (accumulate_ without overwrite or norm,
+    bitwise the same), in one op call: one C++ loop on CPU, one kernel launch per 64 pairs
+    on CUDA. Lists (or tuples) of contiguous tensors of equal numel; every check is in C++."""
+    if accs or grads:  # the dispatcher needs a tensor to pick the CPU or CUDA kernel
+        _ops()["accumulate_many_"](accs, grads, float(scale))
 
 
 def grad_norm(tensors, norm_type=2.0):

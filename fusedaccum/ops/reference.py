@@ -77,6 +77,79 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
     return _norm_stat(acc, float(norm_type))
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_contiguous(name: str, t, dtypes, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(_dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}, got {_dtype_name(t.dtype)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} and strides "
+                         f"{t.stride()}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of accs[0])")
+
+
+def check_many_inputs(accs, grads) -> None:
+    """The argument checks every backend's accumulate_many_ makes before touching anything.
+
+    ``accs`` and ``grads`` are lists (or tuples) of the same length; ``accs[i]`` is a
+    contiguous fp32 tensor, ``grads[i]`` a contiguous fp16/bf16/fp32 tensor with as many
+    elements (any shapes: only the element count must agree); every grad has the dtype of
+    ``grads[0]``; all are on the device of ``accs[0]``. Errors name the argument and the
+    index: TypeError for types and dtypes, ValueError otherwise.
+    """
+    for name, seq in (("accs", accs), ("grads", grads)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    if len(accs) != len(grads):
+        raise ValueError(f"accs and grads must have the same length, got {len(accs)} accs and "
+                         f"{len(grads)} grads")
+    if not accs:
+        return
+    _check_contiguous("accs[0]", accs[0], (torch.float32,), None)
+    device = accs[0].device
+    _check_contiguous("grads[0]", grads[0], FLOAT_DTYPES, device)
+    grad_dtype = grads[0].dtype
+    # One pass that only says whether everything is fine (the batched op exists to save
+    # host time, ~1 us per pair here); when it is not, the loop below finds what is wrong.
+    f32, tensor = torch.float32, torch.Tensor
+    if all(isinstance(a, tensor) and isinstance(g, tensor) and a.dtype is f32
+           and g.dtype is grad_dtype and a.numel() == g.numel() and a.device == device
+           and g.device == device and a.is_contiguous() and g.is_contiguous()
+           for a, g in zip(accs, grads)):
+        return
+    f32 = (torch.float32,)
+    for i, (acc, grad) in enumerate(zip(accs, grads)):
+        _check_contiguous(f"accs[{i}]", acc, f32, device)
+        if not isinstance(grad, torch.Tensor):
+            raise TypeError(f"grads[{i}] must be a tensor, got {type(grad).__name__}")
+        if grad.dtype != grad_dtype:
+            raise TypeError(f"grads[{i}] has dtype {_dtype_name(grad.dtype)}, but grads[0] has "
+                            f"{_dtype_name(grad_dtype)} (all grads of one call share a dtype)")
+        _check_contiguous(f"grads[{i}]", grad, (grad_dtype,), device)
+        if grad.numel() != acc.numel():
+            raise ValueError(f"grads[{i}] has {grad.numel()} elements, expected "
+                             f"{acc.numel()} (accs[{i}])")
+
+
+def accumulate_many_(accs, grads, scale=1.0):
+    """``accumulate_(accs[i], grads[i], scale)`` for every i (no overwrite, no norm).
+
+    The batched form of accumulate_: ``accs[i] += scale * float32(grads[i])`` in place,
+    bitwise what the per-pair calls give. Arguments as :func:`check_many_inputs` checks
+    them, all before anything is written; the accs must not overlap one another. An
+    empty list does nothing.
+    """
+    check_many_inputs(accs, grads)
+    for acc, grad in zip(accs, grads):
+        accumulate_(acc.view(-1), grad.view(-1), scale)
+
+
 def _norm_stat(t: torch.Tensor, norm_type: float) -> torch.Tensor:
     """Sum of squares (2-norm) or largest |x| (inf-norm) of one fp32 tensor."""
     if norm_type == 2.0:

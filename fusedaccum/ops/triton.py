@@ -26,6 +26,7 @@ under ``TRITON_INTERPRET=1`` in torch 2.13, which is how the backend is tested o
 The module imports without triton; :func:`unavailable_reason` then says why it cannot run.
 """
 
+import itertools
 import math
 import os
 from contextlib import nullcontext
@@ -36,6 +37,7 @@ from fusedaccum.ops.reference import (
     FLOAT_DTYPES,
     _check_flat,
     check_adamw_inputs,
+    check_many_inputs,
     check_sgd_inputs,
 )
 
@@ -63,17 +65,17 @@ except ImportError as _exc:  # the module must still import; unavailable_reason 
     triton = tl = _NoTriton()
 
 
-# Block sizes, per kernel: (elements per program, num_warps) on a GPU. These are
-# sensible defaults for memory-bound kernels (a few KiB per program, 16-byte vector
-# accesses); no GPU was available when they were chosen, so re-tune them with
-# `python -m fusedaccum bench` when one is. Under the interpreter every program costs
-# Python overhead, so blocks there are large to keep the number of programs small.
+# Block sizes, per kernel: (elements per program, num_warps) on a GPU. Chosen by
+# bench/tune_triton.py on an H200 (2026-11-26, 64M elements): accumulate 101%, norm 87%,
+# AdamW 98%, SGD 98% of the copy bandwidth; the neighbouring configs were within 1-3%.
+# Under the interpreter every program costs Python overhead, so blocks there are large to
+# keep the number of programs small.
 _GPU_CONFIG = {
-    "accumulate": (2048, 8),
-    "norm": (4096, 8),
+    "accumulate": (1024, 4),
+    "norm": (8192, 8),
     "finish": (1024, 4),
     "adamw": (1024, 4),
-    "sgd": (2048, 8),
+    "sgd": (1024, 4),
 }
 _INTERPRET_BLOCK = 1 << 16
 _INTERPRET_FINISH_BLOCK = 1024
@@ -198,18 +200,26 @@ def _finish(partials: torch.Tensor, norm: int, sqrt: bool) -> torch.Tensor:
 
 
 @triton.jit
-def _accumulate_kernel(acc_ptr, grad_ptr, partial_ptr, n, scale,
-                       GRAD_KIND: tl.constexpr, OVERWRITE: tl.constexpr, NORM: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = _block_offsets(pid, BLOCK)
-    mask = offs < n
+def _accumulate_block(acc_ptr, grad_ptr, offs, mask, scale, GRAD_KIND: tl.constexpr,
+                      OVERWRITE: tl.constexpr):
+    """The updated accumulator of one block, stored and returned: the element math of
+    accumulate_ and accumulate_many_ (one helper, so both give the same bits)."""
     g = _load_f32(grad_ptr, offs, mask, GRAD_KIND)
     if OVERWRITE:
         acc = g * scale  # the accumulator is not read at all
     else:
         acc = tl.load(acc_ptr + offs, mask=mask, other=0.0) + g * scale
     tl.store(acc_ptr + offs, acc, mask=mask)
+    return acc
+
+
+@triton.jit
+def _accumulate_kernel(acc_ptr, grad_ptr, partial_ptr, n, scale,
+                       GRAD_KIND: tl.constexpr, OVERWRITE: tl.constexpr, NORM: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = _block_offsets(pid, BLOCK)
+    acc = _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, OVERWRITE)
     if NORM != 0:  # this block's statistic of the updated accumulator
         tl.store(partial_ptr + pid, _block_stat(acc, NORM))
 
@@ -227,6 +237,74 @@ def _launch_accumulate(acc, grad, scale, overwrite, norm):
     if norm == _NORM_NONE:
         return None
     return _finish(partials, norm, sqrt=False)
+
+
+# --------------------------------------------------------------------------------------
+# accumulate_many_
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
+                            GRAD_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """accumulate_ (no overwrite, no norm) of T = n_tensors pairs in one launch.
+
+    ``table_ptr`` is an int64 table [acc address x T, grad address x T, numel x T,
+    block start x (T + 1)] (non-empty pairs only, so the starts strictly increase; the
+    last one is the grid size). Each program finds its pair by a binary search over the
+    starts, LOG_T = ceil(log2(T)) fixed steps (unrolled), keeping
+    starts[lo] <= pid < starts[hi], and then does one block of that pair.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    starts_ptr = table_ptr + 3 * n_tensors
+    lo = 0
+    hi = n_tensors
+    for _ in tl.static_range(LOG_T):
+        mid = (lo + hi) // 2
+        right = tl.load(starts_ptr + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    acc_ptr = tl.load(table_ptr + lo).to(tl.pointer_type(tl.float32))
+    grad_addr = tl.load(table_ptr + n_tensors + lo)
+    if GRAD_KIND == 2:
+        grad_ptr = grad_addr.to(tl.pointer_type(tl.bfloat16))
+    elif GRAD_KIND == 1:
+        grad_ptr = grad_addr.to(tl.pointer_type(tl.float16))
+    else:
+        grad_ptr = grad_addr.to(tl.pointer_type(tl.float32))
+    n = tl.load(table_ptr + 2 * n_tensors + lo)
+    offs = _block_offsets(pid - tl.load(starts_ptr + lo), BLOCK)
+    _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, False)
+
+
+def _launch_accumulate_many(accs, grads, scale):
+    if not accs:
+        return
+    device = accs[0].device
+    if _INTERPRETED and device.type != "cpu":
+        # The interpreter runs kernels on host copies of the tensor arguments; addresses
+        # in a table would be device addresses it cannot read. Same math, per pair.
+        for acc, grad in zip(accs, grads):
+            _launch_accumulate(acc, grad, scale, False, _NORM_NONE)
+        return
+    block, warps = _config("accumulate")
+    rows = [(a.data_ptr(), g.data_ptr(), n) for a, g in zip(accs, grads) if (n := a.numel())]
+    if not rows:
+        return
+    n_tensors = len(rows)
+    acc_addrs, grad_addrs, numels = zip(*rows)
+    starts = list(itertools.accumulate((n + block - 1) // block for n in numels))
+    on_gpu = device.type == "cuda"
+    table = torch.tensor([*acc_addrs, *grad_addrs, *numels, 0, *starts], dtype=torch.int64,
+                         pin_memory=on_gpu)
+    grid = (starts[-1],)
+    if on_gpu:
+        table = table.to(device, non_blocking=True)
+    with _device_of(accs[0]):
+        _accumulate_many_kernel[grid](table, n_tensors, scale,
+                                      LOG_T=(n_tensors - 1).bit_length(),
+                                      GRAD_KIND=_KIND[grads[0].dtype], BLOCK=block,
+                                      num_warps=warps)
 
 
 # --------------------------------------------------------------------------------------
@@ -266,6 +344,20 @@ def _launch_grad_norm(tensors, norm):
 # --------------------------------------------------------------------------------------
 # adamw_step_
 # --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _zero_acc(acc_ptr, offs, mask, BLOCK: tl.constexpr):
+    """Zero this program's acc elements, after every thread has read them.
+
+    The zeros depend on no loaded value, so Triton may lay the store out over the threads
+    differently from the load of acc: without the barrier one thread can zero an element
+    that another has not read yet (seen on an H100/H200 class GPU: ~1% of the elements of
+    an SGD step lost their gradient). Every thread's reads are complete here, since the
+    stores above used them.
+    """
+    tl.debug_barrier()
+    tl.store(acc_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
 
 
 @triton.jit
@@ -322,7 +414,7 @@ def _adamw_kernel(param_ptr, acc_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
     if HAS_OUT:
         _store_f32(out_ptr, offs, new_p, live, OUT_KIND)
     if ZERO_ACC:
-        tl.store(acc_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+        _zero_acc(acc_ptr, offs, mask, BLOCK)
 
 
 def _launch_adamw(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult,
@@ -385,7 +477,7 @@ def _sgd_kernel(param_ptr, acc_ptr, buf_ptr, out_ptr, grad_mult_ptr, found_inf_p
     if HAS_OUT:
         _store_f32(out_ptr, offs, new_p, live, OUT_KIND)
     if ZERO_ACC:
-        tl.store(acc_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+        _zero_acc(acc_ptr, offs, mask, BLOCK)
 
 
 def _launch_sgd(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr, momentum,
@@ -497,6 +589,15 @@ if _TRITON_IMPORT_ERROR is None:
     def _(acc, grad, scale, overwrite, norm_type):
         return acc.new_empty(())
 
+    @torch.library.custom_op("fusedaccum::triton_accumulate_many_", mutates_args=("accs",))
+    def _accumulate_many_op(accs: list[torch.Tensor], grads: list[torch.Tensor],
+                            scale: float) -> None:
+        _launch_accumulate_many(accs, grads, scale)
+
+    @_accumulate_many_op.register_fake
+    def _(accs, grads, scale):
+        return None
+
     @torch.library.custom_op("fusedaccum::triton_grad_norm", mutates_args=())
     def _grad_norm_op(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         return _launch_grad_norm(tensors, _norm_code(norm_type))
@@ -564,16 +665,42 @@ def _device_scalar(name: str, x, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
+# In eager mode the public ops call the launchers directly and bump the version counters
+# of what they wrote themselves: going through the custom ops costs ~10-50 us of Python
+# per call (measured on an H200), more than the kernels of small tensors take. Under
+# torch.compile the custom ops are what the graph records.
+_compiling = torch.compiler.is_compiling
+_bump = torch.autograd.graph.increment_version
+
+
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
     _check_flat("acc", acc, (torch.float32,))
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
     _require_triton()
+    norm = _NORM_NONE if norm_type is None else _norm_code(norm_type)  # fails before writes
+    if not _compiling():
+        out = _launch_accumulate(acc, grad, float(scale), bool(overwrite), norm)
+        _bump(acc)
+        return out
     if norm_type is None:
         torch.ops.fusedaccum.triton_accumulate_(acc, grad, float(scale), bool(overwrite))
         return None
-    _norm_code(norm_type)  # a bad norm_type fails before acc changes
     return torch.ops.fusedaccum.triton_accumulate_norm_(acc, grad, float(scale),
                                                         bool(overwrite), float(norm_type))
+
+
+def accumulate_many_(accs, grads, scale=1.0):
+    check_many_inputs(accs, grads)
+    if not accs:
+        return None
+    _require_triton()
+    if not _compiling():
+        _launch_accumulate_many(accs, grads, float(scale))
+        for a in accs:
+            _bump(a)
+        return None
+    torch.ops.fusedaccum.triton_accumulate_many_(accs, grads, float(scale))
+    return None
 
 
 def grad_norm(tensors, norm_type=2.0):
@@ -582,8 +709,10 @@ def grad_norm(tensors, norm_type=2.0):
         raise ValueError("grad_norm needs at least one tensor")
     for i, t in enumerate(tensors):
         _check_flat(f"tensors[{i}]", t, (torch.float32,), device=tensors[0].device)
-    _norm_code(norm_type)
+    norm = _norm_code(norm_type)
     _require_triton()
+    if not _compiling():
+        return _launch_grad_norm(tensors, norm)
     return torch.ops.fusedaccum.triton_grad_norm(tensors, float(norm_type))
 
 
@@ -593,12 +722,17 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
     check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad, step)
     _require_triton()
     dev = param.device
-    torch.ops.fusedaccum.triton_adamw_step_(
+    args = (
         param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, model_out,
         _device_scalar("grad_mult", grad_mult, dev), _device_scalar("found_inf", found_inf, dev),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
         bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), bool(zero_acc),
     )
+    if _compiling():
+        torch.ops.fusedaccum.triton_adamw_step_(*args)
+        return
+    _launch_adamw(*args)
+    _bump([t for t in args[:6] if t is not None])
 
 
 def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
@@ -607,12 +741,18 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, fo
     check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
     _require_triton()
     dev = param.device
-    torch.ops.fusedaccum.triton_sgd_step_(
+    args = (
         param, acc, momentum_buffer if momentum != 0 else None, model_out,
         _device_scalar("grad_mult", grad_mult, dev), _device_scalar("found_inf", found_inf, dev),
         float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
         bool(maximize), bool(first_step), bool(zero_acc),
     )
+    if _compiling():
+        torch.ops.fusedaccum.triton_sgd_step_(*args)
+        return
+    _launch_sgd(*args)
+    _bump([t for t in args[:4] if t is not None])
 
 
-__all__ = ["unavailable_reason", "accumulate_", "grad_norm", "adamw_step_", "sgd_step_"]
+__all__ = ["unavailable_reason", "accumulate_", "accumulate_many_", "grad_norm", "adamw_step_",
+           "sgd_step_"]
