@@ -84,6 +84,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
             note = "  (no CUDA device on this machine; shown for completeness)"
         try:
             picked = ops.resolve("auto", dev)
+            if dev == "cuda" and cuda and picked == "cuda" \
+                    and ops.unavailable_reason("triton", dev) is None:
+                from fusedaccum.ops.auto import TRITON_FROM
+
+                picked = (f"cuda, and triton for AdamW/SGD steps and fp32-grad accumulation "
+                          f"of {TRITON_FROM // 2**20}M+ elements (measured faster there)")
         except Exception as exc:  # noqa: BLE001 - report, never crash `info`
             picked = f"error: {type(exc).__name__}: {exc}"
         print(f"  {dev:<4} tensors -> {picked}{note}")

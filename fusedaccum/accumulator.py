@@ -469,12 +469,14 @@ class FusedAccumulator(torch.optim.Optimizer):
                 self._bad_grad(b, i, grad)
             if b.is_half:
                 g = grad.detach() if grad.requires_grad else grad  # create_graph=True
-                g = g.view(-1) if g.is_contiguous() else g.reshape(-1)
+                if not g.is_contiguous():  # row-major, as the accumulator view
+                    g = g.contiguous()
                 # in a window's last micro-batch the norm rides on the accumulation
                 ride = b.ride_norm and self._ride_norm()
                 if not ride and g.numel() <= _BATCH_MAX_NUMEL:
-                    self._pend(b, i, g)
+                    self._pend(b, i, g)  # in the param's shape, as main_grads[i]
                 else:
+                    g = g.view(-1)
                     norm_type = self.norm_type if ride else None
                     if torch.is_grad_enabled():  # create_graph=True
                         with torch.no_grad():
@@ -516,7 +518,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         if not pending:
             return
         b.pending, b.pending_bytes = [], 0
-        accs = [b.flat_slice(b.acc, i) for i, _ in pending]
+        accs = [b.main_grads[i] for i, _ in pending]
         grads = [g for _, g in pending]
         for i, _ in pending:
             b.is_pending[i] = False

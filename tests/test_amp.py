@@ -151,7 +151,7 @@ def test_dynamic_scale_halves_on_skip_and_doubles_after_2000_clean_updates():
     assert as_float(opt.loss_scale) == 2.0**16
     assert opt.update_count == 3000 and opt.skipped_steps == 1
     # the scale never leaked into the update: plain SGD on the unscaled gradient
-    want = torch.tensor([0.5, -0.25])
+    want = torch.tensor([0.5, -0.25], device=DEFAULT_DEVICE)
     for _ in range(3000):
         want.add_(c, alpha=-1e-4)
     torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)

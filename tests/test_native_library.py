@@ -380,6 +380,20 @@ def test_input_checks_name_the_argument(device):
         ops.sgd_step_(*args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_binding_checks_too(device):
+    """native.py checks in Python first; the C++ binding checks again on its own."""
+    acc = torch.zeros(10, device=device)
+    with pytest.raises(TypeError, match="grad must have dtype"):
+        ops.accumulate_(acc, torch.zeros(10, dtype=torch.int32, device=device), 1.0, False)
+    with pytest.raises(ValueError, match=r"grads\[1\] has 9 elements, expected 10"):
+        ops.accumulate_many_([acc, acc], [acc, torch.zeros(9, device=device)], 1.0)
+    with pytest.raises(ValueError, match="amsgrad=True needs max_exp_avg_sq"):
+        args = list(_adam_args(10, device))
+        args[4] = None
+        ops.adamw_step_(*args)
+
+
 def test_cuda_tensors_on_cpu_only_build_fail_clearly():
     if not torch.cuda.is_available() or "cuda" in ops.build_info().split(","):
         pytest.skip("needs a GPU and a CPU-only build of the extension")

@@ -473,3 +473,50 @@ def test_env_var_overrides_auto(monkeypatch):
     monkeypatch.setenv("FUSEDACCUM_BACKEND", "nope")
     with pytest.raises(RuntimeError, match="FUSEDACCUM_BACKEND"):
         ops.resolve("auto", "cpu")
+
+
+def test_auto_router_sends_each_op_to_the_measured_faster_backend():
+    """backend="auto" on CUDA with cuda and triton both available (fusedaccum.ops.auto):
+    small calls and norms to cuda, big AdamW/SGD steps and fp32-grad accumulation to
+    Triton. Checked with recording stand-ins, so it runs without a GPU."""
+    from fusedaccum.ops import auto
+
+    class Recorder:
+        def __init__(self, name, log):
+            self.name, self.log = name, log
+
+        def __getattr__(self, op):
+            return lambda *a, **kw: self.log.append((op, self.name))
+
+    log = []
+    r = auto.Router(Recorder("cuda", log), Recorder("triton", log))
+    big, small = auto.TRITON_FROM, auto.TRITON_FROM - 1
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in (small, big):
+            acc = torch.empty(()).expand(n)  # numel n without the memory
+            r.accumulate_(acc, torch.empty((), dtype=dtype).expand(n))
+            r.accumulate_(acc, torch.empty((), dtype=dtype).expand(n), norm_type=2.0)
+            r.adamw_step_(acc, acc)
+            r.sgd_step_(acc, acc)
+    r.accumulate_many_([], [])
+    r.grad_norm([])
+    assert log == [
+        ("accumulate_", "cuda"), ("accumulate_", "cuda"), ("adamw_step_", "cuda"),
+        ("sgd_step_", "cuda"),
+        ("accumulate_", "cuda"), ("accumulate_", "cuda"), ("adamw_step_", "triton"),
+        ("sgd_step_", "triton"),
+        ("accumulate_", "cuda"), ("accumulate_", "cuda"), ("adamw_step_", "cuda"),
+        ("sgd_step_", "cuda"),
+        ("accumulate_", "triton"), ("accumulate_", "cuda"), ("adamw_step_", "triton"),
+        ("sgd_step_", "triton"),
+        ("accumulate_many_", "cuda"), ("grad_norm", "cuda"),
+    ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_cuda_is_the_router_when_both_gpu_backends_run():
+    from fusedaccum.ops import auto
+
+    both = all(ops.unavailable_reason(b, "cuda") is None for b in ("cuda", "triton"))
+    got = ops.get("auto", "cuda")
+    assert isinstance(got, auto.Router) == both

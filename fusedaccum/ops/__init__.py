@@ -123,9 +123,26 @@ def resolve(backend: str | None, device: torch.device | str) -> str:
     return backend
 
 
+_router = None
+
+
 def get(backend: str | None, device: torch.device | str):
-    """The module implementing the ops for ``backend`` on ``device``."""
-    return _module(resolve(backend, device))
+    """The module implementing the ops for ``backend`` on ``device``.
+
+    ``"auto"`` on CUDA tensors, where both the cuda and triton backends run, gives
+    :class:`fusedaccum.ops.auto.Router`: each op and size to the one measured faster.
+    """
+    name = resolve(backend, device)
+    if name == "cuda" and (backend is None or backend == "auto") \
+            and os.environ.get("FUSEDACCUM_BACKEND", "auto") in ("", "auto") \
+            and unavailable_reason("triton", device) is None:
+        global _router
+        if _router is None:
+            from fusedaccum.ops.auto import Router
+
+            _router = Router(_module("cuda"), _module("triton"))
+        return _router
+    return _module(name)
 
 
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None, backend="auto"):

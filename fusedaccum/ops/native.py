@@ -31,6 +31,14 @@ from pathlib import Path
 
 import torch
 
+from fusedaccum.ops.reference import (
+    FLOAT_DTYPES,
+    _check_flat,
+    check_adamw_inputs,
+    check_many_inputs,
+    check_sgd_inputs,
+)
+
 _NS = "fusedaccum_native"
 _PKG_DIR = Path(__file__).resolve().parents[1]
 _CSRC = _PKG_DIR.parent / "csrc"
@@ -225,9 +233,18 @@ def _ops() -> dict:
     return state.ops
 
 
-def _device_scalar(x, device: torch.device) -> torch.Tensor:
+# Every public op checks its arguments in Python first (the reference backend's checks,
+# the same messages as the C++ ones), although the C++ binding checks them again: on one
+# lent GPU machine (torch 2.11+cu130 built with gcc-toolset-13, the extension with the
+# image's gcc 13.3) every error raised by this extension crashed the process with a
+# segfault, while a one-function test extension raised fine. Cost: ~1 us per tensor.
+
+
+def _device_scalar(x, device: torch.device, name: str = "grad_mult") -> torch.Tensor:
     """grad_mult / found_inf as a 0-dim fp32 tensor on ``device`` (no host sync)."""
     if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must hold exactly one value, got shape {tuple(x.shape)}")
         if x.device != device or x.dtype != torch.float32:
             x = x.to(device=device, dtype=torch.float32, non_blocking=True)
         return x
@@ -242,6 +259,8 @@ def _norm_type(norm_type) -> float:
 
 
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
+    _check_flat("acc", acc, (torch.float32,))
+    _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
     ops = _ops()
     if norm_type is None:
         ops["accumulate_"](acc, grad, float(scale), bool(overwrite))
@@ -253,8 +272,9 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
 def accumulate_many_(accs, grads, scale=1.0):
     """``accs[i] += scale * grads[i]`` for every i (accumulate_ without overwrite or norm,
     bitwise the same), in one op call: one C++ loop on CPU, one kernel launch per 64 pairs
-    on CUDA. Lists (or tuples) of contiguous tensors of equal numel; every check is in C++."""
-    if accs or grads:  # the dispatcher needs a tensor to pick the CPU or CUDA kernel
+    on CUDA. Lists (or tuples) of contiguous tensors of equal numel."""
+    check_many_inputs(accs, grads)
+    if accs:  # the dispatcher needs a tensor to pick the CPU or CUDA kernel
         _ops()["accumulate_many_"](accs, grads, float(scale))
 
 
@@ -262,17 +282,20 @@ def grad_norm(tensors, norm_type=2.0):
     tensors = list(tensors)
     if not tensors:
         raise ValueError("grad_norm needs at least one tensor")
+    for i, t in enumerate(tensors):
+        _check_flat(f"tensors[{i}]", t, (torch.float32,), device=tensors[0].device)
     return _ops()["grad_norm"](tensors, _norm_type(norm_type))
 
 
 def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
                 grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
                 decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
+    check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad, step)
     ops = _ops()
     dev = param.device
     ops["adamw_step_"](
         param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out,
-        _device_scalar(grad_mult, dev), _device_scalar(found_inf, dev),
+        _device_scalar(grad_mult, dev), _device_scalar(found_inf, dev, "found_inf"),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
         bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), bool(zero_acc),
     )
@@ -281,11 +304,12 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
 def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
               zero_acc=True):
+    check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
     ops = _ops()
     dev = param.device
     ops["sgd_step_"](
         param, acc, momentum_buffer, model_out,
-        _device_scalar(grad_mult, dev), _device_scalar(found_inf, dev),
+        _device_scalar(grad_mult, dev), _device_scalar(found_inf, dev, "found_inf"),
         float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
         bool(maximize), bool(first_step), bool(zero_acc),
     )

@@ -23,8 +23,8 @@ def _check_flat(name: str, t: torch.Tensor, dtypes, numel: int | None = None, de
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype {allowed}, got {t.dtype}")
+        raise TypeError(f"{name} must have dtype {_allowed(dtypes)}, got "
+                        f"{_dtype_name(t.dtype)}")
     if t.dim() != 1 or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
     if numel is not None and t.numel() != numel:
@@ -81,11 +81,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _allowed(dtypes) -> str:
+    """``float32``, ``float16 or bfloat16``, ``float32, float16 or bfloat16``."""
+    names = [_dtype_name(d) for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def _check_contiguous(name: str, t, dtypes, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        allowed = ", ".join(_dtype_name(d) for d in dtypes)
+        allowed = _allowed(dtypes)
         raise TypeError(f"{name} must have dtype {allowed}, got {_dtype_name(t.dtype)}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} and strides "
