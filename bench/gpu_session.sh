@@ -57,6 +57,8 @@ if has diag; then
       --tb=short tests/test_native_library.py -k "input_checks" 2>&1 | tail -25 | tee -a "$LOG"
   wait
   cat /tmp/diag_cpp.log 2>/dev/null | tee -a "$LOG"
+  log "diag: which builds of the extension crash on a failing check"
+  timeout 200 python bench/diag_native_errors.py 2>&1 | tee -a "$LOG"
 fi
 if has tune; then
   log "triton block-size sweep"

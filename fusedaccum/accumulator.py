@@ -689,8 +689,11 @@ class FusedAccumulator(torch.optim.Optimizer):
         self.grad_norm = norm
         found_f = found.to(torch.float32)
         if self._kind is not None:
-            self._fused_update(mult, found_f)
-            skipped = bool(found_f.item())  # the boundary's one host read
+            # The boundary's one host read, before the step is queued: the host waits for
+            # the accumulations and the norm only, and the step's kernels (the largest part
+            # of the boundary's bytes) run while it goes on to the next window.
+            skipped = bool(found_f.item())
+            self._fused_update(mult, found_f)  # with found set: only zeroes acc
             if not skipped:
                 self._record_fused_steps()
                 if self._shard is not None:
