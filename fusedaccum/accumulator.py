@@ -297,13 +297,22 @@ class FusedAccumulator(torch.optim.Optimizer):
                         b.params[i].grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear ``p.grad``; the accumulated window is never dropped (either way)."""
+        """Clear ``p.grad``; the accumulated window is never dropped (either way).
+
+        The fp32 masters of half params keep their ``.grad`` view of the window (DESIGN.md
+        section 2: it views the accumulator while the window holds a gradient); the
+        boundary clears it. fp32 params are the stepped tensors themselves: their
+        ``p.grad`` (the view) is cleared, and the next backward restores it.
+        """
         for b in self._all_buckets():
+            if b.has_master:
+                for i, p in enumerate(b.params):
+                    if p.grad is not None and not b.released[i]:
+                        p.grad = None
+                continue
             for i, p in enumerate(b.params):
                 if not b.released[i] and p.grad is not None:
                     p.grad = None
-                if b.has_master and b.stepped[i].grad is not None:
-                    b.stepped[i].grad = None
                 b.exposed[i] = False
 
     # -- params, buckets and hooks -------------------------------------------------

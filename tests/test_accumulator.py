@@ -1219,3 +1219,22 @@ def test_dropped_wrapper_and_model_are_freed(device, dtype):
     del model, opt
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_masters_grad_views_the_window_across_zero_grad(device, dtype):
+    """DESIGN.md section 2: each stepped fp32 tensor has .grad viewing its accumulator
+    while the window holds a gradient for it; zero_grad() does not drop the window, so it
+    does not drop that view either. The boundary clears it."""
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=3)
+    masters = group_tensors(opt)
+    for j, (x, y) in enumerate(make_batches(3, dtype=dtype, device=device)):
+        mse(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if j < 2:
+            for p, m in zip(model.parameters(), masters):
+                assert p.grad is None
+                assert m.grad is not None and m.grad.data_ptr() == p.main_grad.data_ptr()
+    assert opt.stepped and all(m.grad is None for m in masters)

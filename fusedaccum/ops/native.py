@@ -22,6 +22,7 @@ AVX2 variant (results are bitwise the same either way).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import math
 import os
@@ -93,7 +94,10 @@ def _jit_build(with_cuda: bool) -> str:
     if with_cuda:
         sources += sorted(str(p) for p in _CSRC.glob("cuda/*.cu"))
         cflags.append("-DFUSEDACCUM_WITH_CUDA")
-    name = "fusedaccum_native_cuda" if with_cuda else "fusedaccum_native_cpu"
+    # one build directory per checkout: checkouts sharing torch's extension cache would
+    # otherwise rebuild it each time another one had built there
+    tag = hashlib.sha1(str(_CSRC).encode()).hexdigest()[:8]
+    name = f"fusedaccum_native_{'cuda' if with_cuda else 'cpu'}_{tag}"
     return cpp_extension.load(
         name=name,
         sources=sources,
