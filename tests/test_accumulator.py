@@ -1238,3 +1238,51 @@ def test_masters_grad_views_the_window_across_zero_grad(device, dtype):
                 assert p.grad is None
                 assert m.grad is not None and m.grad.data_ptr() == p.main_grad.data_ptr()
     assert opt.stepped and all(m.grad is None for m in masters)
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+def test_auto_router_mixing_two_backends_on_one_buffer(monkeypatch, opt_name):
+    """backend="auto" on GPUs sends each op to cuda or Triton by size (ops/auto.py): the
+    same flat buffers are then written by both. Checked here with the cpu backend and
+    Triton's interpreter in the router, on a size threshold that sends the steps of the
+    bigger runs to Triton, against plain torch on fp32 masters."""
+    import fusedaccum
+    from fusedaccum import ops
+    from fusedaccum.ops import auto
+
+    if any(ops.unavailable_reason(b, "cpu") for b in ("cpu", "triton")):
+        pytest.skip("needs the cpu backend and Triton's interpreter on CPU tensors")
+    router = auto.Router(ops._module("cpu"), ops._module("triton"))
+    monkeypatch.setattr(auto, "TRITON_FROM", 40)
+    monkeypatch.setattr(ops, "get", lambda backend, device: router)
+    calls = []
+    for name in ("cpu", "triton"):
+        mod = ops._module(name)
+        for op in ("adamw_step_", "sgd_step_", "accumulate_many_"):
+            real = getattr(mod, op)
+
+            def counting(*a, _real=real, _name=name, _op=op, **kw):
+                calls.append((_op, _name))
+                return _real(*a, **kw)
+
+            monkeypatch.setattr(mod, op, counting)
+    k, dtype = 3, torch.bfloat16
+    make_opt = OPTIMIZERS[opt_name]
+    model = make_model(dtype=dtype, device="cpu")
+    params = list(model.parameters())  # a group over the threshold, one under it
+    groups = [{"params": params[:-1]}, {"params": params[-1:]}]
+    assert sum(p.numel() for p in params[:-1]) >= 40 > params[-1].numel()
+    opt = fusedaccum.FusedAccumulator(make_opt(groups), backend="auto", accumulation_steps=k,
+                                      max_grad_norm=0.5)
+    emu = MasterEmulation(make_model(dtype=dtype, device="cpu"), make_opt)
+    for window in make_windows(2, k, dtype=dtype, device="cpu"):
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            opt.step()
+            opt.zero_grad()
+        emu.step(k, max_grad_norm=0.5)
+    step_op = "adamw_step_" if opt_name == "adamw" else "sgd_step_"
+    assert (step_op, "triton") in calls and (step_op, "cpu") in calls  # both wrote buffers
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
