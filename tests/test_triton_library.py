@@ -602,3 +602,61 @@ def test_without_interpreter_and_gpu_says_how_to_run():
         print("ok")
     """)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+_TRITON_OP_SCRIPT = textwrap.dedent("""
+    import torch
+    from fusedaccum.ops import reference as R, triton as T
+
+    assert T._TRITON_OP
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+
+    def rand(n, dtype=torch.float32):
+        return torch.randn(n, generator=g).to(dtype).to(dev)
+
+    F = torch.ops.fusedaccum
+    for n in (1, 1023, 4097):
+        acc, grad = rand(n), rand(n, torch.bfloat16)
+        a1, a2 = acc.clone(), acc.clone()
+        F.triton_accumulate_(a1, grad, 0.5, False)
+        R.accumulate_(a2, grad, 0.5)
+        assert torch.equal(a1, a2)
+        stat = F.triton_accumulate_norm_(a1, grad, 0.5, False, 2.0)
+        R.accumulate_(a2, grad, 0.5)
+        torch.testing.assert_close(stat, a2.square().sum())
+        torch.testing.assert_close(F.triton_grad_norm([a1, acc], float("inf")),
+                                   torch.cat([a1, acc]).abs().max())
+        p, m, v = rand(n), rand(n).abs() * 0.1, rand(n).abs() * 0.1
+        out = torch.full((n,), float("nan"), dtype=torch.bfloat16, device=dev)
+        gm, fi = torch.tensor(0.5, device=dev), torch.tensor(0.0, device=dev)
+        want = [p.clone(), a1.clone(), m.clone(), v.clone()]
+        F.triton_adamw_step_(p, a1, m, v, None, out, gm, fi, 1e-3, 0.9, 0.999, 1e-8, 0.1, 3,
+                             True, False, False, True)
+        R.adamw_step_(*want, None, None, grad_mult=gm, found_inf=fi, lr=1e-3, beta1=0.9,
+                      beta2=0.999, eps=1e-8, weight_decay=0.1, step=3)
+        for got, w in zip((p, a1, m, v), want):
+            torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+        assert torch.equal(out, p.to(torch.bfloat16))
+        acc, buf = rand(n), rand(n)
+        want = [p.clone(), acc.clone(), buf.clone()]
+        F.triton_sgd_step_(p, acc, buf, None, gm, fi, 0.1, 0.9, 0.1, 0.01, True, False, False,
+                           True)
+        R.sgd_step_(*want, None, grad_mult=gm, found_inf=fi, lr=0.1, momentum=0.9,
+                    dampening=0.1, weight_decay=0.01, nesterov=True, maximize=False,
+                    first_step=False)
+        for got, w in zip((p, acc, buf), want):
+            torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+    print("ok")
+""")
+
+
+def test_ops_registered_as_triton_op_compute_the_same():
+    """On a GPU the ops are torch.library.triton_op (inductor sees the kernels); here,
+    under the interpreter, they are custom_op + fake (triton_op fails opcheck there).
+    FUSEDACCUM_TRITON_OP=1 forces the triton_op registration: called eagerly through
+    torch.ops, every op must still match the reference."""
+    env = dict(os.environ, FUSEDACCUM_TRITON_OP="1")
+    r = subprocess.run([sys.executable, "-c", _TRITON_OP_SCRIPT], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -18,17 +18,20 @@ Rules every kernel follows:
 * reductions (norms) are deterministic: each block writes one partial into a buffer,
   then a single program folds the partials in a fixed order. No atomics.
 
-The ops are registered as opaque ``torch.library.custom_op``s (``fusedaccum::triton_*``)
-with fake implementations, so ``torch.compile`` sees them as single nodes.
-``triton_op``/``wrap_triton`` would let inductor look inside, but they fail ``opcheck``
-under ``TRITON_INTERPRET=1`` in torch 2.13, which is how the backend is tested on CPU.
+The ops (``fusedaccum::triton_*``) are ``torch.library.triton_op``s on a GPU, so that
+inductor sees the kernels (``wrap_triton``), and opaque ``custom_op``s with fake
+implementations under the interpreter, where ``triton_op`` fails ``opcheck`` (torch
+2.13, Triton 3.9); ``accumulate_many_`` (a host-side table of data pointers) is always
+opaque. Eager calls skip the op layer and launch directly (see ``_compiling``).
 
 The module imports without triton; :func:`unavailable_reason` then says why it cannot run.
 """
 
+import inspect
 import itertools
 import math
 import os
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -185,11 +188,16 @@ def _finish_kernel(partial_ptr, out_ptr, n_partials, NORM: tl.constexpr, SQRT: t
     tl.store(out_ptr, result)
 
 
-def _finish(partials: torch.Tensor, norm: int, sqrt: bool) -> torch.Tensor:
+def _raw(kernel):
+    """The kernel itself: how the eager path launches (see _wrap_for_ops)."""
+    return kernel
+
+
+def _finish(partials: torch.Tensor, norm: int, sqrt: bool, wrap=_raw) -> torch.Tensor:
     out = torch.empty((), dtype=torch.float32, device=partials.device)
     block, warps = _config("finish")
     with _device_of(partials):
-        _finish_kernel[(1,)](partials, out, partials.numel(), NORM=norm, SQRT=sqrt,
+        wrap(_finish_kernel)[(1,)](partials, out, partials.numel(), NORM=norm, SQRT=sqrt,
                              BLOCK=block, num_warps=warps)
     return out
 
@@ -224,7 +232,7 @@ def _accumulate_kernel(acc_ptr, grad_ptr, partial_ptr, n, scale,
         tl.store(partial_ptr + pid, _block_stat(acc, NORM))
 
 
-def _launch_accumulate(acc, grad, scale, overwrite, norm):
+def _launch_accumulate(acc, grad, scale, overwrite, norm, wrap=_raw):
     n = acc.numel()
     if n == 0:
         return None if norm == _NORM_NONE else acc.new_zeros(())
@@ -232,11 +240,11 @@ def _launch_accumulate(acc, grad, scale, overwrite, norm):
     grid = (triton.cdiv(n, block),)
     partials = acc if norm == _NORM_NONE else acc.new_empty(grid[0])  # acc: never written
     with _device_of(acc):
-        _accumulate_kernel[grid](acc, grad, partials, n, scale, GRAD_KIND=_KIND[grad.dtype],
+        wrap(_accumulate_kernel)[grid](acc, grad, partials, n, scale, GRAD_KIND=_KIND[grad.dtype],
                                  OVERWRITE=overwrite, NORM=norm, BLOCK=block, num_warps=warps)
     if norm == _NORM_NONE:
         return None
-    return _finish(partials, norm, sqrt=False)
+    return _finish(partials, norm, sqrt=False, wrap=wrap)
 
 
 # --------------------------------------------------------------------------------------
@@ -320,7 +328,7 @@ def _norm_partials_kernel(x_ptr, partial_ptr, base, n, NORM: tl.constexpr, BLOCK
     tl.store(partial_ptr + base + pid.to(tl.int64), _block_stat(x, NORM))
 
 
-def _launch_grad_norm(tensors, norm):
+def _launch_grad_norm(tensors, norm, wrap=_raw):
     # Stage 1: one launch per non-empty tensor, all writing into one partials buffer at
     # fixed offsets; stage 2: one program folds the buffer. The flat per-group buffers
     # make the tensor count small (one per group), so per-tensor launches are cheap.
@@ -335,10 +343,10 @@ def _launch_grad_norm(tensors, norm):
     with _device_of(partials):
         for t, count in zip(tensors, counts):
             if count:
-                _norm_partials_kernel[(count,)](t, partials, base, t.numel(), NORM=norm,
+                wrap(_norm_partials_kernel)[(count,)](t, partials, base, t.numel(), NORM=norm,
                                                 BLOCK=block, num_warps=warps)
                 base += count
-    return _finish(partials, norm, sqrt=norm == _NORM_2)
+    return _finish(partials, norm, sqrt=norm == _NORM_2, wrap=wrap)
 
 
 # --------------------------------------------------------------------------------------
@@ -419,7 +427,7 @@ def _adamw_kernel(param_ptr, acc_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
 
 def _launch_adamw(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult,
                   found_inf, lr, beta1, beta2, eps, weight_decay, step, decoupled_weight_decay,
-                  amsgrad, maximize, zero_acc):
+                  amsgrad, maximize, zero_acc, wrap=_raw):
     n = param.numel()
     if n == 0:
         return
@@ -430,7 +438,7 @@ def _launch_adamw(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, gr
     lerp_weight = 1 - beta1
     block, warps = _config("adamw")
     with _device_of(param):
-        _adamw_kernel[(triton.cdiv(n, block),)](
+        wrap(_adamw_kernel)[(triton.cdiv(n, block),)](
             param, acc, exp_avg, exp_avg_sq,
             exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq,  # dummy: never touched
             param if model_out is None else model_out,  # dummy: never touched
@@ -481,13 +489,13 @@ def _sgd_kernel(param_ptr, acc_ptr, buf_ptr, out_ptr, grad_mult_ptr, found_inf_p
 
 
 def _launch_sgd(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr, momentum,
-                dampening, weight_decay, nesterov, maximize, first_step, zero_acc):
+                dampening, weight_decay, nesterov, maximize, first_step, zero_acc, wrap=_raw):
     n = param.numel()
     if n == 0:
         return
     block, warps = _config("sgd")
     with _device_of(param):
-        _sgd_kernel[(triton.cdiv(n, block),)](
+        wrap(_sgd_kernel)[(triton.cdiv(n, block),)](
             param, acc,
             acc if momentum_buffer is None else momentum_buffer,  # dummy: never touched
             param if model_out is None else model_out,  # dummy: never touched
@@ -569,48 +577,87 @@ def _norm_code(norm_type) -> int:
     raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
 
 
+def _use_triton_op() -> bool:
+    """Register the ops with ``torch.library.triton_op`` (inductor sees the kernels) on a
+    GPU; with the opaque ``custom_op`` + fake under the interpreter, where ``triton_op``
+    fails opcheck (torch 2.13, Triton 3.9). ``FUSEDACCUM_TRITON_OP=1``/``0`` forces it."""
+    forced = os.environ.get("FUSEDACCUM_TRITON_OP", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not _INTERPRETED and torch.cuda.is_available() \
+        and hasattr(torch.library, "triton_op")
+
+
+_TRITON_OP = _TRITON_IMPORT_ERROR is None and _use_triton_op()
+
+
+def _define(name: str, mutates: tuple, fake=None, opaque: bool = False):
+    """Decorator: op ``fusedaccum::<name>`` from ``fn(wrap, *args)``, ``wrap`` being
+    ``torch.library.wrap_triton`` for a triton_op, else the identity (custom_op + fake).
+    ``opaque`` ops (host-side tables of data pointers) are always custom_op."""
+
+    def deco(fn):
+        if _TRITON_OP and not opaque:
+            wrap_triton = torch.library.wrap_triton
+
+            def body(*args):
+                return fn(wrap_triton, *args)
+
+            body.__signature__ = _without_wrap(fn)
+            body.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != "wrap"}
+            try:
+                return torch.library.triton_op(f"fusedaccum::{name}", body,
+                                               mutates_args=mutates)
+            except Exception as exc:  # noqa: BLE001 - an older torch: the opaque op still works
+                warnings.warn(f"fusedaccum: triton_op registration of {name} failed ({exc}); "
+                              "registering it as an opaque custom_op", RuntimeWarning,
+                              stacklevel=2)
+
+        def opaque_body(*args):
+            return fn(_raw, *args)
+
+        opaque_body.__signature__ = _without_wrap(fn)
+        opaque_body.__annotations__ = {k: v for k, v in fn.__annotations__.items()
+                                       if k != "wrap"}
+        op = torch.library.custom_op(f"fusedaccum::{name}", opaque_body, mutates_args=mutates)
+        op.register_fake(fake)
+        return op
+
+    return deco
+
+
+def _without_wrap(fn):
+    sig = inspect.signature(fn)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
 if _TRITON_IMPORT_ERROR is None:
 
-    @torch.library.custom_op("fusedaccum::triton_accumulate_", mutates_args=("acc",))
-    def _accumulate_op(acc: torch.Tensor, grad: torch.Tensor, scale: float,
+    @_define("triton_accumulate_", ("acc",), fake=lambda acc, grad, scale, overwrite: None)
+    def _accumulate_op(wrap, acc: torch.Tensor, grad: torch.Tensor, scale: float,
                        overwrite: bool) -> None:
-        _launch_accumulate(acc, grad, scale, overwrite, _NORM_NONE)
+        _launch_accumulate(acc, grad, scale, overwrite, _NORM_NONE, wrap)
 
-    @_accumulate_op.register_fake
-    def _(acc, grad, scale, overwrite):
-        return None
-
-    @torch.library.custom_op("fusedaccum::triton_accumulate_norm_", mutates_args=("acc",))
-    def _accumulate_norm_op(acc: torch.Tensor, grad: torch.Tensor, scale: float,
+    @_define("triton_accumulate_norm_", ("acc",),
+             fake=lambda acc, grad, scale, overwrite, norm_type: acc.new_empty(()))
+    def _accumulate_norm_op(wrap, acc: torch.Tensor, grad: torch.Tensor, scale: float,
                             overwrite: bool, norm_type: float) -> torch.Tensor:
-        return _launch_accumulate(acc, grad, scale, overwrite, _norm_code(norm_type))
+        return _launch_accumulate(acc, grad, scale, overwrite, _norm_code(norm_type), wrap)
 
-    @_accumulate_norm_op.register_fake
-    def _(acc, grad, scale, overwrite, norm_type):
-        return acc.new_empty(())
-
-    @torch.library.custom_op("fusedaccum::triton_accumulate_many_", mutates_args=("accs",))
-    def _accumulate_many_op(accs: list[torch.Tensor], grads: list[torch.Tensor],
+    @_define("triton_accumulate_many_", ("accs",), fake=lambda accs, grads, scale: None,
+             opaque=True)
+    def _accumulate_many_op(wrap, accs: list[torch.Tensor], grads: list[torch.Tensor],
                             scale: float) -> None:
         _launch_accumulate_many(accs, grads, scale)
 
-    @_accumulate_many_op.register_fake
-    def _(accs, grads, scale):
-        return None
+    @_define("triton_grad_norm", (), fake=lambda tensors, norm_type: tensors[0].new_empty(()))
+    def _grad_norm_op(wrap, tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+        return _launch_grad_norm(tensors, _norm_code(norm_type), wrap)
 
-    @torch.library.custom_op("fusedaccum::triton_grad_norm", mutates_args=())
-    def _grad_norm_op(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-        return _launch_grad_norm(tensors, _norm_code(norm_type))
-
-    @_grad_norm_op.register_fake
-    def _(tensors, norm_type):
-        return tensors[0].new_empty(())
-
-    @torch.library.custom_op(
-        "fusedaccum::triton_adamw_step_",
-        mutates_args=("param", "acc", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "model_out"),
-    )
-    def _adamw_op(param: torch.Tensor, acc: torch.Tensor, exp_avg: torch.Tensor,
+    @_define("triton_adamw_step_",
+             ("param", "acc", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "model_out"),
+             fake=lambda *args: None)
+    def _adamw_op(wrap, param: torch.Tensor, acc: torch.Tensor, exp_avg: torch.Tensor,
                   exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None,
                   model_out: torch.Tensor | None, grad_mult: torch.Tensor,
                   found_inf: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float,
@@ -618,30 +665,18 @@ if _TRITON_IMPORT_ERROR is None:
                   maximize: bool, zero_acc: bool) -> None:
         _launch_adamw(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult,
                       found_inf, lr, beta1, beta2, eps, weight_decay, step,
-                      decoupled_weight_decay, amsgrad, maximize, zero_acc)
+                      decoupled_weight_decay, amsgrad, maximize, zero_acc, wrap)
 
-    @_adamw_op.register_fake
-    def _(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult, found_inf,
-          lr, beta1, beta2, eps, weight_decay, step, decoupled_weight_decay, amsgrad, maximize,
-          zero_acc):
-        return None
-
-    @torch.library.custom_op(
-        "fusedaccum::triton_sgd_step_",
-        mutates_args=("param", "acc", "momentum_buffer", "model_out"),
-    )
-    def _sgd_op(param: torch.Tensor, acc: torch.Tensor, momentum_buffer: torch.Tensor | None,
-                model_out: torch.Tensor | None, grad_mult: torch.Tensor,
-                found_inf: torch.Tensor, lr: float, momentum: float, dampening: float,
-                weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
-                zero_acc: bool) -> None:
+    @_define("triton_sgd_step_", ("param", "acc", "momentum_buffer", "model_out"),
+             fake=lambda *args: None)
+    def _sgd_op(wrap, param: torch.Tensor, acc: torch.Tensor,
+                momentum_buffer: torch.Tensor | None, model_out: torch.Tensor | None,
+                grad_mult: torch.Tensor, found_inf: torch.Tensor, lr: float, momentum: float,
+                dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+                first_step: bool, zero_acc: bool) -> None:
         _launch_sgd(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr,
-                    momentum, dampening, weight_decay, nesterov, maximize, first_step, zero_acc)
-
-    @_sgd_op.register_fake
-    def _(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr, momentum,
-          dampening, weight_decay, nesterov, maximize, first_step, zero_acc):
-        return None
+                    momentum, dampening, weight_decay, nesterov, maximize, first_step, zero_acc,
+                    wrap)
 
 
 def _require_triton():
