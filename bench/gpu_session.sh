@@ -8,7 +8,7 @@
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
-STAGES=${STAGES:-"build triton cuda diag bench"}
+STAGES=${STAGES:-"build triton cuda auto diag bench"}
 BENCH_ARGS=${BENCH_ARGS:-"--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3 --compile off"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -51,6 +51,12 @@ if has cuda; then
       tests/test_native_library.py "${WRAPPER_TESTS[@]}" >"$OUT/tests_cuda.log" 2>&1
   log "cuda tests exit $?: $(tail -1 "$OUT/tests_cuda.log")"
 fi
+if has auto; then
+  log "auto: wrapper suite with backend=auto (the cuda/triton router of ops/auto.py)"
+  FUSEDACCUM_TEST_BACKEND=auto timeout 120 "${PYTEST[@]}" "${WRAPPER_TESTS[@]}" \
+      >"$OUT/tests_auto.log" 2>&1
+  log "auto tests exit $?: $(tail -1 "$OUT/tests_auto.log")"
+fi
 if has diag; then
   log "diag: the input-check test alone, without xdist (a crash shows its message here)"
   timeout 60 python -X faulthandler -m pytest -q -p no:xdist -p no:cacheprovider -s -x \
@@ -71,7 +77,7 @@ if has bench; then
       >>"$LOG" 2>&1
   log "bench exit $?"
 fi
-for f in tests_triton tests_cuda; do
+for f in tests_triton tests_cuda tests_auto; do
   [[ -f "$OUT/$f.log" ]] && { echo "--- $f failures"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" \
       | head -15; tail -1 "$OUT/$f.log"; }
 done

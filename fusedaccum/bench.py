@@ -1064,6 +1064,9 @@ def _contender_factories(wl: Workload, backends: list[str], compile_mode: bool,
                          notes: list[str]):
     """[(name, kind, backend, factory)]: ours per backend, then the peers that run here."""
     out = [(f"fusedaccum[{b}]", "ours", b, lambda b=b: FusedContender(wl, b)) for b in backends]
+    if wl.device.type == "cuda" and {"cuda", "triton"} <= set(backends):
+        # what backend="auto" gives on a GPU: each op to the faster of the two
+        out.append(("fusedaccum[auto]", "ours", "auto", lambda: FusedContender(wl, "auto")))
     out.append(("tutorial", "tutorial", None, lambda: TutorialContender(wl)))
     out.append(("recipe", "recipe", None, lambda: RecipeContender(wl)))
     if compile_mode:
