@@ -9,7 +9,9 @@ exit status (-11) rather than the end of this script:
 
 - the extension as installed (ahead-of-time build, or JIT with CUDA on a GPU machine),
   with TORCH_SHOW_CPP_STACKTRACES unset, 0 and 1;
-- a JIT build without the CUDA objects (CPU kernels only) in a fresh build directory.
+- a JIT build without the CUDA objects (CPU kernels only) in a fresh build directory,
+  compiled by torch's cpp_extension with `c++` (setup.py's build_ext uses the compiler
+  Python was built with, which on that image is another one: printed first).
 
     python bench/diag_native_errors.py
 """
@@ -47,7 +49,30 @@ def run(case: str, env_extra: dict) -> str:
     return f"exit {r.returncode}: {tail[0][:160]}"
 
 
+def toolchain() -> None:
+    """The compilers each build path uses, and what the installed build links to."""
+    import sysconfig
+
+    import torch
+
+    from fusedaccum.ops import native
+
+    print("sysconfig CC/CXX (setup.py's build_ext):", sysconfig.get_config_var("CC"), "|",
+          sysconfig.get_config_var("CXX"))
+    for cxx in {os.environ.get("CXX", "c++"), (sysconfig.get_config_var("CXX") or "").split()[0]}:
+        if cxx:
+            r = subprocess.run([cxx, "--version"], capture_output=True, text=True)
+            print(f"{cxx}: {(r.stdout or r.stderr).splitlines()[:1]}")
+    aot = native._aot_library()
+    if aot is not None:
+        r = subprocess.run(["ldd", str(aot)], capture_output=True, text=True)
+        print("ldd", aot.name, [ln.strip() for ln in r.stdout.splitlines()
+                                if "stdc++" in ln or "gcc_s" in ln or "gomp" in ln])
+    print("torch", torch.__version__, torch.__config__.show().count("gcc-toolset"))
+
+
 def main() -> int:
+    toolchain()
     cases = [("installed", {}), ("installed", {"TORCH_SHOW_CPP_STACKTRACES": "0"}),
              ("installed", {"TORCH_SHOW_CPP_STACKTRACES": "1"}), ("cpu-only-jit", {})]
     for case, env in cases:
