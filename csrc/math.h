@@ -14,8 +14,9 @@
 // <math.h>. Our sources include each other by relative path ("../math.h").
 //
 // The functions live in the inline namespace FA_ISA (default `base`): a CPU translation
-// unit compiled for another instruction set (cpu/loops_avx2.cpp) defines FA_ISA so that
-// its copies never collide with the baseline ones at link time. Types stay outside it.
+// unit compiled for another instruction set (cpu/loops_avx2.cpp, cpu/loops_avx512.cpp)
+// defines FA_ISA so that its copies never collide with the baseline ones at link time.
+// Types stay outside it.
 #pragma once
 
 #include <cmath>

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../math.h"
@@ -33,14 +34,26 @@ bool cpu_has_avx2() {
 #endif
 }
 
-// FUSEDACCUM_CPU_ISA=baseline forces the baseline loops (e.g. to compare both).
+bool cpu_has_avx512() {
+#if defined(FA_CPU_HAVE_AVX2)
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// The widest loops this CPU runs. FUSEDACCUM_CPU_ISA=baseline|avx2|avx512 caps the choice
+// (e.g. to compare them: they give bitwise the same results).
 const CpuLoops& pick_loops() {
   const char* env = std::getenv("FUSEDACCUM_CPU_ISA");
-  const bool force_baseline = env != nullptr && std::strcmp(env, "baseline") == 0;
+  const std::string cap = env == nullptr ? "avx512" : env;
 #if defined(FA_CPU_HAVE_AVX2)
-  if (!force_baseline && cpu_has_avx2()) return kLoopsAvx2;
+  if (cap == "avx512" && cpu_has_avx512()) return kLoopsAvx512;
+  if ((cap == "avx512" || cap == "avx2") && cpu_has_avx2()) return kLoopsAvx2;
 #endif
-  (void)force_baseline;
   return kLoopsBaseline;
 }
 

@@ -18,7 +18,7 @@ void norm(const NormParams& p);
 void adam_step(const AdamParams& p);
 void sgd_step(const SgdParams& p);
 
-// The instruction set the loops run with ("avx2" or "baseline").
+// The instruction set the loops run with ("avx512", "avx2" or "baseline").
 const char* isa();
 
 // Loops over the element range [begin, end) of one buffer.
@@ -38,6 +38,7 @@ extern const CpuLoops kLoopsBaseline;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FA_CPU_HAVE_AVX2 1
 extern const CpuLoops kLoopsAvx2;
+extern const CpuLoops kLoopsAvx512;
 #endif
 
 }  // namespace cpu

@@ -16,8 +16,8 @@ query:
 
 ``FUSEDACCUM_NATIVE=jit`` skips the ahead-of-time build (e.g. a stale one),
 ``FUSEDACCUM_NATIVE=0`` disables the extension, ``FUSEDACCUM_NATIVE_VERBOSE=1`` shows
-the compiler's output, ``FUSEDACCUM_CPU_ISA=baseline`` makes the CPU kernels skip their
-AVX2 variant (results are bitwise the same either way).
+the compiler's output, ``FUSEDACCUM_CPU_ISA=baseline|avx2|avx512`` caps the instruction set
+of the CPU loops (by default the widest the CPU has; results are bitwise the same).
 """
 
 from __future__ import annotations
