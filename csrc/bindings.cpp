@@ -368,7 +368,9 @@ TORCH_LIBRARY(fusedaccum_native, m) {
   m.def("build_info() -> str", &build_info);
 }
 
-TORCH_LIBRARY_IMPL(fusedaccum_native, CPU, m) {
+// The same entry points for both devices: they check inputs and pick the CPU loops or
+// the CUDA launchers by the tensors' device.
+static void impl_ops(torch::Library& m) {
   m.impl("accumulate_", &accumulate_op);
   m.impl("accumulate_norm_", &accumulate_norm_op);
   m.impl("accumulate_many_", &accumulate_many_op);
@@ -377,13 +379,8 @@ TORCH_LIBRARY_IMPL(fusedaccum_native, CPU, m) {
   m.impl("sgd_step_", &sgd_step_op);
 }
 
+TORCH_LIBRARY_IMPL(fusedaccum_native, CPU, m) { impl_ops(m); }
+
 #ifdef FUSEDACCUM_WITH_CUDA
-TORCH_LIBRARY_IMPL(fusedaccum_native, CUDA, m) {
-  m.impl("accumulate_", &accumulate_op);
-  m.impl("accumulate_norm_", &accumulate_norm_op);
-  m.impl("accumulate_many_", &accumulate_many_op);
-  m.impl("grad_norm", &grad_norm_op);
-  m.impl("adamw_step_", &adamw_step_op);
-  m.impl("sgd_step_", &sgd_step_op);
-}
+TORCH_LIBRARY_IMPL(fusedaccum_native, CUDA, m) { impl_ops(m); }
 #endif

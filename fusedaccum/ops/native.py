@@ -37,6 +37,7 @@ from fusedaccum.ops.reference import (
     _check_flat,
     check_adamw_inputs,
     check_many_inputs,
+    check_norm_inputs,
     check_sgd_inputs,
 )
 
@@ -283,11 +284,7 @@ def accumulate_many_(accs, grads, scale=1.0):
 
 
 def grad_norm(tensors, norm_type=2.0):
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("grad_norm needs at least one tensor")
-    for i, t in enumerate(tensors):
-        _check_flat(f"tensors[{i}]", t, (torch.float32,), device=tensors[0].device)
+    tensors = check_norm_inputs(tensors)
     return _ops()["grad_norm"](tensors, _norm_type(norm_type))
 
 

@@ -167,10 +167,18 @@ def _norm_stat(t: torch.Tensor, norm_type: float) -> torch.Tensor:
     raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
 
 
-def grad_norm(tensors, norm_type=2.0):
+def check_norm_inputs(tensors) -> list:
+    """The argument checks every backend's grad_norm makes; returns ``tensors`` as a list."""
     tensors = list(tensors)
+    if not tensors:
+        raise ValueError("grad_norm needs at least one tensor")
     for i, t in enumerate(tensors):
         _check_flat(f"tensors[{i}]", t, (torch.float32,), device=tensors[0].device)
+    return tensors
+
+
+def grad_norm(tensors, norm_type=2.0):
+    tensors = check_norm_inputs(tensors)
     norm_type = float(norm_type)
     stats = torch.stack([_norm_stat(t, norm_type) for t in tensors])
     if norm_type == 2.0:
