@@ -359,9 +359,10 @@ class FusedAccumulator(torch.optim.Optimizer):
             grads = [p.grad for p in members]
             b = Bucket(members, idx, use_master=self.master_weights, shard=self._shard)
             b.ops = modules[device]
-            # Measured on CPU: the norm riding on the last accumulation makes a window 4%
-            # faster on large tensors and costs nothing on small ones. On GPUs each such
-            # accumulation adds a finalize launch per param; off until measured there.
+            # Large gradients (not batched) carry the norm on the last accumulation. Measured
+            # on CPU (2026-11-26): a window of one GPT-2-XL block 8% faster than with a
+            # separate norm pass. On GPUs each such accumulation adds a finalize launch per
+            # param; off until measured there.
             b.ride_norm = device.type == "cpu"
             buckets.append(b)
             for i, p in enumerate(members):
@@ -480,11 +481,11 @@ class FusedAccumulator(torch.optim.Optimizer):
                 g = grad.detach() if grad.requires_grad else grad  # create_graph=True
                 if not g.is_contiguous():  # row-major, as the accumulator view
                     g = g.contiguous()
-                # in a window's last micro-batch the norm rides on the accumulation
-                ride = b.ride_norm and self._ride_norm()
-                if not ride and g.numel() <= _BATCH_MAX_NUMEL:
+                if g.numel() <= _BATCH_MAX_NUMEL:
                     self._pend(b, i, g)  # in the param's shape, as main_grads[i]
                 else:
+                    # in a window's last micro-batch the norm rides on the accumulation
+                    ride = b.ride_norm and self._ride_norm()
                     g = g.view(-1)
                     norm_type = self.norm_type if ride else None
                     if torch.is_grad_enabled():  # create_graph=True
@@ -531,12 +532,17 @@ class FusedAccumulator(torch.optim.Optimizer):
         grads = [g for _, g in pending]
         for i, _ in pending:
             b.is_pending[i] = False
+        # the statistics that rode on other params' accumulations stay valid: this writes
+        # only pending params, whose statistics _pend cleared
+        stats_valid = b.acc._version == b.stats_version
         many = getattr(b.ops, "accumulate_many_", None)
         if many is not None:
             many(accs, grads, 1.0)
         else:
             for acc, g in zip(accs, grads):
                 b.ops.accumulate_(acc, g, 1.0)
+        if stats_valid:
+            b.stats_version = b.acc._version
 
     def _flush_all(self) -> None:
         """Accumulate every waiting gradient (end of backward, and before any read)."""
@@ -616,22 +622,29 @@ class FusedAccumulator(torch.optim.Optimizer):
                              f"got {num_items!r}")
 
     def _ridden_stat(self, b: Bucket) -> torch.Tensor | None:
-        """The bucket's norm statistic from its last accumulations, if still valid.
+        """The bucket's norm statistic, using what rode on its last accumulations.
 
-        Valid when every param with a gradient in the window produced a statistic at
-        its latest accumulation and nothing wrote the accumulator afterwards (GradScaler's
-        unscale_, user code, a reset: the version counter tells).
+        Only large half gradients ride (the batched small ones produce no statistics):
+        when some param of the window has a statistic from its latest accumulation and
+        nothing but our own accumulations wrote the accumulator since (not GradScaler's
+        unscale_, user code or a reset: the version counter tells), the statistic is those
+        combined with one ``grad_norm`` pass over the other touched params' accumulators
+        only. Otherwise None: the caller reads the whole buffer.
         """
         if not b.is_half or b.acc._version != b.stats_version:
             return None
-        stats = []
+        stats, rest = [], []
         for i, t in enumerate(b.touched):
             if t:
                 if b.stats[i] is None:
-                    return None
-                stats.append(b.stats[i])
+                    rest.append(b.flat_slice(b.acc, i))
+                else:
+                    stats.append(b.stats[i])
         if not stats:
-            return torch.zeros((), dtype=torch.float32, device=b.device)
+            return None
+        if rest:
+            n = ops.grad_norm(rest, self.norm_type, backend=self.backend)
+            stats.append(n if self.norm_type == math.inf else n.square())
         stacked = torch.stack(stats)
         return stacked.amax() if self.norm_type == math.inf else stacked.sum()
 

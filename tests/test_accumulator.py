@@ -1060,17 +1060,25 @@ def test_single_rank_process_group_equals_one_process(world, shard):
 
 
 def _count_grad_norm_calls(monkeypatch):
+    """Record the tensors of every grad_norm call the wrapper makes."""
     import fusedaccum.ops as ops_mod
 
     calls = []
     real = ops_mod.grad_norm
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(tensors, *args, **kwargs):
+        calls.append(list(tensors))
+        return real(tensors, *args, **kwargs)
 
     monkeypatch.setattr(ops_mod, "grad_norm", counting)
     return calls
+
+
+def _ride_above(monkeypatch, numel):
+    """Half gradients of more than ``numel`` elements ride (the smaller ones are batched)."""
+    import fusedaccum.accumulator as acc_mod
+
+    monkeypatch.setattr(acc_mod, "_BATCH_MAX_NUMEL", numel)
 
 
 def _expected_norm(model, k, norm_type):
@@ -1081,10 +1089,11 @@ def _expected_norm(model, k, norm_type):
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_params_norm_rides_on_the_last_accumulation(monkeypatch, device, dtype, norm_type):
-    """No separate norm pass when every gradient came through the last micro-batch.
+    """No separate norm pass when every gradient rode on the last micro-batch.
 
-    CPU buckets only: on a GPU the last micro-batch's small gradients are accumulated in
-    batches that produce no statistics, so the boundary runs one norm pass per device."""
+    Large gradients only (the batched small ones produce no statistics; here every one
+    counts as large), and CPU buckets only: on a GPU the boundary runs one norm pass."""
+    _ride_above(monkeypatch, 0)
     k = 3
     model = make_model(dtype=dtype, device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.1,
@@ -1099,10 +1108,32 @@ def test_half_params_norm_rides_on_the_last_accumulation(monkeypatch, device, dt
     torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_ridden_norm_with_batched_small_gradients(monkeypatch, device, norm_type):
+    """The weights ride, the biases are batched: on CPU the boundary reads only the
+    biases' accumulators (one grad_norm call over them), and the norm is the whole one."""
+    _ride_above(monkeypatch, 10)  # fc1.weight 24 and fc2.weight 18 elements; biases 6, 3
+    k = 2
+    model = make_model(dtype=torch.bfloat16, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.1,
+               norm_type=norm_type)
+    calls = _count_grad_norm_calls(monkeypatch)
+    for x, y in make_batches(k, dtype=torch.bfloat16, device=device):
+        mse(model(x), y).backward()
+        if opt.accumulation_boundary:
+            want = _expected_norm(model, k, norm_type)
+        opt.step()
+    assert opt.stepped and len(calls) == 1
+    if device == "cpu":
+        assert sorted(t.numel() for t in calls[0]) == [3, 6]
+    torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_ridden_norm_is_not_used_after_an_in_place_change(monkeypatch, device, dtype):
     """Scaling the window's gradient in place (here through the groups' .grad views)
     after the last backward makes the ridden statistics stale: a real pass is made."""
+    _ride_above(monkeypatch, 0)
     k = 2
     model = make_model(dtype=dtype, device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=k)
@@ -1118,7 +1149,9 @@ def test_ridden_norm_is_not_used_after_an_in_place_change(monkeypatch, device, d
 
 
 def test_ridden_norm_needs_every_param_in_the_last_micro_batch(monkeypatch, device):
-    """A param whose gradient came only in an earlier micro-batch has no statistic."""
+    """A param whose gradient came only in an earlier micro-batch has no statistic: its
+    accumulator is read at the boundary."""
+    _ride_above(monkeypatch, 0)
     k = 2
     model = make_model(dtype=torch.bfloat16, device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=k)
@@ -1129,7 +1162,9 @@ def test_ridden_norm_needs_every_param_in_the_last_micro_batch(monkeypatch, devi
     model.fc1(x1).float().square().mean().backward()  # fc2 gets no gradient this time
     want = _expected_norm(model, k, 2.0)
     opt.step()
-    assert calls
+    assert len(calls) == 1
+    if device == "cpu":  # fc1 rode; fc2's weight and bias are read
+        assert sorted(t.numel() for t in calls[0]) == [3, 18]
     torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
 
 
@@ -1182,9 +1217,7 @@ def test_small_half_grads_are_accumulated_in_batches(monkeypatch, device, dtype,
             mse(model(x), y).backward()
             emu.backward(mse(emu.model(x), y))
             n_small = sum(p.numel() <= 100 for p in model.parameters())
-            if j == k - 1 and b.ride_norm:  # the norm rides on one call per grad instead
-                assert calls == []
-            elif flush_bytes == 1:
+            if flush_bytes == 1:  # in every micro-batch, the last one too
                 assert calls == [1] * n_small
             elif flush_bytes > 1 << 20:
                 assert calls == [n_small]  # one call at the end of backward

@@ -244,6 +244,8 @@ _ISA_SCRIPT = textwrap.dedent("""
     res["norm2"] = native.accumulate_(acc, grad, 0.3, norm_type=2.0)
     res["acc"] = acc
     res["norminf"] = native.grad_norm([acc, torch.randn(77, generator=g)], math.inf)
+    res["gradnorm2"] = native.grad_norm([acc, torch.randn(77, generator=g)], 2.0)
+    res["accinf"] = native.accumulate_(acc.clone(), grad.bfloat16(), -1.5, norm_type=math.inf)
     p = torch.randn(n, generator=g); a = torch.randn(n, generator=g)
     m, v, vm = torch.rand(n, generator=g), torch.rand(n, generator=g), torch.rand(n, generator=g)
     out = torch.empty(n, dtype=torch.float16)

@@ -16,6 +16,7 @@
 #endif
 
 #define FA_ISA avx2
+#define FA_VEC_BYTES 32
 #include "loops.h"
 
 FA_DEFINE_CPU_LOOPS(kLoopsAvx2, "avx2")

@@ -19,6 +19,7 @@
 #endif
 
 #define FA_ISA avx512
+#define FA_VEC_BYTES 64
 #include "loops.h"
 
 FA_DEFINE_CPU_LOOPS(kLoopsAvx512, "avx512")
