@@ -469,6 +469,12 @@ class FusedAccumulator(torch.optim.Optimizer):
         accumulate_ = b.ops.accumulate_
         strided = torch.strided
         owner_ref, b_ref = weakref.ref(self), weakref.ref(b)
+        # autograd hands a param a gradient of its own shape and dtype: the batch decision
+        # and the bytes are the param's, fixed here (host time per param matters: ~150
+        # params x k micro-batches per window)
+        batched = b.numels[i] <= _BATCH_MAX_NUMEL
+        nbytes = b.numels[i] * b.params[i].element_size()
+        queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 
         def post_hook(p):
             # the hot path: once per param per backward
@@ -481,8 +487,19 @@ class FusedAccumulator(torch.optim.Optimizer):
                 g = grad.detach() if grad.requires_grad else grad  # create_graph=True
                 if not g.is_contiguous():  # row-major, as the accumulator view
                     g = g.contiguous()
-                if g.numel() <= _BATCH_MAX_NUMEL:
-                    self._pend(b, i, g)  # in the param's shape, as main_grads[i]
+                if batched:  # into the bucket's batch, in the param's shape as view
+                    if b.is_pending[i]:  # a second backward without the end-of-backward flush
+                        self._flush(b)
+                    b.is_pending[i] = True
+                    b.pending.append(i)
+                    b.pending_accs.append(view)
+                    b.pending_grads.append(g)
+                    b.pending_bytes += nbytes
+                    if b.pending_bytes >= _BATCH_FLUSH_BYTES:
+                        self._flush(b)
+                    if not self._flush_queued:
+                        self._flush_queued = True
+                        queue_callback(self._flush_all)
                 else:
                     # in a window's last micro-batch the norm rides on the accumulation
                     ride = b.ride_norm and self._ride_norm()
@@ -508,36 +525,22 @@ class FusedAccumulator(torch.optim.Optimizer):
 
         return post_hook
 
-    def _pend(self, b: Bucket, i: int, g: torch.Tensor) -> None:
-        """Add a small half gradient to its bucket's batch (see _BATCH_MAX_NUMEL)."""
-        if b.is_pending[i]:  # a second backward without the end-of-backward flush
-            self._flush(b)
-        b.pending.append((i, g))
-        b.is_pending[i] = True
-        b.stats[i] = None
-        b.pending_bytes += g.numel() * g.element_size()
-        if b.pending_bytes >= _BATCH_FLUSH_BYTES:
-            self._flush(b)
-        if not self._flush_queued:
-            self._flush_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush_all)
-
     @torch.no_grad()
     def _flush(self, b: Bucket) -> None:
-        pending = b.pending
+        """Accumulate the bucket's batch of small half gradients (one op call)."""
+        pending, accs, grads = b.pending, b.pending_accs, b.pending_grads
         if not pending:
             return
-        b.pending, b.pending_bytes = [], 0
-        accs = [b.main_grads[i] for i, _ in pending]
-        grads = [g for _, g in pending]
-        for i, _ in pending:
-            b.is_pending[i] = False
+        b.pending, b.pending_accs, b.pending_grads, b.pending_bytes = [], [], [], 0
+        is_pending = b.is_pending
+        for i in pending:
+            is_pending[i] = False
         # the statistics that rode on other params' accumulations stay valid: this writes
         # only pending params, whose statistics _pend cleared
         stats_valid = b.acc._version == b.stats_version
         many = getattr(b.ops, "accumulate_many_", None)
-        if many is not None:
-            many(accs, grads, 1.0)
+        if many is not None:  # one device, one grad dtype, contiguous, equal numels
+            many(accs, grads, 1.0, trusted=True)
         else:
             for acc, g in zip(accs, grads):
                 b.ops.accumulate_(acc, g, 1.0)
@@ -555,7 +558,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         """Forget the waiting gradients (the window they belong to is being dropped)."""
         self._flush_queued = False
         for b in self._all_buckets():
-            b.pending, b.pending_bytes = [], 0
+            b.pending, b.pending_accs, b.pending_grads, b.pending_bytes = [], [], [], 0
             b.is_pending = [False] * len(b)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -796,23 +799,29 @@ class FusedAccumulator(torch.optim.Optimizer):
                 keys = _ADAM_KEYS if group.get("amsgrad", False) else _ADAM_KEYS[:2]
             elif _as_float(group["momentum"]) != 0:
                 keys = ("momentum_buffer",)
+            adam, has_buf, state = self._kind == "adam", "momentum_buffer" in keys, self.inner.state
             for b in buckets:
+                steps, touched = b.steps, b.touched
+                # (sharded buckets: the state is materialized by state_dict())
+                views = () if b.sharded else [
+                    (key, [b.state_view(key, i) for i in range(len(b))]) for key in keys]
                 for i, t in enumerate(b.stepped):
-                    if not b.touched[i]:
+                    if not touched[i]:
                         continue
-                    b.steps[i] += 1
-                    b.has_buf[i] = "momentum_buffer" in keys
+                    steps[i] += 1
+                    b.has_buf[i] = has_buf
                     if b.sharded:
-                        continue  # the state is materialized by state_dict()
-                    st = self.inner.state[t]
-                    if self._kind == "adam":
+                        continue
+                    st = state[t]
+                    if adam:
                         step = st.get("step")
                         if isinstance(step, torch.Tensor):
-                            step.fill_(b.steps[i])
+                            step.fill_(steps[i])
                         else:
-                            st["step"] = torch.tensor(float(b.steps[i]))
-                    for key in keys:
-                        st[key] = b.state_view(key, i)
+                            st["step"] = torch.tensor(float(steps[i]))
+                    for key, vs in views:
+                        if st.get(key) is not vs[i]:
+                            st[key] = vs[i]
 
     # -- generic path --------------------------------------------------------------
     def _generic_update(self, mult: torch.Tensor) -> None:

@@ -77,8 +77,11 @@ class Bucket:
         self.stats: list = [None] * len(params)
         self.stats_version = -1
         # small half gradients waiting to be accumulated together (one op call for many):
-        # (param index, flat grad) pairs, their bytes, and which params are among them
-        self.pending: list[tuple[int, torch.Tensor]] = []
+        # the params' indices, their accumulator views and grads (parallel lists), their
+        # bytes, and which params are among them
+        self.pending: list[int] = []
+        self.pending_accs: list[torch.Tensor] = []
+        self.pending_grads: list[torch.Tensor] = []
         self.pending_bytes = 0
         self.is_pending = [False] * len(params)
         self.released = [False] * len(params)

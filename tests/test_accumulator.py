@@ -1205,10 +1205,10 @@ def test_small_half_grads_are_accumulated_in_batches(monkeypatch, device, dtype,
             return getattr(real_ops, name)
 
         @staticmethod
-        def accumulate_many_(accs, grads, scale):
+        def accumulate_many_(accs, grads, scale, **kwargs):
             assert len(accs) == len(grads) and all(g.numel() <= 100 for g in grads)
             calls.append(len(grads))
-            return real(accs, grads, scale)
+            return real(accs, grads, scale, **kwargs)
 
     real_ops, b.ops = b.ops, Counting()
     windows = make_windows(2, k, dtype=dtype, device=device, x_scale=0.5)

@@ -128,7 +128,8 @@ def _many_pair(sizes, dtype, dev, align, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("align", [16, 1], ids=["aligned16", "odd"])
 @pytest.mark.parametrize("scale", [0.25, -0.37])
-def test_accumulate_many_is_bitwise_per_pair(backend_device, dtype, align, scale):
+@pytest.mark.parametrize("trusted", [False, True], ids=["checked", "trusted"])
+def test_accumulate_many_is_bitwise_per_pair(backend_device, dtype, align, scale, trusted):
     backend, dev = backend_device
     flat, accs, gap, grads = _many_pair(MANY_SIZES, dtype, dev, align)
     grads_before = [g.clone() for g in grads]
@@ -136,7 +137,10 @@ def test_accumulate_many_is_bitwise_per_pair(backend_device, dtype, align, scale
     want_accs = [want_flat[a.storage_offset():a.storage_offset() + a.numel()] for a in accs]
     for acc, grad in zip(want_accs, grads):
         ops.accumulate_(acc, grad, scale, backend=backend)
-    assert ops.accumulate_many_(accs, grads, scale, backend=backend) is None
+    if trusted:  # as the wrapper calls it: the backend's own function, no argument checks
+        assert ops.get(backend, dev).accumulate_many_(accs, grads, scale, trusted=True) is None
+    else:
+        assert ops.accumulate_many_(accs, grads, scale, backend=backend) is None
     assert torch.equal(_bits(flat), _bits(want_flat))  # every element, the gaps included
     assert torch.isnan(flat[gap]).all(), "a poisoned gap between the accs was written"
     for g, g0 in zip(grads, grads_before):

@@ -274,11 +274,13 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
                                    _norm_type(norm_type))
 
 
-def accumulate_many_(accs, grads, scale=1.0):
+def accumulate_many_(accs, grads, scale=1.0, *, trusted=False):
     """``accs[i] += scale * grads[i]`` for every i (accumulate_ without overwrite or norm,
     bitwise the same), in one op call: one C++ loop on CPU, one kernel launch per 64 pairs
-    on CUDA. Lists (or tuples) of contiguous tensors of equal numel."""
-    check_many_inputs(accs, grads)
+    on CUDA. Lists (or tuples) of contiguous tensors of equal numel. ``trusted``: the
+    caller guarantees what check_many_inputs checks (the wrapper's batches do)."""
+    if not trusted:
+        check_many_inputs(accs, grads)
     if accs:  # the dispatcher needs a tensor to pick the CPU or CUDA kernel
         _ops()["accumulate_many_"](accs, grads, float(scale))
 

@@ -725,8 +725,9 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
                                                         bool(overwrite), float(norm_type))
 
 
-def accumulate_many_(accs, grads, scale=1.0):
-    check_many_inputs(accs, grads)
+def accumulate_many_(accs, grads, scale=1.0, *, trusted=False):
+    if not trusted:  # the caller guarantees what check_many_inputs checks
+        check_many_inputs(accs, grads)
     if not accs:
         return None
     _require_triton()
