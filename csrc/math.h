@@ -237,12 +237,22 @@ FA_HD float lerp(float start, float end, float weight, uint32_t low_weight_mask)
 
 // One element of torch.optim.Adam(W), amsgrad as a template flag; g is acc * grad_mult.
 // Returns the new param; m, v (and vmax with AMSGRAD) are updated in place.
-template <bool AMSGRAD>
+// PLAIN: the caller has checked adam_is_plain(s) (AdamW as usually configured); the
+// selects that case makes no-ops are left out: the same operations on the same values,
+// so bitwise the same result, with about half the arithmetic (which limits the CPU loop
+// once memory is fast).
+template <bool AMSGRAD, bool PLAIN = false>
 FA_HD float adam_update(float p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
-  g = select(s.maximize, -g, g);
-  const float new_p = select(s.decoupled, p * s.decay, p);
-  g = select(s.l2, g + s.weight_decay * p, g);
-  m = lerp(m, g, s.beta1_weight, s.lerp_low);
+  float new_p;
+  if (PLAIN) {
+    new_p = p * s.decay;
+    m = m + s.beta1_weight * (g - m);  // lerp's low-weight form
+  } else {
+    g = select(s.maximize, -g, g);
+    new_p = select(s.decoupled, p * s.decay, p);
+    g = select(s.l2, g + s.weight_decay * p, g);
+    m = lerp(m, g, s.beta1_weight, s.lerp_low);
+  }
   v = v * s.beta2 + s.one_m_beta2 * g * g;
   float vv = v;
   if (AMSGRAD) {
@@ -251,6 +261,12 @@ FA_HD float adam_update(float p, float g, float& m, float& v, float& vmax, const
   }
   const float denom = sqrtf(vv) / s.bc2_sqrt + s.eps;
   return new_p + s.neg_step_size * (m / denom);
+}
+
+// Decoupled weight decay (AdamW, weight_decay != 0), no maximize, no L2 term, lerp weight
+// 1 - beta1 below 0.5: the case adam_update<..., true> computes.
+FA_HD bool adam_is_plain(const AdamScalars& s) {
+  return s.decoupled != 0u && s.maximize == 0u && s.l2 == 0u && s.lerp_low != 0u;
 }
 
 // ---- SGD --------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ What is measured (bench/README.md has the long form):
   round by round in the same run; speed ratio = peer time / our time (> 1: ours is
   faster), peak memory and launches (op calls, CUDA kernels) per window.
 
-Every micro-batch of every contender is a real autograd pass:
-``torch.autograd.backward(params, grads)`` with pre-made gradients in the param dtype,
-which runs the params' ``AccumulateGrad`` nodes and therefore every hook exactly as a
-training backward does (no model forward or matmuls, which would be the same for all
+Every micro-batch of every contender is a real autograd pass from one scalar root, as
+``loss.backward()`` runs: one autograd node hands every param its pre-made gradient (in the
+param dtype), which runs the params' ``AccumulateGrad`` nodes and therefore every hook
+exactly as a training backward does (no model forward or matmuls, which would be the same for all
 contenders). Our contender is the public wrapper used as DESIGN.md section 1 writes it.
 """
 
@@ -1492,10 +1492,11 @@ def _window_legend(device, k):
     return [
         "Legend:",
         "",
-        f"- every micro-batch is `torch.autograd.backward(params, grads)` with pre-made "
-        "gradients in the param dtype (a real autograd pass through the params' "
-        "AccumulateGrad nodes and hooks; no forward or matmuls, which all contenders would "
-        f"share); ours calls `step()` and `zero_grad()` after each of the k={k} micro-batches.",
+        "- every micro-batch is one scalar root's `backward()` whose one autograd node hands "
+        "every param its pre-made gradient in the param dtype (a real autograd pass through "
+        "the params' AccumulateGrad nodes and hooks; no forward or matmuls, which all "
+        "contenders would share); ours calls `step()` and `zero_grad()` after each of the "
+        f"k={k} micro-batches.",
         "- tutorial: grads divided by k accumulate in `p.grad` in the param dtype; "
         "`clip_grad_norm_`, `torch.optim.AdamW` (default implementation), `zero_grad()`.",
         "- recipe: post-accumulate-grad hooks `main_grad.add_(grad, alpha=1/k)` into fp32; "

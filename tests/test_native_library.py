@@ -307,6 +307,28 @@ def test_skipped_step_writes_only_acc(device, found_inf):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param_dtype,out_dtype", [(torch.float32, None),
+                                                   (torch.float32, torch.bfloat16),
+                                                   (torch.bfloat16, None)])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_plain_adamw_loop_is_bitwise_the_general_one(device, param_dtype, out_dtype, amsgrad):
+    """AdamW without maximize runs the CPU loop without selects; maximize=True on the
+    negated gradient takes the general loop through the same values: bitwise equal."""
+    n = 70_001
+    results = []
+    for maximize in (False, True):
+        param, acc, m, v, vmax, out = _adam_args(n, device, param_dtype, out_dtype, amsgrad)[:6]
+        if maximize:
+            acc.neg_()
+        native.adamw_step_(param, acc, m, v, vmax, out, grad_mult=0.37, found_inf=0.0, lr=3e-3,
+                           beta1=0.9, beta2=0.98, eps=1e-7, weight_decay=0.05, step=4,
+                           amsgrad=amsgrad, maximize=maximize)
+        results.append([t for t in (param, m, v, vmax, out) if t is not None])
+    for a, b in zip(*results):
+        assert torch.equal(a.view(torch.int8), b.view(torch.int8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_acc_false_keeps_acc(device):
     args = list(_adam_args(1000, device))
     args[-1] = False

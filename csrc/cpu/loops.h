@@ -177,14 +177,15 @@ FA_LOOP float norm_range(const float* __restrict__ x, int mode, int64_t begin, i
 // The pointers are __restrict__ function parameters: compilers honour restrict there (GCC
 // ignores it on local variables and would then need more run-time alias checks than it is
 // willing to emit). OUT: 0 for no model copy, else the DType of model_out.
-template <int PDT, int OUT, bool AMSGRAD, bool ZERO, class PT, class OT>
+template <int PDT, int OUT, bool AMSGRAD, bool ZERO, bool PLAIN, class PT, class OT>
 FA_LOOP void adam_loop(PT* __restrict__ param, float* __restrict__ acc, float* __restrict__ m,
                        float* __restrict__ v, float* __restrict__ vmax, OT* __restrict__ out,
                        const AdamScalars s, const float gm, int64_t begin, int64_t end) {
   constexpr int ODT = OUT == 0 ? kFloat16 : OUT;
   for (int64_t i = begin; i < end; ++i) {
     float mi = m[i], vi = v[i], vmi = AMSGRAD ? vmax[i] : 0.f;
-    const float np = adam_update<AMSGRAD>(Cvt<PDT>::load(param[i]), acc[i] * gm, mi, vi, vmi, s);
+    const float np =
+        adam_update<AMSGRAD, PLAIN>(Cvt<PDT>::load(param[i]), acc[i] * gm, mi, vi, vmi, s);
     m[i] = mi;
     v[i] = vi;
     if (AMSGRAD) vmax[i] = vmi;
@@ -234,8 +235,11 @@ struct AdamLoop {
   static void run(const AdamParams& p, float gm, int64_t b, int64_t e) {
     using PT = typename Cvt<PDT>::T;
     using OT = typename Cvt<OUT == 0 ? kFloat16 : OUT>::T;
-    adam_loop<PDT, OUT, F, Z>(static_cast<PT*>(p.c.param), p.c.acc, p.exp_avg, p.exp_avg_sq,
-                              p.max_exp_avg_sq, static_cast<OT*>(p.c.model_out), p.s, gm, b, e);
+    // AdamW as usually configured: the loop without the selects (bitwise the same)
+    auto loop = adam_is_plain(p.s) ? adam_loop<PDT, OUT, F, Z, true, PT, OT>
+                                   : adam_loop<PDT, OUT, F, Z, false, PT, OT>;
+    loop(static_cast<PT*>(p.c.param), p.c.acc, p.exp_avg, p.exp_avg_sq, p.max_exp_avg_sq,
+         static_cast<OT*>(p.c.model_out), p.s, gm, b, e);
   }
 };
 template <int PDT, int OUT, bool F, bool Z>
