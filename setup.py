@@ -2,7 +2,8 @@
 `pip install --no-build-isolation -e .`), also the extension fusedaccum._native from csrc/
 ahead of time, with the CUDA kernels when torch has CUDA and nvcc is found. Otherwise (pip's
 default isolated build has no torch) the package is pure Python and fusedaccum/ops/native.py
-compiles the extension with ninja on first use. A failed build only skips the extension."""
+compiles the extension with ninja on first use: wheels carry csrc/ as fusedaccum/_csrc for
+that. A failed build only skips the extension."""
 
 import glob
 import os
@@ -10,8 +11,18 @@ import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-ext_modules, cmdclass = [], {}
+
+class BuildPy(build_py):
+    def run(self):
+        super().run()
+        if not self.editable_mode:  # an editable install compiles from the checkout's csrc/
+            shutil.copytree("csrc", os.path.join(self.build_lib, "fusedaccum", "_csrc"),
+                            dirs_exist_ok=True)
+
+
+ext_modules, cmdclass = [], {"build_py": BuildPy}
 try:
     import torch
     from torch.utils import cpp_extension
@@ -41,6 +52,6 @@ if torch is not None and shutil.which(os.environ.get("CXX", "c++")) and os.envir
             except Exception as exc:  # the package still works: native.py compiles on use
                 print(f"warning: fusedaccum._native not built ahead of time: {exc}")
 
-    cmdclass = {"build_ext": BuildExtension}
+    cmdclass["build_ext"] = BuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

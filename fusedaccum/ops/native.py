@@ -43,7 +43,19 @@ from fusedaccum.ops.reference import (
 
 _NS = "fusedaccum_native"
 _PKG_DIR = Path(__file__).resolve().parents[1]
-_CSRC = _PKG_DIR.parent / "csrc"
+
+
+def _find_csrc(pkg_dir: Path = _PKG_DIR) -> Path:
+    """The C++/CUDA sources: the copy a wheel carries in ``fusedaccum/_csrc`` (setup.py's
+    build_py puts it there), else the checkout's ``csrc/`` next to the package (editable
+    installs, running from the source tree)."""
+    for path in (pkg_dir / "_csrc", pkg_dir.parent / "csrc"):
+        if (path / "bindings.cpp").is_file():
+            return path
+    return pkg_dir.parent / "csrc"
+
+
+_CSRC = _find_csrc()
 _HINT = "install ninja and a C++ compiler, or build the extension with `pip install -e .`"
 
 

@@ -1,0 +1,49 @@
+"""A wheel carries the C++/CUDA sources, so a machine without a prebuilt extension can
+compile it on first use; the loader finds them there."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fusedaccum.ops import native
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _csrc_files():
+    return sorted(str(p.relative_to(ROOT / "csrc")) for p in (ROOT / "csrc").rglob("*")
+                  if p.is_file() and p.suffix in (".cpp", ".cu", ".h", ".cuh"))
+
+
+def test_wheel_carries_the_sources(tmp_path):
+    # a copy without build products (a stale build/ would hide a missing copy step)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "*.so", "__pycache__", ".*_cache", "bench"))
+    # FUSEDACCUM_NATIVE=jit: no ahead-of-time extension (what pip's isolated build makes)
+    env = dict(os.environ, FUSEDACCUM_NATIVE="jit")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(src)], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "No module named pip" in proc.stderr:
+        pytest.skip("environment: pip is not installed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fusedaccum-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"fusedaccum/_csrc/{f}" for f in _csrc_files()}
+    assert want and want <= names, sorted(want - names)
+    assert not any(n.endswith(".so") for n in names)
+
+
+def test_loader_prefers_the_wheels_copy(tmp_path):
+    pkg = tmp_path / "site" / "fusedaccum"
+    (pkg / "_csrc").mkdir(parents=True)
+    assert native._find_csrc(pkg) == tmp_path / "site" / "csrc"  # neither has the sources
+    (pkg / "_csrc" / "bindings.cpp").write_text("")
+    assert native._find_csrc(pkg) == pkg / "_csrc"
+    assert native._find_csrc(ROOT / "fusedaccum") == ROOT / "csrc"  # this checkout
