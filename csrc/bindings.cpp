@@ -3,6 +3,7 @@
 // cpu/*.cpp and cuda/*.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/SmallVector.h>
@@ -133,10 +134,18 @@ void accumulate_op(const Tensor& acc, const Tensor& grad, double scale, bool ove
 // Python's name of a dtype ("float16", "int32").
 std::string_view dtype_name(const Tensor& t) { return c10::getDtypeNames(t.scalar_type()).first; }
 
-// accs[i] += scale * grads[i] for every i: the element math of accumulate_ (overwrite=False,
-// no norm), one call for many pairs. Any shapes, each tensor contiguous with
+// The checked arguments of accumulate_many_ and the pointer arrays its params point to.
+struct ManyArgs {
+  c10::SmallVector<float*, 64> acc_ptrs;
+  c10::SmallVector<const void*, 64> grad_ptrs;
+  c10::SmallVector<int64_t, 64> numels;
+  fa::AccumulateManyParams p;
+};
+
+// accs[i] += scale * grads[i] for every i: the element math of accumulate_ (overwrite=False),
+// one call for many pairs. Any shapes, each tensor contiguous with
 // grads[i].numel() == accs[i].numel(); accs fp32; grads of one dtype; one device.
-void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale) {
+void fill_many(ManyArgs& m, at::TensorList accs, at::TensorList grads, double scale) {
   TORCH_CHECK_VALUE(accs.size() == grads.size(), "accs and grads must have the same length, got ",
                     accs.size(), " accs and ", grads.size(), " grads");
   const size_t count = accs.size();
@@ -151,9 +160,9 @@ void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale)
   TORCH_CHECK_TYPE(gst == at::kFloat || gst == at::kHalf || gst == at::kBFloat16,
                    "grads[0] must have dtype ", dtype_list(false, false), ", got ",
                    dtype_name(grad0));
-  c10::SmallVector<float*, 64> acc_ptrs;
-  c10::SmallVector<const void*, 64> grad_ptrs;
-  c10::SmallVector<int64_t, 64> numels;
+  auto& acc_ptrs = m.acc_ptrs;
+  auto& grad_ptrs = m.grad_ptrs;
+  auto& numels = m.numels;
   acc_ptrs.reserve(count);
   grad_ptrs.reserve(count);
   numels.reserve(count);
@@ -181,7 +190,7 @@ void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale)
     grad_ptrs.push_back(g.const_data_ptr());
     numels.push_back(a.numel());
   }
-  fa::AccumulateManyParams p;
+  fa::AccumulateManyParams& p = m.p;
   p.accs = acc_ptrs.data();
   p.grads = grad_ptrs.data();
   p.numels = numels.data();
@@ -189,8 +198,32 @@ void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale)
   p.grad_dtype = dtype_code(grad0);
   p.scale = static_cast<float>(scale);
   p.stream = stream_of(accs[0]);
-  c10::DeviceGuard guard(device);
-  FA_RUN("accumulate_many_", accumulate_many, p, accs[0]);
+}
+
+void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale) {
+  ManyArgs m;
+  fill_many(m, accs, grads, scale);
+  if (m.p.num_tensors == 0) return;
+  c10::DeviceGuard guard(accs[0].device());
+  FA_RUN("accumulate_many_", accumulate_many, m.p, accs[0]);
+}
+
+// accumulate_many_ that also returns the norm statistic of all updated accs together (sum
+// of squares, or max |acc| with NaN winning), as accumulate_norm_ does for one. CPU only.
+Tensor accumulate_many_norm_op(at::TensorList accs, at::TensorList grads, double scale,
+                               double norm_type) {
+  ManyArgs m;
+  fill_many(m, accs, grads, scale);
+  m.p.norm_mode = norm_mode(norm_type);
+  const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+  if (m.p.num_tensors == 0) return at::zeros({}, f32);
+  TORCH_CHECK_VALUE(accs[0].device().is_cpu(),
+                    "accumulate_many_norm_ runs on CPU tensors only, got device ",
+                    accs[0].device());
+  Tensor out = at::empty({}, f32);
+  m.p.out = out.data_ptr<float>();
+  fa::cpu::accumulate_many(m.p);
+  return out;
 }
 
 Tensor accumulate_norm_op(const Tensor& acc, const Tensor& grad, double scale, bool overwrite,
@@ -353,6 +386,9 @@ TORCH_LIBRARY(fusedaccum_native, m) {
       "accumulate_norm_(Tensor(a!) acc, Tensor grad, float scale, bool overwrite, "
       "float norm_type) -> Tensor");
   m.def("accumulate_many_(Tensor(a!)[] accs, Tensor[] grads, float scale=1.0) -> ()");
+  m.def(
+      "accumulate_many_norm_(Tensor(a!)[] accs, Tensor[] grads, float scale, float norm_type) "
+      "-> Tensor");
   m.def("grad_norm(Tensor[] tensors, float norm_type) -> Tensor");
   m.def(
       "adamw_step_(Tensor(a!) param, Tensor(b!) acc, Tensor(c!) exp_avg, "
@@ -374,6 +410,7 @@ static void impl_ops(torch::Library& m) {
   m.impl("accumulate_", &accumulate_op);
   m.impl("accumulate_norm_", &accumulate_norm_op);
   m.impl("accumulate_many_", &accumulate_many_op);
+  m.impl("accumulate_many_norm_", &accumulate_many_norm_op);
   m.impl("grad_norm", &grad_norm_op);
   m.impl("adamw_step_", &adamw_step_op);
   m.impl("sgd_step_", &sgd_step_op);

@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fusedaccum import distributed as dp
 from fusedaccum import ops
-from fusedaccum.buffers import Bucket
+from fusedaccum.buffers import IN_BATCH, Bucket
 from fusedaccum.scaling import LossScaler
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,6 +37,18 @@ _STATE_VERSION = 1
 # one gradient) that plain autograd would have freed a little earlier.
 _BATCH_MAX_NUMEL = 1 << 22
 _BATCH_FLUSH_BYTES = 32 << 20
+
+
+def _note_write(b: Bucket, before: int, made_stats: bool) -> None:
+    """Keep ``b.stats_version`` right after one of our own writes to ``b.acc`` (whose
+    version was ``before``): a write that made statistics keeps them valid unless they
+    were stale already; one that made none keeps valid ones valid (it wrote params whose
+    statistics were cleared)."""
+    v = b.stats_version
+    if made_stats:
+        b.stats_version = b.acc._version if v in (-1, before) else -2
+    elif v >= 0 and v == before:
+        b.stats_version = b.acc._version
 
 # param -> (weakref to its wrapper, hook handles): a param belongs to one live wrapper
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -288,6 +300,8 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _end_window(self) -> None:
         for b in self._all_buckets():
             b.stats = [None] * len(b)
+            b.batch_stats = []
+            b.stats_version = -1
             for i in range(len(b)):
                 b.exposed[i] = False
                 if b.touched[i]:
@@ -490,6 +504,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if batched:  # into the bucket's batch, in the param's shape as view
                     if b.is_pending[i]:  # a second backward without the end-of-backward flush
                         self._flush(b)
+                    if b.stats[i] is not None:  # its batch statistic goes stale
+                        b.stats_version = -2
                     b.is_pending[i] = True
                     b.pending.append(i)
                     b.pending_accs.append(view)
@@ -505,13 +521,14 @@ class FusedAccumulator(torch.optim.Optimizer):
                     ride = b.ride_norm and self._ride_norm()
                     g = g.view(-1)
                     norm_type = self.norm_type if ride else None
+                    before = b.acc._version
                     if torch.is_grad_enabled():  # create_graph=True
                         with torch.no_grad():
                             stat = accumulate_(flat, g, 1.0, norm_type=norm_type)
                     else:
                         stat = accumulate_(flat, g, 1.0, norm_type=norm_type)
                     b.stats[i] = stat
-                    b.stats_version = b.acc._version
+                    _note_write(b, before, stat is not None)
                 p.grad = None
             elif grad is not view:
                 # autograd replaced .grad out of place (create_graph=True): it holds the
@@ -535,17 +552,20 @@ class FusedAccumulator(torch.optim.Optimizer):
         is_pending = b.is_pending
         for i in pending:
             is_pending[i] = False
-        # the statistics that rode on other params' accumulations stay valid: this writes
-        # only pending params, whose statistics _pend cleared
-        stats_valid = b.acc._version == b.stats_version
-        many = getattr(b.ops, "accumulate_many_", None)
-        if many is not None:  # one device, one grad dtype, contiguous, equal numels
-            many(accs, grads, 1.0, trusted=True)
-        else:
-            for acc, g in zip(accs, grads):
-                b.ops.accumulate_(acc, g, 1.0)
-        if stats_valid:
-            b.stats_version = b.acc._version
+        # in a window's last micro-batch the norm rides on the batch too (one statistic
+        # for the whole batch); the other params' statistics stay valid: this writes only
+        # pending params
+        ride = b.ride_norm and b.stats_version != -2 and self._ride_norm()
+        before = b.acc._version
+        # one device, one grad dtype, contiguous, equal numels: trusted
+        stat = b.ops.accumulate_many_(accs, grads, 1.0, norm_type=self.norm_type if ride else None,
+                                      trusted=True)
+        if stat is not None:
+            b.batch_stats.append(stat)
+            stats = b.stats
+            for i in pending:
+                stats[i] = IN_BATCH
+        _note_write(b, before, stat is not None)
 
     def _flush_all(self) -> None:
         """Accumulate every waiting gradient (end of backward, and before any read)."""
@@ -627,22 +647,24 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _ridden_stat(self, b: Bucket) -> torch.Tensor | None:
         """The bucket's norm statistic, using what rode on its last accumulations.
 
-        Only large half gradients ride (the batched small ones produce no statistics):
-        when some param of the window has a statistic from its latest accumulation and
-        nothing but our own accumulations wrote the accumulator since (not GradScaler's
-        unscale_, user code or a reset: the version counter tells), the statistic is those
-        combined with one ``grad_norm`` pass over the other touched params' accumulators
-        only. Otherwise None: the caller reads the whole buffer.
+        When some param of the window has a statistic from its latest accumulation (its
+        own, or its batch's) and nothing but our own accumulations wrote the accumulator
+        since (not GradScaler's unscale_, user code or a reset: the version counter
+        tells), the statistic is those combined with one ``grad_norm`` pass over the
+        other touched params' accumulators only. Otherwise None: the caller reads the
+        whole buffer.
         """
-        if not b.is_half or b.acc._version != b.stats_version:
+        if not b.is_half or b.stats_version < 0 or b.acc._version != b.stats_version:
             return None
         stats, rest = [], []
         for i, t in enumerate(b.touched):
             if t:
-                if b.stats[i] is None:
+                s = b.stats[i]
+                if s is None:
                     rest.append(b.flat_slice(b.acc, i))
-                else:
-                    stats.append(b.stats[i])
+                elif s is not IN_BATCH:
+                    stats.append(s)
+        stats += b.batch_stats
         if not stats:
             return None
         if rest:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+IN_BATCH = "in a batch statistic"  # Bucket.stats[i]: covered by one of Bucket.batch_stats
 ALIGN = 16  # elements; every param starts on a 64-byte boundary of the fp32 buffers
 
 
@@ -72,9 +73,12 @@ class Bucket:
         self.touched = [False] * len(params)  # got a gradient in this window
         self.exposed = [False] * len(params)  # its stepped tensor's .grad views the window
         # the norm statistic (sum of squares or max |x|) each param's last accumulation
-        # produced, and the accumulator's version right after it: the boundary uses them
-        # instead of a separate norm pass when nothing else wrote the accumulator since
+        # produced (or IN_BATCH: part of a statistic of batch_stats), and the accumulator's
+        # version after our last write: the boundary uses them instead of a separate norm
+        # pass when nothing else wrote the accumulator since (-1: no statistic in this
+        # window yet, -2: the statistics are stale)
         self.stats: list = [None] * len(params)
+        self.batch_stats: list[torch.Tensor] = []
         self.stats_version = -1
         # small half gradients waiting to be accumulated together (one op call for many):
         # the params' indices, their accumulator views and grads (parallel lists), their

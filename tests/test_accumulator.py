@@ -1088,12 +1088,14 @@ def _expected_norm(model, k, norm_type):
 
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_params_norm_rides_on_the_last_accumulation(monkeypatch, device, dtype, norm_type):
-    """No separate norm pass when every gradient rode on the last micro-batch.
-
-    Large gradients only (the batched small ones produce no statistics; here every one
-    counts as large), and CPU buckets only: on a GPU the boundary runs one norm pass."""
-    _ride_above(monkeypatch, 0)
+@pytest.mark.parametrize("ride_above", [0, None], ids=["each", "batched"])
+def test_half_params_norm_rides_on_the_last_accumulation(monkeypatch, device, dtype, norm_type,
+                                                         ride_above):
+    """No separate norm pass when every gradient rode on the last micro-batch: on its own
+    accumulation (large gradients; here every one counts as large) or on its batch's.
+    CPU buckets only: on a GPU the boundary runs one norm pass."""
+    if ride_above is not None:
+        _ride_above(monkeypatch, ride_above)
     k = 3
     model = make_model(dtype=dtype, device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.1,
@@ -1110,8 +1112,8 @@ def test_half_params_norm_rides_on_the_last_accumulation(monkeypatch, device, dt
 
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 def test_ridden_norm_with_batched_small_gradients(monkeypatch, device, norm_type):
-    """The weights ride, the biases are batched: on CPU the boundary reads only the
-    biases' accumulators (one grad_norm call over them), and the norm is the whole one."""
+    """The weights ride on their own accumulations, the biases on their batch's: no norm
+    pass on CPU, and the norm is the whole one."""
     _ride_above(monkeypatch, 10)  # fc1.weight 24 and fc2.weight 18 elements; biases 6, 3
     k = 2
     model = make_model(dtype=torch.bfloat16, device=device)
@@ -1123,9 +1125,29 @@ def test_ridden_norm_with_batched_small_gradients(monkeypatch, device, norm_type
         if opt.accumulation_boundary:
             want = _expected_norm(model, k, norm_type)
         opt.step()
-    assert opt.stepped and len(calls) == 1
-    if device == "cpu":
-        assert sorted(t.numel() for t in calls[0]) == [3, 6]
+    assert opt.stepped and len(calls) == (0 if device == "cpu" else 1)
+    torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_second_backward_in_the_last_micro_batch_makes_the_batch_statistic_stale(
+        monkeypatch, device, norm_type):
+    """Two backward passes in the last micro-batch: the first batch's statistic misses the
+    second gradient, so the boundary reads the whole buffer."""
+    k = 2
+    model = make_model(dtype=torch.bfloat16, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.1,
+               norm_type=norm_type)
+    calls = _count_grad_norm_calls(monkeypatch)
+    (x0, y0), (x1, y1) = make_batches(k, dtype=torch.bfloat16, device=device)
+    mse(model(x0), y0).backward()
+    opt.step()
+    mse(model(x1), y1).backward()
+    (0.5 * mse(model(x0), y1)).backward()
+    want = _expected_norm(model, k, norm_type)
+    opt.step()
+    assert len(calls) == 1 and sum(t.numel() for t in calls[0]) >= sum(
+        p.numel() for p in model.parameters())
     torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
 
 
@@ -1148,10 +1170,12 @@ def test_ridden_norm_is_not_used_after_an_in_place_change(monkeypatch, device, d
     torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
 
 
-def test_ridden_norm_needs_every_param_in_the_last_micro_batch(monkeypatch, device):
+@pytest.mark.parametrize("ride_above", [0, None], ids=["each", "batched"])
+def test_ridden_norm_needs_every_param_in_the_last_micro_batch(monkeypatch, device, ride_above):
     """A param whose gradient came only in an earlier micro-batch has no statistic: its
     accumulator is read at the boundary."""
-    _ride_above(monkeypatch, 0)
+    if ride_above is not None:
+        _ride_above(monkeypatch, ride_above)
     k = 2
     model = make_model(dtype=torch.bfloat16, device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=k)

@@ -213,6 +213,9 @@ def _norm_results(device):
     out = [native.grad_norm(ts, nt) for nt in (2.0, math.inf)]
     out.append(native.accumulate_(acc.clone(), grad, 0.3, norm_type=2.0))
     out.append(native.accumulate_(acc.clone(), grad, 0.3, norm_type=math.inf))
+    for nt in (2.0, math.inf):
+        out.append(native.accumulate_many_([t.clone() for t in ts], [grad[:t.numel()] for t in ts],
+                                           0.7, norm_type=nt))
     return out
 
 
@@ -246,6 +249,12 @@ _ISA_SCRIPT = textwrap.dedent("""
     res["norminf"] = native.grad_norm([acc, torch.randn(77, generator=g)], math.inf)
     res["gradnorm2"] = native.grad_norm([acc, torch.randn(77, generator=g)], 2.0)
     res["accinf"] = native.accumulate_(acc.clone(), grad.bfloat16(), -1.5, norm_type=math.inf)
+    many = [acc.clone()[:n] for n in (9000, 0, 16, 80_001)]
+    res["many2"] = native.accumulate_many_(many, [grad[:t.numel()] for t in many], 0.3,
+                                           norm_type=2.0)
+    res["manyinf"] = native.accumulate_many_(many, [grad[:t.numel()] for t in many], 0.3,
+                                             norm_type=math.inf)
+    res["many"] = torch.cat(many)
     p = torch.randn(n, generator=g); a = torch.randn(n, generator=g)
     m, v, vm = torch.rand(n, generator=g), torch.rand(n, generator=g), torch.rand(n, generator=g)
     out = torch.empty(n, dtype=torch.float16)
@@ -573,3 +582,6 @@ def test_opcheck_accumulate_many(device, grad_dtype):
     torch.library.opcheck(ops.accumulate_many_.default, (accs, grads, 0.37))
     _, views = _many_views(sizes, torch.float32, device, 16, 20)
     torch.library.opcheck(ops.accumulate_many_.default, (views, grads, -1.5))
+    if device == "cpu":
+        for nt in (2.0, math.inf):
+            torch.library.opcheck(ops.accumulate_many_norm_.default, (views, grads, 0.5, nt))

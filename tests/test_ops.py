@@ -151,6 +151,34 @@ def test_accumulate_many_is_bitwise_per_pair(backend_device, dtype, align, scale
     torch.testing.assert_close(flat, ref_flat, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_accumulate_many_with_norm(backend_device, dtype, norm_type):
+    """The accs bitwise as without a norm; the statistic of all updated accs together as
+    the reference computes it (fused into the loop on cpu, a separate pass elsewhere)."""
+    backend, dev = backend_device
+    flat, accs, gap, grads = _many_pair(MANY_SIZES, dtype, dev, 16)
+    want_flat, want_accs, _, _ = _many_pair(MANY_SIZES, dtype, dev, 16)
+    ops.accumulate_many_(want_accs, grads, -0.37, backend=backend)
+    stat = ops.accumulate_many_(accs, grads, -0.37, norm_type=norm_type, backend=backend)
+    assert torch.equal(_bits(flat), _bits(want_flat))
+    assert torch.isnan(flat[gap]).all(), "a poisoned gap between the accs was written"
+    assert stat.shape == () and stat.dtype == torch.float32 and stat.device == flat.device
+    torch.testing.assert_close(stat, reference.many_stat(want_accs, norm_type), rtol=1e-5,
+                               atol=0)
+    again_flat, again_accs, _, _ = _many_pair(MANY_SIZES, dtype, dev, 16)
+    again = ops.accumulate_many_(again_accs, grads, -0.37, norm_type=norm_type, backend=backend)
+    assert torch.equal(_bits(stat.reshape(1)), _bits(again.reshape(1)))  # a fixed order
+    # a NaN or inf in any acc shows in the statistic
+    accs[2][5] = float("nan") if norm_type == 2.0 else float("inf")
+    bad = ops.accumulate_many_(accs, grads, 1.0, norm_type=norm_type, backend=backend)
+    assert not torch.isfinite(bad)
+    empty = ops.accumulate_many_([], [], 1.0, norm_type=norm_type, backend=backend)
+    assert empty.item() == 0.0
+    with pytest.raises(ValueError, match="norm_type must be 2.0 or inf"):
+        ops.accumulate_many_(accs, grads, 1.0, norm_type=1.0, backend=backend)
+
+
 def test_accumulate_many_150_tensors(backend_device):
     backend, dev = backend_device
     sizes = torch.randint(0, 3000, (150,), generator=_gen(7)).tolist()
@@ -254,34 +282,6 @@ def test_accumulate_many_on_another_device_is_an_error():
     with pytest.raises(ValueError, match=r"grads\[1\] is on cpu"):
         reference.check_many_inputs([torch.zeros(2, device="cuda")] * 2,
                                     [torch.zeros(2, device="cuda"), torch.zeros(2)])
-
-
-def test_accumulate_many_falls_back_to_accumulate_loop(monkeypatch):
-    """A backend module without accumulate_many_ (the native one, before it has it) gets
-    the argument checks and then one accumulate_ per pair."""
-    calls = []
-
-    class OnlyAccumulate:
-        @staticmethod
-        def unavailable_reason(name, device):
-            return None
-
-        @staticmethod
-        def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
-            calls.append((acc.numel(), scale))
-            return reference.accumulate_(acc, grad, scale)
-
-    monkeypatch.setitem(ops._loaded, "reference", OnlyAccumulate)
-    accs = [torch.zeros(3), torch.zeros(0), torch.ones(2)]
-    grads = [torch.ones(3, dtype=torch.float16), torch.ones(0, dtype=torch.float16),
-             torch.ones(2, dtype=torch.float16)]
-    ops.accumulate_many_(accs, grads, 0.5, backend="reference")
-    assert calls == [(3, 0.5), (0, 0.5), (2, 0.5)]
-    assert accs[0].tolist() == [0.5] * 3 and accs[2].tolist() == [1.5] * 2
-    with pytest.raises(ValueError, match=r"grads\[1\] has 1 elements"):
-        ops.accumulate_many_(accs[:2], [grads[0], torch.ones(1, dtype=torch.float16)],
-                             backend="reference")
-    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("sizes", [[0], [1], [1023, 4097], [278011, 1, 0, 5]])

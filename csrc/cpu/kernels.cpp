@@ -110,6 +110,32 @@ void accumulate(const AccumulateParams& p) {
 }
 
 void accumulate_many(const AccumulateManyParams& p) {
+  if (p.norm_mode != kNoNorm) {
+    // one chunk table over all pairs, as norm(): each chunk's statistic from the fused loop,
+    // combined in index order
+    const CpuLoops& L = loops();
+    std::vector<int64_t> first(static_cast<size_t>(p.num_tensors) + 1, 0);
+    for (int64_t t = 0; t < p.num_tensors; ++t) first[t + 1] = first[t] + num_chunks(p.numels[t]);
+    std::vector<float> partials(static_cast<size_t>(first[p.num_tensors]), 0.f);
+    const int64_t chunks = static_cast<int64_t>(partials.size());
+    at::parallel_for(0, chunks, kGrain / kChunk, [&](int64_t cb, int64_t ce) {
+      int64_t t = std::upper_bound(first.begin(), first.end(), cb) - first.begin() - 1;
+      for (int64_t c = cb; c < ce; ++c) {
+        while (first[t + 1] <= c) ++t;
+        AccumulateParams q;
+        q.acc = p.accs[t];
+        q.grad = p.grads[t];
+        q.grad_dtype = p.grad_dtype;
+        q.n = p.numels[t];
+        q.scale = p.scale;
+        q.norm_mode = p.norm_mode;
+        const int64_t b = (c - first[t]) * kChunk;
+        partials[c] = L.accumulate_norm(q, b, b + kChunk < q.n ? b + kChunk : q.n);
+      }
+    });
+    *p.out = combine(partials, p.norm_mode);
+    return;
+  }
   if (p.num_tensors == 0) return;
   const CpuLoops& L = loops();
   // One element range over all pairs, concatenated: a single parallel_for with torch's

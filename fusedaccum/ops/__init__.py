@@ -18,10 +18,12 @@ Signatures (identical for every backend; the reference module is the definition)
     updated ``acc``; with ``norm_type=inf`` its largest absolute value (NaN if any
     element is NaN); otherwise ``None``.
 
-``accumulate_many_(accs, grads, scale=1.0) -> None``
+``accumulate_many_(accs, grads, scale=1.0, *, norm_type=None) -> Tensor | None``
     For every i, ``accs[i] += scale * float32(grads[i])`` in place: exactly
-    ``accumulate_(accs[i], grads[i], scale)`` (no overwrite, no norm), bitwise, but in
-    one call (the Triton backend: one kernel launch). ``accs`` is a list of fp32
+    ``accumulate_(accs[i], grads[i], scale)`` (no overwrite), bitwise, but in one call
+    (the Triton backend: one kernel launch). With ``norm_type`` returns the statistic of
+    all updated accs together, as ``accumulate_`` for one (0 for an empty list): fused
+    into the loop on ``cpu``, a separate pass elsewhere. ``accs`` is a list of fp32
     tensors (in practice 1-D views into one flat buffer; they must not overlap one
     another), ``grads`` a list of as many fp16/bf16/fp32 tensors, all of one dtype, with
     ``grads[i].numel() == accs[i].numel()``; all contiguous (any shape: only element
@@ -59,7 +61,7 @@ import os
 
 import torch
 
-from fusedaccum.ops.reference import check_many_inputs
+from fusedaccum.ops.reference import check_many_inputs, check_norm_type, many_stat
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 _MODULES = {
@@ -151,23 +153,17 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None, backen
     )
 
 
-def accumulate_many_(accs, grads, scale=1.0, *, backend="auto"):
+def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, backend="auto"):
     if not isinstance(accs, (list, tuple, torch.Tensor)):
         accs = list(accs)  # any other iterable; a tensor is refused by the checks
     if not isinstance(grads, (list, tuple, torch.Tensor)):
         grads = list(grads)
+    check_norm_type(norm_type)
     if not isinstance(accs, (list, tuple)) or not accs or not isinstance(accs[0], torch.Tensor):
         check_many_inputs(accs, grads)  # raises unless both lists are empty
-        return None
-    mod = get(backend, accs[0].device)
-    many = getattr(mod, "accumulate_many_", None)
-    if many is not None:
-        return many(accs, grads, scale)
-    # A backend without a batched op: the same checks, then one accumulate_ per pair.
-    check_many_inputs(accs, grads)
-    for acc, grad in zip(accs, grads):
-        mod.accumulate_(acc.view(-1), grad.view(-1), scale)
-    return None
+        return None if norm_type is None else many_stat([], norm_type)
+    return get(backend, accs[0].device).accumulate_many_(accs, grads, scale,
+                                                         norm_type=norm_type)
 
 
 def grad_norm(tensors, norm_type=2.0, *, backend="auto"):

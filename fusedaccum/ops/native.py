@@ -38,7 +38,9 @@ from fusedaccum.ops.reference import (
     check_adamw_inputs,
     check_many_inputs,
     check_norm_inputs,
+    check_norm_type,
     check_sgd_inputs,
+    many_stat,
 )
 
 _NS = "fusedaccum_native"
@@ -179,6 +181,10 @@ def _register_fakes() -> None:
     def _accumulate_norm_fake(acc, grad, scale, overwrite, norm_type):
         return acc.new_empty(())
 
+    @torch.library.register_fake(f"{lib}::accumulate_many_norm_")
+    def _accumulate_many_norm_fake(accs, grads, scale, norm_type):
+        return torch.empty((), dtype=torch.float32)  # the op runs on CPU tensors only
+
     @torch.library.register_fake(f"{lib}::grad_norm")
     def _grad_norm_fake(tensors, norm_type):
         return tensors[0].new_empty(())
@@ -203,7 +209,8 @@ def _load() -> _State:
                         ns = torch.ops.fusedaccum_native
                         new.ops = {name: getattr(ns, name).default for name in (
                             "accumulate_", "accumulate_norm_", "accumulate_many_",
-                            "grad_norm", "adamw_step_", "sgd_step_")}
+                            "accumulate_many_norm_", "grad_norm", "adamw_step_",
+                            "sgd_step_")}
                     except Exception as exc:
                         new = _State(f"the C++ extension loaded but its ops are incomplete "
                                      f"({_first_lines(exc, 2)}); rebuild it")
@@ -286,15 +293,23 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
                                    _norm_type(norm_type))
 
 
-def accumulate_many_(accs, grads, scale=1.0, *, trusted=False):
-    """``accs[i] += scale * grads[i]`` for every i (accumulate_ without overwrite or norm,
-    bitwise the same), in one op call: one C++ loop on CPU, one kernel launch per 64 pairs
-    on CUDA. Lists (or tuples) of contiguous tensors of equal numel. ``trusted``: the
-    caller guarantees what check_many_inputs checks (the wrapper's batches do)."""
+def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, trusted=False):
+    """``accs[i] += scale * grads[i]`` for every i (accumulate_ without overwrite, bitwise
+    the same), in one op call: one C++ loop on CPU, one kernel launch per 64 pairs on
+    CUDA. Lists (or tuples) of contiguous tensors of equal numel. ``trusted``: the caller
+    guarantees what check_many_inputs checks (the wrapper's batches do). With
+    ``norm_type`` also the statistic of all updated accs (reference.accumulate_many_): in
+    the same loop on CPU; on CUDA by a separate pass."""
+    check_norm_type(norm_type)
     if not trusted:
         check_many_inputs(accs, grads)
-    if accs:  # the dispatcher needs a tensor to pick the CPU or CUDA kernel
-        _ops()["accumulate_many_"](accs, grads, float(scale))
+    if not accs:
+        return None if norm_type is None else many_stat(accs, norm_type)
+    ops = _ops()
+    if norm_type is None or accs[0].device.type != "cpu":
+        ops["accumulate_many_"](accs, grads, float(scale))  # (picks the CPU or CUDA kernel)
+        return None if norm_type is None else many_stat(accs, norm_type)
+    return ops["accumulate_many_norm_"](accs, grads, float(scale), _norm_type(norm_type))
 
 
 def grad_norm(tensors, norm_type=2.0):

@@ -62,11 +62,16 @@ def check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum) -> None:
         raise ValueError("momentum != 0 needs momentum_buffer")
 
 
+def check_norm_type(norm_type) -> None:
+    """None (no statistic), 2.0 or inf; ValueError otherwise."""
+    if norm_type is not None and float(norm_type) != 2.0 and not math.isinf(float(norm_type)):
+        raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
+
+
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
     _check_flat("acc", acc, (torch.float32,))
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
-    if norm_type is not None and float(norm_type) != 2.0 and not math.isinf(float(norm_type)):
-        raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
+    check_norm_type(norm_type)
     g = grad.float()
     if overwrite:
         torch.mul(g, scale, out=acc)
@@ -143,19 +148,33 @@ def check_many_inputs(accs, grads) -> None:
                              f"{acc.numel()} (accs[{i}])")
 
 
-def accumulate_many_(accs, grads, scale=1.0, *, trusted=False):
-    """``accumulate_(accs[i], grads[i], scale)`` for every i (no overwrite, no norm).
+def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, trusted=False):
+    """``accumulate_(accs[i], grads[i], scale)`` for every i (no overwrite).
 
     The batched form of accumulate_: ``accs[i] += scale * float32(grads[i])`` in place,
     bitwise what the per-pair calls give. Arguments as :func:`check_many_inputs` checks
     them, all before anything is written; the accs must not overlap one another. An
     empty list does nothing. ``trusted=True`` skips those checks: the caller guarantees
     them (the wrapper's batches do by construction; the host time matters there).
+
+    With ``norm_type`` (2.0 or inf) returns the statistic of all updated accs together,
+    as accumulate_ does for one: a 0-dim fp32 tensor holding the sum of squares, or the
+    largest |x| (NaN if any element is NaN); 0 for an empty list. Otherwise None.
     """
+    check_norm_type(norm_type)
     if not trusted:
         check_many_inputs(accs, grads)
     for acc, grad in zip(accs, grads):
         accumulate_(acc.view(-1), grad.view(-1), scale)
+    return None if norm_type is None else many_stat(accs, norm_type)
+
+
+def many_stat(accs, norm_type) -> torch.Tensor:
+    """The norm statistic of several fp32 tensors together (see accumulate_many_)."""
+    if not accs:
+        return torch.zeros((), dtype=torch.float32)
+    stats = torch.stack([_norm_stat(a.reshape(-1), float(norm_type)) for a in accs])
+    return stats.amax() if math.isinf(float(norm_type)) else stats.sum()
 
 
 def _norm_stat(t: torch.Tensor, norm_type: float) -> torch.Tensor:

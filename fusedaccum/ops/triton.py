@@ -42,7 +42,9 @@ from fusedaccum.ops.reference import (
     check_adamw_inputs,
     check_many_inputs,
     check_norm_inputs,
+    check_norm_type,
     check_sgd_inputs,
+    many_stat,
 )
 
 try:
@@ -725,7 +727,11 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
                                                         bool(overwrite), float(norm_type))
 
 
-def accumulate_many_(accs, grads, scale=1.0, *, trusted=False):
+def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, trusted=False):
+    if norm_type is not None:  # the statistic by a separate pass (no fused form here)
+        check_norm_type(norm_type)
+        accumulate_many_(accs, grads, scale, trusted=trusted)
+        return many_stat(accs, norm_type)
     if not trusted:  # the caller guarantees what check_many_inputs checks
         check_many_inputs(accs, grads)
     if not accs:
