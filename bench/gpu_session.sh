@@ -8,7 +8,7 @@
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
-STAGES=${STAGES:-"build triton cuda auto diag bench"}
+STAGES=${STAGES:-"build triton cuda auto diag phases bench"}
 BENCH_ARGS=${BENCH_ARGS:-"--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3 --compile off"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -65,6 +65,12 @@ if has diag; then
   cat /tmp/diag_cpp.log 2>/dev/null | tee -a "$LOG"
   log "diag: which builds of the extension crash on a failing check"
   timeout 200 python bench/diag_native_errors.py 2>&1 | tee -a "$LOG"
+fi
+if has phases; then
+  log "window phases (host time, then with a device sync after each phase)"
+  timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 10 2>&1 | tee -a "$LOG"
+  timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 5 --sync 2>&1 \
+      | tee -a "$LOG"
 fi
 if has tune; then
   log "triton block-size sweep"

@@ -229,3 +229,37 @@ def test_main_accepts_a_namespace_and_selects_ops(tmp_path):
     assert {r["name"] for r in rows if r["section"] == "op"} == {"accumulate_bf16",
                                                                  "accumulate_fp32"}
     assert not [r for r in rows if r["section"].startswith("window")]
+
+
+def _bench_script(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
+    from fusedaccum.accumulator import FusedAccumulator
+
+    timed = ("_boundary", "_flush_all", "_total_norm", "_fused_update", "_record_fused_steps",
+             "_end_window")
+    before = {name: vars(FusedAccumulator)[name] for name in timed}
+    backends = [b for b in B.bench_backends(torch.device("cpu"))[0] if b != "triton"]
+    _bench_script("window_phases").main(["--model", "tiny", "--device", "cpu", "--rounds", "2",
+                                         "--backends", ",".join(backends)])
+    out = capsys.readouterr().out
+    for b in backends:
+        assert f"| fusedaccum[{b}] | window |" in out
+        assert f"| fusedaccum[{b}] |  boundary: _fused_update |" in out
+    assert "| recipe | boundary |" in out and "| tutorial | window |" in out
+    assert {name: vars(FusedAccumulator)[name] for name in timed} == before  # unwrapped
+
+
+def test_cpu_adam_peers_times_our_step(tmp_path, capsys):
+    _bench_script("cpu_adam_peers").main(["--sizes", "4M", "--rounds", "1", "--out",
+                                          str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| 4M | fusedaccum cpu, keep acc | 28 |" in out
+    assert "| 4M | torch AdamW(fused=True) | 28 |" in out
+    assert len(list(tmp_path.glob("*_adam_peers.md"))) == 1

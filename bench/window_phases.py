@@ -1,0 +1,187 @@
+"""Where a window's time goes: the host time of each phase of one accumulation window, for
+fusedaccum and for the plain peers, on the benchmark's harness (fusedaccum/bench.py).
+
+    python bench/window_phases.py [--model gpt2-124m] [--device cuda] [--backends cuda,triton]
+                                  [--rounds 20] [--sync]
+
+Phases (medians over the rounds, per window): each contender's k backward passes (the
+hooks and, for fusedaccum, the batched accumulations run inside them: also shown on their
+own, "of which"), its per-micro-batch calls (`step()`/`zero_grad()`), and the boundary;
+fusedaccum's boundary is split into its parts (the norm, the fused step, the state
+bookkeeping, the end of the window; "rest" is the scalar math and the found-inf read).
+Host time: on a GPU the kernels run behind it, except where a phase waits for them (the
+found-inf read waits for everything queued before it).
+`--sync` synchronizes the device after every phase, so each phase also carries its own
+kernels' time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from fusedaccum import accumulator as acc_mod
+from fusedaccum import bench
+
+_PARTS = ("_flush_all", "_total_norm", "_fused_update", "_record_fused_steps", "_end_window")
+
+
+class Clock:
+    def __init__(self, device: torch.device, sync: bool):
+        self.device, self.sync = device, sync
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.window: dict[str, float] = defaultdict(float)
+
+    def now(self) -> float:
+        if self.sync:
+            bench.sync(self.device)
+        return time.perf_counter()
+
+    def add(self, name: str, dt: float) -> None:
+        self.window[name] += dt
+
+    def end_window(self, prefix: str) -> None:
+        for name, dt in self.window.items():
+            self.times[f"{prefix}{name}"].append(dt)
+        self.window.clear()
+
+
+def _instrument(clock: Clock):
+    """Time the wrapper's boundary parts (class-level wrappers, every instance); returns
+    the function that puts the originals back."""
+    F = acc_mod.FusedAccumulator
+    saved = {name: F.__dict__[name] for name in (*_PARTS, "_boundary")}
+    for name in _PARTS:
+        real = getattr(F, name)
+
+        @functools.wraps(real)
+        def timed(self, *args, _real=real, _name=name, **kwargs):
+            t0 = clock.now()
+            out = _real(self, *args, **kwargs)
+            label = (" of which batched accumulations (_flush_all)" if _name == "_flush_all"
+                     else f" boundary: {_name}")
+            clock.add(label, clock.now() - t0)
+            return out
+
+        setattr(F, name, timed)
+
+    def boundary(self, *args, _real=F._boundary, **kwargs):
+        t0 = clock.now()
+        out = _real(self, *args, **kwargs)
+        clock.add("boundary (all)", clock.now() - t0)
+        return out
+
+    F._boundary = boundary
+
+    def restore():
+        for name, fn in saved.items():
+            setattr(F, name, fn)
+
+    return restore
+
+
+def run_ours(c: bench.FusedContender, clock: Clock) -> None:
+    k = c.wl.k
+    for i in range(k):
+        t0 = clock.now()
+        bench._backward(c.params, c.wl.grads)
+        t1 = clock.now()
+        c.opt.step()
+        t2 = clock.now()
+        c.opt.zero_grad()
+        t3 = clock.now()
+        clock.add("backward x k (hooks, batches)", t1 - t0)
+        if i < k - 1:
+            clock.add("step() between boundaries", t2 - t1)
+        clock.add("zero_grad()", t3 - t2)
+
+
+def run_peer(c, clock: Clock) -> None:
+    t0 = clock.now()
+    for _ in range(c.wl.k):
+        bench._backward(c.params, c.grads if isinstance(c, bench.TutorialContender)
+                        else c.wl.grads)
+    t1 = clock.now()
+    if isinstance(c, bench.TutorialContender):
+        torch.nn.utils.clip_grad_norm_(c.params, bench.MAX_GRAD_NORM)
+        c.opt.step()
+        c.opt.zero_grad()
+    else:
+        c._boundary()
+    t2 = clock.now()
+    clock.add("backward x k (hooks)", t1 - t0)
+    clock.add("boundary", t2 - t1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gpt2-124m")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backends", default=None, help="default: every backend but reference")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--sync", action="store_true")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    backends = (args.backends.split(",") if args.backends else
+                [b for b in bench.bench_backends(dev)[0] if b != "reference"])
+    if dev.type == "cuda" and "cuda" in backends and "triton" in backends:
+        backends.append("auto")
+    clock = Clock(dev, args.sync)
+    restore = _instrument(clock)
+    try:
+        _run(args, dev, backends, clock)
+    finally:
+        restore()
+    return 0
+
+
+def _run(args, dev, backends, clock: Clock) -> None:
+    wl = bench.Workload(bench.MODELS[args.model], dev, torch.bfloat16)
+    contenders = {f"fusedaccum[{b}]": bench.FusedContender(wl, b) for b in backends}
+    contenders["tutorial"] = bench.TutorialContender(wl)
+    contenders["recipe"] = bench.RecipeContender(wl)
+    rng = random.Random(0)
+    for r in range(args.rounds + 2):
+        order = list(contenders)
+        rng.shuffle(order)
+        for name in order:
+            c = contenders[name]
+            t0 = clock.now()
+            (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
+            clock.add("window", clock.now() - t0)
+            if r >= 2:
+                clock.end_window(f"{name}\t")
+            else:
+                clock.window.clear()
+    print(f"# window phases: {args.model} ({wl.model.tensors} tensors, {wl.numel / 1e6:.1f}M "
+          f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
+          f"{'device synced after every phase' if args.sync else 'host time'}")
+    print("| contender | phase | median per window |")
+    print("|---|---|---|")
+    order = ["window", "backward x k (hooks, batches)", "backward x k (hooks)",
+             " of which batched accumulations (_flush_all)", "step() between boundaries",
+             "zero_grad()", "boundary", "boundary (all)"]
+
+    def rank(key):
+        name, phase = key.split("\t")
+        return name, order.index(phase) if phase in order else len(order)
+
+    med = {key: statistics.median(v) for key, v in clock.times.items()}
+    for name in contenders:
+        parts = [v for key, v in med.items() if key.startswith(f"{name}\t boundary: ")]
+        if parts and f"{name}\tboundary (all)" in med:
+            med[f"{name}\t boundary: rest"] = med[f"{name}\tboundary (all)"] - sum(parts)
+    for key in sorted(med, key=rank):
+        name, phase = key.split("\t")
+        print(f"| {name} | {phase} | {bench.fmt_time(med[key])} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
