@@ -88,6 +88,28 @@ void zero(float* acc, int64_t n) {
   });
 }
 
+// A norm statistic over several buffers in a fixed order: every buffer is cut into chunks
+// of kChunk elements, one chunk table over all of them (so that a single parallel_for
+// covers everything), chunk_stat(t, begin, end) gives the statistic of elements
+// [begin, end) of buffer t, and the chunks' results are combined pairwise in index order.
+template <class ChunkStat>
+float reduce_chunks(const int64_t* numels, int64_t num_tensors, int mode,
+                    ChunkStat&& chunk_stat) {
+  std::vector<int64_t> first(static_cast<size_t>(num_tensors) + 1, 0);
+  for (int64_t t = 0; t < num_tensors; ++t) first[t + 1] = first[t] + num_chunks(numels[t]);
+  std::vector<float> partials(static_cast<size_t>(first[num_tensors]), 0.f);
+  const int64_t chunks = static_cast<int64_t>(partials.size());
+  at::parallel_for(0, chunks, kGrain / kChunk, [&](int64_t cb, int64_t ce) {
+    int64_t t = std::upper_bound(first.begin(), first.end(), cb) - first.begin() - 1;
+    for (int64_t c = cb; c < ce; ++c) {
+      while (first[t + 1] <= c) ++t;
+      const int64_t b = (c - first[t]) * kChunk;
+      partials[c] = chunk_stat(t, b, b + kChunk < numels[t] ? b + kChunk : numels[t]);
+    }
+  });
+  return combine(partials, mode);
+}
+
 }  // namespace
 
 const char* isa() { return loops().name; }
@@ -98,46 +120,34 @@ void accumulate(const AccumulateParams& p) {
     at::parallel_for(0, p.n, kGrain, [&](int64_t b, int64_t e) { L.accumulate(p, b, e); });
     return;
   }
-  std::vector<float> partials(static_cast<size_t>(num_chunks(p.n)), 0.f);
-  const int64_t chunks = static_cast<int64_t>(partials.size());
-  at::parallel_for(0, chunks, kGrain / kChunk, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t b = c * kChunk;
-      partials[c] = L.accumulate_norm(p, b, b + kChunk < p.n ? b + kChunk : p.n);
-    }
+  *p.out = reduce_chunks(&p.n, 1, p.norm_mode, [&](int64_t, int64_t b, int64_t e) {
+    return L.accumulate_norm(p, b, e);
   });
-  *p.out = combine(partials, p.norm_mode);
 }
 
 void accumulate_many(const AccumulateManyParams& p) {
-  if (p.norm_mode != kNoNorm) {
-    // one chunk table over all pairs, as norm(): each chunk's statistic from the fused loop,
-    // combined in index order
-    const CpuLoops& L = loops();
-    std::vector<int64_t> first(static_cast<size_t>(p.num_tensors) + 1, 0);
-    for (int64_t t = 0; t < p.num_tensors; ++t) first[t + 1] = first[t] + num_chunks(p.numels[t]);
-    std::vector<float> partials(static_cast<size_t>(first[p.num_tensors]), 0.f);
-    const int64_t chunks = static_cast<int64_t>(partials.size());
-    at::parallel_for(0, chunks, kGrain / kChunk, [&](int64_t cb, int64_t ce) {
-      int64_t t = std::upper_bound(first.begin(), first.end(), cb) - first.begin() - 1;
-      for (int64_t c = cb; c < ce; ++c) {
-        while (first[t + 1] <= c) ++t;
-        AccumulateParams q;
-        q.acc = p.accs[t];
-        q.grad = p.grads[t];
-        q.grad_dtype = p.grad_dtype;
-        q.n = p.numels[t];
-        q.scale = p.scale;
-        q.norm_mode = p.norm_mode;
-        const int64_t b = (c - first[t]) * kChunk;
-        partials[c] = L.accumulate_norm(q, b, b + kChunk < q.n ? b + kChunk : q.n);
-      }
-    });
-    *p.out = combine(partials, p.norm_mode);
+  if (p.num_tensors == 0) {
+    if (p.norm_mode != kNoNorm) *p.out = 0.f;
     return;
   }
-  if (p.num_tensors == 0) return;
   const CpuLoops& L = loops();
+  auto pair = [&](int64_t t) {  // the single-buffer params of pair t
+    AccumulateParams q;
+    q.acc = p.accs[t];
+    q.grad = p.grads[t];
+    q.grad_dtype = p.grad_dtype;
+    q.n = p.numels[t];
+    q.scale = p.scale;
+    q.norm_mode = p.norm_mode;
+    return q;
+  };
+  if (p.norm_mode != kNoNorm) {  // each chunk's statistic from the fused loop
+    *p.out = reduce_chunks(p.numels, p.num_tensors, p.norm_mode,
+                           [&](int64_t t, int64_t b, int64_t e) {
+                             return L.accumulate_norm(pair(t), b, e);
+                           });
+    return;
+  }
   // One element range over all pairs, concatenated: a single parallel_for with torch's
   // grain, so a call with only small tensors runs inline on this thread; each task runs
   // the accumulate loop over the pieces of the pairs its range covers.
@@ -149,13 +159,7 @@ void accumulate_many(const AccumulateManyParams& p) {
     while (b < e) {
       while (first[t + 1] <= b) ++t;
       const int64_t end = std::min(e, first[t + 1]);
-      AccumulateParams q;
-      q.acc = p.accs[t];
-      q.grad = p.grads[t];
-      q.grad_dtype = p.grad_dtype;
-      q.n = p.numels[t];
-      q.scale = p.scale;
-      L.accumulate(q, b - first[t], end - first[t]);
+      L.accumulate(pair(t), b - first[t], end - first[t]);
       b = end;
     }
   });
@@ -163,21 +167,10 @@ void accumulate_many(const AccumulateManyParams& p) {
 
 void norm(const NormParams& p) {
   const CpuLoops& L = loops();
-  // one chunk table over all buffers, so that a single parallel_for covers everything
-  std::vector<int64_t> first(static_cast<size_t>(p.num_tensors) + 1, 0);
-  for (int64_t t = 0; t < p.num_tensors; ++t) first[t + 1] = first[t] + num_chunks(p.numels[t]);
-  std::vector<float> partials(static_cast<size_t>(first[p.num_tensors]), 0.f);
-  const int64_t chunks = static_cast<int64_t>(partials.size());
-  at::parallel_for(0, chunks, kGrain / kChunk, [&](int64_t cb, int64_t ce) {
-    int64_t t = 0;
-    for (int64_t c = cb; c < ce; ++c) {
-      while (first[t + 1] <= c) ++t;
-      const int64_t n = p.numels[t];
-      const int64_t b = (c - first[t]) * kChunk;
-      partials[c] = L.norm(p.tensors[t], p.norm_mode, b, b + kChunk < n ? b + kChunk : n);
-    }
-  });
-  const float total = combine(partials, p.norm_mode);
+  const float total = reduce_chunks(p.numels, p.num_tensors, p.norm_mode,
+                                    [&](int64_t t, int64_t b, int64_t e) {
+                                      return L.norm(p.tensors[t], p.norm_mode, b, e);
+                                    });
   *p.out = p.norm_mode == kNormInf ? total : std::sqrt(total);
 }
 
