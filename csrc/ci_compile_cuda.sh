@@ -36,4 +36,25 @@ for src in "${sources[@]}"; do
   fi
 done
 [ "$status" -eq 0 ] && echo "ci_compile_cuda: all ${#sources[@]} files compiled for sm_80 and sm_90"
+
+# The binding layer's CUDA branch (FUSEDACCUM_WITH_CUDA) against torch's headers, syntax
+# only, where a torch is importable: a CPU-only torch ships the c10/cuda headers but not
+# the generated cuda_cmake_macros.h, which gets an empty stand-in.
+torch_inc="$(python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null || true)"
+cuda_inc="${CUDA_HOME:-/usr/local/cuda}/include"
+if [ -n "$torch_inc" ] && [ -d "$torch_inc" ] && [ -f "$cuda_inc/cuda_runtime_api.h" ]; then
+  mkdir -p "$out/stub/c10/cuda/impl"
+  [ -f "$torch_inc/c10/cuda/impl/cuda_cmake_macros.h" ] || : >"$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  echo "c++ -fsyntax-only bindings.cpp -DFUSEDACCUM_WITH_CUDA"
+  if ! "${CXX:-c++}" -std=c++20 -fsyntax-only -DFUSEDACCUM_WITH_CUDA -Wall -Werror \
+      -Wno-error=unused-parameter -isystem "$torch_inc" \
+      -isystem "$torch_inc/torch/csrc/api/include" -isystem "$out/stub" -isystem "$cuda_inc" \
+      $(python3-config --includes) "$here/bindings.cpp"; then
+    echo "ci_compile_cuda: FAILED bindings.cpp with FUSEDACCUM_WITH_CUDA" >&2
+    status=1
+  fi
+else
+  echo "ci_compile_cuda: no torch importable or no CUDA headers in $cuda_inc (set CUDA_HOME);" \
+       "bindings.cpp's CUDA branch not checked"
+fi
 exit "$status"
