@@ -1088,12 +1088,13 @@ def _expected_norm(model, k, norm_type):
 
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("ride_above", [0, None], ids=["each", "batched"])
+@pytest.mark.parametrize("ride_above", [0, 10, None], ids=["each", "mixed", "batched"])
 def test_half_params_norm_rides_on_the_last_accumulation(monkeypatch, device, dtype, norm_type,
                                                          ride_above):
     """No separate norm pass when every gradient rode on the last micro-batch: on its own
-    accumulation (large gradients; here every one counts as large) or on its batch's.
-    CPU buckets only: on a GPU the boundary runs one norm pass."""
+    accumulation (large gradients; "each": every one counts as large, "mixed": the weights
+    of 24 and 18 elements do, the biases of 6 and 3 are batched) or on its batch's. CPU
+    buckets only: on a GPU the boundary runs one norm pass."""
     if ride_above is not None:
         _ride_above(monkeypatch, ride_above)
     k = 3
@@ -1102,25 +1103,6 @@ def test_half_params_norm_rides_on_the_last_accumulation(monkeypatch, device, dt
                norm_type=norm_type)
     calls = _count_grad_norm_calls(monkeypatch)
     for x, y in make_batches(k, dtype=dtype, device=device):
-        mse(model(x), y).backward()
-        if opt.accumulation_boundary:
-            want = _expected_norm(model, k, norm_type)
-        opt.step()
-    assert opt.stepped and len(calls) == (0 if device == "cpu" else 1)
-    torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
-def test_ridden_norm_with_batched_small_gradients(monkeypatch, device, norm_type):
-    """The weights ride on their own accumulations, the biases on their batch's: no norm
-    pass on CPU, and the norm is the whole one."""
-    _ride_above(monkeypatch, 10)  # fc1.weight 24 and fc2.weight 18 elements; biases 6, 3
-    k = 2
-    model = make_model(dtype=torch.bfloat16, device=device)
-    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.1,
-               norm_type=norm_type)
-    calls = _count_grad_norm_calls(monkeypatch)
-    for x, y in make_batches(k, dtype=torch.bfloat16, device=device):
         mse(model(x), y).backward()
         if opt.accumulation_boundary:
             want = _expected_norm(model, k, norm_type)
