@@ -112,14 +112,18 @@ class Bucket:
             self.state_flat[name] = buf
         return buf
 
-    def state_view(self, name: str, i: int) -> torch.Tensor:
-        """Param ``i``'s view of state buffer ``name`` (made once, then reused)."""
+    def state_views(self, name: str) -> list[torch.Tensor]:
+        """Every param's view of state buffer ``name`` (made once, then reused)."""
         views = self._state_views.get(name)
         if views is None:
             buf = self.state_buffer(name)
             views = [self.view(buf, k) for k in range(len(self.params))]
             self._state_views[name] = views
-        return views[i]
+        return views
+
+    def state_view(self, name: str, i: int) -> torch.Tensor:
+        """Param ``i``'s view of state buffer ``name``."""
+        return self.state_views(name)[i]
 
     def runs(self, key) -> list[tuple[slice, object]]:
         """Local element ranges of the maximal runs of touched params with equal ``key``.
