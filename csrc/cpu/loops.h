@@ -1,7 +1,8 @@
-// Per-range CPU loops over the element math of ../math.h. Included by loops_base.cpp and
-// loops_avx2.cpp, which compile it for different instruction sets: keep it free of
-// anything but <cstdint>, <cstring> and our own headers (no std containers, no torch), so that no
-// function of another library gets compiled for the wider instruction set.
+// Per-range CPU loops over the element math of ../math.h. Included by loops_base.cpp,
+// loops_avx2.cpp and loops_avx512.cpp, which compile it for different instruction sets:
+// keep it free of anything but <cstdint>, <cstring> and our own headers (no std
+// containers, no torch), so that no function of another library gets compiled for the
+// wider instruction set.
 //
 // Everything sits in an anonymous namespace (internal linkage); the loops are plain
 // counted loops over __restrict__ pointers with the per-call flags as template
