@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
 #include <optional>
 #include <string>
 #include <vector>
@@ -26,6 +27,27 @@
 namespace {
 
 using at::Tensor;
+
+// Messages format numbers, shapes and devices here, never through std::ostream: on one
+// GPU image (2026-11-26) the compiler wrapper linked a static libstdc++ into this library,
+// and an ostream formatting a number in it (c10::str) crashed in the locale facets shared
+// with torch's libstdc++ (the "exp_avg_sq has 11 elements" check segfaulted). Streams of
+// strings were fine there; std::to_string and snprintf use no locale facets.
+template <class T>
+std::string num(T v) {
+  return std::to_string(v);
+}
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+std::string shape(at::IntArrayRef sizes) {  // as torch prints a shape: [2, 5]
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+std::string dev(const at::Device& d) { return d.str(); }
 
 const char* dtype_list(bool halves_only, bool fp32_only) {
   if (fp32_only) return "float32";
@@ -51,14 +73,14 @@ void check_flat(const char* name, const Tensor& t, bool allow_fp32, bool allow_h
   TORCH_CHECK_TYPE(ok, name, " must have dtype ", dtype_list(!allow_fp32, !allow_half), ", got ",
                    st);
   TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous(), name,
-                    " must be a contiguous 1-D tensor, got shape ", t.sizes());
+                    " must be a contiguous 1-D tensor, got shape ", shape(t.sizes()));
   TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), name,
-                    " must be a CPU or CUDA tensor, got device ", t.device());
+                    " must be a CPU or CUDA tensor, got device ", dev(t.device()));
   if (like != nullptr) {
-    TORCH_CHECK_VALUE(t.numel() == like->numel(), name, " has ", t.numel(),
-                      " elements, expected ", like->numel());
-    TORCH_CHECK_VALUE(t.device() == like->device(), name, " is on ", t.device(), ", expected ",
-                      like->device());
+    TORCH_CHECK_VALUE(t.numel() == like->numel(), name, " has ", num(t.numel()),
+                      " elements, expected ", num(like->numel()));
+    TORCH_CHECK_VALUE(t.device() == like->device(), name, " is on ", dev(t.device()),
+                      ", expected ", dev(like->device()));
   }
 }
 
@@ -67,15 +89,16 @@ void check_scalar(const char* name, const Tensor& t, const Tensor& like) {
   TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be a float32 tensor, got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.numel() == 1, name, " must hold exactly one value, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(),
-                    ", expected the param's device ", like.device());
+  TORCH_CHECK_VALUE(t.numel() == 1, name, " must hold exactly one value, got shape ",
+                    shape(t.sizes()));
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", dev(t.device()),
+                    ", expected the param's device ", dev(like.device()));
 }
 
 int norm_mode(double norm_type) {
   if (norm_type == 2.0) return fa::kNormL2;
   if (std::isinf(norm_type) && norm_type > 0) return fa::kNormInf;
-  TORCH_CHECK_VALUE(false, "norm_type must be 2.0 or inf, got ", norm_type);
+  TORCH_CHECK_VALUE(false, "norm_type must be 2.0 or inf, got ", num(norm_type));
   return fa::kNoNorm;
 }
 
@@ -147,7 +170,7 @@ struct ManyArgs {
 // grads[i].numel() == accs[i].numel(); accs fp32; grads of one dtype; one device.
 void fill_many(ManyArgs& m, at::TensorList accs, at::TensorList grads, double scale) {
   TORCH_CHECK_VALUE(accs.size() == grads.size(), "accs and grads must have the same length, got ",
-                    accs.size(), " accs and ", grads.size(), " grads");
+                    num(accs.size()), " accs and ", num(grads.size()), " grads");
   const size_t count = accs.size();
   if (count == 0) return;
   const Tensor& grad0 = grads[0];
@@ -155,7 +178,7 @@ void fill_many(ManyArgs& m, at::TensorList accs, at::TensorList grads, double sc
                     "accs and grads must hold tensors, got an undefined tensor");
   const at::Device device = accs[0].device();
   TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(),
-                    "accs[0] must be a CPU or CUDA tensor, got device ", device);
+                    "accs[0] must be a CPU or CUDA tensor, got device ", dev(device));
   const auto gst = grad0.scalar_type();
   TORCH_CHECK_TYPE(gst == at::kFloat || gst == at::kHalf || gst == at::kBFloat16,
                    "grads[0] must have dtype ", dtype_list(false, false), ", got ",
@@ -169,23 +192,23 @@ void fill_many(ManyArgs& m, at::TensorList accs, at::TensorList grads, double sc
   for (size_t i = 0; i < count; ++i) {
     const Tensor& a = accs[i];
     const Tensor& g = grads[i];
-    TORCH_CHECK_VALUE(a.defined(), "accs[", i, "] must be a tensor, got an undefined tensor");
-    TORCH_CHECK_VALUE(g.defined(), "grads[", i, "] must be a tensor, got an undefined tensor");
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "accs[", i, "] must have dtype float32, got ",
+    TORCH_CHECK_VALUE(a.defined(), "accs[", num(i), "] must be a tensor, got an undefined tensor");
+    TORCH_CHECK_VALUE(g.defined(), "grads[", num(i), "] must be a tensor, got an undefined tensor");
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "accs[", num(i), "] must have dtype float32, got ",
                      dtype_name(a));
-    TORCH_CHECK_TYPE(g.scalar_type() == gst, "grads[", i, "] has dtype ", dtype_name(g),
+    TORCH_CHECK_TYPE(g.scalar_type() == gst, "grads[", num(i), "] has dtype ", dtype_name(g),
                      ", but grads[0] has ", dtype_name(grad0),
                      " (all grads of one call share a dtype)");
-    TORCH_CHECK_VALUE(a.device() == device, "accs[", i, "] is on ", a.device(), ", expected ",
-                      device, " (the device of accs[0])");
-    TORCH_CHECK_VALUE(g.device() == device, "grads[", i, "] is on ", g.device(), ", expected ",
-                      device, " (the device of accs[0])");
-    TORCH_CHECK_VALUE(a.is_contiguous(), "accs[", i, "] must be contiguous, got shape ",
-                      a.sizes(), " and strides ", a.strides());
-    TORCH_CHECK_VALUE(g.is_contiguous(), "grads[", i, "] must be contiguous, got shape ",
-                      g.sizes(), " and strides ", g.strides());
-    TORCH_CHECK_VALUE(g.numel() == a.numel(), "grads[", i, "] has ", g.numel(),
-                      " elements, expected ", a.numel(), " (accs[", i, "])");
+    TORCH_CHECK_VALUE(a.device() == device, "accs[", num(i), "] is on ", dev(a.device()),
+                      ", expected ", dev(device), " (the device of accs[0])");
+    TORCH_CHECK_VALUE(g.device() == device, "grads[", num(i), "] is on ", dev(g.device()),
+                      ", expected ", dev(device), " (the device of accs[0])");
+    TORCH_CHECK_VALUE(a.is_contiguous(), "accs[", num(i), "] must be contiguous, got shape ",
+                      shape(a.sizes()), " and strides ", shape(a.strides()));
+    TORCH_CHECK_VALUE(g.is_contiguous(), "grads[", num(i), "] must be contiguous, got shape ",
+                      shape(g.sizes()), " and strides ", shape(g.strides()));
+    TORCH_CHECK_VALUE(g.numel() == a.numel(), "grads[", num(i), "] has ", num(g.numel()),
+                      " elements, expected ", num(a.numel()), " (accs[", num(i), "])");
     acc_ptrs.push_back(static_cast<float*>(a.data_ptr()));
     grad_ptrs.push_back(g.const_data_ptr());
     numels.push_back(a.numel());
@@ -219,7 +242,7 @@ Tensor accumulate_many_norm_op(at::TensorList accs, at::TensorList grads, double
   if (m.p.num_tensors == 0) return at::zeros({}, f32);
   TORCH_CHECK_VALUE(accs[0].device().is_cpu(),
                     "accumulate_many_norm_ runs on CPU tensors only, got device ",
-                    accs[0].device());
+                    dev(accs[0].device()));
   Tensor out = at::empty({}, f32);
   m.p.out = out.data_ptr<float>();
   fa::cpu::accumulate_many(m.p);
@@ -253,7 +276,7 @@ Tensor grad_norm_op(at::TensorList tensors, double norm_type) {
     const std::string name = "tensors[" + std::to_string(i) + "]";
     check_flat(name.c_str(), tensors[i], true, false);
     TORCH_CHECK_VALUE(tensors[i].device() == first.device(), name, " is on ",
-                      tensors[i].device(), ", expected ", first.device());
+                      dev(tensors[i].device()), ", expected ", dev(first.device()));
     ptrs.push_back(tensors[i].const_data_ptr<float>());
     numels.push_back(tensors[i].numel());
     num_partials += fa::norm_partials(tensors[i].numel());
@@ -322,7 +345,7 @@ void adamw_step_op(const Tensor& param, const Tensor& acc, const Tensor& exp_avg
   TORCH_CHECK_VALUE(!amsgrad || (max_exp_avg_sq.has_value() && max_exp_avg_sq->defined()),
                     "amsgrad=True needs max_exp_avg_sq");
   TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (the step number after this update), got ",
-                    step);
+                    num(step));
   // Host constants in double, rounded to fp32 once (as torch does with Python scalars).
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
