@@ -4,7 +4,7 @@
 # benchmark. Every stage has its own time limit, so one hang cannot eat the lease.
 # Logs and reports land in $OUT (at most 8 files come back): copy the reports to
 # bench/results/ and commit them with the card's name and date.
-#   run(command="bash bench/gpu_session.sh", timeout_s=420)   (about 4 minutes on an H200)
+#   run(command="bash bench/gpu_session.sh", timeout_s=450)   (about 5 minutes on an H200)
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
@@ -31,6 +31,7 @@ if has build; then
       >"$OUT/build.log" 2>&1; echo "build exit $?" >>"$OUT/build.log" ) &
   BUILD_PID=$!
   timeout 280 python bench/diag_cpp_exception.py >/tmp/diag_cpp.log 2>&1 &
+  DIAG_CPP_PID=$!
 fi
 if has triton; then
   log "triton: op tests + wrapper suite (extension disabled while it builds)"
@@ -45,10 +46,36 @@ if has build; then
   grep -iE "error|warning: fusedaccum" "$OUT/build.log" | head -20 | tee -a "$LOG"
 fi
 python -m fusedaccum info 2>&1 | tee -a "$LOG"
+if has diag; then
+  # The crash diagnostics run in the background beside the CUDA tests (16 cores; they
+  # need little GPU): at most ~100 s (cuda-gdb's limit), reported after the tests.
+  DIAG_K="input_checks and cpu"
+  GDB_PID=
+  if command -v cuda-gdb >/dev/null; then
+    # the interpreter itself: `python` may be a wrapper script (pyenv, venv shims)
+    PYBIN=$(python -c "import sys; print(sys.executable)")
+    log "diag: cuda-gdb backtrace of the crashing test (background, at most 100 s), $PYBIN"
+    # shellcheck disable=SC2016  # $pc is gdb's
+    ( timeout 100 cuda-gdb -batch -ex run -ex bt -ex 'x/4i $pc' -ex quit --args \
+        "$PYBIN" -m pytest -q -p no:xdist -p no:cacheprovider -x tests/test_native_library.py \
+        -k "$DIAG_K" >/tmp/diag_gdb.log 2>&1
+      echo "cuda-gdb exit $?" >>/tmp/diag_gdb.log ) &
+    GDB_PID=$!
+  else
+    log "diag: no cuda-gdb on this image, no C++ backtrace"
+  fi
+  ( timeout 60 python -X faulthandler -m pytest -q -p no:xdist -p no:cacheprovider -s -x \
+      --tb=short tests/test_native_library.py -k "input_checks" >/tmp/diag_pytest.log 2>&1
+    echo "pytest exit $?" >>/tmp/diag_pytest.log ) &
+  PYTEST_PID=$!
+  ( timeout 90 python bench/diag_native_errors.py >/tmp/diag_native.log 2>&1 ) &
+  NATIVE_PID=$!
+fi
 if has cuda; then
   log "cuda: op tests + native library tests + wrapper suite"
   FUSEDACCUM_TEST_BACKEND=cuda timeout 140 "${PYTEST[@]}" -k "not triton" tests/test_ops.py \
-      tests/test_native_library.py "${WRAPPER_TESTS[@]}" >"$OUT/tests_cuda.log" 2>&1
+      tests/test_native_library.py tests/test_batch_hook.py "${WRAPPER_TESTS[@]}" \
+      >"$OUT/tests_cuda.log" 2>&1
   log "cuda tests exit $?: $(tail -1 "$OUT/tests_cuda.log")"
 fi
 if has auto; then
@@ -58,18 +85,31 @@ if has auto; then
   log "auto tests exit $?: $(tail -1 "$OUT/tests_auto.log")"
 fi
 if has diag; then
-  log "diag: the input-check test alone, without xdist (a crash shows its message here)"
-  timeout 60 python -X faulthandler -m pytest -q -p no:xdist -p no:cacheprovider -s -x \
-      --tb=short tests/test_native_library.py -k "input_checks" 2>&1 | tail -25 | tee -a "$LOG"
-  wait
-  cat /tmp/diag_cpp.log 2>/dev/null | tee -a "$LOG"
-  log "diag: which builds of the extension crash on a failing check"
-  timeout 200 python bench/diag_native_errors.py 2>&1 | tee -a "$LOG"
+  log "diag: which builds/preludes of the extension crash on a failing check"
+  wait "$NATIVE_PID"
+  tee -a "$LOG" </tmp/diag_native.log
+  log "diag: the input-check tests alone under pytest, no xdist (full output, 150 lines max)"
+  wait "$PYTEST_PID"
+  head -150 /tmp/diag_pytest.log | cut -c1-400 | tee -a "$LOG"
+  if [[ -n "${DIAG_CPP_PID:-}" ]]; then
+    wait "$DIAG_CPP_PID"
+    tee -a "$LOG" </tmp/diag_cpp.log
+  fi
+  if [[ -n "$GDB_PID" ]]; then
+    wait "$GDB_PID"
+    log "diag: cuda-gdb on pytest -k '$DIAG_K': signal, backtrace, faulting instructions"
+    grep -E '^(#[0-9]|=> |   0x)|received signal|SIGSEGV|exited (normally|with)|No stack|cuda-gdb exit' \
+        /tmp/diag_gdb.log | head -70 | cut -c1-400 | tee -a "$LOG"
+    echo "--- last lines of cuda-gdb's output" | tee -a "$LOG"
+    tail -4 /tmp/diag_gdb.log | cut -c1-400 | tee -a "$LOG"
+  fi
 fi
 if has phases; then
-  log "window phases (host time, then with a device sync after each phase)"
-  timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 10 2>&1 | tee -a "$LOG"
-  timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 5 --sync 2>&1 \
+  log "window phases, host time: as is; without the C++ batching hook; 128 MiB batches"
+  timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 2>&1 | tee -a "$LOG"
+  FUSEDACCUM_FAST_HOOKS=0 timeout 60 python bench/window_phases.py --model gpt2-124m \
+      --rounds 8 2>&1 | tee -a "$LOG"
+  timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 --flush-mib 128 2>&1 \
       | tee -a "$LOG"
 fi
 if has tune; then

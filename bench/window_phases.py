@@ -29,8 +29,13 @@ import torch
 
 from fusedaccum import accumulator as acc_mod
 from fusedaccum import bench
+from fusedaccum.ops import native
 
-_PARTS = ("_flush_all", "_total_norm", "_fused_update", "_record_fused_steps", "_end_window")
+_PARTS = ("_flush", "_total_norm", "_fused_update", "_record_fused_steps", "_end_window")
+
+
+# every batch flush: at the end of a backward and in a hook when a batch is full
+_FLUSH_LABEL = " of which batch flushes (_flush)"
 
 
 class Clock:
@@ -65,8 +70,7 @@ def _instrument(clock: Clock):
         def timed(self, *args, _real=real, _name=name, **kwargs):
             t0 = clock.now()
             out = _real(self, *args, **kwargs)
-            label = (" of which batched accumulations (_flush_all)" if _name == "_flush_all"
-                     else f" boundary: {_name}")
+            label = (_FLUSH_LABEL if _name == "_flush" else f" boundary: {_name}")
             clock.add(label, clock.now() - t0)
             return out
 
@@ -127,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=None, help="default: every backend but reference")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--sync", action="store_true")
+    ap.add_argument("--flush-mib", type=float, default=None,
+                    help="the wrapper's batch flush size (default: its own, "
+                    f"{acc_mod._BATCH_FLUSH_BYTES >> 20} MiB)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     backends = (args.backends.split(",") if args.backends else
@@ -135,9 +142,13 @@ def main(argv=None) -> int:
         backends.append("auto")
     clock = Clock(dev, args.sync)
     restore = _instrument(clock)
+    flush = acc_mod._BATCH_FLUSH_BYTES
+    if args.flush_mib is not None:  # read when a wrapper installs its hooks
+        acc_mod._BATCH_FLUSH_BYTES = int(args.flush_mib * (1 << 20))
     try:
         _run(args, dev, backends, clock)
     finally:
+        acc_mod._BATCH_FLUSH_BYTES = flush
         restore()
     return 0
 
@@ -162,11 +173,13 @@ def _run(args, dev, backends, clock: Clock) -> None:
                 clock.window.clear()
     print(f"# window phases: {args.model} ({wl.model.tensors} tensors, {wl.numel / 1e6:.1f}M "
           f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
-          f"{'device synced after every phase' if args.sync else 'host time'}")
+          f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "
+          f"{acc_mod._BATCH_FLUSH_BYTES / (1 << 20):g} MiB, C++ batching hook "
+          f"{'on' if native.hooks_module(load=False) is not None else 'off'}")
     print("| contender | phase | median per window |")
     print("|---|---|---|")
     order = ["window", "backward x k (hooks, batches)", "backward x k (hooks)",
-             " of which batched accumulations (_flush_all)", "step() between boundaries",
+             _FLUSH_LABEL, "step() between boundaries",
              "zero_grad()", "boundary", "boundary (all)"]
 
     def rank(key):

@@ -242,13 +242,18 @@ def _bench_script(name):
 def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
     from fusedaccum.accumulator import FusedAccumulator
 
-    timed = ("_boundary", "_flush_all", "_total_norm", "_fused_update", "_record_fused_steps",
+    from fusedaccum import accumulator
+
+    timed = ("_boundary", "_flush", "_total_norm", "_fused_update", "_record_fused_steps",
              "_end_window")
+    flush = accumulator._BATCH_FLUSH_BYTES
     before = {name: vars(FusedAccumulator)[name] for name in timed}
     backends = [b for b in B.bench_backends(torch.device("cpu"))[0] if b != "triton"]
     _bench_script("window_phases").main(["--model", "tiny", "--device", "cpu", "--rounds", "2",
-                                         "--backends", ",".join(backends)])
+                                         "--backends", ",".join(backends), "--flush-mib", "1"])
     out = capsys.readouterr().out
+    assert "batch flush 1 MiB" in out
+    assert accumulator._BATCH_FLUSH_BYTES == flush  # put back
     for b in backends:
         assert f"| fusedaccum[{b}] | window |" in out
         assert f"| fusedaccum[{b}] |  boundary: _fused_update |" in out
