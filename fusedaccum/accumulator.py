@@ -10,15 +10,19 @@ path) for every other torch optimizer. See DESIGN.md sections 1 and 2.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import operator
 import os
 import sys
 import warnings
 import weakref
 from collections import OrderedDict
+from itertools import chain
 
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fusedaccum import distributed as dp
@@ -85,6 +89,55 @@ def _check_k(k, what: str) -> int:
     return int(k)
 
 
+def _with_step_hooks(func):
+    """``func`` (a ``step``) wrapped as torch.optim.Optimizer.profile_hook_step wraps it.
+
+    Torch's wrapper enters ``record_function`` on every call, i.e. every micro-batch: two
+    op calls, tens of us of host time on a cold cache after backward. This one enters it
+    only while a profiler is on, and is otherwise the same: global then per-optimizer pre
+    hooks (each may return new (args, kwargs)), ``func``, ``_optimizer_step_code()``, then
+    per-optimizer then global post hooks. A nested call (a subclass's ``step`` calling
+    ``super().step()``) runs ``func`` alone, so the hooks fire once per user call.
+    """
+    @functools.wraps(func)
+    def step(*args, **kwargs):
+        self = args[0]
+        if self._in_step:
+            return func(*args, **kwargs)
+        if torch.autograd._profiler_enabled():
+            name = f"Optimizer.step#{self.__class__.__name__}.step"
+            with torch.autograd.profiler.record_function(name):
+                return _run_step(func, self, args, kwargs)
+        return _run_step(func, self, args, kwargs)
+
+    step.hooked = True  # Optimizer._patch_step_function must not wrap it again
+    return step
+
+
+def _run_step(func, self, args, kwargs):
+    pre_hooks = self._optimizer_step_pre_hooks
+    if _global_optimizer_pre_hooks or pre_hooks:
+        for pre_hook in chain(_global_optimizer_pre_hooks.values(), pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 2:
+                    args, kwargs = result
+                else:
+                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
+                                       f"new_kwargs), but got {result}.")
+    self._in_step = True
+    try:
+        out = func(*args, **kwargs)
+    finally:
+        self._in_step = False
+    self._optimizer_step_code()
+    post_hooks = self._optimizer_step_post_hooks
+    if post_hooks or _global_optimizer_post_hooks:
+        for post_hook in chain(post_hooks.values(), _global_optimizer_post_hooks.values()):
+            post_hook(self, args, kwargs)
+    return out
+
+
 def _fused_kind(opt: torch.optim.Optimizer) -> str | None:
     """'adam' or 'sgd' when ``opt`` runs on the fused path, else None (generic)."""
     if type(opt) in (torch.optim.Adam, torch.optim.AdamW):
@@ -107,6 +160,7 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     # torch.amp.GradScaler hands us grad_scale/found_inf instead of skipping step() itself
     _step_supports_amp_scaling = True
+    _in_step = False  # inside a hooked step() (see _with_step_hooks)
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, accumulation_steps=1,
                  max_grad_norm=None, norm_type=2.0, loss_scale=None, master_weights=None,
@@ -186,6 +240,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._warned_skip = False
         self._ddp_checked = False
         self._flush_queued = False  # an end-of-backward flush of the batches is queued
+        # the state dict, and its size, _record_fused_steps last made or checked entries in
+        self._recorded_in, self._recorded_len = None, -1
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
         self._window_k = self._next_k()  # a bad callable fails here, before any hook
 
@@ -318,16 +374,29 @@ class FusedAccumulator(torch.optim.Optimizer):
         boundary clears it. fp32 params are the stepped tensors themselves: their
         ``p.grad`` (the view) is cleared, and the next backward restores it.
         """
+        # Host time (every micro-batch, every param): reading p.grad costs as much as
+        # setting it, so each param gets one of the two when nothing was released.
         for b in self._all_buckets():
             if b.has_master:
+                # the hooks set p.grad = None after each backward: only a .grad assigned
+                # by hand is left to clear
+                for p in b.params:
+                    if p.grad is not None:
+                        break
+                else:
+                    continue
                 for i, p in enumerate(b.params):
                     if p.grad is not None and not b.released[i]:
                         p.grad = None
                 continue
-            for i, p in enumerate(b.params):
-                if not b.released[i] and p.grad is not None:
+            if any(b.released):
+                for i, p in enumerate(b.params):
+                    if not b.released[i] and p.grad is not None:
+                        p.grad = None
+            else:
+                for p in b.params:
                     p.grad = None
-                b.exposed[i] = False
+            b.exposed[:] = [False] * len(b)
 
     # -- params, buckets and hooks -------------------------------------------------
     def _param_name(self, group: dict, gi: int, pi: int, p: torch.Tensor) -> str:
@@ -591,6 +660,15 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._build_group(len(self.inner.param_groups) - 1)
 
     # -- step ----------------------------------------------------------------------
+    def _patch_step_function(self) -> None:
+        # torch would wrap a subclass's own step in profile_hook_step: give it ours
+        self._zero_grad_profile_name = (
+            f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad")
+        cls = self.__class__
+        if not getattr(cls.step, "hooked", None):
+            cls.step = _with_step_hooks(cls.step)
+
+    @_with_step_hooks
     def step(self, closure=None, *, num_items=None):
         """Count a micro-batch; at the window's boundary apply the update.
 
@@ -813,36 +891,72 @@ class FusedAccumulator(torch.optim.Optimizer):
                             found_inf=found, first_step=not had, zero_acc=True, **hp)
 
     def _record_fused_steps(self) -> None:
-        """After an applied update: state entries (views) and step counts, as torch keeps."""
+        """After an applied update: step counts, and the state entries (views) as torch keeps.
+
+        Once per window over every param, so host time counts: a param whose entries an
+        earlier call made or checked (``b.recorded``) needs only its count, and a bucket's
+        counts are one copy into the flat buffer its ``step`` entries view. ``recorded`` is
+        dropped when entries may have been replaced: the state dict is another object
+        (``inner.load_state_dict``, ``opt.state = ...``) or has another size (entries
+        deleted), the group's state keys changed (amsgrad, momentum), or _adopt_state ran.
+        A single entry a user overwrites by hand (``opt.state[p]["exp_avg"] = x``) is not
+        seen: it was never read by the fused step either.
+        """
+        state = self.inner.state
+        stale = self._recorded_in is not state or self._recorded_len != len(state)
+        adam = self._kind == "adam"
         for gi, buckets in enumerate(self._buckets):
-            group = self.inner.param_groups[gi]
-            keys = ()
-            if self._kind == "adam":
-                keys = _ADAM_KEYS if group.get("amsgrad", False) else _ADAM_KEYS[:2]
-            elif _as_float(group["momentum"]) != 0:
-                keys = ("momentum_buffer",)
-            adam, has_buf, state = self._kind == "adam", "momentum_buffer" in keys, self.inner.state
+            keys = self._state_keys(self.inner.param_groups[gi])
+            has_buf = "momentum_buffer" in keys
             for b in buckets:
-                steps, touched = b.steps, b.touched
-                # (sharded buckets: the state is materialized by state_dict())
-                views = () if b.sharded else [(key, b.state_views(key)) for key in keys]
-                for i, t in enumerate(b.stepped):
-                    if not touched[i]:
-                        continue
-                    steps[i] += 1
-                    b.has_buf[i] = has_buf
-                    if b.sharded:
-                        continue
-                    st = state[t]
-                    if adam:
-                        step = st.get("step")
-                        if isinstance(step, torch.Tensor):
-                            step.fill_(steps[i])
-                        else:
-                            st["step"] = torch.tensor(float(steps[i]))
-                    for key, vs in views:
-                        if st.get(key) is not vs[i]:
-                            st[key] = vs[i]
+                touched = b.touched
+                any_touched = any(touched)
+                if any_touched:
+                    b.steps[:] = map(operator.add, b.steps, touched)  # +1 where touched
+                    if has_buf or any(b.has_buf):
+                        b.has_buf[:] = [has_buf if t else h for t, h in zip(touched, b.has_buf)]
+                if b.sharded:  # (the state is materialized by state_dict())
+                    continue
+                if stale or b.recorded_keys != keys:
+                    b.recorded = [False] * len(b)
+                    b.recorded_keys = keys
+                    for key in keys:  # every bucket's state buffers exist from here on
+                        b.state_views(key)
+                if not any_touched:
+                    continue
+                # any touched param not recorded yet?
+                if not all(map(operator.or_, b.recorded, map(operator.not_, touched))):
+                    self._record_entries(b, keys, state)
+                if adam:
+                    b.write_steps()
+        self._recorded_in, self._recorded_len = state, len(state)
+
+    def _record_entries(self, b: Bucket, keys: tuple[str, ...], state) -> None:
+        """_record_fused_steps for the touched params of ``b`` not recorded yet."""
+        views = [(key, b.state_views(key)) for key in keys]
+        step_views = b.step_views() if self._kind == "adam" else None
+        new_step_view = torch.get_default_dtype() == torch.float32
+        steps, touched, recorded = b.steps, b.touched, b.recorded
+        for i, t in enumerate(b.stepped):
+            if not touched[i] or recorded[i]:
+                continue
+            st = state[t]
+            ok = True
+            if step_views is not None:
+                step = st.get("step")
+                if step is not step_views[i]:
+                    if isinstance(step, torch.Tensor):  # not ours (inner.load_state_dict)
+                        step.fill_(steps[i])
+                        ok = False
+                    elif new_step_view:  # b.write_steps() sets its value
+                        st["step"] = step_views[i]
+                    else:  # torch's default dtype, as before (float64 under that default)
+                        st["step"] = torch.tensor(float(steps[i]))
+                        ok = False
+            for key, vs in views:
+                if st.get(key) is not vs[i]:
+                    st[key] = vs[i]
+            recorded[i] = ok
 
     # -- generic path --------------------------------------------------------------
     def _generic_update(self, mult: torch.Tensor) -> None:
@@ -1025,10 +1139,16 @@ class FusedAccumulator(torch.optim.Optimizer):
                         for k, v in st.items()}
             return
         state_keys = (*_ADAM_KEYS, "momentum_buffer")
+        self._recorded_in = None  # entries replaced: _record_fused_steps checks them all
         for idx, (b, i) in self._index_map().items():
             t = b.stepped[i]
             self.inner.state.pop(b.params[i], None)
             src = loaded.get(idx, loaded.get(str(idx)))
+            # the values may view our own buffers (opt.load_state_dict(opt.state_dict())):
+            # copy them before the zeroing below
+            src = {k: v.to(device=b.device, dtype=torch.float32, copy=True)
+                   if k in state_keys and isinstance(v, torch.Tensor) else v
+                   for k, v in (src or {}).items()}
             for key in state_keys:
                 if key in b.state_flat:
                     self._copy_local(b, i, b.state_flat[key],
@@ -1036,7 +1156,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             b.steps[i] = 0
             b.has_buf[i] = False
             new = {}
-            for key, value in (src or {}).items():
+            for key, value in src.items():
                 if key in state_keys and value is not None:
                     self._copy_local(b, i, b.state_buffer(key),
                                      value.to(device=b.device, dtype=torch.float32))
@@ -1045,7 +1165,10 @@ class FusedAccumulator(torch.optim.Optimizer):
                     b.has_buf[i] = b.has_buf[i] or key == "momentum_buffer"
                 elif key == "step":
                     b.steps[i] = int(_as_float(value))
-                    new[key] = torch.tensor(float(b.steps[i]), dtype=torch.float32)
+                    if self._kind == "adam" and not b.sharded:  # valued by write_steps below
+                        new[key] = b.step_views()[i]
+                    else:
+                        new[key] = torch.tensor(float(b.steps[i]), dtype=torch.float32)
                 elif key != "momentum_buffer":
                     new[key] = value
             if self._kind == "sgd" and not b.has_buf[i]:
@@ -1056,3 +1179,5 @@ class FusedAccumulator(torch.optim.Optimizer):
                 self.inner.state[t] = new
             else:
                 self.inner.state.pop(t, None)
+        for b in self._all_buckets():  # after every read of the loaded values
+            b.write_steps()

@@ -10,6 +10,8 @@ boundary op is one launch per contiguous run of params instead of one per param.
 
 from __future__ import annotations
 
+import array
+
 import torch
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -93,6 +95,12 @@ class Bucket:
         self._state_views: dict[str, list[torch.Tensor]] = {}
         self.steps = [0] * len(params)  # per-param optimizer step counts (Adam)
         self.has_buf = [False] * len(params)  # per-param momentum history (SGD)
+        self.step_flat: torch.Tensor | None = None  # see step_views
+        self._step_views: list[torch.Tensor] | None = None
+        # params whose optimizer-state entries the last boundaries made or checked, for the
+        # state keys ``recorded_keys`` (see FusedAccumulator._record_fused_steps)
+        self.recorded = [False] * len(params)
+        self.recorded_keys: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -124,6 +132,20 @@ class Bucket:
     def state_view(self, name: str, i: int) -> torch.Tensor:
         """Param ``i``'s view of state buffer ``name``."""
         return self.state_views(name)[i]
+
+    def step_views(self) -> list[torch.Tensor]:
+        """Every param's ``state['step']`` tensor (Adam): a 0-dim fp32 CPU tensor, as torch's
+        own, viewing one flat buffer (made once), so that write_steps() is one copy."""
+        if self._step_views is None:
+            self.step_flat = torch.tensor(self.steps, dtype=torch.float32)
+            self._step_views = [self.step_flat[k] for k in range(len(self.params))]
+        return self._step_views
+
+    def write_steps(self) -> None:
+        """Copy ``steps`` into the step tensors, if made."""
+        if self.step_flat is not None:  # (via array: a third of torch.tensor(list)'s time)
+            self.step_flat.copy_(torch.frombuffer(array.array("f", self.steps),
+                                                  dtype=torch.float32))
 
     def runs(self, key) -> list[tuple[slice, object]]:
         """Local element ranges of the maximal runs of touched params with equal ``key``.
