@@ -30,7 +30,7 @@ except ImportError:
     torch = None
 if torch is not None and shutil.which(os.environ.get("CXX", "c++")) and os.environ.get(
         "FUSEDACCUM_NATIVE", "").lower() not in ("0", "off", "jit"):
-    sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/bindings.cpp", "csrc/hooks.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     # at::parallel_for is inline: without OpenMP it would run on one thread
     openmp = sys.platform.startswith("linux") and torch.backends.openmp.is_available()

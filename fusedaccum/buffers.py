@@ -23,11 +23,29 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+# The per-param fields the C++ batching hook (csrc/hooks.cpp) reads and writes, kept in
+# one list, Bucket.hook_fields, in this order: the hook reaches all of them with one
+# attribute lookup. Each is a property over that list, so rebinding one updates the list.
+HOOK_FIELDS = ("released", "is_pending", "stats", "exposed", "touched", "stepped",
+               "main_grads", "pending", "pending_accs", "pending_grads", "pending_bytes")
+
+
+def _hook_field(k: int) -> property:
+    def get(self):
+        return self.hook_fields[k]
+
+    def set(self, value):
+        self.hook_fields[k] = value
+
+    return property(get, set)
+
+
 class Bucket:
     """The params of one group that live on one device with one dtype."""
 
     def __init__(self, params: list[torch.Tensor], indices: list[int], *, use_master: bool,
                  shard: tuple[int, int] | None = None):
+        self.hook_fields: list = [None] * len(HOOK_FIELDS)
         self.params = params
         self.indices = indices  # position of each param in its param group's list
         p0 = params[0]
@@ -170,3 +188,7 @@ class Bucket:
                 out.append((slice(a - self.lo, e - self.lo), k))
             i = j
         return out
+
+
+for _k, _name in enumerate(HOOK_FIELDS):
+    setattr(Bucket, _name, _hook_field(_k))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import importlib.util
 import math
 import os
 import sys
@@ -70,7 +71,9 @@ class _State:
         self.cuda = cuda  # the CUDA kernels are registered too
         self.cuda_error = cuda_error  # why not, when known
         self.how = how  # "ahead-of-time build <path>" or "JIT build <path>"
+        self.path: str | None = None  # the library loaded
         self.ops = None
+        self.hooks = None  # the library imported as a Python module (hooks.cpp), once asked
 
 
 _state: _State | None = None
@@ -98,7 +101,8 @@ def _aot_library() -> Path | None:
 def _jit_build(with_cuda: bool) -> str:
     from torch.utils import cpp_extension
 
-    sources = [str(_CSRC / "bindings.cpp"), *sorted(str(p) for p in _CSRC.glob("cpu/*.cpp"))]
+    sources = [str(_CSRC / "bindings.cpp"), str(_CSRC / "hooks.cpp"),
+               *sorted(str(p) for p in _CSRC.glob("cpu/*.cpp"))]
     cflags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     ldflags = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
@@ -134,6 +138,7 @@ def _load_uncached() -> _State:
         try:
             torch.ops.load_library(str(aot))
             state = _State(how=f"ahead-of-time build {aot}")
+            state.path = str(aot)
             state.cuda = "cuda" in torch.ops.fusedaccum_native.build_info().split(",")
             if not state.cuda:
                 state.cuda_error = (
@@ -161,7 +166,9 @@ def _load_uncached() -> _State:
     else:
         try:
             path = _jit_build(with_cuda=True)
-            return _State(cuda=True, how=f"JIT build {path}")
+            state = _State(cuda=True, how=f"JIT build {path}")
+            state.path = path
+            return state
         except Exception as exc:
             cuda_error = ("the CUDA part of the C++ extension failed to compile: "
                           f"{_first_lines(exc)}")
@@ -170,7 +177,9 @@ def _load_uncached() -> _State:
     except Exception as exc:
         prefix = f"{aot_error}; then the " if aot_error else ""
         return _State(f"{prefix}C++ extension failed to compile: {_first_lines(exc)}; {_HINT}")
-    return _State(cuda_error=cuda_error, how=f"JIT build {path}")
+    state = _State(cuda_error=cuda_error, how=f"JIT build {path}")
+    state.path = path
+    return state
 
 
 def _register_fakes() -> None:
@@ -217,6 +226,35 @@ def _load() -> _State:
                 _state = new
             state = _state
     return state
+
+
+def hooks_module(load: bool = True):
+    """The extension imported as a Python module, for its C++ batching hook (csrc/hooks.cpp),
+    or None where it is unavailable. ``load=False``: only if the extension is loaded already
+    or built ahead of time (never compile it just for the hook)."""
+    if os.environ.get("FUSEDACCUM_FAST_HOOKS", "").strip().lower() in ("0", "off", "false"):
+        return None
+    state = _state
+    if state is None:
+        if not load and _aot_library() is None:
+            return None
+        state = _load()
+    if state.error is not None or state.path is None:
+        return None
+    if state.hooks is None:
+        with _lock:
+            if state.hooks is None:
+                # built under TORCH_EXTENSION_NAME = the file's name up to the first dot
+                name = Path(state.path).name.split(".")[0]
+                try:
+                    loader = importlib.machinery.ExtensionFileLoader(name, state.path)
+                    spec = importlib.util.spec_from_loader(name, loader)
+                    module = importlib.util.module_from_spec(spec)
+                    loader.exec_module(module)
+                    state.hooks = module if hasattr(module, "install_batch_hook") else False
+                except ImportError:  # a build from before hooks.cpp
+                    state.hooks = False
+    return state.hooks or None
 
 
 def build_info() -> str:

@@ -1,0 +1,272 @@
+// The wrapper's batching post-accumulate-grad hook, in C++ (Python C API).
+//
+// FusedAccumulator registers a Python post-accumulate-grad hook on every param. For a
+// small half param the hook only moves the fresh .grad into its bucket's batch (lists
+// the end-of-backward flush accumulates in one op call) and clears .grad: a few list
+// appends, but through torch's Python hook machinery and a Python frame, once per param
+// per backward, which dominates the host time of models of many small tensors on GPUs.
+// BatchHook does that common case here and leaves every other case to the Python hook
+// (the first hook of a backward, a full batch, a second backward before the flush,
+// create_graph, other hooks on the param...), so both paths share the Python state and
+// the Python hook stays the definition.
+//
+// torch keeps one C++ post-accumulate-grad hook per tensor: the one running the tensor's
+// dict of Python hooks (tensor._post_accumulate_grad_hooks). BatchHook takes its place
+// and owns it: when the dict holds anything besides the wrapper's own hook, or the
+// wrapper's hook was removed, it runs that dict hook, so every Python hook runs, in
+// registration order, as without it. Hooks registered later are added to the same dict.
+
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/version.h>
+
+#include <atomic>
+#include <memory>
+
+namespace {
+
+using torch::autograd::PostAccumulateGradHook;
+using torch::autograd::Variable;
+
+std::atomic<int64_t> g_hits{0};
+
+// interned attribute names
+PyObject *s_flush_queued, *s_hook_fields;
+
+// Bucket.hook_fields: the positions of fusedaccum/buffers.py's HOOK_FIELDS
+enum Field { RELEASED, IS_PENDING, STATS, EXPOSED, TOUCHED, STEPPED, MAIN_GRADS, PENDING,
+             PENDING_ACCS, PENDING_GRADS, PENDING_BYTES, N_FIELDS };
+
+// an owned reference
+struct Ref {
+  PyObject* p;
+  explicit Ref(PyObject* o = nullptr) : p(o) {}
+  Ref(const Ref&) = delete;
+  Ref& operator=(const Ref&) = delete;
+  ~Ref() { Py_XDECREF(p); }
+  PyObject* get() const { return p; }
+  explicit operator bool() const { return p != nullptr; }
+};
+
+// fields[f] if it is a list of at least n items, else null (borrowed)
+PyObject* list_field(PyObject* fields, int f, Py_ssize_t n) {
+  PyObject* v = PyList_GET_ITEM(fields, f);
+  return PyList_CheckExact(v) && PyList_GET_SIZE(v) >= n ? v : nullptr;
+}
+
+struct BatchHook final : PostAccumulateGradHook {
+  BatchHook(std::unique_ptr<PostAccumulateGradHook> inner, PyObject* dict, PyObject* key,
+            PyObject* owner_ref, PyObject* bucket_ref, Py_ssize_t index, long long nbytes,
+            long long flush_bytes)
+      : inner(std::move(inner)), dict(dict), key(key), owner_ref(owner_ref),
+        bucket_ref(bucket_ref), index(index), nbytes(nbytes), flush_bytes(flush_bytes) {
+    Py_INCREF(dict);
+    Py_INCREF(key);
+    Py_INCREF(owner_ref);
+    Py_INCREF(bucket_ref);
+  }
+
+  ~BatchHook() override {
+    if (!Py_IsInitialized()) return;  // interpreter gone: the objects went with it
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_DECREF(dict);
+    Py_DECREF(key);
+    Py_DECREF(owner_ref);
+    Py_DECREF(bucket_ref);
+    PyGILState_Release(gil);
+  }
+
+  void operator()(const Variable& param) override {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    bool done = batch(param);
+    PyGILState_Release(gil);
+    if (!done) (*inner)(param);  // the Python hooks (takes the GIL itself)
+  }
+
+  // compiled autograd traces the Python hooks (const since torch 2.6)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+#else
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) override {
+#endif
+    inner->compiled_args(args);
+  }
+  void apply_with_saved(Variable& tensor,
+                        torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    inner->apply_with_saved(tensor, saved);
+  }
+
+  // The Python hook's batching branch (accumulator.py, post_hook) for the case where it
+  // does nothing else: true when done, false (nothing changed) to run the Python hooks.
+  bool batch(const Variable& param) {
+    if (!PyDict_Check(dict) || PyDict_GET_SIZE(dict) != 1) return false;  // an OrderedDict
+    if (PyDict_GetItemWithError(dict, key) == nullptr) {  // our hook was removed
+      PyErr_Clear();
+      return false;
+    }
+    const at::Tensor& grad = param.grad();
+    if (!grad.defined() || grad.layout() != c10::kStrided || grad.requires_grad() ||
+        !grad.is_contiguous())
+      return false;
+    PyObject *owner_raw = nullptr, *bucket_raw = nullptr;
+    if (PyWeakref_GetRef(owner_ref, &owner_raw) != 1) {
+      PyErr_Clear();
+      return false;
+    }
+    Ref owner(owner_raw);
+    if (PyWeakref_GetRef(bucket_ref, &bucket_raw) != 1) {
+      PyErr_Clear();
+      return false;
+    }
+    Ref b(bucket_raw);
+    // the first hook of a backward queues the end-of-backward flush: Python's job
+    Ref queued(PyObject_GetAttr(owner.get(), s_flush_queued));
+    if (!queued) PyErr_Clear();
+    if (queued.get() != Py_True) return false;
+    Ref fields(PyObject_GetAttr(b.get(), s_hook_fields));
+    if (!fields) PyErr_Clear();
+    if (!fields || !PyList_CheckExact(fields.get()) || PyList_GET_SIZE(fields.get()) != N_FIELDS)
+      return false;
+    const Py_ssize_t i = index, n = index + 1;
+    PyObject* f = fields.get();
+    PyObject *released = list_field(f, RELEASED, n), *is_pending = list_field(f, IS_PENDING, n),
+             *stats = list_field(f, STATS, n), *exposed = list_field(f, EXPOSED, n),
+             *touched = list_field(f, TOUCHED, n), *stepped = list_field(f, STEPPED, n),
+             *main_grads = list_field(f, MAIN_GRADS, n), *pending = list_field(f, PENDING, 0),
+             *accs = list_field(f, PENDING_ACCS, 0), *grads = list_field(f, PENDING_GRADS, 0);
+    if (!released || !is_pending || !stats || !exposed || !touched || !stepped || !main_grads ||
+        !pending || !accs || !grads)
+      return false;
+    if (PyList_GET_ITEM(released, i) != Py_False ||
+        PyList_GET_ITEM(is_pending, i) != Py_False ||  // second backward: flush first
+        PyList_GET_ITEM(stats, i) != Py_None)          // its statistic would go stale
+      return false;
+    PyObject* view = PyList_GET_ITEM(main_grads, i);
+    PyObject* exposed_i = PyList_GET_ITEM(exposed, i);
+    PyObject* stepped_i = PyList_GET_ITEM(stepped, i);
+    if ((exposed_i != Py_True && exposed_i != Py_False) || !THPVariable_Check(view) ||
+        !THPVariable_Check(stepped_i))
+      return false;
+    PyObject* bytes_obj = PyList_GET_ITEM(f, PENDING_BYTES);
+    if (!PyLong_CheckExact(bytes_obj)) return false;
+    const long long bytes = PyLong_AsLongLong(bytes_obj);
+    if (bytes == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    if (bytes + nbytes >= flush_bytes) return false;  // the batch is full: Python flushes
+    // commit (only a failed allocation can fail here; then undo and let Python do it)
+    Ref idx(PyLong_FromSsize_t(i)), g(THPVariable_Wrap(grad)), new_bytes(PyLong_FromLongLong(bytes + nbytes));
+    if (!idx || !g || !new_bytes) {
+      PyErr_Clear();
+      return false;
+    }
+    PyObject* lists[3] = {pending, accs, grads};
+    PyObject* items[3] = {idx.get(), view, g.get()};
+    for (int k = 0; k < 3; ++k) {
+      if (PyList_Append(lists[k], items[k]) != 0) {
+        PyErr_Clear();
+        for (int j = 0; j < k; ++j) {
+          Py_ssize_t len = PyList_GET_SIZE(lists[j]);
+          PyList_SetSlice(lists[j], len - 1, len, nullptr);
+        }
+        return false;
+      }
+    }
+    PyList_SetItem(f, PENDING_BYTES, new_bytes.p);  // steals the reference
+    new_bytes.p = nullptr;
+    Py_INCREF(Py_True);
+    PyList_SetItem(is_pending, i, Py_True);  // steals the reference
+    param.mutable_grad().reset();
+    if (exposed_i == Py_False) {  // first grad of the window: FusedAccumulator._expose_grad
+      Py_INCREF(Py_True);
+      PyList_SetItem(touched, i, Py_True);
+      Py_INCREF(Py_True);
+      PyList_SetItem(exposed, i, Py_True);
+      const at::Tensor& master = THPVariable_Unpack(stepped_i);
+      if (master.scalar_type() == at::kFloat)  // an fp32 master sees the window as .grad
+        master.mutable_grad() = THPVariable_Unpack(view);
+    }
+    g_hits.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+
+  std::unique_ptr<PostAccumulateGradHook> inner;
+  PyObject *dict, *key, *owner_ref, *bucket_ref;
+  Py_ssize_t index;
+  long long nbytes, flush_bytes;
+};
+
+// install_batch_hook(param, hooks_dict, key, owner_ref, bucket_ref, index, nbytes,
+//                    flush_bytes): after param.register_post_accumulate_grad_hook(hook)
+// returned a handle with id `key` into `hooks_dict` (param._post_accumulate_grad_hooks).
+PyObject* install_batch_hook(PyObject*, PyObject* args) {
+  PyObject *param, *dict, *key, *owner_ref, *bucket_ref;
+  Py_ssize_t index;
+  long long nbytes, flush_bytes;
+  if (!PyArg_ParseTuple(args, "OO!OO!O!nLL", &param, &PyDict_Type, &dict, &key,
+                        &_PyWeakref_RefType, &owner_ref, &_PyWeakref_RefType, &bucket_ref,
+                        &index, &nbytes, &flush_bytes))
+    return nullptr;
+  if (!THPVariable_Check(param)) {
+    PyErr_SetString(PyExc_TypeError, "install_batch_hook: param must be a tensor");
+    return nullptr;
+  }
+  if (index < 0 || nbytes < 0 || flush_bytes <= 0) {
+    PyErr_SetString(PyExc_ValueError, "install_batch_hook: bad index, nbytes or flush_bytes");
+    return nullptr;
+  }
+  PyObject* attr = PyObject_GetAttrString(param, "_post_accumulate_grad_hooks");
+  if (attr == nullptr) return nullptr;
+  Py_DECREF(attr);  // still owned by the param
+  if (attr != dict || PyDict_GetItemWithError(dict, key) == nullptr) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_ValueError,
+                      "install_batch_hook: key is not in param._post_accumulate_grad_hooks");
+    return nullptr;
+  }
+  const Variable& var = THPVariable_Unpack(param);
+  std::unique_ptr<PostAccumulateGradHook>& slot = torch::autograd::impl::post_acc_grad_hooks(var);
+  if (!slot) {
+    PyErr_SetString(PyExc_RuntimeError, "install_batch_hook: the param has no hook to wrap");
+    return nullptr;
+  }
+  std::unique_ptr<PostAccumulateGradHook> inner = std::move(slot);
+  if (auto* prev = dynamic_cast<BatchHook*>(inner.get())) {  // a former wrapper's: unwrap
+    std::unique_ptr<PostAccumulateGradHook> innermost = std::move(prev->inner);
+    inner = std::move(innermost);
+  }
+  torch::autograd::impl::set_post_acc_grad_hooks(
+      var, std::make_unique<BatchHook>(std::move(inner), dict, key, owner_ref, bucket_ref,
+                                       index, nbytes, flush_bytes));
+  Py_RETURN_NONE;
+}
+
+PyObject* batch_hook_hits(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(g_hits.load(std::memory_order_relaxed));
+}
+
+PyMethodDef methods[] = {
+    {"install_batch_hook", install_batch_hook, METH_VARARGS,
+     "Put the C++ batching hook in front of a param's Python post-accumulate-grad hooks."},
+    {"batch_hook_hits", batch_hook_hits, METH_NOARGS,
+     "How many gradients the C++ batching hook has taken (all params, this process)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+#define FA_STR2(x) #x
+#define FA_STR(x) FA_STR2(x)
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, FA_STR(TORCH_EXTENSION_NAME),
+                          "fusedaccum's C++ post-accumulate-grad hook", -1, methods};
+
+}  // namespace
+
+#define FA_CAT2(a, b) a##b
+#define FA_CAT(a, b) FA_CAT2(a, b)
+// the library is loaded by torch.ops.load_library for its ops and imported as a Python
+// module (the same file) for this hook: PyInit_<name it was built under>
+PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  s_flush_queued = PyUnicode_InternFromString("_flush_queued");
+  s_hook_fields = PyUnicode_InternFromString("hook_fields");
+  return PyModule_Create(&module_def);
+}

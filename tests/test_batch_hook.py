@@ -1,0 +1,175 @@
+"""The C++ batching hook (csrc/hooks.cpp) against the Python hook it stands in for.
+
+FusedAccumulator puts a C++ post-accumulate-grad hook in front of the Python hook of each
+small half param when the C++ extension is there (backends other than reference). It must
+leave every observable thing as the Python hook does (FUSEDACCUM_FAST_HOOKS=0 turns it
+off), take the common case for real, and keep torch's hook semantics: every other hook
+on the param runs, in registration order, and a removed hook stops.
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from _models import make_model, make_windows, mse
+
+from fusedaccum import FusedAccumulator
+from fusedaccum.ops import native
+
+MODULE = (native.hooks_module()
+          if native.unavailable_reason("cpu", torch.device("cpu")) is None else None)
+pytestmark = pytest.mark.skipif(
+    MODULE is None, reason="the C++ extension (with its batching hook) is unavailable here")
+
+HALF = [torch.bfloat16, torch.float16]
+# (device, backend): the hook also runs on the autograd engine's CUDA device thread
+PLACES = [("cpu", "cpu")] + (
+    [("cuda", "cuda")] if native.unavailable_reason("cuda", torch.device("cuda")) is None
+    else [])
+
+
+def hits() -> int:
+    return MODULE.batch_hook_hits()
+
+
+def train(dtype, fast: bool, monkeypatch, *, k=3, windows=3, extra_hook=None,
+          place=("cpu", "cpu"), **kw):
+    """Windows of k micro-batches; the params, masters, their .grad and optimizer state."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    device, backend = place
+    model = make_model(dtype=dtype, device=device)
+    opt = FusedAccumulator(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                           accumulation_steps=k, backend=backend, **kw)
+    if extra_hook is not None:
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(extra_hook)
+    seen = []
+    for window in make_windows(windows, k, dtype=dtype, device=device):
+        for j, (x, y) in enumerate(window):
+            mse(model(x), y).backward()
+            if j == k - 2:  # mid-window: what the masters expose as .grad
+                seen.append([None if m.grad is None else m.grad.clone()
+                             for m in opt.param_groups[0]["params"]])
+            opt.step()
+    state = [{k2: v.clone() for k2, v in s.items() if torch.is_tensor(v)}
+             for s in opt.inner.state.values()]
+    return [p.detach().clone() for p in model.parameters()], seen, state, opt
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("dtype", HALF)
+def test_same_result_as_the_python_hook_bitwise(dtype, place, monkeypatch):
+    before = hits()
+    got = train(dtype, True, monkeypatch, place=place)
+    taken = hits() - before
+    want = train(dtype, False, monkeypatch, place=place)
+    assert hits() - before == taken  # the Python run never took the C++ path
+    # all but the first hook of each backward: 3 windows x 3 backwards x (4 params - 1)
+    assert taken == 27
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+    for a_list, b_list in zip(got[1], want[1]):
+        for a, b in zip(a_list, b_list):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(a, b)
+    for a, b in zip(got[2], want[2]):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_norm_riding_and_clipping_as_the_python_hook(place, monkeypatch):
+    got = train(torch.bfloat16, True, monkeypatch, max_grad_norm=0.01, place=place)
+    want = train(torch.bfloat16, False, monkeypatch, max_grad_norm=0.01, place=place)
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(got[3].grad_norm, want[3].grad_norm)
+
+
+def test_other_hooks_run_in_order_and_results_stay(monkeypatch):
+    """A hook the user adds after the wrapper's runs after it (it sees .grad released, as
+    with the Python hook), every time; the C++ path steps aside for such params."""
+    calls = []
+
+    def user_hook(p):
+        calls.append(p.grad is None)
+
+    before = hits()
+    got = train(torch.bfloat16, True, monkeypatch, extra_hook=user_hook)
+    assert hits() == before  # the dict holds another hook: the Python hooks run
+    assert len(calls) == 3 * 3 * 4 and all(calls)
+    want = train(torch.bfloat16, False, monkeypatch)
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+
+
+def test_hook_registered_before_the_wrapper_runs_first(monkeypatch):
+    model = make_model(dtype=torch.bfloat16, device="cpu")
+    seen = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad is not None))
+    opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
+                           backend="cpu")
+    for x, y in make_windows(1, 2, dtype=torch.bfloat16, device="cpu")[0]:
+        mse(model(x), y).backward()
+        opt.step()
+    assert seen == [True] * 8  # it saw the gradient before the wrapper took it
+
+
+def test_a_new_wrapper_takes_the_params_over(monkeypatch):
+    """A second wrapper over the same params removes the first one's hooks: the C++ hook
+    of the first steps aside (its key is gone), the second's takes the gradients."""
+    model = make_model(dtype=torch.bfloat16, device="cpu")
+    first = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
+                             backend="cpu")
+    second = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
+                              backend="cpu")
+    before = hits()
+    for x, y in make_windows(1, 2, dtype=torch.bfloat16, device="cpu")[0]:
+        mse(model(x), y).backward()
+        second.step()
+    assert hits() - before == 2 * 3
+    assert not any(b.touched[i] for bs in first._buckets for b in bs for i in range(len(b)))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_dropped_wrapper_is_freed_and_grads_stay_with_the_param(monkeypatch):
+    model = make_model(dtype=torch.bfloat16, device="cpu")
+    opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
+                           backend="cpu")
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None
+    x, y = make_windows(1, 1, dtype=torch.bfloat16, device="cpu")[0][0]
+    mse(model(x), y).backward()  # both hooks see a dead wrapper: plain autograd
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_reference_backend_stays_pure_python(monkeypatch):
+    monkeypatch.delenv("FUSEDACCUM_FAST_HOOKS", raising=False)
+    model = make_model(dtype=torch.bfloat16, device="cpu")
+    opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
+                           backend="reference")
+    before = hits()
+    for x, y in make_windows(1, 2, dtype=torch.bfloat16, device="cpu")[0]:
+        mse(model(x), y).backward()
+        opt.step()
+    assert hits() == before
+
+
+def test_install_checks_its_arguments():
+    module = MODULE
+    p = torch.zeros(3, requires_grad=True)
+    h = p.register_post_accumulate_grad_hook(lambda p: None)
+    o = weakref.ref(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    with pytest.raises(ValueError, match="key is not in"):
+        module.install_batch_hook(p, p._post_accumulate_grad_hooks, h.id + 1, o, o, 0, 4, 8)
+    with pytest.raises(ValueError, match="bad index"):
+        module.install_batch_hook(p, p._post_accumulate_grad_hooks, h.id, o, o, -1, 4, 8)
+    with pytest.raises(ValueError, match="key is not in"):  # not the param's dict
+        module.install_batch_hook(p, {h.id: None}, h.id, o, o, 0, 4, 8)
+    with pytest.raises(TypeError):
+        module.install_batch_hook(torch.zeros(1), p._post_accumulate_grad_hooks, h.id, None,
+                                  o, 0, 4, 8)
