@@ -70,6 +70,13 @@ if has diag; then
   PYTEST_PID=$!
   ( timeout 90 python bench/diag_native_errors.py >/tmp/diag_native.log 2>&1 ) &
   NATIVE_PID=$!
+  # the image's CXX wrapper linked a static libstdc++ into the extension (the crash of
+  # 2026-11-26): does a build with the system's c++ link the shared one?
+  ( CXX=c++ MAX_JOBS=4 TORCH_CUDA_ARCH_LIST=9.0 timeout 150 python \
+      setup.py -q build_ext --build-lib /tmp/cxx_lib --build-temp /tmp/cxx_tmp >/tmp/cxx.log 2>&1
+    echo "build with CXX=c++: exit $?"; ldd /tmp/cxx_lib/fusedaccum/_native*.so 2>&1 \
+      | grep -E "stdc\+\+|gcc_s" ) >/tmp/diag_cxx.log 2>&1 &
+  CXX_PID=$!
 fi
 if has cuda; then
   log "cuda: op tests + native library tests + wrapper suite"
@@ -85,6 +92,10 @@ if has auto; then
   log "auto tests exit $?: $(tail -1 "$OUT/tests_auto.log")"
 fi
 if has diag; then
+  log "diag: libstdc++ of the extension as built, and when built with CXX=c++"
+  ldd fusedaccum/_native*.so 2>&1 | grep -E "stdc\+\+|gcc_s" | tee -a "$LOG"
+  wait "$CXX_PID"
+  tee -a "$LOG" </tmp/diag_cxx.log
   log "diag: which builds/preludes of the extension crash on a failing check"
   wait "$NATIVE_PID"
   tee -a "$LOG" </tmp/diag_native.log
