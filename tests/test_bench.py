@@ -240,9 +240,8 @@ def _bench_script(name):
 
 
 def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
-    from fusedaccum.accumulator import FusedAccumulator
-
     from fusedaccum import accumulator
+    from fusedaccum.accumulator import FusedAccumulator
 
     timed = ("_boundary", "_flush", "_total_norm", "_fused_update", "_record_fused_steps",
              "_end_window")
