@@ -16,6 +16,7 @@
 // wrapper's hook was removed, it runs that dict hook, so every Python hook runs, in
 // registration order, as without it. Hooks registered later are added to the same dict.
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
@@ -32,11 +33,11 @@ using torch::autograd::Variable;
 std::atomic<int64_t> g_hits{0};
 
 // interned attribute names
-PyObject *s_flush_queued, *s_hook_fields;
+PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k;
 
 // Bucket.hook_fields: the positions of fusedaccum/buffers.py's HOOK_FIELDS
 enum Field { RELEASED, IS_PENDING, STATS, EXPOSED, TOUCHED, STEPPED, MAIN_GRADS, PENDING,
-             PENDING_ACCS, PENDING_GRADS, PENDING_BYTES, N_FIELDS };
+             PENDING_ACCS, PENDING_GRADS, PENDING_BYTES, RIDE_NORM, STATS_VERSION, N_FIELDS };
 
 // an owned reference
 struct Ref {
@@ -58,9 +59,10 @@ PyObject* list_field(PyObject* fields, int f, Py_ssize_t n) {
 struct BatchHook final : PostAccumulateGradHook {
   BatchHook(std::unique_ptr<PostAccumulateGradHook> inner, PyObject* dict, PyObject* key,
             PyObject* owner_ref, PyObject* bucket_ref, Py_ssize_t index, long long nbytes,
-            long long flush_bytes)
+            long long flush_bytes, bool direct)
       : inner(std::move(inner)), dict(dict), key(key), owner_ref(owner_ref),
-        bucket_ref(bucket_ref), index(index), nbytes(nbytes), flush_bytes(flush_bytes) {
+        bucket_ref(bucket_ref), index(index), nbytes(nbytes), flush_bytes(flush_bytes),
+        direct(direct) {
     Py_INCREF(dict);
     Py_INCREF(key);
     Py_INCREF(owner_ref);
@@ -79,7 +81,13 @@ struct BatchHook final : PostAccumulateGradHook {
 
   void operator()(const Variable& param) override {
     PyGILState_STATE gil = PyGILState_Ensure();
-    bool done = batch(param);
+    bool done;
+    try {
+      done = take(param);
+    } catch (...) {  // the accumulation failed (direct mode): the error goes to backward()
+      PyGILState_Release(gil);
+      throw;
+    }
     PyGILState_Release(gil);
     if (!done) (*inner)(param);  // the Python hooks (takes the GIL itself)
   }
@@ -97,9 +105,11 @@ struct BatchHook final : PostAccumulateGradHook {
     inner->apply_with_saved(tensor, saved);
   }
 
-  // The Python hook's batching branch (accumulator.py, post_hook) for the case where it
-  // does nothing else: true when done, false (nothing changed) to run the Python hooks.
-  bool batch(const Variable& param) {
+  // The Python hook (accumulator.py, post_hook) for a half param's gradient in the case
+  // where it does nothing else: batched (small params) the gradient joins the bucket's
+  // batch; direct (the others) it is accumulated at once by the extension's accumulate_
+  // op, with no statistic. True when done, false (nothing changed) to run the Python hooks.
+  bool take(const Variable& param) {
     if (!PyDict_Check(dict) || PyDict_GET_SIZE(dict) != 1) return false;  // an OrderedDict
     if (PyDict_GetItemWithError(dict, key) == nullptr) {  // our hook was removed
       PyErr_Clear();
@@ -120,10 +130,12 @@ struct BatchHook final : PostAccumulateGradHook {
       return false;
     }
     Ref b(bucket_raw);
-    // the first hook of a backward queues the end-of-backward flush: Python's job
-    Ref queued(PyObject_GetAttr(owner.get(), s_flush_queued));
-    if (!queued) PyErr_Clear();
-    if (queued.get() != Py_True) return false;
+    if (!direct) {
+      // the first hook of a backward queues the end-of-backward flush: Python's job
+      Ref queued(PyObject_GetAttr(owner.get(), s_flush_queued));
+      if (!queued) PyErr_Clear();
+      if (queued.get() != Py_True) return false;
+    }
     Ref fields(PyObject_GetAttr(b.get(), s_hook_fields));
     if (!fields) PyErr_Clear();
     if (!fields || !PyList_CheckExact(fields.get()) || PyList_GET_SIZE(fields.get()) != N_FIELDS)
@@ -148,6 +160,7 @@ struct BatchHook final : PostAccumulateGradHook {
     if ((exposed_i != Py_True && exposed_i != Py_False) || !THPVariable_Check(view) ||
         !THPVariable_Check(stepped_i))
       return false;
+    if (direct) return accumulate(param, grad, owner.get(), f, view, stepped_i, touched, exposed);
     PyObject* bytes_obj = PyList_GET_ITEM(f, PENDING_BYTES);
     if (!PyLong_CheckExact(bytes_obj)) return false;
     const long long bytes = PyLong_AsLongLong(bytes_obj);
@@ -178,36 +191,79 @@ struct BatchHook final : PostAccumulateGradHook {
     new_bytes.p = nullptr;
     Py_INCREF(Py_True);
     PyList_SetItem(is_pending, i, Py_True);  // steals the reference
+    finish(param, view, stepped_i, touched, exposed);
+    return true;
+  }
+
+  // Direct mode: no statistic may be asked for (the norm rides on the accumulations of a
+  // window's last micro-batch on CPU buckets, and the statistics must not be stale-marked)
+  bool accumulate(const Variable& param, const at::Tensor& grad, PyObject* owner, PyObject* f,
+                  PyObject* view, PyObject* stepped_i, PyObject* touched, PyObject* exposed) {
+    PyObject* version = PyList_GET_ITEM(f, STATS_VERSION);
+    if (!PyLong_CheckExact(version) || PyLong_AsLong(version) != -1) {
+      PyErr_Clear();
+      return false;
+    }
+    PyObject* ride_norm = PyList_GET_ITEM(f, RIDE_NORM);
+    if (ride_norm != Py_False) {
+      if (ride_norm != Py_True) return false;
+      // FusedAccumulator._ride_norm(): no process group and the window's last micro-batch
+      Ref pg(PyObject_GetAttr(owner, s_pg)), step(PyObject_GetAttr(owner, s_micro_step)),
+          k(PyObject_GetAttr(owner, s_window_k));
+      if (!pg || !step || !k || !PyLong_CheckExact(step.get()) || !PyLong_CheckExact(k.get())) {
+        PyErr_Clear();
+        return false;
+      }
+      if (pg.get() == Py_None && PyLong_AsLong(step.get()) + 1 >= PyLong_AsLong(k.get()))
+        return false;
+    }
+    const at::Tensor& acc_view = THPVariable_Unpack(view);
+    if (acc_view.scalar_type() != at::kFloat || !acc_view.is_contiguous() ||
+        acc_view.numel() != grad.numel() || acc_view.device() != grad.device())
+      return false;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fusedaccum_native::accumulate_", "")
+                         .typed<void(const at::Tensor&, const at::Tensor&, double, bool)>();
+    op.call(acc_view.view({-1}), grad.view({-1}), 1.0, false);
+    finish(param, view, stepped_i, touched, exposed);
+    return true;
+  }
+
+  // .grad released; the window's first gradient exposes it (FusedAccumulator._expose_grad)
+  void finish(const Variable& param, PyObject* view, PyObject* stepped_i, PyObject* touched,
+              PyObject* exposed) {
     param.mutable_grad().reset();
-    if (exposed_i == Py_False) {  // first grad of the window: FusedAccumulator._expose_grad
+    if (PyList_GET_ITEM(exposed, index) == Py_False) {
       Py_INCREF(Py_True);
-      PyList_SetItem(touched, i, Py_True);
+      PyList_SetItem(touched, index, Py_True);
       Py_INCREF(Py_True);
-      PyList_SetItem(exposed, i, Py_True);
+      PyList_SetItem(exposed, index, Py_True);
       const at::Tensor& master = THPVariable_Unpack(stepped_i);
       if (master.scalar_type() == at::kFloat)  // an fp32 master sees the window as .grad
         master.mutable_grad() = THPVariable_Unpack(view);
     }
     g_hits.fetch_add(1, std::memory_order_relaxed);
-    return true;
   }
 
   std::unique_ptr<PostAccumulateGradHook> inner;
   PyObject *dict, *key, *owner_ref, *bucket_ref;
   Py_ssize_t index;
   long long nbytes, flush_bytes;
+  bool direct;  // accumulate at once instead of batching
 };
 
 // install_batch_hook(param, hooks_dict, key, owner_ref, bucket_ref, index, nbytes,
-//                    flush_bytes): after param.register_post_accumulate_grad_hook(hook)
+//                    flush_bytes, direct=False): after param.register_post_accumulate_grad_hook
 // returned a handle with id `key` into `hooks_dict` (param._post_accumulate_grad_hooks).
+// direct: accumulate with the extension's accumulate_ op instead of batching.
 PyObject* install_batch_hook(PyObject*, PyObject* args) {
   PyObject *param, *dict, *key, *owner_ref, *bucket_ref;
   Py_ssize_t index;
   long long nbytes, flush_bytes;
-  if (!PyArg_ParseTuple(args, "OO!OO!O!nLL", &param, &PyDict_Type, &dict, &key,
+  int direct = 0;
+  if (!PyArg_ParseTuple(args, "OO!OO!O!nLL|p", &param, &PyDict_Type, &dict, &key,
                         &_PyWeakref_RefType, &owner_ref, &_PyWeakref_RefType, &bucket_ref,
-                        &index, &nbytes, &flush_bytes))
+                        &index, &nbytes, &flush_bytes, &direct))
     return nullptr;
   if (!THPVariable_Check(param)) {
     PyErr_SetString(PyExc_TypeError, "install_batch_hook: param must be a tensor");
@@ -239,7 +295,7 @@ PyObject* install_batch_hook(PyObject*, PyObject* args) {
   }
   torch::autograd::impl::set_post_acc_grad_hooks(
       var, std::make_unique<BatchHook>(std::move(inner), dict, key, owner_ref, bucket_ref,
-                                       index, nbytes, flush_bytes));
+                                       index, nbytes, flush_bytes, direct != 0));
   Py_RETURN_NONE;
 }
 
@@ -268,5 +324,8 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, FA_STR(TORCH_EXTENSION_NAME),
 PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   s_flush_queued = PyUnicode_InternFromString("_flush_queued");
   s_hook_fields = PyUnicode_InternFromString("hook_fields");
+  s_pg = PyUnicode_InternFromString("_pg");
+  s_micro_step = PyUnicode_InternFromString("micro_step");
+  s_window_k = PyUnicode_InternFromString("_window_k");
   return PyModule_Create(&module_def);
 }

@@ -500,7 +500,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         if frozen:  # hooks need requires_grad; the param may be unfrozen later
             p.requires_grad_(True)
         handles = [p.register_post_accumulate_grad_hook(self._make_post_hook(b, i))]
-        if b.is_half and b.numels[i] <= _BATCH_MAX_NUMEL:
+        if b.is_half:
             self._install_batch_hook(b, i, p, handles[0])
         if not b.is_half:
             handles.append(p.register_hook(self._make_pre_hook(b, i, weakref.ref(p))))
@@ -510,22 +510,30 @@ class FusedAccumulator(torch.optim.Optimizer):
         _OWNERS[p] = (weakref.ref(self), handles)
 
     def _install_batch_hook(self, b: Bucket, i: int, p: torch.Tensor, handle) -> None:
-        """Put the C++ batching hook (csrc/hooks.cpp) in front of the param's Python hooks:
-        it does what ``post_hook`` does for a batched grad in the common case, without a
-        Python call (host time per param per backward; ``post_hook`` stays the definition
-        and runs in every other case). Not with the reference backend (pure Python by
-        design), nor where the C++ extension would have to be compiled just for this."""
+        """Put the C++ hook (csrc/hooks.cpp) in front of a half param's Python hooks: in
+        the common case it does what ``post_hook`` does without a Python call (host time
+        per param per backward; ``post_hook`` stays the definition and runs in every
+        other case): a batched grad joins its batch; another is accumulated at once when
+        the bucket's backend accumulates half grads with the C++ extension's op (direct).
+        Not with the reference backend (pure Python by design), nor where the extension
+        would have to be compiled just for this."""
         if self.backend == "reference":
             return
         from fusedaccum.ops import native
+        from fusedaccum.ops.auto import Router
 
         module = native.hooks_module(load=self.backend in ("cpu", "cuda", "auto"))
         if module is None:
             return
+        batched = b.numels[i] <= _BATCH_MAX_NUMEL
+        direct = not batched and (b.ops is native or isinstance(b.ops, Router)
+                                  and b.ops.cuda is native)  # auto: half grads go to cuda
+        if not (batched or direct):
+            return
         nbytes = b.numels[i] * p.element_size()
         module.install_batch_hook(p, p._post_accumulate_grad_hooks, handle.id,
                                   weakref.ref(self), weakref.ref(b), i, nbytes,
-                                  _BATCH_FLUSH_BYTES)
+                                  _BATCH_FLUSH_BYTES, direct)
 
     def _expose_grad(self, b: Bucket, i: int) -> None:
         """Give the stepped tensor a ``.grad`` viewing the window (GradScaler sees it)."""

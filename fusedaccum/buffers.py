@@ -27,7 +27,8 @@ def _align(n: int) -> int:
 # one list, Bucket.hook_fields, in this order: the hook reaches all of them with one
 # attribute lookup. Each is a property over that list, so rebinding one updates the list.
 HOOK_FIELDS = ("released", "is_pending", "stats", "exposed", "touched", "stepped",
-               "main_grads", "pending", "pending_accs", "pending_grads", "pending_bytes")
+               "main_grads", "pending", "pending_accs", "pending_grads", "pending_bytes",
+               "ride_norm", "stats_version")
 
 
 def _hook_field(k: int) -> property:

@@ -39,3 +39,18 @@ def test_wrapper_suite_on_backend(backend):
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
     assert proc.returncode == 0, f"wrapper suite failed with backend={backend}:\n{tail}"
     print(tail.splitlines()[-1])
+
+
+def test_wrapper_suite_on_cpu_without_batches():
+    """The cpu suite with gradients of over 8 elements accumulated one param at a time
+    (by the C++ hook's direct mode where it applies, else the Python hook)."""
+    why = ops.unavailable_reason("cpu", "cpu")
+    if why is not None:
+        pytest.skip(f"backend cpu not available: {why}")
+    env = dict(os.environ, FUSEDACCUM_TEST_BACKEND="cpu", FUSEDACCUM_TEST_BATCH_MAX_NUMEL="8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         *[str(HERE / f) for f in SUITE]],
+        env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=1500)
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+    assert proc.returncode == 0, f"cpu wrapper suite without batches failed:\n{tail}"

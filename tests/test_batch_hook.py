@@ -14,7 +14,7 @@ import pytest
 import torch
 from _models import make_model, make_windows, mse
 
-from fusedaccum import FusedAccumulator
+from fusedaccum import FusedAccumulator, accumulator
 from fusedaccum.ops import native
 
 MODULE = (native.hooks_module()
@@ -80,6 +80,8 @@ def test_same_result_as_the_python_hook_bitwise(dtype, place, monkeypatch):
 
 @pytest.mark.parametrize("place", PLACES)
 def test_norm_riding_and_clipping_as_the_python_hook(place, monkeypatch):
+    """(On CPU the last micro-batch's accumulations produce the clipping norm's
+    statistics: the batches' in Python's flush, the other params' in the Python hook.)"""
     got = train(torch.bfloat16, True, monkeypatch, max_grad_norm=0.01, place=place)
     want = train(torch.bfloat16, False, monkeypatch, max_grad_norm=0.01, place=place)
     for a, b in zip(got[0], want[0]):
@@ -173,3 +175,28 @@ def test_install_checks_its_arguments():
     with pytest.raises(TypeError):
         module.install_batch_hook(torch.zeros(1), p._post_accumulate_grad_hooks, h.id, None,
                                   o, 0, 4, 8)
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_direct_accumulation_as_the_python_hook(place, clip, monkeypatch):
+    """Params above the batching limit: the C++ hook accumulates them at once with the
+    extension's op (no statistic: on CPU buckets not in a window's last micro-batch,
+    where the norm rides on the Python hook's accumulations)."""
+    monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", 16)  # fc1.weight, fc2.weight direct
+    before = hits()
+    got = train(torch.bfloat16, True, monkeypatch, place=place, max_grad_norm=clip)
+    taken = hits() - before
+    want = train(torch.bfloat16, False, monkeypatch, place=place, max_grad_norm=clip)
+    # per backward: 2 direct params (not in the last micro-batch of a CPU window) and
+    # 2 batched ones, the first of which queues the flush in Python
+    direct = 2 * 3 * (2 if place[0] == "cpu" else 3)
+    assert taken == direct + 3 * 3 * 1
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+    for a_list, b_list in zip(got[1], want[1]):
+        for a, b in zip(a_list, b_list):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    for a, b in zip(got[2], want[2]):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert torch.equal(got[3].grad_norm, want[3].grad_norm)
