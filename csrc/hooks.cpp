@@ -8,7 +8,8 @@
 // BatchHook does that common case here and leaves every other case to the Python hook
 // (the first hook of a backward, a full batch, a second backward before the flush,
 // create_graph, other hooks on the param...), so both paths share the Python state and
-// the Python hook stays the definition.
+// the Python hook stays the definition. For a larger half param (direct mode) it calls
+// the extension's accumulate_ op itself, unless a norm statistic is asked for.
 //
 // torch keeps one C++ post-accumulate-grad hook per tensor: the one running the tensor's
 // dict of Python hooks (tensor._post_accumulate_grad_hooks). BatchHook takes its place
