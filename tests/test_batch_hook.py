@@ -33,6 +33,12 @@ def hits() -> int:
     return MODULE.batch_hook_hits()
 
 
+def one_window(model, opt, k=2):
+    for x, y in make_windows(1, k, dtype=torch.bfloat16, device="cpu")[0]:
+        mse(model(x), y).backward()
+        opt.step()
+
+
 def train(dtype, fast: bool, monkeypatch, *, k=3, windows=3, extra_hook=None,
           place=("cpu", "cpu"), **kw):
     """Windows of k micro-batches; the params, masters, their .grad and optimizer state."""
@@ -113,9 +119,7 @@ def test_hook_registered_before_the_wrapper_runs_first(monkeypatch):
         p.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad is not None))
     opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
                            backend="cpu")
-    for x, y in make_windows(1, 2, dtype=torch.bfloat16, device="cpu")[0]:
-        mse(model(x), y).backward()
-        opt.step()
+    one_window(model, opt)
     assert seen == [True] * 8  # it saw the gradient before the wrapper took it
 
 
@@ -128,9 +132,7 @@ def test_a_new_wrapper_takes_the_params_over(monkeypatch):
     second = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
                               backend="cpu")
     before = hits()
-    for x, y in make_windows(1, 2, dtype=torch.bfloat16, device="cpu")[0]:
-        mse(model(x), y).backward()
-        second.step()
+    one_window(model, second)
     assert hits() - before == 2 * 3
     assert not any(b.touched[i] for bs in first._buckets for b in bs for i in range(len(b)))
     assert all(p.grad is None for p in model.parameters())
@@ -155,9 +157,7 @@ def test_reference_backend_stays_pure_python(monkeypatch):
     opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
                            backend="reference")
     before = hits()
-    for x, y in make_windows(1, 2, dtype=torch.bfloat16, device="cpu")[0]:
-        mse(model(x), y).backward()
-        opt.step()
+    one_window(model, opt)
     assert hits() == before
 
 
