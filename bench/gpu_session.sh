@@ -116,12 +116,9 @@ if has diag; then
   fi
 fi
 if has phases; then
-  log "window phases, host time: as is; without the C++ batching hook; 128 MiB batches"
-  timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 2>&1 | tee -a "$LOG"
-  FUSEDACCUM_FAST_HOOKS=0 timeout 60 python bench/window_phases.py --model gpt2-124m \
-      --rounds 8 2>&1 | tee -a "$LOG"
-  timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 --flush-mib 128 2>&1 \
-      | tee -a "$LOG"
+  log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB batches"
+  timeout 90 python bench/window_phases.py --model gpt2-124m --rounds 10 \
+      --backends cuda,triton --variants python-hooks,flush=128 2>&1 | tee -a "$LOG"
 fi
 if has tune; then
   log "triton block-size sweep"

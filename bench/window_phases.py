@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import random
 import statistics
 import sys
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flush-mib", type=float, default=None,
                     help="the wrapper's batch flush size (default: its own, "
                     f"{acc_mod._BATCH_FLUSH_BYTES >> 20} MiB)")
+    ap.add_argument("--variants", default="",
+                    help="extra contenders of the first backend in the same rounds, comma-"
+                    "separated: 'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>'")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     backends = (args.backends.split(",") if args.backends else
@@ -153,9 +157,32 @@ def main(argv=None) -> int:
     return 0
 
 
+def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
+    """A contender built with the C++ hook off or another flush size (both are fixed when
+    a wrapper installs its hooks), to compare with the plain one in the same rounds."""
+    env = os.environ.get("FUSEDACCUM_FAST_HOOKS")
+    flush = acc_mod._BATCH_FLUSH_BYTES
+    try:
+        if variant == "python-hooks":
+            os.environ["FUSEDACCUM_FAST_HOOKS"] = "0"
+        elif variant.startswith("flush="):
+            acc_mod._BATCH_FLUSH_BYTES = int(float(variant[6:]) * (1 << 20))
+        else:
+            raise SystemExit(f"unknown variant {variant!r}: python-hooks or flush=<MiB>")
+        return bench.FusedContender(wl, backend)
+    finally:
+        acc_mod._BATCH_FLUSH_BYTES = flush
+        if env is None:
+            os.environ.pop("FUSEDACCUM_FAST_HOOKS", None)
+        else:
+            os.environ["FUSEDACCUM_FAST_HOOKS"] = env
+
+
 def _run(args, dev, backends, clock: Clock) -> None:
     wl = bench.Workload(bench.MODELS[args.model], dev, torch.bfloat16)
     contenders = {f"fusedaccum[{b}]": bench.FusedContender(wl, b) for b in backends}
+    for variant in filter(None, args.variants.split(",")):
+        contenders[f"fusedaccum[{backends[0]}] {variant}"] = _variant(wl, backends[0], variant)
     contenders["tutorial"] = bench.TutorialContender(wl)
     contenders["recipe"] = bench.RecipeContender(wl)
     rng = random.Random(0)
@@ -194,6 +221,13 @@ def _run(args, dev, backends, clock: Clock) -> None:
     for key in sorted(med, key=rank):
         name, phase = key.split("\t")
         print(f"| {name} | {phase} | {bench.fmt_time(med[key])} |")
+    recipe = med.get("recipe\twindow")
+    if recipe:  # the ratio the benchmark reports, from these medians
+        print("\n| contender | recipe window / its window |\n|---|---|")
+        for name in contenders:
+            mine = med.get(name + "\twindow")
+            if name.startswith("fusedaccum") and mine:
+                print(f"| {name} | {recipe / mine:.2f}x |")
 
 
 if __name__ == "__main__":

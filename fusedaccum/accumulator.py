@@ -585,6 +585,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         # params x k micro-batches per window)
         batched = b.numels[i] <= _BATCH_MAX_NUMEL
         nbytes = b.numels[i] * b.params[i].element_size()
+        flush_bytes = _BATCH_FLUSH_BYTES  # (fixed per wrapper, as the C++ hook's)
         queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 
         def post_hook(p):
@@ -608,7 +609,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                     b.pending_accs.append(view)
                     b.pending_grads.append(g)
                     b.pending_bytes += nbytes
-                    if b.pending_bytes >= _BATCH_FLUSH_BYTES:
+                    if b.pending_bytes >= flush_bytes:
                         self._flush(b)
                     if not self._flush_queued:
                         self._flush_queued = True

@@ -249,9 +249,13 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
     before = {name: vars(FusedAccumulator)[name] for name in timed}
     backends = [b for b in B.bench_backends(torch.device("cpu"))[0] if b != "triton"]
     _bench_script("window_phases").main(["--model", "tiny", "--device", "cpu", "--rounds", "2",
-                                         "--backends", ",".join(backends), "--flush-mib", "1"])
+                                         "--backends", ",".join(backends), "--flush-mib", "1",
+                                         "--variants", "python-hooks,flush=2"])
     out = capsys.readouterr().out
     assert "batch flush 1 MiB" in out
+    assert f"| fusedaccum[{backends[0]}] python-hooks | window |" in out
+    assert f"| fusedaccum[{backends[0]}] flush=2 | " in out and "| recipe window / its" in out
+    assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
     assert accumulator._BATCH_FLUSH_BYTES == flush  # put back
     for b in backends:
         assert f"| fusedaccum[{b}] | window |" in out
