@@ -171,7 +171,8 @@ struct BatchHook final : PostAccumulateGradHook {
     }
     if (bytes + nbytes >= flush_bytes) return false;  // the batch is full: Python flushes
     // commit (only a failed allocation can fail here; then undo and let Python do it)
-    Ref idx(PyLong_FromSsize_t(i)), g(THPVariable_Wrap(grad)), new_bytes(PyLong_FromLongLong(bytes + nbytes));
+    Ref idx(PyLong_FromSsize_t(i)), g(THPVariable_Wrap(grad)),
+        new_bytes(PyLong_FromLongLong(bytes + nbytes));
     if (!idx || !g || !new_bytes) {
       PyErr_Clear();
       return false;
@@ -328,5 +329,16 @@ PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   s_pg = PyUnicode_InternFromString("_pg");
   s_micro_step = PyUnicode_InternFromString("micro_step");
   s_window_k = PyUnicode_InternFromString("_window_k");
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // the field order this build reads, checked against buffers.HOOK_FIELDS on import
+  PyObject* names = Py_BuildValue("(sssssssssssss)", "released", "is_pending", "stats",
+                                  "exposed", "touched", "stepped", "main_grads", "pending",
+                                  "pending_accs", "pending_grads", "pending_bytes", "ride_norm",
+                                  "stats_version");
+  if (module == nullptr || names == nullptr || PyModule_AddObject(module, "HOOK_FIELDS", names)) {
+    Py_XDECREF(names);
+    Py_XDECREF(module);
+    return nullptr;
+  }
+  return module;
 }

@@ -200,3 +200,11 @@ def test_direct_accumulation_as_the_python_hook(place, clip, monkeypatch):
     for a, b in zip(got[2], want[2]):
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert torch.equal(got[3].grad_norm, want[3].grad_norm)
+
+
+def test_the_build_reads_the_fields_buffers_keeps():
+    """hooks.cpp reads Bucket.hook_fields by position: its order must be buffers.py's (a
+    stale build with another order is refused by native.hooks_module)."""
+    from fusedaccum.buffers import HOOK_FIELDS
+
+    assert MODULE.HOOK_FIELDS == HOOK_FIELDS

@@ -251,7 +251,11 @@ def hooks_module(load: bool = True):
                     spec = importlib.util.spec_from_loader(name, loader)
                     module = importlib.util.module_from_spec(spec)
                     loader.exec_module(module)
-                    state.hooks = module if hasattr(module, "install_batch_hook") else False
+                    from fusedaccum.buffers import HOOK_FIELDS
+
+                    # a build from before a change of the fields would misread them
+                    ok = getattr(module, "HOOK_FIELDS", None) == HOOK_FIELDS
+                    state.hooks = module if ok else False
                 except ImportError:  # a build from before hooks.cpp
                     state.hooks = False
     return state.hooks or None
