@@ -93,6 +93,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - report, never crash `info`
             picked = f"error: {type(exc).__name__}: {exc}"
         print(f"  {dev:<4} tensors -> {picked}{note}")
+
+    from fusedaccum.ops import native
+
+    hooks = ("on (csrc/hooks.cpp: small half gradients join their batch, larger ones are "
+             "added, without a Python hook call)" if native.hooks_module(load=False)
+             else "off (FUSEDACCUM_FAST_HOOKS=0, or the C++ extension is not built)")
+    print(f"\nC++ post-accumulate-grad hook: {hooks}")
     return 0
 
 
