@@ -4,12 +4,15 @@
 # benchmark. Every stage has its own time limit, so one hang cannot eat the lease.
 # Logs and reports land in $OUT (at most 8 files come back): copy the reports to
 # bench/results/ and commit them with the card's name and date.
-#   run(command="bash bench/gpu_session.sh", timeout_s=450)   (about 5 minutes on an H200)
+#   run(command="bash bench/gpu_session.sh", timeout_s=420)   (about 4 minutes on an H200)
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
 STAGES=${STAGES:-"build triton cuda auto diag phases bench"}
-BENCH_ARGS=${BENCH_ARGS:-"--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3 --compile off"}
+# windows only by default (the ops were measured on 2026-11-26, results/NVIDIA-H200_*);
+# with the ops: BENCH_ARGS="--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3
+# --compile off" (about a minute more)
+BENCH_ARGS=${BENCH_ARGS:-"--ops none --window-budget 4 --compile off --backends triton,cuda,auto"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 LOG="$OUT/gpu_session.log"
