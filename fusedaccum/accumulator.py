@@ -355,16 +355,19 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def _end_window(self) -> None:
         for b in self._all_buckets():
-            b.stats = [None] * len(b)
+            n = len(b)
+            b.stats = [None] * n
             b.batch_stats = []
             b.stats_version = -1
-            for i in range(len(b)):
-                b.exposed[i] = False
-                if b.touched[i]:
-                    b.touched[i] = False
-                    b.stepped[i].grad = None
-                    if not b.released[i] and b.params[i].grad is not None:
-                        b.params[i].grad = None
+            b.exposed = [False] * n
+            # (the per-param fields are properties: read once, not per param)
+            touched, stepped, released, params = b.touched, b.stepped, b.released, b.params
+            for i, t in enumerate(touched):
+                if t:
+                    touched[i] = False
+                    stepped[i].grad = None
+                    if not released[i] and params[i].grad is not None:
+                        params[i].grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad``; the accumulated window is never dropped (either way).
@@ -763,10 +766,10 @@ class FusedAccumulator(torch.optim.Optimizer):
         """
         if not b.is_half or b.stats_version < 0 or b.acc._version != b.stats_version:
             return None
-        stats, rest = [], []
+        stats, rest, b_stats = [], [], b.stats
         for i, t in enumerate(b.touched):
             if t:
-                s = b.stats[i]
+                s = b_stats[i]
                 if s is None:
                     rest.append(b.flat_slice(b.acc, i))
                 elif s is not IN_BATCH:
