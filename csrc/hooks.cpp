@@ -226,8 +226,22 @@ struct BatchHook final : PostAccumulateGradHook {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fusedaccum_native::accumulate_", "")
                          .typed<void(const at::Tensor&, const at::Tensor&, double, bool)>();
-    op.call(acc_view.view({-1}), grad.view({-1}), 1.0, false);
+    const at::Tensor acc_flat = acc_view.view({-1}), grad_flat = grad.view({-1});
+    // without the GIL, as an op called from Python runs (a CPU accumulation takes long);
+    // what finish() touches is held meanwhile
+    PyObject* held[4] = {view, stepped_i, touched, exposed};
+    for (PyObject* o : held) Py_INCREF(o);
+    PyThreadState* thread = PyEval_SaveThread();
+    try {
+      op.call(acc_flat, grad_flat, 1.0, false);
+    } catch (...) {
+      PyEval_RestoreThread(thread);
+      for (PyObject* o : held) Py_DECREF(o);
+      throw;
+    }
+    PyEval_RestoreThread(thread);
     finish(param, view, stepped_i, touched, exposed);
+    for (PyObject* o : held) Py_DECREF(o);
     return true;
   }
 
