@@ -135,6 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flush-mib", type=float, default=None,
                     help="the wrapper's batch flush size (default: its own, "
                     f"{acc_mod._BATCH_FLUSH_BYTES >> 20} MiB)")
+    ap.add_argument("--fresh-grads", action="store_true",
+                    help="hand each param a new copy of its gradient (python -m fusedaccum "
+                    "bench --help)")
     ap.add_argument("--variants", default="",
                     help="extra contenders of the first backend in the same rounds, comma-"
                     "separated: 'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>'")
@@ -144,6 +147,7 @@ def main(argv=None) -> int:
                 [b for b in bench.bench_backends(dev)[0] if b != "reference"])
     if dev.type == "cuda" and "cuda" in backends and "triton" in backends:
         backends.append("auto")
+    bench._Deliver.fresh = args.fresh_grads
     clock = Clock(dev, args.sync)
     restore = _instrument(clock)
     flush = acc_mod._BATCH_FLUSH_BYTES
@@ -153,6 +157,7 @@ def main(argv=None) -> int:
         _run(args, dev, backends, clock)
     finally:
         acc_mod._BATCH_FLUSH_BYTES = flush
+        bench._Deliver.fresh = False
         restore()
     return 0
 
@@ -202,7 +207,8 @@ def _run(args, dev, backends, clock: Clock) -> None:
           f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
           f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "
           f"{acc_mod._BATCH_FLUSH_BYTES / (1 << 20):g} MiB, C++ batching hook "
-          f"{'on' if native.hooks_module(load=False) is not None else 'off'}")
+          f"{'on' if native.hooks_module(load=False) is not None else 'off'}"
+          f"{', fresh gradients' if args.fresh_grads else ''}")
     print("| contender | phase | median per window |")
     print("|---|---|---|")
     order = ["window", "backward x k (hooks, batches)", "backward x k (hooks)",

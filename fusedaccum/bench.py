@@ -793,8 +793,12 @@ class _Deliver(torch.autograd.Function):
         ctx.grads = grads
         return params[0].new_zeros(())
 
+    fresh = False  # --fresh-grads: hand each param a new copy, as a real backward does
+
     @staticmethod
     def backward(ctx, _):
+        if _Deliver.fresh:
+            return (None, *(g.clone() for g in ctx.grads))
         return (None, *ctx.grads)
 
 
@@ -1496,7 +1500,13 @@ def _window_legend(device, k):
         "every param its pre-made gradient in the param dtype (a real autograd pass through "
         "the params' AccumulateGrad nodes and hooks; no forward or matmuls, which all "
         "contenders would share); ours calls `step()` and `zero_grad()` after each of the "
-        f"k={k} micro-batches.",
+        f"k={k} micro-batches. "
+        + ("With --fresh-grads that node hands each param a new copy (one kernel per param, "
+           "as a real backward makes fresh gradients), which AccumulateGrad takes over."
+           if _Deliver.fresh else
+           "The gradients are held elsewhere, so AccumulateGrad copies each one into a "
+           "released `p.grad` (ours, the recipe, the tutorial's first micro-batch); "
+           "`--fresh-grads` hands fresh copies instead, as a real backward would."),
         "- tutorial: grads divided by k accumulate in `p.grad` in the param dtype; "
         "`clip_grad_norm_`, `torch.optim.AdamW` (default implementation), `zero_grad()`.",
         "- recipe: post-accumulate-grad hooks `main_grad.add_(grad, alpha=1/k)` into fp32; "
@@ -1613,6 +1623,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true",
                    help="skip the profiled window (peak memory, launch counts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fresh-grads", action="store_true",
+                   help="windows: each micro-batch's backward hands every param a new copy of "
+                        "its gradient (one kernel per param, as a real backward makes fresh "
+                        "gradients), which AccumulateGrad takes over; by default it hands the "
+                        "pre-made tensors, which AccumulateGrad copies into a released p.grad")
     return p
 
 
@@ -1632,6 +1647,13 @@ def _select_ops(text: str | None) -> list[OpSpec]:
 
 def main(argv_or_namespace=None) -> int:
     """Entry point of ``python -m fusedaccum bench``; takes argv (list of str) or a Namespace."""
+    try:
+        return _main(argv_or_namespace)
+    finally:
+        _Deliver.fresh = False  # (--fresh-grads) for whatever runs next in this process
+
+
+def _main(argv_or_namespace) -> int:
     if isinstance(argv_or_namespace, argparse.Namespace):
         args = argv_or_namespace
         argv = []
@@ -1648,6 +1670,7 @@ def main(argv_or_namespace=None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+    _Deliver.fresh = bool(args.fresh_grads)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             print("bench: --device cuda requested but torch sees no CUDA device",

@@ -162,6 +162,26 @@ def test_peers_compute_the_same_window_as_the_wrapper(backend, dtype):
         c.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fresh_gradients_give_the_same_windows(dtype, monkeypatch):
+    """--fresh-grads changes what autograd copies, not the math: every contender ends a
+    window where it ends with the pre-made gradients, and those stay untouched."""
+    backend = _window_backends()[0]
+    ends = {}
+    for fresh in (False, True):
+        monkeypatch.setattr(B._Deliver, "fresh", fresh)
+        wl = B.Workload(B.MODELS["tiny"], CPU, dtype)
+        held = [g.clone() for g in wl.grads]
+        for c in (B.FusedContender(wl, backend), B.TutorialContender(wl), B.RecipeContender(wl)):
+            c.window()
+            ends[fresh, type(c).__name__] = [w.clone() for w in c.fp32_weights()]
+            c.close()
+        assert all(torch.equal(a, b) for a, b in zip(held, wl.grads))
+    for name in ("FusedContender", "TutorialContender", "RecipeContender"):
+        for a, b in zip(ends[False, name], ends[True, name]):
+            assert torch.equal(a, b)
+
+
 def test_alternated_windows_and_ratios():
     notes = []
     res = B.run_windows(B.MODELS["tiny"], CPU, torch.bfloat16, ["reference"],
@@ -250,9 +270,11 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
     backends = [b for b in B.bench_backends(torch.device("cpu"))[0] if b != "triton"]
     _bench_script("window_phases").main(["--model", "tiny", "--device", "cpu", "--rounds", "2",
                                          "--backends", ",".join(backends), "--flush-mib", "1",
-                                         "--variants", "python-hooks,flush=2"])
+                                         "--variants", "python-hooks,flush=2",
+                                         "--fresh-grads"])
     out = capsys.readouterr().out
-    assert "batch flush 1 MiB" in out
+    assert "batch flush 1 MiB" in out and "fresh gradients" in out
+    assert not B._Deliver.fresh  # put back
     assert f"| fusedaccum[{backends[0]}] python-hooks | window |" in out
     assert f"| fusedaccum[{backends[0]}] flush=2 | " in out and "| recipe window / its" in out
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
