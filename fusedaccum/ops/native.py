@@ -66,12 +66,12 @@ class _State:
     """What loading the extension gave: the ops, or why not."""
 
     def __init__(self, error: str | None = None, cuda: bool = False,
-                 cuda_error: str | None = None, how: str = ""):
+                 cuda_error: str | None = None, how: str = "", path: str | None = None):
         self.error = error  # None when the CPU ops are registered
         self.cuda = cuda  # the CUDA kernels are registered too
         self.cuda_error = cuda_error  # why not, when known
         self.how = how  # "ahead-of-time build <path>" or "JIT build <path>"
-        self.path: str | None = None  # the library loaded
+        self.path = path  # the library loaded
         self.ops = None
         self.hooks = None  # the library imported as a Python module (hooks.cpp), once asked
 
@@ -137,8 +137,7 @@ def _load_uncached() -> _State:
     if aot is not None:
         try:
             torch.ops.load_library(str(aot))
-            state = _State(how=f"ahead-of-time build {aot}")
-            state.path = str(aot)
+            state = _State(how=f"ahead-of-time build {aot}", path=str(aot))
             state.cuda = "cuda" in torch.ops.fusedaccum_native.build_info().split(",")
             if not state.cuda:
                 state.cuda_error = (
@@ -166,9 +165,7 @@ def _load_uncached() -> _State:
     else:
         try:
             path = _jit_build(with_cuda=True)
-            state = _State(cuda=True, how=f"JIT build {path}")
-            state.path = path
-            return state
+            return _State(cuda=True, how=f"JIT build {path}", path=path)
         except Exception as exc:
             cuda_error = ("the CUDA part of the C++ extension failed to compile: "
                           f"{_first_lines(exc)}")
@@ -177,9 +174,7 @@ def _load_uncached() -> _State:
     except Exception as exc:
         prefix = f"{aot_error}; then the " if aot_error else ""
         return _State(f"{prefix}C++ extension failed to compile: {_first_lines(exc)}; {_HINT}")
-    state = _State(cuda_error=cuda_error, how=f"JIT build {path}")
-    state.path = path
-    return state
+    return _State(cuda_error=cuda_error, how=f"JIT build {path}", path=path)
 
 
 def _register_fakes() -> None:
