@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fusedaccum import bench as B
+from fusedaccum.ops import native
 
 CPU = torch.device("cpu")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -284,6 +285,14 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
         assert f"| fusedaccum[{b}] |  boundary: _fused_update |" in out
     assert "| recipe | boundary |" in out and "| tutorial | window |" in out
     assert {name: vars(FusedAccumulator)[name] for name in timed} == before  # unwrapped
+
+
+def test_launch_costs_times_the_pieces_that_run_here(capsys):
+    _bench_script("launch_costs").main(["--device", "cpu", "--rounds", "1", "--calls", "1"])
+    out = capsys.readouterr().out
+    assert "| piece | median per call |" in out
+    if native.unavailable_reason("cpu", torch.device("cpu")) is None:
+        assert "| native accumulate_many_ (12 pairs) |" in out
 
 
 def test_cpu_adam_peers_times_our_step(tmp_path, capsys):

@@ -1,0 +1,137 @@
+"""The host cost of one batch flush, taken apart: what a flush of the wrapper's batch of
+small gradients costs the host per call, and each piece of it.
+
+    python bench/launch_costs.py [--device cuda] [--rounds 15] [--calls 20]
+
+On the H200 (2026-11-26, bench/results/NVIDIA-H200_2026-11-26_phases.md) the Triton
+backend's batch flushes took 2.7-4.8 ms of host time per gpt2-124m window against
+1.0-1.5 ms for the cuda backend, and nothing on the CPU can say where: a Triton flush
+builds a table of data pointers, pins it, uploads it and launches through Triton's Python
+launcher, where the cuda backend passes the pointers as kernel arguments from C++. This
+script times those pieces and the whole calls on one batch: one GPT-2 block's gradients
+(12 bf16 tensors, 7.1M elements, into fp32 accumulators).
+
+Each row is the median over shuffled rounds of the mean host time of ``--calls``
+back-to-back calls; the device is synchronized before each batch of calls (outside the
+timing), so a full launch queue never blocks one. Rows needing CUDA or Triton are left out
+where they cannot run (on a CPU only the extension's rows run, with real work in them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import statistics
+import time
+
+import torch
+
+from fusedaccum import bench
+from fusedaccum.ops import native
+from fusedaccum.ops import triton as tri
+
+# one GPT-2 (124M) block's params: ln_1, attn c_attn, attn c_proj, ln_2, mlp c_fc, c_proj
+BLOCK_SHAPES = [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,), (768,), (768,),
+                (768, 3072), (3072,), (3072, 768), (768,)]
+
+
+def _table_ints(accs, grads, block):
+    rows = [(a.data_ptr(), g.data_ptr(), a.numel()) for a, g in zip(accs, grads)]
+    acc_addrs, grad_addrs, numels = zip(*rows)
+    starts = list(itertools.accumulate((n + block - 1) // block for n in numels))
+    return [*acc_addrs, *grad_addrs, *numels, 0, *starts], starts[-1]
+
+
+def contenders(device: torch.device) -> dict:
+    """name -> zero-argument callable, each one call of the piece it names."""
+    accs = [torch.zeros(s, device=device).view(-1) for s in BLOCK_SHAPES]
+    grads = [torch.randn(s, device=device).to(torch.bfloat16).view(-1) for s in BLOCK_SHAPES]
+    out = {}
+    if native.unavailable_reason("cuda" if device.type == "cuda" else "cpu", device) is None:
+        out["native accumulate_many_ (12 pairs)"] = lambda: native.accumulate_many_(
+            accs, grads, 1.0, trusted=True)
+        out["native accumulate_ (1 pair, 2.4M)"] = lambda: native.accumulate_(
+            accs[10], grads[10], 1.0)
+    if device.type != "cuda":
+        return out
+    out["torch add_ (1 pair, 2.4M)"] = lambda: accs[10].add_(grads[10])
+    out["torch.cuda.device(dev) enter+exit"] = lambda: _enter_exit(device)
+    if tri.unavailable_reason("triton", device) is not None:
+        return out
+    block, warps = tri._config("accumulate")
+    ints, grid = _table_ints(accs, grads, block)
+    pinned = torch.tensor(ints, dtype=torch.int64, pin_memory=True)
+    on_device = pinned.to(device)
+    out["table: torch.tensor(list)"] = lambda: torch.tensor(ints, dtype=torch.int64)
+    out["table: torch.tensor(list, pin_memory=True)"] = lambda: torch.tensor(
+        ints, dtype=torch.int64, pin_memory=True)
+    out["table: pinned.to(dev, non_blocking=True)"] = lambda: pinned.to(device,
+                                                                       non_blocking=True)
+    out["table: torch.tensor(list, device=dev)"] = lambda: torch.tensor(
+        ints, dtype=torch.int64, device=device)
+
+    def kernel_only():
+        with tri._device_of(accs[0]):
+            tri._accumulate_many_kernel[(grid,)](on_device, len(accs), 1.0,
+                                                 LOG_T=(len(accs) - 1).bit_length(),
+                                                 GRAD_KIND=tri._BF16, BLOCK=block,
+                                                 num_warps=warps)
+
+    out["triton: accumulate_many kernel launch only"] = kernel_only
+    out["triton: _launch_accumulate_many (12 pairs)"] = lambda: tri._launch_accumulate_many(
+        accs, grads, 1.0)
+    out["triton: accumulate_many_ (12 pairs, the op)"] = lambda: tri.accumulate_many_(
+        accs, grads, 1.0, trusted=True)
+    out["triton: accumulate_ (1 pair, 2.4M)"] = lambda: tri.accumulate_(accs[10], grads[10],
+                                                                         1.0)
+    return out
+
+
+def _enter_exit(device):
+    with torch.cuda.device(device):
+        pass
+
+
+def measure(device: torch.device, rounds: int, calls: int, seed: int = 0) -> dict:
+    fns = contenders(device)
+    for fn in fns.values():  # warm-up: compilation, caches, allocator pools
+        for _ in range(3):
+            fn()
+    bench.sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    rng = random.Random(seed)
+    names = list(fns)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            fn = fns[name]
+            bench.sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls)
+    bench.sync(device)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def report(device: torch.device, medians: dict, rounds: int, calls: int) -> str:
+    lines = [f"### host time per call: one GPT-2 block's batch (12 bf16 grads, 7.1M elements), "
+             f"{bench.device_name(device)}, {rounds} rounds x {calls} calls",
+             "| piece | median per call |", "|---|---|"]
+    lines += [f"| {name} | {bench.fmt_time(t)} |" for name, t in medians.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=20)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    print(report(device, measure(device, args.rounds, args.calls), args.rounds, args.calls))
+
+
+if __name__ == "__main__":
+    main()
