@@ -24,13 +24,15 @@ __device__ __forceinline__ bool skipped(const StepCommon& c, bool aligned) {
   return true;
 }
 
-// OUT: 0 for no model copy, else the DType of model_out.
-template <int PDT, int OUT, bool AMSGRAD>
-__global__ void __launch_bounds__(kThreads) adam_kernel(AdamParams p, bool aligned) {
+// The loop both steps share, over this thread's 8-element units: load param and acc,
+// let the optimizer (Opt::units: its state, the update of w) do its part, store param,
+// the optional model copy and the zeroed acc. OUT: 0 for no model copy, else the DType of
+// model_out.
+template <int PDT, int OUT, class Opt>
+__device__ __forceinline__ void step_units(const StepCommon& c, const Opt& opt, bool aligned) {
   constexpr int ODT = OUT == 0 ? kFloat16 : OUT;
   using PT = typename Cvt<PDT>::T;
   using OT = typename Cvt<ODT>::T;
-  const StepCommon& c = p.c;
   if (skipped(c, aligned)) return;
   const float gm = *c.grad_mult;
   PT* param = static_cast<PT*>(c.param);
@@ -40,20 +42,11 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(AdamParams p, bool align
   const int64_t full_units = aligned ? n / kVec : 0;
   for (int64_t u = first_unit(); u < units; u += unit_stride()) {
     const bool full = u < full_units;
-    float w[kVec], g[kVec], m[kVec], v[kVec], vmax[kVec];
+    float w[kVec], g[kVec];
     Vec8<PDT>::load(param, u, n, full, w);
     Vec8<kFloat32>::load(c.acc, u, n, full, g);
-    Vec8<kFloat32>::load(p.exp_avg, u, n, full, m);
-    Vec8<kFloat32>::load(p.exp_avg_sq, u, n, full, v);
-    if (AMSGRAD) Vec8<kFloat32>::load(p.max_exp_avg_sq, u, n, full, vmax);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      w[j] = adam_update<AMSGRAD>(w[j], g[j] * gm, m[j], v[j], vmax[j], p.s);
-    }
+    opt.units(u, n, full, gm, w, g);
     Vec8<PDT>::store(param, u, n, full, w);
-    Vec8<kFloat32>::store(p.exp_avg, u, n, full, m);
-    Vec8<kFloat32>::store(p.exp_avg_sq, u, n, full, v);
-    if (AMSGRAD) Vec8<kFloat32>::store(p.max_exp_avg_sq, u, n, full, vmax);
     if (OUT != 0) Vec8<ODT>::store(out, u, n, full, w);
     if (c.zero_acc) {
       const float zeros[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -62,35 +55,48 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(AdamParams p, bool align
   }
 }
 
-template <int PDT, int OUT, bool MOMENTUM>
-__global__ void __launch_bounds__(kThreads) sgd_kernel(SgdParams p, bool aligned) {
-  constexpr int ODT = OUT == 0 ? kFloat16 : OUT;
-  using PT = typename Cvt<PDT>::T;
-  using OT = typename Cvt<ODT>::T;
-  const StepCommon& c = p.c;
-  if (skipped(c, aligned)) return;
-  const float gm = *c.grad_mult;
-  PT* param = static_cast<PT*>(c.param);
-  OT* out = static_cast<OT*>(c.model_out);
-  const int64_t n = c.n;
-  const int64_t units = (n + kVec - 1) / kVec;
-  const int64_t full_units = aligned ? n / kVec : 0;
-  for (int64_t u = first_unit(); u < units; u += unit_stride()) {
-    const bool full = u < full_units;
-    float w[kVec], g[kVec], buf[kVec];
-    Vec8<PDT>::load(param, u, n, full, w);
-    Vec8<kFloat32>::load(c.acc, u, n, full, g);
+// Adam/AdamW's part of one unit: exp_avg, exp_avg_sq (and max_exp_avg_sq) in and out.
+template <bool AMSGRAD>
+struct AdamUnits {
+  const AdamParams& p;
+  __device__ __forceinline__ void units(int64_t u, int64_t n, bool full, float gm, float* w,
+                                        const float* g) const {
+    float m[kVec], v[kVec], vmax[kVec];
+    Vec8<kFloat32>::load(p.exp_avg, u, n, full, m);
+    Vec8<kFloat32>::load(p.exp_avg_sq, u, n, full, v);
+    if (AMSGRAD) Vec8<kFloat32>::load(p.max_exp_avg_sq, u, n, full, vmax);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      w[j] = adam_update<AMSGRAD>(w[j], g[j] * gm, m[j], v[j], vmax[j], p.s);
+    }
+    Vec8<kFloat32>::store(p.exp_avg, u, n, full, m);
+    Vec8<kFloat32>::store(p.exp_avg_sq, u, n, full, v);
+    if (AMSGRAD) Vec8<kFloat32>::store(p.max_exp_avg_sq, u, n, full, vmax);
+  }
+};
+
+// SGD's part of one unit: the momentum buffer in and out (with MOMENTUM).
+template <bool MOMENTUM>
+struct SgdUnits {
+  const SgdParams& p;
+  __device__ __forceinline__ void units(int64_t u, int64_t n, bool full, float gm, float* w,
+                                        const float* g) const {
+    float buf[kVec];
     if (MOMENTUM) Vec8<kFloat32>::load(p.momentum_buffer, u, n, full, buf);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) w[j] = sgd_update<MOMENTUM>(w[j], g[j] * gm, buf[j], p.s);
-    Vec8<PDT>::store(param, u, n, full, w);
     if (MOMENTUM) Vec8<kFloat32>::store(p.momentum_buffer, u, n, full, buf);
-    if (OUT != 0) Vec8<ODT>::store(out, u, n, full, w);
-    if (c.zero_acc) {
-      const float zeros[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      Vec8<kFloat32>::store(c.acc, u, n, full, zeros);
-    }
   }
+};
+
+template <int PDT, int OUT, bool AMSGRAD>
+__global__ void __launch_bounds__(kThreads) adam_kernel(AdamParams p, bool aligned) {
+  step_units<PDT, OUT>(p.c, AdamUnits<AMSGRAD>{p}, aligned);
+}
+
+template <int PDT, int OUT, bool MOMENTUM>
+__global__ void __launch_bounds__(kThreads) sgd_kernel(SgdParams p, bool aligned) {
+  step_units<PDT, OUT>(p.c, SgdUnits<MOMENTUM>{p}, aligned);
 }
 
 bool all_aligned(const StepCommon& c, const float* a, const float* b, const float* d) {
