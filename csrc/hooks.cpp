@@ -9,7 +9,9 @@
 // (the first hook of a backward, a full batch, a second backward before the flush,
 // create_graph, other hooks on the param...), so both paths share the Python state and
 // the Python hook stays the definition. For a larger half param (direct mode) it calls
-// the extension's accumulate_ op itself, unless a norm statistic is asked for.
+// the extension's accumulate_ op itself, and a batch the gradient fills it accumulates
+// with the extension's accumulate_many_ op (native flush), unless a norm statistic is
+// asked for.
 //
 // torch keeps one C++ post-accumulate-grad hook per tensor: the one running the tensor's
 // dict of Python hooks (tensor._post_accumulate_grad_hooks). BatchHook takes its place
@@ -25,16 +27,17 @@
 
 #include <atomic>
 #include <memory>
+#include <vector>
 
 namespace {
 
 using torch::autograd::PostAccumulateGradHook;
 using torch::autograd::Variable;
 
-std::atomic<int64_t> g_hits{0};
+std::atomic<int64_t> g_hits{0}, g_flushes{0}, g_flushed_grads{0};
 
 // interned attribute names
-PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k;
+PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_acc;
 
 // Bucket.hook_fields: the positions of fusedaccum/buffers.py's HOOK_FIELDS
 enum Field { RELEASED, IS_PENDING, STATS, EXPOSED, TOUCHED, STEPPED, MAIN_GRADS, PENDING,
@@ -60,10 +63,10 @@ PyObject* list_field(PyObject* fields, int f, Py_ssize_t n) {
 struct BatchHook final : PostAccumulateGradHook {
   BatchHook(std::unique_ptr<PostAccumulateGradHook> inner, PyObject* dict, PyObject* key,
             PyObject* owner_ref, PyObject* bucket_ref, Py_ssize_t index, long long nbytes,
-            long long flush_bytes, bool direct)
+            long long flush_bytes, bool direct, bool native_flush)
       : inner(std::move(inner)), dict(dict), key(key), owner_ref(owner_ref),
         bucket_ref(bucket_ref), index(index), nbytes(nbytes), flush_bytes(flush_bytes),
-        direct(direct) {
+        direct(direct), native_flush(native_flush) {
     Py_INCREF(dict);
     Py_INCREF(key);
     Py_INCREF(owner_ref);
@@ -169,7 +172,10 @@ struct BatchHook final : PostAccumulateGradHook {
       PyErr_Clear();
       return false;
     }
-    if (bytes + nbytes >= flush_bytes) return false;  // the batch is full: Python flushes
+    if (bytes + nbytes >= flush_bytes) {  // the batch is full
+      if (!native_flush) return false;     // Python flushes
+      return flush(param, grad, owner.get(), b.get(), f, view, stepped_i, touched, exposed);
+    }
     // commit (only a failed allocation can fail here; then undo and let Python do it)
     Ref idx(PyLong_FromSsize_t(i)), g(THPVariable_Wrap(grad)),
         new_bytes(PyLong_FromLongLong(bytes + nbytes));
@@ -206,19 +212,7 @@ struct BatchHook final : PostAccumulateGradHook {
       PyErr_Clear();
       return false;
     }
-    PyObject* ride_norm = PyList_GET_ITEM(f, RIDE_NORM);
-    if (ride_norm != Py_False) {
-      if (ride_norm != Py_True) return false;
-      // FusedAccumulator._ride_norm(): no process group and the window's last micro-batch
-      Ref pg(PyObject_GetAttr(owner, s_pg)), step(PyObject_GetAttr(owner, s_micro_step)),
-          k(PyObject_GetAttr(owner, s_window_k));
-      if (!pg || !step || !k || !PyLong_CheckExact(step.get()) || !PyLong_CheckExact(k.get())) {
-        PyErr_Clear();
-        return false;
-      }
-      if (pg.get() == Py_None && PyLong_AsLong(step.get()) + 1 >= PyLong_AsLong(k.get()))
-        return false;
-    }
+    if (may_ride(owner, f)) return false;
     const at::Tensor& acc_view = THPVariable_Unpack(view);
     if (acc_view.scalar_type() != at::kFloat || !acc_view.is_contiguous() ||
         acc_view.numel() != grad.numel() || acc_view.device() != grad.device())
@@ -245,6 +239,113 @@ struct BatchHook final : PostAccumulateGradHook {
     return true;
   }
 
+  // True unless the bucket's norm statistic surely does not ride on this accumulation
+  // (ride_norm False, or not the window's last micro-batch), the cases Python decides
+  bool may_ride(PyObject* owner, PyObject* f) {
+    PyObject* ride_norm = PyList_GET_ITEM(f, RIDE_NORM);
+    if (ride_norm == Py_False) return false;
+    if (ride_norm != Py_True) return true;
+    // FusedAccumulator._ride_norm(): no process group and the window's last micro-batch
+    Ref pg(PyObject_GetAttr(owner, s_pg)), step(PyObject_GetAttr(owner, s_micro_step)),
+        k(PyObject_GetAttr(owner, s_window_k));
+    if (!pg || !step || !k || !PyLong_CheckExact(step.get()) || !PyLong_CheckExact(k.get())) {
+      PyErr_Clear();
+      return true;
+    }
+    return pg.get() == Py_None && PyLong_AsLong(step.get()) + 1 >= PyLong_AsLong(k.get());
+  }
+
+  // Native flush: the gradient fills the batch; accumulate the batch and it with the
+  // extension's accumulate_many_ op, as FusedAccumulator._flush does (empties the batch
+  // first, then one op call, then _note_write without statistics), when no statistic
+  // rides on it.
+  bool flush(const Variable& param, const at::Tensor& grad, PyObject* owner, PyObject* b,
+             PyObject* f, PyObject* view, PyObject* stepped_i, PyObject* touched,
+             PyObject* exposed) {
+    PyObject* version = PyList_GET_ITEM(f, STATS_VERSION);
+    if (!PyLong_CheckExact(version) || may_ride(owner, f)) return false;
+    PyObject *pending = PyList_GET_ITEM(f, PENDING), *accs = PyList_GET_ITEM(f, PENDING_ACCS),
+             *grads = PyList_GET_ITEM(f, PENDING_GRADS), *is_pending = PyList_GET_ITEM(f, IS_PENDING);
+    const Py_ssize_t n = PyList_GET_SIZE(pending);
+    if (PyList_GET_SIZE(accs) != n || PyList_GET_SIZE(grads) != n) return false;
+    std::vector<at::Tensor> acc_list, grad_list;
+    acc_list.reserve(n + 1);
+    grad_list.reserve(n + 1);
+    for (Py_ssize_t j = 0; j < n; ++j) {
+      PyObject *a = PyList_GET_ITEM(accs, j), *g = PyList_GET_ITEM(grads, j),
+               *idx = PyList_GET_ITEM(pending, j);
+      if (!THPVariable_Check(a) || !THPVariable_Check(g) || !PyLong_CheckExact(idx)) return false;
+      const Py_ssize_t k = PyLong_AsSsize_t(idx);
+      if (k < 0 || k >= PyList_GET_SIZE(is_pending)) {
+        PyErr_Clear();
+        return false;
+      }
+      acc_list.push_back(THPVariable_Unpack(a));
+      grad_list.push_back(THPVariable_Unpack(g));
+    }
+    acc_list.push_back(THPVariable_Unpack(view));
+    grad_list.push_back(grad);
+    Ref acc_obj(PyObject_GetAttr(b, s_acc));
+    if (!acc_obj || !THPVariable_Check(acc_obj.get())) {
+      PyErr_Clear();
+      return false;
+    }
+    const at::Tensor acc = THPVariable_Unpack(acc_obj.get());
+    const int64_t before = static_cast<int64_t>(acc._version());
+    // empty the batch (new lists: the old ones may be held elsewhere, as Python's flush
+    // rebinds them); the old lists keep the gradients alive until the op has run
+    Ref empty[3] = {Ref(PyList_New(0)), Ref(PyList_New(0)), Ref(PyList_New(0))};
+    Ref zero(PyLong_FromLong(0));
+    if (!empty[0] || !empty[1] || !empty[2] || !zero) {
+      PyErr_Clear();
+      return false;
+    }
+    Ref old[3] = {Ref(pending), Ref(accs), Ref(grads)};
+    for (int j = 0; j < 3; ++j) Py_INCREF(old[j].get());
+    for (Py_ssize_t j = 0; j < n; ++j) {
+      Py_INCREF(Py_False);
+      PyList_SetItem(is_pending, PyLong_AsSsize_t(PyList_GET_ITEM(pending, j)), Py_False);
+    }
+    const int slots[3] = {PENDING, PENDING_ACCS, PENDING_GRADS};
+    for (int j = 0; j < 3; ++j) {
+      PyList_SetItem(f, slots[j], empty[j].p);  // steals the reference
+      empty[j].p = nullptr;
+    }
+    PyList_SetItem(f, PENDING_BYTES, zero.p);
+    zero.p = nullptr;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fusedaccum_native::accumulate_many_", "")
+                         .typed<void(at::TensorList, at::TensorList, double)>();
+    // without the GIL (see accumulate); what finish() touches is held meanwhile
+    PyObject* held[4] = {view, stepped_i, touched, exposed};
+    for (PyObject* o : held) Py_INCREF(o);
+    PyThreadState* thread = PyEval_SaveThread();
+    try {
+      op.call(acc_list, grad_list, 1.0);
+    } catch (...) {
+      PyEval_RestoreThread(thread);
+      for (PyObject* o : held) Py_DECREF(o);
+      throw;
+    }
+    PyEval_RestoreThread(thread);
+    // _note_write(b, before, made_stats=False): valid statistics stay valid
+    PyObject* v = PyList_GET_ITEM(f, STATS_VERSION);
+    const long long sv = PyLong_CheckExact(v) ? PyLong_AsLongLong(v) : -1;
+    if (sv >= 0 && sv == before) {
+      Ref now(PyLong_FromLongLong(static_cast<long long>(acc._version())));
+      if (now) {
+        PyList_SetItem(f, STATS_VERSION, now.p);
+        now.p = nullptr;
+      }
+    }
+    PyErr_Clear();
+    g_flushes.fetch_add(1, std::memory_order_relaxed);
+    g_flushed_grads.fetch_add(static_cast<int64_t>(n) + 1, std::memory_order_relaxed);
+    finish(param, view, stepped_i, touched, exposed);
+    for (PyObject* o : held) Py_DECREF(o);
+    return true;
+  }
+
   // .grad released; the window's first gradient exposes it (FusedAccumulator._expose_grad)
   void finish(const Variable& param, PyObject* view, PyObject* stepped_i, PyObject* touched,
               PyObject* exposed) {
@@ -265,21 +366,24 @@ struct BatchHook final : PostAccumulateGradHook {
   PyObject *dict, *key, *owner_ref, *bucket_ref;
   Py_ssize_t index;
   long long nbytes, flush_bytes;
-  bool direct;  // accumulate at once instead of batching
+  bool direct;        // accumulate at once instead of batching
+  bool native_flush;  // a full batch is accumulated here (the extension's op), not in Python
 };
 
 // install_batch_hook(param, hooks_dict, key, owner_ref, bucket_ref, index, nbytes,
-//                    flush_bytes, direct=False): after param.register_post_accumulate_grad_hook
-// returned a handle with id `key` into `hooks_dict` (param._post_accumulate_grad_hooks).
-// direct: accumulate with the extension's accumulate_ op instead of batching.
+//                    flush_bytes, direct=False, native_flush=False): after
+// param.register_post_accumulate_grad_hook returned a handle with id `key` into
+// `hooks_dict` (param._post_accumulate_grad_hooks). direct: accumulate with the
+// extension's accumulate_ op instead of batching; native_flush: accumulate a batch the
+// gradient fills with the extension's accumulate_many_ op (the bucket's backend uses it).
 PyObject* install_batch_hook(PyObject*, PyObject* args) {
   PyObject *param, *dict, *key, *owner_ref, *bucket_ref;
   Py_ssize_t index;
   long long nbytes, flush_bytes;
-  int direct = 0;
-  if (!PyArg_ParseTuple(args, "OO!OO!O!nLL|p", &param, &PyDict_Type, &dict, &key,
+  int direct = 0, native_flush = 0;
+  if (!PyArg_ParseTuple(args, "OO!OO!O!nLL|pp", &param, &PyDict_Type, &dict, &key,
                         &_PyWeakref_RefType, &owner_ref, &_PyWeakref_RefType, &bucket_ref,
-                        &index, &nbytes, &flush_bytes, &direct))
+                        &index, &nbytes, &flush_bytes, &direct, &native_flush))
     return nullptr;
   if (!THPVariable_Check(param)) {
     PyErr_SetString(PyExc_TypeError, "install_batch_hook: param must be a tensor");
@@ -311,7 +415,8 @@ PyObject* install_batch_hook(PyObject*, PyObject* args) {
   }
   torch::autograd::impl::set_post_acc_grad_hooks(
       var, std::make_unique<BatchHook>(std::move(inner), dict, key, owner_ref, bucket_ref,
-                                       index, nbytes, flush_bytes, direct != 0));
+                                       index, nbytes, flush_bytes, direct != 0,
+                                       native_flush != 0));
   Py_RETURN_NONE;
 }
 
@@ -319,11 +424,19 @@ PyObject* batch_hook_hits(PyObject*, PyObject*) {
   return PyLong_FromLongLong(g_hits.load(std::memory_order_relaxed));
 }
 
+PyObject* batch_hook_flushes(PyObject*, PyObject*) {
+  return Py_BuildValue("(LL)", static_cast<long long>(g_flushes.load(std::memory_order_relaxed)),
+                       static_cast<long long>(g_flushed_grads.load(std::memory_order_relaxed)));
+}
+
 PyMethodDef methods[] = {
     {"install_batch_hook", install_batch_hook, METH_VARARGS,
      "Put the C++ batching hook in front of a param's Python post-accumulate-grad hooks."},
     {"batch_hook_hits", batch_hook_hits, METH_NOARGS,
      "How many gradients the C++ batching hook has taken (all params, this process)."},
+    {"batch_hook_flushes", batch_hook_flushes, METH_NOARGS,
+     "(batches, gradients): how many full batches the C++ batching hook has accumulated "
+     "(native flush, all params, this process) and how many gradients they held."},
     {nullptr, nullptr, 0, nullptr}};
 
 #define FA_STR2(x) #x
@@ -343,6 +456,7 @@ PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   s_pg = PyUnicode_InternFromString("_pg");
   s_micro_step = PyUnicode_InternFromString("micro_step");
   s_window_k = PyUnicode_InternFromString("_window_k");
+  s_acc = PyUnicode_InternFromString("acc");
   PyObject* module = PyModule_Create(&module_def);
   // the field order this build reads, checked against buffers.HOOK_FIELDS on import
   PyObject* names = Py_BuildValue("(sssssssssssss)", "released", "is_pending", "stats",

@@ -516,8 +516,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         """Put the C++ hook (csrc/hooks.cpp) in front of a half param's Python hooks: in
         the common case it does what ``post_hook`` does without a Python call (host time
         per param per backward; ``post_hook`` stays the definition and runs in every
-        other case): a batched grad joins its batch; another is accumulated at once when
-        the bucket's backend accumulates half grads with the C++ extension's op (direct).
+        other case): a batched grad joins its batch; where the bucket's backend
+        accumulates half grads with the C++ extension's ops (native), a grad that fills
+        its batch is flushed with it, and another is accumulated at once (direct).
         Not with the reference backend (pure Python by design), nor where the extension
         would have to be compiled just for this."""
         if self.backend == "reference":
@@ -529,14 +530,15 @@ class FusedAccumulator(torch.optim.Optimizer):
         if module is None:
             return
         batched = b.numels[i] <= _BATCH_MAX_NUMEL
-        direct = not batched and (b.ops is native or isinstance(b.ops, Router)
-                                  and b.ops.cuda is native)  # auto: half grads go to cuda
+        # auto: half grads (accumulate_ and accumulate_many_) go to cuda
+        is_native = b.ops is native or isinstance(b.ops, Router) and b.ops.cuda is native
+        direct = not batched and is_native
         if not (batched or direct):
             return
         nbytes = b.numels[i] * p.element_size()
         module.install_batch_hook(p, p._post_accumulate_grad_hooks, handle.id,
                                   weakref.ref(self), weakref.ref(b), i, nbytes,
-                                  _BATCH_FLUSH_BYTES, direct)
+                                  _BATCH_FLUSH_BYTES, direct, batched and is_native)
 
     def _expose_grad(self, b: Bucket, i: int) -> None:
         """Give the stepped tensor a ``.grad`` viewing the window (GradScaler sees it)."""

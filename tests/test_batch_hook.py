@@ -202,6 +202,53 @@ def test_direct_accumulation_as_the_python_hook(place, clip, monkeypatch):
     assert torch.equal(got[3].grad_norm, want[3].grad_norm)
 
 
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_full_batches_flushed_in_cpp_as_in_python(place, clip, monkeypatch):
+    """A gradient that fills its batch: the C++ hook flushes the batch with it (the
+    extension's accumulate_many_), except where the norm's statistic rides on the flush
+    (CPU buckets, a window's last micro-batch), which Python's flush makes."""
+    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)  # every grad fills a batch
+    before, (flushes, grads) = hits(), MODULE.batch_hook_flushes()
+    got = train(torch.bfloat16, True, monkeypatch, place=place, max_grad_norm=clip)
+    taken = hits() - before
+    flushed = MODULE.batch_hook_flushes()
+    want = train(torch.bfloat16, False, monkeypatch, place=place, max_grad_norm=clip)
+    assert MODULE.batch_hook_flushes() == flushed  # none in the Python run
+    # per backward the 3 params after the first (which queues the end-of-backward flush),
+    # but on CPU not in the last of the 3 micro-batches of each of the 3 windows; one
+    # gradient in each batch
+    assert taken == flushed[0] - flushes == flushed[1] - grads == \
+        3 * (2 if place[0] == "cpu" else 3) * 3
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+    for a_list, b_list in zip(got[1], want[1]):
+        for a, b in zip(a_list, b_list):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    for a, b in zip(got[2], want[2]):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert torch.equal(got[3].grad_norm, want[3].grad_norm)
+    for b in got[3]._all_buckets():  # the batch is empty after the window
+        assert b.pending == [] and b.pending_bytes == 0 and not any(b.is_pending)
+
+
+def test_batch_full_with_waiting_grads_flushes_them_all(monkeypatch):
+    """Grads waiting in a batch go with the one that fills it (one op call, every element
+    written once): the same as the Python hook with the batch filling on the 3rd grad."""
+    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 3 * 2 * 16)  # bf16 bytes
+    (flushes, grads) = MODULE.batch_hook_flushes()
+    got = train(torch.bfloat16, True, monkeypatch, k=2, windows=2)
+    now = MODULE.batch_hook_flushes()
+    # fc2.bias waits (Python), fc2.weight and fc1.bias join it, fc1.weight fills the batch:
+    # one flush of all 4 per backward but the last (a CPU window's last micro-batch)
+    assert now[0] - flushes == 2 and now[1] - grads == 2 * 4
+    want = train(torch.bfloat16, False, monkeypatch, k=2, windows=2)
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+    for a, b in zip(got[2], want[2]):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_the_build_reads_the_fields_buffers_keeps():
     """hooks.cpp reads Bucket.hook_fields by position: its order must be buffers.py's (a
     stale build with another order is refused by native.hooks_module)."""

@@ -248,8 +248,10 @@ def hooks_module(load: bool = True):
                     loader.exec_module(module)
                     from fusedaccum.buffers import HOOK_FIELDS
 
-                    # a build from before a change of the fields would misread them
-                    ok = getattr(module, "HOOK_FIELDS", None) == HOOK_FIELDS
+                    # a build from before a change of the fields would misread them, one
+                    # from before the native flush takes fewer arguments
+                    ok = getattr(module, "HOOK_FIELDS", None) == HOOK_FIELDS and hasattr(
+                        module, "batch_hook_flushes")
                     state.hooks = module if ok else False
                 except ImportError:  # a build from before hooks.cpp
                     state.hooks = False
