@@ -35,8 +35,10 @@ from fusedaccum.ops import native
 _PARTS = ("_flush", "_total_norm", "_fused_update", "_record_fused_steps", "_end_window")
 
 
-# every batch flush: at the end of a backward and in a hook when a batch is full
-_FLUSH_LABEL = " of which batch flushes (_flush)"
+# every batch flush in Python: at the end of a backward, and in the Python hook when a
+# batch is full (with the C++ hook on the extension's backends, full batches are flushed
+# in C++, inside the backward's time but not in this row)
+_FLUSH_LABEL = " of which batch flushes in Python (_flush)"
 
 
 class Clock:
