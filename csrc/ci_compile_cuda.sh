@@ -53,6 +53,13 @@ if [ -n "$torch_inc" ] && [ -d "$torch_inc" ] && [ -f "$cuda_inc/cuda_runtime_ap
     echo "ci_compile_cuda: FAILED bindings.cpp with FUSEDACCUM_WITH_CUDA" >&2
     status=1
   fi
+  echo "c++ -fsyntax-only hooks.cpp -Wall -Wextra"
+  if ! "${CXX:-c++}" -std=c++20 -fsyntax-only -DTORCH_EXTENSION_NAME=_native -Wall -Wextra \
+      -Werror -isystem "$torch_inc" -isystem "$torch_inc/torch/csrc/api/include" \
+      $(python3-config --includes) "$here/hooks.cpp"; then
+    echo "ci_compile_cuda: FAILED hooks.cpp" >&2
+    status=1
+  fi
 else
   echo "ci_compile_cuda: no torch importable or no CUDA headers in $cuda_inc (set CUDA_HOME);" \
        "bindings.cpp's CUDA branch not checked"

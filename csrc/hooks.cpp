@@ -54,6 +54,34 @@ struct Ref {
   explicit operator bool() const { return p != nullptr; }
 };
 
+// Strong references to borrowed objects for a while (the GIL released: another thread
+// could drop the lists that own them)
+struct Held {
+  PyObject* objs[4];
+  Held(PyObject* a, PyObject* b, PyObject* c, PyObject* d) : objs{a, b, c, d} {
+    for (PyObject* o : objs) Py_INCREF(o);
+  }
+  Held(const Held&) = delete;
+  Held& operator=(const Held&) = delete;
+  ~Held() {
+    for (PyObject* o : objs) Py_DECREF(o);
+  }
+};
+
+// Run f without the GIL, as an op called from Python runs (a CPU accumulation takes
+// long); the GIL is back when f returns or throws.
+template <class F>
+void without_gil(F&& f) {
+  PyThreadState* thread = PyEval_SaveThread();
+  try {
+    f();
+  } catch (...) {
+    PyEval_RestoreThread(thread);
+    throw;
+  }
+  PyEval_RestoreThread(thread);
+}
+
 // fields[f] if it is a list of at least n items, else null (borrowed)
 PyObject* list_field(PyObject* fields, int f, Py_ssize_t n) {
   PyObject* v = PyList_GET_ITEM(fields, f);
@@ -221,21 +249,9 @@ struct BatchHook final : PostAccumulateGradHook {
                          .findSchemaOrThrow("fusedaccum_native::accumulate_", "")
                          .typed<void(const at::Tensor&, const at::Tensor&, double, bool)>();
     const at::Tensor acc_flat = acc_view.view({-1}), grad_flat = grad.view({-1});
-    // without the GIL, as an op called from Python runs (a CPU accumulation takes long);
-    // what finish() touches is held meanwhile
-    PyObject* held[4] = {view, stepped_i, touched, exposed};
-    for (PyObject* o : held) Py_INCREF(o);
-    PyThreadState* thread = PyEval_SaveThread();
-    try {
-      op.call(acc_flat, grad_flat, 1.0, false);
-    } catch (...) {
-      PyEval_RestoreThread(thread);
-      for (PyObject* o : held) Py_DECREF(o);
-      throw;
-    }
-    PyEval_RestoreThread(thread);
+    Held held(view, stepped_i, touched, exposed);  // what finish() touches
+    without_gil([&] { op.call(acc_flat, grad_flat, 1.0, false); });
     finish(param, view, stepped_i, touched, exposed);
-    for (PyObject* o : held) Py_DECREF(o);
     return true;
   }
 
@@ -316,18 +332,8 @@ struct BatchHook final : PostAccumulateGradHook {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fusedaccum_native::accumulate_many_", "")
                          .typed<void(at::TensorList, at::TensorList, double)>();
-    // without the GIL (see accumulate); what finish() touches is held meanwhile
-    PyObject* held[4] = {view, stepped_i, touched, exposed};
-    for (PyObject* o : held) Py_INCREF(o);
-    PyThreadState* thread = PyEval_SaveThread();
-    try {
-      op.call(acc_list, grad_list, 1.0);
-    } catch (...) {
-      PyEval_RestoreThread(thread);
-      for (PyObject* o : held) Py_DECREF(o);
-      throw;
-    }
-    PyEval_RestoreThread(thread);
+    Held held(view, stepped_i, touched, exposed);  // what finish() touches
+    without_gil([&] { op.call(acc_list, grad_list, 1.0); });
     // _note_write(b, before, made_stats=False): valid statistics stay valid
     PyObject* v = PyList_GET_ITEM(f, STATS_VERSION);
     const long long sv = PyLong_CheckExact(v) ? PyLong_AsLongLong(v) : -1;
@@ -342,7 +348,6 @@ struct BatchHook final : PostAccumulateGradHook {
     g_flushes.fetch_add(1, std::memory_order_relaxed);
     g_flushed_grads.fetch_add(static_cast<int64_t>(n) + 1, std::memory_order_relaxed);
     finish(param, view, stepped_i, touched, exposed);
-    for (PyObject* o : held) Py_DECREF(o);
     return true;
   }
 
@@ -442,7 +447,8 @@ PyMethodDef methods[] = {
 #define FA_STR2(x) #x
 #define FA_STR(x) FA_STR2(x)
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, FA_STR(TORCH_EXTENSION_NAME),
-                          "fusedaccum's C++ post-accumulate-grad hook", -1, methods};
+                          "fusedaccum's C++ post-accumulate-grad hook", -1, methods,
+                          nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -63,6 +63,19 @@ def train(dtype, fast: bool, monkeypatch, *, k=3, windows=3, extra_hook=None,
     return [p.detach().clone() for p in model.parameters()], seen, state, opt
 
 
+def assert_same_runs(got, want) -> None:
+    """Two train() results bitwise equal: params, mid-window .grad of the masters, state,
+    and the last window's norm."""
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+    for a_list, b_list in zip(got[1], want[1]):
+        for a, b in zip(a_list, b_list):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    for a, b in zip(got[2], want[2]):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert torch.equal(got[3].grad_norm, want[3].grad_norm)
+
+
 @pytest.mark.parametrize("place", PLACES)
 @pytest.mark.parametrize("dtype", HALF)
 def test_same_result_as_the_python_hook_bitwise(dtype, place, monkeypatch):
@@ -73,15 +86,7 @@ def test_same_result_as_the_python_hook_bitwise(dtype, place, monkeypatch):
     assert hits() - before == taken  # the Python run never took the C++ path
     # all but the first hook of each backward: 3 windows x 3 backwards x (4 params - 1)
     assert taken == 27
-    for a, b in zip(got[0], want[0]):
-        assert torch.equal(a, b)
-    for a_list, b_list in zip(got[1], want[1]):
-        for a, b in zip(a_list, b_list):
-            assert (a is None) == (b is None)
-            if a is not None:
-                assert torch.equal(a, b)
-    for a, b in zip(got[2], want[2]):
-        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert_same_runs(got, want)
 
 
 @pytest.mark.parametrize("place", PLACES)
@@ -90,9 +95,7 @@ def test_norm_riding_and_clipping_as_the_python_hook(place, monkeypatch):
     statistics: the batches' in Python's flush, the other params' in the Python hook.)"""
     got = train(torch.bfloat16, True, monkeypatch, max_grad_norm=0.01, place=place)
     want = train(torch.bfloat16, False, monkeypatch, max_grad_norm=0.01, place=place)
-    for a, b in zip(got[0], want[0]):
-        assert torch.equal(a, b)
-    assert torch.equal(got[3].grad_norm, want[3].grad_norm)
+    assert_same_runs(got, want)
 
 
 def test_other_hooks_run_in_order_and_results_stay(monkeypatch):
@@ -108,8 +111,7 @@ def test_other_hooks_run_in_order_and_results_stay(monkeypatch):
     assert hits() == before  # the dict holds another hook: the Python hooks run
     assert len(calls) == 3 * 3 * 4 and all(calls)
     want = train(torch.bfloat16, False, monkeypatch)
-    for a, b in zip(got[0], want[0]):
-        assert torch.equal(a, b)
+    assert_same_runs(got, want)
 
 
 def test_hook_registered_before_the_wrapper_runs_first(monkeypatch):
@@ -192,14 +194,7 @@ def test_direct_accumulation_as_the_python_hook(place, clip, monkeypatch):
     # 2 batched ones, the first of which queues the flush in Python
     direct = 2 * 3 * (2 if place[0] == "cpu" else 3)
     assert taken == direct + 3 * 3 * 1
-    for a, b in zip(got[0], want[0]):
-        assert torch.equal(a, b)
-    for a_list, b_list in zip(got[1], want[1]):
-        for a, b in zip(a_list, b_list):
-            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
-    for a, b in zip(got[2], want[2]):
-        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert torch.equal(got[3].grad_norm, want[3].grad_norm)
+    assert_same_runs(got, want)
 
 
 @pytest.mark.parametrize("place", PLACES)
@@ -220,14 +215,7 @@ def test_full_batches_flushed_in_cpp_as_in_python(place, clip, monkeypatch):
     # gradient in each batch
     assert taken == flushed[0] - flushes == flushed[1] - grads == \
         3 * (2 if place[0] == "cpu" else 3) * 3
-    for a, b in zip(got[0], want[0]):
-        assert torch.equal(a, b)
-    for a_list, b_list in zip(got[1], want[1]):
-        for a, b in zip(a_list, b_list):
-            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
-    for a, b in zip(got[2], want[2]):
-        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert torch.equal(got[3].grad_norm, want[3].grad_norm)
+    assert_same_runs(got, want)
     for b in got[3]._all_buckets():  # the batch is empty after the window
         assert b.pending == [] and b.pending_bytes == 0 and not any(b.is_pending)
 
@@ -243,10 +231,7 @@ def test_batch_full_with_waiting_grads_flushes_them_all(monkeypatch):
     # one flush of all 4 per backward but the last (a CPU window's last micro-batch)
     assert now[0] - flushes == 2 and now[1] - grads == 2 * 4
     want = train(torch.bfloat16, False, monkeypatch, k=2, windows=2)
-    for a, b in zip(got[0], want[0]):
-        assert torch.equal(a, b)
-    for a, b in zip(got[2], want[2]):
-        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert_same_runs(got, want)
 
 
 def test_the_build_reads_the_fields_buffers_keeps():
