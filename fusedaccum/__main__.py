@@ -96,8 +96,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from fusedaccum.ops import native
 
-    hooks = ("on (csrc/hooks.cpp: small half gradients join their batch, larger ones are "
-             "added, without a Python hook call)" if native.hooks_module(load=False)
+    hooks = ("on (csrc/hooks.cpp: small half gradients join their batch, larger ones and "
+             "full batches are added, without a Python hook call)"
+             if native.hooks_module(load=False)
              else "off (FUSEDACCUM_FAST_HOOKS=0, or the C++ extension is not built)")
     print(f"\nC++ post-accumulate-grad hook: {hooks}")
     return 0
