@@ -102,15 +102,16 @@ def measure(device: torch.device, rounds: int, calls: int, seed: int = 0) -> dic
     times: dict[str, list[float]] = {name: [] for name in fns}
     rng = random.Random(seed)
     names = list(fns)
-    for _ in range(rounds):
-        rng.shuffle(names)
-        for name in names:
-            fn = fns[name]
-            bench.sync(device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - t0) / calls)
+    with bench.gc_paused():
+        for _ in range(rounds):
+            rng.shuffle(names)
+            for name in names:
+                fn = fns[name]
+                bench.sync(device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / calls)
     bench.sync(device)
     return {name: statistics.median(ts) for name, ts in times.items()}
 

@@ -193,18 +193,19 @@ def _run(args, dev, backends, clock: Clock) -> None:
     contenders["tutorial"] = bench.TutorialContender(wl)
     contenders["recipe"] = bench.RecipeContender(wl)
     rng = random.Random(0)
-    for r in range(args.rounds + 2):
-        order = list(contenders)
-        rng.shuffle(order)
-        for name in order:
-            c = contenders[name]
-            t0 = clock.now()
-            (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
-            clock.add("window", clock.now() - t0)
-            if r >= 2:
-                clock.end_window(f"{name}\t")
-            else:
-                clock.window.clear()
+    with bench.gc_paused():
+        for r in range(args.rounds + 2):
+            order = list(contenders)
+            rng.shuffle(order)
+            for name in order:
+                c = contenders[name]
+                t0 = clock.now()
+                (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
+                clock.add("window", clock.now() - t0)
+                if r >= 2:
+                    clock.end_window(f"{name}\t")
+                else:
+                    clock.window.clear()
     print(f"# window phases: {args.model} ({wl.model.tensors} tensors, {wl.numel / 1e6:.1f}M "
           f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
           f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import gc
@@ -263,6 +264,23 @@ def available_memory(device: torch.device) -> int:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off while windows are timed, as ``timeit`` does:
+    with torch imported a full collection is a pause of ~50 ms (167k objects on the
+    2-core CPU), which lands on whichever contender's window happens to allocate then;
+    over a few windows of a large model (5 on the H200's 1.5B list) one such pause moves a
+    median. Collected once after."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+        gc.collect()
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -1155,54 +1173,55 @@ def run_windows(model: ModelShape, device: torch.device, dtype: torch.dtype,
         order_rng = random.Random(gi)
         rounds_done, t_round = 0, []
         target = None
-        while True:
-            if not alive:
-                break
-            # a fresh order every round: in a fixed cyclic order each contender would
-            # always follow the same one and inherit its cache, allocator and page state
-            # (seen on CPU: fusedaccum[cpu] 26 ms per window alone, 37 ms when it always
-            # followed the reference backend, whose temporaries change the allocator's
-            # state; the recipe moved the other way)
-            order = list(alive)
-            order_rng.shuffle(order)
-            t_this = 0.0
-            for c in order:
-                r = group_results[c.name]
-                progress.set(f"{model.name} {c.name}")
-                try:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    c.window()
-                    sync(device)
-                    dt = time.perf_counter() - t0
-                except Exception as exc:  # noqa: BLE001
-                    r.note = f"failed: {_short(exc)}"
-                    if _is_oom(exc):
-                        r.note = "out of memory: " + r.note
-                    alive.remove(c)
-                    c.close()
-                    continue
-                t_this += dt
-                if rounds_done >= wc.warmup_rounds:
-                    r.times.append(dt)
-                if c.compile_s is not None:
-                    r.compile_s = c.compile_s
-            rounds_done += 1
-            if rounds_done == wc.warmup_rounds:
-                progress.update()
-            if rounds_done > wc.warmup_rounds:
-                t_round.append(t_this)
-                progress.update()
-            if target is None and rounds_done >= wc.warmup_rounds + 1:
-                per_round = max(t_round[-1], 1e-6)
-                target = max(wc.min_rounds,
-                             min(wc.max_rounds, int(wc.budget_s / len(groups) / per_round)))
-                progress.total += max(0, target - 1)
-                if progress._bar is not None:
-                    progress._bar.total = progress.total
-                    progress._bar.refresh()
-            if target is not None and rounds_done - wc.warmup_rounds >= target:
-                break
+        with gc_paused():  # (see gc_paused)
+            while True:
+                if not alive:
+                    break
+                # a fresh order every round: in a fixed cyclic order each contender would
+                # always follow the same one and inherit its cache, allocator and page state
+                # (seen on CPU: fusedaccum[cpu] 26 ms per window alone, 37 ms when it always
+                # followed the reference backend, whose temporaries change the allocator's
+                # state; the recipe moved the other way)
+                order = list(alive)
+                order_rng.shuffle(order)
+                t_this = 0.0
+                for c in order:
+                    r = group_results[c.name]
+                    progress.set(f"{model.name} {c.name}")
+                    try:
+                        sync(device)
+                        t0 = time.perf_counter()
+                        c.window()
+                        sync(device)
+                        dt = time.perf_counter() - t0
+                    except Exception as exc:  # noqa: BLE001
+                        r.note = f"failed: {_short(exc)}"
+                        if _is_oom(exc):
+                            r.note = "out of memory: " + r.note
+                        alive.remove(c)
+                        c.close()
+                        continue
+                    t_this += dt
+                    if rounds_done >= wc.warmup_rounds:
+                        r.times.append(dt)
+                    if c.compile_s is not None:
+                        r.compile_s = c.compile_s
+                rounds_done += 1
+                if rounds_done == wc.warmup_rounds:
+                    progress.update()
+                if rounds_done > wc.warmup_rounds:
+                    t_round.append(t_this)
+                    progress.update()
+                if target is None and rounds_done >= wc.warmup_rounds + 1:
+                    per_round = max(t_round[-1], 1e-6)
+                    target = max(wc.min_rounds,
+                                 min(wc.max_rounds, int(wc.budget_s / len(groups) / per_round)))
+                    progress.total += max(0, target - 1)
+                    if progress._bar is not None:
+                        progress._bar.total = progress.total
+                        progress._bar.refresh()
+                if target is not None and rounds_done - wc.warmup_rounds >= target:
+                    break
         if wc.profile:
             for c in alive:
                 r = group_results[c.name]

@@ -302,3 +302,21 @@ def test_cpu_adam_peers_times_our_step(tmp_path, capsys):
     assert "| 4M | fusedaccum cpu, keep acc | 28 |" in out
     assert "| 4M | torch AdamW(fused=True) | 28 |" in out
     assert len(list(tmp_path.glob("*_adam_peers.md"))) == 1
+
+
+def test_gc_paused_while_timing_and_restored_after_an_error():
+    import gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        with B.gc_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with B.gc_paused():
+            pass
+        assert not gc.isenabled()  # it stays as the caller had it
+    finally:
+        gc.enable()
