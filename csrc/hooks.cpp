@@ -25,6 +25,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/version.h>
 
+#include <array>
 #include <atomic>
 #include <memory>
 #include <vector>
@@ -202,7 +203,8 @@ struct BatchHook final : PostAccumulateGradHook {
     }
     if (bytes + nbytes >= flush_bytes) {  // the batch is full
       if (!native_flush) return false;     // Python flushes
-      return flush(param, grad, owner.get(), b.get(), f, view, stepped_i, touched, exposed);
+      return flush(param, grad, owner.get(), b.get(), f, {pending, accs, grads}, is_pending, view,
+                   stepped_i, touched, exposed);
     }
     // commit (only a failed allocation can fail here; then undo and let Python do it)
     Ref idx(PyLong_FromSsize_t(i)), g(THPVariable_Wrap(grad)),
@@ -275,13 +277,13 @@ struct BatchHook final : PostAccumulateGradHook {
   // extension's accumulate_many_ op, as FusedAccumulator._flush does (empties the batch
   // first, then one op call, then _note_write without statistics), when no statistic
   // rides on it.
+  // batch: the lists (checked by take()) of the fields PENDING, PENDING_ACCS, PENDING_GRADS
   bool flush(const Variable& param, const at::Tensor& grad, PyObject* owner, PyObject* b,
-             PyObject* f, PyObject* view, PyObject* stepped_i, PyObject* touched,
-             PyObject* exposed) {
+             PyObject* f, const std::array<PyObject*, 3>& batch, PyObject* is_pending,
+             PyObject* view, PyObject* stepped_i, PyObject* touched, PyObject* exposed) {
     PyObject* version = PyList_GET_ITEM(f, STATS_VERSION);
     if (!PyLong_CheckExact(version) || may_ride(owner, f)) return false;
-    PyObject *pending = PyList_GET_ITEM(f, PENDING), *accs = PyList_GET_ITEM(f, PENDING_ACCS),
-             *grads = PyList_GET_ITEM(f, PENDING_GRADS), *is_pending = PyList_GET_ITEM(f, IS_PENDING);
+    PyObject *pending = batch[0], *accs = batch[1], *grads = batch[2];
     const Py_ssize_t n = PyList_GET_SIZE(pending);
     if (PyList_GET_SIZE(accs) != n || PyList_GET_SIZE(grads) != n) return false;
     std::vector<at::Tensor> acc_list, grad_list;
@@ -317,7 +319,7 @@ struct BatchHook final : PostAccumulateGradHook {
       return false;
     }
     Ref old[3] = {Ref(pending), Ref(accs), Ref(grads)};
-    for (int j = 0; j < 3; ++j) Py_INCREF(old[j].get());
+    for (PyObject* list : batch) Py_INCREF(list);
     for (Py_ssize_t j = 0; j < n; ++j) {
       Py_INCREF(Py_False);
       PyList_SetItem(is_pending, PyLong_AsSsize_t(PyList_GET_ITEM(pending, j)), Py_False);
