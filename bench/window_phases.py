@@ -141,8 +141,9 @@ def main(argv=None) -> int:
                     help="hand each param a new copy of its gradient (python -m fusedaccum "
                     "bench --help)")
     ap.add_argument("--variants", default="",
-                    help="extra contenders of the first backend in the same rounds, comma-"
-                    "separated: 'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>'")
+                    help="extra contenders in the same rounds, comma-separated: "
+                    "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>'; of the first "
+                    "backend, or of another one as '<backend>:<variant>'")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     backends = (args.backends.split(",") if args.backends else
@@ -189,7 +190,9 @@ def _run(args, dev, backends, clock: Clock) -> None:
     wl = bench.Workload(bench.MODELS[args.model], dev, torch.bfloat16)
     contenders = {f"fusedaccum[{b}]": bench.FusedContender(wl, b) for b in backends}
     for variant in filter(None, args.variants.split(",")):
-        contenders[f"fusedaccum[{backends[0]}] {variant}"] = _variant(wl, backends[0], variant)
+        backend, _, variant = variant.rpartition(":")
+        backend = backend or backends[0]
+        contenders[f"fusedaccum[{backend}] {variant}"] = _variant(wl, backend, variant)
     contenders["tutorial"] = bench.TutorialContender(wl)
     contenders["recipe"] = bench.RecipeContender(wl)
     rng = random.Random(0)

@@ -271,13 +271,15 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
     backends = [b for b in B.bench_backends(torch.device("cpu"))[0] if b != "triton"]
     _bench_script("window_phases").main(["--model", "tiny", "--device", "cpu", "--rounds", "2",
                                          "--backends", ",".join(backends), "--flush-mib", "1",
-                                         "--variants", "python-hooks,flush=2",
+                                         "--variants",
+                                         f"python-hooks,flush=2,{backends[-1]}:flush=3",
                                          "--fresh-grads"])
     out = capsys.readouterr().out
     assert "batch flush 1 MiB" in out and "fresh gradients" in out
     assert not B._Deliver.fresh  # put back
     assert f"| fusedaccum[{backends[0]}] python-hooks | window |" in out
     assert f"| fusedaccum[{backends[0]}] flush=2 | " in out and "| recipe window / its" in out
+    assert f"| fusedaccum[{backends[-1]}] flush=3 | window |" in out
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
     assert accumulator._BATCH_FLUSH_BYTES == flush  # put back
     for b in backends:
