@@ -20,7 +20,6 @@ where they cannot run (on a CPU only the extension's rows run, with real work in
 from __future__ import annotations
 
 import argparse
-import itertools
 import random
 import statistics
 import time
@@ -34,13 +33,6 @@ from fusedaccum.ops import triton as tri
 # one GPT-2 (124M) block's params: ln_1, attn c_attn, attn c_proj, ln_2, mlp c_fc, c_proj
 BLOCK_SHAPES = [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,), (768,), (768,),
                 (768, 3072), (3072,), (3072, 768), (768,)]
-
-
-def _table_ints(accs, grads, block):
-    rows = [(a.data_ptr(), g.data_ptr(), a.numel()) for a, g in zip(accs, grads)]
-    acc_addrs, grad_addrs, numels = zip(*rows)
-    starts = list(itertools.accumulate((n + block - 1) // block for n in numels))
-    return [*acc_addrs, *grad_addrs, *numels, 0, *starts], starts[-1]
 
 
 def contenders(device: torch.device) -> dict:
@@ -60,7 +52,7 @@ def contenders(device: torch.device) -> dict:
     if tri.unavailable_reason("triton", device) is not None:
         return out
     block, warps = tri._config("accumulate")
-    ints, grid = _table_ints(accs, grads, block)
+    ints, _, grid = tri._many_table(accs, grads, block)
     pinned = torch.tensor(ints, dtype=torch.int64, pin_memory=True)
     on_device = pinned.to(device)
     out["table: torch.tensor(list)"] = lambda: torch.tensor(ints, dtype=torch.int64)

@@ -288,6 +288,17 @@ def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
     _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, False)
 
 
+def _many_table(accs, grads, block: int) -> tuple[list[int], int, int]:
+    """The entries of _accumulate_many_kernel's table (non-empty pairs), their count and
+    the grid size; ([], 0, 0) when every pair is empty."""
+    rows = [(a.data_ptr(), g.data_ptr(), n) for a, g in zip(accs, grads) if (n := a.numel())]
+    if not rows:
+        return [], 0, 0
+    acc_addrs, grad_addrs, numels = zip(*rows)
+    starts = list(itertools.accumulate((n + block - 1) // block for n in numels))
+    return [*acc_addrs, *grad_addrs, *numels, 0, *starts], len(rows), starts[-1]
+
+
 def _launch_accumulate_many(accs, grads, scale):
     if not accs:
         return
@@ -299,16 +310,12 @@ def _launch_accumulate_many(accs, grads, scale):
             _launch_accumulate(acc, grad, scale, False, _NORM_NONE)
         return
     block, warps = _config("accumulate")
-    rows = [(a.data_ptr(), g.data_ptr(), n) for a, g in zip(accs, grads) if (n := a.numel())]
-    if not rows:
+    entries, n_tensors, blocks = _many_table(accs, grads, block)
+    if not n_tensors:
         return
-    n_tensors = len(rows)
-    acc_addrs, grad_addrs, numels = zip(*rows)
-    starts = list(itertools.accumulate((n + block - 1) // block for n in numels))
     on_gpu = device.type == "cuda"
-    table = torch.tensor([*acc_addrs, *grad_addrs, *numels, 0, *starts], dtype=torch.int64,
-                         pin_memory=on_gpu)
-    grid = (starts[-1],)
+    table = torch.tensor(entries, dtype=torch.int64, pin_memory=on_gpu)
+    grid = (blocks,)
     if on_gpu:
         table = table.to(device, non_blocking=True)
     with _device_of(accs[0]):
