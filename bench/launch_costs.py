@@ -11,10 +11,18 @@ launcher, where the cuda backend passes the pointers as kernel arguments from C+
 script times those pieces and the whole calls on one batch: one GPT-2 block's gradients
 (12 bf16 tensors, 7.1M elements, into fp32 accumulators).
 
+The table can reach the device pinned (torch's caching host allocator, then an
+asynchronous upload: what the launcher does by default) or pageable (``non_blocking=True``
+from an ordinary tensor, staged by the driver): both are timed, alone and in the whole
+launcher, so that ``triton._TABLE_UPLOAD`` can be set to the cheaper one.
+
 Each row is the median over shuffled rounds of the mean host time of ``--calls``
 back-to-back calls; the device is synchronized before each batch of calls (outside the
-timing), so a full launch queue never blocks one. Rows needing CUDA or Triton are left out
-where they cannot run (on a CPU only the extension's rows run, with real work in them).
+timing), so a full launch queue never blocks one. On CUDA a second table times the same
+calls while the device is still busy with a sleep kernel queued before them, as in a
+window where the host runs ahead: pinned blocks cannot be recycled until their uploads ran.
+Rows needing CUDA or Triton are left out where they cannot run (on a CPU only the
+extension's rows run, with real work in them).
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ def contenders(device: torch.device) -> dict:
         ints, dtype=torch.int64, pin_memory=True)
     out["table: pinned.to(dev, non_blocking=True)"] = lambda: pinned.to(device,
                                                                        non_blocking=True)
+    out["table: torch.tensor(list).to(dev, non_blocking=True) (pageable)"] = lambda: torch.tensor(
+        ints, dtype=torch.int64).to(device, non_blocking=True)
     out["table: torch.tensor(list, device=dev)"] = lambda: torch.tensor(
         ints, dtype=torch.int64, device=device)
 
@@ -71,8 +81,9 @@ def contenders(device: torch.device) -> dict:
                                                  num_warps=warps)
 
     out["triton: accumulate_many kernel launch only"] = kernel_only
-    out["triton: _launch_accumulate_many (12 pairs)"] = lambda: tri._launch_accumulate_many(
-        accs, grads, 1.0)
+    for mode in ("pinned", "pageable"):
+        out[f"triton: _launch_accumulate_many (12 pairs, {mode} table)"] = (
+            lambda mode=mode: tri._launch_accumulate_many(accs, grads, 1.0, mode))
     out["triton: accumulate_many_ (12 pairs, the op)"] = lambda: tri.accumulate_many_(
         accs, grads, 1.0, trusted=True)
     out["triton: accumulate_ (1 pair, 2.4M)"] = lambda: tri.accumulate_(accs[10], grads[10],
@@ -85,7 +96,12 @@ def _enter_exit(device):
         pass
 
 
-def measure(device: torch.device, rounds: int, calls: int, seed: int = 0) -> dict:
+def measure(device: torch.device, rounds: int, calls: int, seed: int = 0,
+            busy_cycles: int = 0) -> dict:
+    """Medians per call. With ``busy_cycles`` (CUDA), each batch of calls is timed while
+    the device still runs a sleep kernel of that many clock cycles queued just before, as
+    in a window, where the host runs ahead of the device: pinned tables then stay in use
+    until their upload has run."""
     fns = contenders(device)
     for fn in fns.values():  # warm-up: compilation, caches, allocator pools
         for _ in range(3):
@@ -100,6 +116,8 @@ def measure(device: torch.device, rounds: int, calls: int, seed: int = 0) -> dic
             for name in names:
                 fn = fns[name]
                 bench.sync(device)
+                if busy_cycles:
+                    torch.cuda._sleep(busy_cycles)
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     fn()
@@ -108,9 +126,10 @@ def measure(device: torch.device, rounds: int, calls: int, seed: int = 0) -> dic
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def report(device: torch.device, medians: dict, rounds: int, calls: int) -> str:
+def report(device: torch.device, medians: dict, rounds: int, calls: int,
+           busy: str = "") -> str:
     lines = [f"### host time per call: one GPT-2 block's batch (12 bf16 grads, 7.1M elements), "
-             f"{bench.device_name(device)}, {rounds} rounds x {calls} calls",
+             f"{bench.device_name(device)}, {rounds} rounds x {calls} calls{busy}",
              "| piece | median per call |", "|---|---|"]
     lines += [f"| {name} | {bench.fmt_time(t)} |" for name, t in medians.items()]
     return "\n".join(lines)
@@ -121,9 +140,17 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--busy-cycles", type=int, default=10_000_000,
+                    help="CUDA: also time every piece with the device busy this many clock "
+                    "cycles (about 5 ms on an H200; 0: not)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     print(report(device, measure(device, args.rounds, args.calls), args.rounds, args.calls))
+    if device.type == "cuda" and args.busy_cycles:
+        medians = measure(device, args.rounds, args.calls, busy_cycles=args.busy_cycles)
+        print()
+        print(report(device, medians, args.rounds, args.calls,
+                     f", device busy ({args.busy_cycles:,} cycles queued before each batch)"))
 
 
 if __name__ == "__main__":

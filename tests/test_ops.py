@@ -11,6 +11,7 @@ import torch
 
 from fusedaccum import ops
 from fusedaccum.ops import reference
+from fusedaccum.ops import triton as triton_ops
 
 SIZES = [0, 1, 1023, 4097, 278011]
 GRAD_DTYPES = [
@@ -179,8 +180,14 @@ def test_accumulate_many_with_norm(backend_device, dtype, norm_type):
         ops.accumulate_many_(accs, grads, 1.0, norm_type=1.0, backend=backend)
 
 
-def test_accumulate_many_150_tensors(backend_device):
+@pytest.mark.parametrize("upload", ["pinned", "pageable"])
+def test_accumulate_many_150_tensors(backend_device, upload, monkeypatch):
+    """(``upload``: how the Triton launcher's table reaches a GPU; one run elsewhere.)"""
     backend, dev = backend_device
+    if upload != "pinned":
+        if backend != "triton" or dev.type != "cuda":
+            pytest.skip("the table upload mode is the Triton launcher's, on a GPU")
+        monkeypatch.setattr(triton_ops, "_TABLE_UPLOAD", upload)
     sizes = torch.randint(0, 3000, (150,), generator=_gen(7)).tolist()
     sizes[::17] = [0] * len(sizes[::17])
     sizes[5] = 70001

@@ -299,7 +299,22 @@ def _many_table(accs, grads, block: int) -> tuple[list[int], int, int]:
     return [*acc_addrs, *grad_addrs, *numels, 0, *starts], len(rows), starts[-1]
 
 
-def _launch_accumulate_many(accs, grads, scale):
+# How a flush's table reaches the GPU: "pinned" (a page-locked copy from torch's caching
+# host allocator, then an asynchronous upload) or "pageable" (an ordinary CPU tensor,
+# uploaded with non_blocking=True: the driver stages it at once, without waiting on the
+# device, and torch's host allocator is not involved). Both are correct; which one costs
+# the host less is measured by bench/launch_costs.py on a GPU.
+_TABLE_UPLOAD = "pinned"
+
+
+def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.Tensor:
+    if device.type != "cuda":
+        return torch.tensor(entries, dtype=torch.int64)
+    table = torch.tensor(entries, dtype=torch.int64, pin_memory=mode == "pinned")
+    return table.to(device, non_blocking=True)
+
+
+def _launch_accumulate_many(accs, grads, scale, upload: str | None = None):
     if not accs:
         return
     device = accs[0].device
@@ -313,16 +328,12 @@ def _launch_accumulate_many(accs, grads, scale):
     entries, n_tensors, blocks = _many_table(accs, grads, block)
     if not n_tensors:
         return
-    on_gpu = device.type == "cuda"
-    table = torch.tensor(entries, dtype=torch.int64, pin_memory=on_gpu)
-    grid = (blocks,)
-    if on_gpu:
-        table = table.to(device, non_blocking=True)
+    table = _upload_table(entries, device, upload or _TABLE_UPLOAD)
     with _device_of(accs[0]):
-        _accumulate_many_kernel[grid](table, n_tensors, scale,
-                                      LOG_T=(n_tensors - 1).bit_length(),
-                                      GRAD_KIND=_KIND[grads[0].dtype], BLOCK=block,
-                                      num_warps=warps)
+        _accumulate_many_kernel[(blocks,)](table, n_tensors, scale,
+                                           LOG_T=(n_tensors - 1).bit_length(),
+                                           GRAD_KIND=_KIND[grads[0].dtype], BLOCK=block,
+                                           num_warps=warps)
 
 
 # --------------------------------------------------------------------------------------
