@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fusedaccum import distributed as dp
 from fusedaccum import ops
-from fusedaccum.buffers import IN_BATCH, Bucket
+from fusedaccum.buffers import HALF_DTYPES, IN_BATCH, Bucket
 from fusedaccum.scaling import LossScaler
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,6 +81,12 @@ def _check_norm_type(norm_type) -> float:
     if norm_type != 2.0 and norm_type != math.inf:
         raise ValueError(f"norm_type must be 2.0 or inf (math.inf), got {norm_type!r}")
     return norm_type
+
+
+def _fp32_state(st: dict, shape) -> dict:
+    """A param's optimizer state with its fp16/bf16 per-element entries in fp32."""
+    return {k: v.to(torch.float32) if isinstance(v, torch.Tensor) and v.dtype in HALF_DTYPES
+            and v.shape == shape else v for k, v in st.items()}
 
 
 def _check_k(k, what: str) -> int:
@@ -329,10 +335,10 @@ class FusedAccumulator(torch.optim.Optimizer):
             return loss
         return loss * self._scaler.scale.to(loss.device)
 
-    def _next_k(self) -> int:
+    def _next_k(self, ended: int = 0) -> int:
         if self._k_fn is None:
             return int(self.accumulation_steps)
-        return _check_k(self._k_fn(self.update_count + self.skipped_steps),
+        return _check_k(self._k_fn(self.update_count + self.skipped_steps + ended),
                         "accumulation_steps(windows_ended)")
 
     def _all_buckets(self):
@@ -711,6 +717,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         if num_items is not None:
             self._check_num_items(num_items)
         self._flush_all()
+        if len(self.inner.param_groups) != len(self._buckets):
+            self._adopt_new_groups()
         scaler_attrs = "grad_scale" in self.__dict__ or "found_inf" in self.__dict__
         if scaler_attrs:
             if self._k_fn is not None or self._window_k != 1:
@@ -721,6 +729,13 @@ class FusedAccumulator(torch.optim.Optimizer):
             if self._scaler is not None:
                 raise RuntimeError("use either torch.amp.GradScaler or the wrapper's own "
                                    f"loss_scale={self._scaler_spec()!r}, not both")
+            if any(b.is_half and not b.has_master for b in self._all_buckets()):
+                raise RuntimeError(
+                    "torch.amp.GradScaler sees gradients through the .grad of the tensors "
+                    "the optimizer steps, and fp16/bf16 params with master_weights=False "
+                    "have none (their fp32 accumulators cannot be a half param's .grad): "
+                    "its unscale_ and inf checks would miss them. Use master_weights=True "
+                    "(the default), or the wrapper's own loss_scale='dynamic' instead")
         if not self._ddp_checked:
             self._ddp_checked = True
             self._check_not_ddp([p for b in self._all_buckets() for p in b.params])
@@ -734,10 +749,28 @@ class FusedAccumulator(torch.optim.Optimizer):
             return loss
         grad_scale = self.__dict__.get("grad_scale") if scaler_attrs else None
         found_inf = self.__dict__.get("found_inf") if scaler_attrs else None
+        # the next window's length, called with the count this window's end makes: a bad
+        # value raises here, before this window is applied or dropped
+        next_k = self._next_k(ended=1)
         self._boundary(num_items, grad_scale, found_inf)
         self.micro_step = 0
-        self._window_k = self._next_k()
+        self._window_k = next_k
         return loss
+
+    def _adopt_new_groups(self) -> None:
+        """Param groups added to the inner optimizer directly (``inner.add_param_group``,
+        ``opt.param_groups.append``): checked and built as ``add_param_group`` would; a
+        gradient their params already hold becomes this window's, as when wrapping."""
+        start = len(self._buckets)
+        groups = self.inner.param_groups
+        if len(groups) < start:
+            raise RuntimeError(
+                f"the optimizer has {len(groups)} param groups but the wrapper built {start}: "
+                "a group was removed from param_groups; groups cannot be removed")
+        self._check_params(groups[start:], start=start)
+        for gi in range(start, len(groups)):
+            self._build_group(gi)
+        self._ddp_checked = False
 
     def _scaler_spec(self):
         return "dynamic" if self._scaler.dynamic else float(self._scaler.scale)
@@ -994,22 +1027,46 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     # -- generic path --------------------------------------------------------------
     def _generic_update(self, mult: torch.Tensor) -> None:
-        half_grads = []
-        for b in self._all_buckets():
-            b.acc.mul_(mult if mult.device == b.device else mult.to(b.device))
-            for i, t in enumerate(b.stepped):
-                if not b.touched[i]:
-                    t.grad = None
-                elif b.is_half and not b.has_master:
-                    t.grad = b.main_grads[i].to(t.dtype)  # torch optimizers need grad dtype
-                    half_grads.append(t)
-                else:
-                    t.grad = b.main_grads[i]
+        """The inner optimizer steps the fp32 tensors, ``.grad`` viewing the accumulators.
+
+        fp16/bf16 params without masters (``master_weights=False``) are stepped as fp32
+        copies made for this step only, with their state in fp32 (upcast if the optimizer
+        made it in half, as Adagrad does in ``__init__``), and then rounded back to nearest:
+        fp32 math, as on the fused path, at a transient 4 bytes per such param. The
+        params change only once the inner step returned.
+        """
+        swapped = []  # (the group's params list, position, half param, its fp32 copy)
+        state = self.inner.state
+        for gi, buckets in enumerate(self._buckets):
+            params = self.inner.param_groups[gi]["params"]
+            for b in buckets:
+                b.acc.mul_(mult if mult.device == b.device else mult.to(b.device))
+                copies = b.is_half and not b.has_master
+                for i, t in enumerate(b.stepped):
+                    if not b.touched[i]:
+                        t.grad = None
+                    elif copies:
+                        f = t.detach().to(torch.float32)
+                        f.grad = b.main_grads[i]
+                        pi = b.indices[i]
+                        params[pi] = f
+                        st = state.pop(t, None)
+                        if st is not None:
+                            state[f] = _fp32_state(st, t.shape)
+                        swapped.append((params, pi, t, f))
+                    else:
+                        t.grad = b.main_grads[i]
         try:
             self.inner.step()
+            for _, _, t, f in swapped:
+                t.copy_(f)  # round to nearest
         finally:
-            for t in half_grads:
-                t.grad = None
+            for params, pi, t, f in swapped:
+                params[pi] = t
+                st = state.pop(f, None)
+                if st is not None:
+                    state[t] = st
+                f.grad = None
         for b in self._all_buckets():
             if b.has_master:
                 b.model.copy_(b.master)
@@ -1114,6 +1171,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             self._adopt_state(loaded_state)
         else:
             self.inner.load_state_dict(sd)
+            self._keep_fp32_state(sd.get("state", {}))
         if extra is None:
             return
         # a partial window of a data-parallel run was saved summed over the ranks: one
@@ -1155,6 +1213,24 @@ class FusedAccumulator(torch.optim.Optimizer):
             local_flat[a - b.lo:e - b.lo].copy_(value.reshape(-1)[a - o:e - o])
 
     @torch.no_grad()
+    def _keep_fp32_state(self, loaded: dict) -> None:
+        """Generic path, after ``inner.load_state_dict``: torch cast the state of fp16/bf16
+        params without masters to their dtype; their fp32 state is never downcast, so the
+        loaded values are copied in again, in fp32."""
+        for idx, (b, i) in self._index_map().items():
+            if not b.is_half or b.has_master:
+                continue
+            src = loaded.get(idx, loaded.get(str(idx)))
+            st = self.inner.state.get(b.stepped[i])
+            if src is None or st is None:
+                continue
+            t = b.stepped[i]
+            for key, value in src.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                        and value.shape == t.shape:
+                    st[key] = value.to(device=t.device, dtype=torch.float32, copy=True)
+
+    @torch.no_grad()
     def _adopt_state(self, loaded: dict) -> None:
         """Fused path: copy per-param state (by state_dict index) into the flat buffers."""
         if self._kind is None:
@@ -1167,10 +1243,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if st is not None:
                     # state made for the half param (Adagrad makes it in __init__) now
                     # belongs to its fp32 master: never keep it in half precision
-                    self.inner.state[t] = {
-                        k: v.to(torch.float32) if isinstance(v, torch.Tensor)
-                        and v.is_floating_point() and v.shape == t.shape else v
-                        for k, v in st.items()}
+                    self.inner.state[t] = _fp32_state(st, t.shape)
             return
         state_keys = (*_ADAM_KEYS, "momentum_buffer")
         self._recorded_in = None  # entries replaced: _record_fused_steps checks them all

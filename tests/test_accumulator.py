@@ -274,6 +274,62 @@ def test_half_params_with_master_weights(device, dtype, master_weights):
     assert _changed(model, dtype=dtype, device=device)
 
 
+def _rmsprop(ps):
+    return torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, weight_decay=0.01)
+
+
+def _adagrad(ps):  # makes its state in __init__, in the params' dtype
+    return torch.optim.Adagrad(ps, lr=0.05, weight_decay=0.01, initial_accumulator_value=0.125)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("make_opt", [_rmsprop, _adagrad], ids=["RMSprop", "Adagrad"])
+def test_generic_optimizer_half_params_without_master_weights(device, dtype, make_opt):
+    """master_weights=False on the generic path: fp32 math and fp32 state, as on the fused
+    path (in half precision, RMSprop's square_avg of fp16 grads underflowed to 0 and the
+    params went inf after one update); the state stays fp32 through a state_dict."""
+    k = 2
+    windows = make_windows(4, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    params = list(model.parameters())
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=k, master_weights=False)
+    assert all(a is b for a, b in zip(group_tensors(opt), params))
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), make_opt, master_weights=False)
+
+    def train(windows):
+        for window in windows:
+            for x, y in window:
+                mse(model(x), y).backward()
+                emu.backward(mse(emu.model(x), y))
+                opt.step()
+                opt.zero_grad()
+            emu.step(k)
+            assert opt.stepped
+            assert all(a is b for a, b in zip(group_tensors(opt), params))
+            assert all(p.grad is None for p in params)
+
+    train(windows[:2])
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert_states_close(opt, emu.opt, **MASTER_TOL)  # dtypes included: fp32
+    # a state_dict keeps the fp32 state; a fresh wrapper goes on the same way
+    sd = opt.state_dict()
+    assert all(v.dtype == torch.float32 for st in sd["state"].values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+    fresh = make_model(dtype=dtype, device=device)
+    with torch.no_grad():
+        for f, p in zip(fresh.parameters(), params):
+            f.copy_(p)
+    model, params = fresh, list(fresh.parameters())
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=k, master_weights=False)
+    opt.load_state_dict(sd)
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
+    train(windows[2:])
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
+    assert _changed(model, dtype=dtype, device=device)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_half_params_without_master_weights(device, dtype):
     k = 2
@@ -765,6 +821,60 @@ def test_add_param_group_trains_the_new_group(device):
     assert_states_close(opt, ref_opt)
     assert all(not torch.equal(p.detach(), b) for p, b in zip(model.fc2.parameters(),
                                                                 fc2_before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_group_added_to_the_inner_optimizer_is_adopted(device, dtype):
+    """inner.add_param_group after wrapping (or opt.param_groups.append): the next step()
+    builds the group as opt.add_param_group would; the gradient its params got from this
+    micro-batch's backward becomes the window's, as when wrapping. Before, such a group
+    was silently never updated."""
+    k = 2
+    windows = make_windows(3, k, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    inner = adamw(model.fc1.parameters())
+    opt = wrap(inner, accumulation_steps=k)
+    ref_opt = adamw(ref.fc1.parameters())
+    run_managed(model, opt, windows[:1])
+    big_batch_update(ref, ref_opt, windows[0])
+    for m in (model, ref):
+        for p in m.fc2.parameters():
+            p.grad = None
+    inner.add_param_group({"params": list(model.fc2.parameters()), "lr": 5e-3})
+    ref_opt.add_param_group({"params": list(ref.fc2.parameters()), "lr": 5e-3})
+    run_managed(model, opt, windows[1:])
+    for window in windows[1:]:
+        big_batch_update(ref, ref_opt, window)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+    for p in model.fc2.parameters():
+        assert p.main_grad.dtype == torch.float32
+    # half params: a master in the adopted group
+    half = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(half.fc1.parameters()), accumulation_steps=1)
+    opt.param_groups.append(dict(opt.param_groups[0], params=list(half.fc2.parameters())))
+    x, y = windows[0][0]
+    mse(half(x.to(dtype)), y.to(dtype)).backward()
+    before = [p.detach().clone() for p in half.fc2.parameters()]
+    opt.step()
+    assert opt.stepped and len(opt.param_groups) == 2
+    for t, p, b in zip(opt.param_groups[1]["params"], half.fc2.parameters(), before):
+        assert t.dtype == torch.float32 and torch.equal(p.detach(), t.detach().to(dtype))
+        assert not torch.equal(p.detach(), b)
+
+
+def test_group_added_to_the_inner_optimizer_is_checked(device):
+    model = make_model(device=device)
+    inner = adamw(model.fc1.parameters())
+    opt = wrap(inner)
+    inner.param_groups.append(dict(inner.param_groups[0],
+                                   params=[torch.zeros(3, dtype=torch.float64)]))
+    with pytest.raises(TypeError, match="group 1, index 0"):
+        opt.step()
+    del inner.param_groups[1:]
+    del inner.param_groups[0]
+    with pytest.raises(RuntimeError, match="removed"):
+        opt.step()
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

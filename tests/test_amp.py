@@ -304,6 +304,35 @@ def test_gradscaler_half_params(device, dtype, unscale):
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("unscale", [False, True], ids=["plain", "unscale"])
+@pytest.mark.parametrize("with_fp32", [False, True], ids=["half", "mixed"])
+def test_gradscaler_refuses_half_params_without_masters(device, dtype, unscale, with_fp32):
+    """A half param without a master has no .grad the scaler could unscale or check: a
+    RuntimeError at step, nothing changed (before: an AttributeError on found_inf, or,
+    beside fp32 params and after unscale_, an update still multiplied by the scale)."""
+    model = make_model(dtype=dtype, device=device)
+    extra = torch.nn.Linear(4, 4, device=device)  # fp32 params beside them
+    params = list(model.parameters()) + (list(extra.parameters()) if with_fp32 else [])
+    opt = wrap(adamw(params), master_weights=False)
+    scaler = torch.amp.GradScaler(device, init_scale=256.0)
+    x, y = make_batches(1, dtype=dtype, device=device)[0]
+    loss = mse(model(x).float(), y.float())
+    if with_fp32:
+        loss = loss + extra(torch.ones(4, device=device)).sum()
+    scaler.scale(loss).backward()
+    held = [p.main_grad.clone() for p in params]
+    snap = snapshot(model, opt)
+    if unscale:
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="master_weights=False"):
+        scaler.step(opt)
+    assert_unchanged(snap, model, opt)
+    assert opt.update_count == 0 and not opt.stepped
+    for p, h in zip(model.parameters(), held):  # (unscale_ did scale the fp32 ones)
+        assert torch.equal(p.main_grad, h)
+
+
 def test_gradscaler_with_accumulation_steps_above_one_raises(device):
     model = make_model(device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=2)
