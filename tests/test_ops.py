@@ -412,6 +412,42 @@ def test_sgd_step(backend_device, n, case, skip):
     assert torch.count_nonzero(got[1]) == 0
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_steps_take_python_numbers_for_grad_mult_and_found_inf(backend_device, skip):
+    """The same result as with one-element tensors (the reference once failed on them)."""
+    backend, dev = backend_device
+    param, acc, (m, v, _), _ = _step_inputs(1023, torch.float32, dev, None)
+    adam = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=2)
+    sgd = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+               maximize=False, first_step=False)
+    for op, state, hp in ((ops.adamw_step_, [m, v], adam), (ops.sgd_step_, [m], sgd)):
+        want = _clone([param, acc, *state])
+        op(*want, grad_mult=torch.tensor(0.5, device=dev),
+           found_inf=torch.tensor(float(skip), device=dev), backend=backend, **hp)
+        for b in (backend, "reference"):
+            got = _clone([param, acc, *state])
+            op(*got, grad_mult=0.5, found_inf=float(skip), backend=b, **hp)
+            want_b = want
+            if b == "reference":
+                want_b = _clone([param, acc, *state])
+                reference_op = getattr(reference, op.__name__)
+                reference_op(*want_b, grad_mult=torch.tensor(0.5, device=dev),
+                             found_inf=torch.tensor(float(skip), device=dev), **hp)
+            for g, w in zip(got, want_b):
+                assert torch.equal(g, w), b
+
+
+def test_negative_inf_is_not_a_norm_type(backend_device):
+    backend, dev = backend_device
+    acc, grad = _rand(10, torch.float32, dev, 1), _rand(10, torch.float32, dev, 2)
+    for call in (lambda: ops.accumulate_(acc, grad, norm_type=-math.inf, backend=backend),
+                 lambda: ops.grad_norm([acc], -math.inf, backend=backend),
+                 lambda: ops.accumulate_many_([acc], [grad], norm_type=-math.inf,
+                                              backend=backend)):
+        with pytest.raises(ValueError, match="norm_type must be 2.0 or inf"):
+            call()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_rounding_is_nearest_even(backend_device, dtype):
     """model_out must be the fp32 result rounded to nearest even, as torch's .to() does."""
@@ -484,6 +520,13 @@ def test_env_var_overrides_auto(monkeypatch):
     monkeypatch.setenv("FUSEDACCUM_BACKEND", "nope")
     with pytest.raises(RuntimeError, match="FUSEDACCUM_BACKEND"):
         ops.resolve("auto", "cpu")
+    if not torch.cuda.is_available():  # says why and what to change: the variable
+        monkeypatch.setenv("FUSEDACCUM_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match="no CUDA device here.*Unset FUSEDACCUM_BACKEND"):
+            ops.resolve("auto", "cpu")
+        monkeypatch.delenv("FUSEDACCUM_BACKEND")
+        with pytest.raises(RuntimeError, match="no CUDA device here.*Use backend='auto'"):
+            ops.resolve("cuda", "cpu")
 
 
 def test_auto_router_sends_each_op_to_the_measured_faster_backend():

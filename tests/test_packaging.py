@@ -43,3 +43,29 @@ def test_loader_prefers_the_wheels_copy(tmp_path):
     (pkg / "_csrc" / "bindings.cpp").write_text("")
     assert native._find_csrc(pkg) == pkg / "_csrc"
     assert native._find_csrc(ROOT / "fusedaccum") == ROOT / "csrc"  # this checkout
+
+
+_FALLBACK_SCRIPT = """
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from fusedaccum import ops
+    assert ops.resolve("auto", "cpu") == "reference"
+    assert ops.available_backends()["cpu"] is not None
+    ops.resolve("auto", "cpu")
+said = [str(w.message) for w in caught if "C++ extension is unavailable" in str(w.message)]
+assert len(said) == 1, said
+print(said[0])
+"""
+
+
+def test_a_failed_build_falls_back_and_says_so_once(tmp_path):
+    """No ahead-of-time build and a compiler that does not work: 'auto' uses the reference
+    backend and one RuntimeWarning says why and what would build the extension."""
+    env = dict(os.environ, FUSEDACCUM_NATIVE="jit", CXX=str(tmp_path / "no-such-c++"),
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pip install --no-build-isolation -e ." in proc.stdout
+    assert "pip install ninja" in proc.stdout

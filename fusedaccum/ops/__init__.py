@@ -117,10 +117,12 @@ def resolve(backend: str | None, device: torch.device | str) -> str:
         source = "backend="
     why = unavailable_reason(backend, device)
     if why is not None:
+        fix = ("Unset FUSEDACCUM_BACKEND (or set it to 'auto' or" if source != "backend="
+               else "Use backend='auto' (or")
         raise RuntimeError(
             f"fusedaccum backend {backend!r} (from {source}) cannot run on {device.type} "
-            f"tensors: {why}. Use backend='auto' or one of the backends that "
-            f"`python -m fusedaccum info` lists as available."
+            f"tensors: {why}. {fix} one of the backends that `python -m fusedaccum info` "
+            "lists as available)."
         )
     return backend
 

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,7 +60,8 @@ def _find_csrc(pkg_dir: Path = _PKG_DIR) -> Path:
 
 
 _CSRC = _find_csrc()
-_HINT = "install ninja and a C++ compiler, or build the extension with `pip install -e .`"
+_HINT = ("it needs ninja (`pip install ninja`) and a C++ compiler; or build it ahead of time "
+         "with `pip install --no-build-isolation -e .` from a source checkout")
 
 
 class _State:
@@ -68,6 +70,7 @@ class _State:
     def __init__(self, error: str | None = None, cuda: bool = False,
                  cuda_error: str | None = None, how: str = "", path: str | None = None):
         self.error = error  # None when the CPU ops are registered
+        self.disabled = False  # True when FUSEDACCUM_NATIVE turned it off (no warning)
         self.cuda = cuda  # the CUDA kernels are registered too
         self.cuda_error = cuda_error  # why not, when known
         self.how = how  # "ahead-of-time build <path>" or "JIT build <path>"
@@ -131,7 +134,9 @@ def _jit_build(with_cuda: bool) -> str:
 def _load_uncached() -> _State:
     mode = os.environ.get("FUSEDACCUM_NATIVE", "").strip().lower()
     if mode in ("0", "off", "false", "no"):
-        return _State(f"the C++ extension is disabled by FUSEDACCUM_NATIVE={mode}; unset it")
+        state = _State(f"the C++ extension is disabled by FUSEDACCUM_NATIVE={mode}; unset it")
+        state.disabled = True
+        return state
     aot_error = None
     aot = None if mode == "jit" else _aot_library()
     if aot is not None:
@@ -219,6 +224,13 @@ def _load() -> _State:
                         new = _State(f"the C++ extension loaded but its ops are incomplete "
                                      f"({_first_lines(exc, 2)}); rebuild it")
                 _state = new
+                if new.error is not None and not new.disabled:
+                    # "auto" falls back quietly otherwise: say so once, with the reason
+                    warnings.warn(
+                        "fusedaccum: the C++ extension is unavailable, so the cpu and cuda "
+                        "backends cannot run and backend='auto' falls back to triton or the "
+                        f"(slower) reference backend: {new.error}", RuntimeWarning,
+                        stacklevel=2)
             state = _state
     return state
 
@@ -271,13 +283,17 @@ def unavailable_reason(name: str, device: torch.device | None) -> str | None:
         if device is not None and device.type != "cpu":
             return f"the cpu backend runs on CPU tensors only, not {device.type}"
     elif name == "cuda":
-        if device is not None and device.type != "cuda":
-            return f"the cuda backend runs on CUDA tensors only, not {device.type}"
+        no_gpu = None
         if torch.version.cuda is None:
-            return ("no CUDA device: this torch is a CPU-only build (install a CUDA build of "
-                    "torch on a machine with an NVIDIA GPU)")
-        if not torch.cuda.is_available():
-            return "no CUDA device (torch.cuda.is_available() is False)"
+            no_gpu = ("this torch is a CPU-only build (install a CUDA build of torch on a "
+                      "machine with an NVIDIA GPU)")
+        elif not torch.cuda.is_available():
+            no_gpu = "torch.cuda.is_available() is False"
+        if device is not None and device.type != "cuda":
+            return (f"the cuda backend runs on CUDA tensors only, not {device.type}"
+                    + (f"; and there is no CUDA device here: {no_gpu}" if no_gpu else ""))
+        if no_gpu is not None:
+            return f"no CUDA device: {no_gpu}"
     else:
         return f"fusedaccum.ops.native provides the cpu and cuda backends, not {name!r}"
     state = _load()

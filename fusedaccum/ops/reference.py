@@ -64,7 +64,7 @@ def check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum) -> None:
 
 def check_norm_type(norm_type) -> None:
     """None (no statistic), 2.0 or inf; ValueError otherwise."""
-    if norm_type is not None and float(norm_type) != 2.0 and not math.isinf(float(norm_type)):
+    if norm_type is not None and float(norm_type) not in (2.0, math.inf):
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
 
 
@@ -174,14 +174,14 @@ def many_stat(accs, norm_type) -> torch.Tensor:
     if not accs:
         return torch.zeros((), dtype=torch.float32)
     stats = torch.stack([_norm_stat(a.reshape(-1), float(norm_type)) for a in accs])
-    return stats.amax() if math.isinf(float(norm_type)) else stats.sum()
+    return stats.amax() if float(norm_type) == math.inf else stats.sum()
 
 
 def _norm_stat(t: torch.Tensor, norm_type: float) -> torch.Tensor:
     """Sum of squares (2-norm) or largest |x| (inf-norm) of one fp32 tensor."""
     if norm_type == 2.0:
         return t.square().sum(dtype=torch.float32)
-    if math.isinf(norm_type):
+    if norm_type == math.inf:
         if t.numel() == 0:
             return torch.zeros((), dtype=torch.float32, device=t.device)
         return t.abs().amax()
@@ -207,10 +207,10 @@ def grad_norm(tensors, norm_type=2.0):
     return stats.amax()
 
 
-def _keep_mask(found_inf) -> torch.Tensor | bool:
+def _keep_mask(found_inf, device: torch.device) -> torch.Tensor:
     if isinstance(found_inf, torch.Tensor):
         return found_inf == 0
-    return float(found_inf) == 0.0
+    return torch.tensor(float(found_inf) == 0.0, device=device)  # (where takes no bool)
 
 
 def _commit(dst: torch.Tensor, new: torch.Tensor, keep) -> None:
@@ -222,7 +222,7 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
                 grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
                 decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
     check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad, step)
-    keep = _keep_mask(found_inf)
+    keep = _keep_mask(found_inf, param.device)
     g = acc * grad_mult
     if maximize:
         g = -g
@@ -257,7 +257,7 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, fo
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
               zero_acc=True):
     check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
-    keep = _keep_mask(found_inf)
+    keep = _keep_mask(found_inf, param.device)
     g = acc * grad_mult
     if maximize:
         g = -g
