@@ -299,7 +299,32 @@ def _demo_tolerance(ref: float, dtype_name: str) -> float:
 
 
 def _fmt_mem(peak) -> str:
-    return "n/a on CPU*" if peak is None else f"{peak / 2**20:.2f} MiB"
+    return "n/a" if peak is None else f"{peak / 2**20:.2f} MiB"
+
+
+class _NoProgress:
+    def update(self, n=1):
+        pass
+
+
+def _cpu_peak(kind, args, device, data, dtype_name) -> int | None:
+    """Peak CPU tensor bytes of a run, from a separate run of at most 2 updates under
+    torch.profiler (profile_memory=True; its overhead would spoil the timed run's times):
+    from before the model is made, so params, accumulators, masters, optimizer state and
+    activations all count, as torch.cuda.max_memory_allocated counts them on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fusedaccum import bench
+
+    short = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 2)})
+    gc.collect()
+    try:
+        with bench._QuietStderr(), profile(activities=[ProfilerActivity.CPU],
+                                           profile_memory=True) as prof:
+            _run(kind, short, device, data, _NoProgress(), dtype_name)
+        return bench.cpu_peak_allocated(prof)
+    except Exception:  # noqa: BLE001 - a profiler that cannot run here: no figure
+        return None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -315,9 +340,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            print(f"error: --device {args.device!r}: {exc}", file=sys.stderr)
+            return 2
         if device.type == "cuda" and not torch.cuda.is_available():
             print("error: --device cuda requested but torch sees no CUDA device",
+                  file=sys.stderr)
+            return 2
+        if device.type not in ("cpu", "cuda"):
+            print(f"error: --device {args.device!r}: the demo runs on cpu or cuda",
                   file=sys.stderr)
             return 2
     if not hasattr(fusedaccum, "FusedAccumulator"):
@@ -363,8 +396,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         for kind, dtype_name, label in runs:
             progress.set_description(label)
-            results.append((label, dtype_name, _run(kind, args, device, data, progress,
-                                                    dtype_name)))
+            res = _run(kind, args, device, data, progress, dtype_name)
+            if device.type == "cpu":
+                res["peak"] = _cpu_peak(kind, args, device, data, dtype_name)
+            results.append((label, dtype_name, res))
     finally:
         progress.close()
 
@@ -423,8 +458,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for label, _, res in results:
         print(f"{label:>20} | {res['ms']:>17.2f} ms | {_fmt_mem(res['peak']):>18}")
     if device.type == "cpu":
-        print("* torch keeps no peak-allocation counter for CPU tensors, and the process RSS "
-              "high-water mark (getrusage) cannot be attributed to one run, so none is shown.")
+        print("  peak = the most CPU tensor bytes allocated at once in a separate run of at "
+              "most 2 updates under torch.profiler(profile_memory=True), counted from before "
+              "the model was made: params, grads, accumulators, master weights, optimizer "
+              "state and activations")
     else:
         print("  peak = torch.cuda.max_memory_allocated over the run's updates: that run's "
               "params, grads, accumulators, master weights, optimizer state and activations")

@@ -570,6 +570,60 @@ def op_callable(spec: OpSpec, mod, inputs: dict):
     raise ValueError(spec.op)
 
 
+PEER = "torch"  # the op benchmarks' plain-PyTorch contender (TorchPeer)
+
+
+class TorchPeer:
+    """Each op done the strongest plain-PyTorch way, with the backends' signatures, timed
+    beside them in the op benchmarks (the ratio columns: its time / the backend's):
+
+    * ``accumulate_``: ``acc.add_(grad, alpha=scale)`` (Megatron's ``main_grad`` add);
+    * ``grad_norm``: ``clip_grad_norm_``'s norm, ``torch._foreach_norm`` + a 2-norm of those;
+    * ``adamw_step_`` / ``sgd_step_``: ``torch.optim.AdamW(fused=True)``'s and
+      ``SGD(fused=True)``'s kernels (``torch._fused_adamw_`` / ``_fused_sgd_``, given
+      ``1 / grad_mult`` as their ``grad_scale`` and the ``found_inf`` flag, so no separate
+      scaling pass), then the copy into the half model params and the zeroing of the
+      accumulator: three passes where a backend makes one.
+
+    The GB/s column counts the bytes the op must move, for the peer too: the same work.
+    """
+
+    def accumulate_(self, acc, grad, scale=1.0):
+        acc.add_(grad, alpha=scale)
+
+    def grad_norm(self, tensors, norm_type=2.0):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, norm_type)),
+                                        norm_type)
+
+    @staticmethod
+    def _step_tensor(device, step):
+        return torch.full((), float(step), dtype=torch.float32, device=device)
+
+    def adamw_step_(self, param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None,
+                    *, grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
+                    **_flags):
+        torch._fused_adamw_([param], [acc], [exp_avg], [exp_avg_sq], [],
+                            [self._step_tensor(param.device, step)], lr=lr, beta1=beta1,
+                            beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
+                            maximize=False, grad_scale=grad_mult.reciprocal(),
+                            found_inf=found_inf)
+        if model_out is not None:
+            model_out.copy_(param)
+        acc.zero_()
+
+    def sgd_step_(self, param, acc, momentum_buffer=None, model_out=None, *, grad_mult,
+                  found_inf, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                  first_step):
+        torch._fused_sgd_([param], [acc], [] if momentum_buffer is None else [momentum_buffer],
+                          weight_decay=weight_decay, momentum=momentum, lr=lr,
+                          dampening=dampening, nesterov=nesterov, maximize=maximize,
+                          is_first_step=first_step, grad_scale=grad_mult.reciprocal(),
+                          found_inf=found_inf)
+        if model_out is not None:
+            model_out.copy_(param)
+        acc.zero_()
+
+
 def bench_backends(device: torch.device, requested: list[str] | None = None):
     """(backends to time, {backend: why excluded}) for tensors on ``device``."""
     runnable, excluded = [], {}
@@ -611,7 +665,8 @@ def run_op_benchmarks(specs, sizes, backends, device, tc: TimingConfig, copy_bw:
     CLI re-measures the copy bandwidth there, to follow a shared machine's drift)."""
     results: list[OpResult] = []
     target = ROTATION_CACHE_MULTIPLE * last_level_cache_bytes(device)
-    modules = {b: _ops.get(b, device) for b in backends}  # resolved once, as the wrapper does
+    # resolved once, as the wrapper does; PEER is plain PyTorch
+    modules = {b: TorchPeer() if b == PEER else _ops.get(b, device) for b in backends}
     for i, spec in enumerate(specs):
         if before_op is not None and i > 0:
             before_op(spec)
@@ -1067,22 +1122,33 @@ def _profile_window(c: Contender, device: torch.device) -> tuple:
             parent = parent.cpu_parent
         n_ops += not nested
     n_kernels = None
+    events = _trace_events(prof)
+    if cuda:
+        n_kernels = sum(1 for ev in events
+                        if ev.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"))
+    else:
+        peak = cpu_peak_allocated(prof, events)
+    return peak, n_ops, n_kernels
+
+
+def _trace_events(prof) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             trace = json.load(f)
-    events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
-    if cuda:
-        n_kernels = sum(1 for ev in events
-                        if ev.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"))
-    else:
-        totals = [ev.get("args", {}).get("Total Allocated") for ev in events
-                  if ev.get("name") == "[memory]"
-                  and ev.get("args", {}).get("Device Type", 0) == 0]
-        totals = [t for t in totals if isinstance(t, (int, float))]
-        peak = max([0, *totals])
-    return peak, n_ops, n_kernels
+    return trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
+
+
+def cpu_peak_allocated(prof, events=None) -> int:
+    """The largest total of CPU tensor bytes allocated while ``prof`` (a
+    ``torch.profiler.profile(profile_memory=True)``) ran, above what was allocated when
+    it started: torch keeps no peak counter for CPU tensors, the profiler's memory events
+    carry the running total."""
+    events = _trace_events(prof) if events is None else events
+    totals = [ev.get("args", {}).get("Total Allocated") for ev in events
+              if ev.get("name") == "[memory]" and ev.get("args", {}).get("Device Type", 0) == 0]
+    return max([0, *(t for t in totals if isinstance(t, (int, float)))])
 
 
 _NOT_OPS = ("autograd::", "torch::autograd", "ProfilerStep", "[memory]", "Optimizer.")
@@ -1332,6 +1398,7 @@ def _ops_table_rows(ops_results, backends):
         for n in sorted({r.numel for r in ops_results if r.op == op}):
             row = [OP_SPECS[op].label if op in OP_SPECS else op, fmt_size(n),
                    str(OP_SPECS[op].bytes_per_element) if op in OP_SPECS else ""]
+            peer = keyed.get((op, n, PEER))
             for b in backends:
                 r = keyed.get((op, n, b))
                 if r is None:
@@ -1340,10 +1407,18 @@ def _ops_table_rows(ops_results, backends):
                     row += ["-", "-", r.note.split(":")[0]]
                 else:
                     row += [fmt_time(r.timing.median_s), f"{r.gbps:.2f}", _fmt_frac(r.frac)]
+            for b in backends:
+                if b == PEER or PEER not in backends:
+                    continue
+                r = keyed.get((op, n, b))
+                ok = r is not None and r.timing and peer is not None and peer.timing
+                row.append(f"{peer.timing.median_s / r.timing.median_s:.2f}x" if ok else "")
             rows.append(row)
     headers = ["op", "size", "B/elt"]
     for b in backends:
         headers += [f"{b} time", f"{b} GB/s", f"{b} %copy"]
+    if PEER in backends:
+        headers += [f"{b} vs {PEER}" for b in backends if b != PEER]
     return headers, rows
 
 
@@ -1426,9 +1501,14 @@ def write_markdown(path, *, device, copy, ops_results, backends, excluded, win_r
                   "the last-level cache), GB/s = bytes the op must move / time, and that as a "
                   "fraction of the copy bandwidth above. A fraction above 100% is possible: a "
                   "copy is half writes, and ops whose traffic is mostly reads (grad_norm only "
-                  "reads) can stream faster than a copy.")
+                  "reads) can stream faster than a copy. `torch` is the same work done the "
+                  "plain-PyTorch way: `acc.add_(grad, alpha=s)`; `torch._foreach_norm` and the "
+                  "norm of those (`clip_grad_norm_`'s); the fused AdamW/SGD kernels of "
+                  "`torch.optim` (`fused=True`, grad_scale = 1/grad_mult), then the copy to "
+                  "the half params and the zeroing of the accumulator. `<backend> vs torch`: "
+                  "torch's time / the backend's (> 1: the backend is faster).")
         md.append("")
-        headers, rows = _ops_table_rows(ops_results, backends)
+        headers, rows = _ops_table_rows(ops_results, [*backends, PEER])
         md.append(format_table(headers, rows, markdown=True))
         md.append("")
         md.append("Bytes per element counted (reads + writes the op cannot avoid):")
@@ -1709,6 +1789,11 @@ def _main(argv_or_namespace) -> int:
         sizes = [n for n in sizes if n <= args.max_size]
     requested = None if args.backends is None else [
         b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in requested or () if b not in _ops.BACKENDS]
+    if unknown:  # a typo: say so, rather than time nothing and exit 0
+        print(f"bench: unknown backend(s) {', '.join(map(repr, unknown))} in --backends; "
+              f"choose from {', '.join(_ops.BACKENDS)}", file=sys.stderr)
+        return 2
     backends, excluded = bench_backends(device, requested)
     tc = TimingConfig(budget_s=args.budget if args.budget is not None else
                       (0.08 if quick else 0.5),
@@ -1753,7 +1838,10 @@ def _main(argv_or_namespace) -> int:
         notes.append("`reference` is the readable plain-PyTorch definition of the math (one "
                      "aten op per term, fp32 temporaries), timed as a baseline, not a target")
 
-    total = len(specs) * len(sizes) * len(backends) + len(model_names) * (wc.warmup_rounds > 0)
+    # the op benchmarks also time each op the plain-PyTorch way (TorchPeer)
+    op_contenders = [*backends, PEER] if backends else []
+    total = len(specs) * len(sizes) * len(op_contenders)
+    total += len(model_names) * (wc.warmup_rounds > 0)
     total += len(model_names) * (1 + wc.min_rounds)
     progress = Progress(total, enabled=not args.no_progress)
     try:
@@ -1774,7 +1862,7 @@ def _main(argv_or_namespace) -> int:
                 progress.set("copy bandwidth (again)")
                 copies.append(measure_copy_bandwidth(device, copy_numel, copy_tc))
 
-            ops_results = run_op_benchmarks(specs, sizes, backends, device, tc, copy.gbps,
+            ops_results = run_op_benchmarks(specs, sizes, op_contenders, device, tc, copy.gbps,
                                             progress, max_sets=max(1, max_sets),
                                             before_op=remeasure)
             remeasure()
@@ -1792,7 +1880,7 @@ def _main(argv_or_namespace) -> int:
                     "measurement and ops timed in a slow phase look lower than they are")
             for r in ops_results:
                 r.frac = r.gbps / copy.gbps
-            headers, rows = _ops_table_rows(ops_results, backends)
+            headers, rows = _ops_table_rows(ops_results, op_contenders)
             progress.write("")
             progress.write(format_table(headers, rows))
             errors = sorted({f"{r.backend} {r.op}: {r.note}" for r in ops_results
@@ -1840,7 +1928,7 @@ def _main(argv_or_namespace) -> int:
     plot_note = ""
     if ops_results and not args.no_plot:
         try:
-            plot_note = write_plot(base_path + ".png", ops_results, backends, copy,
+            plot_note = write_plot(base_path + ".png", ops_results, op_contenders, copy,
                                    f"fusedaccum ops on {dname}")
         except Exception as exc:  # noqa: BLE001 - a plot is never worth failing the run
             plot_note = f"No plot: {_short(exc)}"

@@ -111,6 +111,23 @@ def test_op_inputs_run_on_reference_and_match_bytes(key):
         torch.testing.assert_close(x["model_out"], x["param"].to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("key", list(B.OP_SPECS))
+def test_torch_peer_does_the_same_work_as_the_reference(key):
+    """The op benchmarks' plain-PyTorch contender computes what the op computes (every
+    output, the half copy and the zeroed accumulator included): its ratio is fair."""
+    spec = B.OP_SPECS[key]
+    x = B.make_op_inputs(spec, 1000, CPU, seed=0)
+    y = {k: v.clone() for k, v in x.items()}
+    with torch.no_grad():
+        want = B.op_callable(spec, B._ops.get("reference", CPU), x)()
+        got = B.op_callable(spec, B.TorchPeer(), y)()
+    if want is not None:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    for name in x:
+        torch.testing.assert_close(y[name], x[name], rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, name=name: f"{key} {name}: {m}")
+
+
 # --------------------------------------------------------------------------- peers
 
 
@@ -229,10 +246,11 @@ def test_quick_run_writes_markdown_and_csv(tmp_path, capsys):
     with open(tmp_path / csvs[0]) as f:
         rows = list(csv.DictReader(f))
     ops_rows = [r for r in rows if r["section"] == "op"]
-    assert len(ops_rows) == len(B.OP_SPECS) * 2
+    assert len(ops_rows) == len(B.OP_SPECS) * 2 * 2  # 2 sizes x (reference, the torch peer)
+    assert "| reference vs torch |" in text
     for r in ops_rows:
-        assert r["backend"] == "reference" and not r["note"], r
-        assert float(r["gbps"]) > 0 and float(r["frac_copy_bw"]) > 0
+        assert r["backend"] in ("reference", B.PEER) and not r["note"], r
+        assert float(r["gbps"]) > 0 and float(r["frac_copy_bw"]) >= 0  # (4 decimals)
         assert int(r["bytes_moved"]) == int(r["bytes_per_elem"]) * int(r["numel"])
     assert any(r["section"] == "copy_bw" and r["note"] == "reference" for r in rows)
     ratios = [r for r in rows if r["section"] == "window_ratio"]

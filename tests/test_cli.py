@@ -67,6 +67,17 @@ def test_demo_curves_agree():
     # one table row per update (<= 25 updates are all shown)
     rows = [int(m.group(1)) for m in re.finditer(r"^\s*(\d+) \|", out, re.MULTILINE)]
     assert rows == list(range(1, 7)), out
+    # peak memory per update, on CPU too (from a profiled run)
+    peaks = re.findall(r"\| +([\d.]+) MiB$", out, re.MULTILINE)
+    assert len(peaks) == 3 and all(float(p) > 0 for p in peaks), out
+
+
+def test_demo_and_bench_refuse_bad_arguments_cleanly():
+    for args in (("demo", "--device", "xpu"), ("demo", "--device", "nonsense"),
+                 ("bench", "--quick", "--backends", "nope")):
+        proc = _run(*args, "--no-progress", timeout=120)
+        assert proc.returncode == 2, _explain(proc)
+        assert "Traceback" not in proc.stderr and proc.stderr.strip(), _explain(proc)
 
 
 def test_demo_rejects_a_backend_that_cannot_run():
