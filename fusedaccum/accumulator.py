@@ -1218,17 +1218,13 @@ class FusedAccumulator(torch.optim.Optimizer):
         params without masters to their dtype; their fp32 state is never downcast, so the
         loaded values are copied in again, in fp32."""
         for idx, (b, i) in self._index_map().items():
-            if not b.is_half or b.has_master:
-                continue
-            src = loaded.get(idx, loaded.get(str(idx)))
-            st = self.inner.state.get(b.stepped[i])
-            if src is None or st is None:
-                continue
             t = b.stepped[i]
-            for key, value in src.items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point() \
-                        and value.shape == t.shape:
-                    st[key] = value.to(device=t.device, dtype=torch.float32, copy=True)
+            src = loaded.get(idx, loaded.get(str(idx)))
+            st = self.inner.state.get(t)
+            if b.is_half and not b.has_master and src is not None and st is not None:
+                st.update({k: v.to(device=t.device, dtype=torch.float32, copy=True)
+                           for k, v in src.items() if isinstance(v, torch.Tensor)
+                           and v.is_floating_point() and v.shape == t.shape})
 
     @torch.no_grad()
     def _adopt_state(self, loaded: dict) -> None:
