@@ -21,6 +21,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/version.h>
@@ -164,10 +165,16 @@ struct BatchHook final : PostAccumulateGradHook {
     }
     Ref b(bucket_raw);
     if (!direct) {
-      // the first hook of a backward queues the end-of-backward flush: Python's job
+      // the first hook of a backward queues the end-of-backward flush: Python's job. The
+      // owner holds the id of the graph task it queued it in (a backward that raised
+      // never ran its callback: the next one must queue again)
       Ref queued(PyObject_GetAttr(owner.get(), s_flush_queued));
       if (!queued) PyErr_Clear();
-      if (queued.get() != Py_True) return false;
+      if (!queued || !PyLong_CheckExact(queued.get()) ||
+          PyLong_AsLong(queued.get()) != torch::autograd::get_current_graph_task_id()) {
+        PyErr_Clear();
+        return false;
+      }
     }
     Ref fields(PyObject_GetAttr(b.get(), s_hook_fields));
     if (!fields) PyErr_Clear();

@@ -245,7 +245,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         self.stepped = False
         self._warned_skip = False
         self._ddp_checked = False
-        self._flush_queued = False  # an end-of-backward flush of the batches is queued
+        # the autograd graph task (backward) whose end flushes the batches, or None: a
+        # backward that raised never runs its callbacks, and the next one queues again
+        self._flush_queued = None
         # the state dict, and its size, _record_fused_steps last made or checked entries in
         self._recorded_in, self._recorded_len = None, -1
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
@@ -374,6 +376,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                     stepped[i].grad = None
                     if not released[i] and params[i].grad is not None:
                         params[i].grad = None
+                elif not b.is_half and params[i].grad is b.main_grads[i] \
+                        and not released[i]:
+                    params[i].grad = None  # set by pre_hook for an autograd.grad call
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad``; the accumulated window is never dropped (either way).
@@ -564,7 +569,11 @@ class FusedAccumulator(torch.optim.Optimizer):
     # collected. They hold the wrapper and the bucket weakly; the wrapper holds the buckets.
 
     def _make_pre_hook(self, b: Bucket, i: int, p_ref):
-        """fp32 params: make ``p.grad`` the accumulator view, so autograd adds in place."""
+        """fp32 params: make ``p.grad`` the accumulator view, so autograd adds in place.
+
+        It also fires for ``torch.autograd.grad``, which accumulates nothing: the param
+        counts as touched only once post_hook ran (AccumulateGrad did), and a view put in
+        place for nothing is cleared at the window's end (_end_window)."""
         view = b.main_grads[i]
         owner_ref, b_ref = weakref.ref(self), weakref.ref(b)
 
@@ -579,8 +588,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if cur is not None:  # a .grad the user assigned: part of the window
                     with torch.no_grad():
                         view.add_(cur)
+                    b.touched[i] = True
                 p.grad = view
-            b.touched[i] = True
             return None
 
         return pre_hook
@@ -598,6 +607,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         nbytes = b.numels[i] * b.params[i].element_size()
         flush_bytes = _BATCH_FLUSH_BYTES  # (fixed per wrapper, as the C++ hook's)
         queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+        graph_task_id = torch._C._current_graph_task_id
 
         def post_hook(p):
             # the hot path: once per param per backward
@@ -622,8 +632,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                     b.pending_bytes += nbytes
                     if b.pending_bytes >= flush_bytes:
                         self._flush(b)
-                    if not self._flush_queued:
-                        self._flush_queued = True
+                    task = graph_task_id()
+                    if self._flush_queued != task:
+                        self._flush_queued = task
                         queue_callback(self._flush_all)
                 else:
                     # in a window's last micro-batch the norm rides on the accumulation
@@ -678,14 +689,14 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def _flush_all(self) -> None:
         """Accumulate every waiting gradient (end of backward, and before any read)."""
-        self._flush_queued = False
+        self._flush_queued = None
         for b in self._all_buckets():
             if b.pending:
                 self._flush(b)
 
     def _drop_pending(self) -> None:
         """Forget the waiting gradients (the window they belong to is being dropped)."""
-        self._flush_queued = False
+        self._flush_queued = None
         for b in self._all_buckets():
             b.pending, b.pending_accs, b.pending_grads, b.pending_bytes = [], [], [], 0
             b.is_pending = [False] * len(b)

@@ -927,6 +927,34 @@ def test_frozen_and_unused_params_are_untouched(device, dtype):
         assert_params_close(model, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("make_opt", [adamw, _rmsprop], ids=["AdamW", "RMSprop"])
+def test_autograd_grad_is_not_a_gradient_of_the_window(device, dtype, make_opt):
+    """torch.autograd.grad accumulates nothing: a param it alone reaches takes no part in
+    the update (no weight decay, no state), as in torch, and the window is bitwise the one
+    without that call. (The fp32 params' pre-hook fires for it too; it used to mark the
+    param touched.)"""
+    runs = []
+    for with_grad_call in (True, False):
+        model = make_model(dtype=dtype, device=device)
+        opt = wrap(make_opt(model.parameters()), accumulation_steps=2)
+        stepped = dict(zip([id(p) for p in model.parameters()], group_tensors(opt)))
+        w0 = model.fc1.weight.detach().clone()
+        for x, y in make_windows(1, 2, dtype=dtype, device=device)[0]:
+            loss = mse(model(x), y)
+            if with_grad_call:
+                torch.autograd.grad(loss, [model.fc1.weight], retain_graph=True)
+            loss.backward(inputs=list(model.fc2.parameters()))
+            opt.step()
+        assert opt.stepped
+        assert torch.equal(model.fc1.weight.detach(), w0)
+        assert not opt.state.get(stepped[id(model.fc1.weight)])
+        assert model.fc1.weight.grad is None
+        runs.append([p.detach().clone() for p in model.fc2.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_zero_size_param(device, dtype):
     class WithEmpty(nn.Module):

@@ -240,3 +240,38 @@ def test_the_build_reads_the_fields_buffers_keeps():
     from fusedaccum.buffers import HOOK_FIELDS
 
     assert MODULE.HOOK_FIELDS == HOOK_FIELDS
+
+
+class _RaiseInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp-hook", "python-hook"])
+def test_a_backward_that_raised_does_not_stop_later_flushes(fast, monkeypatch):
+    """A backward that raises never runs its end-of-backward callback; the next backward
+    must queue its own, so p.main_grad holds its gradients once it returned (before, the
+    batches waited for the next step())."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8).bfloat16())
+    b = torch.nn.Parameter(torch.randn(8).bfloat16())
+    opt = FusedAccumulator(torch.optim.SGD([a, b], lr=0.1), accumulation_steps=4,
+                           backend="cpu")
+    x = torch.randn(8).bfloat16()
+    with pytest.raises(RuntimeError, match="boom"):  # b's gradient arrives, then it raises
+        (_RaiseInBackward.apply(a * x).sum() + (b * x).sum()).backward()
+    opt.zero_grad()
+    for n in (1, 2):  # clean backwards, each read right after it returned
+        before = hits()
+        ((a * x).sum() + (b * x).sum()).backward()
+        assert torch.equal(a.main_grad, n * x.float()), n
+        # b's gradient from the backward that raised is kept, as autograd keeps a .grad
+        assert torch.equal(b.main_grad, (n + 1) * x.float()), n
+        # the first hook of each backward queues the flush (Python), the second is C++'s
+        assert hits() - before == (1 if fast else 0)
