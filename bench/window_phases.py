@@ -31,6 +31,7 @@ import torch
 from fusedaccum import accumulator as acc_mod
 from fusedaccum import bench
 from fusedaccum.ops import native
+from fusedaccum.ops import triton as tri
 
 _PARTS = ("_flush", "_total_norm", "_fused_update", "_record_fused_steps", "_end_window")
 
@@ -142,8 +143,10 @@ def main(argv=None) -> int:
                     "bench --help)")
     ap.add_argument("--variants", default="",
                     help="extra contenders in the same rounds, comma-separated: "
-                    "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>'; of the first "
-                    "backend, or of another one as '<backend>:<variant>'")
+                    "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>', "
+                    "'table=pageable' (how a Triton flush uploads its table: "
+                    "ops/triton.py _TABLE_UPLOAD); of the first backend, or of another one "
+                    "as '<backend>:<variant>'")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     backends = (args.backends.split(",") if args.backends else
@@ -175,8 +178,13 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
             os.environ["FUSEDACCUM_FAST_HOOKS"] = "0"
         elif variant.startswith("flush="):
             acc_mod._BATCH_FLUSH_BYTES = int(float(variant[6:]) * (1 << 20))
+        elif variant.startswith("table="):  # read at each flush: set around its windows
+            c = bench.FusedContender(wl, backend)
+            c.triton_table = variant[6:]
+            return c
         else:
-            raise SystemExit(f"unknown variant {variant!r}: python-hooks or flush=<MiB>")
+            raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB> or "
+                             "table=pinned|pageable")
         return bench.FusedContender(wl, backend)
     finally:
         acc_mod._BATCH_FLUSH_BYTES = flush
@@ -195,20 +203,25 @@ def _run(args, dev, backends, clock: Clock) -> None:
         contenders[f"fusedaccum[{backend}] {variant}"] = _variant(wl, backend, variant)
     contenders["tutorial"] = bench.TutorialContender(wl)
     contenders["recipe"] = bench.RecipeContender(wl)
+    table = tri._TABLE_UPLOAD
     rng = random.Random(0)
-    with bench.gc_paused():
-        for r in range(args.rounds + 2):
-            order = list(contenders)
-            rng.shuffle(order)
-            for name in order:
-                c = contenders[name]
-                t0 = clock.now()
-                (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
-                clock.add("window", clock.now() - t0)
-                if r >= 2:
-                    clock.end_window(f"{name}\t")
-                else:
-                    clock.window.clear()
+    try:
+        with bench.gc_paused():
+            for r in range(args.rounds + 2):
+                order = list(contenders)
+                rng.shuffle(order)
+                for name in order:
+                    c = contenders[name]
+                    tri._TABLE_UPLOAD = getattr(c, "triton_table", table)
+                    t0 = clock.now()
+                    (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
+                    clock.add("window", clock.now() - t0)
+                    if r >= 2:
+                        clock.end_window(f"{name}\t")
+                    else:
+                        clock.window.clear()
+    finally:
+        tri._TABLE_UPLOAD = table
     print(f"# window phases: {args.model} ({wl.model.tensors} tensors, {wl.numel / 1e6:.1f}M "
           f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
           f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "

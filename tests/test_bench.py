@@ -18,6 +18,7 @@ import torch
 
 from fusedaccum import bench as B
 from fusedaccum.ops import native
+from fusedaccum.ops import triton as triton_ops
 
 CPU = torch.device("cpu")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -290,15 +291,17 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
     _bench_script("window_phases").main(["--model", "tiny", "--device", "cpu", "--rounds", "2",
                                          "--backends", ",".join(backends), "--flush-mib", "1",
                                          "--variants",
-                                         f"python-hooks,flush=2,{backends[-1]}:flush=3",
-                                         "--fresh-grads"])
+                                         f"python-hooks,flush=2,{backends[-1]}:flush=3,"
+                                         "table=pageable", "--fresh-grads"])
     out = capsys.readouterr().out
     assert "batch flush 1 MiB" in out and "fresh gradients" in out
     assert not B._Deliver.fresh  # put back
     assert f"| fusedaccum[{backends[0]}] python-hooks | window |" in out
     assert f"| fusedaccum[{backends[0]}] flush=2 | " in out and "| recipe window / its" in out
     assert f"| fusedaccum[{backends[-1]}] flush=3 | window |" in out
+    assert f"| fusedaccum[{backends[0]}] table=pageable | window |" in out
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
+    assert triton_ops._TABLE_UPLOAD == "pinned"  # put back
     assert accumulator._BATCH_FLUSH_BYTES == flush  # put back
     for b in backends:
         assert f"| fusedaccum[{b}] | window |" in out
