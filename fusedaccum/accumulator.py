@@ -608,6 +608,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         flush_bytes = _BATCH_FLUSH_BYTES  # (fixed per wrapper, as the C++ hook's)
         queue_callback = torch.autograd.Variable._execution_engine.queue_callback
         graph_task_id = torch._C._current_graph_task_id
+        is_compiling = torch.compiler.is_compiling
 
         def post_hook(p):
             # the hot path: once per param per backward
@@ -620,7 +621,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                 g = grad.detach() if grad.requires_grad else grad  # create_graph=True
                 if not g.is_contiguous():  # row-major, as the accumulator view
                     g = g.contiguous()
-                if batched:  # into the bucket's batch, in the param's shape as view
+                # (traced by compiled autograd, the hook accumulates at once: the
+                # end-of-backward callback could run before the traced appends)
+                if batched and not is_compiling():  # into the batch, in the param's shape
                     if b.is_pending[i]:  # a second backward without the end-of-backward flush
                         self._flush(b)
                     if b.stats[i] is not None:  # its batch statistic goes stale

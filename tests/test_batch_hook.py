@@ -275,3 +275,34 @@ def test_a_backward_that_raised_does_not_stop_later_flushes(fast, monkeypatch):
         assert torch.equal(b.main_grad, (n + 1) * x.float()), n
         # the first hook of each backward queues the flush (Python), the second is C++'s
         assert hits() - before == (1 if fast else 0)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp-hook", "python-hook"])
+def test_compiled_autograd_accumulates_within_the_backward(fast, monkeypatch):
+    """Under compiled autograd the hooks are traced: a batched gradient is accumulated at
+    once, so p.main_grad holds every micro-batch when backward returns (batched, it
+    lagged one micro-batch: the end-of-backward callback ran before the traced appends)."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no compiled_autograd._enable")
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3).bfloat16()
+    ref = torch.nn.Linear(4, 3).bfloat16()
+    ref.load_state_dict(lin.state_dict())
+    opt = FusedAccumulator(torch.optim.SGD(lin.parameters(), lr=1.0), accumulation_steps=2,
+                           backend="cpu")
+    x = torch.randn(5, 4).bfloat16()
+    ref(x).float().pow(2).sum().backward()
+    torch._dynamo.reset()
+    try:
+        for j in (1, 2):
+            loss = lin(x).float().pow(2).sum()
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+            for p, q in zip(lin.parameters(), ref.parameters()):
+                assert torch.equal(p.main_grad, j * q.grad.float()), j
+            opt.step()
+    finally:
+        torch._dynamo.reset()
+    assert opt.stepped
