@@ -640,7 +640,10 @@ def bench_backends(device: torch.device, requested: list[str] | None = None):
             excluded[name] = why
     if requested is not None:
         for name in requested:
-            if name not in _ops.BACKENDS:
+            if name == "auto":  # (windows: timed wherever cuda and triton both run)
+                if not {"cuda", "triton"} <= set(runnable):
+                    excluded[name] = "auto is timed (windows only) where cuda and triton both run"
+            elif name not in _ops.BACKENDS:
                 excluded[name] = f"unknown backend; choose from {', '.join(_ops.BACKENDS)}"
     return runnable, excluded
 
@@ -1789,10 +1792,10 @@ def _main(argv_or_namespace) -> int:
         sizes = [n for n in sizes if n <= args.max_size]
     requested = None if args.backends is None else [
         b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in requested or () if b not in _ops.BACKENDS]
+    unknown = [b for b in requested or () if b not in _ops.BACKENDS and b != "auto"]
     if unknown:  # a typo: say so, rather than time nothing and exit 0
         print(f"bench: unknown backend(s) {', '.join(map(repr, unknown))} in --backends; "
-              f"choose from {', '.join(_ops.BACKENDS)}", file=sys.stderr)
+              f"choose from {', '.join(_ops.BACKENDS)} (and auto)", file=sys.stderr)
         return 2
     backends, excluded = bench_backends(device, requested)
     tc = TimingConfig(budget_s=args.budget if args.budget is not None else

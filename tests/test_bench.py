@@ -74,6 +74,14 @@ def test_model_shapes():
     assert B.MODELS["gpt2-124m/8"].tensors == 148  # scaled down, same tensor count
 
 
+def test_backend_names_are_checked_and_auto_is_one(capsys):
+    """gpu_session.sh passes --backends triton,cuda,auto: auto must not be a typo."""
+    backends, excluded = B.bench_backends(CPU, ["reference", "auto"])
+    assert backends == ["reference"] and "unknown" not in excluded.get("auto", "")
+    assert B.main(["--backends", "reference,nope", "--quick", "--no-progress"]) == 2
+    assert "unknown backend(s) 'nope'" in capsys.readouterr().err
+
+
 def test_triton_never_timed_on_cpu():
     backends, excluded = B.bench_backends(CPU)
     assert "reference" in backends and "triton" not in backends and "cuda" not in backends
