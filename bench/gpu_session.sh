@@ -122,11 +122,11 @@ if has phases; then
   log "host cost of one batch flush, taken apart (triton against cuda)"
   timeout 60 python bench/launch_costs.py 2>&1 | tee -a "$LOG"
   log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB \
-batches, triton with a pageable flush table"
-  timeout 110 python bench/window_phases.py --model gpt2-124m --rounds 10 \
-      --backends cuda,triton \
-      --variants python-hooks,flush=128,triton:flush=128,triton:table=pageable 2>&1 \
-      | tee -a "$LOG"
+batches, triton with a pageable and a cached flush table"
+  timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 10 \
+      --backends cuda,triton --variants \
+      python-hooks,flush=128,triton:flush=128,triton:table=pageable,triton:table=cached \
+      2>&1 | tee -a "$LOG"
   log "window phases with fresh gradients (as a real backward makes them)"
   timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 --backends cuda \
       --fresh-grads 2>&1 | tee -a "$LOG"

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="",
                     help="extra contenders in the same rounds, comma-separated: "
                     "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>', "
-                    "'table=pageable' (how a Triton flush uploads its table: "
+                    "'table=pageable|cached' (how a Triton flush uploads its table: "
                     "ops/triton.py _TABLE_UPLOAD); of the first backend, or of another one "
                     "as '<backend>:<variant>'")
     args = ap.parse_args(argv)
@@ -179,12 +179,15 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         elif variant.startswith("flush="):
             acc_mod._BATCH_FLUSH_BYTES = int(float(variant[6:]) * (1 << 20))
         elif variant.startswith("table="):  # read at each flush: set around its windows
+            if variant[6:] not in tri._TABLE_MODES:
+                raise SystemExit(f"unknown table upload {variant[6:]!r}: one of "
+                                 f"{', '.join(tri._TABLE_MODES)}")
             c = bench.FusedContender(wl, backend)
             c.triton_table = variant[6:]
             return c
         else:
             raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB> or "
-                             "table=pinned|pageable")
+                             f"table={'|'.join(tri._TABLE_MODES)}")
         return bench.FusedContender(wl, backend)
     finally:
         acc_mod._BATCH_FLUSH_BYTES = flush

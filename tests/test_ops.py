@@ -180,7 +180,7 @@ def test_accumulate_many_with_norm(backend_device, dtype, norm_type):
         ops.accumulate_many_(accs, grads, 1.0, norm_type=1.0, backend=backend)
 
 
-@pytest.mark.parametrize("upload", ["pinned", "pageable"])
+@pytest.mark.parametrize("upload", ["pinned", "pageable", "cached"])
 def test_accumulate_many_150_tensors(backend_device, upload, monkeypatch):
     """(``upload``: how the Triton launcher's table reaches a GPU; one run elsewhere.)"""
     backend, dev = backend_device
@@ -188,6 +188,7 @@ def test_accumulate_many_150_tensors(backend_device, upload, monkeypatch):
         if backend != "triton" or dev.type != "cuda":
             pytest.skip("the table upload mode is the Triton launcher's, on a GPU")
         monkeypatch.setattr(triton_ops, "_TABLE_UPLOAD", upload)
+        monkeypatch.setattr(triton_ops, "_TABLE_CACHE", type(triton_ops._TABLE_CACHE)())
     sizes = torch.randint(0, 3000, (150,), generator=_gen(7)).tolist()
     sizes[::17] = [0] * len(sizes[::17])
     sizes[5] = 70001

@@ -238,6 +238,35 @@ def test_accumulate_many_binary_search_every_tensor_count(tiny_blocks, grad_dtyp
             assert torch.equal(got, w), f"{count} tensors: accs[{i}] of {sizes}"
 
 
+def test_cached_flush_tables_are_reused_only_for_the_same_entries(monkeypatch):
+    """table upload "cached": one table per distinct (device, stream, entries), reused
+    (the same tensor), bounded (least recently used dropped), and the launcher gives the
+    same bits with it, cache hit or not."""
+    monkeypatch.setattr(T, "_TABLE_CACHE", type(T._TABLE_CACHE)())
+    monkeypatch.setattr(T, "_TABLE_CACHE_SIZE", 2)
+    dev = torch.device(DEV)
+    a = T._upload_table([1, 2, 3], dev, "cached")
+    assert a.tolist() == [1, 2, 3] and a.device == dev and a.dtype == torch.int64
+    assert T._upload_table([1, 2, 3], dev, "cached") is a
+    b = T._upload_table([1, 2, 4], dev, "cached")
+    assert b is not a and b.tolist() == [1, 2, 4]
+    T._upload_table([1, 2, 3], dev, "cached")  # a is now the most recent
+    T._upload_table([9], dev, "cached")  # drops b
+    assert len(T._TABLE_CACHE) == 2
+    assert T._upload_table([1, 2, 3], dev, "cached") is a
+    assert T._upload_table([1, 2, 4], dev, "cached") is not b
+    with pytest.raises(ValueError, match="table upload mode"):
+        T._upload_table([1], dev, "nope")
+    accs = [_rand(n, seed=i) for i, n in enumerate((5, 3000, 1))]
+    grads = [_rand(n, torch.bfloat16, seed=10 + i) for i, n in enumerate((5, 3000, 1))]
+    want = _per_pair(accs, grads, 0.5)
+    want = _per_pair(want, grads, 0.5)
+    for _ in range(2):  # a miss, then a hit
+        T._launch_accumulate_many(accs, grads, 0.5, "cached")
+    for got, w in zip(accs, want):
+        assert torch.equal(got, w)
+
+
 def test_accumulate_many_bumps_version_counters():
     accs = [_rand(10, seed=1), _rand(3, seed=2)]
     versions = [a._version for a in accs]

@@ -32,6 +32,7 @@ import itertools
 import math
 import os
 import warnings
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import torch
@@ -300,14 +301,36 @@ def _many_table(accs, grads, block: int) -> tuple[list[int], int, int]:
 
 
 # How a flush's table reaches the GPU: "pinned" (a page-locked copy from torch's caching
-# host allocator, then an asynchronous upload) or "pageable" (an ordinary CPU tensor,
+# host allocator, then an asynchronous upload), "pageable" (an ordinary CPU tensor,
 # uploaded with non_blocking=True: the driver stages it at once, without waiting on the
-# device, and torch's host allocator is not involved). Both are correct; which one costs
-# the host less is measured by bench/launch_costs.py on a GPU.
+# device, and torch's host allocator is not involved) or "cached" (pinned, but a table
+# with the same entries, on the same device and stream, is uploaded once and reused: the
+# caching allocator tends to hand a backward's gradients the same addresses every
+# micro-batch, and the accumulators never move; the entries are the key, so a reused
+# table is right by construction, and nothing ever writes a table after its upload).
+# All are correct; which one costs the host least is measured by bench/launch_costs.py
+# and bench/window_phases.py (variant table=...) on a GPU.
 _TABLE_UPLOAD = "pinned"
+_TABLE_MODES = ("pinned", "pageable", "cached")
+_TABLE_CACHE: OrderedDict = OrderedDict()  # (device, stream, *entries) -> table, LRU
+_TABLE_CACHE_SIZE = 256
 
 
 def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.Tensor:
+    if mode == "cached":
+        stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+        key = (device, stream, *entries)
+        table = _TABLE_CACHE.get(key)
+        if table is not None:
+            _TABLE_CACHE.move_to_end(key)
+            return table
+        table = _upload_table(entries, device, "pinned")
+        _TABLE_CACHE[key] = table
+        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+        return table
+    if mode not in _TABLE_MODES:
+        raise ValueError(f"table upload mode must be one of {_TABLE_MODES}, got {mode!r}")
     if device.type != "cuda":
         return torch.tensor(entries, dtype=torch.int64)
     table = torch.tensor(entries, dtype=torch.int64, pin_memory=mode == "pinned")
