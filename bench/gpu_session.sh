@@ -121,6 +121,10 @@ fi
 if has phases; then
   log "host cost of one batch flush, taken apart (triton against cuda)"
   timeout 60 python bench/launch_costs.py 2>&1 | tee -a "$LOG"
+  log "host cost per param of the hooks (148 tiny bf16 params), cuda and triton backends"
+  for b in cuda triton; do
+    timeout 40 python bench/hook_costs.py --backend "$b" 2>&1 | tee -a "$LOG"
+  done
   log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB \
 batches, triton with a pageable and a cached flush table"
   timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 10 \

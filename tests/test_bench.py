@@ -326,6 +326,19 @@ def test_launch_costs_times_the_pieces_that_run_here(capsys):
         assert "| native accumulate_many_ (12 pairs) |" in out
 
 
+def test_hook_costs_times_every_contender(tmp_path, capsys):
+    if native.hooks_module() is None:
+        pytest.skip("the C++ extension (with its batching hook) is unavailable here")
+    _bench_script("hook_costs").main(["--device", "cpu", "--params", "20", "--rounds", "2",
+                                      "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for row in ("plain autograd", "C++ hook", "C++ hook, flush per grad", "Python hook",
+                "Python hook, flush per grad"):
+        assert f"| {row} | " in out
+    assert len(list(tmp_path.glob("*_hook_costs.md"))) == 1
+    assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
+
+
 def test_cpu_adam_peers_times_our_step(tmp_path, capsys):
     _bench_script("cpu_adam_peers").main(["--sizes", "4M", "--rounds", "1", "--out",
                                           str(tmp_path)])
