@@ -83,10 +83,11 @@ def _check_norm_type(norm_type) -> float:
     return norm_type
 
 
-def _fp32_state(st: dict, shape) -> dict:
-    """A param's optimizer state with its fp16/bf16 per-element entries in fp32."""
+def _fp32_state(st: dict) -> dict:
+    """A param's optimizer state with its fp16/bf16 tensors in fp32 (per-element moments,
+    Adafactor's row/column factors, ASGD's scalars alike)."""
     return {k: v.to(torch.float32) if isinstance(v, torch.Tensor) and v.dtype in HALF_DTYPES
-            and v.shape == shape else v for k, v in st.items()}
+            else v for k, v in st.items()}
 
 
 def _check_k(k, what: str) -> int:
@@ -337,10 +338,10 @@ class FusedAccumulator(torch.optim.Optimizer):
             return loss
         return loss * self._scaler.scale.to(loss.device)
 
-    def _next_k(self, ended: int = 0) -> int:
+    def _next_k(self) -> int:
         if self._k_fn is None:
             return int(self.accumulation_steps)
-        return _check_k(self._k_fn(self.update_count + self.skipped_steps + ended),
+        return _check_k(self._k_fn(self.update_count + self.skipped_steps),
                         "accumulation_steps(windows_ended)")
 
     def _all_buckets(self):
@@ -388,6 +389,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         boundary clears it. fp32 params are the stepped tensors themselves: their
         ``p.grad`` (the view) is cleared, and the next backward restores it.
         """
+        self._sync_groups()
         # Host time (every micro-batch, every param): reading p.grad costs as much as
         # setting it, so each param gets one of the two when nothing was released.
         for b in self._all_buckets():
@@ -532,17 +534,18 @@ class FusedAccumulator(torch.optim.Optimizer):
         its batch is flushed with it, and another is accumulated at once (direct).
         Not with the reference backend (pure Python by design), nor where the extension
         would have to be compiled just for this."""
-        if self.backend == "reference":
-            return
         from fusedaccum.ops import native
+        from fusedaccum.ops import reference as reference_ops
         from fusedaccum.ops.auto import Router
 
-        module = native.hooks_module(load=self.backend in ("cpu", "cuda", "auto"))
+        if b.ops is reference_ops:  # (also "auto" that FUSEDACCUM_BACKEND made reference)
+            return
+        is_native = b.ops is native or isinstance(b.ops, Router) and b.ops.cuda is native
+        module = native.hooks_module(load=is_native)
         if module is None:
             return
         batched = b.numels[i] <= _BATCH_MAX_NUMEL
-        # auto: half grads (accumulate_ and accumulate_many_) go to cuda
-        is_native = b.ops is native or isinstance(b.ops, Router) and b.ops.cuda is native
+        # (auto: half grads, accumulate_ and accumulate_many_, go to cuda)
         direct = not batched and is_native
         if not (batched or direct):
             return
@@ -705,6 +708,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             b.is_pending = [False] * len(b)
 
     def add_param_group(self, param_group: dict) -> None:
+        self._sync_groups()
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
@@ -731,25 +735,29 @@ class FusedAccumulator(torch.optim.Optimizer):
         if num_items is not None:
             self._check_num_items(num_items)
         self._flush_all()
-        if len(self.inner.param_groups) != len(self._buckets):
-            self._adopt_new_groups()
+        self._sync_groups()
         scaler_attrs = "grad_scale" in self.__dict__ or "found_inf" in self.__dict__
         if scaler_attrs:
+            why = None
             if self._k_fn is not None or self._window_k != 1:
-                raise RuntimeError(
-                    "torch.amp.GradScaler.step() needs accumulation_steps=1 (the scale could "
-                    "change inside a window): accumulate with the tutorial loop and call "
-                    "scaler.step(opt) at your own boundaries, or use loss_scale='dynamic'")
-            if self._scaler is not None:
-                raise RuntimeError("use either torch.amp.GradScaler or the wrapper's own "
-                                   f"loss_scale={self._scaler_spec()!r}, not both")
-            if any(b.is_half and not b.has_master for b in self._all_buckets()):
-                raise RuntimeError(
-                    "torch.amp.GradScaler sees gradients through the .grad of the tensors "
-                    "the optimizer steps, and fp16/bf16 params with master_weights=False "
-                    "have none (their fp32 accumulators cannot be a half param's .grad): "
-                    "its unscale_ and inf checks would miss them. Use master_weights=True "
-                    "(the default), or the wrapper's own loss_scale='dynamic' instead")
+                why = ("torch.amp.GradScaler.step() needs accumulation_steps=1 (the scale could "
+                       "change inside a window): accumulate with the tutorial loop and call "
+                       "scaler.step(opt) at your own boundaries, or use loss_scale='dynamic'")
+            elif self._scaler is not None:
+                why = ("use either torch.amp.GradScaler or the wrapper's own "
+                       f"loss_scale={self._scaler_spec()!r}, not both")
+            elif any(b.is_half and not b.has_master for b in self._all_buckets()):
+                why = ("torch.amp.GradScaler sees gradients through the .grad of the tensors "
+                       "the optimizer steps, and fp16/bf16 params with master_weights=False "
+                       "have none (their fp32 accumulators cannot be a half param's .grad): "
+                       "its unscale_ and inf checks would miss them. Use master_weights=True "
+                       "(the default), or the wrapper's own loss_scale='dynamic' instead")
+            if why is not None:
+                # the scaler deletes them only after a step that returned: a later step()
+                # without it must not see them
+                self.__dict__.pop("grad_scale", None)
+                self.__dict__.pop("found_inf", None)
+                raise RuntimeError(why)
         if not self._ddp_checked:
             self._ddp_checked = True
             self._check_not_ddp([p for b in self._all_buckets() for p in b.params])
@@ -763,20 +771,24 @@ class FusedAccumulator(torch.optim.Optimizer):
             return loss
         grad_scale = self.__dict__.get("grad_scale") if scaler_attrs else None
         found_inf = self.__dict__.get("found_inf") if scaler_attrs else None
-        # the next window's length, called with the count this window's end makes: a bad
-        # value raises here, before this window is applied or dropped
-        next_k = self._next_k(ended=1)
         self._boundary(num_items, grad_scale, found_inf)
         self.micro_step = 0
-        self._window_k = next_k
+        # the next window's length, asked at its start: after this update, so that a
+        # callable may read opt.grad_norm or opt.update_count of the window that ended (a
+        # bad value raises here, with this window applied and counted)
+        self._window_k = self._next_k()
         return loss
 
-    def _adopt_new_groups(self) -> None:
+    def _sync_groups(self) -> None:
         """Param groups added to the inner optimizer directly (``inner.add_param_group``,
         ``opt.param_groups.append``): checked and built as ``add_param_group`` would; a
-        gradient their params already hold becomes this window's, as when wrapping."""
+        gradient their params already hold becomes this window's, as when wrapping. Run
+        by every method that walks the groups (step, zero_grad, add_param_group and the
+        state dict methods)."""
         start = len(self._buckets)
         groups = self.inner.param_groups
+        if len(groups) == start:
+            return
         if len(groups) < start:
             raise RuntimeError(
                 f"the optimizer has {len(groups)} param groups but the wrapper built {start}: "
@@ -1051,26 +1063,28 @@ class FusedAccumulator(torch.optim.Optimizer):
         """
         swapped = []  # (the group's params list, position, half param, its fp32 copy)
         state = self.inner.state
-        for gi, buckets in enumerate(self._buckets):
-            params = self.inner.param_groups[gi]["params"]
-            for b in buckets:
-                b.acc.mul_(mult if mult.device == b.device else mult.to(b.device))
-                copies = b.is_half and not b.has_master
-                for i, t in enumerate(b.stepped):
-                    if not b.touched[i]:
-                        t.grad = None
-                    elif copies:
-                        f = t.detach().to(torch.float32)
-                        f.grad = b.main_grads[i]
-                        pi = b.indices[i]
-                        params[pi] = f
-                        st = state.pop(t, None)
-                        if st is not None:
-                            state[f] = _fp32_state(st, t.shape)
-                        swapped.append((params, pi, t, f))
-                    else:
-                        t.grad = b.main_grads[i]
+        for b in self._all_buckets():
+            b.acc.mul_(mult if mult.device == b.device else mult.to(b.device))
         try:
+            for gi, buckets in enumerate(self._buckets):
+                params = self.inner.param_groups[gi]["params"]
+                for b in buckets:
+                    copies = b.is_half and not b.has_master
+                    for i, t in enumerate(b.stepped):
+                        if not b.touched[i]:
+                            t.grad = None
+                        elif copies:  # (made inside the try: an OOM here is undone too)
+                            f = t.detach().to(torch.float32)
+                            f.grad = b.main_grads[i]
+                            pi = b.indices[i]
+                            params[pi] = f
+                            swapped.append((params, pi, t, f))
+                            st = state.get(t)
+                            if st is not None:  # (t's entry stays until f has its own)
+                                state[f] = _fp32_state(st)
+                                del state[t]
+                        else:
+                            t.grad = b.main_grads[i]
             self.inner.step()
             for _, _, t, f in swapped:
                 t.copy_(f)  # round to nearest
@@ -1102,6 +1116,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         With a process_group this is a collective (call it on every rank): the sharded
         state is gathered, and a partial window is summed over the ranks.
         """
+        self._sync_groups()
         self._flush_all()
         index = self._index_map()
         if self._shard is None:
@@ -1174,6 +1189,7 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this wrapper, or a plain inner-optimizer state dict."""
+        self._sync_groups()
         self._drop_pending()
         sd = dict(state_dict)
         extra = sd.pop("fusedaccum", None)
@@ -1229,16 +1245,17 @@ class FusedAccumulator(torch.optim.Optimizer):
     @torch.no_grad()
     def _keep_fp32_state(self, loaded: dict) -> None:
         """Generic path, after ``inner.load_state_dict``: torch cast the state of fp16/bf16
-        params without masters to their dtype; their fp32 state is never downcast, so the
-        loaded values are copied in again, in fp32."""
+        params without masters to their dtype; their state is never downcast, so every
+        floating-point value but ``step`` (which torch places by its own policy) is copied
+        in again as saved (fp32), on the param's device."""
         for idx, (b, i) in self._index_map().items():
             t = b.stepped[i]
             src = loaded.get(idx, loaded.get(str(idx)))
             st = self.inner.state.get(t)
             if b.is_half and not b.has_master and src is not None and st is not None:
-                st.update({k: v.to(device=t.device, dtype=torch.float32, copy=True)
-                           for k, v in src.items() if isinstance(v, torch.Tensor)
-                           and v.is_floating_point() and v.shape == t.shape})
+                st.update({k: _fp32_state({k: v})[k].to(device=t.device, copy=True)
+                           for k, v in src.items() if k != "step"
+                           and isinstance(v, torch.Tensor) and v.is_floating_point()})
 
     @torch.no_grad()
     def _adopt_state(self, loaded: dict) -> None:
@@ -1247,13 +1264,15 @@ class FusedAccumulator(torch.optim.Optimizer):
             # generic path: the inner optimizer keeps its own state; only re-key it
             for b, i in self._index_map().values():
                 t = b.stepped[i]
-                if t is b.params[i]:
+                if t is b.params[i]:  # fp32, or half without a master: fp32 state too
+                    if b.is_half and self.inner.state.get(t):
+                        self.inner.state[t] = _fp32_state(self.inner.state[t])
                     continue
                 st = self.inner.state.pop(b.params[i], None)
                 if st is not None:
                     # state made for the half param (Adagrad makes it in __init__) now
                     # belongs to its fp32 master: never keep it in half precision
-                    self.inner.state[t] = _fp32_state(st, t.shape)
+                    self.inner.state[t] = _fp32_state(st)
             return
         state_keys = (*_ADAM_KEYS, "momentum_buffer")
         self._recorded_in = None  # entries replaced: _record_fused_steps checks them all

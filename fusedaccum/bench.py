@@ -588,6 +588,12 @@ class TorchPeer:
     The GB/s column counts the bytes the op must move, for the peer too: the same work.
     """
 
+    def __init__(self):
+        # what a training loop keeps between steps, not made per call: the step counts
+        # (torch.optim's state) and the divisor given as grad_scale (GradScaler's scale)
+        self._steps: dict = {}
+        self._inverse: dict = {}
+
     def accumulate_(self, acc, grad, scale=1.0):
         acc.add_(grad, alpha=scale)
 
@@ -595,9 +601,17 @@ class TorchPeer:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, norm_type)),
                                         norm_type)
 
-    @staticmethod
-    def _step_tensor(device, step):
-        return torch.full((), float(step), dtype=torch.float32, device=device)
+    def _step_tensor(self, device, step):
+        key = (device, step)
+        if key not in self._steps:
+            self._steps[key] = torch.full((), float(step), dtype=torch.float32, device=device)
+        return self._steps[key]
+
+    def _grad_scale(self, grad_mult):
+        key = id(grad_mult)  # (the inputs hold their grad_mult for the whole run)
+        if key not in self._inverse:
+            self._inverse[key] = (grad_mult, grad_mult.reciprocal())
+        return self._inverse[key][1]
 
     def adamw_step_(self, param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None,
                     *, grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
@@ -605,7 +619,7 @@ class TorchPeer:
         torch._fused_adamw_([param], [acc], [exp_avg], [exp_avg_sq], [],
                             [self._step_tensor(param.device, step)], lr=lr, beta1=beta1,
                             beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
-                            maximize=False, grad_scale=grad_mult.reciprocal(),
+                            maximize=False, grad_scale=self._grad_scale(grad_mult),
                             found_inf=found_inf)
         if model_out is not None:
             model_out.copy_(param)
@@ -617,7 +631,7 @@ class TorchPeer:
         torch._fused_sgd_([param], [acc], [] if momentum_buffer is None else [momentum_buffer],
                           weight_decay=weight_decay, momentum=momentum, lr=lr,
                           dampening=dampening, nesterov=nesterov, maximize=maximize,
-                          is_first_step=first_step, grad_scale=grad_mult.reciprocal(),
+                          is_first_step=first_step, grad_scale=self._grad_scale(grad_mult),
                           found_inf=found_inf)
         if model_out is not None:
             model_out.copy_(param)
@@ -642,7 +656,8 @@ def bench_backends(device: torch.device, requested: list[str] | None = None):
         for name in requested:
             if name == "auto":  # (windows: timed wherever cuda and triton both run)
                 if not {"cuda", "triton"} <= set(runnable):
-                    excluded[name] = "auto is timed (windows only) where cuda and triton both run"
+                    excluded[name] = ("auto is timed in the windows when cuda and triton are "
+                                      "both timed (list them too)")
             elif name not in _ops.BACKENDS:
                 excluded[name] = f"unknown backend; choose from {', '.join(_ops.BACKENDS)}"
     return runnable, excluded

@@ -44,6 +44,7 @@ from _models import (
     wrap,
 )
 
+from fusedaccum import accumulator
 from fusedaccum.ops import native
 
 
@@ -282,9 +283,21 @@ def _adagrad(ps):  # makes its state in __init__, in the params' dtype
     return torch.optim.Adagrad(ps, lr=0.05, weight_decay=0.01, initial_accumulator_value=0.125)
 
 
+def _asgd(ps):  # 0-dim state entries (eta, mu) besides the per-element ones
+    return torch.optim.ASGD(ps, lr=1e-2, t0=1.0)
+
+
+def _adafactor(ps):  # row/column factors: state shaped unlike the param
+    return torch.optim.Adafactor(ps, lr=1e-2)
+
+
+_NO_MASTER_OPTS = [adamw, _rmsprop, _adagrad, _asgd] + (
+    [_adafactor] if hasattr(torch.optim, "Adafactor") else [])
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("make_opt", [adamw, _rmsprop, _adagrad],
-                         ids=["AdamW", "RMSprop", "Adagrad"])
+@pytest.mark.parametrize("make_opt", _NO_MASTER_OPTS,
+                         ids=[f.__name__.strip("_") for f in _NO_MASTER_OPTS])
 def test_half_params_without_master_weights(device, dtype, make_opt):
     """master_weights=False: no master copy, fp32 math and fp32 state on the fused and the
     generic path (there, in half precision, RMSprop's square_avg of fp16 grads underflowed
@@ -830,6 +843,19 @@ def test_group_added_to_the_inner_optimizer_is_adopted(device, dtype):
     assert_states_close(opt, ref_opt)
     for p in model.fc2.parameters():
         assert p.main_grad.dtype == torch.float32
+    # one added through the inner optimizer, then one through the wrapper: each built with
+    # its own group, and the state dict sees both before any step
+    extra = [torch.nn.Parameter(torch.randn(3, device=device)) for _ in range(2)]
+    inner.add_param_group({"params": [extra[0]], "lr": 0.5})
+    opt.add_param_group({"params": [extra[1]], "lr": 0.25})
+    assert len(opt.state_dict()["param_groups"]) == 4
+    before = [e.detach().clone() for e in extra]
+    ((extra[0] + extra[1]).sum() * 0).backward()  # zero gradients: only weight decay acts
+    opt.step()
+    opt.step()
+    assert opt.stepped
+    for e, b, lr in zip(extra, before, (0.5, 0.25)):
+        torch.testing.assert_close(e.detach(), b * (1 - lr * 0.1))  # adamw: decay 0.1, m = 0
     # half params: a master in the adopted group
     half = make_model(dtype=dtype, device=device)
     opt = wrap(adamw(half.fc1.parameters()), accumulation_steps=1)
@@ -856,6 +882,44 @@ def test_group_added_to_the_inner_optimizer_is_checked(device):
     del inner.param_groups[0]
     with pytest.raises(RuntimeError, match="removed"):
         opt.step()
+
+
+def test_failure_while_making_the_fp32_copies_loses_nothing(device, monkeypatch):
+    """master_weights=False, generic path: a failure while the step's fp32 copies are made
+    (out of memory, say) leaves the groups, the params and their state as they were, and
+    the next step goes on from there (before, a copy stayed in the group and a param's
+    state went with it)."""
+    dtype = torch.bfloat16
+    model = make_model(dtype=dtype, device=device)
+    params = list(model.parameters())
+    opt = wrap(_rmsprop(model.parameters()), accumulation_steps=1, master_weights=False)
+    windows = make_windows(2, 1, dtype=dtype, device=device)
+    run_managed(model, opt, windows[:1])
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    snap = [p.detach().clone() for p in params]
+    real, calls = accumulator._fp32_state, []
+
+    def failing(st):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(st)
+
+    monkeypatch.setattr(accumulator, "_fp32_state", failing)
+    (x, y), = windows[1]
+    mse(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    assert all(a is b for a, b in zip(group_tensors(opt), params))
+    assert set(map(id, opt.state)) == set(state)
+    for p, s0 in zip(params, snap):
+        assert torch.equal(p.detach(), s0)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[id(p)][k]) and v.dtype == state[id(p)][k].dtype
+    monkeypatch.setattr(accumulator, "_fp32_state", real)
+    opt.step()
+    assert opt.stepped
+    assert all(int(opt.state[p]["step"]) == 2 for p in params)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

@@ -331,6 +331,9 @@ def test_gradscaler_refuses_half_params_without_masters(device, dtype, unscale, 
     assert opt.update_count == 0 and not opt.stepped
     for p, h in zip(model.parameters(), held):  # (unscale_ did scale the fp32 ones)
         assert torch.equal(p.main_grad, h)
+    # the scaler's attributes went with the refusal: the window steps without it
+    opt.step()
+    assert opt.stepped and opt.update_count == 1
 
 
 def test_gradscaler_with_accumulation_steps_above_one_raises(device):
@@ -347,6 +350,8 @@ def test_gradscaler_with_accumulation_steps_above_one_raises(device):
     assert opt.micro_step == 0 and not opt.stepped and opt.update_count == 0
     for p, h in zip(model.parameters(), held):
         assert torch.equal(p.main_grad, h)
+    opt.step()  # the window goes on without the scaler (its attributes are gone)
+    assert opt.micro_step == 1
 
 
 @pytest.mark.parametrize("own", ["dynamic", 128.0])

@@ -73,11 +73,33 @@ def test_callable_accumulation_steps_returning_bad_value_at_a_later_window(bad):
             mse(model(x), y).backward()
             opt.step()
             opt.zero_grad()
-    # the value for the second window is asked for at the first one's end, before its
-    # update: nothing applied, the window kept
-    assert opt.update_count == 0 and not opt.stepped and opt.micro_step == 0
-    assert all(p.main_grad.abs().sum() > 0 for p in model.parameters())
-    assert_params_close(model, make_model())
+    # the value for the second window is asked for at its start, after the first one's
+    # update (a callable may read opt.grad_norm of the window that ended): that update is
+    # applied and counted, as the exception leaves it
+    assert opt.update_count == 1 and opt.stepped and opt.micro_step == 0
+    ref = make_model()
+    reference_big_batch(ref, adamw, [micro[:1]])
+    assert_params_close(model, ref)
+
+
+def test_callable_accumulation_steps_reads_the_window_that_ended():
+    """The callable is asked at each window's start (after the update that ended the
+    previous one): it can adapt k to that window's grad_norm or the update count."""
+    model, inner = _model_opt()
+    seen, made = [], {}
+
+    def k_fn(n):
+        opt = made.get("opt")  # (the first call comes from the constructor)
+        seen.append((n, None if opt is None else opt.update_count,
+                     None if opt is None else float(opt.grad_norm)))
+        return 1
+
+    opt = made["opt"] = wrap(inner, accumulation_steps=k_fn)
+    for x, y in make_batches(2):
+        mse(model(x), y).backward()
+        opt.step()
+        assert seen[-1][2] == float(opt.grad_norm) > 0
+    assert [(n, u) for n, u, _ in seen] == [(0, None), (1, 1), (2, 2)]
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5])

@@ -31,6 +31,7 @@ import inspect
 import itertools
 import math
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -314,20 +315,23 @@ _TABLE_UPLOAD = "pinned"
 _TABLE_MODES = ("pinned", "pageable", "cached")
 _TABLE_CACHE: OrderedDict = OrderedDict()  # (device, stream, *entries) -> table, LRU
 _TABLE_CACHE_SIZE = 256
+_TABLE_LOCK = threading.Lock()
 
 
 def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.Tensor:
     if mode == "cached":
         stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
         key = (device, stream, *entries)
-        table = _TABLE_CACHE.get(key)
-        if table is not None:
-            _TABLE_CACHE.move_to_end(key)
-            return table
+        with _TABLE_LOCK:  # (one autograd thread per device may flush at once)
+            table = _TABLE_CACHE.get(key)
+            if table is not None:
+                _TABLE_CACHE.move_to_end(key)
+                return table
         table = _upload_table(entries, device, "pinned")
-        _TABLE_CACHE[key] = table
-        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
+        with _TABLE_LOCK:
+            _TABLE_CACHE[key] = table
+            if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+                _TABLE_CACHE.popitem(last=False)
         return table
     if mode not in _TABLE_MODES:
         raise ValueError(f"table upload mode must be one of {_TABLE_MODES}, got {mode!r}")
