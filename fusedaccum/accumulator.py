@@ -1060,11 +1060,19 @@ class FusedAccumulator(torch.optim.Optimizer):
         made it in half, as Adagrad does in ``__init__``), and then rounded back to nearest:
         fp32 math, as on the fused path, at a transient 4 bytes per such param. The
         params change only once the inner step returned.
+
+        If the inner step raises (out of memory making its state, a hook), the window's
+        accumulators are divided back (exact up to rounding), so that a retried step()
+        does not scale them twice; what the inner optimizer itself had already written
+        before it raised stays written.
         """
         swapped = []  # (the group's params list, position, half param, its fp32 copy)
         state = self.inner.state
+        scaled = []
         for b in self._all_buckets():
-            b.acc.mul_(mult if mult.device == b.device else mult.to(b.device))
+            m = mult if mult.device == b.device else mult.to(b.device)
+            b.acc.mul_(m)
+            scaled.append((b, m))
         try:
             for gi, buckets in enumerate(self._buckets):
                 params = self.inner.param_groups[gi]["params"]
@@ -1088,6 +1096,10 @@ class FusedAccumulator(torch.optim.Optimizer):
             self.inner.step()
             for _, _, t, f in swapped:
                 t.copy_(f)  # round to nearest
+        except BaseException:
+            for b, m in scaled:
+                b.acc.div_(m)
+            raise
         finally:
             for params, pi, t, f in swapped:
                 params[pi] = t

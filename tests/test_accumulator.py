@@ -922,6 +922,29 @@ def test_failure_while_making_the_fp32_copies_loses_nothing(device, monkeypatch)
     assert all(int(opt.state[p]["step"]) == 2 for p in params)
 
 
+def test_generic_step_that_raised_can_be_retried(device):
+    """The inner optimizer raised at the boundary (a step hook here; out of memory making
+    its state, in practice): the window is kept as it was, and a retried step() applies
+    the update of the large batch (before, the retry scaled the gradient a second time)."""
+    k = 2
+    windows = make_windows(1, k, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(_rmsprop(model.parameters()), accumulation_steps=k, max_grad_norm=0.5)
+    handle = opt.inner.register_step_pre_hook(
+        lambda *args: (_ for _ in ()).throw(RuntimeError("hook failed")))
+    for i, (x, y) in enumerate(windows[0]):
+        mse(model(x), y).backward()
+        if i < k - 1:
+            opt.step()
+    with pytest.raises(RuntimeError, match="hook failed"):
+        opt.step()
+    handle.remove()
+    opt.step()
+    assert opt.stepped
+    reference_big_batch(ref, _rmsprop, windows, max_grad_norm=0.5)
+    assert_params_close(model, ref)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_add_param_group_half_params_get_masters(device, dtype):
     k = 2
