@@ -939,6 +939,15 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     # -- fused path ----------------------------------------------------------------
     def _fused_update(self, mult: torch.Tensor, found: torch.Tensor) -> None:
+        # Every state buffer this step needs exists before the first kernel runs: out of
+        # memory making one (the first boundary allocates them) then changes nothing, and
+        # a retried step() finds the window as it was.
+        for gi, buckets in enumerate(self._buckets):
+            keys = self._state_keys(self.inner.param_groups[gi])
+            for b in buckets:
+                if any(b.touched):
+                    for key in keys:
+                        b.state_buffer(key)
         for gi, buckets in enumerate(self._buckets):
             group = self.inner.param_groups[gi]
             for b in buckets:

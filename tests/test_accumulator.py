@@ -945,6 +945,47 @@ def test_generic_step_that_raised_can_be_retried(device):
     assert_params_close(model, ref)
 
 
+def test_fused_step_out_of_memory_for_its_state_changes_nothing(device, monkeypatch):
+    """The first boundary allocates the optimizer state buffers; running out of memory
+    for the second group's must come before any kernel changed the first group (else a
+    retry would step it twice)."""
+    from fusedaccum.buffers import Bucket
+
+    k = 2
+    windows = make_windows(1, k, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    inner = torch.optim.AdamW([{"params": model.fc1.parameters()},
+                               {"params": model.fc2.parameters(), "lr": 5e-3}],
+                              lr=1e-2, weight_decay=0.1)
+    opt = wrap(inner, accumulation_steps=k)
+    real, made = Bucket.state_buffer, []
+
+    def state_buffer(self, name):
+        if name not in self.state_flat:
+            made.append(name)
+            if len(made) == 3:  # the second group's first buffer
+                raise RuntimeError("out of memory (simulated)")
+        return real(self, name)
+
+    monkeypatch.setattr(Bucket, "state_buffer", state_buffer)
+    for i, (x, y) in enumerate(windows[0]):
+        mse(model(x), y).backward()
+        if i < k - 1:
+            opt.step()
+    snap = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    assert_unchanged(snap, model, opt)
+    monkeypatch.setattr(Bucket, "state_buffer", real)
+    opt.step()
+    assert opt.stepped
+    ref_opt = torch.optim.AdamW([{"params": ref.fc1.parameters()},
+                                 {"params": ref.fc2.parameters(), "lr": 5e-3}],
+                                lr=1e-2, weight_decay=0.1)
+    big_batch_update(ref, ref_opt, windows[0])
+    assert_params_close(model, ref)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_add_param_group_half_params_get_masters(device, dtype):
     k = 2
