@@ -32,7 +32,6 @@ import time
 
 import torch
 
-from fusedaccum import accumulator as acc_mod
 from fusedaccum import bench
 from fusedaccum.accumulator import FusedAccumulator
 
@@ -48,20 +47,11 @@ class _Plain:
 
 
 class _Wrapped:
-    def __init__(self, params, backend, fast: bool, flush_bytes: int):
+    def __init__(self, params, backend, fast: bool, flush_bytes: int | None):
         self.params = params
-        env, flush = os.environ.get("FUSEDACCUM_FAST_HOOKS"), acc_mod._BATCH_FLUSH_BYTES
-        os.environ["FUSEDACCUM_FAST_HOOKS"] = "1" if fast else "0"
-        acc_mod._BATCH_FLUSH_BYTES = flush_bytes  # read when the hooks are installed
-        try:
+        with bench.hook_settings(fast, flush_bytes):
             self.opt = FusedAccumulator(torch.optim.SGD(params, lr=1e-3),
                                         accumulation_steps=1 << 30, backend=backend)
-        finally:
-            acc_mod._BATCH_FLUSH_BYTES = flush
-            if env is None:
-                os.environ.pop("FUSEDACCUM_FAST_HOOKS", None)
-            else:
-                os.environ["FUSEDACCUM_FAST_HOOKS"] = env
 
     def micro_batch(self, grads):
         bench._backward(self.params, grads)
@@ -75,7 +65,7 @@ def contenders(device: torch.device, backend: str, n_params: int, numel: int) ->
 
     out = {"plain autograd": _Plain(params())}
     for fast, label in ((True, "C++ hook"), (False, "Python hook")):
-        out[label] = _Wrapped(params(), backend, fast, acc_mod._BATCH_FLUSH_BYTES)
+        out[label] = _Wrapped(params(), backend, fast, None)
         out[f"{label}, flush per grad"] = _Wrapped(params(), backend, fast, 1)
     return out
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import random
 import statistics
 import sys
@@ -171,30 +170,21 @@ def main(argv=None) -> int:
 def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
     """A contender built with the C++ hook off or another flush size (both are fixed when
     a wrapper installs its hooks), to compare with the plain one in the same rounds."""
-    env = os.environ.get("FUSEDACCUM_FAST_HOOKS")
-    flush = acc_mod._BATCH_FLUSH_BYTES
-    try:
-        if variant == "python-hooks":
-            os.environ["FUSEDACCUM_FAST_HOOKS"] = "0"
-        elif variant.startswith("flush="):
-            acc_mod._BATCH_FLUSH_BYTES = int(float(variant[6:]) * (1 << 20))
-        elif variant.startswith("table="):  # read at each flush: set around its windows
-            if variant[6:] not in tri._TABLE_MODES:
-                raise SystemExit(f"unknown table upload {variant[6:]!r}: one of "
-                                 f"{', '.join(tri._TABLE_MODES)}")
-            c = bench.FusedContender(wl, backend)
-            c.triton_table = variant[6:]
-            return c
-        else:
-            raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB> or "
-                             f"table={'|'.join(tri._TABLE_MODES)}")
-        return bench.FusedContender(wl, backend)
-    finally:
-        acc_mod._BATCH_FLUSH_BYTES = flush
-        if env is None:
-            os.environ.pop("FUSEDACCUM_FAST_HOOKS", None)
-        else:
-            os.environ["FUSEDACCUM_FAST_HOOKS"] = env
+    if variant == "python-hooks":
+        with bench.hook_settings(fast=False):
+            return bench.FusedContender(wl, backend)
+    if variant.startswith("flush="):
+        with bench.hook_settings(flush_bytes=int(float(variant[6:]) * (1 << 20))):
+            return bench.FusedContender(wl, backend)
+    if variant.startswith("table="):  # read at each flush: set around its windows
+        if variant[6:] not in tri._TABLE_MODES:
+            raise SystemExit(f"unknown table upload {variant[6:]!r}: one of "
+                             f"{', '.join(tri._TABLE_MODES)}")
+        c = bench.FusedContender(wl, backend)
+        c.triton_table = variant[6:]
+        return c
+    raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB> or "
+                     f"table={'|'.join(tri._TABLE_MODES)}")
 
 
 def _run(args, dev, backends, clock: Clock) -> None:

@@ -283,6 +283,28 @@ def gc_paused():
         gc.collect()
 
 
+@contextlib.contextmanager
+def hook_settings(fast: bool | None = None, flush_bytes: int | None = None):
+    """Wrappers made inside get the C++ batching hook on or off (``FUSEDACCUM_FAST_HOOKS``)
+    and/or another batch flush size: both are read when a wrapper installs its hooks, so
+    a contender built here keeps them. Put back after."""
+    from fusedaccum import accumulator as acc_mod
+
+    env, flush = os.environ.get("FUSEDACCUM_FAST_HOOKS"), acc_mod._BATCH_FLUSH_BYTES
+    try:
+        if fast is not None:
+            os.environ["FUSEDACCUM_FAST_HOOKS"] = "1" if fast else "0"
+        if flush_bytes is not None:
+            acc_mod._BATCH_FLUSH_BYTES = flush_bytes
+        yield
+    finally:
+        acc_mod._BATCH_FLUSH_BYTES = flush
+        if env is None:
+            os.environ.pop("FUSEDACCUM_FAST_HOOKS", None)
+        else:
+            os.environ["FUSEDACCUM_FAST_HOOKS"] = env
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
