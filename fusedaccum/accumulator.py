@@ -586,6 +586,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 return None
             if grad.layout is not torch.strided:
                 owner_ref()._bad_grad(b, i, grad)
+            if p.dtype is not view.dtype:  # converted after wrapping (model.half())
+                owner_ref()._check_buckets()
             cur = p.grad
             if cur is not view:
                 if cur is not None:  # a .grad the user assigned: part of the window
@@ -875,8 +877,18 @@ class FusedAccumulator(torch.optim.Optimizer):
             total = dp.global_norm(total, self.norm_type, self._pg)
         return total
 
+    def _check_buckets(self) -> None:
+        """Before the masters are read: params still where the wrapper steps them, and
+        masters re-read where someone else wrote the half params (Bucket.check_params)."""
+        for gi, buckets in enumerate(self._buckets):
+            group = self.inner.param_groups[gi]
+            for b in buckets:
+                b.check_params(lambda i, b=b, gi=gi, group=group: self._param_name(
+                    group, gi, b.indices[i], b.params[i]))
+
     @torch.no_grad()
     def _boundary(self, num_items, grad_scale, scaler_found_inf) -> None:
+        self._check_buckets()
         dev = self._device
         denom = num_items if num_items is not None else self._window_k
         if self._pg is not None:
@@ -1015,8 +1027,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 any_touched = any(touched)
                 if any_touched:
                     b.steps[:] = map(operator.add, b.steps, touched)  # +1 where touched
-                    if has_buf or any(b.has_buf):
-                        b.has_buf[:] = [has_buf if t else h for t, h in zip(touched, b.has_buf)]
+                    if has_buf:  # (with momentum 0 torch keeps the buffer for later)
+                        b.has_buf[:] = [t or h for t, h in zip(touched, b.has_buf)]
                 if b.sharded:  # (the state is materialized by state_dict())
                     continue
                 if stale or b.recorded_keys != keys:
@@ -1139,6 +1151,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         """
         self._sync_groups()
         self._flush_all()
+        self._check_buckets()
+        self._drop_foreign_state()
         index = self._index_map()
         if self._shard is None:
             sd = self.inner.state_dict()
@@ -1167,6 +1181,21 @@ class FusedAccumulator(torch.optim.Optimizer):
             "accumulators": accumulators,
         }
         return sd
+
+    def _drop_foreign_state(self) -> None:
+        """Empty entries of ``opt.state`` for tensors the groups do not hold (a lookup such
+        as ``opt.state[model.weight]`` of a half param, whose state is its fp32 master's,
+        makes one in torch's defaultdict) would fail torch's state_dict: dropped. A
+        non-empty one is an error that says where the state is."""
+        state = self.inner.state
+        known = {id(t) for g in self.inner.param_groups for t in g["params"]}
+        for key in [k for k in state if id(k) not in known]:
+            if state[key]:
+                raise RuntimeError(
+                    "opt.state holds state for a tensor that is in no param group (for "
+                    "fp16/bf16 params with master weights the state is keyed by their fp32 "
+                    "masters, opt.param_groups[g]['params']): remove it before state_dict()")
+            del state[key]
 
     def _state_keys(self, group: dict) -> tuple[str, ...]:
         if self._kind == "adam":

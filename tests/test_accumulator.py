@@ -1579,3 +1579,102 @@ def test_auto_router_mixing_two_backends_on_one_buffer(monkeypatch, opt_name):
     assert (step_op, "triton") in calls and (step_op, "cpu") in calls  # both wrote buffers
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
     assert_states_close(opt, emu.opt, **MASTER_TOL)
+
+
+# ------------------------------------------------------- changes made outside the wrapper
+
+
+def test_replaced_param_storage_is_refused_clearly(device):
+    """p.data = ... (or module.to()/.float() after wrapping) would leave the param outside
+    the buffer the wrapper steps: it silently stopped training. Now the boundary (or the
+    next backward, for an fp32 param converted to half) raises, naming the param."""
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()))
+    x, y = make_batches(1, device=device)[0]
+    model.fc1.weight.data = model.fc1.weight.data.clone()
+    mse(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"parameter .*no longer views the buffer"):
+        opt.step()
+    half = make_model(dtype=torch.bfloat16, device=device)
+    opt = wrap(adamw(half.parameters()))
+    half.float()
+    mse(half(x), y).backward()
+    with pytest.raises(RuntimeError, match="no longer views the buffer"):
+        opt.step()
+    fp32 = make_model(device=device)
+    opt = wrap(adamw(fp32.parameters()))
+    fp32.half()
+    with pytest.raises(RuntimeError, match="no longer views the buffer"):
+        mse(fp32(x.half()), y.half()).backward()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_params_written_after_wrapping_resync_their_masters(device, dtype):
+    """A checkpoint loaded into the model after wrapping (then a plain AdamW state dict into
+    the wrapper: resuming), nn.init, p.mul_: the fp32 masters of the written elements are
+    re-read from the half params at the next boundary; the others keep their fp32 bits.
+    Before, the update ran on the stale masters and reverted the writes."""
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    run_managed(model, opt, windows[:1])
+    masters = [m.detach().clone() for m in group_tensors(opt)]
+    ckpt = make_model(seed=5, dtype=dtype, device=device)
+    model.fc1.load_state_dict(ckpt.fc1.state_dict())  # fc1 only: fc2 keeps its masters
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    with torch.no_grad():
+        for m, m0 in zip(emu.masters, masters):
+            m.copy_(m0)
+        for m, p in zip(emu.masters[:2], model.fc1.parameters()):  # the resync
+            m.copy_(p.detach().float())
+        for e, p in zip(emu.model.parameters(), model.parameters()):
+            e.copy_(p)
+    plain = copy.deepcopy({key: v for key, v in opt.state_dict().items()
+                           if key != "fusedaccum"})  # (its values view our buffers)
+    emu.opt.load_state_dict(copy.deepcopy(plain))
+    opt.load_state_dict(plain)  # resuming from a plain AdamW state dict: no masters in it
+    for x, y in windows[1]:
+        mse(model(x), y).backward()
+        emu.backward(mse(emu.model(x), y))
+        opt.step()
+        opt.zero_grad()
+    emu.step(k)
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    # the masters of fc2 kept their fp32 bits through the resync (not re-read from bf16)
+    assert not torch.equal(masters[2], masters[2].to(dtype).float())
+
+
+def test_sgd_momentum_buffer_kept_while_momentum_is_zero(device):
+    """torch keeps state['momentum_buffer'] while a group's momentum is 0 and resumes from
+    it; the fused path restarted it (first-step semantics) when momentum came back."""
+    g = torch.tensor([1.0, 2.0, 3.0], device=device)
+    runs = []
+    for k in (2, None):  # the wrapper's windows of 2 micro-batches, plain SGD per window
+        p = torch.nn.Parameter(torch.zeros(3, device=device))
+        inner = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+        opt = wrap(inner, accumulation_steps=k) if k else inner
+        for momentum in (0.9, 0.0, 0.9):
+            opt.param_groups[0]["momentum"] = momentum
+            for _ in range(k or 1):  # the window's gradient is g either way
+                (p * g).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        runs.append((p.detach().clone(), opt.state[group_tensors(opt)[0]]["momentum_buffer"]))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
+def test_state_lookup_by_a_half_param_does_not_break_state_dict(device):
+    model = make_model(dtype=torch.bfloat16, device=device)
+    opt = wrap(adamw(model.parameters()))
+    x, y = make_batches(1, dtype=torch.bfloat16, device=device)[0]
+    mse(model(x), y).backward()
+    opt.step()
+    assert opt.state[model.fc1.weight] == {}  # keyed by the master: torch inserts {}
+    sd = opt.state_dict()
+    assert len(sd["state"]) == len(list(model.parameters()))
+    opt.state[model.fc1.weight]["exp_avg"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="keyed by their fp32"):
+        opt.state_dict()
