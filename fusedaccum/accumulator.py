@@ -950,7 +950,25 @@ class FusedAccumulator(torch.optim.Optimizer):
             self.update_count += 1
 
     # -- fused path ----------------------------------------------------------------
+    def _forget_deleted_state(self) -> None:
+        """Params whose optimizer state was deleted (``del opt.state[p]``, ``opt.state =
+        {}``) start afresh, as torch would: their part of the flat state buffers is
+        zeroed and their step count and momentum history reset. Only looked for when the
+        state dict is another object or has another size than at the last update."""
+        state = self.inner.state
+        if self._recorded_in is state and self._recorded_len == len(state):
+            return
+        for b in self._all_buckets():
+            if b.sharded:  # (its entries are made by state_dict() only)
+                continue
+            for i, t in enumerate(b.stepped):
+                if (b.steps[i] or b.has_buf[i]) and not state.get(t):
+                    for buf in b.state_flat.values():
+                        self._copy_local(b, i, buf, torch.zeros(b.numels[i], device=b.device))
+                    b.steps[i], b.has_buf[i], b.recorded[i] = 0, False, False
+
     def _fused_update(self, mult: torch.Tensor, found: torch.Tensor) -> None:
+        self._forget_deleted_state()
         # Every state buffer this step needs exists before the first kernel runs: out of
         # memory making one (the first boundary allocates them) then changes nothing, and
         # a retried step() finds the window as it was.

@@ -1678,3 +1678,28 @@ def test_state_lookup_by_a_half_param_does_not_break_state_dict(device):
     opt.state[model.fc1.weight]["exp_avg"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="keyed by their fp32"):
         opt.state_dict()
+
+
+@pytest.mark.parametrize("how", ["del", "new dict"])
+def test_deleted_optimizer_state_starts_afresh_as_in_torch(device, how):
+    """del opt.state[p] (or a new, empty state dict) between windows: torch makes fresh
+    state for it at the next step (step 1, zero moments); the fused path kept using its
+    flat buffers' old moments and step count."""
+    from collections import defaultdict
+
+    k = 2
+    windows = make_windows(3, k, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    ref_opt = adamw(ref.parameters())
+    for w, window in enumerate(windows):
+        if w == 2:
+            for o in (opt, ref_opt):
+                if how == "del":
+                    del o.state[group_tensors(o)[0]]
+                else:
+                    o.state = defaultdict(dict)
+        run_managed(model, opt, [window])
+        big_batch_update(ref, ref_opt, window)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
