@@ -1642,7 +1642,8 @@ def test_half_params_written_after_wrapping_resync_their_masters(device, dtype):
     emu.step(k)
     assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
-    # the masters of fc2 kept their fp32 bits through the resync (not re-read from bf16)
+    # fc2's masters hold bits the half type cannot: had the resync re-read them from the
+    # half params, the comparison of the masters above would have failed
     assert not torch.equal(masters[2], masters[2].to(dtype).float())
 
 
