@@ -533,12 +533,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         accumulates half grads with the C++ extension's ops (native), a grad that fills
         its batch is flushed with it, and another is accumulated at once (direct).
         Not with the reference backend (pure Python by design), nor where the extension
-        would have to be compiled just for this."""
+        would have to be compiled just for this, nor for a param that is not row-major
+        (its grads are accumulated in the param's memory order: Bucket.flat_of)."""
         from fusedaccum.ops import native
         from fusedaccum.ops import reference as reference_ops
         from fusedaccum.ops.auto import Router
 
-        if b.ops is reference_ops:  # (also "auto" that FUSEDACCUM_BACKEND made reference)
+        # (reference: also "auto" that FUSEDACCUM_BACKEND made reference)
+        if b.ops is reference_ops or b.perms[i] is not None:
             return
         is_native = b.ops is native or isinstance(b.ops, Router) and b.ops.cuda is native
         module = native.hooks_module(load=is_native)
@@ -611,6 +613,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         batched = b.numels[i] <= _BATCH_MAX_NUMEL
         nbytes = b.numels[i] * b.params[i].element_size()
         flush_bytes = _BATCH_FLUSH_BYTES  # (fixed per wrapper, as the C++ hook's)
+        perm = b.perms[i]  # a param not row-major: its grad is accumulated as 1-D
         queue_callback = torch.autograd.Variable._execution_engine.queue_callback
         graph_task_id = torch._C._current_graph_task_id
         is_compiling = torch.compiler.is_compiling
@@ -624,7 +627,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                 self._bad_grad(b, i, grad)
             if b.is_half:
                 g = grad.detach() if grad.requires_grad else grad  # create_graph=True
-                if not g.is_contiguous():  # row-major, as the accumulator view
+                if perm is not None:  # 1-D, in the accumulator's order (Bucket.flat_of)
+                    g = g.permute(perm).reshape(-1)
+                elif not g.is_contiguous():  # row-major, as the accumulator view
                     g = g.contiguous()
                 # (traced by compiled autograd, the hook accumulates at once: the
                 # end-of-backward callback could run before the traced appends)
@@ -635,7 +640,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                         b.stats_version = -2
                     b.is_pending[i] = True
                     b.pending.append(i)
-                    b.pending_accs.append(view)
+                    b.pending_accs.append(view if perm is None else flat)
                     b.pending_grads.append(g)
                     b.pending_bytes += nbytes
                     if b.pending_bytes >= flush_bytes:
@@ -964,7 +969,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             for i, t in enumerate(b.stepped):
                 if (b.steps[i] or b.has_buf[i]) and not state.get(t):
                     for buf in b.state_flat.values():
-                        self._copy_local(b, i, buf, torch.zeros(b.numels[i], device=b.device))
+                        self._copy_local(b, i, buf, torch.zeros(b.shapes[i], device=b.device))
                     b.steps[i], b.has_buf[i], b.recorded[i] = 0, False, False
 
     def _fused_update(self, mult: torch.Tensor, found: torch.Tensor) -> None:
@@ -1308,7 +1313,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         o, n = b.offsets[i], b.numels[i]
         a, e = max(o, b.lo), min(o + n, b.hi)
         if a < e:
-            local_flat[a - b.lo:e - b.lo].copy_(value.reshape(-1)[a - o:e - o])
+            local_flat[a - b.lo:e - b.lo].copy_(b.flat_of(value, i)[a - o:e - o])
 
     @torch.no_grad()
     def _keep_fp32_state(self, loaded: dict) -> None:
@@ -1356,7 +1361,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             for key in state_keys:
                 if key in b.state_flat:
                     self._copy_local(b, i, b.state_flat[key],
-                                     torch.zeros(b.numels[i], device=b.device))
+                                     torch.zeros(b.shapes[i], device=b.device))
             b.steps[i] = 0
             b.has_buf[i] = False
             new = {}

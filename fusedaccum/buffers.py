@@ -23,6 +23,22 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def memory_order(p: torch.Tensor) -> tuple[int, ...] | None:
+    """The dims of ``p`` from outermost to innermost in memory when ``p`` is dense but
+    not row-major (channels_last, a transpose); None when row-major, or not dense (a view
+    with gaps or overlaps: such a param gets row-major views, as a copy would have).
+
+    Every view of a param into the flat buffers keeps the param's memory layout, as
+    torch.optim never changes a param's strides and its state is ``zeros_like(p)``: a
+    channels_last model stays channels_last, and its gradients (which autograd makes
+    with the param's strides) are read in memory order, without a copy."""
+    if p.is_contiguous():
+        return None
+    # (a stable sort; equal strides are size-1 dims, whose place is_contiguous ignores)
+    perm = tuple(sorted(range(p.dim()), key=lambda d: -p.stride(d)))
+    return perm if p.permute(perm).is_contiguous() else None
+
+
 # The per-param fields the C++ batching hook (csrc/hooks.cpp) reads and writes, kept in
 # one list, Bucket.hook_fields, in this order: the hook reaches all of them with one
 # attribute lookup. Each is a property over that list, so rebinding one updates the list.
@@ -54,6 +70,8 @@ class Bucket:
         self.is_half = self.dtype in HALF_DTYPES
         self.has_master = self.is_half and use_master
         self.numels = [p.numel() for p in params]
+        self.shapes = [p.shape for p in params]
+        self.perms = [memory_order(p) for p in params]  # see memory_order
         self.offsets = []
         total = 0
         for n in self.numels:
@@ -74,9 +92,10 @@ class Bucket:
         # the flat buffer the model params point into
         self.model = torch.zeros(total, dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            for p, o, n in zip(params, self.offsets, self.numels):
-                self.model[o:o + n].view(p.shape).copy_(p.detach())
-                p.data = self.model[o:o + n].view(p.shape)
+            for i, p in enumerate(params):
+                view = self.view(self.model, i)
+                view.copy_(p.detach())
+                p.data = view
         # where each param's data must stay: params whose storage was replaced after
         # wrapping (p.data = ..., module.to(...)) would silently stop training
         self.ptrs = [p.data_ptr() for p in params]
@@ -85,11 +104,9 @@ class Bucket:
         # master, or the params themselves
         self.stepped_flat = self.master if self.has_master else self.model[self.lo:self.hi]
         self.model_out = self.model[self.lo:self.hi] if self.has_master else None
-        self.main_grads = [self.acc[o:o + n].view(p.shape)
-                           for p, o, n in zip(params, self.offsets, self.numels)]
+        self.main_grads = [self.view(self.acc, i) for i in range(len(params))]
         if self.has_master and not self.sharded:
-            self.stepped = [self.master[o:o + n].view(p.shape)
-                            for p, o, n in zip(params, self.offsets, self.numels)]
+            self.stepped = [self.view(self.master, i) for i in range(len(params))]
         else:
             self.stepped = list(params)
         for p, g in zip(params, self.main_grads):
@@ -166,7 +183,18 @@ class Bucket:
         return buf[o:o + self.numels[i]]
 
     def view(self, buf: torch.Tensor, i: int) -> torch.Tensor:
-        return self.flat_slice(buf, i).view(self.params[i].shape)
+        """Param ``i``'s elements of the full-size flat ``buf``, in the param's shape and
+        memory layout."""
+        flat, shape, perm = self.flat_slice(buf, i), self.shapes[i], self.perms[i]
+        if perm is None:
+            return flat.view(shape)
+        return flat.view([shape[d] for d in perm]).permute(_inverse(perm))
+
+    def flat_of(self, value: torch.Tensor, i: int) -> torch.Tensor:
+        """A tensor of param ``i``'s shape, as 1-D in the flat buffers' element order (a
+        view where its layout is the param's)."""
+        perm = self.perms[i]
+        return (value if perm is None else value.permute(perm)).reshape(-1)
 
     def state_buffer(self, name: str) -> torch.Tensor:
         """The flat fp32 optimizer-state buffer ``name`` over [lo, hi), zeroed on first use."""
@@ -226,6 +254,13 @@ class Bucket:
                 out.append((slice(a - self.lo, e - self.lo), k))
             i = j
         return out
+
+
+def _inverse(perm: tuple[int, ...]) -> list[int]:
+    inv = [0] * len(perm)
+    for k, d in enumerate(perm):
+        inv[d] = k
+    return inv
 
 
 for _k, _name in enumerate(HOOK_FIELDS):

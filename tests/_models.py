@@ -71,6 +71,23 @@ class TinyMLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+class ChannelsLast(nn.Module):
+    """A conv net in channels_last (torch's memory format for fast convolutions) and a
+    transposed matrix: params that are dense but not row-major."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(IN, 27)
+        self.conv = nn.Conv2d(3, 4, 2)
+        self.out_t = nn.Parameter(torch.randn(OUT, 16).t() * 0.25)  # strides (1, 16)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)).view(-1, 3, 3, 3).contiguous(
+            memory_format=torch.channels_last)
+        return torch.tanh(self.conv(h)).flatten(1) @ self.out_t
+
+
 def _seeded(seed, ctor):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

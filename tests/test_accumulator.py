@@ -24,7 +24,9 @@ from _models import (
     NAN,
     OPTIMIZERS,
     OUT,
+    ChannelsLast,
     MasterEmulation,
+    TinyMLP,
     adamw,
     assert_params_close,
     assert_states_close,
@@ -298,19 +300,21 @@ _NO_MASTER_OPTS = [adamw, _rmsprop, _adagrad, _asgd] + (
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("make_opt", _NO_MASTER_OPTS,
                          ids=[f.__name__.strip("_") for f in _NO_MASTER_OPTS])
-def test_half_params_without_master_weights(device, dtype, make_opt):
+@pytest.mark.parametrize("cls", [TinyMLP, ChannelsLast], ids=["rowmajor", "channels_last"])
+def test_half_params_without_master_weights(device, dtype, make_opt, cls):
     """master_weights=False: no master copy, fp32 math and fp32 state on the fused and the
     generic path (there, in half precision, RMSprop's square_avg of fp16 grads underflowed
     to 0 and the params went inf after one update); the state stays fp32 through a
     state_dict."""
     k = 2
     windows = make_windows(4, k, dtype=dtype, device=device)
-    model = make_model(dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device, cls=cls)
     params = list(model.parameters())
     opt = wrap(make_opt(model.parameters()), accumulation_steps=k, master_weights=False)
     # no master copy: the groups hold the half params themselves
     assert all(a is b for a, b in zip(group_tensors(opt), params))
-    emu = MasterEmulation(make_model(dtype=dtype, device=device), make_opt, master_weights=False)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device, cls=cls), make_opt,
+                          master_weights=False)
 
     def train(windows):
         for window in windows:
@@ -335,7 +339,7 @@ def test_half_params_without_master_weights(device, dtype, make_opt):
     sd = opt.state_dict()
     assert all(v.dtype == torch.float32 for st in sd["state"].values() for v in st.values()
                if isinstance(v, torch.Tensor) and v.dim() > 0)
-    fresh = make_model(dtype=dtype, device=device)
+    fresh = make_model(dtype=dtype, device=device, cls=cls)
     with torch.no_grad():
         for f, p in zip(fresh.parameters(), params):
             f.copy_(p)
@@ -347,7 +351,7 @@ def test_half_params_without_master_weights(device, dtype, make_opt):
     assert all(p.dtype == dtype for p in model.parameters())
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
     assert_states_close(opt, emu.opt, **MASTER_TOL)
-    assert _changed(model, dtype=dtype, device=device)
+    assert _changed(model, dtype=dtype, device=device, cls=cls)
 
 
 def test_fp32_grad_shares_storage_with_main_grad(device):
@@ -1145,7 +1149,7 @@ def test_non_contiguous_param(device, dtype):
             opt.step()
             opt.zero_grad()
         emu.step(k)
-    assert model.w is w
+    assert model.w is w and model.w.stride() == model.w.main_grad.stride() == (1, 4)
     if dtype == torch.float32:
         ref = make_model(device=device, cls=Transposed)
         ref_opt, _ = reference_big_batch(ref, OPTIMIZERS["sgd_momentum"], windows)
@@ -1154,6 +1158,47 @@ def test_non_contiguous_param(device, dtype):
     else:
         assert_params_close(model, emu.model, **HALF_TOL[dtype])
     assert _changed(model, dtype=dtype, device=device, cls=Transposed)
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum", "rmsprop"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_params_keep_their_memory_layout(device, dtype, opt_name):
+    """torch.optim never changes a param's strides: a channels_last model stays one, and
+    main_grad and the optimizer state (torch's zeros_like(p)) have the param's layout."""
+    k = 2
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device, cls=ChannelsLast)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv.weight.is_contiguous()
+    strides = [p.stride() for p in model.parameters()]
+    opt = wrap(OPTIMIZERS[opt_name](model.parameters()), accumulation_steps=k,
+               max_grad_norm=0.5)
+    assert [p.stride() for p in model.parameters()] == strides
+    emu = MasterEmulation(make_model(dtype=dtype, device=device, cls=ChannelsLast),
+                          OPTIMIZERS[opt_name])
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            assert [p.main_grad.stride() for p in model.parameters()] == strides
+            opt.step()
+            opt.zero_grad()
+        emu.step(k, max_grad_norm=0.5)
+    assert [p.stride() for p in model.parameters()] == strides
+    for t, stride in zip(group_tensors(opt), strides):
+        assert t.stride() == stride
+        for key, value in opt.state[t].items():
+            if isinstance(value, torch.Tensor) and value.dim():
+                assert value.stride() == stride, key
+    if dtype == torch.float32:
+        ref = make_model(device=device, cls=ChannelsLast)
+        ref_opt, _ = reference_big_batch(ref, OPTIMIZERS[opt_name], windows, max_grad_norm=0.5)
+        assert_params_close(model, ref)
+        assert_states_close(opt, ref_opt)
+    else:
+        assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+        assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert _changed(model, dtype=dtype, device=device, cls=ChannelsLast)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

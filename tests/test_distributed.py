@@ -49,8 +49,12 @@ def _free_port() -> int:
 
 def _model(dtype):
     torch.manual_seed(7)
-    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(),
-                               torch.nn.Linear(10, 3)).to(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    # the last weight column-major (strides (1, 3)): the flat buffers, and so the shards,
+    # hold a param's elements in its memory order
+    last = model[2]
+    last.weight = torch.nn.Parameter(last.weight.detach().t().contiguous().t())
+    return model.to(dtype)
 
 
 def _data(world):

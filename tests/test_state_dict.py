@@ -17,6 +17,8 @@ from _models import (
     ALL_DTYPES,
     INF,
     RESUME_TOL,
+    ChannelsLast,
+    TinyMLP,
     adamw,
     as_float,
     assert_params_close,
@@ -53,25 +55,32 @@ def _micro(model, opt, batch):
     opt.zero_grad()
 
 
-def _wrapped(dtype, device, seed=0, **kwargs):
-    model = make_model(seed, dtype=dtype, device=device)
+# the models the state-dict round trips run on: one with params in torch's default
+# (row-major) layout, and one with params that keep another layout (channels_last, a
+# transpose), whose flat buffers hold their elements in memory order
+MODELS = pytest.mark.parametrize("cls", [TinyMLP, ChannelsLast], ids=["rowmajor", "channels_last"])
+
+
+def _wrapped(dtype, device, seed=0, cls=TinyMLP, **kwargs):
+    model = make_model(seed, dtype=dtype, device=device, cls=cls)
     kwargs.setdefault("accumulation_steps", 3)
     kwargs.setdefault("max_grad_norm", 0.5)
     return model, wrap(adamw(model.parameters()), **kwargs)
 
 
+@MODELS
 @pytest.mark.parametrize("how", ["deepcopy", "torch_save", "pickle"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_resume_mid_window_gives_the_same_trajectory(device, dtype, how):
+def test_resume_mid_window_gives_the_same_trajectory(device, dtype, how, cls):
     micro = make_batches(9, dtype=dtype, device=device)  # three windows of 3
     cut = 5  # after window 0 and two micro-batches of window 1
 
-    model_a, opt_a = _wrapped(dtype, device)
+    model_a, opt_a = _wrapped(dtype, device, cls=cls)
     for batch in micro:
         _micro(model_a, opt_a, batch)
     assert opt_a.update_count == 3
 
-    model_b, opt_b = _wrapped(dtype, device)
+    model_b, opt_b = _wrapped(dtype, device, cls=cls)
     for batch in micro[:cut]:
         _micro(model_b, opt_b, batch)
     assert opt_b.micro_step == 2
@@ -82,7 +91,7 @@ def test_resume_mid_window_gives_the_same_trajectory(device, dtype, how):
     del model_b, opt_b
 
     # a fresh model with other values: everything must come from the saved state
-    model_c, opt_c = _wrapped(dtype, device, seed=123)
+    model_c, opt_c = _wrapped(dtype, device, seed=123, cls=cls)
     model_c.load_state_dict(saved_model)
     opt_c.load_state_dict(saved_opt)
     assert opt_c.micro_step == 2 and opt_c.update_count == 1 and opt_c.skipped_steps == 0
@@ -144,11 +153,12 @@ def test_resume_keeps_loss_scale_and_counters(device):
     assert_params_close(model2, model, **RESUME_TOL)
 
 
+@MODELS
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_state_dict_without_fusedaccum_entry_loads_into_plain_adamw(device, dtype):
+def test_state_dict_without_fusedaccum_entry_loads_into_plain_adamw(device, dtype, cls):
     k = 2
     windows = make_windows(3, k, dtype=dtype, device=device)
-    model, opt = _wrapped(dtype, device, accumulation_steps=k, max_grad_norm=None)
+    model, opt = _wrapped(dtype, device, cls=cls, accumulation_steps=k, max_grad_norm=None)
     run_managed(model, opt, windows[:2])
     sd = opt.state_dict()
     inner_sd = {key: val for key, val in sd.items() if key != "fusedaccum"}
@@ -166,7 +176,7 @@ def test_state_dict_without_fusedaccum_entry_loads_into_plain_adamw(device, dtyp
     assert_states_close(plain, opt, rtol=0, atol=0)
 
     if dtype == torch.float32:
-        ref = make_model(device=device)
+        ref = make_model(device=device, cls=cls)
         ref.load_state_dict(model.state_dict())
         ref_opt = adamw(ref.parameters())
         ref_opt.load_state_dict(copy.deepcopy(inner_sd))
@@ -176,14 +186,15 @@ def test_state_dict_without_fusedaccum_entry_loads_into_plain_adamw(device, dtyp
         assert_states_close(opt, ref_opt)
 
 
-def test_plain_adamw_state_dict_loads_into_wrapper(device):
+@MODELS
+def test_plain_adamw_state_dict_loads_into_wrapper(device, cls):
     k = 2
     windows = make_windows(4, k, device=device)
-    ref = make_model(device=device)
+    ref = make_model(device=device, cls=cls)
     ref_opt, _ = reference_big_batch(ref, adamw, windows[:2])
     plain_sd = copy.deepcopy(ref_opt.state_dict())
 
-    model = make_model(seed=3, device=device)
+    model = make_model(seed=3, device=device, cls=cls)
     model.load_state_dict(ref.state_dict())
     inner = adamw(model.parameters())
     opt = wrap(inner, accumulation_steps=k)
