@@ -928,11 +928,14 @@ class FusedAccumulator(torch.optim.Optimizer):
             # the accumulations and the norm only, and the step's kernels (the largest part
             # of the boundary's bytes) run while it goes on to the next window.
             skipped = bool(found_f.item())
+            if not skipped:
+                self._inner_step_hooks(self.inner._optimizer_step_pre_hooks)
             self._fused_update(mult, found_f)  # with found set: only zeroes acc
             if not skipped:
                 self._record_fused_steps()
                 if self._shard is not None:
                     dp.gather_params(list(self._all_buckets()), self._pg)
+                self._inner_stepped()
         else:
             skipped = bool(found_f.item())
             if not skipped:
@@ -955,6 +958,23 @@ class FusedAccumulator(torch.optim.Optimizer):
             self.update_count += 1
 
     # -- fused path ----------------------------------------------------------------
+    def _inner_step_hooks(self, hooks) -> None:
+        """Run the inner optimizer's own step pre- or post-hooks (not the global ones: the
+        wrapper's step() ran those) for an update of the fused path, which replaces
+        ``inner.step()``, as the generic path's call of it does; they get no arguments."""
+        for hook in list(hooks.values()):
+            hook(self.inner, (), {})
+
+    def _inner_stepped(self) -> None:
+        """After an update of the fused path: what ``inner.step()`` would have done
+        besides stepping. Its post-hooks run, and an LR scheduler made on the inner
+        optimizer before wrapping (torch marks ``inner.step`` then) learns that it
+        stepped, as its wrapper of ``inner.step`` would have told it, so that it does not
+        warn that ``lr_scheduler.step()`` came before ``optimizer.step()``."""
+        if getattr(self.inner.step, "_wrapped_by_lr_sched", False):
+            self.inner._opt_called = True
+        self._inner_step_hooks(self.inner._optimizer_step_post_hooks)
+
     def _forget_deleted_state(self) -> None:
         """Params whose optimizer state was deleted (``del opt.state[p]``, ``opt.state =
         {}``) start afresh, as torch would: their part of the flat state buffers is

@@ -515,6 +515,43 @@ def test_lr_schedulers_stepped_on_updates(device, name):
     assert_states_close(opt, ref_opt)
 
 
+@pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
+def test_scheduler_and_hooks_of_the_inner_optimizer(device, opt_name):
+    """The one-line change: a scheduler and step hooks made on the inner optimizer before
+    wrapping see each applied update as a step of the inner optimizer (the fused path
+    replaces inner.step() by kernels): no "lr_scheduler.step() before optimizer.step()"
+    warning, the hooks run once per applied update, not for micro-batches nor skipped
+    windows, and a post-hook sees the updated params."""
+    k = 2
+    windows = make_windows(3, k, device=device)
+    model = make_model(device=device)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.5)
+    calls = []
+    inner.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    inner.register_step_post_hook(
+        lambda o, args, kwargs: calls.append(model.fc1.weight.detach().clone()))
+    opt = wrap(inner, accumulation_steps=k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning would fail the test
+        for w, window in enumerate(windows):
+            for x, y in window:
+                loss = mse(model(x), y)
+                (loss * INF if w == 1 else loss).backward()  # window 1 is skipped
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # (the skip's)
+                    opt.step()
+                opt.zero_grad()
+                if opt.stepped:
+                    sched.step()
+                    assert calls[-2] == "pre"
+                    torch.testing.assert_close(calls[-1], model.fc1.weight, rtol=0, atol=0)
+    assert (opt.update_count, opt.skipped_steps) == (2, 1)
+    assert len(calls) == 4  # two updates: pre, post each
+    assert inner.param_groups[0]["lr"] == pytest.approx(OPTIMIZERS[opt_name](
+        [torch.zeros(1)]).param_groups[0]["lr"] * 0.25)
+
+
 # -------------------------------------------------------------- adaptive accumulation
 
 
