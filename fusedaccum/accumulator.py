@@ -180,6 +180,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError("LBFGS re-evaluates the loss inside step(), which cannot be "
                              "accumulated over micro-batches; use another optimizer")
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise ValueError("SparseAdam steps sparse gradients only, and FusedAccumulator "
+                             "accumulates dense ones; use torch.optim.Adam or AdamW")
         if callable(accumulation_steps):
             self._k_fn = accumulation_steps
         else:
@@ -1097,6 +1100,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         for i, t in enumerate(b.stepped):
             if not touched[i] or recorded[i]:
                 continue
+            if not views and step_views is None:  # SGD without momentum: torch makes no
+                recorded[i] = True  # entry (state[t] would add an empty one)
+                continue
             st = state[t]
             ok = True
             if step_views is not None:
@@ -1351,21 +1357,34 @@ class FusedAccumulator(torch.optim.Optimizer):
                            and isinstance(v, torch.Tensor) and v.is_floating_point()})
 
     @torch.no_grad()
+    def _fp32_initial_state(self, st: dict, t: torch.Tensor, group: dict) -> dict:
+        """A half param's state, in fp32 for the fp32 tensor ``t`` that is stepped in its
+        place. State that Adagrad's ``__init__`` made (step 0, ``sum`` full of
+        ``initial_accumulator_value``) is made again in fp32: upcast, its value would be
+        the half-rounded one (bf16(0.1) = 0.10009765625), where torch over fp32 params
+        starts from fp32(0.1)."""
+        if isinstance(self.inner, torch.optim.Adagrad) and isinstance(st.get("sum"), torch.Tensor) \
+                and _as_float(st.get("step", 1)) == 0:
+            st = dict(st, sum=torch.full_like(t, group["initial_accumulator_value"],
+                                              dtype=torch.float32))
+        return _fp32_state(st)
+
     def _adopt_state(self, loaded: dict) -> None:
         """Fused path: copy per-param state (by state_dict index) into the flat buffers."""
         if self._kind is None:
-            # generic path: the inner optimizer keeps its own state; only re-key it
-            for b, i in self._index_map().values():
-                t = b.stepped[i]
-                if t is b.params[i]:  # fp32, or half without a master: fp32 state too
-                    if b.is_half and self.inner.state.get(t):
-                        self.inner.state[t] = _fp32_state(self.inner.state[t])
-                    continue
-                st = self.inner.state.pop(b.params[i], None)
-                if st is not None:
-                    # state made for the half param (Adagrad makes it in __init__) now
-                    # belongs to its fp32 master: never keep it in half precision
-                    self.inner.state[t] = _fp32_state(st)
+            # generic path (called by __init__ only): the inner optimizer keeps its own
+            # state; only re-key it
+            for gi, buckets in enumerate(self._buckets):
+                group = self.inner.param_groups[gi]
+                for b in buckets:
+                    for i, t in enumerate(b.stepped):
+                        if not b.is_half:
+                            continue
+                        # state made for the half param (Adagrad makes it in __init__)
+                        # belongs to its fp32 master, or stays fp32 without one
+                        st = self.inner.state.pop(b.params[i], None)
+                        if st:
+                            self.inner.state[t] = self._fp32_initial_state(st, t, group)
             return
         state_keys = (*_ADAM_KEYS, "momentum_buffer")
         self._recorded_in = None  # entries replaced: _record_fused_steps checks them all

@@ -144,7 +144,8 @@ OPTIMIZERS = {
     "adamw_amsgrad": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
     "rmsprop": lambda ps: torch.optim.RMSprop(
         ps, lr=1e-2, momentum=0.5, centered=True, weight_decay=0.01),
-    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, weight_decay=0.01),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, weight_decay=0.01,
+                                              initial_accumulator_value=0.1),
     "adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-2, weight_decay=0.01),
 }
 

@@ -282,7 +282,8 @@ def _rmsprop(ps):
 
 
 def _adagrad(ps):  # makes its state in __init__, in the params' dtype
-    return torch.optim.Adagrad(ps, lr=0.05, weight_decay=0.01, initial_accumulator_value=0.125)
+    # (0.1: not a half value; its state starts from fp32(0.1), as torch over fp32 params)
+    return torch.optim.Adagrad(ps, lr=0.05, weight_decay=0.01, initial_accumulator_value=0.1)
 
 
 def _asgd(ps):  # 0-dim state entries (eta, mu) besides the per-element ones
@@ -1747,6 +1748,33 @@ def test_sgd_momentum_buffer_kept_while_momentum_is_zero(device):
         runs.append((p.detach().clone(), opt.state[group_tensors(opt)[0]]["momentum_buffer"]))
     torch.testing.assert_close(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sgd_without_momentum_keeps_no_state_entries(device, dtype):
+    """torch's SGD makes no state entry while momentum is 0: the wrapper's state dict is
+    the same as torch's, per group ({} for the momentum-0 group, buffers for the other)."""
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    groups = lambda m: [{"params": m.fc1.parameters()},  # noqa: E731
+                        {"params": m.fc2.parameters(), "momentum": 0.9}]
+    opt = wrap(torch.optim.SGD(groups(model), lr=0.1), accumulation_steps=k)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device),
+                          lambda ps: torch.optim.SGD([{"params": ps[:2]},
+                                                      {"params": ps[2:], "momentum": 0.9}],
+                                                     lr=0.1))
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            opt.step()
+            opt.zero_grad()
+        emu.step(k)
+    state = opt.state_dict()["state"]
+    assert sorted(state) == sorted(emu.opt.state_dict()["state"]) == [2, 3]
+    assert len(opt.state) == 2
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
 
 
 def test_state_lookup_by_a_half_param_does_not_break_state_dict(device):

@@ -132,6 +132,14 @@ def test_lbfgs_is_rejected():
         wrap(torch.optim.LBFGS(model.parameters()))
 
 
+def test_sparse_adam_is_rejected_when_wrapping():
+    """SparseAdam needs sparse gradients, which the wrapper never accumulates: refused at
+    once, not with torch's error at the first boundary k micro-batches later."""
+    model = make_model()
+    with pytest.raises(ValueError, match="SparseAdam"):
+        wrap(torch.optim.SparseAdam(list(model.parameters())))
+
+
 def test_duplicate_param_is_rejected():
     model = make_model()
     p = model.fc1.weight
