@@ -575,6 +575,15 @@ class FusedAccumulator(torch.optim.Optimizer):
     # The hooks live on the params and must not keep their wrapper (which holds the params)
     # alive: a param -> hook -> wrapper -> param cycle runs through C++ and is never
     # collected. They hold the wrapper and the bucket weakly; the wrapper holds the buckets.
+    #
+    # Dynamo must never trace them. A train step under torch.compile that calls
+    # loss.backward() breaks its graph there, and Dynamo then compiles the Python frames
+    # autograd calls, these hooks among them: their bookkeeping (the batch lists, flags)
+    # became traced side effects that lost micro-batches. Compiled autograd traces them
+    # too, and its AccumulateGrad did not see the pre-hook's ``p.grad = view``. So a traced
+    # hook (torch.compiler.is_compiling()) calls itself through torch.compiler.disable: a
+    # graph break, and the hook runs eagerly, on real tensors, in order (a half gradient
+    # is then added at once, not batched).
 
     def _make_pre_hook(self, b: Bucket, i: int, p_ref):
         """fp32 params: make ``p.grad`` the accumulator view, so autograd adds in place.
@@ -586,6 +595,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         owner_ref, b_ref = weakref.ref(self), weakref.ref(b)
 
         def pre_hook(grad):
+            if is_compiling():  # traced by Dynamo: run it eagerly (see above)
+                return eager(grad)
             p, b = p_ref(), b_ref()
             if p is None or b is None or b.released[i]:
                 return None
@@ -602,6 +613,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 p.grad = view
             return None
 
+        is_compiling = torch.compiler.is_compiling
+        eager = torch.compiler.disable(pre_hook)
         return pre_hook
 
     def _make_post_hook(self, b: Bucket, i: int):
@@ -621,8 +634,10 @@ class FusedAccumulator(torch.optim.Optimizer):
         graph_task_id = torch._C._current_graph_task_id
         is_compiling = torch.compiler.is_compiling
 
-        def post_hook(p):
+        def post_hook(p, traced=False):
             # the hot path: once per param per backward
+            if is_compiling():  # traced by Dynamo: run it eagerly (see above)
+                return eager(p, True)
             grad, b, self = p.grad, b_ref(), owner_ref()
             if grad is None or b is None or self is None or b.released[i]:
                 return
@@ -634,9 +649,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                     g = g.permute(perm).reshape(-1)
                 elif not g.is_contiguous():  # row-major, as the accumulator view
                     g = g.contiguous()
-                # (traced by compiled autograd, the hook accumulates at once: the
-                # end-of-backward callback could run before the traced appends)
-                if batched and not is_compiling():  # into the batch, in the param's shape
+                # (a traced hook accumulates at once: compiled autograd runs the
+                # end-of-backward callbacks of its own engine, not the one queued here)
+                if batched and not traced:  # into the batch, in the param's shape
                     if b.is_pending[i]:  # a second backward without the end-of-backward flush
                         self._flush(b)
                     if b.stats[i] is not None:  # its batch statistic goes stale
@@ -667,15 +682,21 @@ class FusedAccumulator(torch.optim.Optimizer):
                     _note_write(b, before, stat is not None)
                 p.grad = None
             elif grad is not view:
-                # autograd replaced .grad out of place (create_graph=True): it holds the
-                # previous window sum plus this grad
-                with torch.no_grad():
-                    view.copy_(grad.detach())
+                if torch.is_grad_enabled():
+                    # autograd replaced .grad out of place (create_graph=True): it holds
+                    # the previous window sum plus this grad
+                    with torch.no_grad():
+                        view.copy_(grad.detach())
+                else:
+                    # a fresh grad: the AccumulateGrad of compiled autograd, specialized
+                    # to a .grad of None, did not see the pre-hook's view
+                    view.add_(grad)
                 p.grad = view
             if not b.exposed[i]:  # first grad of the window, or since zero_grad()
                 b.touched[i] = True
                 self._expose_grad(b, i)
 
+        eager = torch.compiler.disable(post_hook)
         return post_hook
 
     @torch.no_grad()

@@ -257,6 +257,10 @@ class MasterEmulation:
 
     def backward(self, loss):
         loss.backward()
+        self.take_grads()
+
+    def take_grads(self):
+        """Add the half grads a backward left in ``p.grad`` to the accumulators."""
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 self.acc[i] += p.grad.float()
