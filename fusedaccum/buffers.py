@@ -23,6 +23,16 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def _own_storage(view: torch.Tensor) -> torch.Tensor:
+    """``view``'s memory, as a tensor with a storage of its own (DLPack: that storage
+    keeps the flat buffer alive). A param that viewed the flat buffer shared its storage
+    with every param of the bucket, and tools that find tied weights by their storage
+    took them all for one: accelerate's save_model kept one param per bucket and dropped
+    the rest, silently; safetensors' save_model refused the model; torch.save of one
+    param wrote the whole bucket."""
+    return torch.from_dlpack(view)
+
+
 def memory_order(p: torch.Tensor) -> tuple[int, ...] | None:
     """The dims of ``p`` from outermost to innermost in memory when ``p`` is dense but
     not row-major (channels_last, a transpose); None when row-major, or not dense (a view
@@ -95,7 +105,7 @@ class Bucket:
             for i, p in enumerate(params):
                 view = self.view(self.model, i)
                 view.copy_(p.detach())
-                p.data = view
+                p.data = _own_storage(view)
         # where each param's data must stay: params whose storage was replaced after
         # wrapping (p.data = ..., module.to(...)) would silently stop training
         self.ptrs = [p.data_ptr() for p in params]

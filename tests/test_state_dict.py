@@ -210,6 +210,37 @@ def test_plain_adamw_state_dict_loads_into_wrapper(device, cls):
     assert_states_close(opt, ref_opt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_checkpoint_tools_save_every_param(device, dtype, tmp_path):
+    """Each param has a storage of its own (viewing the flat buffer's memory): tools that
+    find tied weights by storage took a bucket's params for one tied weight. accelerate's
+    save_model kept one param per bucket and silently dropped the rest; safetensors'
+    save_model refused the model."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model, opt = _wrapped(dtype, device, cls=ChannelsLast)
+    for batch in make_batches(3, dtype=dtype, device=device):
+        _micro(model, opt, batch)
+    params = list(model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
+    want = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    safetensors_torch.save_model(model, str(tmp_path / "st.safetensors"))
+    saves = {"safetensors": tmp_path / "st.safetensors"}
+    accelerate = pytest.importorskip("accelerate")
+    accelerate.Accelerator(cpu=True).save_model(model, str(tmp_path / "acc"))
+    saves["accelerate"] = tmp_path / "acc" / "model.safetensors"
+    for tool, path in saves.items():
+        got = safetensors_torch.load_file(str(path))
+        assert sorted(got) == sorted(want), tool
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (tool, k)
+    # and training goes on from the same buffers
+    before = [p.detach().clone() for p in params]
+    for batch in make_batches(3, seed=4, dtype=dtype, device=device):
+        _micro(model, opt, batch)
+    assert opt.update_count == 2
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_fp32_state_stays_fp32_for_half_params(device, dtype):
     k = 2
