@@ -225,12 +225,15 @@ def _load() -> _State:
                                      f"({_first_lines(exc, 2)}); rebuild it")
                 _state = new
                 if new.error is not None and not new.disabled:
-                    # "auto" falls back quietly otherwise: say so once, with the reason
+                    from fusedaccum.accumulator import _caller_stacklevel
+
+                    # "auto" falls back quietly otherwise: say so once, with the reason,
+                    # at the user's line that asked for a backend
                     warnings.warn(
                         "fusedaccum: the C++ extension is unavailable, so the cpu and cuda "
                         "backends cannot run and backend='auto' falls back to triton or the "
                         f"(slower) reference backend: {new.error}", RuntimeWarning,
-                        stacklevel=2)
+                        stacklevel=_caller_stacklevel())
             state = _state
     return state
 
