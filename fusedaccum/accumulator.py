@@ -56,6 +56,9 @@ def _note_write(b: Bucket, before: int, made_stats: bool) -> None:
 
 # param -> (weakref to its wrapper, hook handles): a param belongs to one live wrapper
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# the fp32 masters of wrapped half params (they take the params' places in the inner
+# optimizer's groups): wrapping them would train tensors no backward reaches
+_MASTERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _caller_stacklevel() -> int:
@@ -88,6 +91,22 @@ def _fp32_state(st: dict) -> dict:
     Adafactor's row/column factors, ASGD's scalars alike)."""
     return {k: v.to(torch.float32) if isinstance(v, torch.Tensor) and v.dtype in HALF_DTYPES
             else v for k, v in st.items()}
+
+
+def _forget_wrapper(handles: list, param_refs: list) -> None:
+    """A wrapper was collected: its hooks leave the params, and so does ``main_grad`` from
+    those no other wrapper took over, so that its accumulators are freed with it (the
+    hooks' closures held views of them)."""
+    for h in handles:
+        h.remove()
+    for ref in param_refs:
+        p = ref()
+        if p is None:
+            continue
+        owner = _OWNERS.get(p)
+        if owner is None or owner[0]() is None:
+            _OWNERS.pop(p, None)
+            p.__dict__.pop("main_grad", None)
 
 
 def _check_k(k, what: str) -> int:
@@ -235,6 +254,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                              f"{type(optimizer).__name__}")
         self._buckets: list[list[Bucket]] = []  # per param group
         self._handles: list = []
+        self._param_refs: list = []  # weak references to the params hooked
+        weakref.finalize(self, _forget_wrapper, self._handles, self._param_refs)
         self._check_params(optimizer.param_groups)
         first = next((p for g in optimizer.param_groups for p in g["params"]), None)
         self._device = first.device if first is not None else torch.device("cpu")
@@ -440,6 +461,22 @@ class FusedAccumulator(torch.optim.Optimizer):
                                     "fp16 and bf16 params")
                 if p.is_sparse:
                     raise TypeError(f"{name} is sparse; fusedaccum needs dense params")
+                if p in _MASTERS:
+                    raise ValueError(
+                        f"{name} is the fp32 master weight of a half param that a "
+                        "FusedAccumulator wraps (its inner optimizer's groups hold the masters, "
+                        "not the model's params): no backward reaches it. Wrap an optimizer "
+                        "built over model.parameters(), not one already wrapped")
+                # (pigeonhole: fewer reachable addresses than elements, as expand() makes)
+                if p.numel() > 1 and 1 + sum((n - 1) * abs(st) for n, st in
+                                             zip(p.shape, p.stride())) < p.numel():
+                    raise ValueError(f"{name} has elements sharing memory (an expand()ed "
+                                     "view), which torch.optim cannot update in place either; "
+                                     "make it a tensor of its own (.clone())")
+                if p.device.type == "cpu" and p.is_shared():
+                    raise ValueError(f"{name} is in shared memory (share_memory_(), Hogwild): "
+                                     "FusedAccumulator moves params into buffers of its own, "
+                                     "so other processes would not see its updates")
                 if id(p) in seen:
                     raise ValueError(f"{name} appears more than once in the optimizer's "
                                      "param groups")
@@ -476,6 +513,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                     p.grad = None
                     self._expose_grad(b, i)
                 group["params"][idx[i]] = b.stepped[i]
+                if b.stepped[i] is not p:
+                    _MASTERS[b.stepped[i]] = True
         self._buckets.append(buckets)
 
     @staticmethod
@@ -526,6 +565,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         if frozen:
             p.requires_grad_(False)
         self._handles.extend(handles)
+        self._param_refs.append(weakref.ref(p))
         _OWNERS[p] = (weakref.ref(self), handles)
 
     def _install_batch_hook(self, b: Bucket, i: int, p: torch.Tensor, handle) -> None:
@@ -966,6 +1006,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 self._generic_update(mult)
             for b in self._all_buckets():
                 b.acc.zero_()
+        if not skipped:
+            self._bump_updated_params()
         if self._scaler is not None:
             self._scaler.update(skipped)
         self._end_window()
@@ -980,6 +1022,22 @@ class FusedAccumulator(torch.optim.Optimizer):
                               RuntimeWarning, stacklevel=_caller_stacklevel())
         else:
             self.update_count += 1
+
+    def _bump_updated_params(self) -> None:
+        """After an applied update: bump the version counter of every param it wrote, as
+        torch.optim's in-place step does, so that autograd still refuses a backward through
+        tensors saved before the update ("modified by an inplace operation") instead of
+        using the new values. The kernels write the flat buffers, whose counters are not
+        the params'. The new versions are those the masters are in step with (see
+        Bucket.check_params). One call per bucket."""
+        for b in self._all_buckets():
+            touched, released, seen = b.touched, b.released, b.param_seen
+            written = [i for i in range(len(b)) if touched[i] and not released[i]]
+            if written:
+                params = b.params
+                torch.autograd.graph.increment_version([params[i] for i in written])
+                for i in written:
+                    seen[i] = params[i]._version
 
     # -- fused path ----------------------------------------------------------------
     def _inner_step_hooks(self, hooks) -> None:

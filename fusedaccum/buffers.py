@@ -28,8 +28,9 @@ def _own_storage(view: torch.Tensor) -> torch.Tensor:
     keeps the flat buffer alive). A param that viewed the flat buffer shared its storage
     with every param of the bucket, and tools that find tied weights by their storage
     took them all for one: accelerate's save_model kept one param per bucket and dropped
-    the rest, silently; safetensors' save_model refused the model; torch.save of one
-    param wrote the whole bucket."""
+    the rest, silently; safetensors' save_model refused the model. (Pickling a param
+    itself, torch.save(p) or torch.save(model), also takes its ``main_grad`` attribute,
+    a view of the bucket's accumulator, which must stay one: save state dicts.)"""
     return torch.from_dlpack(view)
 
 
@@ -170,8 +171,8 @@ class Bucket:
                 raise RuntimeError(
                     f"{name(i)} no longer views the buffer FusedAccumulator steps (its .data "
                     f"was replaced, now {p.dtype} on {p.device}: p.data = ..., module.to(...), "
-                    ".half() or .float() after wrapping); move or convert the model before "
-                    "wrapping it, or wrap it again")
+                    ".half(), .float() or share_memory_() after wrapping); move or convert the "
+                    "model before wrapping it, or wrap it again")
             if resync and p._version != seen[i]:
                 self._resync_master(i)
                 seen[i] = p._version

@@ -1811,6 +1811,60 @@ def test_sgd_momentum_buffer_kept_while_momentum_is_zero(device):
     torch.testing.assert_close(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_a_collected_wrapper_leaves_the_params_and_frees_its_accumulators(device, dtype):
+    """The hooks it left on the params held views of its accumulators (4 bytes per element)
+    for as long as the model lived; a param another wrapper took keeps that one's."""
+    import gc
+    import weakref
+
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+    x, y = make_batches(1, dtype=dtype, device=device)[0]
+    mse(model(x), y).backward()
+    acc = weakref.ref(model.fc1.weight.main_grad._base)
+    hooks = len(model.fc1.weight._post_accumulate_grad_hooks)
+    taker = wrap(adamw(model.fc2.parameters()))  # fc2 moves to another wrapper
+    model.zero_grad()  # (an fp32 param's .grad views the accumulator, as in torch it stays)
+    del opt
+    gc.collect()
+    assert acc() is None
+    assert not hasattr(model.fc1.weight, "main_grad")
+    assert len(model.fc1.weight._post_accumulate_grad_hooks) == hooks - 1
+    assert hasattr(model.fc2.weight, "main_grad")
+    before = model.fc2.weight.detach().clone()
+    mse(model(x), y).backward()  # the model still trains with the wrapper left
+    taker.step()
+    assert taker.stepped and not torch.equal(model.fc2.weight, before)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "rmsprop"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_backward_through_params_an_update_changed_raises_as_in_torch(device, dtype, opt_name):
+    """torch.optim's in-place step bumps each param's version counter, so autograd refuses
+    a backward through a graph that saved the param before the update; the kernels write
+    the flat buffers, and the backward silently used the updated values."""
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(OPTIMIZERS[opt_name](model.parameters()))
+    x, y = make_batches(1, dtype=dtype, device=device)[0]
+    mse(model(x.requires_grad_()), y).backward()
+    versions = [p._version for p in model.parameters()]
+    saved = mse(model(x), y)  # saves the weights for x's gradient
+    opt.step()
+    assert opt.stepped
+    assert all(p._version > v for p, v in zip(model.parameters(), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+    # a skipped window writes nothing and bumps nothing
+    versions = [p._version for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        (mse(model(x), y) * INF).backward()
+        opt.step()
+    assert not opt.stepped
+    assert [p._version for p in model.parameters()] == versions
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_sgd_without_momentum_keeps_no_state_entries(device, dtype):
     """torch's SGD makes no state entry while momentum is 0: the wrapper's state dict is

@@ -132,6 +132,32 @@ def test_lbfgs_is_rejected():
         wrap(torch.optim.LBFGS(model.parameters()))
 
 
+def test_wrapping_an_already_wrapped_optimizer_of_half_params_is_refused():
+    """Its groups hold the fp32 masters, which no backward reaches: a second wrapper
+    trained nothing, silently (update_count grew, the model never changed)."""
+    model = make_model(dtype=torch.bfloat16)
+    inner = torch.optim.AdamW(model.parameters())
+    wrap(inner)
+    with pytest.raises(ValueError, match="master weight"):
+        wrap(inner)
+    with pytest.raises(ValueError, match="master weight"):  # rebuilt from its groups
+        wrap(torch.optim.SGD(inner.param_groups, lr=0.1))
+    wrap(torch.optim.AdamW(model.parameters()))  # the model's params: ownership moves
+
+
+def test_params_with_elements_sharing_memory_are_refused():
+    p = torch.nn.Parameter(torch.randn(3, 1).expand(3, 4))
+    with pytest.raises(ValueError, match="sharing memory"):
+        wrap(torch.optim.SGD([p], lr=0.1))
+
+
+def test_params_in_shared_memory_are_refused():
+    """Hogwild: other processes would never see the updates of the wrapper's buffers."""
+    model = make_model().share_memory()
+    with pytest.raises(ValueError, match="shared memory"):
+        wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
 def test_sparse_adam_is_rejected_when_wrapping():
     """SparseAdam needs sparse gradients, which the wrapper never accumulates: refused at
     once, not with torch's error at the first boundary k micro-batches later."""
