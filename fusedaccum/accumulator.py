@@ -317,6 +317,31 @@ class FusedAccumulator(torch.optim.Optimizer):
     def state(self, value):
         self.inner.state = value
 
+    def __getattr__(self, name: str):
+        # train()/eval() exist iff the inner optimizer has them (schedule-free optimizers:
+        # accelerate and the HF Trainer call them where hasattr says they exist)
+        if name in ("train", "eval"):
+            inner = self.__dict__.get("inner")
+            if callable(getattr(inner, name, None)):
+                return functools.partial(self._inner_mode, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    @torch.no_grad()
+    def _inner_mode(self, name: str):
+        """``inner.train()`` or ``inner.eval()`` (a schedule-free optimizer moves the tensors
+        it steps between its two points); then the half params take their masters' new
+        values, as after an update."""
+        self._sync_groups()
+        self._check_buckets()  # (masters re-read where the params were written)
+        out = getattr(self.inner, name)()
+        for b in self._all_buckets():
+            if b.has_master:
+                b.model_out.copy_(b.master)
+                live = [p for p, r in zip(b.params, b.released) if not r]
+                torch.autograd.graph.increment_version(live)
+                b.param_seen = [p._version for p in b.params]
+        return out
+
     def __repr__(self) -> str:
         return (f"FusedAccumulator({self.inner!r}, accumulation_steps="
                 f"{self.accumulation_steps!r}, max_grad_norm={self.max_grad_norm!r})")

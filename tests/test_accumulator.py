@@ -614,6 +614,51 @@ def test_compiled_autograd_with_zero_grad_every_micro_batch(device, dtype):
     _train_compiled(dtype, device, backward)
 
 
+class _TwoPoints(torch.optim.SGD):
+    """Schedule-free optimizers' shape: train() and eval() move the stepped tensors between
+    two points (here: eval() adds 0.25 to every param, train() takes it away)."""
+
+    def eval(self):
+        with torch.no_grad():
+            for p in group_tensors(self):
+                p.add_(0.25)
+
+    def train(self):
+        with torch.no_grad():
+            for p in group_tensors(self):
+                p.sub_(0.25)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_train_and_eval_reach_an_inner_optimizer_that_has_them(device, dtype):
+    """accelerate and the HF Trainer call optimizer.train()/eval() where hasattr finds them
+    (schedule-free optimizers); the half params then take the masters' values."""
+    assert not hasattr(wrap(adamw(make_model(device=device).parameters())), "train")
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(_TwoPoints(model.parameters(), lr=0.1), accumulation_steps=2)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device),
+                          lambda ps: _TwoPoints(ps, lr=0.1))
+    for window in make_windows(2, 2, dtype=dtype, device=device):
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            opt.step()
+            opt.zero_grad()
+        emu.step(2)
+        versions = [p._version for p in model.parameters()]
+        opt.eval()
+        emu.opt.eval()
+        emu.finish()
+        assert all(p._version > v for p, v in zip(model.parameters(), versions))
+        assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+        assert_params_close(model, emu.model, **HALF_TOL[dtype])
+        opt.train()
+        emu.opt.train()
+        emu.finish()
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
 # -------------------------------------------------------------- adaptive accumulation
 
 
