@@ -300,6 +300,19 @@ class MasterEmulation:
         return norm.detach().clone(), finite
 
 
+def run_with_emulation(model, opt, emu, windows, **step_kwargs):
+    """The managed loop (step() and zero_grad() every micro-batch) for the wrapper, and the
+    same micro-batches for the master emulation ``emu``, which ends each window with
+    ``emu.step(k, **step_kwargs)``."""
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            opt.step()
+            opt.zero_grad()
+        emu.step(len(window), **step_kwargs)
+
+
 # ------------------------------------------------------------------------- comparison
 
 

@@ -41,6 +41,7 @@ from _models import (
     poison,
     reference_big_batch,
     run_managed,
+    run_with_emulation,
     snapshot,
     sum_loss,
     wrap,
@@ -189,13 +190,7 @@ def test_optimizers_on_half_params_equal_master_emulation(device, opt_name, dtyp
     model = make_model(dtype=dtype, device=device)
     opt = wrap(make_opt(model.parameters()), accumulation_steps=k)
     emu = MasterEmulation(make_model(dtype=dtype, device=device), make_opt)
-    for window in windows:
-        for x, y in window:
-            mse(model(x), y).backward()
-            emu.backward(mse(emu.model(x), y))
-            opt.step()
-            opt.zero_grad()
-        emu.step(k)
+    run_with_emulation(model, opt, emu, windows)
     assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
     assert_states_close(opt, emu.opt, **MASTER_TOL)
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
@@ -1924,13 +1919,7 @@ def test_sgd_without_momentum_keeps_no_state_entries(device, dtype):
                           lambda ps: torch.optim.SGD([{"params": ps[:2]},
                                                       {"params": ps[2:], "momentum": 0.9}],
                                                      lr=0.1))
-    for window in windows:
-        for x, y in window:
-            mse(model(x), y).backward()
-            emu.backward(mse(emu.model(x), y))
-            opt.step()
-            opt.zero_grad()
-        emu.step(k)
+    run_with_emulation(model, opt, emu, windows)
     state = opt.state_dict()["state"]
     assert sorted(state) == sorted(emu.opt.state_dict()["state"]) == [2, 3]
     assert len(opt.state) == 2
