@@ -93,20 +93,43 @@ def _fp32_state(st: dict) -> dict:
             else v for k, v in st.items()}
 
 
-def _forget_wrapper(handles: list, param_refs: list) -> None:
-    """A wrapper was collected: its hooks leave the params, and so does ``main_grad`` from
-    those no other wrapper took over, so that its accumulators are freed with it (the
-    hooks' closures held views of them)."""
+def _forget_wrapper(handles: list, param_refs: list, acc_refs: list) -> None:
+    """A wrapper was collected: its hooks leave the params, and so does each ``main_grad``
+    that views one of its accumulators (not one another wrapper gave the param since), so
+    that its accumulators are freed with it (the hooks' closures held views of them)."""
     for h in handles:
         h.remove()
+    accs = {id(a) for a in (r() for r in acc_refs) if a is not None}
     for ref in param_refs:
         p = ref()
         if p is None:
             continue
         owner = _OWNERS.get(p)
-        if owner is None or owner[0]() is None:
+        if owner is not None and owner[0]() is None:
             _OWNERS.pop(p, None)
-            p.__dict__.pop("main_grad", None)
+        main_grad = p.__dict__.get("main_grad")
+        if main_grad is not None and id(main_grad._base) in accs:
+            del p.__dict__["main_grad"]
+
+
+def _eager_when_traced(body, traced: bool = False):
+    """A hook that runs ``body`` and, when Dynamo traces it, runs ``body`` eagerly through
+    torch.compiler.disable (a graph break), passing ``traced=True`` if asked: see
+    FusedAccumulator's note on the hooks and Dynamo."""
+    is_compiling = torch.compiler.is_compiling
+    eager = torch.compiler.disable(body)
+
+    if traced:
+        def hook(arg):
+            if is_compiling():
+                return eager(arg, True)
+            return body(arg)
+    else:
+        def hook(arg):
+            if is_compiling():
+                return eager(arg)
+            return body(arg)
+    return hook
 
 
 def _check_k(k, what: str) -> int:
@@ -255,7 +278,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._buckets: list[list[Bucket]] = []  # per param group
         self._handles: list = []
         self._param_refs: list = []  # weak references to the params hooked
-        weakref.finalize(self, _forget_wrapper, self._handles, self._param_refs)
+        self._acc_refs: list = []  # and to the buckets' accumulators
+        weakref.finalize(self, _forget_wrapper, self._handles, self._param_refs,
+                         self._acc_refs)
         self._check_params(optimizer.param_groups)
         first = next((p for g in optimizer.param_groups for p in g["params"]), None)
         self._device = first.device if first is not None else torch.device("cpu")
@@ -472,6 +497,7 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def _check_params(self, groups, start: int = 0) -> None:
         seen = {id(t) for b in self._all_buckets() for t in b.params}
+        shared = []
         for gi, group in enumerate(groups, start):
             for pi, p in enumerate(group["params"]):
                 name = self._param_name(group, gi, pi, p)
@@ -498,14 +524,20 @@ class FusedAccumulator(torch.optim.Optimizer):
                     raise ValueError(f"{name} has elements sharing memory (an expand()ed "
                                      "view), which torch.optim cannot update in place either; "
                                      "make it a tensor of its own (.clone())")
-                if p.device.type == "cpu" and p.is_shared():
-                    raise ValueError(f"{name} is in shared memory (share_memory_(), Hogwild): "
-                                     "FusedAccumulator moves params into buffers of its own, "
-                                     "so other processes would not see its updates")
+                if p.device.type == "cpu" and p.is_shared() and self._pg is None:
+                    # (with a process group each rank steps its own replica: mp.spawn
+                    # shares the model it passes to the ranks, and that is fine)
+                    shared.append(name)
                 if id(p) in seen:
                     raise ValueError(f"{name} appears more than once in the optimizer's "
                                      "param groups")
                 seen.add(id(p))
+        if shared:
+            warnings.warn(f"{shared[0]} and {len(shared) - 1} more params are in shared memory "
+                          "(share_memory_(), Hogwild, or passed through multiprocessing): "
+                          "FusedAccumulator moves params into buffers of its own, so other "
+                          "processes will not see its updates", RuntimeWarning,
+                          stacklevel=_caller_stacklevel())
 
     def _build_group(self, gi: int) -> None:
         group = self.inner.param_groups[gi]
@@ -523,6 +555,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             grads = [p.grad for p in members]
             b = Bucket(members, idx, use_master=self.master_weights, shard=self._shard)
             b.ops = modules[device]
+            self._acc_refs.append(weakref.ref(b.acc))
             # The norm rides on the last micro-batch's accumulations (each large gradient's
             # and each batch's). Measured on CPU (2026-11-26): a window of one GPT-2-XL block
             # 8% faster than with a separate norm pass. On GPUs each such accumulation adds a
@@ -646,7 +679,7 @@ class FusedAccumulator(torch.optim.Optimizer):
     # autograd calls, these hooks among them: their bookkeeping (the batch lists, flags)
     # became traced side effects that lost micro-batches. Compiled autograd traces them
     # too, and its AccumulateGrad did not see the pre-hook's ``p.grad = view``. So a traced
-    # hook (torch.compiler.is_compiling()) calls itself through torch.compiler.disable: a
+    # hook (torch.compiler.is_compiling()) runs its body through torch.compiler.disable: a
     # graph break, and the hook runs eagerly, on real tensors, in order (a half gradient
     # is then added at once, not batched).
 
@@ -659,9 +692,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         view = b.main_grads[i]
         owner_ref, b_ref = weakref.ref(self), weakref.ref(b)
 
-        def pre_hook(grad):
-            if is_compiling():  # traced by Dynamo: run it eagerly (see above)
-                return eager(grad)
+        def pre_hook_body(grad):
             p, b = p_ref(), b_ref()
             if p is None or b is None or b.released[i]:
                 return None
@@ -678,9 +709,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                 p.grad = view
             return None
 
-        is_compiling = torch.compiler.is_compiling
-        eager = torch.compiler.disable(pre_hook)
-        return pre_hook
+        # (the disabled wrapper holds the body, not the hook: no reference cycle, so a
+        # removed hook and the accumulator views it holds are freed at once)
+        return _eager_when_traced(pre_hook_body)
 
     def _make_post_hook(self, b: Bucket, i: int):
         view = b.main_grads[i]
@@ -697,12 +728,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         perm = b.perms[i]  # a param not row-major: its grad is accumulated as 1-D
         queue_callback = torch.autograd.Variable._execution_engine.queue_callback
         graph_task_id = torch._C._current_graph_task_id
-        is_compiling = torch.compiler.is_compiling
 
-        def post_hook(p, traced=False):
+        def post_hook_body(p, traced=False):
             # the hot path: once per param per backward
-            if is_compiling():  # traced by Dynamo: run it eagerly (see above)
-                return eager(p, True)
             grad, b, self = p.grad, b_ref(), owner_ref()
             if grad is None or b is None or self is None or b.released[i]:
                 return
@@ -761,8 +789,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 b.touched[i] = True
                 self._expose_grad(b, i)
 
-        eager = torch.compiler.disable(post_hook)
-        return post_hook
+        return _eager_when_traced(post_hook_body, traced=True)
 
     @torch.no_grad()
     def _flush(self, b: Bucket) -> None:
@@ -1017,22 +1044,27 @@ class FusedAccumulator(torch.optim.Optimizer):
             # the accumulations and the norm only, and the step's kernels (the largest part
             # of the boundary's bytes) run while it goes on to the next window.
             skipped = bool(found_f.item())
-            if not skipped:
+            if not skipped and self.inner._optimizer_step_pre_hooks:
+                # the inner optimizer's pre-hooks see .grad as its step() would: the
+                # prepared gradient (one more pass, only when there are such hooks)
+                for b in self._all_buckets():
+                    b.acc_local.mul_(mult)
+                mult = torch.ones_like(mult)
                 self._inner_step_hooks(self.inner._optimizer_step_pre_hooks)
             self._fused_update(mult, found_f)  # with found set: only zeroes acc
             if not skipped:
                 self._record_fused_steps()
                 if self._shard is not None:
                     dp.gather_params(list(self._all_buckets()), self._pg)
+                self._bump_updated_params()
                 self._inner_stepped()
         else:
             skipped = bool(found_f.item())
             if not skipped:
                 self._generic_update(mult)
+                self._bump_updated_params()
             for b in self._all_buckets():
                 b.acc.zero_()
-        if not skipped:
-            self._bump_updated_params()
         if self._scaler is not None:
             self._scaler.update(skipped)
         self._end_window()
@@ -1080,7 +1112,21 @@ class FusedAccumulator(torch.optim.Optimizer):
         warn that ``lr_scheduler.step()`` came before ``optimizer.step()``."""
         if getattr(self.inner.step, "_wrapped_by_lr_sched", False):
             self.inner._opt_called = True
-        self._inner_step_hooks(self.inner._optimizer_step_post_hooks)
+        hooks = self.inner._optimizer_step_post_hooks
+        if not hooks:
+            return
+        # a hook that writes the stepped tensors (the fp32 masters of half params) must
+        # reach the model, as the generic path's rounding after inner.step() does
+        masters = [(b, b.master._version) for b in self._all_buckets()
+                   if b.has_master and not b.sharded]
+        self._inner_step_hooks(hooks)
+        with torch.no_grad():
+            for b, version in masters:
+                if b.master._version != version:
+                    b.model_out.copy_(b.master)
+                    live = [p for p, r in zip(b.params, b.released) if not r]
+                    torch.autograd.graph.increment_version(live)
+                    b.param_seen = [p._version for p in b.params]
 
     def _forget_deleted_state(self) -> None:
         """Params whose optimizer state was deleted (``del opt.state[p]``, ``opt.state =
@@ -1267,6 +1313,10 @@ class FusedAccumulator(torch.optim.Optimizer):
                                 del state[t]
                         else:
                             t.grad = b.main_grads[i]
+            # half params written during the step (an inner post-hook clamping the model)
+            # keep those values: their masters are re-read before the rounding below
+            versions = [(b, [p._version for p in b.params])
+                        for b in self._all_buckets() if b.has_master]
             self.inner.step()
             for _, _, t, f in swapped:
                 t.copy_(f)  # round to nearest
@@ -1281,9 +1331,11 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if st is not None:
                     state[t] = st
                 f.grad = None
-        for b in self._all_buckets():
-            if b.has_master:
-                b.model.copy_(b.master)
+        for b, before in versions:
+            for i, p in enumerate(b.params):
+                if p._version != before[i]:
+                    b._resync_master(i)
+            b.model.copy_(b.master)
 
     # -- state dict ----------------------------------------------------------------
     def _index_map(self) -> dict[int, tuple[Bucket, int]]:
@@ -1460,7 +1512,6 @@ class FusedAccumulator(torch.optim.Optimizer):
                            for k, v in src.items() if k != "step"
                            and isinstance(v, torch.Tensor) and v.is_floating_point()})
 
-    @torch.no_grad()
     def _fp32_initial_state(self, st: dict, t: torch.Tensor, group: dict) -> dict:
         """A half param's state, in fp32 for the fp32 tensor ``t`` that is stepped in its
         place. State that Adagrad's ``__init__`` made (step 0, ``sum`` full of
@@ -1473,6 +1524,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                                               dtype=torch.float32))
         return _fp32_state(st)
 
+    @torch.no_grad()
     def _adopt_state(self, loaded: dict) -> None:
         """Fused path: copy per-param state (by state_dict index) into the flat buffers."""
         if self._kind is None:

@@ -43,9 +43,14 @@ def memory_order(p: torch.Tensor) -> tuple[int, ...] | None:
     torch.optim never changes a param's strides and its state is ``zeros_like(p)``: a
     channels_last model stays channels_last, and its gradients (which autograd makes
     with the param's strides) are read in memory order, without a copy."""
-    if p.is_contiguous():
+    row_major, n = [], 1
+    for size in reversed(p.shape):
+        row_major.append(n)
+        n *= size
+    if p.stride() == tuple(reversed(row_major)):
         return None
-    # (a stable sort; equal strides are size-1 dims, whose place is_contiguous ignores)
+    # (a stable sort; equal strides are size-1 dims, whose place is_contiguous ignores.
+    # A channels_last 1x1 conv weight is contiguous too, but its strides are kept)
     perm = tuple(sorted(range(p.dim()), key=lambda d: -p.stride(d)))
     return perm if p.permute(perm).is_contiguous() else None
 
@@ -83,6 +88,7 @@ class Bucket:
         self.numels = [p.numel() for p in params]
         self.shapes = [p.shape for p in params]
         self.perms = [memory_order(p) for p in params]  # see memory_order
+        self.strides = [p.stride() for p in params]
         self.offsets = []
         total = 0
         for n in self.numels:
@@ -196,10 +202,12 @@ class Bucket:
     def view(self, buf: torch.Tensor, i: int) -> torch.Tensor:
         """Param ``i``'s elements of the full-size flat ``buf``, in the param's shape and
         memory layout."""
-        flat, shape, perm = self.flat_slice(buf, i), self.shapes[i], self.perms[i]
-        if perm is None:
+        flat, shape = self.flat_slice(buf, i), self.shapes[i]
+        if self.perms[i] is None:
             return flat.view(shape)
-        return flat.view([shape[d] for d in perm]).permute(_inverse(perm))
+        # the param's own strides (those of size-1 dims too): its elements fill the range
+        # in memory order
+        return flat.as_strided(shape, self.strides[i])
 
     def flat_of(self, value: torch.Tensor, i: int) -> torch.Tensor:
         """A tensor of param ``i``'s shape, as 1-D in the flat buffers' element order (a
@@ -265,13 +273,6 @@ class Bucket:
                 out.append((slice(a - self.lo, e - self.lo), k))
             i = j
         return out
-
-
-def _inverse(perm: tuple[int, ...]) -> list[int]:
-    inv = [0] * len(perm)
-    for k, d in enumerate(perm):
-        inv[d] = k
-    return inv
 
 
 for _k, _name in enumerate(HOOK_FIELDS):

@@ -654,6 +654,47 @@ def test_train_and_eval_reach_an_inner_optimizer_that_has_them(device, dtype):
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+@pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inner_step_hooks_see_and_change_what_inner_step_would(device, dtype, opt_name):
+    """The inner optimizer's pre-hooks see .grad as its step() would (the prepared window
+    gradient, not the raw sum times k and the loss scale); what its post-hooks write into
+    the tensors it steps (the fp32 masters of half params) reaches the model."""
+    k, bound = 2, 0.05
+    windows = make_windows(2, k, dtype=dtype, device=device)
+
+    def hooked(opt, seen):
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(
+            max(float(t.grad.abs().max()) for t in group_tensors(o))))
+
+        def clamp(o, args, kwargs):
+            with torch.no_grad():
+                for t in group_tensors(o):
+                    t.clamp_(-bound, bound)
+
+        opt.register_step_post_hook(clamp)
+        return opt
+
+    seen, emu_seen = [], []
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(hooked(OPTIMIZERS[opt_name](model.parameters()), seen), accumulation_steps=k,
+               max_grad_norm=0.5, loss_scale=64.0)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device),
+                          lambda ps: hooked(OPTIMIZERS[opt_name](ps), emu_seen))
+    for window in windows:
+        for x, y in window:
+            opt.scale_loss(mse(model(x), y)).backward()
+            emu.backward(mse(emu.model(x), y) * 64.0)
+            opt.step()
+            opt.zero_grad()
+        emu.step(k, max_grad_norm=0.5, loss_scale=64.0)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen, emu_seen, rtol=1e-5, atol=1e-7)
+    assert max(float(p.abs().max()) for p in model.parameters()) <= bound * 1.01
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
 # -------------------------------------------------------------- adaptive accumulation
 
 
@@ -1340,6 +1381,32 @@ def test_params_keep_their_memory_layout(device, dtype, opt_name):
     assert _changed(model, dtype=dtype, device=device, cls=ChannelsLast)
 
 
+def test_channels_last_convs_with_size_one_dims_keep_their_strides(device):
+    """A channels_last 1x1 or depthwise conv weight is contiguous too (is_contiguous ignores
+    size-1 dims), but its strides are not row-major ones, and convolutions read them."""
+    def convs():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.Conv2d(8, 16, 1)).to(
+            device=device, memory_format=torch.channels_last)
+
+    model, ref = convs(), convs()
+    strides = [p.stride() for p in model.parameters()]
+    assert strides[0] == (9, 1, 3, 1) and strides[2] == (8, 1, 8, 8)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+    ref_opt = adamw(ref.parameters())
+    xs = [torch.randn(2, 8, 5, 5, device=device).contiguous(memory_format=torch.channels_last)
+          for _ in range(2)]
+    for x in xs:
+        model(x).square().mean().backward()
+        opt.step()
+        (ref(x).square().mean() / 2).backward()
+    ref_opt.step()
+    assert opt.stepped
+    assert [p.stride() for p in model.parameters()] == strides
+    assert [p.main_grad.stride() for p in model.parameters()] == strides
+    assert_params_close(model, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_params_whose_grads_skip_micro_batches(device, dtype):
     class TwoHeads(nn.Module):
@@ -1866,9 +1933,12 @@ def test_a_collected_wrapper_leaves_the_params_and_frees_its_accumulators(device
     hooks = len(model.fc1.weight._post_accumulate_grad_hooks)
     taker = wrap(adamw(model.fc2.parameters()))  # fc2 moves to another wrapper
     model.zero_grad()  # (an fp32 param's .grad views the accumulator, as in torch it stays)
-    del opt
-    gc.collect()
-    assert acc() is None
+    gc.disable()  # freed by reference counting: no cycle through the hooks
+    try:
+        del opt
+        assert acc() is None
+    finally:
+        gc.enable()
     assert not hasattr(model.fc1.weight, "main_grad")
     assert len(model.fc1.weight._post_accumulate_grad_hooks) == hooks - 1
     assert hasattr(model.fc2.weight, "main_grad")
