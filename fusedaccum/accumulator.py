@@ -358,9 +358,11 @@ class FusedAccumulator(torch.optim.Optimizer):
         values, as after an update."""
         self._sync_groups()
         self._check_buckets()  # (masters re-read where the params were written)
+        # (the HF Trainer calls train() every micro-batch: copy only masters it moved)
+        masters = [(b, b.master._version) for b in self._all_buckets() if b.has_master]
         out = getattr(self.inner, name)()
-        for b in self._all_buckets():
-            if b.has_master:
+        for b, version in masters:
+            if b.master._version != version:
                 b.model_out.copy_(b.master)
                 live = [p for p, r in zip(b.params, b.released) if not r]
                 torch.autograd.graph.increment_version(live)

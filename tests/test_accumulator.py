@@ -611,17 +611,23 @@ def test_compiled_autograd_with_zero_grad_every_micro_batch(device, dtype):
 
 class _TwoPoints(torch.optim.SGD):
     """Schedule-free optimizers' shape: train() and eval() move the stepped tensors between
-    two points (here: eval() adds 0.25 to every param, train() takes it away)."""
+    two points (here: eval() adds 0.25 to every param, train() takes it away), each only
+    when in the other mode."""
+
+    training = True
+
+    def _move(self, training, by):
+        if self.training != training:
+            with torch.no_grad():
+                for p in group_tensors(self):
+                    p.add_(by)
+            self.training = training
 
     def eval(self):
-        with torch.no_grad():
-            for p in group_tensors(self):
-                p.add_(0.25)
+        self._move(False, 0.25)
 
     def train(self):
-        with torch.no_grad():
-            for p in group_tensors(self):
-                p.sub_(0.25)
+        self._move(True, -0.25)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -650,6 +656,9 @@ def test_train_and_eval_reach_an_inner_optimizer_that_has_them(device, dtype):
         opt.train()
         emu.opt.train()
         emu.finish()
+        versions = [p._version for p in model.parameters()]
+        opt.train()  # (the HF Trainer calls it every micro-batch): nothing moved, no copy
+        assert [p._version for p in model.parameters()] == versions
     assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
