@@ -358,15 +358,19 @@ class FusedAccumulator(torch.optim.Optimizer):
         values, as after an update."""
         self._sync_groups()
         self._check_buckets()  # (masters re-read where the params were written)
-        # (the HF Trainer calls train() every micro-batch: copy only masters it moved)
-        masters = [(b, b.master._version) for b in self._all_buckets() if b.has_master]
-        out = getattr(self.inner, name)()
+        # (the HF Trainer calls train() every micro-batch: only masters it moved are copied)
+        return self._masters_to_model_after(getattr(self.inner, name))
+
+    def _masters_to_model_after(self, fn):
+        """``fn()``; then the half params of each bucket whose fp32 masters it wrote take
+        their new values (Bucket.masters_to_model). Unsharded buckets: with ZeRO-1 only
+        the fused step writes the masters, and its all-gather the params."""
+        masters = [(b, b.master._version) for b in self._all_buckets()
+                   if b.has_master and not b.sharded]
+        out = fn()
         for b, version in masters:
             if b.master._version != version:
-                b.model_out.copy_(b.master)
-                live = [p for p, r in zip(b.params, b.released) if not r]
-                torch.autograd.graph.increment_version(live)
-                b.param_seen = [p._version for p in b.params]
+                b.masters_to_model()
         return out
 
     def __repr__(self) -> str:
@@ -1115,20 +1119,10 @@ class FusedAccumulator(torch.optim.Optimizer):
         if getattr(self.inner.step, "_wrapped_by_lr_sched", False):
             self.inner._opt_called = True
         hooks = self.inner._optimizer_step_post_hooks
-        if not hooks:
-            return
-        # a hook that writes the stepped tensors (the fp32 masters of half params) must
-        # reach the model, as the generic path's rounding after inner.step() does
-        masters = [(b, b.master._version) for b in self._all_buckets()
-                   if b.has_master and not b.sharded]
-        self._inner_step_hooks(hooks)
-        with torch.no_grad():
-            for b, version in masters:
-                if b.master._version != version:
-                    b.model_out.copy_(b.master)
-                    live = [p for p, r in zip(b.params, b.released) if not r]
-                    torch.autograd.graph.increment_version(live)
-                    b.param_seen = [p._version for p in b.params]
+        if hooks:
+            # a hook that writes the stepped tensors (the fp32 masters of half params) must
+            # reach the model, as the generic path's rounding after inner.step() does
+            self._masters_to_model_after(lambda: self._inner_step_hooks(hooks))
 
     def _forget_deleted_state(self) -> None:
         """Params whose optimizer state was deleted (``del opt.state[p]``, ``opt.state =

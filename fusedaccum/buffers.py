@@ -184,6 +184,15 @@ class Bucket:
                 seen[i] = p._version
 
     @torch.no_grad()
+    def masters_to_model(self) -> None:
+        """The half params := their fp32 masters, rounded (after someone else moved the
+        masters); their version counters bumped, and the new versions in step."""
+        self.model_out.copy_(self.master)
+        torch.autograd.graph.increment_version(
+            [p for p, r in zip(self.params, self.released) if not r])
+        self.param_seen = [p._version for p in self.params]
+
+    @torch.no_grad()
     def _resync_master(self, i: int) -> None:
         o, n = self.offsets[i], self.numels[i]
         a, e = max(o, self.lo), min(o + n, self.hi)
