@@ -1052,11 +1052,17 @@ class FusedAccumulator(torch.optim.Optimizer):
             skipped = bool(found_f.item())
             if not skipped and self.inner._optimizer_step_pre_hooks:
                 # the inner optimizer's pre-hooks see .grad as its step() would: the
-                # prepared gradient (one more pass, only when there are such hooks)
+                # prepared gradient (one more pass, only when there are such hooks); if
+                # one raises, the window is as it was (up to rounding), for a retry
                 for b in self._all_buckets():
                     b.acc_local.mul_(mult)
+                try:
+                    self._inner_step_hooks(self.inner._optimizer_step_pre_hooks)
+                except BaseException:
+                    for b in self._all_buckets():
+                        b.acc_local.div_(mult)
+                    raise
                 mult = torch.ones_like(mult)
-                self._inner_step_hooks(self.inner._optimizer_step_pre_hooks)
             self._fused_update(mult, found_f)  # with found set: only zeroes acc
             if not skipped:
                 self._record_fused_steps()
@@ -1309,10 +1315,6 @@ class FusedAccumulator(torch.optim.Optimizer):
                                 del state[t]
                         else:
                             t.grad = b.main_grads[i]
-            # half params written during the step (an inner post-hook clamping the model)
-            # keep those values: their masters are re-read before the rounding below
-            versions = [(b, [p._version for p in b.params])
-                        for b in self._all_buckets() if b.has_master]
             self.inner.step()
             for _, _, t, f in swapped:
                 t.copy_(f)  # round to nearest
@@ -1327,11 +1329,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if st is not None:
                     state[t] = st
                 f.grad = None
-        for b, before in versions:
-            for i, p in enumerate(b.params):
-                if p._version != before[i]:
-                    b._resync_master(i)
-            b.model.copy_(b.master)
+        for b in self._all_buckets():
+            if b.has_master:
+                b.model.copy_(b.master)
 
     # -- state dict ----------------------------------------------------------------
     def _index_map(self) -> dict[int, tuple[Bucket, int]]:

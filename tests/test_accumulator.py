@@ -704,6 +704,53 @@ def test_inner_step_hooks_see_and_change_what_inner_step_would(device, dtype, op
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+@pytest.mark.parametrize("opt_name", ["sgd_momentum", "rmsprop"])
+def test_inner_step_hooks_that_raise_or_touch_the_model_lose_nothing(device, opt_name):
+    """A pre-hook that raises once: the retried step() gives the update of no failure (the
+    prepared gradient is undone). A post-hook writing the model's bf16 params without
+    changing them (a clamp to wide bounds): the update stands."""
+    k = 2
+    windows = make_windows(2, k, dtype=torch.bfloat16, device=device)
+
+    def run(hook_kind):
+        model = make_model(dtype=torch.bfloat16, device=device)
+        inner = OPTIMIZERS[opt_name](model.parameters())
+        fail = [hook_kind == "raise"]
+
+        def pre(o, args, kwargs):
+            if fail[0]:
+                fail[0] = False
+                raise RuntimeError("a pre-hook failed")
+
+        def post(o, args, kwargs):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.clamp_(-10.0, 10.0)
+
+        inner.register_step_pre_hook(pre)
+        if hook_kind == "touch":
+            inner.register_step_post_hook(post)
+        opt = wrap(inner, accumulation_steps=k, max_grad_norm=0.5)
+        for window in windows:
+            for x, y in window:
+                mse(model(x), y).backward()
+                try:
+                    opt.step()
+                except RuntimeError as e:
+                    assert "a pre-hook failed" in str(e)
+                    opt.step()  # the retry
+                opt.zero_grad()
+        assert opt.update_count == 2
+        return [p.detach().float().clone() for p in model.parameters()], opt.grad_norm
+
+    want, want_norm = run("none")
+    for kind in ("raise", "touch"):
+        got, norm = run(kind)
+        # (the undone scaling, acc * m / m, may differ from acc in the last bit)
+        torch.testing.assert_close(norm, want_norm, rtol=1e-5, atol=0)
+        assert_params_close(got, want, **HALF_TOL[torch.bfloat16])
+
+
 # -------------------------------------------------------------- adaptive accumulation
 
 
