@@ -186,6 +186,24 @@ def test_state_dict_without_fusedaccum_entry_loads_into_plain_adamw(device, dtyp
         assert_states_close(opt, ref_opt)
 
 
+def test_loading_state_that_requires_grad_keeps_the_state_plain(device):
+    """Loading runs without autograd: a checkpoint whose state tensors require grad must not
+    make the flat state buffers part of a graph."""
+    model, opt = _wrapped(torch.float32, device, accumulation_steps=1)
+    for batch in make_batches(1, device=device):
+        _micro(model, opt, batch)
+    sd = copy.deepcopy(opt.state_dict())
+    for st in sd["state"].values():
+        st["exp_avg"].requires_grad_(True)
+    opt.load_state_dict(sd)
+    for t in group_tensors(opt):
+        assert not opt.state[t]["exp_avg"].requires_grad
+    copy.deepcopy(opt.state_dict())
+    for batch in make_batches(1, seed=3, device=device):
+        _micro(model, opt, batch)
+    assert opt.update_count == 2
+
+
 @MODELS
 def test_plain_adamw_state_dict_loads_into_wrapper(device, cls):
     k = 2
