@@ -10,6 +10,7 @@ path) for every other torch optimizer. See DESIGN.md sections 1 and 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -59,6 +60,7 @@ _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # the fp32 masters of wrapped half params (they take the params' places in the inner
 # optimizer's groups): wrapping them would train tensors no backward reaches
 _MASTERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_MISSING = object()
 
 
 def _caller_stacklevel() -> int:
@@ -303,19 +305,13 @@ class FusedAccumulator(torch.optim.Optimizer):
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
         self._window_k = self._next_k()  # a bad callable fails here, before any hook
 
-        for gi in range(len(optimizer.param_groups)):
-            self._build_group(gi)
-        try:
+        with self._building(range(len(optimizer.param_groups))):
             if self._pg is not None:
                 dp.check_replicas(list(self._all_buckets()), self._pg, self._device)
-        except BaseException:
-            for h in self._handles:  # a wrapper that failed to build must not accumulate
-                h.remove()
-            raise
-        index = {id(p): idx for idx, (b, i) in self._index_map().items()
-                 for p in (b.params[i], b.stepped[i])}
-        self._adopt_state({index[id(t)]: st for t, st in optimizer.state.items()
-                           if id(t) in index})
+            index = {id(p): idx for idx, (b, i) in self._index_map().items()
+                     for p in (b.params[i], b.stepped[i])}
+            self._adopt_state({index[id(t)]: st for t, st in optimizer.state.items()
+                               if id(t) in index})
 
     # -- the inner optimizer's objects, at all times ---------------------------------
     @property
@@ -545,6 +541,58 @@ class FusedAccumulator(torch.optim.Optimizer):
                           "processes will not see its updates", RuntimeWarning,
                           stacklevel=_caller_stacklevel())
 
+    @contextlib.contextmanager
+    def _building(self, gis):
+        """Build the param groups ``gis`` (and run the body) all or nothing. Building moves
+        each param into the new flat buffers, hooks it, puts its master in the inner
+        optimizer's group and re-keys its state; if anything raises on the way (a check
+        of the replicas, the state, out of memory), every param, group, state entry and
+        hook is put back as it was and the error propagates: the params stay with the
+        wrapper that held them before (which loses nothing), or untouched, and the inner
+        optimizer can be wrapped again. The previous owner gives a param up only once
+        the new one is built."""
+        inner = self.inner
+        groups = [inner.param_groups[gi] for gi in gis]
+        params = [p for g in groups for p in g["params"]]
+        saved_params = [list(g["params"]) for g in groups]
+        saved = [(p, p.data, p.__dict__.get("main_grad", _MISSING), p.grad, _OWNERS.get(p))
+                 for p in params]
+        saved_state = dict(inner.state)
+        n_buckets, n_handles = len(self._buckets), len(self._handles)
+        try:
+            for gi in gis:
+                self._build_group(gi)
+            yield
+        except BaseException:
+            masters = [t for bs in self._buckets[n_buckets:] for b in bs for t in b.stepped
+                       if t in _MASTERS]
+            for h in self._handles[n_handles:]:
+                h.remove()
+            del self._handles[n_handles:], self._buckets[n_buckets:]
+            with torch.no_grad():
+                for g, ps in zip(groups, saved_params):
+                    g["params"][:] = ps
+                for p, data, main_grad, grad, owner in saved:
+                    p.data = data
+                    if main_grad is _MISSING:
+                        p.__dict__.pop("main_grad", None)
+                    else:
+                        p.main_grad = main_grad
+                    p.grad = grad
+                    if owner is None:
+                        _OWNERS.pop(p, None)
+                    else:
+                        _OWNERS[p] = owner
+                        self._restore_fast_hook(owner, p)
+            for t in masters:
+                _MASTERS.pop(t, None)
+            inner.state.clear()
+            inner.state.update(saved_state)
+            raise
+        for p, *_, owner in saved:  # built: the previous owner lets go
+            if owner is not None:
+                self._release_from(owner, p)
+
     def _build_group(self, gi: int) -> None:
         group = self.inner.param_groups[gi]
         params = list(group["params"])
@@ -556,9 +604,11 @@ class FusedAccumulator(torch.optim.Optimizer):
         buckets = []
         for (device, _), idx in keyed.items():
             members = [params[pi] for pi in idx]
-            for p in members:
-                self._release_from_previous_owner(p)
-            grads = [p.grad for p in members]
+            # a gradient held before wrapping joins the window; the window of a previous
+            # owner (an fp32 param's .grad viewing its accumulator) stays behind with it,
+            # as a half param's does
+            grads = [None if p in _OWNERS and p.grad is p.__dict__.get("main_grad")
+                     else p.grad for p in members]
             b = Bucket(members, idx, use_master=self.master_weights, shard=self._shard)
             b.ops = modules[device]
             self._acc_refs.append(weakref.ref(b.acc))
@@ -596,16 +646,26 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _backend_module(self, device):
         return ops.get(self.backend, device)
 
-    def _release_from_previous_owner(self, p: torch.Tensor) -> None:
-        prev = _OWNERS.get(p)
-        if prev is None:
-            return
+    def _release_from(self, prev: tuple, p: torch.Tensor) -> None:
+        """The wrapper that owned ``p`` before (``prev``: its _OWNERS entry) gives it up."""
         owner_ref, handles = prev
         for h in handles:
             h.remove()
         owner = owner_ref()
         if owner is not None and owner is not self:
             owner._release(p)
+
+    @staticmethod
+    def _restore_fast_hook(prev: tuple, p: torch.Tensor) -> None:
+        """Give the C++ batching hook back to ``p``'s previous owner (``prev``: its _OWNERS
+        entry): a param has one, and installing the new wrapper's replaced it."""
+        owner = prev[0]()
+        if owner is None:
+            return
+        for b in owner._all_buckets():
+            for i, q in enumerate(b.params):
+                if q is p and b.is_half:
+                    owner._install_batch_hook(b, i, p, prev[1][0])
 
     def _release(self, p: torch.Tensor) -> None:
         for b in self._all_buckets():
@@ -615,7 +675,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                     b.touched[i] = False
                     with torch.no_grad():
                         b.main_grads[i].zero_()
-                    b.stepped[i].grad = None
+                    t = b.stepped[i]
+                    if t.grad is b.main_grads[i]:  # (not the new owner's view: fp32 params)
+                        t.grad = None
 
     def _install_hooks(self, b: Bucket, i: int, p: torch.Tensor) -> None:
         frozen = not p.requires_grad
@@ -844,7 +906,12 @@ class FusedAccumulator(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         self._check_params([dict(param_group, params=params)], start=len(self._buckets))
         self.inner.add_param_group(dict(param_group, params=params))
-        self._build_group(len(self.inner.param_groups) - 1)
+        try:
+            with self._building([len(self.inner.param_groups) - 1]):
+                pass
+        except BaseException:
+            self.inner.param_groups.pop()  # as if it had never been added
+            raise
 
     # -- step ----------------------------------------------------------------------
     def _patch_step_function(self) -> None:
@@ -923,8 +990,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 f"the optimizer has {len(groups)} param groups but the wrapper built {start}: "
                 "a group was removed from param_groups; groups cannot be removed")
         self._check_params(groups[start:], start=start)
-        for gi in range(start, len(groups)):
-            self._build_group(gi)
+        with self._building(range(start, len(groups))):
+            pass
         self._ddp_checked = False
 
     def _scaler_spec(self):

@@ -14,6 +14,7 @@ from _models import (
     assert_unchanged,
     make_batches,
     make_model,
+    make_windows,
     mse,
     reference_big_batch,
     run_managed,
@@ -63,6 +64,78 @@ def test_failed_construction_leaves_no_hooks_behind():
     mse(model(x), y).backward()
     for p in model.parameters():
         assert p.grad is not None and not hasattr(p, "main_grad")
+
+
+def _micro_batch(model, opt, batch):
+    x, y = batch
+    mse(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("failure", ["bad state", "out of memory"])
+def test_failed_wrapping_loses_nothing(device, dtype, failure, monkeypatch):
+    """A wrapper B whose construction fails in its second param group (a state entry of
+    the wrong shape; out of memory) after building the first puts everything back: the
+    params stay with wrapper A, whose partial window and training go on bitwise as if B
+    had never been tried, and the inner optimizer is as it was and can be wrapped again."""
+    from fusedaccum import accumulator
+
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model, twin = (make_model(dtype=dtype, device=device) for _ in range(2))
+    a = wrap(adamw(model.parameters()), accumulation_steps=k)
+    a_twin = wrap(adamw(twin.parameters()), accumulation_steps=k)
+    _micro_batch(model, a, windows[0][0])  # A holds a partial window
+    _micro_batch(twin, a_twin, windows[0][0])
+
+    params = list(model.parameters())
+    inner = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}])
+    if failure == "bad state":
+        inner.state[params[2]] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3),
+                                  "exp_avg_sq": torch.zeros(3)}
+        expected = RuntimeError
+    else:
+        built = []
+
+        def bucket(*args, **kwargs):
+            if built:
+                raise torch.OutOfMemoryError("no memory for the second group")
+            built.append(real_bucket(*args, **kwargs))
+            return built[-1]
+
+        real_bucket = accumulator.Bucket
+        monkeypatch.setattr(accumulator, "Bucket", bucket)
+        expected = torch.OutOfMemoryError
+    ptrs = [p.data_ptr() for p in params]
+    main_grads = [p.main_grad for p in params]
+    grads = [p.grad for p in params]
+    n_hooks = [len(p._post_accumulate_grad_hooks) for p in params]
+    state = dict(inner.state)
+    with pytest.raises(expected):
+        wrap(inner, accumulation_steps=k)
+    monkeypatch.undo()
+    assert [p.data_ptr() for p in params] == ptrs
+    assert all(p.main_grad is g for p, g in zip(params, main_grads))
+    assert all(p.grad is g for p, g in zip(params, grads))
+    assert [len(p._post_accumulate_grad_hooks) for p in params] == n_hooks
+    assert [q for g in inner.param_groups for q in g["params"]] == params
+    assert dict(inner.state) == state
+
+    _micro_batch(model, a, windows[0][1])  # A's window goes on: nothing was lost
+    _micro_batch(twin, a_twin, windows[0][1])
+    assert a.stepped and a.update_count == 1
+    for p, q in zip(params, twin.parameters()):
+        assert torch.equal(p, q)
+
+    inner.state.clear()
+    b = wrap(inner, accumulation_steps=k)  # wrapping again works, and B takes over
+    for batch in windows[1]:
+        _micro_batch(model, b, batch)
+        _micro_batch(twin, a_twin, batch)
+    assert b.update_count == 1 and a.update_count == 1
+    assert not any(bk.touched[i] for bs in a._buckets for bk in bs for i in range(len(bk)))
 
 
 @pytest.mark.parametrize("bad", [0, -1])
