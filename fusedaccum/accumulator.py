@@ -902,12 +902,13 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._sync_groups()
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        self._check_params([dict(param_group, params=params)], start=len(self._buckets))
-        self.inner.add_param_group(dict(param_group, params=params))
+        # torch's own checks and normalization first (a set of params refused, named
+        # params split into param_names, defaults filled in)
+        self.inner.add_param_group(param_group)
+        gi = len(self.inner.param_groups) - 1
         try:
-            with self._building([len(self.inner.param_groups) - 1]):
+            self._check_params([self.inner.param_groups[gi]], start=gi)
+            with self._building([gi]):
                 pass
         except BaseException:
             self.inner.param_groups.pop()  # as if it had never been added
@@ -1076,9 +1077,31 @@ class FusedAccumulator(torch.optim.Optimizer):
         masters re-read where someone else wrote the half params (Bucket.check_params)."""
         for gi, buckets in enumerate(self._buckets):
             group = self.inner.param_groups[gi]
+            self._check_group_list(gi, group, buckets)
             for b in buckets:
                 b.check_params(lambda i, b=b, gi=gi, group=group: self._param_name(
                     group, gi, b.indices[i], b.params[i]))
+
+    @staticmethod
+    def _check_group_list(gi: int, group: dict, buckets: list[Bucket]) -> None:
+        """RuntimeError if ``group["params"]`` no longer holds, at each position, the
+        tensor the wrapper steps there (a param popped, swapped or replaced after
+        wrapping): the updates, the state and the state dict's numbering would silently
+        belong to other params."""
+        params = group["params"]
+        n = sum(len(b.indices) for b in buckets)
+        bad = None if len(params) == n else min(len(params), n)
+        if bad is None:
+            for b in buckets:
+                for i, pi in enumerate(b.indices):
+                    if params[pi] is not b.stepped[i]:
+                        bad = pi if bad is None else min(bad, pi)
+        if bad is not None:
+            raise RuntimeError(
+                f"param group {gi}'s 'params' list changed after wrapping (it has "
+                f"{len(params)} tensors where the wrapper holds {n}; position {bad} differs): "
+                "FusedAccumulator cannot follow edits of group['params']. Add params with "
+                "add_param_group(); to drop or reorder params, build and wrap a new optimizer")
 
     @torch.no_grad()
     def _boundary(self, num_items, grad_scale, scaler_found_inf) -> None:
@@ -1182,6 +1205,35 @@ class FusedAccumulator(torch.optim.Optimizer):
         ``inner.step()``, as the generic path's call of it does; they get no arguments."""
         for hook in list(hooks.values()):
             hook(self.inner, (), {})
+
+    def _inner_step(self) -> None:
+        """``inner.step()`` for the generic path, without the global optimizer hooks
+        (``register_optimizer_step_pre_hook``/``post_hook``): the wrapper's own step()
+        ran them, and torch runs them once per update. The inner optimizer's own hooks
+        run as torch's step wrapper runs them; a scheduler made on it learns it stepped.
+        A ``step`` the user replaced on the instance is called as it is."""
+        inner = self.inner
+        step = type(inner).step
+        raw = getattr(step, "__wrapped__", None)
+        patched = "step" in vars(inner) and not getattr(inner.step, "_wrapped_by_lr_sched",
+                                                        False)
+        if raw is None or not getattr(step, "hooked", False) or patched:
+            inner.step()
+            return
+        if "step" in vars(inner):  # an LR scheduler's wrapper: what it would record
+            inner._opt_called = True
+        args, kwargs = (inner,), {}
+        for hook in list(inner._optimizer_step_pre_hooks.values()):
+            result = hook(inner, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"{hook} must return None or a tuple of (new_args, "
+                                       f"new_kwargs), but got {result}.")
+                args, kwargs = result
+        raw(*args, **kwargs)
+        inner._optimizer_step_code()
+        for hook in list(inner._optimizer_step_post_hooks.values()):
+            hook(inner, args, kwargs)
 
     def _inner_stepped(self) -> None:
         """After an update of the fused path: what ``inner.step()`` would have done
@@ -1382,7 +1434,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                                 del state[t]
                         else:
                             t.grad = b.main_grads[i]
-            self.inner.step()
+            self._inner_step()
             for _, _, t, f in swapped:
                 t.copy_(f)  # round to nearest
         except BaseException:
@@ -1415,8 +1467,19 @@ class FusedAccumulator(torch.optim.Optimizer):
         """The inner optimizer's format (fp32 state) plus a ``"fusedaccum"`` entry.
 
         With a process_group this is a collective (call it on every rank): the sharded
-        state is gathered, and a partial window is summed over the ranks.
+        state is gathered, and a partial window is summed over the ranks. The state-dict
+        hooks registered on the wrapper run as torch.optim runs them.
         """
+        for pre_hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre_hook(self)
+        sd = self._state_dict()
+        for post_hook in list(self._optimizer_state_dict_post_hooks.values()):
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _state_dict(self) -> dict:
         self._sync_groups()
         self._flush_all()
         self._check_buckets()
@@ -1506,11 +1569,75 @@ class FusedAccumulator(torch.optim.Optimizer):
         return {"state": state, "param_groups": groups}, masters
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict of this wrapper, or a plain inner-optimizer state dict."""
+        """Load a state dict of this wrapper, or a plain inner-optimizer state dict.
+
+        Everything is checked first (groups, shapes, the ``"fusedaccum"`` entry): a state
+        dict that does not fit raises, naming what does not fit, and changes nothing.
+        The load hooks registered on the wrapper run as torch.optim runs them."""
+        state_dict = dict(state_dict)  # (shallow, as torch: hooks may edit it)
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post_hook(self)
+
+    def _check_loadable(self, sd: dict, extra) -> None:
+        """ValueError (changing nothing) unless ``sd`` fits this wrapper's groups: torch's
+        checks of the group sizes, and the shapes of the state the fused path copies into
+        its buffers and of the saved masters and partial window (torch checks no shapes;
+        a mismatch would fail half way through the load, or broadcast silently)."""
+        groups, mine = sd.get("param_groups"), self.inner.param_groups
+        if not isinstance(groups, list | tuple) or not isinstance(sd.get("state", {}), dict):
+            raise ValueError("not an optimizer state dict: it needs a 'param_groups' list "
+                             "and a 'state' dict")
+        if len(groups) != len(mine):
+            raise ValueError(f"the state dict has {len(groups)} param groups, the optimizer "
+                             f"{len(mine)}")
+        for gi, (g, m) in enumerate(zip(groups, mine)):
+            if len(g["params"]) != len(m["params"]):
+                raise ValueError(f"param group {gi} of the state dict has {len(g['params'])} "
+                                 f"params, the optimizer's {len(m['params'])}")
+        index = self._index_map()
+        where = {}
+        for gi, buckets in enumerate(self._buckets):
+            for b in buckets:
+                for i, pi in enumerate(b.indices):
+                    where[id(b), i] = (gi, pi)
+
+        def check(what: str, idx, value) -> None:
+            b, i = index.get(int(idx), (None, 0))
+            if b is None:
+                raise ValueError(f"{what}: there is no param {idx} (the optimizer has "
+                                 f"{len(index)})")
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(b.shapes[i]):
+                gi, pi = where[id(b), i]
+                name = self._param_name(mine[gi], gi, pi, b.params[i])
+                raise ValueError(f"{what} has shape {tuple(value.shape)}, but belongs to {name}")
+
+        if self._kind is not None:
+            keys = (*_ADAM_KEYS, "momentum_buffer")
+            for idx, st in sd.get("state", {}).items():
+                if int(idx) in index and isinstance(st, dict):
+                    for key in keys:
+                        check(f"state_dict['state'][{idx!r}][{key!r}]", idx, st.get(key))
+        if extra is None:
+            return
+        missing = [k for k in ("micro_step", "update_count", "skipped_steps") if k not in extra]
+        if missing:
+            raise ValueError(f"the state dict's 'fusedaccum' entry lacks {missing}")
+        for part in ("masters", "accumulators"):
+            for idx, value in extra.get(part, {}).items():
+                check(f"state_dict['fusedaccum'][{part!r}][{idx!r}]", idx, value)
+
+    def _load_state_dict(self, state_dict: dict) -> None:
         self._sync_groups()
-        self._drop_pending()
+        self._check_buckets()
         sd = dict(state_dict)
         extra = sd.pop("fusedaccum", None)
+        self._check_loadable(sd, extra)
+        self._drop_pending()
         if self._kind is not None:
             # torch would cast the state to the stepped tensors' dtype (half, without
             # masters); fp32 state is never downcast, so it is copied in by _adopt_state

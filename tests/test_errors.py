@@ -262,6 +262,59 @@ def test_add_param_group_with_a_param_already_present_is_rejected():
     assert len(opt.param_groups) == 1
 
 
+def test_add_param_group_takes_what_torch_takes_and_refuses_what_it_refuses():
+    """add_param_group goes through torch's own normalization: named params (torch 2.6+)
+    keep their names, and a set of params (no fixed order) is refused as in torch,
+    leaving the groups as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3))
+    opt = wrap(torch.optim.AdamW(model[0].named_parameters()))
+    opt.add_param_group({"params": list(model[1].named_parameters()), "lr": 0.5})
+    assert [g["param_names"] for g in opt.param_groups] == [["weight", "bias"]] * 2
+    assert opt.param_groups[1]["lr"] == 0.5
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": set(model[2].parameters())})
+    assert len(opt.param_groups) == 2
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert opt.stepped and model[2].weight.grad is not None  # (not wrapped)
+    assert model[1].weight.main_grad is not None
+
+
+@pytest.mark.parametrize("edit", ["pop", "swap", "replace", "append"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_edits_of_a_groups_params_list_are_refused(dtype, edit):
+    """The wrapper steps its own buffers and numbers the state by the params it built: a
+    group['params'] list edited after wrapping would give updates and state to the wrong
+    params, silently. The next boundary and state_dict() refuse it, naming the group,
+    and change nothing."""
+    model = make_model(dtype=dtype)
+    opt = wrap(adamw(model.parameters()))
+    x, y = make_batches(1, dtype=dtype)[0]
+    mse(model(x), y).backward()
+    opt.step()
+    params = opt.param_groups[0]["params"]
+    kept = list(params)
+    if edit == "pop":
+        params.pop()
+    elif edit == "swap":
+        params[0], params[2] = params[2], params[0]
+    elif edit == "replace":
+        params[1] = params[1].detach().clone().requires_grad_()
+    else:
+        params.append(torch.zeros(3, requires_grad=True))
+    mse(model(x), y).backward()
+    snap = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="param group 0's 'params' list changed"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="param group 0's 'params' list changed"):
+        opt.state_dict()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), snap))
+    params[:] = kept  # put back, it trains on
+    opt.step()
+    assert opt.stepped
+
+
 @pytest.mark.parametrize("backend", ["cuda", "nope"])
 def test_backend_that_cannot_run_here(backend):
     model = make_model(device="cpu")  # CPU params: the cuda backend can never step them

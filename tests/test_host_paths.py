@@ -84,6 +84,35 @@ def test_step_hooks_fire_on_every_call_in_torch_order(device):
     assert len(calls) == 4 * k
 
 
+@pytest.mark.parametrize("opt_name", ["adamw", "rmsprop", "adagrad"])
+def test_global_step_hooks_fire_once_per_step_call(device, opt_name):
+    """torch.optim's global step hooks fire once per user step() call, on the fused path
+    and on the generic one (whose inner.step() must not fire them again); the inner
+    optimizer's own hooks fire once per applied update."""
+    from _models import OPTIMIZERS
+
+    k = 2
+    model = make_model(device=device)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    calls = []
+    inner.register_step_pre_hook(lambda o, args, kwargs: calls.append("inner_pre"))
+    inner.register_step_post_hook(lambda o, args, kwargs: calls.append("inner_post"))
+    opt = wrap(inner, accumulation_steps=k)
+    handles = [register_optimizer_step_pre_hook(lambda o, a, kw: calls.append(("pre", o))),
+               register_optimizer_step_post_hook(lambda o, a, kw: calls.append(("post", o)))]
+    try:
+        for i in range(2 * k):
+            _backward(model, seed=i)
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert opt.update_count == 2
+    one = [("pre", opt), ("post", opt)]
+    update = [("pre", opt), "inner_pre", "inner_post", ("post", opt)]
+    assert calls == (one * (k - 1) + update) * 2
+
+
 def test_step_pre_hook_may_replace_the_arguments(device):
     model = make_model(device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=2)

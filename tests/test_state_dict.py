@@ -353,3 +353,89 @@ def test_cpu_mapped_checkpoint_loads_onto_cuda_params(dtype):
         for key, value in st.items():
             if key != "step" and isinstance(value, torch.Tensor):
                 assert value.device.type == "cuda" and value.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bad", ["other model", "master shape", "window shape", "no counters",
+                                 "group sizes"])
+def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, dtype, bad):
+    """Everything is checked before anything is loaded: the error names what does not fit,
+    and the wrapper (hyperparameters, state, masters, window, counters) is as before."""
+    k = 2
+    model, opt = _wrapped(dtype, device, accumulation_steps=k)
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    run_managed(model, opt, windows[:1])
+    x, y = windows[1][0]
+    mse(model(x), y).backward()
+    opt.step()  # a partial window
+    sd = opt.state_dict()
+    if bad == "other model":  # as many params, other shapes (a transposed layer)
+        other = copy.deepcopy(sd)
+        other["state"][0]["exp_avg"] = other["state"][0]["exp_avg"].t().contiguous()
+        other["param_groups"][0]["lr"] = 0.5
+        other.pop("fusedaccum")
+        match = r"\['exp_avg'\] has shape"
+    elif bad == "master shape":
+        other = copy.deepcopy(sd)
+        other["fusedaccum"]["masters"] = {0: torch.zeros(3)} if dtype != torch.float32 else {}
+        other["fusedaccum"]["accumulators"][0] = torch.zeros(3)
+        match = r"has shape \(3,\), but belongs to parameter"
+    elif bad == "window shape":
+        other = copy.deepcopy(sd)
+        other["fusedaccum"]["accumulators"][0] = torch.zeros(3)
+        match = r"\['accumulators'\]\[0\] has shape \(3,\)"
+    elif bad == "no counters":
+        other = copy.deepcopy(sd)
+        del other["fusedaccum"]["update_count"]
+        match = "lacks"
+    else:
+        other = copy.deepcopy(sd)
+        other["param_groups"][0]["params"] = other["param_groups"][0]["params"][:-1]
+        match = "params"
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(other)
+    after = opt.state_dict()
+    assert after["param_groups"] == sd["param_groups"]
+    assert_states_close(opt, _loaded(dtype, device, sd, k), rtol=0, atol=0)
+    for key in ("masters", "accumulators"):
+        got, want = after["fusedaccum"][key], sd["fusedaccum"][key]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[i], want[i]) for i in want)
+    assert {k: v for k, v in after["fusedaccum"].items() if k not in ("masters", "accumulators")} \
+        == {k: v for k, v in sd["fusedaccum"].items() if k not in ("masters", "accumulators")}
+
+
+def _loaded(dtype, device, sd, k):
+    _, opt = _wrapped(dtype, device, seed=5, accumulation_steps=k)
+    opt.load_state_dict(sd)
+    return opt
+
+
+def test_state_dict_hooks_on_the_wrapper_run_as_in_torch(device):
+    """register_state_dict_pre/post_hook and register_load_state_dict_pre/post_hook on the
+    wrapper: they fire, a post hook's returned dict is the state dict, a load pre hook's
+    returned dict is what is loaded."""
+    model, opt = _wrapped(torch.float32, device, accumulation_steps=1)
+    run_managed(model, opt, make_windows(1, 1, device=device))
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("sd_pre", o)))
+
+    def sd_post(o, sd):
+        calls.append(("sd_post", o))
+        return dict(sd, extra="mine")
+
+    def load_pre(o, sd):
+        calls.append(("load_pre", o, sd.get("extra")))
+        sd = copy.deepcopy(sd)
+        sd["param_groups"][0]["lr"] = 0.125
+        return sd
+
+    opt.register_state_dict_post_hook(sd_post)
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load_post", o)))
+    sd = opt.state_dict()
+    assert sd["extra"] == "mine"
+    opt.load_state_dict(sd)
+    assert calls == [("sd_pre", opt), ("sd_post", opt), ("load_pre", opt, "mine"),
+                     ("load_post", opt)]
+    assert opt.param_groups[0]["lr"] == 0.125
