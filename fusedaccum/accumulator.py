@@ -943,6 +943,11 @@ class FusedAccumulator(torch.optim.Optimizer):
             elif self._scaler is not None:
                 why = ("use either torch.amp.GradScaler or the wrapper's own "
                        f"loss_scale={self._scaler_spec()!r}, not both")
+            elif self._pg is not None:
+                why = ("torch.amp.GradScaler with process_group: its inf checks see each "
+                       "rank's own gradients before the wrapper sums them at the boundary, so "
+                       "the ranks' scales would drift apart; use the wrapper's "
+                       "loss_scale='dynamic' (GradScaler's policy, checked over all ranks)")
             elif any(b.is_half and not b.has_master for b in self._all_buckets()):
                 why = ("torch.amp.GradScaler sees gradients through the .grad of the tensors "
                        "the optimizer steps, and fp16/bf16 params with master_weights=False "
@@ -968,12 +973,19 @@ class FusedAccumulator(torch.optim.Optimizer):
             return loss
         grad_scale = self.__dict__.get("grad_scale") if scaler_attrs else None
         found_inf = self.__dict__.get("found_inf") if scaler_attrs else None
-        self._boundary(num_items, grad_scale, found_inf)
+        post_hooks = self._boundary(num_items, grad_scale, found_inf)
         self.micro_step = 0
-        # the next window's length, asked at its start: after this update, so that a
-        # callable may read opt.grad_norm or opt.update_count of the window that ended (a
-        # bad value raises here, with this window applied and counted)
-        self._window_k = self._next_k()
+        try:
+            # the next window's length, asked at its start: after this update, so that a
+            # callable may read opt.grad_norm or opt.update_count of the window that ended
+            # (a bad value raises here, with this window applied and counted)
+            self._window_k = self._next_k()
+        finally:
+            # the inner optimizer's post-hooks, once the update is applied and counted: one
+            # that raises leaves the wrapper as torch leaves an optimizer whose post-hook
+            # raised (updated, counted, the next window open)
+            if post_hooks is not None:
+                post_hooks()
         return loss
 
     def _sync_groups(self) -> None:
@@ -1004,13 +1016,18 @@ class FusedAccumulator(torch.optim.Optimizer):
             if num_items.numel() != 1:
                 raise ValueError(f"num_items must be a single number, got shape "
                                  f"{tuple(num_items.shape)}")
-            if num_items.device.type == "cpu" and not num_items.item() > 0:
-                raise ValueError(f"num_items must be > 0, got {num_items.item()}")
+            if num_items.dtype == torch.bool or num_items.is_complex():
+                raise ValueError(f"num_items must be a real number, got a {num_items.dtype} "
+                                 "tensor")
+            if num_items.device.type == "cpu":
+                n = num_items.item()
+                if not (n > 0 and math.isfinite(n)):
+                    raise ValueError(f"num_items must be a finite number > 0, got {n}")
             return
         if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) \
-                or not num_items > 0:
-            raise ValueError(f"num_items must be a number > 0 (the window's item count), "
-                             f"got {num_items!r}")
+                or not (num_items > 0 and math.isfinite(num_items)):
+            raise ValueError(f"num_items must be a finite number > 0 (the window's item "
+                             f"count), got {num_items!r}")
 
     def _ridden_stat(self, b: Bucket) -> torch.Tensor | None:
         """The bucket's norm statistic, using what rode on its last accumulations.
@@ -1104,13 +1121,16 @@ class FusedAccumulator(torch.optim.Optimizer):
                 "add_param_group(); to drop or reorder params, build and wrap a new optimizer")
 
     @torch.no_grad()
-    def _boundary(self, num_items, grad_scale, scaler_found_inf) -> None:
+    def _boundary(self, num_items, grad_scale, scaler_found_inf):
+        """The update (or the skip) of a window that ended; returns what the inner
+        optimizer's post-hooks need to run (after step()'s bookkeeping), or None."""
         self._check_buckets()
+        post_hooks = None
         dev = self._device
         denom = num_items if num_items is not None else self._window_k
         if self._pg is not None:
             buckets = list(self._all_buckets())
-            items = dp.merge_window(buckets, num_items, self._pg, dev)
+            items = dp.merge_window(buckets, num_items, self._pg, dev, self._window_k)
             dp.reduce_gradients(buckets, self._pg)
             world = torch.distributed.get_world_size(self._pg)
             denom = items if items is not None else self._window_k * world
@@ -1159,11 +1179,11 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if self._shard is not None:
                     dp.gather_params(list(self._all_buckets()), self._pg)
                 self._bump_updated_params()
-                self._inner_stepped()
+                post_hooks = self._inner_stepped()
         else:
             skipped = bool(found_f.item())
             if not skipped:
-                self._generic_update(mult)
+                post_hooks = self._generic_update(mult)
                 self._bump_updated_params()
             for b in self._all_buckets():
                 b.acc.zero_()
@@ -1181,6 +1201,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                               RuntimeWarning, stacklevel=_caller_stacklevel())
         else:
             self.update_count += 1
+        return post_hooks
 
     def _bump_updated_params(self) -> None:
         """After an applied update: bump the version counter of every param it wrote, as
@@ -1211,7 +1232,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         (``register_optimizer_step_pre_hook``/``post_hook``): the wrapper's own step()
         ran them, and torch runs them once per update. The inner optimizer's own hooks
         run as torch's step wrapper runs them; a scheduler made on it learns it stepped.
-        A ``step`` the user replaced on the instance is called as it is."""
+        A ``step`` the user replaced on the instance is called as it is (with its hooks).
+        Returns the runner of the post-hooks, for step() to call last, or None."""
         inner = self.inner
         step = type(inner).step
         raw = getattr(step, "__wrapped__", None)
@@ -1219,7 +1241,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                                                         False)
         if raw is None or not getattr(step, "hooked", False) or patched:
             inner.step()
-            return
+            return None
         if "step" in vars(inner):  # an LR scheduler's wrapper: what it would record
             inner._opt_called = True
         args, kwargs = (inner,), {}
@@ -1232,22 +1254,34 @@ class FusedAccumulator(torch.optim.Optimizer):
                 args, kwargs = result
         raw(*args, **kwargs)
         inner._optimizer_step_code()
-        for hook in list(inner._optimizer_step_post_hooks.values()):
-            hook(inner, args, kwargs)
+        hooks = list(inner._optimizer_step_post_hooks.values())
+        if not hooks:
+            return None
 
-    def _inner_stepped(self) -> None:
+        def run():
+            for hook in hooks:
+                hook(inner, args, kwargs)
+
+        return self._post_hook_runner(run)
+
+    def _inner_stepped(self):
         """After an update of the fused path: what ``inner.step()`` would have done
-        besides stepping. Its post-hooks run, and an LR scheduler made on the inner
-        optimizer before wrapping (torch marks ``inner.step`` then) learns that it
-        stepped, as its wrapper of ``inner.step`` would have told it, so that it does not
-        warn that ``lr_scheduler.step()`` came before ``optimizer.step()``."""
+        besides stepping. An LR scheduler made on the inner optimizer before wrapping
+        (torch marks ``inner.step`` then) learns that it stepped, as its wrapper of
+        ``inner.step`` would have told it, so that it does not warn that
+        ``lr_scheduler.step()`` came before ``optimizer.step()``. Returns the runner of
+        its post-hooks (for step() to call last), or None."""
         if getattr(self.inner.step, "_wrapped_by_lr_sched", False):
             self.inner._opt_called = True
         hooks = self.inner._optimizer_step_post_hooks
-        if hooks:
-            # a hook that writes the stepped tensors (the fp32 masters of half params) must
-            # reach the model, as the generic path's rounding after inner.step() does
-            self._masters_to_model_after(lambda: self._inner_step_hooks(hooks))
+        if not hooks:
+            return None
+        return self._post_hook_runner(lambda: self._inner_step_hooks(hooks))
+
+    def _post_hook_runner(self, run):
+        """``run`` (the inner optimizer's post-hooks) for step() to call last; a hook that
+        writes the stepped tensors (the fp32 masters of half params) reaches the model."""
+        return lambda: self._masters_to_model_after(run)
 
     def _forget_deleted_state(self) -> None:
         """Params whose optimizer state was deleted (``del opt.state[p]``, ``opt.state =
@@ -1268,38 +1302,66 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def _fused_update(self, mult: torch.Tensor, found: torch.Tensor) -> None:
         self._forget_deleted_state()
-        # Every state buffer this step needs exists before the first kernel runs: out of
-        # memory making one (the first boundary allocates them) then changes nothing, and
-        # a retried step() finds the window as it was.
+        # Every group's hyperparameters are read (and refused, naming the group, if they
+        # cannot be), and every state buffer this step needs exists, before the first
+        # kernel runs: a bad value or out of memory making a buffer (the first boundary
+        # allocates them) then changes nothing, and a retried step() finds the window as
+        # it was; no bucket is updated while another fails.
+        hps = [self._hparams(gi, group) if any(any(b.touched) for b in buckets) else None
+               for gi, (group, buckets) in enumerate(zip(self.inner.param_groups,
+                                                         self._buckets))]
         for gi, buckets in enumerate(self._buckets):
             keys = self._state_keys(self.inner.param_groups[gi])
             for b in buckets:
                 if any(b.touched):
                     for key in keys:
                         b.state_buffer(key)
-        for gi, buckets in enumerate(self._buckets):
-            group = self.inner.param_groups[gi]
+        for buckets, hp in zip(self._buckets, hps):
             for b in buckets:
                 if not any(b.touched):
                     continue
                 m = mult if mult.device == b.device else mult.to(b.device)
                 f = found if found.device == b.device else found.to(b.device)
                 if self._kind == "adam":
-                    self._adam_bucket(b, group, m, f)
+                    self._adam_bucket(b, hp, m, f)
                 else:
-                    self._sgd_bucket(b, group, m, f)
+                    self._sgd_bucket(b, hp, m, f)
 
-    def _adam_bucket(self, b: Bucket, group: dict, mult, found) -> None:
-        amsgrad = bool(group.get("amsgrad", False))
+    def _hparams(self, gi: int, group: dict) -> dict:
+        """Group ``gi``'s hyperparameters as the fused ops take them; ValueError naming
+        the group and the key when one cannot be read as a number."""
+        def num(key, value):
+            try:
+                return _as_float(value)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ValueError(f"param group {gi}: {key}={value!r} is not a number "
+                                 f"({exc})") from None
+
+        try:
+            if self._kind == "adam":
+                betas = group["betas"]
+                if isinstance(betas, torch.Tensor) or len(betas) != 2:
+                    raise ValueError(f"param group {gi}: betas={betas!r} is not a pair")
+                decoupled = group.get("decoupled_weight_decay",
+                                      type(self.inner) is torch.optim.AdamW)
+                return dict(lr=num("lr", group["lr"]), beta1=num("betas[0]", betas[0]),
+                            beta2=num("betas[1]", betas[1]), eps=num("eps", group["eps"]),
+                            weight_decay=num("weight_decay", group["weight_decay"]),
+                            decoupled_weight_decay=bool(decoupled),
+                            amsgrad=bool(group.get("amsgrad", False)),
+                            maximize=bool(group.get("maximize", False)))
+            return dict(lr=num("lr", group["lr"]), momentum=num("momentum", group["momentum"]),
+                        dampening=num("dampening", group["dampening"]),
+                        weight_decay=num("weight_decay", group["weight_decay"]),
+                        nesterov=bool(group["nesterov"]),
+                        maximize=bool(group.get("maximize", False)))
+        except KeyError as exc:
+            raise ValueError(f"param group {gi} has no {exc} entry") from None
+
+    def _adam_bucket(self, b: Bucket, hp: dict, mult, found) -> None:
         exp_avg = b.state_buffer("exp_avg")
         exp_avg_sq = b.state_buffer("exp_avg_sq")
-        vmax = b.state_buffer("max_exp_avg_sq") if amsgrad else None
-        beta1, beta2 = group["betas"]
-        decoupled = group.get("decoupled_weight_decay", type(self.inner) is torch.optim.AdamW)
-        hp = dict(lr=_as_float(group["lr"]), beta1=_as_float(beta1), beta2=_as_float(beta2),
-                  eps=_as_float(group["eps"]), weight_decay=_as_float(group["weight_decay"]),
-                  decoupled_weight_decay=bool(decoupled), amsgrad=amsgrad,
-                  maximize=bool(group.get("maximize", False)))
+        vmax = b.state_buffer("max_exp_avg_sq") if hp["amsgrad"] else None
         steps = b.steps
         for s, step in b.runs(lambda k: steps[k]):
             b.ops.adamw_step_(b.stepped_flat[s], b.acc_local[s], exp_avg[s], exp_avg_sq[s],
@@ -1308,14 +1370,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                               grad_mult=mult, found_inf=found, step=step + 1, zero_acc=True,
                               **hp)
 
-    def _sgd_bucket(self, b: Bucket, group: dict, mult, found) -> None:
-        momentum = _as_float(group["momentum"])
-        buf = b.state_buffer("momentum_buffer") if momentum != 0 else None
+    def _sgd_bucket(self, b: Bucket, hp: dict, mult, found) -> None:
+        buf = b.state_buffer("momentum_buffer") if hp["momentum"] != 0 else None
         has = b.has_buf
-        hp = dict(lr=_as_float(group["lr"]), momentum=momentum,
-                  dampening=_as_float(group["dampening"]),
-                  weight_decay=_as_float(group["weight_decay"]),
-                  nesterov=bool(group["nesterov"]), maximize=bool(group.get("maximize", False)))
         for s, had in b.runs(lambda k: has[k]):
             b.ops.sgd_step_(b.stepped_flat[s], b.acc_local[s], None if buf is None else buf[s],
                             None if b.model_out is None else b.model_out[s], grad_mult=mult,
@@ -1393,19 +1450,20 @@ class FusedAccumulator(torch.optim.Optimizer):
             recorded[i] = ok
 
     # -- generic path --------------------------------------------------------------
-    def _generic_update(self, mult: torch.Tensor) -> None:
+    def _generic_update(self, mult: torch.Tensor):
         """The inner optimizer steps the fp32 tensors, ``.grad`` viewing the accumulators.
 
         fp16/bf16 params without masters (``master_weights=False``) are stepped as fp32
         copies made for this step only, with their state in fp32 (upcast if the optimizer
         made it in half, as Adagrad does in ``__init__``), and then rounded back to nearest:
-        fp32 math, as on the fused path, at a transient 4 bytes per such param. The
-        params change only once the inner step returned.
+        fp32 math, as on the fused path, at a transient 4 bytes per such param.
 
-        If the inner step raises (out of memory making its state, a hook), the window's
-        accumulators are divided back (exact up to rounding), so that a retried step()
-        does not scale them twice; what the inner optimizer itself had already written
-        before it raised stays written.
+        If the inner step raises (out of memory making its state, a pre-hook), the
+        window's accumulators are divided back (exact up to rounding), so that a retried
+        step() does not scale them twice; what the inner optimizer itself had already
+        written before it raised stays written, as in torch, and reaches the model (the
+        copies are rounded back, the masters into the half params). Returns the runner of
+        the inner optimizer's post-hooks (see _inner_step).
         """
         swapped = []  # (the group's params list, position, half param, its fp32 copy)
         state = self.inner.state
@@ -1434,23 +1492,23 @@ class FusedAccumulator(torch.optim.Optimizer):
                                 del state[t]
                         else:
                             t.grad = b.main_grads[i]
-            self._inner_step()
-            for _, _, t, f in swapped:
-                t.copy_(f)  # round to nearest
+            post_hooks = self._inner_step()
         except BaseException:
             for b, m in scaled:
                 b.acc.div_(m)
             raise
         finally:
             for params, pi, t, f in swapped:
+                t.copy_(f)  # round to nearest
                 params[pi] = t
                 st = state.pop(f, None)
                 if st is not None:
                     state[t] = st
                 f.grad = None
-        for b in self._all_buckets():
-            if b.has_master:
-                b.model.copy_(b.master)
+            for b in self._all_buckets():
+                if b.has_master:
+                    b.model.copy_(b.master)
+        return post_hooks
 
     # -- state dict ----------------------------------------------------------------
     def _index_map(self) -> dict[int, tuple[Bucket, int]]:
@@ -1495,15 +1553,21 @@ class FusedAccumulator(torch.optim.Optimizer):
         for idx, (b, i) in index.items():
             if b.touched[i]:
                 accumulators[idx] = b.main_grads[i].detach().clone()
-        if self._pg is not None:
+        # a partial window of a data-parallel run is summed over the ranks (a collective);
+        # unsharded and at a boundary there is none, and state_dict() is local, as a
+        # plain optimizer's (the usual `if rank == 0: torch.save(opt.state_dict())`)
+        if self._pg is not None and (self._shard is not None or self.micro_step > 0
+                                     or any(b.touched[i] for b, i in index.values())):
             buckets = list(self._all_buckets())
-            dp.merge_window(buckets, None, self._pg, self._device)
+            dp.merge_window(buckets, None, self._pg, self._device, self._window_k)
             accumulators = {idx: dp.sum_across(b.main_grads[i].detach(), self._pg)
                             for idx, (b, i) in index.items() if b.touched[i]}
         sd["fusedaccum"] = {
             "version": _STATE_VERSION,
             "micro_step": self.micro_step,
             "window_k": self._window_k,
+            # a partial window is the sum of this many ranks' micro-batches
+            "world_size": 1 if self._pg is None else torch.distributed.get_world_size(self._pg),
             "update_count": self.update_count,
             "skipped_steps": self.skipped_steps,
             "warned_skip": self._warned_skip,
@@ -1627,6 +1691,15 @@ class FusedAccumulator(torch.optim.Optimizer):
         missing = [k for k in ("micro_step", "update_count", "skipped_steps") if k not in extra]
         if missing:
             raise ValueError(f"the state dict's 'fusedaccum' entry lacks {missing}")
+        saved_world = extra.get("world_size")
+        world = 1 if self._pg is None else torch.distributed.get_world_size(self._pg)
+        if int(extra["micro_step"]) > 0 and saved_world is not None and saved_world != world:
+            raise ValueError(
+                f"the state dict was taken in the middle of a window (micro-batch "
+                f"{extra['micro_step']}) on {saved_world} process(es), and this wrapper runs on "
+                f"{world}: the rest of that window cannot be the same. Resume it on "
+                f"{saved_world} process(es), or save at a boundary (after the step() that "
+                "applies an update) to change the number of processes")
         for part in ("masters", "accumulators"):
             for idx, value in extra.get(part, {}).items():
                 check(f"state_dict['fusedaccum'][{part!r}][{idx!r}]", idx, value)

@@ -34,7 +34,13 @@ def check_process_group(group) -> tuple[int, int]:
         raise RuntimeError(
             "process_group was given but torch.distributed is not initialized: call "
             "torch.distributed.init_process_group(...) first (torchrun sets the environment)")
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            "this process is not a member of process_group (dist.new_group(ranks) returns "
+            "a group that only its members may use): build the wrapper with a group this "
+            "rank belongs to, or without process_group")
+    return rank, dist.get_world_size(group)
 
 
 def find_ddp_module(params) -> str | None:
@@ -70,20 +76,32 @@ def check_replicas(buckets, group, device) -> None:
             "wrapping it")
 
 
-def merge_window(buckets, num_items, group, device):
+def merge_window(buckets, num_items, group, device, k: int):
     """Union of the params touched on any rank, and the global item count (or None).
 
-    One small all-reduce for both. ``num_items`` is this rank's local count.
-    """
+    One small all-reduce for both, which also checks that the ranks agree: every rank
+    or none passes ``num_items`` (this rank's local count), and every rank's window has
+    the same length ``k`` (each sees the same sums, so all raise together)."""
     flags = [float(t) for b in buckets for t in b.touched]
     items = 0.0 if num_items is None else num_items
+    checks = [float(num_items is not None), float(k), float(k) ** 2, 1.0]
     if isinstance(items, torch.Tensor):
         vec = torch.cat([items.detach().reshape(1).to(device=device, dtype=torch.float64),
-                         torch.tensor(flags, dtype=torch.float64, device=device)])
+                         torch.tensor(checks + flags, dtype=torch.float64, device=device)])
     else:
-        vec = torch.tensor([float(items), *flags], dtype=torch.float64, device=device)
+        vec = torch.tensor([float(items), *checks, *flags], dtype=torch.float64,
+                           device=device)
     dist.all_reduce(vec, group=group)
-    merged = vec[1:].cpu().tolist()
+    with_items, k_sum, k_sq, world, *merged = vec[1:].cpu().tolist()
+    if 0 < with_items < world:
+        raise ValueError(
+            f"step(num_items=...) was given on {with_items:.0f} of the {world:.0f} ranks at this "
+            "boundary: give every rank its local item count, or none of them")
+    if k_sq * world != k_sum ** 2:  # (Cauchy-Schwarz: equal only when every k is the same)
+        raise ValueError(
+            "the ranks' accumulation windows have different lengths (accumulation_steps "
+            "differs across ranks, or a rank called step() more often): every rank must "
+            "run the same number of micro-batches per window")
     k = 0
     for b in buckets:
         for i in range(len(b)):

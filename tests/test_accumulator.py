@@ -751,6 +751,127 @@ def test_inner_step_hooks_that_raise_or_touch_the_model_lose_nothing(device, opt
         assert_params_close(got, want, **HALF_TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+@pytest.mark.parametrize("bad", [None, (0.9,), torch.tensor([1e-2, 1e-2])], ids=repr)
+def test_a_group_whose_hyperparameters_cannot_be_read_fails_before_any_update(
+        device, opt_name, bad):
+    """A later group's unreadable hyperparameter (lr=None, a single beta, a 2-element lr)
+    raises naming the group before the first bucket is stepped: nothing changed, and once
+    fixed, the retried step() gives the update of no failure, bitwise."""
+    k = 2
+    windows = make_windows(2, k, dtype=torch.bfloat16, device=device)
+    key = "betas" if isinstance(bad, tuple) else "lr"
+    if key == "betas" and opt_name != "adamw":
+        pytest.skip("SGD has no betas")
+
+    def run(fail):
+        model = make_model(dtype=torch.bfloat16, device=device)
+        ps = list(model.parameters())
+        inner = OPTIMIZERS[opt_name]([{"params": ps[:2]}, {"params": ps[2:]}])
+        opt = wrap(inner, accumulation_steps=k, max_grad_norm=0.5)
+        for window in windows:
+            for x, y in window:
+                mse(model(x), y).backward()
+                if fail and opt.accumulation_boundary:
+                    good, inner.param_groups[1][key] = inner.param_groups[1][key], bad
+                    snap = snapshot(model, opt)
+                    held = [p.main_grad.clone() for p in ps]
+                    with pytest.raises(ValueError, match=f"param group 1: {key}"):
+                        opt.step()
+                    assert_unchanged(snap, model, opt)
+                    assert all(torch.equal(p.main_grad, h) for p, h in zip(ps, held))
+                    inner.param_groups[1][key] = good
+                opt.step()
+                opt.zero_grad()
+        assert opt.update_count == 2
+        return [p.detach().clone() for p in ps]
+
+    want = run(False)
+    got = run(True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_inner_post_hook_that_raises_leaves_the_update_applied_and_counted(
+        device, opt_name, dtype):
+    """As in torch: the update is applied and counted when an inner optimizer's post-hook
+    raises, and a loop that goes on trains as if it had not (bitwise)."""
+    k = 2
+    windows = make_windows(3, k, dtype=dtype, device=device)
+
+    def run(fail):
+        model = make_model(dtype=dtype, device=device)
+        inner = OPTIMIZERS[opt_name](model.parameters())
+        raised = []
+
+        def post(o, args, kwargs):
+            if fail and not raised:
+                raised.append(True)
+                raise RuntimeError("a post-hook failed")
+
+        inner.register_step_post_hook(post)
+        opt = wrap(inner, accumulation_steps=k)
+        for window in windows:
+            for x, y in window:
+                mse(model(x), y).backward()
+                try:
+                    opt.step()
+                except RuntimeError as e:
+                    assert "a post-hook failed" in str(e)
+                    assert opt.stepped and opt.update_count == 1 and opt.micro_step == 0
+                opt.zero_grad()
+        assert opt.update_count == 3 and raised == ([True] if fail else [])
+        return [p.detach().clone() for p in model.parameters()]
+
+    want = run(False)
+    got = run(True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("master_weights", [True, False])
+def test_a_generic_step_that_fails_half_way_leaves_the_model_as_its_state(device,
+                                                                          master_weights):
+    """An inner optimizer that updates its first group and then raises (as torch leaves
+    it: what it wrote stays written): the bf16 model shows what it wrote (the masters
+    rounded, or the fp32 copies stepped without masters), so params and state agree."""
+    class Failing(torch.optim.RMSprop):
+        fail = True
+
+        def step(self, closure=None):
+            groups = self.param_groups
+            self.param_groups = groups[:1]
+            try:
+                super().step()
+            finally:
+                self.param_groups = groups
+            if Failing.fail:
+                raise RuntimeError("failed after the first group")
+            self.param_groups = groups[1:]
+            try:
+                super().step()
+            finally:
+                self.param_groups = groups
+
+    model = make_model(dtype=torch.bfloat16, device=device)
+    ps = list(model.parameters())
+    inner = Failing([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2)
+    opt = wrap(inner, master_weights=master_weights)
+    before = [p.detach().clone() for p in ps]
+    x, y = make_batches(1, dtype=torch.bfloat16, device=device)[0]
+    mse(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="failed after the first group"):
+        opt.step()
+    assert not opt.stepped and opt.update_count == 0
+    stepped = group_tensors(opt)
+    for i, p in enumerate(ps):
+        moved = not torch.equal(p, before[i])
+        assert moved == (i < 2), i  # the first group's update reached the model
+        assert moved == (opt.state[stepped[i]].get("step", 0) == 1), i
+        if master_weights:
+            assert torch.equal(p, stepped[i].to(p.dtype))
+
+
 # -------------------------------------------------------------- adaptive accumulation
 
 

@@ -294,3 +294,80 @@ def test_sharded_checkpoint_resumes_on_another_world_size(cfg, tmp_path):
     for idx, st in want_sd["state"].items():
         for key, value in st.items():
             torch.testing.assert_close(got_sd["state"][idx][key], value, rtol=1e-4, atol=1e-6)
+
+
+def _misuse_worker(rank, world, port, out_dir, case):
+    """Data-parallel misuse each rank must refuse with the same clear error (or, for the
+    state dict cases, use that must work); rank 0 saves what happened."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _model(torch.float32)
+        group = dist.group.WORLD
+        if case == "non-member":
+            group = dist.new_group([0, 1])  # (every rank must call new_group)
+        x, y = torch.randn(MB, 6), torch.randn(MB, 3)
+        out = {}
+        try:
+            opt = fusedaccum.FusedAccumulator(
+                torch.optim.AdamW(model.parameters()), backend=BACKEND, process_group=group,
+                accumulation_steps=(K + rank) if case == "k differs" else K)
+            if case == "gradscaler":
+                opt = fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
+                                                  backend=BACKEND, process_group=group)
+                scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+                scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+                scaler.step(opt)
+            for i in range(2 * K):
+                torch.nn.functional.mse_loss(model(x * (i + rank)), y).backward()
+                num_items = MB if (case == "num_items on one rank" and rank == 0) else None
+                opt.step(num_items=num_items)
+                if case == "state dict on rank 0" and rank == 0 and opt.stepped:
+                    out["sd"] = opt.state_dict()  # a boundary, unsharded: local
+                if case == "mid-window state dict" and i == 0:
+                    out["sd"] = opt.state_dict()  # a collective: every rank calls it
+            out["msg"] = "no error"
+            # the replicas are still the same (no collective went astray)
+            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            hi, lo = flat.clone(), -flat
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(lo, op=dist.ReduceOp.MAX, group=group)
+            out["replicas_equal"] = torch.equal(hi, -lo)
+        except (RuntimeError, ValueError) as exc:
+            out["msg"] = f"{type(exc).__name__}: {exc}"
+        # (the non-member case: the last rank is the one refused)
+        if rank == (world - 1 if case == "non-member" else 0):
+            torch.save(out, os.path.join(out_dir, "out.pt"))
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
+@pytest.mark.parametrize("case,world,expected", [
+    ("num_items on one rank", 2, "ValueError: step(num_items=...) was given on 1 of the 2"),
+    ("k differs", 2, "ValueError: the ranks' accumulation windows have different lengths"),
+    ("gradscaler", 2, "RuntimeError: torch.amp.GradScaler with process_group"),
+    ("non-member", 3, "ValueError: this process is not a member of process_group"),
+    ("state dict on rank 0", 2, "no error"),
+    ("mid-window state dict", 2, "no error"),
+])
+def test_data_parallel_misuse_is_refused_on_every_rank(tmp_path, case, world, expected):
+    mp.spawn(_misuse_worker, args=(world, _free_port(), str(tmp_path), case), nprocs=world,
+             join=True)
+    out = torch.load(tmp_path / "out.pt")
+    if expected is not None:
+        assert out["msg"].startswith(expected), out["msg"]
+    if out["msg"] == "no error":
+        assert out["replicas_equal"]
+    if case == "mid-window state dict":
+        # taken after one of K micro-batches on 2 ranks: it resumes on 2 ranks only
+        model = _model(torch.float32)
+        opt = fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
+                                          backend=BACKEND, accumulation_steps=2 * K)
+        with pytest.raises(ValueError, match="in the middle of a window .* on 2 process"):
+            opt.load_state_dict(out["sd"])
+        assert opt.micro_step == 0 and opt.update_count == 0
+    if case == "state dict on rank 0":
+        assert out["sd"]["fusedaccum"]["world_size"] == 2

@@ -392,7 +392,8 @@ def test_complex_or_integer_param_is_rejected_naming_it(kind):
 # ------------------------------------------------------------------------ num_items
 
 
-@pytest.mark.parametrize("bad", [0, -5])
+@pytest.mark.parametrize("bad", [0, -5, float("inf"), torch.tensor(float("inf")),
+                                 torch.tensor(True)], ids=repr)
 def test_bad_num_items_is_rejected_and_loses_nothing(bad):
     k = 2
     sizes = [3, 5]
