@@ -514,6 +514,11 @@ class FusedAccumulator(torch.optim.Optimizer):
                                     "fp16 and bf16 params")
                 if p.is_sparse:
                     raise TypeError(f"{name} is sparse; fusedaccum needs dense params")
+                if p.is_meta:
+                    raise ValueError(f"{name} is on the meta device (not materialized yet): "
+                                     "materialize the model before wrapping it "
+                                     "(model.to_empty(device=...) and reset_parameters(), or "
+                                     "load its weights)")
                 if p in _MASTERS:
                     raise ValueError(
                         f"{name} is the fp32 master weight of a half param that a "

@@ -389,6 +389,19 @@ def test_complex_or_integer_param_is_rejected_naming_it(kind):
         wrap(torch.optim.AdamW([model.fc2.weight, odd]))
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_meta_device_param_is_rejected_naming_it(backend):
+    """A param still on the meta device (deferred init) is refused by name, with what to
+    do, before anything is touched (it failed deep inside the buffers, naming nothing)."""
+    model = make_model()
+    with torch.device("meta"):
+        late = nn.Linear(3, 2)
+    inner = torch.optim.AdamW([("fc1.weight", model.fc1.weight), ("late.weight", late.weight)])
+    with pytest.raises(ValueError, match=r"'late.weight'.*meta device.*to_empty"):
+        fusedaccum.FusedAccumulator(inner, backend=backend)
+    assert not hasattr(model.fc1.weight, "main_grad")
+
+
 # ------------------------------------------------------------------------ num_items
 
 
