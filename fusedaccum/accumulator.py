@@ -114,6 +114,46 @@ def _forget_wrapper(handles: list, param_refs: list, acc_refs: list) -> None:
             del p.__dict__["main_grad"]
 
 
+def _element_addresses(p: torch.Tensor) -> torch.Tensor:
+    """The byte address of every element of ``p`` (int64, 1-D)."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(p.shape, p.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    return p.data_ptr() + offsets.reshape(-1) * p.element_size()
+
+
+def _check_no_shared_elements(spans: list) -> None:
+    """ValueError naming two params whose elements share memory ((tensor, name) pairs):
+    tied weights restored as two Parameters (load_state_dict(assign=True) of a tied
+    model), or views of one tensor. torch.optim updates that memory through both; the
+    wrapper gives each param a buffer of its own, which would untie them silently. Byte
+    ranges first (a sort), elements only where ranges meet (views with gaps may
+    interleave without sharing an element)."""
+    ranges = []
+    for p, name in spans:
+        if p.numel() == 0:
+            continue
+        extent = 1 + sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
+        start = p.data_ptr()
+        ranges.append((p.device, start, start + extent * p.element_size(), p, name))
+    ranges.sort(key=lambda r: (str(r[0]), r[1]))
+    active: list = []
+    for dev, start, end, p, name in ranges:
+        active = [r for r in active if r[0] == dev and r[2] > start]
+        for _, _, _, q, other in active:
+            same = p.element_size() == q.element_size()
+            if not same or p.is_contiguous() and q.is_contiguous() or bool(
+                    torch.isin(_element_addresses(p), _element_addresses(q)).any()):
+                raise ValueError(
+                    f"{other} and {name} share memory (tied weights restored as two "
+                    "Parameters, e.g. by load_state_dict(..., assign=True), or views of one "
+                    "tensor): torch.optim would update that memory through both, and "
+                    "FusedAccumulator gives every param a buffer of its own, which would untie "
+                    "them. Tie them as one Parameter before wrapping (model.head.weight = "
+                    "model.emb.weight), or .clone() one of them")
+        active.append((dev, start, end, p, name))
+
+
 def _eager_when_traced(body, traced: bool = False):
     """A hook that runs ``body`` and, when Dynamo traces it, runs ``body`` eagerly through
     torch.compiler.disable (a graph break), passing ``traced=True`` if asked: see
@@ -500,8 +540,15 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _check_params(self, groups, start: int = 0) -> None:
         seen = {id(t) for b in self._all_buckets() for t in b.params}
         shared = []
+        spans = [(t, "a param the wrapper holds") for b in self._all_buckets() for t in b.params]
         for gi, group in enumerate(groups, start):
             for pi, p in enumerate(group["params"]):
+                if isinstance(p, torch.nn.parameter.UninitializedParameter):
+                    names = group.get("param_names")
+                    name = f"parameter {names[pi]!r} " if names and pi < len(names) else \
+                        "a parameter "
+                    raise ValueError(f"{name}(group {gi}, index {pi}) is uninitialized (a lazy "
+                                     "module's): run one forward pass before wrapping")
                 name = self._param_name(group, gi, pi, p)
                 if p.is_complex():
                     raise TypeError(f"{name} is complex; fusedaccum supports fp32, fp16 and "
@@ -539,6 +586,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                     raise ValueError(f"{name} appears more than once in the optimizer's "
                                      "param groups")
                 seen.add(id(p))
+                spans.append((p, name))
+        _check_no_shared_elements(spans)
         if shared:
             warnings.warn(f"{shared[0]} and {len(shared) - 1} more params are in shared memory "
                           "(share_memory_(), Hogwild, or passed through multiprocessing): "

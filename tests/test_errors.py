@@ -227,6 +227,67 @@ def test_params_with_elements_sharing_memory_are_refused():
         wrap(torch.optim.SGD([p], lr=0.1))
 
 
+def _tied_by_assign():
+    """A tied LM restored the meta-device way: load_state_dict(assign=True) makes the
+    embedding and the head two Parameters over one storage."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+
+    sd = LM().state_dict()
+    with torch.device("meta"):
+        model = LM()
+    model.load_state_dict(sd, assign=True)
+    assert model.emb.weight is not model.head.weight
+    return model, [("emb.weight", model.emb.weight), ("head.weight", model.head.weight)]
+
+
+@pytest.mark.parametrize("case", ["tied by assign", "overlapping slices", "later group"])
+def test_params_sharing_memory_with_each_other_are_refused_naming_both(case):
+    """torch.optim updates memory two params share through both of them; the wrapper,
+    which gives every param a buffer of its own, would untie them silently: refused,
+    naming both, before anything is touched."""
+    if case == "tied by assign":
+        model, named = _tied_by_assign()
+        inner, first, second = torch.optim.AdamW(named), "emb.weight", "head.weight"
+    else:
+        base = torch.zeros(8)
+        a, b = nn.Parameter(base[0:4]), nn.Parameter(base[2:6])
+        first, second = "a", "b"
+        inner = torch.optim.AdamW([("a", a), ("b", b)] if case == "overlapping slices"
+                                  else [("c", nn.Parameter(torch.zeros(3)))])
+    if case == "later group":
+        opt = wrap(inner)
+        with pytest.raises(ValueError, match="'a'.*and.*'b'.* share memory"):
+            opt.add_param_group({"params": [("a", a), ("b", b)]})
+        assert len(opt.param_groups) == 1 and not hasattr(a, "main_grad")
+        return
+    with pytest.raises(ValueError, match=f"'{first}'.*and.*'{second}'.* share memory"):
+        wrap(inner)
+
+
+def test_interleaved_views_sharing_no_element_are_accepted():
+    """Views with gaps whose byte ranges meet but whose elements differ are independent
+    params, as for torch."""
+    base = torch.zeros(4, 6)
+    a, b = nn.Parameter(base[:, 0::2]), nn.Parameter(base[:, 1::2])
+    opt = wrap(torch.optim.SGD([a, b], lr=0.1))
+    (a.sum() + 2 * b.sum()).backward()
+    opt.step()
+    assert torch.equal(a, torch.full((4, 3), -0.1)) and torch.equal(b, torch.full((4, 3), -0.2))
+
+
+def test_lazy_module_params_are_refused_naming_them():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"'1.weight'.*uninitialized.*forward"):
+        wrap(torch.optim.AdamW(model.named_parameters()))
+    model(torch.zeros(1, 3))  # materialized: accepted
+    wrap(torch.optim.AdamW(model.parameters()))
+
+
 def test_params_in_shared_memory_are_named_in_a_warning():
     """Hogwild: other processes would never see the updates of the wrapper's buffers. (Not
     an error: mp.spawn shares the model it hands each rank, which then trains its own.)"""
