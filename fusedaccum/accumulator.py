@@ -61,6 +61,10 @@ _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # optimizer's groups): wrapping them would train tensors no backward reaches
 _MASTERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _MISSING = object()
+# the code of torch's step wrapper (Optimizer.profile_hook_step), which runs the global
+# and the optimizer's own step hooks around the optimizer's step
+_TORCH_STEP_WRAPPER_CODE = getattr(
+    torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None), "__code__", None)
 
 
 def _caller_stacklevel() -> int:
@@ -126,32 +130,57 @@ def _check_no_shared_elements(spans: list) -> None:
     """ValueError naming two params whose elements share memory ((tensor, name) pairs):
     tied weights restored as two Parameters (load_state_dict(assign=True) of a tied
     model), or views of one tensor. torch.optim updates that memory through both; the
-    wrapper gives each param a buffer of its own, which would untie them silently. Byte
-    ranges first (a sort), elements only where ranges meet (views with gaps may
-    interleave without sharing an element)."""
+    wrapper gives each param a buffer of its own, which would untie them silently.
+
+    Byte ranges first (one sort); where ranges meet, two dense params (or params of
+    different element sizes) share memory, and views with gaps, which may interleave
+    without sharing an element, have their element addresses compared (one sort per
+    cluster of meeting ranges)."""
     ranges = []
     for p, name in spans:
-        if p.numel() == 0:
+        n = p.numel()
+        if n == 0:
             continue
-        extent = 1 + sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
-        start = p.data_ptr()
-        ranges.append((p.device, start, start + extent * p.element_size(), p, name))
-    ranges.sort(key=lambda r: (str(r[0]), r[1]))
-    active: list = []
-    for dev, start, end, p, name in ranges:
-        active = [r for r in active if r[0] == dev and r[2] > start]
-        for _, _, _, q, other in active:
-            same = p.element_size() == q.element_size()
-            if not same or p.is_contiguous() and q.is_contiguous() or bool(
-                    torch.isin(_element_addresses(p), _element_addresses(q)).any()):
-                raise ValueError(
-                    f"{other} and {name} share memory (tied weights restored as two "
-                    "Parameters, e.g. by load_state_dict(..., assign=True), or views of one "
-                    "tensor): torch.optim would update that memory through both, and "
-                    "FusedAccumulator gives every param a buffer of its own, which would untie "
-                    "them. Tie them as one Parameter before wrapping (model.head.weight = "
-                    "model.emb.weight), or .clone() one of them")
-        active.append((dev, start, end, p, name))
+        extent = 1 + sum((d - 1) * st for d, st in zip(p.shape, p.stride()))
+        first = p.data_ptr()
+        ranges.append((str(p.device), first, first + extent * p.element_size(), extent == n,
+                       p, name))
+    ranges.sort(key=lambda r: (r[0], r[1]))
+    cluster: list = []
+    end = 0
+    for r in [*ranges, None]:
+        if r is not None and cluster and r[0] == cluster[0][0] and r[1] < end:
+            cluster.append(r)
+            end = max(end, r[2])
+            continue
+        if len(cluster) > 1:
+            _check_cluster(cluster)
+        if r is not None:
+            cluster, end = [r], r[2]
+
+
+def _check_cluster(cluster: list) -> None:
+    for i, a in enumerate(cluster):
+        for b in cluster[i + 1:]:
+            meet = b[1] < a[2] and a[1] < b[2]
+            if meet and (a[3] and b[3] or a[4].element_size() != b[4].element_size()):
+                _shared_memory_error(a[5], b[5])
+    addresses = [_element_addresses(r[4]) for r in cluster]
+    flat = torch.cat(addresses).sort().values
+    same = flat[1:] == flat[:-1]
+    if bool(same.any()):
+        address = flat[1:][same][0]
+        a, b = [r for r, ad in zip(cluster, addresses) if bool((ad == address).any())][:2]
+        _shared_memory_error(a[5], b[5])
+
+
+def _shared_memory_error(first: str, second: str):
+    raise ValueError(
+        f"{first} and {second} share memory (tied weights restored as two Parameters, e.g. "
+        "by load_state_dict(..., assign=True), or views of one tensor): torch.optim would "
+        "update that memory through both, and FusedAccumulator gives every param a buffer "
+        "of its own, which would untie them. Tie them as one Parameter before wrapping "
+        "(model.head.weight = model.emb.weight), or .clone() one of them")
 
 
 def _eager_when_traced(body, traced: bool = False):
@@ -252,6 +281,7 @@ class FusedAccumulator(torch.optim.Optimizer):
     # torch.amp.GradScaler hands us grad_scale/found_inf instead of skipping step() itself
     _step_supports_amp_scaling = True
     _in_step = False  # inside a hooked step() (see _with_step_hooks)
+    _swapped = False  # the generic path's fp32 copies are in the groups (_generic_update)
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, accumulation_steps=1,
                  max_grad_norm=None, norm_type=2.0, loss_scale=None, master_weights=None,
@@ -1027,19 +1057,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             return loss
         grad_scale = self.__dict__.get("grad_scale") if scaler_attrs else None
         found_inf = self.__dict__.get("found_inf") if scaler_attrs else None
-        post_hooks = self._boundary(num_items, grad_scale, found_inf)
-        self.micro_step = 0
-        try:
-            # the next window's length, asked at its start: after this update, so that a
-            # callable may read opt.grad_norm or opt.update_count of the window that ended
-            # (a bad value raises here, with this window applied and counted)
-            self._window_k = self._next_k()
-        finally:
-            # the inner optimizer's post-hooks, once the update is applied and counted: one
-            # that raises leaves the wrapper as torch leaves an optimizer whose post-hook
-            # raised (updated, counted, the next window open)
-            if post_hooks is not None:
-                post_hooks()
+        self._boundary(num_items, grad_scale, found_inf)
         return loss
 
     def _sync_groups(self) -> None:
@@ -1148,7 +1166,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         masters re-read where someone else wrote the half params (Bucket.check_params)."""
         for gi, buckets in enumerate(self._buckets):
             group = self.inner.param_groups[gi]
-            self._check_group_list(gi, group, buckets)
+            if not self._swapped:  # (not the generic path's own fp32 copies, in place)
+                self._check_group_list(gi, group, buckets)
             for b in buckets:
                 b.check_params(lambda i, b=b, gi=gi, group=group: self._param_name(
                     group, gi, b.indices[i], b.params[i]))
@@ -1175,11 +1194,17 @@ class FusedAccumulator(torch.optim.Optimizer):
                 "add_param_group(); to drop or reorder params, build and wrap a new optimizer")
 
     @torch.no_grad()
-    def _boundary(self, num_items, grad_scale, scaler_found_inf):
-        """The update (or the skip) of a window that ended; returns what the inner
-        optimizer's post-hooks need to run (after step()'s bookkeeping), or None."""
+    def _boundary(self, num_items, grad_scale, scaler_found_inf) -> None:
+        """The update (or the skip) of a window that ended, and the start of the next.
+
+        The inner optimizer's hooks see ``.grad`` as around its own step(): the prepared
+        gradient (clipped, unscaled, divided). A pre-hook that raises leaves the window as
+        it was (up to rounding) for a retry; once the update is applied, the window ends
+        whatever happens: a post-hook that raises leaves it applied and counted, as torch
+        leaves an optimizer whose post-hook raised."""
         self._check_buckets()
         post_hooks = None
+        keep_grad = False
         dev = self._device
         denom = num_items if num_items is not None else self._window_k
         if self._pg is not None:
@@ -1214,20 +1239,23 @@ class FusedAccumulator(torch.optim.Optimizer):
             # the accumulations and the norm only, and the step's kernels (the largest part
             # of the boundary's bytes) run while it goes on to the next window.
             skipped = bool(found_f.item())
-            if not skipped and self.inner._optimizer_step_pre_hooks:
-                # the inner optimizer's pre-hooks see .grad as its step() would: the
-                # prepared gradient (one more pass, only when there are such hooks); if
-                # one raises, the window is as it was (up to rounding), for a retry
+            pre = self.inner._optimizer_step_pre_hooks
+            keep_grad = not skipped and bool(self.inner._optimizer_step_post_hooks)
+            if not skipped and (pre or keep_grad):
+                # the prepared gradient for the hooks: one more pass, and with post-hooks
+                # the step leaves it for them and it is zeroed after them (only when there
+                # are such hooks)
                 for b in self._all_buckets():
                     b.acc_local.mul_(mult)
                 try:
-                    self._inner_step_hooks(self.inner._optimizer_step_pre_hooks)
+                    self._inner_step_hooks(pre)
                 except BaseException:
                     for b in self._all_buckets():
                         b.acc_local.div_(mult)
                     raise
                 mult = torch.ones_like(mult)
-            self._fused_update(mult, found_f)  # with found set: only zeroes acc
+            # (with found set: only zeroes acc)
+            self._fused_update(mult, found_f, zero_acc=not keep_grad)
             if not skipped:
                 self._record_fused_steps()
                 if self._shard is not None:
@@ -1236,11 +1264,24 @@ class FusedAccumulator(torch.optim.Optimizer):
                 post_hooks = self._inner_stepped()
         else:
             skipped = bool(found_f.item())
+            keep_grad = True  # (the generic path zeroes acc after the step)
             if not skipped:
                 post_hooks = self._generic_update(mult)
                 self._bump_updated_params()
-            for b in self._all_buckets():
-                b.acc.zero_()
+        try:
+            if post_hooks is not None:
+                post_hooks()
+        finally:
+            if keep_grad:
+                for b in self._all_buckets():
+                    b.acc_local.zero_()
+            self._end_window_counted(skipped)
+
+    def _end_window_counted(self, skipped: bool) -> None:
+        """After a window's update (or skip): the counters, the loss scale, the next
+        window. The next window's length is asked at its start, after this update, so
+        that a callable may read opt.grad_norm or opt.update_count of the window that
+        ended (a bad value raises here, with this window applied and counted)."""
         if self._scaler is not None:
             self._scaler.update(skipped)
         self._end_window()
@@ -1255,7 +1296,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                               RuntimeWarning, stacklevel=_caller_stacklevel())
         else:
             self.update_count += 1
-        return post_hooks
+        self.micro_step = 0
+        self._window_k = self._next_k()
 
     def _bump_updated_params(self) -> None:
         """After an applied update: bump the version counter of every param it wrote, as
@@ -1287,16 +1329,19 @@ class FusedAccumulator(torch.optim.Optimizer):
         ran them, and torch runs them once per update. The inner optimizer's own hooks
         run as torch's step wrapper runs them; a scheduler made on it learns it stepped.
         A ``step`` the user replaced on the instance is called as it is (with its hooks).
-        Returns the runner of the post-hooks, for step() to call last, or None."""
+        Returns the runner of the post-hooks (see _boundary), or None."""
         inner = self.inner
         step = type(inner).step
         raw = getattr(step, "__wrapped__", None)
-        patched = "step" in vars(inner) and not getattr(inner.step, "_wrapped_by_lr_sched",
-                                                        False)
-        if raw is None or not getattr(step, "hooked", False) or patched:
+        own = vars(inner).get("step")
+        # only torch's own step wrapper (Optimizer.profile_hook_step) is looked through,
+        # and on the instance only an LR scheduler's wrapper of that very step
+        if raw is None or getattr(step, "__code__", None) is not _TORCH_STEP_WRAPPER_CODE \
+                or own is not None and not (getattr(own, "_wrapped_by_lr_sched", False)
+                                            and getattr(own, "__wrapped__", None) is step):
             inner.step()
             return None
-        if "step" in vars(inner):  # an LR scheduler's wrapper: what it would record
+        if own is not None:  # what the scheduler's wrapper would record
             inner._opt_called = True
         args, kwargs = (inner,), {}
         for hook in list(inner._optimizer_step_pre_hooks.values()):
@@ -1324,7 +1369,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         (torch marks ``inner.step`` then) learns that it stepped, as its wrapper of
         ``inner.step`` would have told it, so that it does not warn that
         ``lr_scheduler.step()`` came before ``optimizer.step()``. Returns the runner of
-        its post-hooks (for step() to call last), or None."""
+        its post-hooks (see _boundary), or None."""
         if getattr(self.inner.step, "_wrapped_by_lr_sched", False):
             self.inner._opt_called = True
         hooks = self.inner._optimizer_step_post_hooks
@@ -1333,8 +1378,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         return self._post_hook_runner(lambda: self._inner_step_hooks(hooks))
 
     def _post_hook_runner(self, run):
-        """``run`` (the inner optimizer's post-hooks) for step() to call last; a hook that
-        writes the stepped tensors (the fp32 masters of half params) reaches the model."""
+        """``run`` (the inner optimizer's post-hooks) for _boundary to call once the update
+        is applied; a hook that writes the stepped tensors (the fp32 masters of half
+        params) reaches the model."""
         return lambda: self._masters_to_model_after(run)
 
     def _forget_deleted_state(self) -> None:
@@ -1354,7 +1400,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                         self._copy_local(b, i, buf, torch.zeros(b.shapes[i], device=b.device))
                     b.steps[i], b.has_buf[i], b.recorded[i] = 0, False, False
 
-    def _fused_update(self, mult: torch.Tensor, found: torch.Tensor) -> None:
+    def _fused_update(self, mult: torch.Tensor, found: torch.Tensor, zero_acc: bool) -> None:
         self._forget_deleted_state()
         # Every group's hyperparameters are read (and refused, naming the group, if they
         # cannot be), and every state buffer this step needs exists, before the first
@@ -1377,9 +1423,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                 m = mult if mult.device == b.device else mult.to(b.device)
                 f = found if found.device == b.device else found.to(b.device)
                 if self._kind == "adam":
-                    self._adam_bucket(b, hp, m, f)
+                    self._adam_bucket(b, hp, m, f, zero_acc)
                 else:
-                    self._sgd_bucket(b, hp, m, f)
+                    self._sgd_bucket(b, hp, m, f, zero_acc)
 
     def _hparams(self, gi: int, group: dict) -> dict:
         """Group ``gi``'s hyperparameters as the fused ops take them; ValueError naming
@@ -1412,7 +1458,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         except KeyError as exc:
             raise ValueError(f"param group {gi} has no {exc} entry") from None
 
-    def _adam_bucket(self, b: Bucket, hp: dict, mult, found) -> None:
+    def _adam_bucket(self, b: Bucket, hp: dict, mult, found, zero_acc: bool) -> None:
         exp_avg = b.state_buffer("exp_avg")
         exp_avg_sq = b.state_buffer("exp_avg_sq")
         vmax = b.state_buffer("max_exp_avg_sq") if hp["amsgrad"] else None
@@ -1421,16 +1467,16 @@ class FusedAccumulator(torch.optim.Optimizer):
             b.ops.adamw_step_(b.stepped_flat[s], b.acc_local[s], exp_avg[s], exp_avg_sq[s],
                               None if vmax is None else vmax[s],
                               None if b.model_out is None else b.model_out[s],
-                              grad_mult=mult, found_inf=found, step=step + 1, zero_acc=True,
-                              **hp)
+                              grad_mult=mult, found_inf=found, step=step + 1,
+                              zero_acc=zero_acc, **hp)
 
-    def _sgd_bucket(self, b: Bucket, hp: dict, mult, found) -> None:
+    def _sgd_bucket(self, b: Bucket, hp: dict, mult, found, zero_acc: bool) -> None:
         buf = b.state_buffer("momentum_buffer") if hp["momentum"] != 0 else None
         has = b.has_buf
         for s, had in b.runs(lambda k: has[k]):
             b.ops.sgd_step_(b.stepped_flat[s], b.acc_local[s], None if buf is None else buf[s],
                             None if b.model_out is None else b.model_out[s], grad_mult=mult,
-                            found_inf=found, first_step=not had, zero_acc=True, **hp)
+                            found_inf=found, first_step=not had, zero_acc=zero_acc, **hp)
 
     def _record_fused_steps(self) -> None:
         """After an applied update: step counts, and the state entries (views) as torch keeps.
@@ -1540,6 +1586,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                             pi = b.indices[i]
                             params[pi] = f
                             swapped.append((params, pi, t, f))
+                            self._swapped = True
                             st = state.get(t)
                             if st is not None:  # (t's entry stays until f has its own)
                                 state[f] = _fp32_state(st)
@@ -1552,6 +1599,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 b.acc.div_(m)
             raise
         finally:
+            self._swapped = False
             for params, pi, t, f in swapped:
                 t.copy_(f)  # round to nearest
                 params[pi] = t
@@ -1608,10 +1656,11 @@ class FusedAccumulator(torch.optim.Optimizer):
             if b.touched[i]:
                 accumulators[idx] = b.main_grads[i].detach().clone()
         # a partial window of a data-parallel run is summed over the ranks (a collective);
-        # unsharded and at a boundary there is none, and state_dict() is local, as a
-        # plain optimizer's (the usual `if rank == 0: torch.save(opt.state_dict())`)
-        if self._pg is not None and (self._shard is not None or self.micro_step > 0
-                                     or any(b.touched[i] for b, i in index.values())):
+        # unsharded and at a boundary (micro_step 0 on every rank alike) there is none, and
+        # state_dict() is local, as a plain optimizer's (the usual `if rank == 0:
+        # torch.save(opt.state_dict())`); gradients a backward left since the boundary are
+        # then this rank's own
+        if self._pg is not None and (self._shard is not None or self.micro_step > 0):
             buckets = list(self._all_buckets())
             dp.merge_window(buckets, None, self._pg, self._device, self._window_k)
             accumulators = {idx: dp.sum_across(b.main_grads[i].detach(), self._pg)

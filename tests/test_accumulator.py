@@ -666,9 +666,10 @@ def test_train_and_eval_reach_an_inner_optimizer_that_has_them(device, dtype):
 @pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_inner_step_hooks_see_and_change_what_inner_step_would(device, dtype, opt_name):
-    """The inner optimizer's pre-hooks see .grad as its step() would (the prepared window
-    gradient, not the raw sum times k and the loss scale); what its post-hooks write into
-    the tensors it steps (the fp32 masters of half params) reaches the model."""
+    """The inner optimizer's pre- and post-hooks see .grad as around its step() (the
+    prepared window gradient, not the raw sum times k and the loss scale, nor a zeroed
+    accumulator after the step); what its post-hooks write into the tensors it steps (the
+    fp32 masters of half params) reaches the model."""
     k, bound = 2, 0.05
     windows = make_windows(2, k, dtype=dtype, device=device)
 
@@ -677,6 +678,7 @@ def test_inner_step_hooks_see_and_change_what_inner_step_would(device, dtype, op
             max(float(t.grad.abs().max()) for t in group_tensors(o))))
 
         def clamp(o, args, kwargs):
+            seen.append(max(float(t.grad.abs().max()) for t in group_tensors(o)))
             with torch.no_grad():
                 for t in group_tensors(o):
                     t.clamp_(-bound, bound)
@@ -697,7 +699,7 @@ def test_inner_step_hooks_see_and_change_what_inner_step_would(device, dtype, op
             opt.step()
             opt.zero_grad()
         emu.step(k, max_grad_norm=0.5, loss_scale=64.0)
-    assert len(seen) == 2
+    assert len(seen) == 4 and seen[0] == seen[1] > 0  # (pre, post) per window
     torch.testing.assert_close(seen, emu_seen, rtol=1e-5, atol=1e-7)
     assert max(float(p.abs().max()) for p in model.parameters()) <= bound * 1.01
     assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
@@ -870,6 +872,21 @@ def test_a_generic_step_that_fails_half_way_leaves_the_model_as_its_state(device
         assert moved == (opt.state[stepped[i]].get("step", 0) == 1), i
         if master_weights:
             assert torch.equal(p, stepped[i].to(p.dtype))
+
+
+def test_inner_hooks_may_save_state_while_the_generic_path_steps_copies(device):
+    """Half params without masters are stepped as fp32 copies that sit in the inner
+    optimizer's groups during its step(): a hook that saves the state then is not taken
+    for an edit of group['params']."""
+    model = make_model(dtype=torch.bfloat16, device=device)
+    inner = OPTIMIZERS["rmsprop"](model.parameters())
+    saved = []
+    inner.register_step_pre_hook(lambda o, args, kwargs: saved.append(opt.state_dict()))
+    opt = wrap(inner, master_weights=False)
+    x, y = make_batches(1, dtype=torch.bfloat16, device=device)[0]
+    mse(model(x), y).backward()
+    opt.step()
+    assert opt.stepped and len(saved) == 1
 
 
 # -------------------------------------------------------------- adaptive accumulation

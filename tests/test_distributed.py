@@ -320,6 +320,13 @@ def _misuse_worker(rank, world, port, out_dir, case):
                 scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
                 scaler.step(opt)
             for i in range(2 * K):
+                if case == "state dict after a backward on one rank":
+                    if rank == 0 or i % K:
+                        torch.nn.functional.mse_loss(model(x * (i + rank)), y).backward()
+                    if i % K == 0:  # a boundary was the last step(): every rank saves
+                        out["sd"] = opt.state_dict()
+                    opt.step()
+                    continue
                 torch.nn.functional.mse_loss(model(x * (i + rank)), y).backward()
                 num_items = MB if (case == "num_items on one rank" and rank == 0) else None
                 opt.step(num_items=num_items)
@@ -351,6 +358,7 @@ def _misuse_worker(rank, world, port, out_dir, case):
     ("gradscaler", 2, "RuntimeError: torch.amp.GradScaler with process_group"),
     ("non-member", 3, "ValueError: this process is not a member of process_group"),
     ("state dict on rank 0", 2, "no error"),
+    ("state dict after a backward on one rank", 2, "no error"),
     ("mid-window state dict", 2, "no error"),
 ])
 def test_data_parallel_misuse_is_refused_on_every_rank(tmp_path, case, world, expected):

@@ -113,6 +113,41 @@ def test_global_step_hooks_fire_once_per_step_call(device, opt_name):
     assert calls == (one * (k - 1) + update) * 2
 
 
+@pytest.mark.parametrize("patch", ["instance, then a scheduler", "class, with wraps"])
+def test_a_patched_inner_step_is_called_as_torch_calls_it(device, patch, monkeypatch):
+    """The generic path looks through torch's own step wrapper only: a step the user (or a
+    library) patched on the instance, under an LR scheduler's wrapper, or on the class
+    with functools.wraps (which copies the wrapper's attributes), still runs, once."""
+    import functools
+
+    calls = []
+    model = make_model(device=device)
+    inner = torch.optim.RMSprop(model.parameters(), lr=1e-2)
+    if patch.startswith("instance"):
+        bound = inner.step
+
+        def patched(self, *args, **kwargs):
+            calls.append("patched")
+            return bound(*args, **kwargs)
+
+        inner.step = patched.__get__(inner)  # (a bound method, which schedulers need)
+        torch.optim.lr_scheduler.StepLR(inner, step_size=10)  # wraps the patched step
+    else:
+        orig = torch.optim.RMSprop.step
+
+        @functools.wraps(orig)
+        def patched(self, *args, **kwargs):
+            calls.append("patched")
+            return orig(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.RMSprop, "step", patched)
+    opt = wrap(inner, accumulation_steps=2)
+    for i in range(4):
+        _backward(model, seed=i)
+        opt.step()
+    assert opt.update_count == 2 and calls == ["patched"] * 2
+
+
 def test_step_pre_hook_may_replace_the_arguments(device):
     model = make_model(device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=2)
