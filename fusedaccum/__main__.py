@@ -62,8 +62,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         print(f"device     cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch "
               f"threads); no CUDA device")
-    for var in ("FUSEDACCUM_BACKEND", "TRITON_INTERPRET"):
-        print(f"{var:<19}= {os.environ.get(var, '(unset)')}")
+    for var in ("FUSEDACCUM_BACKEND", "FUSEDACCUM_NATIVE", "FUSEDACCUM_CPU_ISA",
+                "FUSEDACCUM_FAST_HOOKS", "TRITON_INTERPRET"):
+        print(f"{var:<21}= {os.environ.get(var, '(unset)')}")
 
     print()
     print("checking backends (the first check may build the C++ extension: up to a few "
@@ -100,7 +101,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
              "full batches are added, without a Python hook call)"
              if native.hooks_module(load=False)
              else "off (FUSEDACCUM_FAST_HOOKS=0, or the C++ extension is not built)")
-    print(f"\nC++ post-accumulate-grad hook: {hooks}")
+    print(f"\nC++ extension: {native.build_info()}")
+    print(f"C++ post-accumulate-grad hook: {hooks}")
     return 0
 
 
@@ -333,9 +335,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import fusedaccum
     from fusedaccum import ops
 
-    if args.steps < 1 or args.accumulation_steps < 1 or args.micro_batch < 1:
-        print("error: --steps, --accumulation-steps and --micro-batch must be >= 1",
-              file=sys.stderr)
+    if min(args.steps, args.accumulation_steps, args.micro_batch, args.hidden,
+           args.features) < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --steps, --accumulation-steps, --micro-batch, --hidden, --features and "
+              "--threads must be >= 1", file=sys.stderr)
+        return 2
+    if args.classes < 2:
+        print("error: --classes must be >= 2", file=sys.stderr)
+        return 2
+    if not (math.isfinite(args.lr) and args.lr > 0) or not (
+            math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        print("error: --lr must be a finite number > 0 and --weight-decay a finite number "
+              ">= 0", file=sys.stderr)
         return 2
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1808,7 +1808,17 @@ def _main(argv_or_namespace) -> int:
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            print(f"bench: bad --device {args.device!r} ({exc}); use cpu or cuda[:N]",
+                  file=sys.stderr)
+            return 2
+    for flag, value in (("--budget", args.budget), ("--window-budget", args.window_budget)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            print(f"bench: {flag} must be a finite number of seconds > 0, got {value}",
+                  file=sys.stderr)
+            return 2
     _Deliver.fresh = bool(args.fresh_grads)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -1823,7 +1833,11 @@ def _main(argv_or_namespace) -> int:
         return 2
 
     quick = bool(args.quick)
-    specs = _select_ops(args.ops)
+    try:
+        specs = _select_ops(args.ops)
+    except SystemExit as exc:  # (an unknown op: bad usage, as the other arguments)
+        print(exc, file=sys.stderr)
+        return 2
     sizes = args.sizes or (QUICK_SIZES if quick else FULL_SIZES)
     if args.max_size is not None:
         sizes = [n for n in sizes if n <= args.max_size]
@@ -1835,6 +1849,27 @@ def _main(argv_or_namespace) -> int:
               f"choose from {', '.join(_ops.BACKENDS)} (and auto)", file=sys.stderr)
         return 2
     backends, excluded = bench_backends(device, requested)
+    if requested and not backends:
+        why = "; ".join(f"{name}: {reason}" for name, reason in excluded.items())
+        print(f"bench: none of --backends {args.backends} runs on {device} ({why}); nothing "
+              "to time", file=sys.stderr)
+        return 2
+    # where the reports go, checked before minutes of timing: a folder that cannot be
+    # written fails now, and a report of the same name from earlier today is kept (this
+    # run's name gets the time)
+    stem = f"{sanitize(device_name(device))}_{_dt.date.today().isoformat()}"
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as exc:
+        print(f"bench: cannot write the reports into --out {args.out!r} ({exc})",
+              file=sys.stderr)
+        return 2
+    suffix = "_quick" if quick else ""
+    if os.path.exists(os.path.join(args.out, stem + suffix + ".md")):
+        stem += _dt.datetime.now().strftime("_%H%M%S")
+    stem += suffix
     tc = TimingConfig(budget_s=args.budget if args.budget is not None else
                       (0.08 if quick else 0.5),
                       warmup_s=0.02 if quick else 0.1,
@@ -1962,8 +1997,6 @@ def _main(argv_or_namespace) -> int:
         progress.close()
 
     wall = time.perf_counter() - t_start
-    os.makedirs(args.out, exist_ok=True)
-    stem = f"{sanitize(dname)}_{_dt.date.today().isoformat()}" + ("_quick" if quick else "")
     base_path = os.path.join(args.out, stem)
     plot_note = ""
     if ops_results and not args.no_plot:

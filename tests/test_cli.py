@@ -72,12 +72,32 @@ def test_demo_curves_agree():
     assert len(peaks) == 3 and all(float(p) > 0 for p in peaks), out
 
 
-def test_demo_and_bench_refuse_bad_arguments_cleanly():
-    for args in (("demo", "--device", "xpu"), ("demo", "--device", "nonsense"),
-                 ("bench", "--quick", "--backends", "nope")):
+def test_demo_and_bench_refuse_bad_arguments_cleanly(tmp_path):
+    not_a_folder = tmp_path / "a file"
+    not_a_folder.write_text("")
+    bad = [("demo", "--device", "xpu"), ("demo", "--device", "nonsense"),
+           ("demo", "--threads", "0"), ("demo", "--lr", "nan"), ("demo", "--classes", "0"),
+           ("bench", "--quick", "--backends", "nope"), ("bench", "--quick", "--device", "foo"),
+           ("bench", "--quick", "--ops", "nope"), ("bench", "--quick", "--budget", "nan"),
+           ("bench", "--quick", "--out", str(not_a_folder / "reports"))]
+    if fusedaccum.ops.unavailable_reason("cuda", None) is not None:
+        bad.append(("bench", "--quick", "--backends", "cuda"))  # nothing that runs: refused
+    for args in bad:
         proc = _run(*args, "--no-progress", timeout=120)
-        assert proc.returncode == 2, _explain(proc)
+        assert proc.returncode == 2, (args, _explain(proc))
         assert "Traceback" not in proc.stderr and proc.stderr.strip(), _explain(proc)
+
+
+def test_bench_keeps_an_earlier_report_of_the_same_day(tmp_path):
+    """A second run on the same day writes its own report (named with the time) instead
+    of overwriting the first one, which the README may cite."""
+    args = ("bench", "--quick", "--ops", "none", "--no-windows", "--copy-size", "1M",
+            "--no-plot", "--no-progress", "--device", "cpu", "--out", str(tmp_path))
+    for _ in range(2):
+        proc = _run(*args, timeout=300)
+        assert proc.returncode == 0, _explain(proc)
+    reports = sorted(p.name for p in tmp_path.glob("*.md"))
+    assert len(reports) == 2 and all(r.endswith("_quick.md") for r in reports), reports
 
 
 def test_demo_rejects_a_backend_that_cannot_run():

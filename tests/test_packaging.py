@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from fusedaccum.ops import native
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,4 +71,31 @@ def test_a_failed_build_falls_back_and_says_so_once(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pip install --no-build-isolation -e ." in proc.stdout
-    assert "pip install ninja" in proc.stdout
+    # the reason itself, not the compile commands that failed
+    assert "no C++ compiler found" in proc.stdout and "no-such-c++" in proc.stdout
+
+
+def test_first_use_build_finds_the_ninja_of_this_environment(tmp_path, monkeypatch):
+    """A virtual environment's python run by its path (not activated) has the ninja that
+    pip installed beside it, off PATH: the first-use build puts that folder on PATH."""
+    from fusedaccum.ops import native
+
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "ninja").write_text("")
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    native._tool_path()
+    assert os.environ["PATH"].split(os.pathsep)[:2] == ["/usr/bin", str(bindir)]
+
+
+@pytest.mark.parametrize("var,value,says", [
+    ("FUSEDACCUM_NATIVE", "disable", "FUSEDACCUM_NATIVE='disable' is not one of"),
+    ("FUSEDACCUM_CPU_ISA", "AVX512", "fall back to baseline"),
+])
+def test_unknown_environment_values_are_named_in_a_warning(monkeypatch, var, value, says):
+    from fusedaccum.ops import native
+
+    monkeypatch.setenv(var, value)
+    with pytest.warns(RuntimeWarning, match=says):
+        native._load_uncached()

@@ -27,6 +27,7 @@ import importlib.machinery
 import importlib.util
 import math
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -83,6 +84,10 @@ _state: _State | None = None
 _lock = threading.Lock()
 
 
+_NATIVE_MODES = ("", "0", "off", "false", "no", "1", "on", "true", "yes", "jit")
+_OFF = ("0", "off", "false", "no")
+
+
 def _first_lines(exc: BaseException, limit: int = 4) -> str:
     """The first error lines of a failed build, on one line."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -98,6 +103,35 @@ def _aot_library() -> Path | None:
         path = _PKG_DIR / f"_native{suffix}"
         if path.is_file():
             return path
+    return None
+
+
+def _tool_path() -> None:
+    """Put the ninja this Python has (the package's dependency, in its environment's bin
+    folder, or the ninja wheel's own) on PATH, where torch looks for it: a virtual
+    environment's python run by its path, without activating it, does not have it there."""
+    folders = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        folders.append(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    for folder in folders:
+        if folder and folder not in path and os.path.isfile(os.path.join(folder, "ninja")):
+            path.append(folder)
+    os.environ["PATH"] = os.pathsep.join(p for p in path if p)
+
+
+def _missing_compiler() -> str | None:
+    """Why the first-use build cannot start, named plainly (the build's own error would
+    bury it under compile commands), or None."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0] if cxx.strip() else "c++") is None:
+        return f"no C++ compiler found (`{cxx}` is not on PATH; set CXX or install one)"
+    if shutil.which("ninja") is None:
+        return "ninja is not on PATH (`pip install ninja` into this Python's environment)"
     return None
 
 
@@ -133,7 +167,16 @@ def _jit_build(with_cuda: bool) -> str:
 
 def _load_uncached() -> _State:
     mode = os.environ.get("FUSEDACCUM_NATIVE", "").strip().lower()
-    if mode in ("0", "off", "false", "no"):
+    if mode not in _NATIVE_MODES:
+        warnings.warn(f"fusedaccum: FUSEDACCUM_NATIVE={mode!r} is not one of "
+                      f"{', '.join(repr(m) for m in _NATIVE_MODES if m)} (or unset); ignored",
+                      RuntimeWarning, stacklevel=2)
+    isa = os.environ.get("FUSEDACCUM_CPU_ISA")
+    if isa is not None and isa not in ("avx512", "avx2", "baseline"):
+        warnings.warn(f"fusedaccum: FUSEDACCUM_CPU_ISA={isa!r} is not one of 'avx512', 'avx2', "
+                      "'baseline' (lower case): the CPU loops fall back to baseline, the "
+                      "slowest", RuntimeWarning, stacklevel=2)
+    if mode in _OFF:
         state = _State(f"the C++ extension is disabled by FUSEDACCUM_NATIVE={mode}; unset it")
         state.disabled = True
         return state
@@ -159,6 +202,7 @@ def _load_uncached() -> _State:
                       "fusedaccum from a source checkout with a C++ compiler present")
     from torch.utils import cpp_extension
 
+    _tool_path()
     cuda_error = None
     if torch.version.cuda is None:
         cuda_error = "the extension was built without CUDA (torch is a CPU-only build)"
@@ -174,10 +218,15 @@ def _load_uncached() -> _State:
         except Exception as exc:
             cuda_error = ("the CUDA part of the C++ extension failed to compile: "
                           f"{_first_lines(exc)}")
+    prefix = f"{aot_error}; then the " if aot_error else ""
+    missing = _missing_compiler()
+    if missing is not None:
+        return _State(f"{prefix}C++ extension cannot be compiled on first use: {missing}; or "
+                      "build it ahead of time with `pip install --no-build-isolation -e .` "
+                      "from a source checkout")
     try:
         path = _jit_build(with_cuda=False)
     except Exception as exc:
-        prefix = f"{aot_error}; then the " if aot_error else ""
         return _State(f"{prefix}C++ extension failed to compile: {_first_lines(exc)}; {_HINT}")
     return _State(cuda_error=cuda_error, how=f"JIT build {path}", path=path)
 
@@ -242,7 +291,7 @@ def hooks_module(load: bool = True):
     """The extension imported as a Python module, for its C++ batching hook (csrc/hooks.cpp),
     or None where it is unavailable. ``load=False``: only if the extension is loaded already
     or built ahead of time (never compile it just for the hook)."""
-    if os.environ.get("FUSEDACCUM_FAST_HOOKS", "").strip().lower() in ("0", "off", "false"):
+    if os.environ.get("FUSEDACCUM_FAST_HOOKS", "").strip().lower() in _OFF:
         return None
     state = _state
     if state is None:
@@ -278,7 +327,10 @@ def build_info() -> str:
     state = _load()
     if state.error is not None:
         return state.error
-    return f"{state.how} ({'CPU and CUDA' if state.cuda else 'CPU only'} kernels)"
+    isa = next((f.split("=", 1)[1] for f in torch.ops.fusedaccum_native.build_info().split(",")
+                if f.startswith("cpu-isa=")), "unknown")
+    return (f"{state.how} ({'CPU and CUDA' if state.cuda else 'CPU only'} kernels; CPU loops: "
+            f"{isa})")
 
 
 def unavailable_reason(name: str, device: torch.device | None) -> str | None:
