@@ -127,24 +127,31 @@ def _element_addresses(p: torch.Tensor) -> torch.Tensor:
 
 
 def _check_no_shared_elements(spans: list) -> None:
-    """ValueError naming two params whose elements share memory ((tensor, name) pairs):
-    tied weights restored as two Parameters (load_state_dict(assign=True) of a tied
-    model), or views of one tensor. torch.optim updates that memory through both; the
-    wrapper gives each param a buffer of its own, which would untie them silently.
+    """ValueError naming a param whose elements share memory with each other (an
+    expand()ed or overlapping as_strided view: torch.optim cannot update it in place
+    either), or two params whose elements share memory: tied weights restored as two
+    Parameters (load_state_dict(assign=True) of a tied model), or views of one tensor.
+    torch.optim updates that memory through both; the wrapper gives each param a buffer
+    of its own, which would untie them silently. ``spans``: (tensor, name) pairs.
 
-    Byte ranges first (one sort); where ranges meet, two dense params (or params of
-    different element sizes) share memory, and views with gaps, which may interleave
-    without sharing an element, have their element addresses compared (one sort per
-    cluster of meeting ranges)."""
+    Byte ranges first (one sort); a param with gaps (not dense) has its element addresses
+    checked for repeats, and where ranges meet two dense params (or params of different
+    element sizes) share memory, while views with gaps, which may interleave without
+    sharing an element, have their element addresses compared (one sort per cluster)."""
     ranges = []
     for p, name in spans:
         n = p.numel()
         if n == 0:
             continue
         extent = 1 + sum((d - 1) * st for d, st in zip(p.shape, p.stride()))
+        dense = extent == n and (p.is_contiguous() or _is_permuted_dense(p))
+        if not dense and n > 1:
+            a = _element_addresses(p).sort().values
+            if bool((a[1:] == a[:-1]).any()):
+                _self_overlap_error(name)
         first = p.data_ptr()
-        ranges.append((str(p.device), first, first + extent * p.element_size(), extent == n,
-                       p, name))
+        ranges.append((str(p.device), first, first + extent * p.element_size(), dense, p,
+                       name))
     ranges.sort(key=lambda r: (r[0], r[1]))
     cluster: list = []
     end = 0
@@ -157,6 +164,12 @@ def _check_no_shared_elements(spans: list) -> None:
             _check_cluster(cluster)
         if r is not None:
             cluster, end = [r], r[2]
+
+
+def _is_permuted_dense(p: torch.Tensor) -> bool:
+    """Dense in some dim order (channels_last, a transpose): no gaps, no repeats."""
+    perm = sorted(range(p.dim()), key=lambda d: -p.stride(d))
+    return p.permute(perm).is_contiguous()
 
 
 def _check_cluster(cluster: list) -> None:
@@ -172,6 +185,12 @@ def _check_cluster(cluster: list) -> None:
         address = flat[1:][same][0]
         a, b = [r for r, ad in zip(cluster, addresses) if bool((ad == address).any())][:2]
         _shared_memory_error(a[5], b[5])
+
+
+def _self_overlap_error(name: str):
+    raise ValueError(f"{name} has elements sharing memory (an expand()ed or overlapping "
+                     "as_strided view), which torch.optim cannot update in place either; make "
+                     "it a tensor of its own (.clone())")
 
 
 def _shared_memory_error(first: str, second: str):
@@ -508,7 +527,10 @@ class FusedAccumulator(torch.optim.Optimizer):
         """Whether this micro-batch's accumulations should also produce norm statistics."""
         return self._pg is None and self.micro_step + 1 >= self._window_k
 
-    def _end_window(self) -> None:
+    def _end_window(self, defer_grads: bool = False):
+        """The window's per-param marks cleared, and the ``.grad`` views it gave; with
+        ``defer_grads`` the tensors whose ``.grad`` to clear are returned instead."""
+        clear = []
         for b in self._all_buckets():
             n = len(b)
             b.stats = [None] * n
@@ -520,12 +542,17 @@ class FusedAccumulator(torch.optim.Optimizer):
             for i, t in enumerate(touched):
                 if t:
                     touched[i] = False
-                    stepped[i].grad = None
+                    clear.append(stepped[i])
                     if not released[i] and params[i].grad is not None:
-                        params[i].grad = None
+                        clear.append(params[i])
                 elif not b.is_half and params[i].grad is b.main_grads[i] \
                         and not released[i]:
-                    params[i].grad = None  # set by pre_hook for an autograd.grad call
+                    clear.append(params[i])  # set by pre_hook for an autograd.grad call
+        if defer_grads:
+            return clear
+        for t in clear:
+            t.grad = None
+        return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad``; the accumulated window is never dropped (either way).
@@ -602,12 +629,11 @@ class FusedAccumulator(torch.optim.Optimizer):
                         "FusedAccumulator wraps (its inner optimizer's groups hold the masters, "
                         "not the model's params): no backward reaches it. Wrap an optimizer "
                         "built over model.parameters(), not one already wrapped")
-                # (pigeonhole: fewer reachable addresses than elements, as expand() makes)
+                # (pigeonhole: fewer reachable addresses than elements, as expand() makes;
+                # other repeats: _check_no_shared_elements)
                 if p.numel() > 1 and 1 + sum((n - 1) * abs(st) for n, st in
                                              zip(p.shape, p.stride())) < p.numel():
-                    raise ValueError(f"{name} has elements sharing memory (an expand()ed "
-                                     "view), which torch.optim cannot update in place either; "
-                                     "make it a tensor of its own (.clone())")
+                    _self_overlap_error(name)
                 if p.device.type == "cpu" and p.is_shared() and self._pg is None:
                     # (with a process group each rank steps its own replica: mp.spawn
                     # shares the model it passes to the ranks, and that is fine)
@@ -1239,6 +1265,9 @@ class FusedAccumulator(torch.optim.Optimizer):
             # the accumulations and the norm only, and the step's kernels (the largest part
             # of the boundary's bytes) run while it goes on to the next window.
             skipped = bool(found_f.item())
+            # hyperparameters read and state buffers made before anything is written: a
+            # refusal then leaves the window as it was
+            hps = self._fused_prepare()
             pre = self.inner._optimizer_step_pre_hooks
             keep_grad = not skipped and bool(self.inner._optimizer_step_post_hooks)
             if not skipped and (pre or keep_grad):
@@ -1255,7 +1284,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                     raise
                 mult = torch.ones_like(mult)
             # (with found set: only zeroes acc)
-            self._fused_update(mult, found_f, zero_acc=not keep_grad)
+            self._fused_update(hps, mult, found_f, zero_acc=not keep_grad)
             if not skipped:
                 self._record_fused_steps()
                 if self._shard is not None:
@@ -1268,6 +1297,11 @@ class FusedAccumulator(torch.optim.Optimizer):
             if not skipped:
                 post_hooks = self._generic_update(mult)
                 self._bump_updated_params()
+        # The window is over and counted before the post-hooks run (what they read of
+        # the wrapper, opt.stepped, update_count, micro_step, a state_dict(), is after
+        # the update); only .grad still holds the applied gradient, for them.
+        self._count_window(skipped)
+        grads = self._end_window(defer_grads=post_hooks is not None)
         try:
             if post_hooks is not None:
                 post_hooks()
@@ -1275,16 +1309,17 @@ class FusedAccumulator(torch.optim.Optimizer):
             if keep_grad:
                 for b in self._all_buckets():
                     b.acc_local.zero_()
-            self._end_window_counted(skipped)
+            for t in grads or ():
+                t.grad = None
+            # the next window's length, asked at its start: after this update, so that a
+            # callable may read opt.grad_norm or opt.update_count of the window that
+            # ended (a bad value raises here, with this window applied and counted)
+            self._window_k = self._next_k()
 
-    def _end_window_counted(self, skipped: bool) -> None:
-        """After a window's update (or skip): the counters, the loss scale, the next
-        window. The next window's length is asked at its start, after this update, so
-        that a callable may read opt.grad_norm or opt.update_count of the window that
-        ended (a bad value raises here, with this window applied and counted)."""
+    def _count_window(self, skipped: bool) -> None:
+        """A window's update (or skip) counted: the counters, the loss scale."""
         if self._scaler is not None:
             self._scaler.update(skipped)
-        self._end_window()
         self.stepped = not skipped
         if skipped:
             self.skipped_steps += 1
@@ -1297,7 +1332,6 @@ class FusedAccumulator(torch.optim.Optimizer):
         else:
             self.update_count += 1
         self.micro_step = 0
-        self._window_k = self._next_k()
 
     def _bump_updated_params(self) -> None:
         """After an applied update: bump the version counter of every param it wrote, as
@@ -1400,7 +1434,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                         self._copy_local(b, i, buf, torch.zeros(b.shapes[i], device=b.device))
                     b.steps[i], b.has_buf[i], b.recorded[i] = 0, False, False
 
-    def _fused_update(self, mult: torch.Tensor, found: torch.Tensor, zero_acc: bool) -> None:
+    def _fused_prepare(self) -> list:
+        """Before a fused update writes anything: the hyperparameters of each group (None
+        for a group no param of which got a gradient) and the state buffers."""
         self._forget_deleted_state()
         # Every group's hyperparameters are read (and refused, naming the group, if they
         # cannot be), and every state buffer this step needs exists, before the first
@@ -1416,6 +1452,10 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if any(b.touched):
                     for key in keys:
                         b.state_buffer(key)
+        return hps
+
+    def _fused_update(self, hps: list, mult: torch.Tensor, found: torch.Tensor,
+                      zero_acc: bool) -> None:
         for buckets, hp in zip(self._buckets, hps):
             for b in buckets:
                 if not any(b.touched):

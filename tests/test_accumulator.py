@@ -753,13 +753,15 @@ def test_inner_step_hooks_that_raise_or_touch_the_model_lose_nothing(device, opt
         assert_params_close(got, want, **HALF_TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("hook", [None, "pre", "post"])
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
 @pytest.mark.parametrize("bad", [None, (0.9,), torch.tensor([1e-2, 1e-2])], ids=repr)
 def test_a_group_whose_hyperparameters_cannot_be_read_fails_before_any_update(
-        device, opt_name, bad):
+        device, opt_name, bad, hook):
     """A later group's unreadable hyperparameter (lr=None, a single beta, a 2-element lr)
-    raises naming the group before the first bucket is stepped: nothing changed, and once
-    fixed, the retried step() gives the update of no failure, bitwise."""
+    raises naming the group before the first bucket is stepped, or the prepared gradient
+    is made for the inner optimizer's hooks: nothing changed, and once fixed, the retried
+    step() gives the update of no failure, bitwise."""
     k = 2
     windows = make_windows(2, k, dtype=torch.bfloat16, device=device)
     key = "betas" if isinstance(bad, tuple) else "lr"
@@ -770,6 +772,10 @@ def test_a_group_whose_hyperparameters_cannot_be_read_fails_before_any_update(
         model = make_model(dtype=torch.bfloat16, device=device)
         ps = list(model.parameters())
         inner = OPTIMIZERS[opt_name]([{"params": ps[:2]}, {"params": ps[2:]}])
+        if hook == "pre":
+            inner.register_step_pre_hook(lambda o, args, kwargs: None)
+        elif hook == "post":
+            inner.register_step_post_hook(lambda o, args, kwargs: None)
         opt = wrap(inner, accumulation_steps=k, max_grad_norm=0.5)
         for window in windows:
             for x, y in window:
@@ -887,6 +893,37 @@ def test_inner_hooks_may_save_state_while_the_generic_path_steps_copies(device):
     mse(model(x), y).backward()
     opt.step()
     assert opt.stepped and len(saved) == 1
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
+def test_an_inner_post_hook_sees_the_window_ended_and_may_checkpoint(device, opt_name):
+    """By the time the inner optimizer's post-hooks run, the window is over and counted
+    (opt.stepped, update_count, micro_step 0): a checkpoint a hook takes then resumes on
+    the trajectory of the live run, bitwise (it used to hold the applied gradient as a
+    partial window, applied again on resume)."""
+    k = 2
+    windows = make_windows(3, k, dtype=torch.bfloat16, device=device)
+    model = make_model(dtype=torch.bfloat16, device=device)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    seen, saved = [], []
+
+    def post(o, args, kwargs):
+        seen.append((opt.stepped, opt.update_count, opt.micro_step))
+        if not saved:
+            saved.append((copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())))
+
+    inner.register_step_post_hook(post)
+    opt = wrap(inner, accumulation_steps=k)
+    run_managed(model, opt, windows)
+    assert seen == [(True, 1, 0), (True, 2, 0), (True, 3, 0)]
+    resumed = make_model(dtype=torch.bfloat16, device=device)
+    resumed.load_state_dict(saved[0][1])
+    opt2 = wrap(OPTIMIZERS[opt_name](resumed.parameters()), accumulation_steps=k)
+    opt2.load_state_dict(saved[0][0])
+    run_managed(resumed, opt2, windows[1:])
+    assert opt2.update_count == 3
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
 
 
 # -------------------------------------------------------------- adaptive accumulation

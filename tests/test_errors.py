@@ -221,10 +221,17 @@ def test_wrapping_an_already_wrapped_optimizer_of_half_params_is_refused():
     wrap(torch.optim.AdamW(model.parameters()))  # the model's params: ownership moves
 
 
-def test_params_with_elements_sharing_memory_are_refused():
-    p = torch.nn.Parameter(torch.randn(3, 1).expand(3, 4))
-    with pytest.raises(ValueError, match="sharing memory"):
-        wrap(torch.optim.SGD([p], lr=0.1))
+@pytest.mark.parametrize("case", ["expand", "as_strided", "as_strided beside another"])
+def test_params_with_elements_sharing_memory_are_refused(case):
+    if case == "expand":
+        params = [torch.nn.Parameter(torch.randn(3, 1).expand(3, 4))]
+    else:  # elements 0, 4, 2, 6, 4, 8: the 4 twice (room enough for the pigeonhole check)
+        base = torch.randn(10)
+        params = [torch.nn.Parameter(base.as_strided((3, 2), (2, 4)))]
+        if case.endswith("another"):
+            params.append(torch.nn.Parameter(base[1:2]))  # in its gaps
+    with pytest.raises(ValueError, match=r"index 0, .* has elements sharing memory"):
+        wrap(torch.optim.SGD(params, lr=0.1))
 
 
 def _tied_by_assign():

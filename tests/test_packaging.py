@@ -86,7 +86,12 @@ def test_first_use_build_finds_the_ninja_of_this_environment(tmp_path, monkeypat
     monkeypatch.setattr(sys, "executable", str(bindir / "python"))
     monkeypatch.setenv("PATH", "/usr/bin")
     native._tool_path()
-    assert os.environ["PATH"].split(os.pathsep)[:2] == ["/usr/bin", str(bindir)]
+    path = os.environ["PATH"].split(os.pathsep)
+    assert path[0] == "/usr/bin" and str(bindir) in path
+    monkeypatch.delenv("PATH")  # unset: the default search path stays searched
+    native._tool_path()
+    assert os.environ["PATH"].startswith(os.defpath + os.pathsep)
+    assert str(bindir) in os.environ["PATH"].split(os.pathsep)
 
 
 @pytest.mark.parametrize("var,value,says", [

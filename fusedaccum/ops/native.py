@@ -117,11 +117,12 @@ def _tool_path() -> None:
         folders.append(ninja.BIN_DIR)
     except (ImportError, AttributeError):
         pass
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    for folder in folders:
-        if folder and folder not in path and os.path.isfile(os.path.join(folder, "ninja")):
-            path.append(folder)
-    os.environ["PATH"] = os.pathsep.join(p for p in path if p)
+    current = os.environ.get("PATH")
+    path = (os.defpath if current is None else current).split(os.pathsep)
+    extra = [f for f in folders
+             if f and f not in path and os.path.isfile(os.path.join(f, "ninja"))]
+    if extra:  # (PATH otherwise as it was: unset stays unset)
+        os.environ["PATH"] = os.pathsep.join([*path, *dict.fromkeys(extra)])
 
 
 def _missing_compiler() -> str | None:
