@@ -301,6 +301,9 @@ class FusedAccumulator(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     _in_step = False  # inside a hooked step() (see _with_step_hooks)
     _swapped = False  # the generic path's fp32 copies are in the groups (_generic_update)
+    # data parallel: the global item count (or None) of a window whose gradients are
+    # summed over the ranks already, by a boundary that raised after the exchange
+    _reduced = _MISSING
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, accumulation_steps=1,
                  max_grad_norm=None, norm_type=2.0, loss_scale=None, master_weights=None,
@@ -530,6 +533,7 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _end_window(self, defer_grads: bool = False):
         """The window's per-param marks cleared, and the ``.grad`` views it gave; with
         ``defer_grads`` the tensors whose ``.grad`` to clear are returned instead."""
+        self._reduced = _MISSING
         clear = []
         for b in self._all_buckets():
             n = len(b)
@@ -1233,10 +1237,19 @@ class FusedAccumulator(torch.optim.Optimizer):
         keep_grad = False
         dev = self._device
         denom = num_items if num_items is not None else self._window_k
+        hps = None
         if self._pg is not None:
             buckets = list(self._all_buckets())
-            items = dp.merge_window(buckets, num_items, self._pg, dev, self._window_k)
-            dp.reduce_gradients(buckets, self._pg)
+            if self._reduced is _MISSING:
+                items = dp.merge_window(buckets, num_items, self._pg, dev, self._window_k)
+                if self._kind is not None:  # (a refusal here: before the exchange)
+                    hps = self._fused_prepare()
+                dp.reduce_gradients(buckets, self._pg)
+                # a step() that raises after this (an inner pre-hook) and is retried must
+                # not exchange the window again: it is summed over the ranks already
+                self._reduced = items
+            else:
+                items = self._reduced
             world = torch.distributed.get_world_size(self._pg)
             denom = items if items is not None else self._window_k * world
             if scaler_found_inf is not None:
@@ -1267,7 +1280,8 @@ class FusedAccumulator(torch.optim.Optimizer):
             skipped = bool(found_f.item())
             # hyperparameters read and state buffers made before anything is written: a
             # refusal then leaves the window as it was
-            hps = self._fused_prepare()
+            if hps is None:
+                hps = self._fused_prepare()
             pre = self.inner._optimizer_step_pre_hooks
             keep_grad = not skipped and bool(self.inner._optimizer_step_post_hooks)
             if not skipped and (pre or keep_grad):

@@ -379,3 +379,53 @@ def test_data_parallel_misuse_is_refused_on_every_rank(tmp_path, case, world, ex
         assert opt.micro_step == 0 and opt.update_count == 0
     if case == "state dict on rank 0":
         assert out["sd"]["fusedaccum"]["world_size"] == 2
+
+
+def _retry_worker(rank, world, port, out_dir, shard):
+    """A boundary whose inner pre-hook raises after the gradients were exchanged, then
+    retried: the same update as without the failure, bitwise (the window is not exchanged
+    twice, nor lost under ZeRO-1)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        def train(fail):
+            torch.manual_seed(0)
+            model = _model(torch.float32)
+            inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            failed = []
+
+            def pre(o, args, kwargs):
+                if fail and not failed:
+                    failed.append(True)
+                    raise RuntimeError("a pre-hook failed")
+
+            inner.register_step_pre_hook(pre)
+            opt = fusedaccum.FusedAccumulator(
+                inner, backend=BACKEND, accumulation_steps=K, max_grad_norm=0.5,
+                process_group=dist.group.WORLD, shard_optimizer_state=shard)
+            g = torch.Generator().manual_seed(100 + rank)
+            for _ in range(2 * K):
+                torch.nn.functional.mse_loss(model(torch.randn(MB, 6, generator=g)),
+                                             torch.randn(MB, 3, generator=g)).backward()
+                try:
+                    opt.step()
+                except RuntimeError:
+                    opt.step()  # the retry
+                opt.zero_grad()
+            assert opt.update_count == 2 and failed == ([True] if fail else [])
+            return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+        same = torch.equal(train(False), train(True))
+        if rank == 0:
+            torch.save(same, os.path.join(out_dir, "same.pt"))
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["allreduce", "zero1"])
+def test_a_boundary_retried_after_the_exchange_is_not_exchanged_again(tmp_path, shard):
+    mp.spawn(_retry_worker, args=(2, _free_port(), str(tmp_path), shard), nprocs=2,
+             join=True)
+    assert torch.load(tmp_path / "same.pt")
