@@ -7,6 +7,7 @@ their own slices of the data, and compares the params and optimizer state with a
 single-process run over all the micro-batches.
 """
 
+import contextlib
 import copy
 import os
 import socket
@@ -39,6 +40,20 @@ def _finish() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@contextlib.contextmanager
+def _rank(rank, world, port):
+    """This process as rank ``rank`` of a Gloo group on 127.0.0.1 for the body; then leave
+    together (_finish), or tear the group down and re-raise."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
 
 
 def _free_port() -> int:
@@ -97,9 +112,7 @@ def _train(cfg, model, opt, x, y, world, rank, windows, poison_window=None):
 
 
 def _worker(rank, world, port, cfg, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with _rank(rank, world, port):
         group = dist.group.WORLD
         x, y = _data(world)
         model = _model(cfg["dtype"])
@@ -133,10 +146,6 @@ def _worker(rank, world, port, cfg, out_dir):
                         "memory": opt.optimizer_memory_bytes(),
                         "full": sd, "model": model.state_dict()},
                        os.path.join(out_dir, "result.pt"))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _finish()
 
 
 def _single(cfg, world, windows=WINDOWS, model=None, opt=None, start=0):
@@ -206,9 +215,7 @@ def test_data_parallel_equals_single_process(cfg, tmp_path):
 
 def _refusal_worker(rank, world, port, out_dir, case):
     """Build the wrapper on a model the wrapper must refuse; rank 0 saves the error."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with _rank(rank, world, port):
         model = _model(torch.float32)
         if case == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
@@ -223,10 +230,6 @@ def _refusal_worker(rank, world, port, out_dir, case):
             msg = f"{type(exc).__name__}: {exc}"
         if rank == 0:
             torch.save(msg, os.path.join(out_dir, "msg.pt"))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _finish()
 
 
 def _refusal(tmp_path, case) -> str:
@@ -299,9 +302,7 @@ def test_sharded_checkpoint_resumes_on_another_world_size(cfg, tmp_path):
 def _misuse_worker(rank, world, port, out_dir, case):
     """Data-parallel misuse each rank must refuse with the same clear error (or, for the
     state dict cases, use that must work); rank 0 saves what happened."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with _rank(rank, world, port):
         torch.manual_seed(0)
         model = _model(torch.float32)
         group = dist.group.WORLD
@@ -346,10 +347,6 @@ def _misuse_worker(rank, world, port, out_dir, case):
         # (the non-member case: the last rank is the one refused)
         if rank == (world - 1 if case == "non-member" else 0):
             torch.save(out, os.path.join(out_dir, "out.pt"))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _finish()
 
 
 @pytest.mark.parametrize("case,world,expected", [
@@ -385,9 +382,7 @@ def _retry_worker(rank, world, port, out_dir, shard):
     """A boundary whose inner pre-hook raises after the gradients were exchanged, then
     retried: the same update as without the failure, bitwise (the window is not exchanged
     twice, nor lost under ZeRO-1)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with _rank(rank, world, port):
         def train(fail):
             torch.manual_seed(0)
             model = _model(torch.float32)
@@ -418,10 +413,6 @@ def _retry_worker(rank, world, port, out_dir, shard):
         same = torch.equal(train(False), train(True))
         if rank == 0:
             torch.save(same, os.path.join(out_dir, "same.pt"))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _finish()
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["allreduce", "zero1"])
