@@ -144,8 +144,12 @@ def main(argv=None) -> int:
                     help="extra contenders in the same rounds, comma-separated: "
                     "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>', "
                     "'table=pageable|cached' (how a Triton flush uploads its table: "
-                    "ops/triton.py _TABLE_UPLOAD); of the first backend, or of another one "
-                    "as '<backend>:<variant>'")
+                    "ops/triton.py _TABLE_UPLOAD), 'no-overwrite' (a window's first "
+                    "gradients added to the zeroed accumulators, not written: "
+                    "Bucket.overwrite_first), 'ride'/'no-ride' (the clipping norm rides on "
+                    "the last micro-batch's accumulations, or one norm pass: "
+                    "Bucket.ride_norm); of the first backend, or of another one as "
+                    "'<backend>:<variant>'")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     backends = (args.backends.split(",") if args.backends else
@@ -176,6 +180,14 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
     if variant.startswith("flush="):
         with bench.hook_settings(flush_bytes=int(float(variant[6:]) * (1 << 20))):
             return bench.FusedContender(wl, backend)
+    if variant in ("no-overwrite", "ride", "no-ride"):  # read at each accumulation
+        c = bench.FusedContender(wl, backend)
+        for b in c.opt._all_buckets():
+            if variant == "no-overwrite":
+                b.overwrite_first, b.clean_version = False, -1
+            else:
+                b.ride_norm = variant == "ride"
+        return c
     if variant.startswith("table="):  # read at each flush: set around its windows
         if variant[6:] not in tri._TABLE_MODES:
             raise SystemExit(f"unknown table upload {variant[6:]!r}: one of "
@@ -183,8 +195,8 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         c = bench.FusedContender(wl, backend)
         c.triton_table = variant[6:]
         return c
-    raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB> or "
-                     f"table={'|'.join(tri._TABLE_MODES)}")
+    raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB>, no-overwrite, "
+                     f"ride, no-ride or table={'|'.join(tri._TABLE_MODES)}")
 
 
 def _run(args, dev, backends, clock: Clock) -> None:

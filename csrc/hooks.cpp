@@ -43,7 +43,8 @@ PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_
 
 // Bucket.hook_fields: the positions of fusedaccum/buffers.py's HOOK_FIELDS
 enum Field { RELEASED, IS_PENDING, STATS, EXPOSED, TOUCHED, STEPPED, MAIN_GRADS, PENDING,
-             PENDING_ACCS, PENDING_GRADS, PENDING_BYTES, RIDE_NORM, STATS_VERSION, N_FIELDS };
+             PENDING_ACCS, PENDING_GRADS, PENDING_BYTES, RIDE_NORM, STATS_VERSION,
+             CLEAN_VERSION, N_FIELDS };
 
 // an owned reference
 struct Ref {
@@ -82,6 +83,27 @@ void without_gil(F&& f) {
     throw;
   }
   PyEval_RestoreThread(thread);
+}
+
+// fields[f] as a long long (-1 if it is not an int)
+long long int_field(PyObject* fields, int f) {
+  PyObject* v = PyList_GET_ITEM(fields, f);
+  const long long x = PyLong_CheckExact(v) ? PyLong_AsLongLong(v) : -1;
+  PyErr_Clear();
+  return x;
+}
+
+// fields[f] := now where it was `before` (after one of our own writes to the accumulator:
+// FusedAccumulator's _note_write keeps stats_version and clean_version so)
+void keep_version(PyObject* fields, int f, int64_t before, int64_t now) {
+  const long long v = int_field(fields, f);
+  if (v < 0 || v != before || now == before) return;
+  Ref x(PyLong_FromLongLong(static_cast<long long>(now)));
+  if (x) {
+    PyList_SetItem(fields, f, x.p);  // steals the reference
+    x.p = nullptr;
+  }
+  PyErr_Clear();
 }
 
 // fields[f] if it is a list of at least n items, else null (borrowed)
@@ -241,7 +263,9 @@ struct BatchHook final : PostAccumulateGradHook {
   }
 
   // Direct mode: no statistic may be asked for (the norm rides on the accumulations of a
-  // window's last micro-batch on CPU buckets, and the statistics must not be stale-marked)
+  // window's last micro-batch on CPU buckets, and the statistics must not be stale-marked).
+  // The window's first gradient of the param overwrites its accumulator where the bucket
+  // knows the untouched params' accumulators hold zeros (clean_version, as post_hook).
   bool accumulate(const Variable& param, const at::Tensor& grad, PyObject* owner, PyObject* f,
                   PyObject* view, PyObject* stepped_i, PyObject* touched, PyObject* exposed) {
     PyObject* version = PyList_GET_ITEM(f, STATS_VERSION);
@@ -258,8 +282,13 @@ struct BatchHook final : PostAccumulateGradHook {
                          .findSchemaOrThrow("fusedaccum_native::accumulate_", "")
                          .typed<void(const at::Tensor&, const at::Tensor&, double, bool)>();
     const at::Tensor acc_flat = acc_view.view({-1}), grad_flat = grad.view({-1});
+    // (a view shares its base's version counter)
+    const int64_t before = static_cast<int64_t>(acc_view._version());
+    const bool overwrite = PyList_GET_ITEM(touched, index) == Py_False &&
+                           int_field(f, CLEAN_VERSION) == before;
     Held held(view, stepped_i, touched, exposed);  // what finish() touches
-    without_gil([&] { op.call(acc_flat, grad_flat, 1.0, false); });
+    without_gil([&] { op.call(acc_flat, grad_flat, 1.0, overwrite); });
+    keep_version(f, CLEAN_VERSION, before, static_cast<int64_t>(acc_view._version()));
     finish(param, view, stepped_i, touched, exposed);
     return true;
   }
@@ -343,17 +372,11 @@ struct BatchHook final : PostAccumulateGradHook {
                          .typed<void(at::TensorList, at::TensorList, double)>();
     Held held(view, stepped_i, touched, exposed);  // what finish() touches
     without_gil([&] { op.call(acc_list, grad_list, 1.0); });
-    // _note_write(b, before, made_stats=False): valid statistics stay valid
-    PyObject* v = PyList_GET_ITEM(f, STATS_VERSION);
-    const long long sv = PyLong_CheckExact(v) ? PyLong_AsLongLong(v) : -1;
-    if (sv >= 0 && sv == before) {
-      Ref now(PyLong_FromLongLong(static_cast<long long>(acc._version())));
-      if (now) {
-        PyList_SetItem(f, STATS_VERSION, now.p);
-        now.p = nullptr;
-      }
-    }
-    PyErr_Clear();
+    // _note_write(b, before, made_stats=False): valid statistics stay valid, and so
+    // does the knowledge of zeros
+    const int64_t now = static_cast<int64_t>(acc._version());
+    keep_version(f, STATS_VERSION, before, now);
+    keep_version(f, CLEAN_VERSION, before, now);
     g_flushes.fetch_add(1, std::memory_order_relaxed);
     g_flushed_grads.fetch_add(static_cast<int64_t>(n) + 1, std::memory_order_relaxed);
     finish(param, view, stepped_i, touched, exposed);
@@ -474,10 +497,10 @@ PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   s_acc = PyUnicode_InternFromString("acc");
   PyObject* module = PyModule_Create(&module_def);
   // the field order this build reads, checked against buffers.HOOK_FIELDS on import
-  PyObject* names = Py_BuildValue("(sssssssssssss)", "released", "is_pending", "stats",
+  PyObject* names = Py_BuildValue("(ssssssssssssss)", "released", "is_pending", "stats",
                                   "exposed", "touched", "stepped", "main_grads", "pending",
                                   "pending_accs", "pending_grads", "pending_bytes", "ride_norm",
-                                  "stats_version");
+                                  "stats_version", "clean_version");
   if (module == nullptr || names == nullptr || PyModule_AddObject(module, "HOOK_FIELDS", names)) {
     Py_XDECREF(names);
     Py_XDECREF(module);

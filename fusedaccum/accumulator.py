@@ -48,12 +48,21 @@ def _note_write(b: Bucket, before: int, made_stats: bool) -> None:
     """Keep ``b.stats_version`` right after one of our own writes to ``b.acc`` (whose
     version was ``before``): a write that made statistics keeps them valid unless they
     were stale already; one that made none keeps valid ones valid (it wrote params whose
-    statistics were cleared)."""
+    statistics were cleared). ``b.clean_version`` stays valid too (it wrote touched
+    params)."""
     v = b.stats_version
     if made_stats:
         b.stats_version = b.acc._version if v in (-1, before) else -2
     elif v >= 0 and v == before:
         b.stats_version = b.acc._version
+    if b.clean_version == before:
+        b.clean_version = b.acc._version
+
+
+def _mark_clean(b: Bucket) -> None:
+    """``b``'s accumulators are known to hold zeros outside the touched params (see
+    Bucket.clean_version)."""
+    b.clean_version = b.acc._version if b.overwrite_first and b.is_half else -1
 
 # param -> (weakref to its wrapper, hook handles): a param belongs to one live wrapper
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -522,6 +531,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         with torch.no_grad():
             for b in self._all_buckets():
                 b.acc.zero_()
+                _mark_clean(b)
         self._end_window()
         self.micro_step = 0
         self._window_k = self._next_k()
@@ -530,12 +540,23 @@ class FusedAccumulator(torch.optim.Optimizer):
         """Whether this micro-batch's accumulations should also produce norm statistics."""
         return self._pg is None and self.micro_step + 1 >= self._window_k
 
-    def _end_window(self, defer_grads: bool = False):
+    def _end_window(self, defer_grads: bool = False, zeroed: bool = True):
         """The window's per-param marks cleared, and the ``.grad`` views it gave; with
-        ``defer_grads`` the tensors whose ``.grad`` to clear are returned instead."""
+        ``defer_grads`` the tensors whose ``.grad`` to clear are returned instead.
+        ``zeroed``: the touched params' accumulators hold zeros now (else the caller zeroes
+        them and calls ``_mark_clean``); where something else wrote the buffer in the
+        window, the untouched params' accumulators are zeroed too (the boundary resets
+        the whole window)."""
         self._reduced = _MISSING
         clear = []
         for b in self._all_buckets():
+            if zeroed and b.is_half:
+                if b.acc._version != b.clean_version:
+                    with torch.no_grad():
+                        for i, t in enumerate(b.touched):
+                            if not t:
+                                b.main_grads[i].zero_()
+                _mark_clean(b)
             n = len(b)
             b.stats = [None] * n
             b.batch_stats = []
@@ -743,6 +764,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 group["params"][idx[i]] = b.stepped[i]
                 if b.stepped[i] is not p:
                     _MASTERS[b.stepped[i]] = True
+            _mark_clean(b)  # (the copies went to touched params)
         self._buckets.append(buckets)
 
     @staticmethod
@@ -948,11 +970,14 @@ class FusedAccumulator(torch.optim.Optimizer):
                     g = g.view(-1)
                     norm_type = self.norm_type if ride else None
                     before = b.acc._version
+                    # the window's first gradient of the param overwrites its accumulator
+                    # where the bucket knows it holds zeros (reads 4 bytes/element less)
+                    ow = before == b.clean_version and not b.touched[i]
                     if torch.is_grad_enabled():  # create_graph=True
                         with torch.no_grad():
-                            stat = accumulate_(flat, g, 1.0, norm_type=norm_type)
+                            stat = accumulate_(flat, g, 1.0, overwrite=ow, norm_type=norm_type)
                     else:
-                        stat = accumulate_(flat, g, 1.0, norm_type=norm_type)
+                        stat = accumulate_(flat, g, 1.0, overwrite=ow, norm_type=norm_type)
                     b.stats[i] = stat
                     _note_write(b, before, stat is not None)
                 p.grad = None
@@ -1315,7 +1340,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         # the wrapper, opt.stepped, update_count, micro_step, a state_dict(), is after
         # the update); only .grad still holds the applied gradient, for them.
         self._count_window(skipped)
-        grads = self._end_window(defer_grads=post_hooks is not None)
+        grads = self._end_window(defer_grads=post_hooks is not None, zeroed=not keep_grad)
         try:
             if post_hooks is not None:
                 post_hooks()
@@ -1323,6 +1348,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             if keep_grad:
                 for b in self._all_buckets():
                     b.acc_local.zero_()
+                    _mark_clean(b)
             for t in grads or ():
                 t.grad = None
             # the next window's length, asked at its start: after this update, so that a
@@ -1891,6 +1917,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                     b.view(b.model, i).copy_(master)
             for b in self._all_buckets():
                 b.acc.zero_()
+                _mark_clean(b)
             self._end_window()
             for idx, acc in extra.get("accumulators", {}).items():
                 b, i = index[int(idx)]
@@ -1898,6 +1925,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                     b.main_grads[i].copy_(acc)
                 b.touched[i] = True
                 self._expose_grad(b, i)
+            for b in self._all_buckets():  # (the copies went to touched params)
+                _mark_clean(b)
         self.micro_step = int(extra["micro_step"])
         self.update_count = int(extra["update_count"])
         self.skipped_steps = int(extra["skipped_steps"])

@@ -1842,6 +1842,114 @@ def test_half_params_norm_rides_on_the_last_accumulation(monkeypatch, device, dt
     torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
 
 
+# --- the window's first gradient overwrites (Bucket.clean_version) -------------------------
+
+_NATIVE_WHY = native.unavailable_reason("cpu", torch.device("cpu"))
+
+
+def _first_grad_run(monkeypatch, backend, fast, overwrite_first, dtype=torch.bfloat16, k=2):
+    """A window of k micro-batches, then an accumulator filled behind the wrapper's back
+    (the extension's op bumps no version counter, as none of our own writes through it
+    do), then one backward: what fc1.weight's accumulator holds, and its gradient."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    _ride_above(monkeypatch, 8)  # the weights (24 and 18 elements) are accumulated alone
+    model = make_model(dtype=dtype)
+    opt = accumulator.FusedAccumulator(torch.optim.SGD(model.parameters(), lr=0.1),
+                                       accumulation_steps=k, backend=backend)
+    for b in opt._all_buckets():
+        b.overwrite_first = overwrite_first
+    windows = make_windows(2, k, dtype=dtype)
+    for x, y in windows[0]:
+        mse(model(x), y).backward()
+        opt.step()
+    w = model.fc1.weight
+    stale = torch.full((w.numel(),), 1000.0, dtype=dtype)
+    torch.ops.fusedaccum_native.accumulate_(w.main_grad.view(-1), stale, 1.0, True)
+    x, y = windows[1][0]
+    mse(model(x), y).backward()
+    ref = make_model(dtype=dtype)
+    ref.load_state_dict(model.state_dict())
+    mse(ref(x), y).backward()
+    return w.main_grad.clone(), ref.fc1.weight.grad.float()
+
+
+@pytest.mark.skipif(_NATIVE_WHY is not None, reason=f"C++ extension: {_NATIVE_WHY}")
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
+def test_first_gradient_of_a_window_overwrites_the_accumulator(monkeypatch, backend, fast):
+    """A param's first gradient of a window is written into its accumulator, not added to
+    it (DESIGN.md section 5: it then reads 4 bytes per element less), where the bucket
+    knows that accumulator holds zeros: the value planted behind the wrapper's back is
+    gone. With overwrite_first off it is added, so this test can tell."""
+    got, grad = _first_grad_run(monkeypatch, backend, fast, True)
+    torch.testing.assert_close(got, grad)
+    added, grad = _first_grad_run(monkeypatch, backend, fast, False)
+    torch.testing.assert_close(added, grad + 1000.0)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
+def test_a_write_to_main_grad_in_the_window_is_added_to(monkeypatch, device, fast):
+    """Something else wrote the accumulators (here p.main_grad.add_ before the window's
+    first backward): the wrapper no longer knows they hold zeros, so every gradient of
+    the window is added, as before; and the boundary zeroes the whole buffer, also the
+    accumulator of a param that got no gradient in the window."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    _ride_above(monkeypatch, 8)
+    model = make_model(dtype=torch.bfloat16, device=device)
+    model.fc2.requires_grad_(False)  # fc2 gets no gradient in the first window
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2)
+    (x, y), (x2, y2) = make_windows(1, 2, dtype=torch.bfloat16, device=device)[0]
+    with torch.no_grad():
+        model.fc1.weight.main_grad.add_(1.0)
+        model.fc2.weight.main_grad.add_(1.0)
+    ref = make_model(dtype=torch.bfloat16, device=device)
+    mse(ref(x), y).backward()
+    mse(model(x), y).backward()
+    torch.testing.assert_close(model.fc1.weight.main_grad, ref.fc1.weight.grad.float() + 1.0)
+    opt.step()
+    mse(model(x2), y2).backward()
+    opt.step()
+    assert opt.stepped
+    assert torch.count_nonzero(model.fc2.weight.main_grad) == 0
+    model.fc2.requires_grad_(True)
+    ref = make_model(dtype=torch.bfloat16, device=device)
+    ref.load_state_dict(model.state_dict())
+    mse(ref(x), y).backward()
+    mse(model(x), y).backward()
+    torch.testing.assert_close(model.fc2.weight.main_grad, ref.fc2.weight.grad.float())
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_overwriting_first_gradients_gives_the_same_bits(monkeypatch, device, fast, clip):
+    """Training with the window's first gradients overwritten and with them added gives
+    bitwise the same params, masters and state (batched and direct params, clipping on
+    the ridden norm, a param skipping windows)."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    _ride_above(monkeypatch, 8)
+    runs = []
+    for overwrite in (True, False):
+        model = make_model(dtype=torch.bfloat16, device=device)
+        opt = wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), accumulation_steps=3,
+                   max_grad_norm=clip)
+        for b in opt._all_buckets():
+            b.overwrite_first = overwrite
+        for w, window in enumerate(make_windows(4, 3, dtype=torch.bfloat16, device=device)):
+            model.fc2.weight.requires_grad_(w % 2 == 0)
+            for x, y in window:
+                mse(model(x), y).backward()
+                opt.step()
+        runs.append(([p.detach().clone() for p in model.parameters()],
+                     [m.detach().clone() for m in opt.param_groups[0]["params"]],
+                     opt.state_dict()["state"]))
+    (p1, m1, s1), (p2, m2, s2) = runs
+    for a, b in zip(p1 + m1, p2 + m2):
+        assert torch.equal(a, b)
+    for i in s1:
+        for key in s1[i]:
+            assert torch.equal(torch.as_tensor(s1[i][key]), torch.as_tensor(s2[i][key]))
+
+
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 def test_second_backward_in_the_last_micro_batch_makes_the_batch_statistic_stale(
         monkeypatch, device, norm_type):
