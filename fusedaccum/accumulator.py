@@ -86,6 +86,33 @@ def _caller_stacklevel() -> int:
     return level
 
 
+def _positional(sd: dict) -> dict:
+    """``sd`` with its state keyed by each param's position in the saved groups (0, 1, ...
+    over all groups in order), and those positions as the groups' ``params``.
+
+    torch.optim pairs the ids listed in the saved groups' ``params`` with the optimizer's
+    params in order, and finds each param's state under its id: positions in
+    ``Optimizer.state_dict()``, but any keys elsewhere (names in
+    ``torch.distributed.checkpoint``, the ids of a group taken out of a larger state
+    dict). State under an id no group lists is dropped, as torch never finds it; a key
+    that is the decimal string of a listed integer id (a JSON round trip) finds it."""
+    pos = {}
+    for n, pid in enumerate(pid for g in sd["param_groups"] for pid in g["params"]):
+        pos.setdefault(pid, n)
+    state = {}
+    for key, value in sd.get("state", {}).items():
+        n = pos.get(key)
+        if n is None and isinstance(key, str) and key.isdigit():
+            n = pos.get(int(key))
+        if n is not None:
+            state[n] = value
+    groups, n = [], 0
+    for g in sd["param_groups"]:
+        groups.append(dict(g, params=list(range(n, n + len(g["params"])))))
+        n += len(g["params"])
+    return dict(sd, state=state, param_groups=groups)
+
+
 def _as_float(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -1830,15 +1857,20 @@ class FusedAccumulator(torch.optim.Optimizer):
         for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             post_hook(self)
 
-    def _check_loadable(self, sd: dict, extra) -> None:
+    def _check_loadable(self, sd: dict, extra) -> dict:
         """ValueError (changing nothing) unless ``sd`` fits this wrapper's groups: torch's
         checks of the group sizes, and the shapes of the state the fused path copies into
         its buffers and of the saved masters and partial window (torch checks no shapes;
-        a mismatch would fail half way through the load, or broadcast silently)."""
+        a mismatch would fail half way through the load, or broadcast silently), and the
+        values of the ``"fusedaccum"`` entry that the load reads.
+
+        Returns ``sd`` with its state keyed by position (see ``_positional``)."""
         groups, mine = sd.get("param_groups"), self.inner.param_groups
-        if not isinstance(groups, list | tuple) or not isinstance(sd.get("state", {}), dict):
+        if not isinstance(groups, list | tuple) or not isinstance(sd.get("state", {}), dict) \
+                or not all(isinstance(g, dict) and isinstance(g.get("params"), list | tuple)
+                           for g in groups):
             raise ValueError("not an optimizer state dict: it needs a 'param_groups' list "
-                             "and a 'state' dict")
+                             "(of dicts with a 'params' list) and a 'state' dict")
         if len(groups) != len(mine):
             raise ValueError(f"the state dict has {len(groups)} param groups, the optimizer "
                              f"{len(mine)}")
@@ -1846,6 +1878,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             if len(g["params"]) != len(m["params"]):
                 raise ValueError(f"param group {gi} of the state dict has {len(g['params'])} "
                                  f"params, the optimizer's {len(m['params'])}")
+        sd = _positional(sd)
         index = self._index_map()
         where = {}
         for gi, buckets in enumerate(self._buckets):
@@ -1863,17 +1896,38 @@ class FusedAccumulator(torch.optim.Optimizer):
                 name = self._param_name(mine[gi], gi, pi, b.params[i])
                 raise ValueError(f"{what} has shape {tuple(value.shape)}, but belongs to {name}")
 
-        if self._kind is not None:
-            keys = (*_ADAM_KEYS, "momentum_buffer")
-            for idx, st in sd.get("state", {}).items():
-                if int(idx) in index and isinstance(st, dict):
-                    for key in keys:
-                        check(f"state_dict['state'][{idx!r}][{key!r}]", idx, st.get(key))
+        for idx, st in sd["state"].items():
+            step = st.get("step") if isinstance(st, dict) else None
+            if step is not None and not (isinstance(step, numbers.Real) or (
+                    isinstance(step, torch.Tensor) and step.numel() == 1)):
+                raise ValueError(f"state_dict['state'][{idx!r}]['step'] is {step!r}, not a "
+                                 "number")
+            if self._kind is not None and idx in index and isinstance(st, dict):
+                for key in (*_ADAM_KEYS, "momentum_buffer"):
+                    check(f"state_dict['state'][{idx!r}][{key!r}]", idx, st.get(key))
         if extra is None:
-            return
+            return sd
+        if not isinstance(extra, dict):
+            raise ValueError(f"the state dict's 'fusedaccum' entry is {type(extra).__name__}, "
+                             "not a dict")
         missing = [k for k in ("micro_step", "update_count", "skipped_steps") if k not in extra]
         if missing:
             raise ValueError(f"the state dict's 'fusedaccum' entry lacks {missing}")
+        for key in ("micro_step", "update_count", "skipped_steps", "window_k"):
+            v = extra.get(key, 1)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ValueError(f"the state dict's 'fusedaccum' entry has {key}={v!r}: not "
+                                 "a count")
+        if extra["micro_step"] > 0 and not extra.get("window_k", 0) > extra["micro_step"]:
+            raise ValueError(
+                f"the state dict's 'fusedaccum' entry was taken at micro-batch "
+                f"{extra['micro_step']} of a window, but its window_k is "
+                f"{extra.get('window_k')!r}: the window's length is needed to resume it")
+        scale = extra.get("loss_scale")
+        if scale is not None and self._scaler is not None and not (
+                isinstance(scale, dict) and "scale" in scale and "growth_tracker" in scale):
+            raise ValueError("the state dict's 'fusedaccum' entry has a loss_scale without "
+                             "'scale' and 'growth_tracker'")
         saved_world = extra.get("world_size")
         world = 1 if self._pg is None else torch.distributed.get_world_size(self._pg)
         if int(extra["micro_step"]) > 0 and saved_world is not None and saved_world != world:
@@ -1886,13 +1940,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         for part in ("masters", "accumulators"):
             for idx, value in extra.get(part, {}).items():
                 check(f"state_dict['fusedaccum'][{part!r}][{idx!r}]", idx, value)
+        return sd
 
     def _load_state_dict(self, state_dict: dict) -> None:
         self._sync_groups()
         self._check_buckets()
         sd = dict(state_dict)
         extra = sd.pop("fusedaccum", None)
-        self._check_loadable(sd, extra)
+        sd = self._check_loadable(sd, extra)
         self._drop_pending()
         if self._kind is not None:
             # torch would cast the state to the stepped tensors' dtype (half, without

@@ -16,6 +16,7 @@ import torch
 from _models import (
     ALL_DTYPES,
     INF,
+    OPTIMIZERS,
     RESUME_TOL,
     ChannelsLast,
     TinyMLP,
@@ -357,7 +358,7 @@ def test_cpu_mapped_checkpoint_loads_onto_cuda_params(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bad", ["other model", "master shape", "window shape", "no counters",
-                                 "group sizes"])
+                                 "group sizes", "no window length", "step not a number"])
 def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, dtype, bad):
     """Everything is checked before anything is loaded: the error names what does not fit,
     and the wrapper (hyperparameters, state, masters, window, counters) is as before."""
@@ -388,6 +389,14 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, d
         other = copy.deepcopy(sd)
         del other["fusedaccum"]["update_count"]
         match = "lacks"
+    elif bad == "no window length":  # saved mid-window: its length is needed
+        other = copy.deepcopy(sd)
+        del other["fusedaccum"]["window_k"]
+        match = "window's length"
+    elif bad == "step not a number":
+        other = copy.deepcopy(sd)
+        other["state"][1]["step"] = "3"
+        match = r"\['step'\] is '3', not a number"
     else:
         other = copy.deepcopy(sd)
         other["param_groups"][0]["params"] = other["param_groups"][0]["params"][:-1]
@@ -403,6 +412,63 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, d
         assert all(torch.equal(got[i], want[i]) for i in want)
     assert {k: v for k, v in after["fusedaccum"].items() if k not in ("masters", "accumulators")} \
         == {k: v for k, v in sd["fusedaccum"].items() if k not in ("masters", "accumulators")}
+
+
+def test_a_malformed_loss_scale_entry_is_refused_and_changes_nothing(device):
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=1, loss_scale="dynamic")
+    run_managed(model, opt, make_windows(1, 1, device=device))
+    sd = opt.state_dict()
+    other = copy.deepcopy(sd)
+    del other["fusedaccum"]["loss_scale"]["growth_tracker"]
+    other["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(ValueError, match="loss_scale without"):
+        opt.load_state_dict(other)
+    assert opt.param_groups[0]["lr"] == sd["param_groups"][0]["lr"]
+
+
+def _renamed(sd, ids):
+    """``sd`` with its params' ids replaced by ``ids`` (in group order), as state dicts
+    other than Optimizer.state_dict()'s key them."""
+    out = copy.deepcopy(sd)
+    flat = [pid for g in out["param_groups"] for pid in g["params"]]
+    new = dict(zip(flat, ids))
+    for g in out["param_groups"]:
+        g["params"] = [new[pid] for pid in g["params"]]
+    out["state"] = {new[pid]: st for pid, st in out["state"].items()}
+    return out
+
+
+@pytest.mark.parametrize("ids", ["offset", "reversed", "names"])
+@pytest.mark.parametrize("opt_name,dtype", [("adamw", torch.float32), ("rmsprop", torch.bfloat16)],
+                         ids=["fused", "generic_half_no_masters"])
+def test_saved_param_ids_are_paired_with_the_params_as_torch_pairs_them(device, ids, opt_name,
+                                                                        dtype):
+    """torch.optim finds each param's state under the id its saved group lists in that
+    param's place: positions in Optimizer.state_dict(), names in
+    torch.distributed.checkpoint, other numbers in a group taken out of a larger state
+    dict. The wrapper loads such a state dict as a plain optimizer does (here the state of
+    the same params under those ids, loaded into both)."""
+    make = OPTIMIZERS[opt_name]
+    windows = make_windows(3, 2, device=device)
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, make, windows[:2])
+    n = len(list(ref.parameters()))
+    new_ids = {"offset": [i + 10 for i in range(n)], "reversed": list(range(n))[::-1],
+               "names": [name for name, _ in ref.named_parameters()]}[ids]
+    sd = _renamed(ref_opt.state_dict(), new_ids)
+
+    plain = make_model(seed=3, device=device)
+    plain.load_state_dict(ref.state_dict())
+    plain_opt = make(plain.parameters())
+    plain_opt.load_state_dict(copy.deepcopy(sd))
+    model = make_model(seed=3, device=device, dtype=dtype)
+    model.load_state_dict(ref.state_dict())
+    opt = wrap(make(model.parameters()), accumulation_steps=2, master_weights=False)
+    opt.load_state_dict(sd)
+    assert_states_close(opt, plain_opt, check_dtype=False, rtol=0, atol=0)
+    assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items()
+               if k != "step" and isinstance(v, torch.Tensor))
 
 
 def _loaded(dtype, device, sd, k):
