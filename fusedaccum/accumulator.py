@@ -264,6 +264,37 @@ def _check_k(k, what: str) -> int:
     return int(k)
 
 
+# func -> func run through torch.compiler.disable, for the wrapper's methods that Dynamo
+# must not trace (_never_traced); made when the first wrapper is built (Dynamo's import
+# takes a second, and building a wrapper imports it anyway: see _eager_when_traced)
+_NEVER_TRACED: dict = {}
+
+
+def _never_traced(func):
+    """``func`` (a method that changes the wrapper's counters or windows), run eagerly
+    when Dynamo traces a call to it (``torch.compile(opt.step)``, a compiled train step
+    calling ``opt.step()``): a graph break, as at the wrapper's hooks. Traced, torch 2.13
+    dropped the writes to the wrapper's attributes that a graph break followed (it does
+    so on any torch.optim.Optimizer): micro_step and update_count never moved, and every
+    step() after the first boundary applied one micro-batch's gradient."""
+    _NEVER_TRACED[func] = None
+    is_compiling = torch.compiler.is_compiling
+
+    @functools.wraps(func)
+    def method(*args, **kwargs):
+        if is_compiling():
+            return _NEVER_TRACED[func](*args, **kwargs)
+        return func(*args, **kwargs)
+
+    return method
+
+
+def _make_never_traced() -> None:
+    for func, eager in list(_NEVER_TRACED.items()):
+        if eager is None:
+            _NEVER_TRACED[func] = torch.compiler.disable(func)
+
+
 def _with_step_hooks(func):
     """``func`` (a ``step``) wrapped as torch.optim.Optimizer.profile_hook_step wraps it.
 
@@ -285,6 +316,7 @@ def _with_step_hooks(func):
                 return _run_step(func, self, args, kwargs)
         return _run_step(func, self, args, kwargs)
 
+    step = _never_traced(step)
     step.hooked = True  # Optimizer._patch_step_function must not wrap it again
     return step
 
@@ -552,6 +584,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         for buckets in self._buckets:
             yield from buckets
 
+    @_never_traced
     def reset_accumulation(self) -> None:
         """Drop the partial window: accumulators zeroed, micro_step back to 0."""
         self._drop_pending()
@@ -606,6 +639,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             t.grad = None
         return None
 
+    @_never_traced
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad``; the accumulated window is never dropped (either way).
 
@@ -1064,6 +1098,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             b.pending, b.pending_accs, b.pending_grads, b.pending_bytes = [], [], [], 0
             b.is_pending = [False] * len(b)
 
+    @_never_traced
     def add_param_group(self, param_group: dict) -> None:
         self._sync_groups()
         if not isinstance(param_group, dict):
@@ -1088,6 +1123,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         cls = self.__class__
         if not getattr(cls.step, "hooked", None):
             cls.step = _with_step_hooks(cls.step)
+        _make_never_traced()
 
     @_with_step_hooks
     def step(self, closure=None, *, num_items=None):
@@ -1730,6 +1766,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             base += len(group["params"])
         return out
 
+    @_never_traced
     def state_dict(self) -> dict:
         """The inner optimizer's format (fp32 state) plus a ``"fusedaccum"`` entry.
 
@@ -1842,6 +1879,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                         state[idx] = st
         return {"state": state, "param_groups": groups}, masters
 
+    @_never_traced
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this wrapper, or a plain inner-optimizer state dict.
 

@@ -9,6 +9,7 @@ groups, frozen/unused/zero-size/non-contiguous params and ownership.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -607,6 +608,52 @@ def test_compiled_autograd_with_zero_grad_every_micro_batch(device, dtype):
             loss.backward()
 
     _train_compiled(dtype, device, backward)
+
+
+def _run_step_compiled(what, device, compiled):
+    """Two windows of 3 (and a dropped partial one) with opt.step(), a train step calling
+    it, or reset_accumulation compiled (Dynamo only: backend "eager"), or all eager."""
+    model = make_model(device=device)
+    opt = wrap(OPTIMIZERS["adamw"](model.parameters()), accumulation_steps=3)
+    compile_ = functools.partial(torch.compile, backend="eager") if compiled else (lambda f: f)
+    step, reset = opt.step, opt.reset_accumulation
+    if what == "step":
+        step = compile_(opt.step)
+    elif what == "reset_accumulation":
+        reset = compile_(opt.reset_accumulation)
+
+    def train_step(x, y):
+        mse(model(x), y).backward()
+        step()
+        opt.zero_grad()
+
+    if what == "train_step":
+        train_step = compile_(train_step)
+    windows = make_windows(3, 3, device=device)
+    torch._dynamo.reset()
+    try:
+        for x, y in windows[0] + windows[1][:1]:
+            train_step(x, y)
+        reset()
+        for x, y in windows[2]:
+            train_step(x, y)
+    finally:
+        torch._dynamo.reset()
+    return [p.detach().clone() for p in model.parameters()], opt.update_count, opt.micro_step
+
+
+@pytest.mark.parametrize("what", ["step", "train_step", "reset_accumulation"])
+def test_compiled_step_counts_micro_batches_as_eager(device, what):
+    """torch.compile(opt.step), a compiled train step calling opt.step(), or a compiled
+    reset_accumulation: Dynamo dropped the writes to the wrapper's counters (it drops
+    attribute writes on any torch.optim.Optimizer that a graph break follows), so every
+    step() after the first boundary applied one micro-batch. They run eagerly now (a
+    graph break), with the same numbers as without compiling."""
+    got = _run_step_compiled(what, device, True)
+    want = _run_step_compiled(what, device, False)
+    assert got[1:] == want[1:] == (2, 0)
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
 
 
 class _TwoPoints(torch.optim.SGD):
