@@ -460,6 +460,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         # the autograd graph task (backward) whose end flushes the batches, or None: a
         # backward that raised never runs its callbacks, and the next one queues again
         self._flush_queued = None
+        # fp32 params in the window whose .grad zero_grad() cleared: the end of the next
+        # backward shows it again (_end_of_backward)
+        self._hidden = False
         # the state dict, and its size, _record_fused_steps last made or checked entries in
         self._recorded_in, self._recorded_len = None, -1
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
@@ -608,6 +611,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         window, the untouched params' accumulators are zeroed too (the boundary resets
         the whole window)."""
         self._reduced = _MISSING
+        self._hidden = False
         clear = []
         for b in self._all_buckets():
             if zeroed and b.is_half:
@@ -646,7 +650,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         The fp32 masters of half params keep their ``.grad`` view of the window (DESIGN.md
         section 2: it views the accumulator while the window holds a gradient); the
         boundary clears it. fp32 params are the stepped tensors themselves: their
-        ``p.grad`` (the view) is cleared, and the next backward restores it.
+        ``p.grad`` (the view) is cleared, and the end of the next backward restores it
+        (also where that backward gave the param no gradient: _end_of_backward).
         """
         self._sync_groups()
         # Host time (every micro-batch, every param): reading p.grad costs as much as
@@ -672,6 +677,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 for p in b.params:
                     p.grad = None
             b.exposed[:] = [False] * len(b)
+            if not b.is_half and any(b.touched):
+                self._hidden = True  # (see _end_of_backward)
 
     # -- params, buckets and hooks -------------------------------------------------
     def _param_name(self, group: dict, gi: int, pi: int, p: torch.Tensor) -> str:
@@ -1024,7 +1031,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                     task = graph_task_id()
                     if self._flush_queued != task:
                         self._flush_queued = task
-                        queue_callback(self._flush_all)
+                        queue_callback(self._end_of_backward)
                 else:
                     # in a window's last micro-batch the norm rides on the accumulation
                     ride = b.ride_norm and self._ride_norm()
@@ -1056,6 +1063,11 @@ class FusedAccumulator(torch.optim.Optimizer):
             if not b.exposed[i]:  # first grad of the window, or since zero_grad()
                 b.touched[i] = True
                 self._expose_grad(b, i)
+            if self._hidden and not b.is_half and not traced:
+                task = graph_task_id()
+                if self._flush_queued != task:
+                    self._flush_queued = task
+                    queue_callback(self._end_of_backward)
 
         return _eager_when_traced(post_hook_body, traced=True)
 
@@ -1090,6 +1102,21 @@ class FusedAccumulator(torch.optim.Optimizer):
         for b in self._all_buckets():
             if b.pending:
                 self._flush(b)
+
+    def _end_of_backward(self) -> None:
+        """Queued by the hooks at the end of a backward: the batches flushed, and every
+        fp32 param of the window whose ``.grad`` zero_grad() cleared and this backward did
+        not restore gets it back (the window's view), so that what reads ``p.grad``
+        between backward and step (GradScaler.unscale_, clip_grad_norm_) acts on the whole
+        window (DESIGN.md section 2), also for a param this backward gave no gradient."""
+        self._flush_all()
+        if self._hidden:
+            self._hidden = False
+            for b in self._all_buckets():
+                if not b.is_half:
+                    for i, (t, e, r) in enumerate(zip(b.touched, b.exposed, b.released)):
+                        if t and not e and not r:
+                            self._expose_grad(b, i)
 
     def _drop_pending(self) -> None:
         """Forget the waiting gradients (the window they belong to is being dropped)."""
@@ -1821,6 +1848,11 @@ class FusedAccumulator(torch.optim.Optimizer):
             "loss_scale": None if self._scaler is None else self._scaler.state_dict(),
             "masters": masters,
             "accumulators": accumulators,
+            # window params whose stepped tensor's .grad view was cleared (zero_grad()
+            # after the micro-batch: fp32 params): a resume leaves it cleared as well, so
+            # that model.zero_grad(set_to_none=False) then drops nothing, as without stopping
+            "cleared_grads": sorted(idx for idx in accumulators
+                                    if not index[idx][0].exposed[index[idx][1]]),
         }
         return sd
 
@@ -1961,6 +1993,11 @@ class FusedAccumulator(torch.optim.Optimizer):
                 f"the state dict's 'fusedaccum' entry was taken at micro-batch "
                 f"{extra['micro_step']} of a window, but its window_k is "
                 f"{extra.get('window_k')!r}: the window's length is needed to resume it")
+        cleared = extra.get("cleared_grads", [])
+        if not isinstance(cleared, list | tuple) or not all(
+                isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in cleared):
+            raise ValueError(f"the state dict's 'fusedaccum' entry has cleared_grads="
+                             f"{cleared!r}: not a list of param indices")
         scale = extra.get("loss_scale")
         if scale is not None and self._scaler is not None and not (
                 isinstance(scale, dict) and "scale" in scale and "growth_tracker" in scale):
@@ -2012,12 +2049,14 @@ class FusedAccumulator(torch.optim.Optimizer):
                 b.acc.zero_()
                 _mark_clean(b)
             self._end_window()
+            cleared = {int(idx) for idx in extra.get("cleared_grads", ())}
             for idx, acc in extra.get("accumulators", {}).items():
                 b, i = index[int(idx)]
                 if keep_window:
                     b.main_grads[i].copy_(acc)
                 b.touched[i] = True
-                self._expose_grad(b, i)
+                if int(idx) not in cleared:
+                    self._expose_grad(b, i)
             for b in self._all_buckets():  # (the copies went to touched params)
                 _mark_clean(b)
         self.micro_step = int(extra["micro_step"])

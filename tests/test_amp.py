@@ -255,6 +255,37 @@ def test_gradscaler_fp32_params_documented_accumulation_pattern(device, unscale_
     assert_states_close(opt, ref_opt)
 
 
+def test_gradscaler_sees_the_window_of_a_param_zero_grad_cleared(device):
+    """The wrapper keeps the window through zero_grad(), so a loop may call it every
+    micro-batch; an fp32 param that got its gradient before that zero_grad() only gets its
+    .grad (the window's view) back at the end of the next backward, so that unscale_ and
+    clip_grad_norm_ act on the whole window. Before, unscale_ skipped it (its .grad was
+    None), and its update used the gradient times the loss scale."""
+    k = 2
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(adamw(model.parameters()))  # accumulation_steps=1
+    ref_opt = adamw(ref.parameters())
+    scaler, ref_scaler = torch.amp.GradScaler(device), torch.amp.GradScaler(device)
+    for window in make_windows(3, k, device=device):
+        for i, (x, y) in enumerate(window):
+            for m, s in ((model, scaler), (ref, ref_scaler)):
+                m.fc2.requires_grad_(i == 0)  # fc2 only in the window's first micro-batch
+                s.scale(mse(m(x), y) / k).backward()
+            if i < k - 1:  # between micro-batches: the window stays (ref keeps p.grad)
+                opt.zero_grad()
+        for p in model.parameters():
+            assert p.grad is not None
+        for m, o, s in ((model, opt, scaler), (ref, ref_opt, ref_scaler)):
+            s.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            s.step(o)
+            s.update()
+            o.zero_grad()
+        assert opt.stepped
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("unscale", [False, True], ids=["plain", "unscale"])
 def test_gradscaler_half_params(device, dtype, unscale):

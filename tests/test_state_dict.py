@@ -414,6 +414,40 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, d
         == {k: v for k, v in sd["fusedaccum"].items() if k not in ("masters", "accumulators")}
 
 
+@pytest.mark.parametrize("zero_grad", [True, False], ids=["zero_grad", "no_zero_grad"])
+def test_resume_mid_window_keeps_which_grads_zero_grad_cleared(device, zero_grad):
+    """fp32 params: after zero_grad() mid-window p.grad is None (the window stays); a
+    resume from a state dict taken there leaves it None too (it used to give the window's
+    view back), so that model.zero_grad(set_to_none=False), a no-op then, drops nothing;
+    without zero_grad() the view is back, as it was."""
+    def run(resume):
+        model = make_model(device=device)
+        opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+        (x, y), (x2, y2) = make_windows(1, 2, device=device)[0]
+        mse(model(x), y).backward()
+        opt.step()
+        if zero_grad:
+            opt.zero_grad()
+        if resume:
+            sd = copy.deepcopy(opt.state_dict())
+            msd = copy.deepcopy(model.state_dict())
+            model = make_model(seed=4, device=device)
+            model.load_state_dict(msd)
+            opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+            opt.load_state_dict(sd)
+        grads = [p.grad is None for p in model.parameters()]
+        model.zero_grad(set_to_none=False)
+        mse(model(x2), y2).backward()
+        opt.step()
+        assert opt.stepped
+        return grads, [p.detach().clone() for p in model.parameters()]
+
+    (grads, want), (got_grads, got) = run(False), run(True)
+    assert got_grads == grads == [zero_grad] * len(grads)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_a_malformed_loss_scale_entry_is_refused_and_changes_nothing(device):
     model = make_model(device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=1, loss_scale="dynamic")
