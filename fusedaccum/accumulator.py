@@ -460,9 +460,6 @@ class FusedAccumulator(torch.optim.Optimizer):
         # the autograd graph task (backward) whose end flushes the batches, or None: a
         # backward that raised never runs its callbacks, and the next one queues again
         self._flush_queued = None
-        # fp32 params in the window whose .grad zero_grad() cleared: the end of the next
-        # backward shows it again (_end_of_backward)
-        self._hidden = False
         # the state dict, and its size, _record_fused_steps last made or checked entries in
         self._recorded_in, self._recorded_len = None, -1
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
@@ -611,7 +608,6 @@ class FusedAccumulator(torch.optim.Optimizer):
         window, the untouched params' accumulators are zeroed too (the boundary resets
         the whole window)."""
         self._reduced = _MISSING
-        self._hidden = False
         clear = []
         for b in self._all_buckets():
             if zeroed and b.is_half:
@@ -677,8 +673,6 @@ class FusedAccumulator(torch.optim.Optimizer):
                 for p in b.params:
                     p.grad = None
             b.exposed[:] = [False] * len(b)
-            if not b.is_half and any(b.touched):
-                self._hidden = True  # (see _end_of_backward)
 
     # -- params, buckets and hooks -------------------------------------------------
     def _param_name(self, group: dict, gi: int, pi: int, p: torch.Tensor) -> str:
@@ -1063,7 +1057,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             if not b.exposed[i]:  # first grad of the window, or since zero_grad()
                 b.touched[i] = True
                 self._expose_grad(b, i)
-            if self._hidden and not b.is_half and not traced:
+            if not b.is_half and not traced:  # (see _end_of_backward)
                 task = graph_task_id()
                 if self._flush_queued != task:
                     self._flush_queued = task
@@ -1105,18 +1099,19 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def _end_of_backward(self) -> None:
         """Queued by the hooks at the end of a backward: the batches flushed, and every
-        fp32 param of the window whose ``.grad`` zero_grad() cleared and this backward did
-        not restore gets it back (the window's view), so that what reads ``p.grad``
-        between backward and step (GradScaler.unscale_, clip_grad_norm_) acts on the whole
-        window (DESIGN.md section 2), also for a param this backward gave no gradient."""
+        fp32 param of the window whose ``.grad`` a zero_grad() (the wrapper's or the
+        model's) cleared, and this backward did not restore, gets it back (the window's
+        view), so that what reads ``p.grad`` between backward and step
+        (GradScaler.unscale_, clip_grad_norm_) acts on the whole window (DESIGN.md
+        section 2), also for a param this backward gave no gradient. (Host time: one
+        .grad read per fp32 param of the window per backward.)"""
         self._flush_all()
-        if self._hidden:
-            self._hidden = False
-            for b in self._all_buckets():
-                if not b.is_half:
-                    for i, (t, e, r) in enumerate(zip(b.touched, b.exposed, b.released)):
-                        if t and not e and not r:
-                            self._expose_grad(b, i)
+        for b in self._all_buckets():
+            if not b.is_half:
+                stepped = b.stepped
+                for i, (t, r) in enumerate(zip(b.touched, b.released)):
+                    if t and not r and stepped[i].grad is None:
+                        self._expose_grad(b, i)
 
     def _drop_pending(self) -> None:
         """Forget the waiting gradients (the window they belong to is being dropped)."""
@@ -1202,6 +1197,18 @@ class FusedAccumulator(torch.optim.Optimizer):
             return loss
         grad_scale = self.__dict__.get("grad_scale") if scaler_attrs else None
         found_inf = self.__dict__.get("found_inf") if scaler_attrs else None
+        if scaler_attrs and not isinstance(found_inf, torch.Tensor):
+            # GradScaler recorded no inf check: no stepped tensor had a .grad when it
+            # looked (sum([]) == 0). Without unscale_ the scale is still handed over and
+            # the boundary checks the window itself; after it, the window is still scaled
+            if grad_scale is None and any(any(b.touched) for b in self._all_buckets()):
+                self.__dict__.pop("found_inf", None)
+                raise RuntimeError(
+                    "torch.amp.GradScaler.unscale_() saw no gradient of this optimizer (no "
+                    "stepped tensor had a .grad: a zero_grad() after the last backward?), so "
+                    "the window it hands over is still scaled; nothing was changed. Call "
+                    "zero_grad() after scaler.step(opt), as in torch's accumulation pattern")
+            found_inf = torch.zeros((), dtype=torch.float32, device=self._device)
         self._boundary(num_items, grad_scale, found_inf)
         return loss
 

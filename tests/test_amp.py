@@ -255,7 +255,8 @@ def test_gradscaler_fp32_params_documented_accumulation_pattern(device, unscale_
     assert_states_close(opt, ref_opt)
 
 
-def test_gradscaler_sees_the_window_of_a_param_zero_grad_cleared(device):
+@pytest.mark.parametrize("clear", ["opt", "model"])
+def test_gradscaler_sees_the_window_of_a_param_zero_grad_cleared(device, clear):
     """The wrapper keeps the window through zero_grad(), so a loop may call it every
     micro-batch; an fp32 param that got its gradient before that zero_grad() only gets its
     .grad (the window's view) back at the end of the next backward, so that unscale_ and
@@ -272,7 +273,7 @@ def test_gradscaler_sees_the_window_of_a_param_zero_grad_cleared(device):
                 m.fc2.requires_grad_(i == 0)  # fc2 only in the window's first micro-batch
                 s.scale(mse(m(x), y) / k).backward()
             if i < k - 1:  # between micro-batches: the window stays (ref keeps p.grad)
-                opt.zero_grad()
+                (opt if clear == "opt" else model).zero_grad()
         for p in model.parameters():
             assert p.grad is not None
         for m, o, s in ((model, opt, scaler), (ref, ref_opt, ref_scaler)):
@@ -284,6 +285,33 @@ def test_gradscaler_sees_the_window_of_a_param_zero_grad_cleared(device):
         assert opt.stepped
     assert_params_close(model, ref)
     assert_states_close(opt, ref_opt)
+
+
+def test_gradscaler_after_zero_grad_past_the_last_backward(device):
+    """zero_grad() between the last backward and scaler.step(): GradScaler saw no .grad
+    (it hands over found_inf = 0, a plain int). Without unscale_ the wrapper still gets
+    the scale and steps the window it kept; after unscale_ the window is still scaled:
+    refused with an error saying so, and nothing changed."""
+    for unscale in (False, True):
+        model, ref = make_model(device=device), make_model(device=device)
+        opt, ref_opt = wrap(adamw(model.parameters())), adamw(ref.parameters())
+        scaler = torch.amp.GradScaler(device)
+        (x, y), = make_batches(1, device=device)
+        scaler.scale(mse(model(x), y)).backward()
+        mse(ref(x), y).backward()
+        opt.zero_grad()
+        if unscale:
+            scaler.unscale_(opt)
+            snap = snapshot(model, opt)
+            with pytest.raises(RuntimeError, match="saw no gradient"):
+                scaler.step(opt)
+            assert_unchanged(snap, model, opt)
+            assert opt.update_count == 0
+        else:
+            scaler.step(opt)
+            ref_opt.step()
+            assert opt.stepped
+            assert_params_close(model, ref)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
