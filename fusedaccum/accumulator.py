@@ -86,31 +86,44 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def _positional(sd: dict) -> dict:
+def _positional(sd: dict, extra: dict | None) -> tuple[dict, dict | None]:
     """``sd`` with its state keyed by each param's position in the saved groups (0, 1, ...
-    over all groups in order), and those positions as the groups' ``params``.
+    over all groups in order), and those positions as the groups' ``params``; the
+    ``"fusedaccum"`` entry ``extra`` with its per-param parts keyed the same way.
 
     torch.optim pairs the ids listed in the saved groups' ``params`` with the optimizer's
-    params in order, and finds each param's state under its id: positions in
-    ``Optimizer.state_dict()``, but any keys elsewhere (names in
-    ``torch.distributed.checkpoint``, the ids of a group taken out of a larger state
-    dict). State under an id no group lists is dropped, as torch never finds it; a key
-    that is the decimal string of a listed integer id (a JSON round trip) finds it."""
-    pos = {}
-    for n, pid in enumerate(pid for g in sd["param_groups"] for pid in g["params"]):
-        pos.setdefault(pid, n)
-    state = {}
-    for key, value in sd.get("state", {}).items():
+    params in order (where an id is listed twice, the last place wins), and finds each
+    param's state under its id: positions in ``Optimizer.state_dict()``, but any keys
+    elsewhere (names in ``torch.distributed.checkpoint``, the ids of a group taken out of
+    a larger state dict, ids a load pre-hook relabelled). The entry's masters, partial
+    window and cleared grads are keyed by the same ids. State under an id no group lists
+    is dropped, as torch never finds it; a key that is the decimal string of a listed
+    integer id (a JSON round trip) finds it."""
+    pos = {pid: n for n, pid in enumerate(pid for g in sd["param_groups"] for pid in g["params"])}
+
+    def where(key):
         n = pos.get(key)
         if n is None and isinstance(key, str) and key.isdigit():
             n = pos.get(int(key))
-        if n is not None:
-            state[n] = value
+        return n
+
+    def keyed(mapping: dict) -> dict:
+        return {where(k): v for k, v in mapping.items() if where(k) is not None}
+
     groups, n = [], 0
     for g in sd["param_groups"]:
         groups.append(dict(g, params=list(range(n, n + len(g["params"])))))
         n += len(g["params"])
-    return dict(sd, state=state, param_groups=groups)
+    sd = dict(sd, state=keyed(sd.get("state", {})), param_groups=groups)
+    if extra is not None:
+        extra = dict(extra)
+        for part in ("masters", "accumulators"):
+            if isinstance(extra.get(part), dict):
+                extra[part] = keyed(extra[part])
+        if isinstance(extra.get("cleared_grads"), list | tuple):
+            extra["cleared_grads"] = [where(k) for k in extra["cleared_grads"]
+                                      if where(k) is not None]
+    return sd, extra
 
 
 def _as_float(x) -> float:
@@ -271,20 +284,21 @@ _NEVER_TRACED: dict = {}
 
 
 def _never_traced(func):
-    """``func`` (a method that changes the wrapper's counters or windows), run eagerly
-    when Dynamo traces a call to it (``torch.compile(opt.step)``, a compiled train step
-    calling ``opt.step()``): a graph break, as at the wrapper's hooks. Traced, torch 2.13
+    """``func`` (a method that changes the wrapper's counters or windows), always run
+    through torch.compiler.disable, as torch.optim's own state_dict() is: where Dynamo
+    traces a call to it (``torch.compile(opt.step)``, a compiled train step calling
+    ``opt.step()``) that is a graph break, as at the wrapper's hooks. Traced, torch 2.13
     dropped the writes to the wrapper's attributes that a graph break followed (it does
     so on any torch.optim.Optimizer): micro_step and update_count never moved, and every
-    step() after the first boundary applied one micro-batch's gradient."""
+    step() after the first boundary applied one micro-batch's gradient. (Checking
+    torch.compiler.is_compiling() instead was not enough: after the graph break Dynamo
+    runs this frame with its callback on, is_compiling() is False there, and it traced
+    ``func``.) Host time: about 0.5 us per call."""
     _NEVER_TRACED[func] = None
-    is_compiling = torch.compiler.is_compiling
 
     @functools.wraps(func)
     def method(*args, **kwargs):
-        if is_compiling():
-            return _NEVER_TRACED[func](*args, **kwargs)
-        return func(*args, **kwargs)
+        return _NEVER_TRACED[func](*args, **kwargs)
 
     return method
 
@@ -1934,14 +1948,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             post_hook(self)
 
-    def _check_loadable(self, sd: dict, extra) -> dict:
+    def _check_loadable(self, sd: dict, extra) -> tuple[dict, dict | None]:
         """ValueError (changing nothing) unless ``sd`` fits this wrapper's groups: torch's
         checks of the group sizes, and the shapes of the state the fused path copies into
         its buffers and of the saved masters and partial window (torch checks no shapes;
         a mismatch would fail half way through the load, or broadcast silently), and the
         values of the ``"fusedaccum"`` entry that the load reads.
 
-        Returns ``sd`` with its state keyed by position (see ``_positional``)."""
+        Returns ``sd`` and ``extra`` keyed by position (see ``_positional``)."""
         groups, mine = sd.get("param_groups"), self.inner.param_groups
         if not isinstance(groups, list | tuple) or not isinstance(sd.get("state", {}), dict) \
                 or not all(isinstance(g, dict) and isinstance(g.get("params"), list | tuple)
@@ -1955,7 +1969,10 @@ class FusedAccumulator(torch.optim.Optimizer):
             if len(g["params"]) != len(m["params"]):
                 raise ValueError(f"param group {gi} of the state dict has {len(g['params'])} "
                                  f"params, the optimizer's {len(m['params'])}")
-        sd = _positional(sd)
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"the state dict's 'fusedaccum' entry is {type(extra).__name__}, "
+                             "not a dict")
+        sd, extra = _positional(sd, extra)
         index = self._index_map()
         where = {}
         for gi, buckets in enumerate(self._buckets):
@@ -1983,10 +2000,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 for key in (*_ADAM_KEYS, "momentum_buffer"):
                     check(f"state_dict['state'][{idx!r}][{key!r}]", idx, st.get(key))
         if extra is None:
-            return sd
-        if not isinstance(extra, dict):
-            raise ValueError(f"the state dict's 'fusedaccum' entry is {type(extra).__name__}, "
-                             "not a dict")
+            return sd, extra
         missing = [k for k in ("micro_step", "update_count", "skipped_steps") if k not in extra]
         if missing:
             raise ValueError(f"the state dict's 'fusedaccum' entry lacks {missing}")
@@ -2022,14 +2036,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         for part in ("masters", "accumulators"):
             for idx, value in extra.get(part, {}).items():
                 check(f"state_dict['fusedaccum'][{part!r}][{idx!r}]", idx, value)
-        return sd
+        return sd, extra
 
     def _load_state_dict(self, state_dict: dict) -> None:
         self._sync_groups()
         self._check_buckets()
         sd = dict(state_dict)
         extra = sd.pop("fusedaccum", None)
-        sd = self._check_loadable(sd, extra)
+        sd, extra = self._check_loadable(sd, extra)
         self._drop_pending()
         if self._kind is not None:
             # torch would cast the state to the stepped tensors' dtype (half, without

@@ -505,6 +505,50 @@ def test_saved_param_ids_are_paired_with_the_params_as_torch_pairs_them(device, 
                if k != "step" and isinstance(v, torch.Tensor))
 
 
+def test_the_fusedaccum_entry_is_paired_by_the_same_ids(device):
+    """A load pre-hook relabels the saved ids for params listed in another order (what
+    plain torch needs): each param gets its own optimizer state, fp32 master, model
+    weight and partial window; the masters and window were paired by position before."""
+    torch.manual_seed(0)
+    mods = [torch.nn.Linear(3, 3, bias=False).to(device, torch.bfloat16) for _ in range(3)]
+    opt = wrap(adamw([m.weight for m in mods]), accumulation_steps=2)
+    for _ in range(3):  # a window and a half: masters, state and a partial window
+        x = torch.randn(4, 3, device=device, dtype=torch.bfloat16)
+        (mods[2](mods[1](mods[0](x))).float() ** 2).sum().backward()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    order = [2, 0, 1]  # the new optimizer lists the params as c, a, b
+    new = [copy.deepcopy(mods[j]) for j in order]
+    with torch.no_grad():
+        for m in new:
+            m.weight.normal_()
+    opt2 = wrap(adamw([m.weight for m in new]), accumulation_steps=2)
+    opt2.register_load_state_dict_pre_hook(
+        lambda o, s: s["param_groups"][0].__setitem__("params", order))
+    opt2.load_state_dict(copy.deepcopy(sd))
+    for j, saved in enumerate(order):
+        t = opt2.param_groups[0]["params"][j]
+        assert torch.equal(t, sd["fusedaccum"]["masters"][saved])
+        assert torch.equal(new[j].weight, sd["fusedaccum"]["masters"][saved].bfloat16())
+        assert torch.equal(opt2.state[t]["exp_avg"], sd["state"][saved]["exp_avg"])
+        assert torch.equal(new[j].weight.main_grad, sd["fusedaccum"]["accumulators"][saved])
+
+
+def test_an_id_listed_twice_pairs_as_in_torch(device):
+    """Saved ids [5, 5, 7]: torch gives id 5's state to the last param listed with it."""
+    model = make_model(device=device)
+    ref_opt, _ = reference_big_batch(make_model(device=device), adamw,
+                                     make_windows(1, 1, device=device))
+    sd = _renamed(ref_opt.state_dict(), [5, 5, 7, 8])
+    plain = adamw(make_model(device=device).parameters())
+    plain.load_state_dict(copy.deepcopy(sd))
+    opt = wrap(adamw(model.parameters()))
+    opt.load_state_dict(sd)
+    assert [len(st) for st in opt.state_dict()["state"].values()] == \
+        [len(st) for st in plain.state_dict()["state"].values()]
+    assert_states_close(opt, plain, rtol=0, atol=0)
+
+
 def _loaded(dtype, device, sd, k):
     _, opt = _wrapped(dtype, device, seed=5, accumulation_steps=k)
     opt.load_state_dict(sd)
