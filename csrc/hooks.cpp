@@ -39,7 +39,7 @@ using torch::autograd::Variable;
 std::atomic<int64_t> g_hits{0}, g_flushes{0}, g_flushed_grads{0};
 
 // interned attribute names
-PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_acc;
+PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_acc, *s_has_fp32;
 
 // Bucket.hook_fields: the positions of fusedaccum/buffers.py's HOOK_FIELDS
 enum Field { RELEASED, IS_PENDING, STATS, EXPOSED, TOUCHED, STEPPED, MAIN_GRADS, PENDING,
@@ -186,9 +186,15 @@ struct BatchHook final : PostAccumulateGradHook {
       return false;
     }
     Ref b(bucket_raw);
-    if (!direct) {
-      // the first hook of a backward queues the end-of-backward flush: Python's job. The
-      // owner holds the id of the graph task it queued it in (a backward that raised
+    bool needs_callback = !direct;
+    if (direct) {  // a wrapper with fp32 params wants the end-of-backward callback too
+      Ref has_fp32(PyObject_GetAttr(owner.get(), s_has_fp32));
+      if (!has_fp32) PyErr_Clear();
+      needs_callback = !has_fp32 || has_fp32.get() != Py_False;
+    }
+    if (needs_callback) {
+      // the first hook of a backward queues the end-of-backward callback: Python's job.
+      // The owner holds the id of the graph task it queued it in (a backward that raised
       // never ran its callback: the next one must queue again)
       Ref queued(PyObject_GetAttr(owner.get(), s_flush_queued));
       if (!queued) PyErr_Clear();
@@ -495,6 +501,7 @@ PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   s_micro_step = PyUnicode_InternFromString("micro_step");
   s_window_k = PyUnicode_InternFromString("_window_k");
   s_acc = PyUnicode_InternFromString("acc");
+  s_has_fp32 = PyUnicode_InternFromString("_has_fp32");
   PyObject* module = PyModule_Create(&module_def);
   // the field order this build reads, checked against buffers.HOOK_FIELDS on import
   PyObject* names = Py_BuildValue("(ssssssssssssss)", "released", "is_pending", "stats",

@@ -474,6 +474,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         # the autograd graph task (backward) whose end flushes the batches, or None: a
         # backward that raised never runs its callbacks, and the next one queues again
         self._flush_queued = None
+        # some param group has fp32 params (their .grad views: _end_of_backward)
+        self._has_fp32 = False
         # the state dict, and its size, _record_fused_steps last made or checked entries in
         self._recorded_in, self._recorded_len = None, -1
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
@@ -829,6 +831,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             # finalize launch; off until measured there.
             b.ride_norm = device.type == "cpu"
             buckets.append(b)
+            self._has_fp32 = self._has_fp32 or not b.is_half
             for i, p in enumerate(members):
                 self._install_hooks(b, i, p)
                 if grads[i] is not None:  # a gradient that was there before wrapping
@@ -1056,6 +1059,11 @@ class FusedAccumulator(torch.optim.Optimizer):
                         stat = accumulate_(flat, g, 1.0, overwrite=ow, norm_type=norm_type)
                     b.stats[i] = stat
                     _note_write(b, before, stat is not None)
+                    if self._has_fp32 and not traced:  # (see _end_of_backward)
+                        task = graph_task_id()
+                        if self._flush_queued != task:
+                            self._flush_queued = task
+                            queue_callback(self._end_of_backward)
                 p.grad = None
             elif grad is not view:
                 if torch.is_grad_enabled():

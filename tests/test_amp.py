@@ -287,6 +287,28 @@ def test_gradscaler_sees_the_window_of_a_param_zero_grad_cleared(device, clear):
     assert_states_close(opt, ref_opt)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
+def test_cleared_fp32_grad_comes_back_after_a_backward_of_large_half_params(device, fast,
+                                                                           monkeypatch):
+    """A backward that reaches only half params accumulated one at a time (above the
+    batching limit) still gives the fp32 params of the window their .grad view back."""
+    import fusedaccum.accumulator as acc_mod
+
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    monkeypatch.setattr(acc_mod, "_BATCH_MAX_NUMEL", 2)  # no half param batched
+    fp32 = nn.Linear(3, 3).to(device)
+    half = nn.Linear(3, 3).to(device, torch.bfloat16)
+    opt = wrap(adamw([*fp32.parameters(), *half.parameters()]), accumulation_steps=2)
+    x = torch.randn(2, 3, device=device)
+    half(fp32(x).bfloat16()).float().sum().backward()
+    opt.step()
+    opt.zero_grad()
+    assert fp32.weight.grad is None
+    half(x.bfloat16()).float().sum().backward()  # the half params' weights only
+    assert fp32.weight.grad is fp32.weight.main_grad
+    assert fp32.bias.grad is fp32.bias.main_grad
+
+
 def test_gradscaler_after_zero_grad_past_the_last_backward(device):
     """zero_grad() between the last backward and scaler.step(): GradScaler saw no .grad
     (it hands over found_inf = 0, a plain int). Without unscale_ the wrapper still gets
