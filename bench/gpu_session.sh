@@ -4,7 +4,7 @@
 # benchmark. Every stage has its own time limit, so one hang cannot eat the lease.
 # Logs and reports land in $OUT (at most 8 files come back): copy the reports to
 # bench/results/ and commit them with the card's name and date.
-#   run(command="bash bench/gpu_session.sh", timeout_s=480)   (about 5 minutes on an H200)
+#   run(command="bash bench/gpu_session.sh", timeout_s=540)   (5-6 minutes on an H200)
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
