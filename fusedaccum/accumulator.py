@@ -126,6 +126,13 @@ def _positional(sd: dict, extra: dict | None) -> tuple[dict, dict | None]:
     return sd, extra
 
 
+def _grad_cleared(b: Bucket, i: int) -> bool:
+    """Whether the .grad view of the window of param ``i`` of ``b``, stepped as an fp32
+    tensor, was cleared (a zero_grad(), the wrapper's or the model's)."""
+    t = b.stepped[i]
+    return t.dtype == torch.float32 and t.grad is None
+
+
 def _as_float(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -1059,11 +1066,13 @@ class FusedAccumulator(torch.optim.Optimizer):
                         stat = accumulate_(flat, g, 1.0, overwrite=ow, norm_type=norm_type)
                     b.stats[i] = stat
                     _note_write(b, before, stat is not None)
-                    if self._has_fp32 and not traced:  # (see _end_of_backward)
+                    if self._has_fp32:  # (see _end_of_backward)
                         task = graph_task_id()
                         if self._flush_queued != task:
                             self._flush_queued = task
                             queue_callback(self._end_of_backward)
+                            if traced:
+                                self._restore_cleared_grads()
                 p.grad = None
             elif grad is not view:
                 if torch.is_grad_enabled():
@@ -1079,11 +1088,13 @@ class FusedAccumulator(torch.optim.Optimizer):
             if not b.exposed[i]:  # first grad of the window, or since zero_grad()
                 b.touched[i] = True
                 self._expose_grad(b, i)
-            if not b.is_half and not traced:  # (see _end_of_backward)
+            if not b.is_half:  # (see _end_of_backward)
                 task = graph_task_id()
                 if self._flush_queued != task:
                     self._flush_queued = task
                     queue_callback(self._end_of_backward)
+                    if traced:
+                        self._restore_cleared_grads()
 
         return _eager_when_traced(post_hook_body, traced=True)
 
@@ -1126,8 +1137,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         view), so that what reads ``p.grad`` between backward and step
         (GradScaler.unscale_, clip_grad_norm_) acts on the whole window (DESIGN.md
         section 2), also for a param this backward gave no gradient. (Host time: one
-        .grad read per fp32 param of the window per backward.)"""
+        .grad read per fp32 param of the window per backward.)
+
+        Compiled autograd never runs the callbacks queued on the engine: there the first
+        hook of each backward restores them at once (traced hooks)."""
         self._flush_all()
+        self._restore_cleared_grads()
+
+    def _restore_cleared_grads(self) -> None:
         for b in self._all_buckets():
             if not b.is_half:
                 stepped = b.stepped
@@ -1219,20 +1236,39 @@ class FusedAccumulator(torch.optim.Optimizer):
             return loss
         grad_scale = self.__dict__.get("grad_scale") if scaler_attrs else None
         found_inf = self.__dict__.get("found_inf") if scaler_attrs else None
-        if scaler_attrs and not isinstance(found_inf, torch.Tensor):
-            # GradScaler recorded no inf check: no stepped tensor had a .grad when it
-            # looked (sum([]) == 0). Without unscale_ the scale is still handed over and
-            # the boundary checks the window itself; after it, the window is still scaled
-            if grad_scale is None and any(any(b.touched) for b in self._all_buckets()):
+        if scaler_attrs and grad_scale is None:
+            # GradScaler.unscale_ ran: it unscaled the window through the stepped tensors'
+            # .grad; one of the window without it (a zero_grad() after the last backward)
+            # was left scaled
+            hidden = self._first_hidden_window()
+            if hidden is not None:
+                self.__dict__.pop("grad_scale", None)
                 self.__dict__.pop("found_inf", None)
                 raise RuntimeError(
-                    "torch.amp.GradScaler.unscale_() saw no gradient of this optimizer (no "
-                    "stepped tensor had a .grad: a zero_grad() after the last backward?), so "
-                    "the window it hands over is still scaled; nothing was changed. Call "
-                    "zero_grad() after scaler.step(opt), as in torch's accumulation pattern")
+                    f"torch.amp.GradScaler.unscale_() could not see the window of {hidden}: "
+                    "its .grad was None (a zero_grad() after the last backward?), so its "
+                    "gradient is still scaled where the others' were unscaled in place. No "
+                    "param, master or state was changed; drop the window with "
+                    "opt.reset_accumulation(), and call zero_grad() only after "
+                    "scaler.step(opt), as in torch's accumulation pattern")
+        if scaler_attrs and not isinstance(found_inf, torch.Tensor):
+            # GradScaler recorded no inf check (no stepped tensor had a .grad: sum([]) ==
+            # 0); it still hands over the scale, and the boundary checks the window itself
             found_inf = torch.zeros((), dtype=torch.float32, device=self._device)
         self._boundary(num_items, grad_scale, found_inf)
         return loss
+
+    def _first_hidden_window(self) -> str | None:
+        """The name of the first param of the window stepped as an fp32 tensor whose
+        .grad is not its accumulator view (GradScaler could not see it), or None."""
+        for gi, buckets in enumerate(self._buckets):
+            for b in buckets:
+                for i, (t, r) in enumerate(zip(b.touched, b.released)):
+                    s = b.stepped[i]
+                    if t and not r and s.dtype == torch.float32 and s.grad is not b.main_grads[i]:
+                        return self._param_name(self.inner.param_groups[gi], gi, b.indices[i],
+                                                b.params[i])
+        return None
 
     def _sync_groups(self) -> None:
         """Param groups added to the inner optimizer directly (``inner.add_param_group``,
@@ -1881,7 +1917,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             # after the micro-batch: fp32 params): a resume leaves it cleared as well, so
             # that model.zero_grad(set_to_none=False) then drops nothing, as without stopping
             "cleared_grads": sorted(idx for idx in accumulators
-                                    if not index[idx][0].exposed[index[idx][1]]),
+                                    if _grad_cleared(*index[idx])),
         }
         return sd
 
@@ -1980,6 +2016,16 @@ class FusedAccumulator(torch.optim.Optimizer):
         if extra is not None and not isinstance(extra, dict):
             raise ValueError(f"the state dict's 'fusedaccum' entry is {type(extra).__name__}, "
                              "not a dict")
+        if extra is not None:
+            ids = {pid for g in groups for pid in g["params"]
+                   if isinstance(pid, int | str) and not isinstance(pid, bool)}
+            cleared = extra.get("cleared_grads", [])
+            if not isinstance(cleared, list | tuple) or not all(
+                    isinstance(x, int | str) and not isinstance(x, bool)
+                    and (x in ids or isinstance(x, str) and x.isdigit() and int(x) in ids)
+                    for x in cleared):
+                raise ValueError(f"the state dict's 'fusedaccum' entry has cleared_grads="
+                                 f"{cleared!r}: not a list of the saved params' ids")
         sd, extra = _positional(sd, extra)
         index = self._index_map()
         where = {}
@@ -2022,11 +2068,6 @@ class FusedAccumulator(torch.optim.Optimizer):
                 f"the state dict's 'fusedaccum' entry was taken at micro-batch "
                 f"{extra['micro_step']} of a window, but its window_k is "
                 f"{extra.get('window_k')!r}: the window's length is needed to resume it")
-        cleared = extra.get("cleared_grads", [])
-        if not isinstance(cleared, list | tuple) or not all(
-                isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in cleared):
-            raise ValueError(f"the state dict's 'fusedaccum' entry has cleared_grads="
-                             f"{cleared!r}: not a list of param indices")
         scale = extra.get("loss_scale")
         if scale is not None and self._scaler is not None and not (
                 isinstance(scale, dict) and "scale" in scale and "growth_tracker" in scale):

@@ -255,7 +255,7 @@ def test_gradscaler_fp32_params_documented_accumulation_pattern(device, unscale_
     assert_states_close(opt, ref_opt)
 
 
-@pytest.mark.parametrize("clear", ["opt", "model"])
+@pytest.mark.parametrize("clear", ["opt", "model", "opt_compiled_autograd"])
 def test_gradscaler_sees_the_window_of_a_param_zero_grad_cleared(device, clear):
     """The wrapper keeps the window through zero_grad(), so a loop may call it every
     micro-batch; an fp32 param that got its gradient before that zero_grad() only gets its
@@ -271,9 +271,17 @@ def test_gradscaler_sees_the_window_of_a_param_zero_grad_cleared(device, clear):
         for i, (x, y) in enumerate(window):
             for m, s in ((model, scaler), (ref, ref_scaler)):
                 m.fc2.requires_grad_(i == 0)  # fc2 only in the window's first micro-batch
-                s.scale(mse(m(x), y) / k).backward()
+                loss = s.scale(mse(m(x), y) / k)
+                if clear.endswith("compiled_autograd") and m is model:
+                    # (compiled autograd runs no callback queued on the engine)
+                    from torch._dynamo import compiled_autograd
+
+                    with compiled_autograd._enable(torch.compile(backend="eager")):
+                        loss.backward()
+                else:
+                    loss.backward()
             if i < k - 1:  # between micro-batches: the window stays (ref keeps p.grad)
-                (opt if clear == "opt" else model).zero_grad()
+                (model if clear == "model" else opt).zero_grad()
         for p in model.parameters():
             assert p.grad is not None
         for m, o, s in ((model, opt, scaler), (ref, ref_opt, ref_scaler)):
@@ -309,31 +317,46 @@ def test_cleared_fp32_grad_comes_back_after_a_backward_of_large_half_params(devi
     assert fp32.bias.grad is fp32.bias.main_grad
 
 
-def test_gradscaler_after_zero_grad_past_the_last_backward(device):
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "fp32_and_bf16"])
+def test_gradscaler_after_zero_grad_past_the_last_backward(device, mixed):
     """zero_grad() between the last backward and scaler.step(): GradScaler saw no .grad
-    (it hands over found_inf = 0, a plain int). Without unscale_ the wrapper still gets
-    the scale and steps the window it kept; after unscale_ the window is still scaled:
-    refused with an error saying so, and nothing changed."""
+    of the fp32 params (with only those, it hands over found_inf = 0, a plain int).
+    Without unscale_ the wrapper still gets the scale and steps the window it kept; after
+    unscale_ those params' windows are still scaled (the bf16 params' masters were
+    unscaled): refused with an error naming one, nothing changed, and a later step()
+    without the scaler is not refused."""
     for unscale in (False, True):
         model, ref = make_model(device=device), make_model(device=device)
-        opt, ref_opt = wrap(adamw(model.parameters())), adamw(ref.parameters())
+        if mixed:
+            model.fc2.to(torch.bfloat16)
+            ref.fc2.to(torch.bfloat16)
+        opt = wrap(adamw(model.parameters()))
+        ref_opt = wrap(adamw(ref.parameters()))
         scaler = torch.amp.GradScaler(device)
         (x, y), = make_batches(1, device=device)
-        scaler.scale(mse(model(x), y)).backward()
-        mse(ref(x), y).backward()
+
+        def loss(m, x=x, y=y):
+            return mse(m.fc2(torch.tanh(m.fc1(x)).to(m.fc2.weight.dtype)).float(), y)
+
+        scaler.scale(loss(model)).backward()
+        loss(ref).backward()
         opt.zero_grad()
         if unscale:
             scaler.unscale_(opt)
             snap = snapshot(model, opt)
-            with pytest.raises(RuntimeError, match="saw no gradient"):
+            with pytest.raises(RuntimeError, match=r"could not see the window of parameter"):
                 scaler.step(opt)
             assert_unchanged(snap, model, opt)
             assert opt.update_count == 0
+            opt.reset_accumulation()
+            loss(model).backward()
+            opt.step()  # (no GradScaler attributes left behind)
+            assert opt.stepped
         else:
             scaler.step(opt)
             ref_opt.step()
             assert opt.stepped
-            assert_params_close(model, ref)
+            assert_params_close(model, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
