@@ -1019,6 +1019,17 @@ class FusedAccumulator(torch.optim.Optimizer):
         queue_callback = torch.autograd.Variable._execution_engine.queue_callback
         graph_task_id = torch._C._current_graph_task_id
 
+        def queue_end_of_backward(self, traced):
+            """_end_of_backward queued once per backward (graph task); compiled autograd
+            runs no callback queued on the engine: a traced hook restores the cleared
+            .grad views at once."""
+            task = graph_task_id()
+            if self._flush_queued != task:
+                self._flush_queued = task
+                queue_callback(self._end_of_backward)
+                if traced:
+                    self._restore_cleared_grads()
+
         def post_hook_body(p, traced=False):
             # the hot path: once per param per backward
             grad, b, self = p.grad, b_ref(), owner_ref()
@@ -1046,10 +1057,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                     b.pending_bytes += nbytes
                     if b.pending_bytes >= flush_bytes:
                         self._flush(b)
-                    task = graph_task_id()
-                    if self._flush_queued != task:
-                        self._flush_queued = task
-                        queue_callback(self._end_of_backward)
+                    queue_end_of_backward(self, False)
                 else:
                     # in a window's last micro-batch the norm rides on the accumulation
                     ride = b.ride_norm and self._ride_norm()
@@ -1066,13 +1074,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                         stat = accumulate_(flat, g, 1.0, overwrite=ow, norm_type=norm_type)
                     b.stats[i] = stat
                     _note_write(b, before, stat is not None)
-                    if self._has_fp32:  # (see _end_of_backward)
-                        task = graph_task_id()
-                        if self._flush_queued != task:
-                            self._flush_queued = task
-                            queue_callback(self._end_of_backward)
-                            if traced:
-                                self._restore_cleared_grads()
+                    if self._has_fp32:
+                        queue_end_of_backward(self, traced)
                 p.grad = None
             elif grad is not view:
                 if torch.is_grad_enabled():
@@ -1088,13 +1091,8 @@ class FusedAccumulator(torch.optim.Optimizer):
             if not b.exposed[i]:  # first grad of the window, or since zero_grad()
                 b.touched[i] = True
                 self._expose_grad(b, i)
-            if not b.is_half:  # (see _end_of_backward)
-                task = graph_task_id()
-                if self._flush_queued != task:
-                    self._flush_queued = task
-                    queue_callback(self._end_of_backward)
-                    if traced:
-                        self._restore_cleared_grads()
+            if not b.is_half:
+                queue_end_of_backward(self, traced)
 
         return _eager_when_traced(post_hook_body, traced=True)
 
