@@ -258,10 +258,19 @@ def _shared_memory_error(first: str, second: str):
         "(model.head.weight = model.emb.weight), or .clone() one of them")
 
 
+def _in_compiled_autograd() -> bool:
+    """Whether compiled autograd runs this backward: it runs no callback queued on the
+    autograd engine (and the hooks may run untraced there: Dynamo falls back to eager
+    frames past its recompile limit)."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return ca is not None and bool(getattr(ca, "in_compiled_autograd_region", False))
+
+
 def _eager_when_traced(body, traced: bool = False):
     """A hook that runs ``body`` and, when Dynamo traces it, runs ``body`` eagerly through
-    torch.compiler.disable (a graph break), passing ``traced=True`` if asked: see
-    FusedAccumulator's note on the hooks and Dynamo."""
+    torch.compiler.disable (a graph break), passing ``traced=True`` if asked (also under
+    compiled autograd, traced or not): see FusedAccumulator's note on the hooks and
+    Dynamo."""
     is_compiling = torch.compiler.is_compiling
     eager = torch.compiler.disable(body)
 
@@ -269,6 +278,8 @@ def _eager_when_traced(body, traced: bool = False):
         def hook(arg):
             if is_compiling():
                 return eager(arg, True)
+            if _in_compiled_autograd():
+                return body(arg, True)
             return body(arg)
     else:
         def hook(arg):

@@ -317,6 +317,42 @@ def test_cleared_fp32_grad_comes_back_after_a_backward_of_large_half_params(devi
     assert fp32.bias.grad is fp32.bias.main_grad
 
 
+def test_gradscaler_under_compiled_autograd_past_dynamos_recompile_limit(device, monkeypatch):
+    """Compiled autograd runs no callback queued on the engine, and past Dynamo's recompile
+    limit it runs the hooks untraced: a bf16 gradient then waited in its batch until
+    step(), after unscale_ had read the masters' .grad, and was applied times the scale."""
+    from torch._dynamo import compiled_autograd
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+
+    def run(compiled):
+        model = make_model(device=device)
+        model.fc2.to(torch.bfloat16)
+        opt = wrap(adamw(model.parameters()))
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+        torch._dynamo.reset()
+        try:
+            for window in make_windows(2, 2, device=device):
+                for x, y in window:
+                    out = model.fc2(torch.tanh(model.fc1(x)).bfloat16()).float()
+                    loss = scaler.scale(mse(out, y) / 2)
+                    if compiled:
+                        with compiled_autograd._enable(torch.compile(backend="eager")):
+                            loss.backward()
+                    else:
+                        loss.backward()
+                scaler.unscale_(opt)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+        finally:
+            torch._dynamo.reset()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "fp32_and_bf16"])
 def test_gradscaler_after_zero_grad_past_the_last_backward(device, mixed):
     """zero_grad() between the last backward and scaler.step(): GradScaler saw no .grad
