@@ -131,10 +131,12 @@ batches, triton with a pageable and a cached flush table"
       --backends cuda,triton --variants \
       python-hooks,flush=128,triton:flush=128,triton:table=pageable,triton:table=cached \
       2>&1 | tee -a "$LOG"
-  log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: a window's first \
-gradients overwritten (default) or added, the norm riding on the last accumulations or not"
-  timeout 60 python bench/window_phases.py --model gpt2-1.5b-2layers --rounds 10 --sync \
-      --backends cuda,triton --variants no-overwrite,ride,triton:no-overwrite,triton:ride \
+  log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: the boundary \
+leaving the accumulators for the next window to overwrite (default) or zeroing them \
+(no-lazy), or also adding the first gradients (no-overwrite); the norm riding or not"
+  timeout 75 python bench/window_phases.py --model gpt2-1.5b-2layers --rounds 10 --sync \
+      --backends cuda,triton \
+      --variants no-lazy,no-overwrite,ride,triton:no-lazy,triton:no-overwrite,triton:ride \
       2>&1 | tee -a "$LOG"
   log "window phases with fresh gradients (as a real backward makes them)"
   timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 --backends cuda \

@@ -84,7 +84,7 @@ def contenders(device: torch.device) -> dict:
     out["triton: accumulate_many kernel launch only"] = kernel_only
     for mode in tri._TABLE_MODES:
         out[f"triton: _launch_accumulate_many (12 pairs, {mode} table)"] = (
-            lambda mode=mode: tri._launch_accumulate_many(accs, grads, 1.0, mode))
+            lambda mode=mode: tri._launch_accumulate_many(accs, grads, 1.0, upload=mode))
     out["triton: accumulate_many_ (12 pairs, the op)"] = lambda: tri.accumulate_many_(
         accs, grads, 1.0, trusted=True)
     out["triton: accumulate_ (1 pair, 2.4M)"] = lambda: tri.accumulate_(accs[10], grads[10],

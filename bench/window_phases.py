@@ -146,7 +146,10 @@ def main(argv=None) -> int:
                     "'table=pageable|cached' (how a Triton flush uploads its table: "
                     "ops/triton.py _TABLE_UPLOAD), 'no-overwrite' (a window's first "
                     "gradients added to the zeroed accumulators, not written: "
-                    "Bucket.overwrite_first), 'ride'/'no-ride' (the clipping norm rides on "
+                    "Bucket.overwrite_first; also zeroes them at the boundary), 'no-lazy' (the "
+                    "boundary zeroes the accumulators instead of leaving them dirty for the "
+                    "next window's first gradients to overwrite: Bucket.lazy_zero), "
+                    "'ride'/'no-ride' (the clipping norm rides on "
                     "the last micro-batch's accumulations, or one norm pass: "
                     "Bucket.ride_norm); of the first backend, or of another one as "
                     "'<backend>:<variant>'")
@@ -180,11 +183,13 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
     if variant.startswith("flush="):
         with bench.hook_settings(flush_bytes=int(float(variant[6:]) * (1 << 20))):
             return bench.FusedContender(wl, backend)
-    if variant in ("no-overwrite", "ride", "no-ride"):  # read at each accumulation
+    if variant in ("no-overwrite", "no-lazy", "ride", "no-ride"):  # read at each use
         c = bench.FusedContender(wl, backend)
         for b in c.opt._all_buckets():
             if variant == "no-overwrite":
                 b.overwrite_first, b.clean_version = False, -1
+            elif variant == "no-lazy":
+                b.lazy_zero = False
             else:
                 b.ride_norm = variant == "ride"
         return c
@@ -196,7 +201,7 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         c.triton_table = variant[6:]
         return c
     raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB>, no-overwrite, "
-                     f"ride, no-ride or table={'|'.join(tri._TABLE_MODES)}")
+                     f"no-lazy, ride, no-ride or table={'|'.join(tri._TABLE_MODES)}")
 
 
 def _run(args, dev, backends, clock: Clock) -> None:

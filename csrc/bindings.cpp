@@ -165,12 +165,20 @@ struct ManyArgs {
   fa::AccumulateManyParams p;
 };
 
-// accs[i] += scale * grads[i] for every i: the element math of accumulate_ (overwrite=False),
-// one call for many pairs. Any shapes, each tensor contiguous with
-// grads[i].numel() == accs[i].numel(); accs fp32; grads of one dtype; one device.
-void fill_many(ManyArgs& m, at::TensorList accs, at::TensorList grads, double scale) {
+// accs[i] = (0 if overwrite[i] else accs[i]) + scale * grads[i] for every i: the element
+// math of accumulate_, one call for many pairs. Any shapes, each tensor contiguous with
+// grads[i].numel() == accs[i].numel(); accs fp32; grads of one dtype; one device;
+// overwrite empty (no pair) or one 0/1 flag per pair.
+void fill_many(ManyArgs& m, at::TensorList accs, at::TensorList grads, double scale,
+               at::IntArrayRef overwrite) {
   TORCH_CHECK_VALUE(accs.size() == grads.size(), "accs and grads must have the same length, got ",
                     num(accs.size()), " accs and ", num(grads.size()), " grads");
+  TORCH_CHECK_VALUE(overwrite.empty() || overwrite.size() == accs.size(),
+                    "overwrite must be empty or have one flag per pair, got ",
+                    num(overwrite.size()), " flags for ", num(accs.size()), " pairs");
+  for (size_t i = 0; i < overwrite.size(); ++i)
+    TORCH_CHECK_VALUE(overwrite[i] == 0 || overwrite[i] == 1, "overwrite[", num(i),
+                      "] must be 0 or 1, got ", overwrite[i]);
   const size_t count = accs.size();
   if (count == 0) return;
   const Tensor& grad0 = grads[0];
@@ -217,15 +225,17 @@ void fill_many(ManyArgs& m, at::TensorList accs, at::TensorList grads, double sc
   p.accs = acc_ptrs.data();
   p.grads = grad_ptrs.data();
   p.numels = numels.data();
+  p.overwrite = overwrite.empty() ? nullptr : overwrite.data();
   p.num_tensors = static_cast<int64_t>(count);
   p.grad_dtype = dtype_code(grad0);
   p.scale = static_cast<float>(scale);
   p.stream = stream_of(accs[0]);
 }
 
-void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale) {
+void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale,
+                        at::IntArrayRef overwrite) {
   ManyArgs m;
-  fill_many(m, accs, grads, scale);
+  fill_many(m, accs, grads, scale, overwrite);
   if (m.p.num_tensors == 0) return;
   c10::DeviceGuard guard(accs[0].device());
   FA_RUN("accumulate_many_", accumulate_many, m.p, accs[0]);
@@ -234,9 +244,9 @@ void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale)
 // accumulate_many_ that also returns the norm statistic of all updated accs together (sum
 // of squares, or max |acc| with NaN winning), as accumulate_norm_ does for one. CPU only.
 Tensor accumulate_many_norm_op(at::TensorList accs, at::TensorList grads, double scale,
-                               double norm_type) {
+                               double norm_type, at::IntArrayRef overwrite) {
   ManyArgs m;
-  fill_many(m, accs, grads, scale);
+  fill_many(m, accs, grads, scale, overwrite);
   m.p.norm_mode = norm_mode(norm_type);
   const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
   if (m.p.num_tensors == 0) return at::zeros({}, f32);
@@ -408,10 +418,12 @@ TORCH_LIBRARY(fusedaccum_native, m) {
   m.def(
       "accumulate_norm_(Tensor(a!) acc, Tensor grad, float scale, bool overwrite, "
       "float norm_type) -> Tensor");
-  m.def("accumulate_many_(Tensor(a!)[] accs, Tensor[] grads, float scale=1.0) -> ()");
   m.def(
-      "accumulate_many_norm_(Tensor(a!)[] accs, Tensor[] grads, float scale, float norm_type) "
-      "-> Tensor");
+      "accumulate_many_(Tensor(a!)[] accs, Tensor[] grads, float scale=1.0, "
+      "int[] overwrite=[]) -> ()");
+  m.def(
+      "accumulate_many_norm_(Tensor(a!)[] accs, Tensor[] grads, float scale, float norm_type, "
+      "int[] overwrite=[]) -> Tensor");
   m.def("grad_norm(Tensor[] tensors, float norm_type) -> Tensor");
   m.def(
       "adamw_step_(Tensor(a!) param, Tensor(b!) acc, Tensor(c!) exp_avg, "

@@ -39,12 +39,13 @@ using torch::autograd::Variable;
 std::atomic<int64_t> g_hits{0}, g_flushes{0}, g_flushed_grads{0};
 
 // interned attribute names
-PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_acc, *s_has_fp32;
+PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_acc,
+    *s_wants_callback;
 
 // Bucket.hook_fields: the positions of fusedaccum/buffers.py's HOOK_FIELDS
 enum Field { RELEASED, IS_PENDING, STATS, EXPOSED, TOUCHED, STEPPED, MAIN_GRADS, PENDING,
              PENDING_ACCS, PENDING_GRADS, PENDING_BYTES, RIDE_NORM, STATS_VERSION,
-             CLEAN_VERSION, N_FIELDS };
+             CLEAN_VERSION, DIRTY, PENDING_OW, N_FIELDS };
 
 // an owned reference
 struct Ref {
@@ -60,8 +61,8 @@ struct Ref {
 // Strong references to borrowed objects for a while (the GIL released: another thread
 // could drop the lists that own them)
 struct Held {
-  PyObject* objs[4];
-  Held(PyObject* a, PyObject* b, PyObject* c, PyObject* d) : objs{a, b, c, d} {
+  PyObject* objs[5];
+  Held(PyObject* a, PyObject* b, PyObject* c, PyObject* d, PyObject* e) : objs{a, b, c, d, e} {
     for (PyObject* o : objs) Py_INCREF(o);
   }
   Held(const Held&) = delete;
@@ -187,10 +188,10 @@ struct BatchHook final : PostAccumulateGradHook {
     }
     Ref b(bucket_raw);
     bool needs_callback = !direct;
-    if (direct) {  // a wrapper with fp32 params wants the end-of-backward callback too
-      Ref has_fp32(PyObject_GetAttr(owner.get(), s_has_fp32));
-      if (!has_fp32) PyErr_Clear();
-      needs_callback = !has_fp32 || has_fp32.get() != Py_False;
+    if (direct) {  // a wrapper with fp32 params or dirty accumulators wants the callback too
+      Ref wants(PyObject_GetAttr(owner.get(), s_wants_callback));
+      if (!wants) PyErr_Clear();
+      needs_callback = !wants || wants.get() != Py_False;
     }
     if (needs_callback) {
       // the first hook of a backward queues the end-of-backward callback: Python's job.
@@ -214,10 +215,15 @@ struct BatchHook final : PostAccumulateGradHook {
              *stats = list_field(f, STATS, n), *exposed = list_field(f, EXPOSED, n),
              *touched = list_field(f, TOUCHED, n), *stepped = list_field(f, STEPPED, n),
              *main_grads = list_field(f, MAIN_GRADS, n), *pending = list_field(f, PENDING, 0),
-             *accs = list_field(f, PENDING_ACCS, 0), *grads = list_field(f, PENDING_GRADS, 0);
+             *accs = list_field(f, PENDING_ACCS, 0), *grads = list_field(f, PENDING_GRADS, 0),
+             *dirty = list_field(f, DIRTY, n), *ows = list_field(f, PENDING_OW, 0);
     if (!released || !is_pending || !stats || !exposed || !touched || !stepped || !main_grads ||
-        !pending || !accs || !grads)
+        !pending || !accs || !grads || !dirty || !ows)
       return false;
+    PyObject* dirty_i = PyList_GET_ITEM(dirty, i);
+    if (dirty_i != Py_True && dirty_i != Py_False) return false;
+    // the window's first gradient of a dirty param (an earlier window's sum) overwrites it
+    const bool is_dirty = dirty_i == Py_True;
     if (PyList_GET_ITEM(released, i) != Py_False ||
         PyList_GET_ITEM(is_pending, i) != Py_False ||  // second backward: flush first
         PyList_GET_ITEM(stats, i) != Py_None)          // its statistic would go stale
@@ -228,7 +234,8 @@ struct BatchHook final : PostAccumulateGradHook {
     if ((exposed_i != Py_True && exposed_i != Py_False) || !THPVariable_Check(view) ||
         !THPVariable_Check(stepped_i))
       return false;
-    if (direct) return accumulate(param, grad, owner.get(), f, view, stepped_i, touched, exposed);
+    Fresh fresh{touched, exposed, dirty};
+    if (direct) return accumulate(param, grad, owner.get(), f, view, stepped_i, fresh, is_dirty);
     PyObject* bytes_obj = PyList_GET_ITEM(f, PENDING_BYTES);
     if (!PyLong_CheckExact(bytes_obj)) return false;
     const long long bytes = PyLong_AsLongLong(bytes_obj);
@@ -238,19 +245,19 @@ struct BatchHook final : PostAccumulateGradHook {
     }
     if (bytes + nbytes >= flush_bytes) {  // the batch is full
       if (!native_flush) return false;     // Python flushes
-      return flush(param, grad, owner.get(), b.get(), f, {pending, accs, grads}, is_pending, view,
-                   stepped_i, touched, exposed);
+      return flush(param, grad, owner.get(), b.get(), f, {pending, accs, grads, ows}, is_pending,
+                   view, stepped_i, fresh, is_dirty);
     }
     // commit (only a failed allocation can fail here; then undo and let Python do it)
     Ref idx(PyLong_FromSsize_t(i)), g(THPVariable_Wrap(grad)),
-        new_bytes(PyLong_FromLongLong(bytes + nbytes));
-    if (!idx || !g || !new_bytes) {
+        new_bytes(PyLong_FromLongLong(bytes + nbytes)), ow(PyLong_FromLong(is_dirty ? 1 : 0));
+    if (!idx || !g || !new_bytes || !ow) {
       PyErr_Clear();
       return false;
     }
-    PyObject* lists[3] = {pending, accs, grads};
-    PyObject* items[3] = {idx.get(), view, g.get()};
-    for (int k = 0; k < 3; ++k) {
+    PyObject* lists[4] = {pending, accs, grads, ows};
+    PyObject* items[4] = {idx.get(), view, g.get(), ow.get()};
+    for (int k = 0; k < 4; ++k) {
       if (PyList_Append(lists[k], items[k]) != 0) {
         PyErr_Clear();
         for (int j = 0; j < k; ++j) {
@@ -264,16 +271,23 @@ struct BatchHook final : PostAccumulateGradHook {
     new_bytes.p = nullptr;
     Py_INCREF(Py_True);
     PyList_SetItem(is_pending, i, Py_True);  // steals the reference
-    finish(param, view, stepped_i, touched, exposed);
+    finish(param, view, stepped_i, fresh);
     return true;
   }
 
+  // The per-param lists finish() updates when it is the param's first gradient of the
+  // window (touched, exposed, dirty; checked by take())
+  struct Fresh {
+    PyObject *touched, *exposed, *dirty;
+  };
+
   // Direct mode: no statistic may be asked for (the norm rides on the accumulations of a
   // window's last micro-batch on CPU buckets, and the statistics must not be stale-marked).
-  // The window's first gradient of the param overwrites its accumulator where the bucket
-  // knows the untouched params' accumulators hold zeros (clean_version, as post_hook).
+  // The window's first gradient of the param overwrites its accumulator where it holds an
+  // earlier window (dirty) or the bucket knows the untouched params' accumulators hold
+  // zeros (clean_version, as post_hook).
   bool accumulate(const Variable& param, const at::Tensor& grad, PyObject* owner, PyObject* f,
-                  PyObject* view, PyObject* stepped_i, PyObject* touched, PyObject* exposed) {
+                  PyObject* view, PyObject* stepped_i, const Fresh& fresh, bool is_dirty) {
     PyObject* version = PyList_GET_ITEM(f, STATS_VERSION);
     if (!PyLong_CheckExact(version) || PyLong_AsLong(version) != -1) {
       PyErr_Clear();
@@ -290,12 +304,12 @@ struct BatchHook final : PostAccumulateGradHook {
     const at::Tensor acc_flat = acc_view.view({-1}), grad_flat = grad.view({-1});
     // (a view shares its base's version counter)
     const int64_t before = static_cast<int64_t>(acc_view._version());
-    const bool overwrite = PyList_GET_ITEM(touched, index) == Py_False &&
-                           int_field(f, CLEAN_VERSION) == before;
-    Held held(view, stepped_i, touched, exposed);  // what finish() touches
+    const bool overwrite = PyList_GET_ITEM(fresh.touched, index) == Py_False &&
+                           (is_dirty || int_field(f, CLEAN_VERSION) == before);
+    Held held(view, stepped_i, fresh.touched, fresh.exposed, fresh.dirty);  // finish()'s
     without_gil([&] { op.call(acc_flat, grad_flat, 1.0, overwrite); });
     keep_version(f, CLEAN_VERSION, before, static_cast<int64_t>(acc_view._version()));
-    finish(param, view, stepped_i, touched, exposed);
+    finish(param, view, stepped_i, fresh);
     return true;
   }
 
@@ -319,32 +333,44 @@ struct BatchHook final : PostAccumulateGradHook {
   // extension's accumulate_many_ op, as FusedAccumulator._flush does (empties the batch
   // first, then one op call, then _note_write without statistics), when no statistic
   // rides on it.
-  // batch: the lists (checked by take()) of the fields PENDING, PENDING_ACCS, PENDING_GRADS
+  // batch: the lists (checked by take()) of the fields PENDING, PENDING_ACCS, PENDING_GRADS,
+  // PENDING_OW
   bool flush(const Variable& param, const at::Tensor& grad, PyObject* owner, PyObject* b,
-             PyObject* f, const std::array<PyObject*, 3>& batch, PyObject* is_pending,
-             PyObject* view, PyObject* stepped_i, PyObject* touched, PyObject* exposed) {
+             PyObject* f, const std::array<PyObject*, 4>& batch, PyObject* is_pending,
+             PyObject* view, PyObject* stepped_i, const Fresh& fresh, bool is_dirty) {
     PyObject* version = PyList_GET_ITEM(f, STATS_VERSION);
     if (!PyLong_CheckExact(version) || may_ride(owner, f)) return false;
-    PyObject *pending = batch[0], *accs = batch[1], *grads = batch[2];
+    PyObject *pending = batch[0], *accs = batch[1], *grads = batch[2], *ows = batch[3];
     const Py_ssize_t n = PyList_GET_SIZE(pending);
-    if (PyList_GET_SIZE(accs) != n || PyList_GET_SIZE(grads) != n) return false;
+    if (PyList_GET_SIZE(accs) != n || PyList_GET_SIZE(grads) != n || PyList_GET_SIZE(ows) != n)
+      return false;
     std::vector<at::Tensor> acc_list, grad_list;
+    std::vector<int64_t> flags;
     acc_list.reserve(n + 1);
     grad_list.reserve(n + 1);
+    flags.reserve(n + 1);
+    bool any_overwrite = is_dirty;
     for (Py_ssize_t j = 0; j < n; ++j) {
       PyObject *a = PyList_GET_ITEM(accs, j), *g = PyList_GET_ITEM(grads, j),
-               *idx = PyList_GET_ITEM(pending, j);
-      if (!THPVariable_Check(a) || !THPVariable_Check(g) || !PyLong_CheckExact(idx)) return false;
+               *idx = PyList_GET_ITEM(pending, j), *ow = PyList_GET_ITEM(ows, j);
+      if (!THPVariable_Check(a) || !THPVariable_Check(g) || !PyLong_CheckExact(idx) ||
+          !PyLong_CheckExact(ow))
+        return false;
       const Py_ssize_t k = PyLong_AsSsize_t(idx);
-      if (k < 0 || k >= PyList_GET_SIZE(is_pending)) {
+      const long o = PyLong_AsLong(ow);
+      if (k < 0 || k >= PyList_GET_SIZE(is_pending) || (o != 0 && o != 1)) {
         PyErr_Clear();
         return false;
       }
       acc_list.push_back(THPVariable_Unpack(a));
       grad_list.push_back(THPVariable_Unpack(g));
+      flags.push_back(o);
+      any_overwrite = any_overwrite || o != 0;
     }
     acc_list.push_back(THPVariable_Unpack(view));
     grad_list.push_back(grad);
+    flags.push_back(is_dirty ? 1 : 0);
+    if (!any_overwrite) flags.clear();
     Ref acc_obj(PyObject_GetAttr(b, s_acc));
     if (!acc_obj || !THPVariable_Check(acc_obj.get())) {
       PyErr_Clear();
@@ -354,20 +380,21 @@ struct BatchHook final : PostAccumulateGradHook {
     const int64_t before = static_cast<int64_t>(acc._version());
     // empty the batch (new lists: the old ones may be held elsewhere, as Python's flush
     // rebinds them); the old lists keep the gradients alive until the op has run
-    Ref empty[3] = {Ref(PyList_New(0)), Ref(PyList_New(0)), Ref(PyList_New(0))};
+    Ref empty[4] = {Ref(PyList_New(0)), Ref(PyList_New(0)), Ref(PyList_New(0)),
+                    Ref(PyList_New(0))};
     Ref zero(PyLong_FromLong(0));
-    if (!empty[0] || !empty[1] || !empty[2] || !zero) {
+    if (!empty[0] || !empty[1] || !empty[2] || !empty[3] || !zero) {
       PyErr_Clear();
       return false;
     }
-    Ref old[3] = {Ref(pending), Ref(accs), Ref(grads)};
+    Ref old[4] = {Ref(pending), Ref(accs), Ref(grads), Ref(ows)};
     for (PyObject* list : batch) Py_INCREF(list);
     for (Py_ssize_t j = 0; j < n; ++j) {
       Py_INCREF(Py_False);
       PyList_SetItem(is_pending, PyLong_AsSsize_t(PyList_GET_ITEM(pending, j)), Py_False);
     }
-    const int slots[3] = {PENDING, PENDING_ACCS, PENDING_GRADS};
-    for (int j = 0; j < 3; ++j) {
+    const int slots[4] = {PENDING, PENDING_ACCS, PENDING_GRADS, PENDING_OW};
+    for (int j = 0; j < 4; ++j) {
       PyList_SetItem(f, slots[j], empty[j].p);  // steals the reference
       empty[j].p = nullptr;
     }
@@ -375,9 +402,9 @@ struct BatchHook final : PostAccumulateGradHook {
     zero.p = nullptr;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fusedaccum_native::accumulate_many_", "")
-                         .typed<void(at::TensorList, at::TensorList, double)>();
-    Held held(view, stepped_i, touched, exposed);  // what finish() touches
-    without_gil([&] { op.call(acc_list, grad_list, 1.0); });
+                         .typed<void(at::TensorList, at::TensorList, double, at::IntArrayRef)>();
+    Held held(view, stepped_i, fresh.touched, fresh.exposed, fresh.dirty);  // finish()'s
+    without_gil([&] { op.call(acc_list, grad_list, 1.0, flags); });
     // _note_write(b, before, made_stats=False): valid statistics stay valid, and so
     // does the knowledge of zeros
     const int64_t now = static_cast<int64_t>(acc._version());
@@ -385,19 +412,20 @@ struct BatchHook final : PostAccumulateGradHook {
     keep_version(f, CLEAN_VERSION, before, now);
     g_flushes.fetch_add(1, std::memory_order_relaxed);
     g_flushed_grads.fetch_add(static_cast<int64_t>(n) + 1, std::memory_order_relaxed);
-    finish(param, view, stepped_i, touched, exposed);
+    finish(param, view, stepped_i, fresh);
     return true;
   }
 
   // .grad released; the window's first gradient exposes it (FusedAccumulator._expose_grad)
-  void finish(const Variable& param, PyObject* view, PyObject* stepped_i, PyObject* touched,
-              PyObject* exposed) {
+  void finish(const Variable& param, PyObject* view, PyObject* stepped_i, const Fresh& fresh) {
     param.mutable_grad().reset();
-    if (PyList_GET_ITEM(exposed, index) == Py_False) {
+    if (PyList_GET_ITEM(fresh.exposed, index) == Py_False) {
       Py_INCREF(Py_True);
-      PyList_SetItem(touched, index, Py_True);
+      PyList_SetItem(fresh.touched, index, Py_True);
       Py_INCREF(Py_True);
-      PyList_SetItem(exposed, index, Py_True);
+      PyList_SetItem(fresh.exposed, index, Py_True);
+      Py_INCREF(Py_False);
+      PyList_SetItem(fresh.dirty, index, Py_False);
       const at::Tensor& master = THPVariable_Unpack(stepped_i);
       if (master.scalar_type() == at::kFloat)  // an fp32 master sees the window as .grad
         master.mutable_grad() = THPVariable_Unpack(view);
@@ -501,13 +529,13 @@ PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   s_micro_step = PyUnicode_InternFromString("micro_step");
   s_window_k = PyUnicode_InternFromString("_window_k");
   s_acc = PyUnicode_InternFromString("acc");
-  s_has_fp32 = PyUnicode_InternFromString("_has_fp32");
+  s_wants_callback = PyUnicode_InternFromString("_wants_callback");
   PyObject* module = PyModule_Create(&module_def);
   // the field order this build reads, checked against buffers.HOOK_FIELDS on import
-  PyObject* names = Py_BuildValue("(ssssssssssssss)", "released", "is_pending", "stats",
+  PyObject* names = Py_BuildValue("(ssssssssssssssss)", "released", "is_pending", "stats",
                                   "exposed", "touched", "stepped", "main_grads", "pending",
                                   "pending_accs", "pending_grads", "pending_bytes", "ride_norm",
-                                  "stats_version", "clean_version");
+                                  "stats_version", "clean_version", "dirty", "pending_ow");
   if (module == nullptr || names == nullptr || PyModule_AddObject(module, "HOOK_FIELDS", names)) {
     Py_XDECREF(names);
     Py_XDECREF(module);

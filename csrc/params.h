@@ -23,14 +23,15 @@ struct AccumulateParams {
   void* stream = nullptr;      // CUDA only: cudaStream_t
 };
 
-// accs[i] += scale * grads[i] for every i (accumulate without overwrite, batched): one op
-// call, on CUDA one launch per group of up to kCudaManyMaxTensors pairs. CPU only: with
+// accs[i] = (0 if overwrite[i] else accs[i]) + scale * grads[i] for every i (accumulate,
+// batched): one op call, on CUDA one launch per group of up to kCudaManyMaxTensors pairs. CPU only: with
 // norm_mode != kNoNorm also the statistic of all updated accs together (sum of squares
 // or max |acc|), reduced in fixed-size chunks of each pair combined in index order.
 struct AccumulateManyParams {
   float* const* accs = nullptr;         // host array of num_tensors pointers
   const void* const* grads = nullptr;   // host array of num_tensors pointers, grad_dtype
   const int64_t* numels = nullptr;      // host array of num_tensors sizes
+  const int64_t* overwrite = nullptr;   // null (add everywhere) or num_tensors 0/1 flags
   int64_t num_tensors = 0;
   int grad_dtype = kFloat32;  // DType, the same for every grad
   float scale = 1.f;

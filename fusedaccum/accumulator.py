@@ -60,9 +60,15 @@ def _note_write(b: Bucket, before: int, made_stats: bool) -> None:
 
 
 def _mark_clean(b: Bucket) -> None:
-    """``b``'s accumulators are known to hold zeros outside the touched params (see
-    Bucket.clean_version)."""
+    """``b``'s accumulators are known to hold zeros outside the touched and the dirty
+    params (see Bucket.clean_version)."""
     b.clean_version = b.acc._version if b.overwrite_first and b.is_half else -1
+
+
+def _all_zero(b: Bucket) -> None:
+    """After ``b.acc`` was zeroed whole: no param's accumulator is dirty, all are clean."""
+    b.dirty = [False] * len(b)
+    _mark_clean(b)
 
 # param -> (weakref to its wrapper, hook handles): a param belongs to one live wrapper
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -494,6 +500,11 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._flush_queued = None
         # some param group has fp32 params (their .grad views: _end_of_backward)
         self._has_fp32 = False
+        # some bucket has dirty accumulators (Bucket.dirty: _end_of_backward zeroes them)
+        self._stale = False
+        # a backward that accumulates a large half gradient at once (direct) must queue
+        # _end_of_backward too: _has_fp32 or _stale (read by the C++ hook)
+        self._wants_callback = False
         # the state dict, and its size, _record_fused_steps last made or checked entries in
         self._recorded_in, self._recorded_len = None, -1
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
@@ -625,7 +636,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         with torch.no_grad():
             for b in self._all_buckets():
                 b.acc.zero_()
-                _mark_clean(b)
+                _all_zero(b)
+        self._stale = False
         self._end_window()
         self.micro_step = 0
         self._window_k = self._next_k()
@@ -634,13 +646,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         """Whether this micro-batch's accumulations should also produce norm statistics."""
         return self._pg is None and self.micro_step + 1 >= self._window_k
 
-    def _end_window(self, defer_grads: bool = False, zeroed: bool = True):
+    def _end_window(self, defer_grads: bool = False, zeroed: bool = True, lazy: bool = False):
         """The window's per-param marks cleared, and the ``.grad`` views it gave; with
         ``defer_grads`` the tensors whose ``.grad`` to clear are returned instead.
         ``zeroed``: the touched params' accumulators hold zeros now (else the caller zeroes
-        them and calls ``_mark_clean``); where something else wrote the buffer in the
-        window, the untouched params' accumulators are zeroed too (the boundary resets
-        the whole window)."""
+        them and calls ``_mark_clean``), or, with ``lazy``, in the buckets that leave
+        them (Bucket.lazy_zero), the applied window: they become dirty. Where something
+        else wrote the buffer in the window, the untouched params' accumulators are zeroed
+        (the boundary resets the whole window; none is dirty here: _zero_stale ran)."""
         self._reduced = _MISSING
         clear = []
         for b in self._all_buckets():
@@ -650,6 +663,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                         for i, t in enumerate(b.touched):
                             if not t:
                                 b.main_grads[i].zero_()
+                if lazy and self._leaves_acc(b):
+                    b.dirty = list(b.touched)
+                    self._stale = self._stale or any(b.dirty)
                 _mark_clean(b)
             n = len(b)
             b.stats = [None] * n
@@ -667,11 +683,37 @@ class FusedAccumulator(torch.optim.Optimizer):
                 elif not b.is_half and params[i].grad is b.main_grads[i] \
                         and not released[i]:
                     clear.append(params[i])  # set by pre_hook for an autograd.grad call
+        self._wants_callback = self._has_fp32 or self._stale
         if defer_grads:
             return clear
         for t in clear:
             t.grad = None
         return None
+
+    @staticmethod
+    def _leaves_acc(b: Bucket) -> bool:
+        """Whether the fused boundary leaves ``b``'s stepped accumulators dirty instead
+        of zeroing them (Bucket.dirty)."""
+        return b.lazy_zero and b.overwrite_first
+
+    @torch.no_grad()
+    def _zero_stale(self) -> None:
+        """Zero every dirty accumulator (Bucket.dirty: an earlier window's sum, of a
+        param no gradient of this window has reached yet), before anything reads it as
+        this window's: at the end of the window's first backward (p.main_grad is the
+        window's sum after backward), and before the boundary's norm and sums and a
+        state_dict(). Keeps the buckets' statistics and clean_version (it writes none of
+        the params they describe)."""
+        self._stale = False
+        self._wants_callback = self._has_fp32
+        for b in self._all_buckets():
+            dirty = b.dirty
+            if any(dirty):
+                before = b.acc._version
+                for s, _ in b.runs(lambda k: None, dirty):
+                    b.acc_local[s].zero_()
+                b.dirty = [False] * len(b)
+                _note_write(b, before, False)
 
     @_never_traced
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -850,6 +892,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             b.ride_norm = device.type == "cpu"
             buckets.append(b)
             self._has_fp32 = self._has_fp32 or not b.is_half
+            self._wants_callback = self._has_fp32 or self._stale
             for i, p in enumerate(members):
                 self._install_hooks(b, i, p)
                 if grads[i] is not None:  # a gradient that was there before wrapping
@@ -906,6 +949,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if q is p:
                     b.released[i] = True
                     b.touched[i] = False
+                    b.dirty[i] = False
                     with torch.no_grad():
                         b.main_grads[i].zero_()
                     t = b.stepped[i]
@@ -1040,6 +1084,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 queue_callback(self._end_of_backward)
                 if traced:
                     self._restore_cleared_grads()
+                    if self._stale:
+                        self._zero_stale()
 
         def post_hook_body(p, traced=False):
             # the hot path: once per param per backward
@@ -1065,6 +1111,12 @@ class FusedAccumulator(torch.optim.Optimizer):
                     b.pending.append(i)
                     b.pending_accs.append(view if perm is None else flat)
                     b.pending_grads.append(g)
+                    # the window's first gradient of a dirty param overwrites it
+                    if b.dirty[i]:
+                        b.pending_ow.append(1)
+                        b.dirty[i] = False
+                    else:
+                        b.pending_ow.append(0)
                     b.pending_bytes += nbytes
                     if b.pending_bytes >= flush_bytes:
                         self._flush(b)
@@ -1076,16 +1128,18 @@ class FusedAccumulator(torch.optim.Optimizer):
                     norm_type = self.norm_type if ride else None
                     before = b.acc._version
                     # the window's first gradient of the param overwrites its accumulator
-                    # where the bucket knows it holds zeros (reads 4 bytes/element less)
-                    ow = before == b.clean_version and not b.touched[i]
+                    # where it holds an earlier window (dirty) or the bucket knows it holds
+                    # zeros (reads 4 bytes/element less)
+                    ow = not b.touched[i] and (b.dirty[i] or before == b.clean_version)
                     if torch.is_grad_enabled():  # create_graph=True
                         with torch.no_grad():
                             stat = accumulate_(flat, g, 1.0, overwrite=ow, norm_type=norm_type)
                     else:
                         stat = accumulate_(flat, g, 1.0, overwrite=ow, norm_type=norm_type)
                     b.stats[i] = stat
+                    b.dirty[i] = False  # (before _zero_stale: a traced hook's runs at once)
                     _note_write(b, before, stat is not None)
-                    if self._has_fp32:
+                    if self._wants_callback:
                         queue_end_of_backward(self, traced)
                 p.grad = None
             elif grad is not view:
@@ -1101,6 +1155,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 p.grad = view
             if not b.exposed[i]:  # first grad of the window, or since zero_grad()
                 b.touched[i] = True
+                b.dirty[i] = False
                 self._expose_grad(b, i)
             if not b.is_half:
                 queue_end_of_backward(self, traced)
@@ -1110,10 +1165,11 @@ class FusedAccumulator(torch.optim.Optimizer):
     @torch.no_grad()
     def _flush(self, b: Bucket) -> None:
         """Accumulate the bucket's batch of small half gradients (one op call)."""
-        pending, accs, grads = b.pending, b.pending_accs, b.pending_grads
+        pending, accs, grads, ows = b.pending, b.pending_accs, b.pending_grads, b.pending_ow
         if not pending:
             return
         b.pending, b.pending_accs, b.pending_grads, b.pending_bytes = [], [], [], 0
+        b.pending_ow = []
         is_pending = b.is_pending
         for i in pending:
             is_pending[i] = False
@@ -1123,8 +1179,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         ride = b.ride_norm and b.stats_version != -2 and self._ride_norm()
         before = b.acc._version
         # one device, one grad dtype, contiguous, equal numels: trusted
-        stat = b.ops.accumulate_many_(accs, grads, 1.0, norm_type=self.norm_type if ride else None,
-                                      trusted=True)
+        stat = b.ops.accumulate_many_(accs, grads, 1.0, overwrite=ows if 1 in ows else None,
+                                      norm_type=self.norm_type if ride else None, trusted=True)
         if stat is not None:
             b.batch_stats.append(stat)
             stats = b.stats
@@ -1152,6 +1208,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         hook of each backward restores them at once (traced hooks)."""
         self._flush_all()
         self._restore_cleared_grads()
+        if self._stale:
+            self._zero_stale()
 
     def _restore_cleared_grads(self) -> None:
         for b in self._all_buckets():
@@ -1166,6 +1224,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._flush_queued = None
         for b in self._all_buckets():
             b.pending, b.pending_accs, b.pending_grads, b.pending_bytes = [], [], [], 0
+            b.pending_ow = []
             b.is_pending = [False] * len(b)
 
     @_never_traced
@@ -1422,6 +1481,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         whatever happens: a post-hook that raises leaves it applied and counted, as torch
         leaves an optimizer whose post-hook raised."""
         self._check_buckets()
+        if self._stale:  # (before the sums and the norm read the accumulators)
+            self._zero_stale()
         post_hooks = None
         keep_grad = False
         dev = self._device
@@ -1486,8 +1547,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                         b.acc_local.div_(mult)
                     raise
                 mult = torch.ones_like(mult)
-            # (with found set: only zeroes acc)
-            self._fused_update(hps, mult, found_f, zero_acc=not keep_grad)
+            # (with found set: only zeroes acc; a skipped window is discarded, DESIGN.md
+            # section 2, so then every bucket zeroes it)
+            self._fused_update(hps, mult, found_f, zero_acc=not keep_grad, lazy=not skipped)
             if not skipped:
                 self._record_fused_steps()
                 if self._shard is not None:
@@ -1504,7 +1566,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         # the wrapper, opt.stepped, update_count, micro_step, a state_dict(), is after
         # the update); only .grad still holds the applied gradient, for them.
         self._count_window(skipped)
-        grads = self._end_window(defer_grads=post_hooks is not None, zeroed=not keep_grad)
+        grads = self._end_window(defer_grads=post_hooks is not None, zeroed=not keep_grad,
+                                 lazy=self._kind is not None and not skipped)
         try:
             if post_hooks is not None:
                 post_hooks()
@@ -1659,17 +1722,20 @@ class FusedAccumulator(torch.optim.Optimizer):
         return hps
 
     def _fused_update(self, hps: list, mult: torch.Tensor, found: torch.Tensor,
-                      zero_acc: bool) -> None:
+                      zero_acc: bool, lazy: bool) -> None:
         for buckets, hp in zip(self._buckets, hps):
             for b in buckets:
                 if not any(b.touched):
                     continue
                 m = mult if mult.device == b.device else mult.to(b.device)
                 f = found if found.device == b.device else found.to(b.device)
+                # the buckets that leave their accumulators dirty (Bucket.dirty) do not
+                # zero them: the next window's first gradients overwrite them
+                z = zero_acc and not (lazy and self._leaves_acc(b))
                 if self._kind == "adam":
-                    self._adam_bucket(b, hp, m, f, zero_acc)
+                    self._adam_bucket(b, hp, m, f, z)
                 else:
-                    self._sgd_bucket(b, hp, m, f, zero_acc)
+                    self._sgd_bucket(b, hp, m, f, z)
 
     def _hparams(self, gi: int, group: dict) -> dict:
         """Group ``gi``'s hyperparameters as the fused ops take them; ValueError naming
@@ -1887,6 +1953,8 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _state_dict(self) -> dict:
         self._sync_groups()
         self._flush_all()
+        if self._stale:
+            self._zero_stale()
         self._check_buckets()
         self._drop_foreign_state()
         index = self._index_map()
@@ -2126,7 +2194,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                     b.view(b.model, i).copy_(master)
             for b in self._all_buckets():
                 b.acc.zero_()
-                _mark_clean(b)
+                _all_zero(b)
+            self._stale = False
             self._end_window()
             cleared = {int(idx) for idx in extra.get("cleared_grads", ())}
             for idx, acc in extra.get("accumulators", {}).items():

@@ -122,10 +122,13 @@ def window_floor_bytes_per_param(k: int = K_WINDOW, grad_itemsize: int = 2) -> i
     """Bytes per param element the fused path must move in one window of our harness.
 
     Per micro-batch: autograd's own clone of the incoming grad into ``p.grad``
-    (read + write, ``2 * grad_itemsize``) and ``accumulate_`` (``grad_itemsize`` + 8);
-    at the boundary the norm (4) and the AdamW step with half copy and zeroing (34).
+    (read + write, ``2 * grad_itemsize``) and ``accumulate_`` (``grad_itemsize`` + 8,
+    but the window's first one overwrites the accumulator the last boundary left: 4
+    less); at the boundary the norm (4) and the AdamW step with half copy, without
+    zeroing the accumulator (30).
     """
-    return k * (3 * grad_itemsize + 8) + 4 + bytes_per_element("adamw_step_")
+    return (k * (3 * grad_itemsize + 8) - 4 + 4
+            + bytes_per_element("adamw_step_", zero_acc=False))
 
 
 @dataclass(frozen=True)
@@ -1655,8 +1658,9 @@ def _window_legend(device, k):
         "- recipe+compile: the same recipe with its boundary function under `torch.compile` "
         "(compile time excluded from the timings, shown in the CSV).",
         f"- floor %copy (ours): {floor} B per param per window (k x (clone of the incoming "
-        "grad by autograd 4 + accumulate 10) + norm 4 + AdamW 34) / median time, as a "
-        "fraction of the copy bandwidth.",
+        "grad by autograd 4 + accumulate 10) - 4 (the window's first accumulation "
+        "overwrites) + norm 4 + AdamW 30 (the boundary leaves the accumulator for the next "
+        "window to overwrite)) / median time, as a fraction of the copy bandwidth.",
         f"- peak extra mem: {mem}. persistent mem: distinct storages of the contender's "
         "params, masters, accumulators and optimizer state.",
         "- op calls: outermost dispatcher ops (aten and custom ops) per window in "

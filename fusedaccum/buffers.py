@@ -60,7 +60,7 @@ def memory_order(p: torch.Tensor) -> tuple[int, ...] | None:
 # attribute lookup. Each is a property over that list, so rebinding one updates the list.
 HOOK_FIELDS = ("released", "is_pending", "stats", "exposed", "touched", "stepped",
                "main_grads", "pending", "pending_accs", "pending_grads", "pending_bytes",
-               "ride_norm", "stats_version", "clean_version")
+               "ride_norm", "stats_version", "clean_version", "dirty", "pending_ow")
 
 
 def _hook_field(k: int) -> property:
@@ -147,6 +147,16 @@ class Bucket:
         # element less to read). overwrite_first=False turns that off (benchmarks).
         self.overwrite_first = True
         self.clean_version = self.acc._version if self.is_half else -1
+        # Params whose accumulator still holds an earlier window's sum (no gradient of
+        # this window reached them yet): a boundary of the fused path leaves the stepped
+        # params' accumulators as they are instead of zeroing them (4 bytes per element
+        # less to write, DESIGN.md section 3), and each one's first gradient of the next
+        # window overwrites it. A dirty param is never touched; whatever else would read
+        # a dirty accumulator (the end of a backward, the boundary, state_dict) zeroes it
+        # first (FusedAccumulator._zero_stale). Half params only (an fp32 param's .grad is
+        # its accumulator, which autograd adds to), not sharded.
+        self.dirty = [False] * len(params)
+        self.lazy_zero = self.is_half and not self.sharded
         # small half gradients waiting to be accumulated together (one op call for many):
         # the params' indices, their accumulator views and grads (parallel lists), their
         # bytes, and which params are among them
@@ -154,6 +164,7 @@ class Bucket:
         self.pending_accs: list[torch.Tensor] = []
         self.pending_grads: list[torch.Tensor] = []
         self.pending_bytes = 0
+        self.pending_ow = []  # per waiting gradient: 1 if it overwrites its accumulator
         self.is_pending = [False] * len(params)
         self.released = [False] * len(params)
         self.state_flat: dict[str, torch.Tensor] = {}
@@ -268,8 +279,9 @@ class Bucket:
             self.step_flat.copy_(torch.frombuffer(array.array("f", self.steps),
                                                   dtype=torch.float32))
 
-    def runs(self, key) -> list[tuple[slice, object]]:
-        """Local element ranges of the maximal runs of touched params with equal ``key``.
+    def runs(self, key, which: list | None = None) -> list[tuple[slice, object]]:
+        """Local element ranges of the maximal runs of touched params (or of those
+        ``which`` marks) with equal ``key``.
 
         A run of params [i, j) is one contiguous element range [offsets[i], offsets[j])
         of every flat buffer (alignment padding between params is always zero in every
@@ -277,14 +289,15 @@ class Bucket:
         and shifted to local coordinates, with ``key(i)``.
         """
         out: list[tuple[int, int, object]] = []
+        marked = self.touched if which is None else which
         i, n = 0, len(self.params)
         while i < n:
-            if not self.touched[i]:
+            if not marked[i]:
                 i += 1
                 continue
             k = key(i)
             j = i + 1
-            while j < n and self.touched[j] and key(j) == k:
+            while j < n and marked[j] and key(j) == k:
                 j += 1
             a, e = max(self.offsets[i], self.lo), min(self.offsets[j], self.hi)
             if a < e:

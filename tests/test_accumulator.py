@@ -1997,6 +1997,102 @@ def test_overwriting_first_gradients_gives_the_same_bits(monkeypatch, device, fa
             assert torch.equal(torch.as_tensor(s1[i][key]), torch.as_tensor(s2[i][key]))
 
 
+# --- the boundary leaves the stepped accumulators dirty (Bucket.dirty) ---------------------
+
+def _spy_zero_acc(monkeypatch, opt):
+    """The ``zero_acc`` of every step op call the wrapper makes."""
+    seen = []
+    for b in opt._all_buckets():
+        for name in ("adamw_step_", "sgd_step_"):
+            real = getattr(b.ops, name)
+
+            def spy(*args, _real=real, **kwargs):
+                seen.append(kwargs["zero_acc"])
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(b.ops, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
+@pytest.mark.parametrize("flush_bytes", [None, 1], ids=["end_flush", "full_batches"])
+def test_boundary_leaves_half_accumulators_for_the_next_window_to_overwrite(
+        monkeypatch, device, fast, flush_bytes):
+    """The fused boundary does not zero the half params' accumulators (DESIGN.md section
+    3: 4 bytes per element less to write); the next window's first gradients overwrite
+    them (direct and batched, batches flushed at the end of backward or when full). A
+    param that the window's first backward gave no gradient reads zeros after it (its
+    main_grad is the window's sum), and so does everything after a state_dict()."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    _ride_above(monkeypatch, 8)  # weights direct, biases batched
+    if flush_bytes is not None:
+        monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", flush_bytes)
+    model = make_model(dtype=torch.bfloat16, device=device)
+    opt = wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), accumulation_steps=2)
+    zero_acc = _spy_zero_acc(monkeypatch, opt)
+    w0, w1 = make_windows(2, 2, dtype=torch.bfloat16, device=device)
+    for x, y in w0:
+        mse(model(x), y).backward()
+        opt.step()
+    assert opt.stepped and zero_acc and not any(zero_acc)
+    assert all(int(torch.count_nonzero(p.main_grad)) > 0 for p in model.parameters())
+    model.fc2.requires_grad_(False)
+    (x, y), (x2, y2) = w1
+
+    def grads(x, y):  # each param's fp32 gradient of one micro-batch, by plain autograd
+        ref = make_model(dtype=torch.bfloat16, device=device)
+        ref.load_state_dict(model.state_dict())
+        mse(ref(x), y).backward()
+        return {n: q.grad.float() for n, q in ref.named_parameters()}
+
+    g1, g2 = grads(x, y), grads(x2, y2)
+    mse(model(x), y).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("fc2"):
+            assert main_grad_is_clear(p), f"{name}: the last window's sum outlived backward"
+        else:
+            assert torch.equal(p.main_grad, g1[name]), name
+    opt.step()
+    model.fc2.requires_grad_(True)
+    mse(model(x2), y2).backward()
+    for name, p in model.named_parameters():
+        want = g2[name] if name.startswith("fc2") else g1[name] + g2[name]
+        assert torch.equal(p.main_grad, want), name
+    opt.step()
+    assert opt.stepped and len(zero_acc) == 2 and not any(zero_acc)
+    # a state_dict() right after a boundary: no window saved, and the accumulators zeroed
+    sd = opt.state_dict()
+    assert sd["fusedaccum"]["accumulators"] == {}
+    assert all(main_grad_is_clear(p) for p in model.parameters())
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
+def test_empty_window_after_a_boundary_reads_no_old_gradient(monkeypatch, device, fast):
+    """A window no backward reached (step() alone) after an applied one: the norm is 0
+    (not the last window's) and nothing is updated; the window after it is as usual."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    _ride_above(monkeypatch, 8)
+    model = make_model(dtype=torch.bfloat16, device=device)
+    ref = make_model(dtype=torch.bfloat16, device=device)
+    opt = wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0)
+    ref_opt = wrap(torch.optim.AdamW(ref.parameters(), lr=1e-2), max_grad_norm=1.0)
+    (x, y), (x2, y2) = make_batches(2, dtype=torch.bfloat16, device=device)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        mse(m(x), y).backward()
+        o.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # no backward in this window
+    assert opt.grad_norm.item() == 0.0
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        mse(m(x2), y2).backward()
+        o.step()
+    assert torch.equal(opt.grad_norm, ref_opt.grad_norm)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 def test_second_backward_in_the_last_micro_batch_makes_the_batch_statistic_stale(
         monkeypatch, device, norm_type):

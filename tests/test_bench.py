@@ -52,7 +52,7 @@ def test_op_specs_bytes_and_labels():
     for spec in B.OP_SPECS.values():
         assert sum(b for _, b in spec.breakdown()) == spec.bytes_per_element
     # one window of the fused path: k x (autograd's grad clone 4 + accumulate 10) + 4 + 34
-    assert B.window_floor_bytes_per_param(4, 2) == 4 * 14 + 38
+    assert B.window_floor_bytes_per_param(4, 2) == 4 * 14 - 4 + 4 + 30
 
 
 def test_sizes_parse_and_format():

@@ -582,6 +582,10 @@ def test_opcheck_accumulate_many(device, grad_dtype):
     torch.library.opcheck(ops.accumulate_many_.default, (accs, grads, 0.37))
     _, views = _many_views(sizes, torch.float32, device, 16, 20)
     torch.library.opcheck(ops.accumulate_many_.default, (views, grads, -1.5))
+    flags = [1, 0, 0, 1]  # (overwrite per pair)
+    torch.library.opcheck(ops.accumulate_many_.default, (views, grads, -1.5, flags))
     if device == "cpu":
         for nt in (2.0, math.inf):
             torch.library.opcheck(ops.accumulate_many_norm_.default, (views, grads, 0.5, nt))
+            torch.library.opcheck(ops.accumulate_many_norm_.default,
+                                  (views, grads, 0.5, nt, flags))

@@ -130,25 +130,38 @@ def _many_pair(sizes, dtype, dev, align, seed=0):
 @pytest.mark.parametrize("align", [16, 1], ids=["aligned16", "odd"])
 @pytest.mark.parametrize("scale", [0.25, -0.37])
 @pytest.mark.parametrize("trusted", [False, True], ids=["checked", "trusted"])
-def test_accumulate_many_is_bitwise_per_pair(backend_device, dtype, align, scale, trusted):
+@pytest.mark.parametrize("overwrite", [None, "mixed"])
+def test_accumulate_many_is_bitwise_per_pair(backend_device, dtype, align, scale, trusted,
+                                             overwrite):
+    """``overwrite="mixed"``: every other pair overwrites an acc poisoned with NaN (so a
+    read of it would show), zero-element pairs among them."""
     backend, dev = backend_device
     flat, accs, gap, grads = _many_pair(MANY_SIZES, dtype, dev, align)
+    flags = None if overwrite is None else [i % 2 == 0 for i in range(len(accs))]
+    for acc, ow in zip(accs, flags or ()):
+        if ow:
+            acc.fill_(float("nan"))
     grads_before = [g.clone() for g in grads]
     want_flat = flat.clone()
     want_accs = [want_flat[a.storage_offset():a.storage_offset() + a.numel()] for a in accs]
-    for acc, grad in zip(want_accs, grads):
-        ops.accumulate_(acc, grad, scale, backend=backend)
-    if trusted:  # as the wrapper calls it: the backend's own function, no argument checks
-        assert ops.get(backend, dev).accumulate_many_(accs, grads, scale, trusted=True) is None
+    for i, (acc, grad) in enumerate(zip(want_accs, grads)):
+        ops.accumulate_(acc, grad, scale, overwrite=bool(flags and flags[i]), backend=backend)
+    if trusted:  # as the wrapper calls it: the backend's own function, no argument checks,
+        # the flags as 0/1 ints
+        ints = None if flags is None else [int(f) for f in flags]
+        assert ops.get(backend, dev).accumulate_many_(accs, grads, scale, overwrite=ints,
+                                                      trusted=True) is None
     else:
-        assert ops.accumulate_many_(accs, grads, scale, backend=backend) is None
+        assert ops.accumulate_many_(accs, grads, scale, overwrite=flags,
+                                    backend=backend) is None
     assert torch.equal(_bits(flat), _bits(want_flat))  # every element, the gaps included
     assert torch.isnan(flat[gap]).all(), "a poisoned gap between the accs was written"
+    assert not any(torch.isnan(a).any() for a in accs), "an overwritten acc was read"
     for g, g0 in zip(grads, grads_before):
         assert torch.equal(_bits(g), _bits(g0))
     # and the reference, within the usual tolerance
     ref_flat, ref_accs, _, ref_grads = _many_pair(MANY_SIZES, dtype, dev, align)
-    reference.accumulate_many_(ref_accs, ref_grads, scale)
+    reference.accumulate_many_(ref_accs, ref_grads, scale, overwrite=flags)
     torch.testing.assert_close(flat, ref_flat, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
@@ -160,15 +173,18 @@ def test_accumulate_many_with_norm(backend_device, dtype, norm_type):
     backend, dev = backend_device
     flat, accs, gap, grads = _many_pair(MANY_SIZES, dtype, dev, 16)
     want_flat, want_accs, _, _ = _many_pair(MANY_SIZES, dtype, dev, 16)
-    ops.accumulate_many_(want_accs, grads, -0.37, backend=backend)
-    stat = ops.accumulate_many_(accs, grads, -0.37, norm_type=norm_type, backend=backend)
+    flags = [i in (0, 2) for i in range(len(accs))]  # (2: the largest pair)
+    ops.accumulate_many_(want_accs, grads, -0.37, overwrite=flags, backend=backend)
+    stat = ops.accumulate_many_(accs, grads, -0.37, overwrite=flags, norm_type=norm_type,
+                                backend=backend)
     assert torch.equal(_bits(flat), _bits(want_flat))
     assert torch.isnan(flat[gap]).all(), "a poisoned gap between the accs was written"
     assert stat.shape == () and stat.dtype == torch.float32 and stat.device == flat.device
     torch.testing.assert_close(stat, reference.many_stat(want_accs, norm_type), rtol=1e-5,
                                atol=0)
     again_flat, again_accs, _, _ = _many_pair(MANY_SIZES, dtype, dev, 16)
-    again = ops.accumulate_many_(again_accs, grads, -0.37, norm_type=norm_type, backend=backend)
+    again = ops.accumulate_many_(again_accs, grads, -0.37, overwrite=flags, norm_type=norm_type,
+                                 backend=backend)
     assert torch.equal(_bits(stat.reshape(1)), _bits(again.reshape(1)))  # a fixed order
     # a NaN or inf in any acc shows in the statistic
     accs[2][5] = float("nan") if norm_type == 2.0 else float("inf")
@@ -193,10 +209,11 @@ def test_accumulate_many_150_tensors(backend_device, upload, monkeypatch):
     sizes[::17] = [0] * len(sizes[::17])
     sizes[5] = 70001
     flat, accs, _, grads = _many_pair(sizes, torch.bfloat16, dev, 16, seed=11)
+    flags = (torch.rand(150, generator=_gen(8)) < 0.4).tolist()  # (CUDA: > 64 pairs a launch)
     want = [a.clone() for a in accs]
-    for acc, grad in zip(want, grads):
-        ops.accumulate_(acc, grad, 0.25, backend=backend)
-    ops.accumulate_many_(accs, grads, 0.25, backend=backend)
+    for acc, grad, ow in zip(want, grads, flags):
+        ops.accumulate_(acc, grad, 0.25, overwrite=ow, backend=backend)
+    ops.accumulate_many_(accs, grads, 0.25, overwrite=flags, backend=backend)
     for i, (got, w) in enumerate(zip(accs, want)):
         assert torch.equal(_bits(got), _bits(w)), f"accs[{i}] ({got.numel()} elements)"
 
@@ -282,6 +299,25 @@ def test_accumulate_many_errors_change_nothing(backend_device):
             reference.accumulate_many_(accs, grads, 0.5)
         for a, b in zip(listed, before):
             assert torch.equal(a, b), "an acc changed although the call failed"
+
+
+@pytest.mark.parametrize("overwrite, exc, match", [
+    ([True], ValueError, r"overwrite has 1 flags for 2 pairs"),
+    ([True, False, True], ValueError, r"overwrite has 3 flags for 2 pairs"),
+    ([True, 2], TypeError, r"overwrite\[1\] must be a bool, got 2"),
+    ([True, "yes"], TypeError, r"overwrite\[1\] must be a bool"),
+    (True, TypeError, r"overwrite must be None or a list of bools"),
+])
+def test_accumulate_many_bad_overwrite_changes_nothing(backend_device, overwrite, exc, match):
+    backend, dev = backend_device
+    accs = [torch.ones(4, device=dev), torch.ones(5, device=dev)]
+    grads = [torch.ones(4, dtype=torch.bfloat16, device=dev),
+             torch.ones(5, dtype=torch.bfloat16, device=dev)]
+    with pytest.raises(exc, match=match):
+        ops.accumulate_many_(accs, grads, 0.5, overwrite=overwrite, backend=backend)
+    with pytest.raises(exc, match=match):
+        reference.accumulate_many_(accs, grads, 0.5, overwrite=overwrite)
+    assert all(torch.equal(a, torch.ones_like(a)) for a in accs)
 
 
 def test_accumulate_many_on_another_device_is_an_error():

@@ -89,8 +89,9 @@ def test_opcheck_accumulate_many(grad_dtype):
     sizes = (3001, 0, 1, 70001)
     accs = [_rand(n, seed=10 + i) for i, n in enumerate(sizes)]
     grads = [_rand(n, grad_dtype, seed=20 + i) for i, n in enumerate(sizes)]
-    torch.library.opcheck(torch.ops.fusedaccum.triton_accumulate_many_.default,
-                          (accs, grads, 0.25))
+    for overwrite in ([], [1, 0, 1, 0]):
+        torch.library.opcheck(torch.ops.fusedaccum.triton_accumulate_many_.default,
+                              (accs, grads, 0.25, overwrite))
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
@@ -262,7 +263,7 @@ def test_cached_flush_tables_are_reused_only_for_the_same_entries(monkeypatch):
     want = _per_pair(accs, grads, 0.5)
     want = _per_pair(want, grads, 0.5)
     for _ in range(2):  # a miss, then a hit
-        T._launch_accumulate_many(accs, grads, 0.5, "cached")
+        T._launch_accumulate_many(accs, grads, 0.5, upload="cached")
     for got, w in zip(accs, want):
         assert torch.equal(got, w)
 

@@ -138,6 +138,7 @@ void accumulate_many(const AccumulateManyParams& p) {
     q.grad_dtype = p.grad_dtype;
     q.n = p.numels[t];
     q.scale = p.scale;
+    q.overwrite = p.overwrite != nullptr && p.overwrite[t] != 0;
     q.norm_mode = p.norm_mode;
     return q;
   };

@@ -3,7 +3,7 @@
 // a one-block second launch combines the partials: deterministic, no atomics, no sync.
 // Without a norm the grid covers the buffer (cover_blocks), one 8-element unit per thread.
 //
-// accumulate_many: the same update (no overwrite, no norm) for many (acc, grad) pairs, one
+// accumulate_many: the same update (no norm; overwrite per pair) for many (acc, grad) pairs, one
 // launch per group of up to kManyMaxTensors pairs. The pointers, sizes and a prefix sum of
 // blocks per pair travel by value in the kernel's parameters (no H2D copy); each block
 // finds its pair by binary search over the prefix sum and handles one kThreads * kVec
@@ -90,7 +90,8 @@ struct ManyArgs {
   const void* grad[kManyMaxTensors];
   int64_t n[kManyMaxTensors];
   int32_t block_start[kManyMaxTensors + 1];  // pair t owns blocks [start[t], start[t + 1])
-  uint64_t aligned;  // bit t: acc[t] and grad[t] are 16-byte aligned
+  uint64_t aligned;    // bit t: acc[t] and grad[t] are 16-byte aligned
+  uint64_t overwrite;  // bit t: pair t overwrites acc[t] (does not read it)
   int32_t count;     // pairs in this launch, each with n > 0
   float scale;
 };
@@ -119,10 +120,17 @@ __global__ void __launch_bounds__(kThreads) accumulate_many_kernel(const ManyArg
   const int64_t full_units = ((args.aligned >> t) & 1u) ? n / kVec : 0;
   const int64_t blocks = args.block_start[t + 1] - args.block_start[t];
   const int64_t stride = blocks * kThreads;  // runs once unless the pair was capped
-  for (int64_t u = static_cast<int64_t>(b - args.block_start[t]) * kThreads + threadIdx.x;
-       u < units; u += stride) {
-    float a[kVec];
-    accumulate_unit<GDT, false>(acc, grad, u, n, u < full_units, args.scale, a);
+  const int64_t first = static_cast<int64_t>(b - args.block_start[t]) * kThreads + threadIdx.x;
+  if ((args.overwrite >> t) & 1u) {  // (uniform across the block)
+    for (int64_t u = first; u < units; u += stride) {
+      float a[kVec];
+      accumulate_unit<GDT, true>(acc, grad, u, n, u < full_units, args.scale, a);
+    }
+  } else {
+    for (int64_t u = first; u < units; u += stride) {
+      float a[kVec];
+      accumulate_unit<GDT, false>(acc, grad, u, n, u < full_units, args.scale, a);
+    }
   }
 }
 
@@ -164,6 +172,7 @@ int accumulate_many(const AccumulateManyParams& p) {
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   ManyArgs args;
   args.aligned = 0;
+  args.overwrite = 0;
   args.count = 0;
   args.scale = p.scale;
   args.block_start[0] = 0;
@@ -178,12 +187,14 @@ int accumulate_many(const AccumulateManyParams& p) {
     args.grad[c] = p.grads[i];
     args.n[c] = n;
     if (aligned16(p.accs[i]) && aligned16(p.grads[i])) args.aligned |= uint64_t{1} << c;
+    if (p.overwrite != nullptr && p.overwrite[i] != 0) args.overwrite |= uint64_t{1} << c;
     args.block_start[c + 1] = args.block_start[c] + static_cast<int32_t>(blocks);
     args.count = c + 1;
     if (args.count == kManyMaxTensors) {
       const int err = launch_many(args, p.grad_dtype, stream);
       if (err != 0) return err;
       args.aligned = 0;
+      args.overwrite = 0;
       args.count = 0;
     }
   }

@@ -18,13 +18,14 @@ Signatures (identical for every backend; the reference module is the definition)
     updated ``acc``; with ``norm_type=inf`` its largest absolute value (NaN if any
     element is NaN); otherwise ``None``.
 
-``accumulate_many_(accs, grads, scale=1.0, *, norm_type=None) -> Tensor | None``
-    For every i, ``accs[i] += scale * float32(grads[i])`` in place: exactly
-    ``accumulate_(accs[i], grads[i], scale)`` (no overwrite), bitwise, but in one call
-    (the Triton backend: one kernel launch). With ``norm_type`` returns the statistic of
-    all updated accs together, as ``accumulate_`` for one (0 for an empty list): fused
-    into the loop on ``cpu``, a separate pass elsewhere. ``accs`` is a list of fp32
-    tensors (in practice 1-D views into one flat buffer; they must not overlap one
+``accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None) -> Tensor | None``
+    For every i, ``accs[i] = (0 if overwrite[i] else accs[i]) + scale * float32(grads[i])``
+    in place: exactly ``accumulate_(accs[i], grads[i], scale, overwrite=overwrite[i])``,
+    bitwise, but in one call (the Triton backend: one kernel launch); ``overwrite`` is
+    None (no pair overwrites) or a list of one bool per pair. With ``norm_type`` returns
+    the statistic of all updated accs together, as ``accumulate_`` for one (0 for an
+    empty list): fused into the loop on ``cpu``, a separate pass elsewhere. ``accs`` is
+    a list of fp32 tensors (in practice 1-D views into one flat buffer; they must not overlap one
     another), ``grads`` a list of as many fp16/bf16/fp32 tensors, all of one dtype, with
     ``grads[i].numel() == accs[i].numel()``; all contiguous (any shape: only element
     counts must agree), on one device. An empty list does nothing; zero-element tensors
@@ -61,7 +62,12 @@ import os
 
 import torch
 
-from fusedaccum.ops.reference import check_many_inputs, check_norm_type, many_stat
+from fusedaccum.ops.reference import (
+    check_many_inputs,
+    check_many_overwrite,
+    check_norm_type,
+    many_stat,
+)
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 _MODULES = {
@@ -155,7 +161,8 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None, backen
     )
 
 
-def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, backend="auto"):
+def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None,
+                     backend="auto"):
     if not isinstance(accs, (list, tuple, torch.Tensor)):
         accs = list(accs)  # any other iterable; a tensor is refused by the checks
     if not isinstance(grads, (list, tuple, torch.Tensor)):
@@ -163,8 +170,10 @@ def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, backend="auto"):
     check_norm_type(norm_type)
     if not isinstance(accs, (list, tuple)) or not accs or not isinstance(accs[0], torch.Tensor):
         check_many_inputs(accs, grads)  # raises unless both lists are empty
+        check_many_overwrite(overwrite, 0)
         return None if norm_type is None else many_stat([], norm_type)
     return get(backend, accs[0].device).accumulate_many_(accs, grads, scale,
+                                                         overwrite=overwrite,
                                                          norm_type=norm_type)
 
 

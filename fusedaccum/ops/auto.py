@@ -42,9 +42,10 @@ class Router:
         mod = self.triton if big_fp32 and norm_type is None else self.cuda
         return mod.accumulate_(acc, grad, scale, overwrite=overwrite, norm_type=norm_type)
 
-    def accumulate_many_(self, accs, grads, scale=1.0, *, norm_type=None, trusted=False):
-        return self.cuda.accumulate_many_(accs, grads, scale, norm_type=norm_type,
-                                          trusted=trusted)
+    def accumulate_many_(self, accs, grads, scale=1.0, *, overwrite=None, norm_type=None,
+                         trusted=False):
+        return self.cuda.accumulate_many_(accs, grads, scale, overwrite=overwrite,
+                                          norm_type=norm_type, trusted=trusted)
 
     def grad_norm(self, tensors, norm_type=2.0):
         return self.cuda.grad_norm(tensors, norm_type)

@@ -40,6 +40,7 @@ from fusedaccum.ops.reference import (
     _check_flat,
     check_adamw_inputs,
     check_many_inputs,
+    check_many_overwrite,
     check_norm_inputs,
     check_norm_type,
     check_sgd_inputs,
@@ -241,7 +242,7 @@ def _register_fakes() -> None:
         return acc.new_empty(())
 
     @torch.library.register_fake(f"{lib}::accumulate_many_norm_")
-    def _accumulate_many_norm_fake(accs, grads, scale, norm_type):
+    def _accumulate_many_norm_fake(accs, grads, scale, norm_type, overwrite=()):
         return torch.empty((), dtype=torch.float32)  # the op runs on CPU tensors only
 
     @torch.library.register_fake(f"{lib}::grad_norm")
@@ -404,23 +405,27 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
                                    _norm_type(norm_type))
 
 
-def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, trusted=False):
-    """``accs[i] += scale * grads[i]`` for every i (accumulate_ without overwrite, bitwise
-    the same), in one op call: one C++ loop on CPU, one kernel launch per 64 pairs on
-    CUDA. Lists (or tuples) of contiguous tensors of equal numel. ``trusted``: the caller
-    guarantees what check_many_inputs checks (the wrapper's batches do). With
-    ``norm_type`` also the statistic of all updated accs (reference.accumulate_many_): in
-    the same loop on CPU; on CUDA by a separate pass."""
+def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None,
+                     trusted=False):
+    """``accs[i] = (0 if overwrite[i] else accs[i]) + scale * grads[i]`` for every i
+    (accumulate_, bitwise the same), in one op call: one C++ loop on CPU, one kernel
+    launch per 64 pairs on CUDA. Lists (or tuples) of contiguous tensors of equal numel.
+    ``trusted``: the caller guarantees what check_many_inputs checks (the wrapper's
+    batches do), and gives ``overwrite`` as None or 0/1 ints. With ``norm_type`` also the
+    statistic of all updated accs (reference.accumulate_many_): in the same loop on CPU;
+    on CUDA by a separate pass."""
     check_norm_type(norm_type)
     if not trusted:
         check_many_inputs(accs, grads)
+        overwrite = check_many_overwrite(overwrite, len(accs))
     if not accs:
         return None if norm_type is None else many_stat(accs, norm_type)
     ops = _ops()
+    flags = overwrite or ()
     if norm_type is None or accs[0].device.type != "cpu":
-        ops["accumulate_many_"](accs, grads, float(scale))  # (picks the CPU or CUDA kernel)
+        ops["accumulate_many_"](accs, grads, float(scale), flags)  # (CPU or CUDA kernel)
         return None if norm_type is None else many_stat(accs, norm_type)
-    return ops["accumulate_many_norm_"](accs, grads, float(scale), _norm_type(norm_type))
+    return ops["accumulate_many_norm_"](accs, grads, float(scale), _norm_type(norm_type), flags)
 
 
 def grad_norm(tensors, norm_type=2.0):

@@ -148,14 +148,36 @@ def check_many_inputs(accs, grads) -> None:
                              f"{acc.numel()} (accs[{i}])")
 
 
-def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, trusted=False):
-    """``accumulate_(accs[i], grads[i], scale)`` for every i (no overwrite).
+def check_many_overwrite(overwrite, n: int) -> list[int] | None:
+    """accumulate_many_'s ``overwrite`` as the ops take it: None (no pair overwrites) or
+    one 0/1 int per pair. It may be None or a list or tuple of ``n`` bools (or 0/1 ints);
+    TypeError/ValueError otherwise."""
+    if overwrite is None:
+        return None
+    if not isinstance(overwrite, (list, tuple)):
+        raise TypeError("overwrite must be None or a list of bools (one per pair), got "
+                        f"{type(overwrite).__name__}")
+    if len(overwrite) != n:
+        raise ValueError(f"overwrite has {len(overwrite)} flags for {n} pairs (one per pair)")
+    flags = []
+    for i, o in enumerate(overwrite):
+        if not isinstance(o, (bool, int)) or o not in (0, 1):
+            raise TypeError(f"overwrite[{i}] must be a bool, got {o!r}")
+        flags.append(1 if o else 0)
+    return flags if any(flags) else None
 
-    The batched form of accumulate_: ``accs[i] += scale * float32(grads[i])`` in place,
-    bitwise what the per-pair calls give. Arguments as :func:`check_many_inputs` checks
-    them, all before anything is written; the accs must not overlap one another. An
-    empty list does nothing. ``trusted=True`` skips those checks: the caller guarantees
-    them (the wrapper's batches do by construction; the host time matters there).
+
+def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None, trusted=False):
+    """``accumulate_(accs[i], grads[i], scale, overwrite=overwrite[i])`` for every i.
+
+    The batched form of accumulate_: ``accs[i] = (0 if overwrite[i] else accs[i]) + scale
+    * float32(grads[i])`` in place, bitwise what the per-pair calls give (``overwrite``:
+    None, no pair overwrites, or one bool per pair). Arguments as
+    :func:`check_many_inputs` and :func:`check_many_overwrite` check them, all before
+    anything is written; the accs must not overlap one another. An empty list does
+    nothing. ``trusted=True`` skips those checks: the caller guarantees them, and passes
+    ``overwrite`` as None or 0/1 ints (the wrapper's batches do by construction; the host
+    time matters there).
 
     With ``norm_type`` (2.0 or inf) returns the statistic of all updated accs together,
     as accumulate_ does for one: a 0-dim fp32 tensor holding the sum of squares, or the
@@ -164,8 +186,10 @@ def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, trusted=False):
     check_norm_type(norm_type)
     if not trusted:
         check_many_inputs(accs, grads)
-    for acc, grad in zip(accs, grads):
-        accumulate_(acc.view(-1), grad.view(-1), scale)
+        overwrite = check_many_overwrite(overwrite, len(accs))
+    flags = overwrite or (0,) * len(accs)
+    for acc, grad, ow in zip(accs, grads, flags):
+        accumulate_(acc.view(-1), grad.view(-1), scale, overwrite=bool(ow))
     return None if norm_type is None else many_stat(accs, norm_type)
 
 

@@ -43,6 +43,7 @@ from fusedaccum.ops.reference import (
     _check_flat,
     check_adamw_inputs,
     check_many_inputs,
+    check_many_overwrite,
     check_norm_inputs,
     check_norm_type,
     check_sgd_inputs,
@@ -260,13 +261,14 @@ def _launch_accumulate(acc, grad, scale, overwrite, norm, wrap=_raw):
 @triton.jit
 def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
                             GRAD_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """accumulate_ (no overwrite, no norm) of T = n_tensors pairs in one launch.
+    """accumulate_ (no norm) of T = n_tensors pairs in one launch.
 
     ``table_ptr`` is an int64 table [acc address x T, grad address x T, numel x T,
     block start x (T + 1)] (non-empty pairs only, so the starts strictly increase; the
-    last one is the grid size). Each program finds its pair by a binary search over the
-    starts, LOG_T = ceil(log2(T)) fixed steps (unrolled), keeping
-    starts[lo] <= pid < starts[hi], and then does one block of that pair.
+    last one is the grid size); a pair that overwrites its acc has its numel negated.
+    Each program finds its pair by a binary search over the starts, LOG_T =
+    ceil(log2(T)) fixed steps (unrolled), keeping starts[lo] <= pid < starts[hi], and
+    then does one block of that pair.
     """
     pid = tl.program_id(0).to(tl.int64)
     starts_ptr = table_ptr + 3 * n_tensors
@@ -285,20 +287,26 @@ def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
         grad_ptr = grad_addr.to(tl.pointer_type(tl.float16))
     else:
         grad_ptr = grad_addr.to(tl.pointer_type(tl.float32))
-    n = tl.load(table_ptr + 2 * n_tensors + lo)
+    signed_n = tl.load(table_ptr + 2 * n_tensors + lo)
     offs = _block_offsets(pid - tl.load(starts_ptr + lo), BLOCK)
-    _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, False)
+    if signed_n < 0:  # (uniform across the program)
+        _accumulate_block(acc_ptr, grad_ptr, offs, offs < -signed_n, scale, GRAD_KIND, True)
+    else:
+        _accumulate_block(acc_ptr, grad_ptr, offs, offs < signed_n, scale, GRAD_KIND, False)
 
 
-def _many_table(accs, grads, block: int) -> tuple[list[int], int, int]:
+def _many_table(accs, grads, block: int, overwrite=None) -> tuple[list[int], int, int]:
     """The entries of _accumulate_many_kernel's table (non-empty pairs), their count and
-    the grid size; ([], 0, 0) when every pair is empty."""
-    rows = [(a.data_ptr(), g.data_ptr(), n) for a, g in zip(accs, grads) if (n := a.numel())]
+    the grid size; ([], 0, 0) when every pair is empty. ``overwrite``: None or one 0/1
+    per pair."""
+    flags = overwrite or itertools.repeat(0)
+    rows = [(a.data_ptr(), g.data_ptr(), n, -n if ow else n)
+            for a, g, ow in zip(accs, grads, flags) if (n := a.numel())]
     if not rows:
         return [], 0, 0
-    acc_addrs, grad_addrs, numels = zip(*rows)
+    acc_addrs, grad_addrs, numels, signed = zip(*rows)
     starts = list(itertools.accumulate((n + block - 1) // block for n in numels))
-    return [*acc_addrs, *grad_addrs, *numels, 0, *starts], len(rows), starts[-1]
+    return [*acc_addrs, *grad_addrs, *signed, 0, *starts], len(rows), starts[-1]
 
 
 # How a flush's table reaches the GPU: "pinned" (a page-locked copy from torch's caching
@@ -341,18 +349,18 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
     return table.to(device, non_blocking=True)
 
 
-def _launch_accumulate_many(accs, grads, scale, upload: str | None = None):
+def _launch_accumulate_many(accs, grads, scale, overwrite=None, *, upload: str | None = None):
     if not accs:
         return
     device = accs[0].device
     if _INTERPRETED and device.type != "cpu":
         # The interpreter runs kernels on host copies of the tensor arguments; addresses
         # in a table would be device addresses it cannot read. Same math, per pair.
-        for acc, grad in zip(accs, grads):
-            _launch_accumulate(acc, grad, scale, False, _NORM_NONE)
+        for acc, grad, ow in zip(accs, grads, overwrite or itertools.repeat(0)):
+            _launch_accumulate(acc, grad, scale, bool(ow), _NORM_NONE)
         return
     block, warps = _config("accumulate")
-    entries, n_tensors, blocks = _many_table(accs, grads, block)
+    entries, n_tensors, blocks = _many_table(accs, grads, block, overwrite)
     if not n_tensors:
         return
     table = _upload_table(entries, device, upload or _TABLE_UPLOAD)
@@ -692,11 +700,11 @@ if _TRITON_IMPORT_ERROR is None:
                             overwrite: bool, norm_type: float) -> torch.Tensor:
         return _launch_accumulate(acc, grad, scale, overwrite, _norm_code(norm_type), wrap)
 
-    @_define("triton_accumulate_many_", ("accs",), fake=lambda accs, grads, scale: None,
-             opaque=True)
+    @_define("triton_accumulate_many_", ("accs",),
+             fake=lambda accs, grads, scale, overwrite: None, opaque=True)
     def _accumulate_many_op(wrap, accs: list[torch.Tensor], grads: list[torch.Tensor],
-                            scale: float) -> None:
-        _launch_accumulate_many(accs, grads, scale)
+                            scale: float, overwrite: list[int]) -> None:
+        _launch_accumulate_many(accs, grads, scale, overwrite or None)
 
     @_define("triton_grad_norm", (), fake=lambda tensors, norm_type: tensors[0].new_empty(()))
     def _grad_norm_op(wrap, tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
@@ -772,21 +780,23 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
                                                         bool(overwrite), float(norm_type))
 
 
-def accumulate_many_(accs, grads, scale=1.0, *, norm_type=None, trusted=False):
+def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None,
+                     trusted=False):
     if norm_type is not None:  # the statistic by a separate pass (no fused form here)
         check_norm_type(norm_type)
-        accumulate_many_(accs, grads, scale, trusted=trusted)
+        accumulate_many_(accs, grads, scale, overwrite=overwrite, trusted=trusted)
         return many_stat(accs, norm_type)
     if not trusted:  # the caller guarantees what check_many_inputs checks
         check_many_inputs(accs, grads)
+        overwrite = check_many_overwrite(overwrite, len(accs))
     if not accs:
         return None
     _require_triton()
     if not _compiling():
-        _launch_accumulate_many(accs, grads, float(scale))
+        _launch_accumulate_many(accs, grads, float(scale), overwrite)
         _bump(accs)  # one call for the list (a Python call per acc cost ~1 us each)
         return None
-    torch.ops.fusedaccum.triton_accumulate_many_(accs, grads, float(scale))
+    torch.ops.fusedaccum.triton_accumulate_many_(accs, grads, float(scale), list(overwrite or ()))
     return None
 
 
