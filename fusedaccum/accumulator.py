@@ -663,10 +663,10 @@ class FusedAccumulator(torch.optim.Optimizer):
                         for i, t in enumerate(b.touched):
                             if not t:
                                 b.main_grads[i].zero_()
-                if lazy and self._leaves_acc(b):
-                    b.dirty = list(b.touched)
-                    self._stale = self._stale or any(b.dirty)
                 _mark_clean(b)
+            if zeroed and lazy and self._leaves_acc(b):
+                b.dirty = list(b.touched)
+                self._stale = self._stale or any(b.dirty)
             n = len(b)
             b.stats = [None] * n
             b.batch_stats = []
@@ -1046,11 +1046,23 @@ class FusedAccumulator(torch.optim.Optimizer):
             if p.dtype is not view.dtype:  # converted after wrapping (model.half())
                 owner_ref()._check_buckets()
             cur = p.grad
+            if b.dirty[i]:  # the window's first gradient: the accumulator holds the last
+                if cur is None:
+                    # AccumulateGrad makes a fresh .grad (it takes the incoming gradient
+                    # as is where it can), and post_hook writes it over the accumulator
+                    return None
+                with torch.no_grad():  # a .grad assigned by hand: part of the window
+                    if cur is view:
+                        view.zero_()
+                    else:
+                        view.copy_(cur)
+                        b.touched[i] = True
+                b.dirty[i] = False
+            elif cur is not view and cur is not None:  # a .grad the user assigned
+                with torch.no_grad():
+                    view.add_(cur)
+                b.touched[i] = True
             if cur is not view:
-                if cur is not None:  # a .grad the user assigned: part of the window
-                    with torch.no_grad():
-                        view.add_(cur)
-                    b.touched[i] = True
                 p.grad = view
             return None
 
@@ -1143,11 +1155,13 @@ class FusedAccumulator(torch.optim.Optimizer):
                         queue_end_of_backward(self, traced)
                 p.grad = None
             elif grad is not view:
-                if torch.is_grad_enabled():
-                    # autograd replaced .grad out of place (create_graph=True): it holds
-                    # the previous window sum plus this grad
+                if b.dirty[i] or torch.is_grad_enabled():
+                    # the window's first gradient of the param (pre_hook left .grad None:
+                    # the accumulator holds the last window), or autograd replaced .grad
+                    # out of place (create_graph=True): it holds the window's sum
                     with torch.no_grad():
                         view.copy_(grad.detach())
+                    b.dirty[i] = False
                 else:
                     # a fresh grad: the AccumulateGrad of compiled autograd, specialized
                     # to a .grad of None, did not see the pre-hook's view

@@ -153,10 +153,12 @@ class Bucket:
         # less to write, DESIGN.md section 3), and each one's first gradient of the next
         # window overwrites it. A dirty param is never touched; whatever else would read
         # a dirty accumulator (the end of a backward, the boundary, state_dict) zeroes it
-        # first (FusedAccumulator._zero_stale). Half params only (an fp32 param's .grad is
-        # its accumulator, which autograd adds to), not sharded.
+        # first (FusedAccumulator._zero_stale). An fp32 param's .grad, the accumulator
+        # view that autograd adds to, is left None for its first gradient, which post_hook
+        # then writes over the accumulator. Not sharded (ZeRO-1: the step's accumulator is
+        # the reduce-scatter's output).
         self.dirty = [False] * len(params)
-        self.lazy_zero = self.is_half and not self.sharded
+        self.lazy_zero = not self.sharded
         # small half gradients waiting to be accumulated together (one op call for many):
         # the params' indices, their accumulator views and grads (parallel lists), their
         # bytes, and which params are among them

@@ -2014,23 +2014,28 @@ def _spy_zero_acc(monkeypatch, opt):
     return seen
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
-@pytest.mark.parametrize("flush_bytes", [None, 1], ids=["end_flush", "full_batches"])
-def test_boundary_leaves_half_accumulators_for_the_next_window_to_overwrite(
-        monkeypatch, device, fast, flush_bytes):
-    """The fused boundary does not zero the half params' accumulators (DESIGN.md section
-    3: 4 bytes per element less to write); the next window's first gradients overwrite
-    them (direct and batched, batches flushed at the end of backward or when full). A
-    param that the window's first backward gave no gradient reads zeros after it (its
-    main_grad is the window's sum), and so does everything after a state_dict()."""
+@pytest.mark.parametrize("dtype, fast, flush_bytes", [
+    (torch.bfloat16, True, None), (torch.bfloat16, False, None), (torch.bfloat16, True, 1),
+    (torch.bfloat16, False, 1), (torch.float32, True, None)],
+    ids=["bf16-cpp_hook", "bf16-python_hook", "bf16-cpp_hook-full_batches",
+         "bf16-python_hook-full_batches", "fp32"])
+def test_boundary_leaves_accumulators_for_the_next_window_to_overwrite(
+        monkeypatch, device, dtype, fast, flush_bytes):
+    """The fused boundary does not zero the accumulators (DESIGN.md section 3: 4 bytes
+    per element less to write); the next window's first gradients overwrite them (half
+    params: direct and batched, batches flushed at the end of backward or when full;
+    fp32 params: their .grad stays None until the first gradient, which is written over
+    the accumulator, and later ones are added by autograd). A param that the window's
+    first backward gave no gradient reads zeros after it (its main_grad is the window's
+    sum), and so does everything after a state_dict()."""
     monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
     _ride_above(monkeypatch, 8)  # weights direct, biases batched
     if flush_bytes is not None:
         monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", flush_bytes)
-    model = make_model(dtype=torch.bfloat16, device=device)
+    model = make_model(dtype=dtype, device=device)
     opt = wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), accumulation_steps=2)
     zero_acc = _spy_zero_acc(monkeypatch, opt)
-    w0, w1 = make_windows(2, 2, dtype=torch.bfloat16, device=device)
+    w0, w1 = make_windows(2, 2, dtype=dtype, device=device)
     for x, y in w0:
         mse(model(x), y).backward()
         opt.step()
@@ -2040,7 +2045,7 @@ def test_boundary_leaves_half_accumulators_for_the_next_window_to_overwrite(
     (x, y), (x2, y2) = w1
 
     def grads(x, y):  # each param's fp32 gradient of one micro-batch, by plain autograd
-        ref = make_model(dtype=torch.bfloat16, device=device)
+        ref = make_model(dtype=dtype, device=device)
         ref.load_state_dict(model.state_dict())
         mse(ref(x), y).backward()
         return {n: q.grad.float() for n, q in ref.named_parameters()}
@@ -2060,10 +2065,36 @@ def test_boundary_leaves_half_accumulators_for_the_next_window_to_overwrite(
         assert torch.equal(p.main_grad, want), name
     opt.step()
     assert opt.stepped and len(zero_acc) == 2 and not any(zero_acc)
+    if dtype == torch.float32:
+        assert all(p.grad is None for p in model.parameters())
     # a state_dict() right after a boundary: no window saved, and the accumulators zeroed
     sd = opt.state_dict()
     assert sd["fusedaccum"]["accumulators"] == {}
     assert all(main_grad_is_clear(p) for p in model.parameters())
+
+
+def test_fp32_grad_assigned_before_the_first_backward_is_part_of_the_window(device):
+    """After a boundary (the accumulators hold the applied window), a .grad assigned by
+    hand before the next backward counts, as in plain torch (backward adds to it); the
+    view itself put back by hand counts as zeros."""
+    model = make_model(device=device)
+    ref = make_model(device=device)
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    (x, y), (x2, y2) = make_batches(2, device=device)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        mse(m(x), y).backward()
+        o.step()
+        o.zero_grad()
+    extra = torch.full_like(model.fc1.weight, 0.5)
+    model.fc1.weight.grad = extra.clone()
+    ref.fc1.weight.grad = extra.clone()
+    model.fc2.weight.grad = model.fc2.weight.main_grad  # (the applied window's sum)
+    mse(model(x2), y2).backward()
+    mse(ref(x2), y2).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.main_grad, q.grad, rtol=1e-5, atol=1e-6)  # (1-ulp steps)
+        assert p.grad is p.main_grad
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
