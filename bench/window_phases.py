@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sync", action="store_true")
     ap.add_argument("--flush-mib", type=float, default=None,
                     help="the wrapper's batch flush size (default: its own, "
-                    f"{acc_mod._BATCH_FLUSH_BYTES >> 20} MiB)")
+                    f"{acc_mod._BATCH_FLUSH_BYTES >> 20} MiB on GPUs, "
+                    f"{acc_mod._BATCH_FLUSH_BYTES_CPU >> 20} MiB on CPUs)")
     ap.add_argument("--fresh-grads", action="store_true",
                     help="hand each param a new copy of its gradient (python -m fusedaccum "
                     "bench --help)")
@@ -162,13 +163,14 @@ def main(argv=None) -> int:
     bench._Deliver.fresh = args.fresh_grads
     clock = Clock(dev, args.sync)
     restore = _instrument(clock)
-    flush = acc_mod._BATCH_FLUSH_BYTES
+    flush = acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU
     if args.flush_mib is not None:  # read when a wrapper installs its hooks
-        acc_mod._BATCH_FLUSH_BYTES = int(args.flush_mib * (1 << 20))
+        acc_mod._BATCH_FLUSH_BYTES = acc_mod._BATCH_FLUSH_BYTES_CPU = int(
+            args.flush_mib * (1 << 20))
     try:
         _run(args, dev, backends, clock)
     finally:
-        acc_mod._BATCH_FLUSH_BYTES = flush
+        acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU = flush
         bench._Deliver.fresh = False
         restore()
     return 0
@@ -235,7 +237,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
     print(f"# window phases: {args.model} ({wl.model.tensors} tensors, {wl.numel / 1e6:.1f}M "
           f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
           f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "
-          f"{acc_mod._BATCH_FLUSH_BYTES / (1 << 20):g} MiB, C++ batching hook "
+          f"{acc_mod._flush_bytes(dev) / (1 << 20):g} MiB, C++ batching hook "
           f"{'on' if native.hooks_module(load=False) is not None else 'off'}"
           f"{', fresh gradients' if args.fresh_grads else ''}")
     print("| contender | phase | median per window |")

@@ -293,15 +293,16 @@ def hook_settings(fast: bool | None = None, flush_bytes: int | None = None):
     a contender built here keeps them. Put back after."""
     from fusedaccum import accumulator as acc_mod
 
-    env, flush = os.environ.get("FUSEDACCUM_FAST_HOOKS"), acc_mod._BATCH_FLUSH_BYTES
+    env = os.environ.get("FUSEDACCUM_FAST_HOOKS")
+    flush = acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU
     try:
         if fast is not None:
             os.environ["FUSEDACCUM_FAST_HOOKS"] = "1" if fast else "0"
-        if flush_bytes is not None:
-            acc_mod._BATCH_FLUSH_BYTES = flush_bytes
+        if flush_bytes is not None:  # (on every device)
+            acc_mod._BATCH_FLUSH_BYTES = acc_mod._BATCH_FLUSH_BYTES_CPU = flush_bytes
         yield
     finally:
-        acc_mod._BATCH_FLUSH_BYTES = flush
+        acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU = flush
         if env is None:
             os.environ.pop("FUSEDACCUM_FAST_HOOKS", None)
         else:

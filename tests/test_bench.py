@@ -293,7 +293,7 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
 
     timed = ("_boundary", "_flush", "_total_norm", "_fused_update", "_record_fused_steps",
              "_end_window")
-    flush = accumulator._BATCH_FLUSH_BYTES
+    flush = accumulator._BATCH_FLUSH_BYTES, accumulator._BATCH_FLUSH_BYTES_CPU
     before = {name: vars(FusedAccumulator)[name] for name in timed}
     backends = [b for b in B.bench_backends(torch.device("cpu"))[0] if b != "triton"]
     _bench_script("window_phases").main(["--model", "tiny", "--device", "cpu", "--rounds", "2",
@@ -310,7 +310,7 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
     assert f"| fusedaccum[{backends[0]}] table=pageable | window |" in out
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
     assert triton_ops._TABLE_UPLOAD == "pinned"  # put back
-    assert accumulator._BATCH_FLUSH_BYTES == flush  # put back
+    assert (accumulator._BATCH_FLUSH_BYTES, accumulator._BATCH_FLUSH_BYTES_CPU) == flush
     for b in backends:
         assert f"| fusedaccum[{b}] | window |" in out
         assert f"| fusedaccum[{b}] |  boundary: _fused_update |" in out
