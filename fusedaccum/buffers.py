@@ -138,13 +138,14 @@ class Bucket:
         self.stats: list = [None] * len(params)
         self.batch_stats: list[torch.Tensor] = []
         self.stats_version = -1
-        # The accumulator's version while every param not touched in this window is
-        # known to hold zeros in it (-1: not known). Kept after each of our own writes
-        # (they write touched params only), set at every boundary (which zeroes the
-        # rest); any other write to the buffer (p.main_grad.add_(...), unscale_)
-        # changes the version. While it holds, a param's first gradient of the window
-        # is written into its accumulator instead of added (overwrite: 4 bytes per
-        # element less to read). overwrite_first=False turns that off (benchmarks).
+        # The accumulator's version while every param neither touched in this window nor
+        # dirty (below) is known to hold zeros in it (-1: not known). Kept after each of
+        # our own writes (they write touched or dirty params only), set at every boundary
+        # (which zeroes the rest); any other write to the buffer (p.main_grad.add_(...),
+        # unscale_) changes the version. While it holds, a param's first gradient of the
+        # window is written into its accumulator instead of added (overwrite: 4 bytes per
+        # element less to read). overwrite_first=False turns that off, and the dirty
+        # accumulators with it (benchmarks).
         self.overwrite_first = True
         self.clean_version = self.acc._version if self.is_half else -1
         # Params whose accumulator still holds an earlier window's sum (no gradient of
