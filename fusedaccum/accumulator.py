@@ -1173,7 +1173,6 @@ class FusedAccumulator(torch.optim.Optimizer):
                     # out of place (create_graph=True): it holds the window's sum
                     with torch.no_grad():
                         view.copy_(grad.detach())
-                    b.dirty[i] = False
                 else:
                     # a fresh grad: the AccumulateGrad of compiled autograd, specialized
                     # to a .grad of None, did not see the pre-hook's view
