@@ -307,6 +307,17 @@ def _eager_when_traced(body, traced: bool = False):
     return hook
 
 
+@torch.compiler.disable
+def _end_of_backward_eagerly(owner) -> None:
+    """``owner._end_of_backward()``, never traced. The autograd engine runs the callbacks
+    queued on it at the end of backward; in a backward that a compiled function calls,
+    Dynamo's frame callback is still set there, and it compiled the batch flush (the ops'
+    accumulate_many_): inductor of torch 2.11 miscompiled its in-place writes into views
+    of one flat buffer (garbage in the accumulators), and every batch length was one
+    more recompile."""
+    owner._end_of_backward()
+
+
 def _check_k(k, what: str) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"{what} must be an int >= 1, got {k!r}")
@@ -1105,7 +1116,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             task = graph_task_id()
             if self._flush_queued != task:
                 self._flush_queued = task
-                queue_callback(self._end_of_backward)
+                queue_callback(functools.partial(_end_of_backward_eagerly, self))
                 if traced:
                     self._restore_cleared_grads()
                     if self._stale:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import warnings
 
 import pytest
@@ -48,6 +49,7 @@ from _models import (
     wrap,
 )
 
+import fusedaccum
 from fusedaccum import accumulator
 from fusedaccum.ops import native
 
@@ -608,6 +610,35 @@ def test_compiled_autograd_with_zero_grad_every_micro_batch(device, dtype):
             loss.backward()
 
     _train_compiled(dtype, device, backward)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_compiled_train_step_compiles_none_of_the_wrappers_code(device, dtype):
+    """A compiled train step's backward runs the end-of-backward callback with Dynamo's
+    frame callback still set: Dynamo compiled the batch flush it calls (the ops'
+    accumulate_many_), and inductor (torch 2.11, the GPU image's) miscompiled its
+    in-place writes into the views of one flat buffer: garbage in the accumulators. No
+    graph Dynamo builds may hold an operation of fusedaccum's own code."""
+    if device != "cpu":
+        pytest.skip("device-independent; compiled on CPU only")
+    from torch._dynamo.backends.debugging import aot_eager
+
+    package = os.path.dirname(os.path.abspath(fusedaccum.__file__)) + os.sep
+    ours = []
+
+    def recording(gm, example_inputs):  # aot_eager: the backward is traced too
+        for n in gm.graph.nodes:
+            trace = n.meta.get("stack_trace") or ""
+            if package in trace:
+                ours.append((str(n.target), trace.strip().splitlines()[-2].strip()))
+        return aot_eager(gm, example_inputs)
+
+    @torch.compile(backend=recording)
+    def train_step(model, x, y):
+        mse(model(x), y).backward()
+
+    _train_compiled(dtype, device, train_step)
+    assert ours == []
 
 
 def _run_step_compiled(what, device, compiled):
