@@ -865,6 +865,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             for h in self._handles[n_handles:]:
                 h.remove()
             del self._handles[n_handles:], self._buckets[n_buckets:]
+            kept_by: dict[int, tuple] = {}
             with torch.no_grad():
                 for g, ps in zip(groups, saved_params):
                     g["params"][:] = ps
@@ -879,15 +880,28 @@ class FusedAccumulator(torch.optim.Optimizer):
                         _OWNERS.pop(p, None)
                     else:
                         _OWNERS[p] = owner
-                        self._restore_fast_hook(owner, p)
+                        prev = owner[0]()
+                        if prev is not None:
+                            kept_by.setdefault(id(prev), (prev, {}))[1][id(p)] = owner[1][0]
+            for prev, handles in kept_by.values():
+                prev._restore_fast_hooks(handles)
             for t in masters:
                 _MASTERS.pop(t, None)
             inner.state.clear()
             inner.state.update(saved_state)
             raise
-        for p, *_, owner in saved:  # built: the previous owner lets go
+        # built: the previous owners let go (each gives up all its params at once: a walk
+        # over its buckets per param made rewrapping a model quadratic in its params)
+        given_up: dict[int, tuple] = {}
+        for p, *_, owner in saved:
             if owner is not None:
-                self._release_from(owner, p)
+                for h in owner[1]:
+                    h.remove()
+                prev = owner[0]()
+                if prev is not None and prev is not self:
+                    given_up.setdefault(id(prev), (prev, set()))[1].add(id(p))
+        for prev, ids in given_up.values():
+            prev._release(ids)
 
     def _build_group(self, gi: int) -> None:
         group = self.inner.param_groups[gi]
@@ -945,31 +959,21 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _backend_module(self, device):
         return ops.get(self.backend, device)
 
-    def _release_from(self, prev: tuple, p: torch.Tensor) -> None:
-        """The wrapper that owned ``p`` before (``prev``: its _OWNERS entry) gives it up."""
-        owner_ref, handles = prev
-        for h in handles:
-            h.remove()
-        owner = owner_ref()
-        if owner is not None and owner is not self:
-            owner._release(p)
+    def _restore_fast_hooks(self, handles: dict[int, object]) -> None:
+        """Take the C++ batching hooks back for the params whose ``id`` keys ``handles``
+        (each to its post-accumulate hook's handle): a param has one, and a wrapper whose
+        building failed replaced ours when it installed its own."""
+        for b in self._all_buckets():
+            if b.is_half:
+                for i, q in enumerate(b.params):
+                    if id(q) in handles:
+                        self._install_batch_hook(b, i, q, handles[id(q)])
 
-    @staticmethod
-    def _restore_fast_hook(prev: tuple, p: torch.Tensor) -> None:
-        """Give the C++ batching hook back to ``p``'s previous owner (``prev``: its _OWNERS
-        entry): a param has one, and installing the new wrapper's replaced it."""
-        owner = prev[0]()
-        if owner is None:
-            return
-        for b in owner._all_buckets():
-            for i, q in enumerate(b.params):
-                if q is p and b.is_half:
-                    owner._install_batch_hook(b, i, p, prev[1][0])
-
-    def _release(self, p: torch.Tensor) -> None:
+    def _release(self, ids: set[int]) -> None:
+        """Give up the params whose ``id`` is in ``ids`` (another wrapper took them)."""
         for b in self._all_buckets():
             for i, q in enumerate(b.params):
-                if q is p:
+                if id(q) in ids:
                     b.released[i] = True
                     b.touched[i] = False
                     b.dirty[i] = False

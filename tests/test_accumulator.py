@@ -1793,6 +1793,30 @@ def test_wrapping_again_moves_ownership(device, dtype):
         assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+def test_wrapping_again_releases_each_previous_owners_params_in_one_pass(device, monkeypatch):
+    """The old owner gives up all the params a new wrapper took in one walk over its
+    buckets (one walk per param made rewrapping a model quadratic in its params: 8000
+    params took 2.9 s, 1000 took 0.1 s)."""
+    params = [torch.nn.Parameter(torch.zeros(3, device=device, dtype=torch.bfloat16))
+              for _ in range(40)]
+    olds = [wrap(adamw(params[:30])), wrap(adamw(params[30:]))]
+    calls = []
+    real = accumulator.FusedAccumulator._release
+
+    def release(self, ids):
+        calls.append((self, len(ids)))
+        return real(self, ids)
+
+    monkeypatch.setattr(accumulator.FusedAccumulator, "_release", release)
+    wrap(adamw(params[5:35]))
+    assert sorted(n for _, n in calls) == [5, 25]
+    assert {id(o) for o, _ in calls} == {id(o) for o in olds}
+    for opt, taken in ((olds[0], params[5:30]), (olds[1], params[30:35])):
+        released = {id(p) for b in opt._all_buckets() for p, r in zip(b.params, b.released)
+                    if r}
+        assert released == {id(p) for p in taken}
+
+
 # -------------------------------------------------------------------------- closure
 
 
