@@ -317,14 +317,15 @@ def test_cleared_fp32_grad_comes_back_after_a_backward_of_large_half_params(devi
     assert fp32.bias.grad is fp32.bias.main_grad
 
 
-def test_gradscaler_under_compiled_autograd_past_dynamos_recompile_limit(device, monkeypatch):
+def test_gradscaler_under_compiled_autograd_past_dynamos_recompile_limit(device):
     """Compiled autograd runs no callback queued on the engine, and past Dynamo's recompile
     limit it runs the hooks untraced: a bf16 gradient then waited in its batch until
     step(), after unscale_ had read the masters' .grad, and was applied times the scale."""
     from torch._dynamo import compiled_autograd
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-
+    # (config.patch, not monkeypatch: on torch 2.11 monkeypatch's undo deleted the
+    # option, and every later compile in the process failed)
+    @torch._dynamo.config.patch(recompile_limit=1)
     def run(compiled):
         model = make_model(device=device)
         model.fc2.to(torch.bfloat16)
