@@ -630,7 +630,7 @@ def test_compiled_train_step_compiles_none_of_the_wrappers_code(device, dtype):
         for n in gm.graph.nodes:
             trace = n.meta.get("stack_trace") or ""
             if package in trace:
-                ours.append((str(n.target), trace.strip().splitlines()[-2].strip()))
+                ours.append((str(n.target), " | ".join(trace.strip().splitlines()[-2:])))
         return aot_eager(gm, example_inputs)
 
     @torch.compile(backend=recording)
