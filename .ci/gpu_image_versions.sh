@@ -17,7 +17,8 @@ trap 'rm -rf "$work"' EXIT
 if [ ! -x "$venv/bin/python" ]; then
   python -m venv "$venv"
 fi
-# (numpy < 2.3: Triton 3.6 imports it; the versions the GPU image pairs with it)
+# (numpy < 2.3: Triton 3.6's interpreter converts 1-element arrays to ints, which newer
+# NumPy refuses)
 "$venv/bin/pip" install -q --disable-pip-version-check torch==2.11.0 "triton==3.6.*" \
   "numpy<2.3" ninja setuptools pytest pytest-timeout
 "$venv/bin/python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
