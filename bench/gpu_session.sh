@@ -25,8 +25,10 @@ WRAPPER_TESTS=(tests/test_accumulator.py tests/test_amp.py tests/test_state_dict
                tests/test_errors.py)
 
 log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader) $(date -u +%F)"
-python -c "import torch, triton, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__, 'numpy', numpy.__version__)" 2>&1 | tee -a "$LOG"
+python -c "import importlib.metadata as m, torch, triton; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__, \
+'numpy', next((d.version for d in m.distributions() if d.metadata['Name'] == 'numpy'), None))" \
+  2>&1 | tee -a "$LOG"
 
 if has build; then
   log "build (ahead of time, sm_90) in the background"
