@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from _models import (
     BACKEND,
+    DEFAULT_DEVICE,
+    DEVICES,
     INF,
     adamw,
     assert_params_close,
@@ -261,11 +263,12 @@ def test_params_sharing_memory_with_each_other_are_refused_naming_both(case):
         model, named = _tied_by_assign()
         inner, first, second = torch.optim.AdamW(named), "emb.weight", "head.weight"
     else:
-        base = torch.zeros(8)
+        base = torch.zeros(8, device=DEFAULT_DEVICE)
         a, b = nn.Parameter(base[0:4]), nn.Parameter(base[2:6])
         first, second = "a", "b"
-        inner = torch.optim.AdamW([("a", a), ("b", b)] if case == "overlapping slices"
-                                  else [("c", nn.Parameter(torch.zeros(3)))])
+        inner = torch.optim.AdamW(
+            [("a", a), ("b", b)] if case == "overlapping slices"
+            else [("c", nn.Parameter(torch.zeros(3, device=DEFAULT_DEVICE)))])
     if case == "later group":
         opt = wrap(inner)
         with pytest.raises(ValueError, match="'a'.*and.*'b'.* share memory"):
@@ -279,26 +282,30 @@ def test_params_sharing_memory_with_each_other_are_refused_naming_both(case):
 def test_interleaved_views_sharing_no_element_are_accepted():
     """Views with gaps whose byte ranges meet but whose elements differ are independent
     params, as for torch."""
-    base = torch.zeros(4, 6)
+    base = torch.zeros(4, 6, device=DEFAULT_DEVICE)
     a, b = nn.Parameter(base[:, 0::2]), nn.Parameter(base[:, 1::2])
     opt = wrap(torch.optim.SGD([a, b], lr=0.1))
     (a.sum() + 2 * b.sum()).backward()
     opt.step()
-    assert torch.equal(a, torch.full((4, 3), -0.1)) and torch.equal(b, torch.full((4, 3), -0.2))
+    full = torch.full((4, 3), -0.1, device=DEFAULT_DEVICE)
+    assert torch.equal(a, full) and torch.equal(b, 2 * full)
 
 
 def test_lazy_module_params_are_refused_naming_them():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2)).to(DEFAULT_DEVICE)
     with pytest.raises(ValueError, match=r"'1.weight'.*uninitialized.*forward"):
         wrap(torch.optim.AdamW(model.named_parameters()))
-    model(torch.zeros(1, 3))  # materialized: accepted
+    model(torch.zeros(1, 3, device=DEFAULT_DEVICE))  # materialized: accepted
     wrap(torch.optim.AdamW(model.parameters()))
 
 
+@pytest.mark.skipif("cpu" not in DEVICES, reason=f"backend {BACKEND!r} runs on no CPU "
+                    "tensors (shared memory is a CPU tensor's: share_memory_() leaves "
+                    "CUDA tensors as they are)")
 def test_params_in_shared_memory_are_named_in_a_warning():
     """Hogwild: other processes would never see the updates of the wrapper's buffers. (Not
     an error: mp.spawn shares the model it hands each rank, which then trains its own.)"""
-    model = make_model().share_memory()
+    model = make_model(device="cpu").share_memory()
     with pytest.warns(RuntimeWarning, match="shared memory") as caught:
         fusedaccum.FusedAccumulator(torch.optim.SGD(model.parameters(), lr=0.1),
                                     backend=BACKEND)
@@ -335,7 +342,7 @@ def test_add_param_group_takes_what_torch_takes_and_refuses_what_it_refuses():
     keep their names, and a set of params (no fixed order) is refused as in torch,
     leaving the groups as they were."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)).to(DEFAULT_DEVICE)
     opt = wrap(torch.optim.AdamW(model[0].named_parameters()))
     opt.add_param_group({"params": list(model[1].named_parameters()), "lr": 0.5})
     assert [g["param_names"] for g in opt.param_groups] == [["weight", "bias"]] * 2
@@ -343,7 +350,7 @@ def test_add_param_group_takes_what_torch_takes_and_refuses_what_it_refuses():
     with pytest.raises(TypeError, match="ordered collections"):
         opt.add_param_group({"params": set(model[2].parameters())})
     assert len(opt.param_groups) == 2
-    model(torch.randn(2, 4)).sum().backward()
+    model(torch.randn(2, 4, device=DEFAULT_DEVICE)).sum().backward()
     opt.step()
     assert opt.stepped and model[2].weight.grad is not None  # (not wrapped)
     assert model[1].weight.main_grad is not None

@@ -245,7 +245,7 @@ def test_cached_flush_tables_are_reused_only_for_the_same_entries(monkeypatch):
     same bits with it, cache hit or not."""
     monkeypatch.setattr(T, "_TABLE_CACHE", type(T._TABLE_CACHE)())
     monkeypatch.setattr(T, "_TABLE_CACHE_SIZE", 2)
-    dev = torch.device(DEV)
+    dev = torch.empty(0, device=DEV).device  # with its index, as a tensor's device has
     a = T._upload_table([1, 2, 3], dev, "cached")
     assert a.tolist() == [1, 2, 3] and a.device == dev and a.dtype == torch.int64
     assert T._upload_table([1, 2, 3], dev, "cached") is a
