@@ -12,10 +12,11 @@ script times those pieces and the whole calls on one batch: one GPT-2 block's gr
 (12 bf16 tensors, 7.1M elements, into fp32 accumulators).
 
 The table can reach the device pinned (torch's caching host allocator, then an
-asynchronous upload: what the launcher does by default), pageable (``non_blocking=True``
-from an ordinary tensor, staged by the driver) or cached (uploaded once per distinct
-set of entries; here every call hits): each is timed in the whole launcher, the first two
-also alone, so that ``triton._TABLE_UPLOAD`` can be set to the cheapest.
+asynchronous upload), pageable (``non_blocking=True`` from an ordinary tensor, staged by
+the driver: the launcher's default since the H100 run of 2026-11-26) or cached
+(uploaded once per distinct set of entries; here every call hits): each is timed in the
+whole launcher, the first two also alone, so that ``triton._TABLE_UPLOAD`` can be set to
+the cheapest.
 
 Each row is the median over shuffled rounds of the mean host time of ``--calls``
 back-to-back calls; the device is synchronized before each batch of calls (outside the

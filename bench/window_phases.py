@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="",
                     help="extra contenders in the same rounds, comma-separated: "
                     "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>', "
-                    "'table=pageable|cached' (how a Triton flush uploads its table: "
+                    "'table=pinned|pageable|cached' (how a Triton flush uploads its table: "
                     "ops/triton.py _TABLE_UPLOAD), 'no-overwrite' (a window's first "
                     "gradients added to the zeroed accumulators, not written: "
                     "Bucket.overwrite_first; also zeroes them at the boundary), 'no-lazy' (the "

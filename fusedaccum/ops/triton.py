@@ -317,9 +317,13 @@ def _many_table(accs, grads, block: int, overwrite=None) -> tuple[list[int], int
 # caching allocator tends to hand a backward's gradients the same addresses every
 # micro-batch, and the accumulators never move; the entries are the key, so a reused
 # table is right by construction, and nothing ever writes a table after its upload).
-# All are correct; which one costs the host least is measured by bench/launch_costs.py
-# and bench/window_phases.py (variant table=...) on a GPU.
-_TABLE_UPLOAD = "pinned"
+# All are correct. Host time per flush of a 12-gradient batch on an H100 (torch 2.11,
+# bench/launch_costs.py, 2026-11-26): pinned 50.7 us, pageable 45.2 us, cached 35.2 us
+# with the device idle; 61.1, 54.4 and 43.4 us with it busy. Per GPT-2 124M window
+# (window_phases.py, one process): pinned 23.6 ms, pageable 22.6 ms, cached 22.7 ms (a
+# backward's gradients do not always come back at the same addresses): pageable, the
+# simplest, holds no device memory and takes nothing from torch's host allocator.
+_TABLE_UPLOAD = "pageable"
 _TABLE_MODES = ("pinned", "pageable", "cached")
 _TABLE_CACHE: OrderedDict = OrderedDict()  # (device, stream, *entries) -> table, LRU
 _TABLE_CACHE_SIZE = 256
