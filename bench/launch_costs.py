@@ -30,6 +30,7 @@ extension's rows run, with real work in them).
 from __future__ import annotations
 
 import argparse
+import array
 import random
 import statistics
 import time
@@ -66,6 +67,8 @@ def contenders(device: torch.device) -> dict:
     pinned = torch.tensor(ints, dtype=torch.int64, pin_memory=True)
     on_device = pinned.to(device)
     out["table: torch.tensor(list)"] = lambda: torch.tensor(ints, dtype=torch.int64)
+    out["table: torch.frombuffer(array) (the launcher's)"] = lambda: torch.frombuffer(
+        array.array("q", ints), dtype=torch.int64)
     out["table: torch.tensor(list, pin_memory=True)"] = lambda: torch.tensor(
         ints, dtype=torch.int64, pin_memory=True)
     out["table: pinned.to(dev, non_blocking=True)"] = lambda: pinned.to(device,

@@ -27,6 +27,7 @@ opaque. Eager calls skip the op layer and launch directly (see ``_compiling``).
 The module imports without triton; :func:`unavailable_reason` then says why it cannot run.
 """
 
+import array
 import inspect
 import itertools
 import math
@@ -298,15 +299,19 @@ def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
 def _many_table(accs, grads, block: int, overwrite=None) -> tuple[list[int], int, int]:
     """The entries of _accumulate_many_kernel's table (non-empty pairs), their count and
     the grid size; ([], 0, 0) when every pair is empty. ``overwrite``: None or one 0/1
-    per pair."""
-    flags = overwrite or itertools.repeat(0)
-    rows = [(a.data_ptr(), g.data_ptr(), n, -n if ow else n)
-            for a, g, ow in zip(accs, grads, flags) if (n := a.numel())]
-    if not rows:
-        return [], 0, 0
-    acc_addrs, grad_addrs, numels, signed = zip(*rows)
-    starts = list(itertools.accumulate((n + block - 1) // block for n in numels))
-    return [*acc_addrs, *grad_addrs, *signed, 0, *starts], len(rows), starts[-1]
+    per pair. (Host time per flush: one list per column, no tuple per pair.)"""
+    numels = [a.numel() for a in accs]
+    if 0 in numels:  # empty pairs have no row
+        keep = [i for i, n in enumerate(numels) if n]
+        if not keep:
+            return [], 0, 0
+        accs, grads = [accs[i] for i in keep], [grads[i] for i in keep]
+        numels = [numels[i] for i in keep]
+        overwrite = [overwrite[i] for i in keep] if overwrite else None
+    signed = [-n if ow else n for n, ow in zip(numels, overwrite)] if overwrite else numels
+    starts = list(itertools.accumulate([-(-n // block) for n in numels]))
+    return ([*[a.data_ptr() for a in accs], *[g.data_ptr() for g in grads], *signed, 0,
+             *starts], len(numels), starts[-1])
 
 
 # How a flush's table reaches the GPU: "pinned" (a page-locked copy from torch's caching
@@ -347,9 +352,12 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
         return table
     if mode not in _TABLE_MODES:
         raise ValueError(f"table upload mode must be one of {_TABLE_MODES}, got {mode!r}")
+    # (from an array: a third of torch.tensor(list)'s host time; the tensor keeps it alive)
+    table = torch.frombuffer(array.array("q", entries), dtype=torch.int64)
     if device.type != "cuda":
-        return torch.tensor(entries, dtype=torch.int64)
-    table = torch.tensor(entries, dtype=torch.int64, pin_memory=mode == "pinned")
+        return table
+    if mode == "pinned":
+        table = table.pin_memory()
     return table.to(device, non_blocking=True)
 
 
