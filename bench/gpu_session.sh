@@ -23,7 +23,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 PYTEST=(python -m pytest -q -p no:cacheprovider --tb=short -rfE --timeout 120)
 python -c "import xdist" 2>/dev/null && PYTEST+=(-n 8)
 WRAPPER_TESTS=(tests/test_accumulator.py tests/test_amp.py tests/test_state_dict.py
-               tests/test_errors.py)
+               tests/test_errors.py tests/test_host_paths.py)
 
 log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader) $(date -u +%F)"
 python -c "import importlib.metadata as m, torch, triton; print('torch', torch.__version__, \

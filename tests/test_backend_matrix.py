@@ -17,7 +17,8 @@ import torch
 from fusedaccum import ops
 
 HERE = Path(__file__).parent
-SUITE = ["test_accumulator.py", "test_amp.py", "test_state_dict.py", "test_errors.py"]
+SUITE = ["test_accumulator.py", "test_amp.py", "test_state_dict.py", "test_errors.py",
+         "test_host_paths.py"]
 
 
 def _device():
