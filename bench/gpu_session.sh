@@ -4,12 +4,12 @@
 # benchmark. Every stage has its own time limit, so one hang cannot eat the lease.
 # Logs and reports land in $OUT (at most 8 files come back): copy the reports to
 # bench/results/ and commit them with the card's name and date.
-#   run(command="bash bench/gpu_session.sh", timeout_s=560)   (7-8 minutes on an H100)
+#   run(command="bash bench/gpu_session.sh", timeout_s=580)   (8-9 minutes on an H100)
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
 # (diag: the C++ exception crash of 2026-11-26, fixed; it ran clean on an H100 on 2026-11-26)
-STAGES=${STAGES:-"build triton cuda auto phases bench"}
+STAGES=${STAGES:-"build triton cuda auto phases bench fresh"}
 # windows only by default (the ops were measured on 2026-11-26, results/NVIDIA-H200_*);
 # with the ops: BENCH_ARGS="--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3
 # --compile off" (about a minute more)
@@ -155,6 +155,15 @@ if has bench; then
   timeout 170 python -m fusedaccum bench --no-progress --out "$OUT" $BENCH_ARGS \
       >>"$LOG" 2>&1
   log "bench exit $?"
+fi
+if has fresh; then
+  # the same windows with a fresh gradient per param and micro-batch, as a real backward
+  # makes them (AccumulateGrad takes it over instead of copying the harness's tensor into
+  # a released p.grad): the report goes to the log only ($OUT holds 8 files at most)
+  log "benchmark, fresh gradients: --ops none --window-budget 4 --fresh-grads"
+  timeout 150 python -m fusedaccum bench --no-progress --out /tmp/fresh_bench --ops none \
+      --window-budget 4 --compile off --backends triton,cuda,auto --fresh-grads >>"$LOG" 2>&1
+  log "bench (fresh gradients) exit $?"
 fi
 for f in tests_triton tests_cuda tests_auto; do
   [[ -f "$OUT/$f.log" ]] && { echo "--- $f failures"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" \
