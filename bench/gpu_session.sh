@@ -129,10 +129,10 @@ if has phases; then
     timeout 40 python bench/hook_costs.py --backend "$b" 2>&1 | tee -a "$LOG"
   done
   log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB \
-batches, triton with a pinned and a cached flush table"
+batches, triton with a pinned and a cached flush table and launched directly"
   timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 10 \
       --backends cuda,triton --variants \
-      python-hooks,flush=128,triton:flush=128,triton:table=pinned,triton:table=cached \
+      python-hooks,flush=128,triton:flush=128,triton:table=pinned,triton:table=cached,triton:launch=direct \
       2>&1 | tee -a "$LOG"
   log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: the boundary \
 leaving the accumulators for the next window to overwrite (default) or zeroing them \

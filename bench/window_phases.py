@@ -145,7 +145,8 @@ def main(argv=None) -> int:
                     help="extra contenders in the same rounds, comma-separated: "
                     "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>', "
                     "'table=pinned|pageable|cached' (how a Triton flush uploads its table: "
-                    "ops/triton.py _TABLE_UPLOAD), 'no-overwrite' (a window's first "
+                    "ops/triton.py _TABLE_UPLOAD), 'launch=jit|direct' (how it launches "
+                    "its kernel: ops/triton.py _LAUNCH), 'no-overwrite' (a window's first "
                     "gradients added to the zeroed accumulators, not written: "
                     "Bucket.overwrite_first; also zeroes them at the boundary), 'no-lazy' (the "
                     "boundary zeroes the accumulators instead of leaving them dirty for the "
@@ -202,8 +203,16 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         c = bench.FusedContender(wl, backend)
         c.triton_table = variant[6:]
         return c
+    if variant.startswith("launch="):  # read at each flush: set around its windows
+        if variant[7:] not in tri._LAUNCH_MODES:
+            raise SystemExit(f"unknown launch mode {variant[7:]!r}: one of "
+                             f"{', '.join(tri._LAUNCH_MODES)}")
+        c = bench.FusedContender(wl, backend)
+        c.triton_launch = variant[7:]
+        return c
     raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB>, no-overwrite, "
-                     f"no-lazy, ride, no-ride or table={'|'.join(tri._TABLE_MODES)}")
+                     f"no-lazy, ride, no-ride, table={'|'.join(tri._TABLE_MODES)} or "
+                     f"launch={'|'.join(tri._LAUNCH_MODES)}")
 
 
 def _run(args, dev, backends, clock: Clock) -> None:
@@ -215,7 +224,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
         contenders[f"fusedaccum[{backend}] {variant}"] = _variant(wl, backend, variant)
     contenders["tutorial"] = bench.TutorialContender(wl)
     contenders["recipe"] = bench.RecipeContender(wl)
-    table = tri._TABLE_UPLOAD
+    table, launch = tri._TABLE_UPLOAD, tri._LAUNCH
     rng = random.Random(0)
     try:
         with bench.gc_paused():
@@ -225,6 +234,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
                 for name in order:
                     c = contenders[name]
                     tri._TABLE_UPLOAD = getattr(c, "triton_table", table)
+                    tri._LAUNCH = getattr(c, "triton_launch", launch)
                     t0 = clock.now()
                     (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
                     clock.add("window", clock.now() - t0)
@@ -233,7 +243,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
                     else:
                         clock.window.clear()
     finally:
-        tri._TABLE_UPLOAD = table
+        tri._TABLE_UPLOAD, tri._LAUNCH = table, launch
     print(f"# window phases: {args.model} ({wl.model.tensors} tensors, {wl.numel / 1e6:.1f}M "
           f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
           f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "

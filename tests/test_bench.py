@@ -295,13 +295,13 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
              "_end_window")
     flush = accumulator._BATCH_FLUSH_BYTES, accumulator._BATCH_FLUSH_BYTES_CPU
     before = {name: vars(FusedAccumulator)[name] for name in timed}
-    table = triton_ops._TABLE_UPLOAD
+    table, launch = triton_ops._TABLE_UPLOAD, triton_ops._LAUNCH
     backends = [b for b in B.bench_backends(torch.device("cpu"))[0] if b != "triton"]
     _bench_script("window_phases").main(["--model", "tiny", "--device", "cpu", "--rounds", "2",
                                          "--backends", ",".join(backends), "--flush-mib", "1",
                                          "--variants",
                                          f"python-hooks,flush=2,{backends[-1]}:flush=3,"
-                                         "table=cached", "--fresh-grads"])
+                                         "table=cached,launch=direct", "--fresh-grads"])
     out = capsys.readouterr().out
     assert "batch flush 1 MiB" in out and "fresh gradients" in out
     assert not B._Deliver.fresh  # put back
@@ -309,8 +309,9 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
     assert f"| fusedaccum[{backends[0]}] flush=2 | " in out and "| recipe window / its" in out
     assert f"| fusedaccum[{backends[-1]}] flush=3 | window |" in out
     assert f"| fusedaccum[{backends[0]}] table=cached | window |" in out
+    assert f"| fusedaccum[{backends[0]}] launch=direct | window |" in out
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
-    assert triton_ops._TABLE_UPLOAD == table  # put back
+    assert (triton_ops._TABLE_UPLOAD, triton_ops._LAUNCH) == (table, launch)  # put back
     assert (accumulator._BATCH_FLUSH_BYTES, accumulator._BATCH_FLUSH_BYTES_CPU) == flush
     for b in backends:
         assert f"| fusedaccum[{b}] | window |" in out

@@ -239,6 +239,106 @@ def test_accumulate_many_binary_search_every_tensor_count(tiny_blocks, grad_dtyp
             assert torch.equal(got, w), f"{count} tensors: accs[{i}] of {sizes}"
 
 
+class _RecordingKernel:
+    """Stands in for _accumulate_many_kernel: records each launch Triton's launcher would
+    make (kernel[grid](...)) and each direct one (the compiled kernel it returned)."""
+
+    def __init__(self, direct_raises=None):
+        self.calls = []
+        outer = self
+
+        class Compiled:
+            def __getitem__(self, grid):
+                if direct_raises is not None:
+                    raise direct_raises
+                return lambda *args: outer.calls.append(("direct", grid, args, {}))
+
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(("jit", grid, args, kwargs))
+            return self.compiled
+        return run
+
+
+def test_direct_launch_reuses_the_compiled_kernel_only_for_its_key(monkeypatch):
+    """launch "direct": the first launch of a (device, LOG_T, GRAD_KIND, BLOCK, warps) goes
+    through Triton's launcher, the next ones straight to the compiled kernel it returned,
+    with every argument in the kernel's order; another LOG_T or grad dtype goes through
+    the launcher again; "jit" never launches directly. (The real launch is tested on a
+    GPU: test_direct_launch_on_gpu_matches_the_reference.)"""
+    kernel = _RecordingKernel()
+    monkeypatch.setattr(T, "_accumulate_many_kernel", kernel)
+    monkeypatch.setattr(T, "_INTERPRETED", False)
+    monkeypatch.setattr(T, "_MANY_COMPILED", {})
+    monkeypatch.setattr(T, "_DIRECT_FAILED", [])
+    block, warps = T._config("accumulate")
+
+    def flush(n, dtype=torch.bfloat16, launch="direct"):
+        accs = [torch.zeros(5) for _ in range(n)]
+        grads = [torch.ones(5, dtype=dtype) for _ in range(n)]
+        T._launch_accumulate_many(accs, grads, 0.5, launch=launch)
+
+    flush(3)
+    flush(3)
+    flush(4)  # LOG_T 2 again: the same compiled kernel
+    flush(5)  # LOG_T 3
+    flush(3, torch.float16)
+    flush(3, launch="jit")
+    kinds = [c[0] for c in kernel.calls]
+    assert kinds == ["jit", "direct", "direct", "jit", "jit", "jit"]
+    _, grid, args, kwargs = kernel.calls[0]
+    assert grid == (3,) and args[1:] == (3, 0.5)
+    assert kwargs == dict(LOG_T=2, GRAD_KIND=T._KIND[torch.bfloat16], BLOCK=block,
+                          num_warps=warps)
+    _, grid, args, _ = kernel.calls[2]
+    assert grid == (4,) and args[1:] == (4, 0.5, 2, T._KIND[torch.bfloat16], block)
+    assert args[0].dtype == torch.int64 and args[0].numel() == 4 * 4 + 1  # the table
+    assert len(T._MANY_COMPILED) == 3
+    with pytest.raises(ValueError, match="launch mode"):
+        flush(3, launch="nope")
+
+
+def test_direct_launch_a_triton_cannot_do_falls_back_to_its_launcher(monkeypatch):
+    """A compiled kernel whose direct launch raises before launching (another Triton's
+    API): that flush and every later one go through Triton's launcher, one warning."""
+    kernel = _RecordingKernel(direct_raises=TypeError("no such launcher"))
+    monkeypatch.setattr(T, "_accumulate_many_kernel", kernel)
+    monkeypatch.setattr(T, "_INTERPRETED", False)
+    monkeypatch.setattr(T, "_MANY_COMPILED", {})
+    monkeypatch.setattr(T, "_DIRECT_FAILED", [])
+    accs, grads = [torch.zeros(3)], [torch.ones(3, dtype=torch.bfloat16)]
+    T._launch_accumulate_many(accs, grads, 1.0, launch="direct")
+    with pytest.warns(RuntimeWarning, match="no such launcher"):
+        T._launch_accumulate_many(accs, grads, 1.0, launch="direct")
+    T._launch_accumulate_many(accs, grads, 1.0, launch="direct")
+    assert [c[0] for c in kernel.calls] == ["jit", "jit", "jit"]
+    assert T._MANY_COMPILED == {} and len(T._DIRECT_FAILED) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels of a GPU")
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_direct_launch_on_gpu_matches_the_reference(monkeypatch, grad_dtype):
+    """Triton's own compiled kernel launched directly, twice per key (the second call is
+    the direct one), with overwrite flags and sizes that end on a block and not."""
+    monkeypatch.setattr(T, "_MANY_COMPILED", {})
+    monkeypatch.setattr(T, "_DIRECT_FAILED", [])
+    block, _ = T._config("accumulate")
+    sizes = [1, block, block + 1, 3 * block - 5, 17]
+    for call in range(2):
+        accs = [_rand(n, seed=call * 10 + i) for i, n in enumerate(sizes)]
+        grads = [_rand(n, grad_dtype, seed=call * 20 + i) for i, n in enumerate(sizes)]
+        flags = [call, 1 - call, 0, 1, 0]
+        want = [a.clone() for a in accs]
+        for acc, grad, ow in zip(want, grads, flags):
+            reference.accumulate_(acc, grad, -0.37, overwrite=bool(ow))
+        T._launch_accumulate_many(accs, grads, -0.37, flags, launch="direct")
+        for i, (got, w) in enumerate(zip(accs, want)):
+            assert torch.equal(got, w), f"call {call}, accs[{i}] of {sizes}"
+        assert len(T._MANY_COMPILED) == 1 and not T._DIRECT_FAILED
+
+
 def test_cached_flush_tables_are_reused_only_for_the_same_entries(monkeypatch):
     """table upload "cached": one table per distinct (device, stream, entries), reused
     (the same tensor), bounded (least recently used dropped), and the launcher gives the

@@ -259,7 +259,8 @@ def _launch_accumulate(acc, grad, scale, overwrite, norm, wrap=_raw):
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit
+# (specialized on neither n_tensors' value nor the table's alignment: see _LAUNCH)
+@triton.jit(do_not_specialize=["n_tensors"], do_not_specialize_on_alignment=["table_ptr"])
 def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
                             GRAD_KIND: tl.constexpr, BLOCK: tl.constexpr):
     """accumulate_ (no norm) of T = n_tensors pairs in one launch.
@@ -361,7 +362,51 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
     return table.to(device, non_blocking=True)
 
 
-def _launch_accumulate_many(accs, grads, scale, overwrite=None, *, upload: str | None = None):
+# How a flush launches _accumulate_many_kernel on a GPU: "jit" (kernel[grid](...), Triton's
+# launcher: it binds the arguments, works out their specialization and looks the
+# compiled kernel up on every call; about 17 us of host time per launch on an H100,
+# bench/launch_costs.py) or "direct" (after the first such launch, the compiled kernel
+# it returned is kept per (device, LOG_T, GRAD_KIND, BLOCK, num_warps) and launched
+# itself, CompiledKernel[grid](...)). Direct is sound because the kernel's compiled form
+# depends on nothing else: n_tensors' value and the table's alignment are not
+# specialized, the table is always int64 and scale a Python float (fp32). "jit" until a
+# GPU session has measured "direct" (window_phases.py variant launch=direct).
+# A Triton whose compiled kernels cannot be launched that way (the call raised before
+# launching: TypeError, AttributeError) falls back to "jit" for good, with one warning.
+_LAUNCH = "jit"
+_LAUNCH_MODES = ("jit", "direct")
+_MANY_COMPILED: dict = {}  # (device index, LOG_T, GRAD_KIND, BLOCK, num_warps) -> kernel
+_DIRECT_FAILED: list = []  # the error that turned "direct" off, if any
+
+
+def _launch_many_kernel(blocks: int, table, n_tensors: int, scale: float, log_t: int,
+                        kind: int, block: int, warps: int, mode: str) -> None:
+    if mode not in _LAUNCH_MODES:
+        raise ValueError(f"launch mode must be one of {_LAUNCH_MODES}, got {mode!r}")
+    direct = mode == "direct" and not _DIRECT_FAILED
+    key = (table.device.index, log_t, kind, block, warps)
+    if direct:
+        compiled = _MANY_COMPILED.get(key)
+        if compiled is not None:
+            try:
+                compiled[(blocks,)](table, n_tensors, scale, log_t, kind, block)
+                return
+            except (TypeError, AttributeError) as exc:
+                _DIRECT_FAILED.append(exc)
+                _MANY_COMPILED.clear()
+                direct = False
+                warnings.warn(f"fusedaccum: launching Triton's compiled kernel directly "
+                              f"failed ({type(exc).__name__}: {exc}); flushes go through "
+                              "Triton's launcher from now on", RuntimeWarning, stacklevel=2)
+    compiled = _accumulate_many_kernel[(blocks,)](table, n_tensors, scale, LOG_T=log_t,
+                                                  GRAD_KIND=kind, BLOCK=block,
+                                                  num_warps=warps)
+    if direct and not _INTERPRETED and hasattr(compiled, "__getitem__"):
+        _MANY_COMPILED[key] = compiled
+
+
+def _launch_accumulate_many(accs, grads, scale, overwrite=None, *, upload: str | None = None,
+                            launch: str | None = None):
     if not accs:
         return
     device = accs[0].device
@@ -377,10 +422,8 @@ def _launch_accumulate_many(accs, grads, scale, overwrite=None, *, upload: str |
         return
     table = _upload_table(entries, device, upload or _TABLE_UPLOAD)
     with _device_of(accs[0]):
-        _accumulate_many_kernel[(blocks,)](table, n_tensors, scale,
-                                           LOG_T=(n_tensors - 1).bit_length(),
-                                           GRAD_KIND=_KIND[grads[0].dtype], BLOCK=block,
-                                           num_warps=warps)
+        _launch_many_kernel(blocks, table, n_tensors, scale, (n_tensors - 1).bit_length(),
+                            _KIND[grads[0].dtype], block, warps, launch or _LAUNCH)
 
 
 # --------------------------------------------------------------------------------------
