@@ -308,14 +308,21 @@ def _eager_when_traced(body, traced: bool = False):
 
 
 @torch.compiler.disable
-def _end_of_backward_eagerly(owner) -> None:
+def _end_of_backward_eagerly(owner_ref) -> None:
     """``owner._end_of_backward()``, never traced. The autograd engine runs the callbacks
     queued on it at the end of backward; in a backward that a compiled function calls,
     Dynamo's frame callback is still set there, and it compiled the batch flush (the ops'
     accumulate_many_): inductor of torch 2.11 miscompiled its in-place writes into views
     of one flat buffer (garbage in the accumulators), and every batch length was one
-    more recompile."""
-    owner._end_of_backward()
+    more recompile.
+
+    The callback holds the wrapper weakly, as the hooks do: the engine keeps its
+    callbacks as long as the backward's graph task lives, which on a GPU can end on the
+    engine's device thread after ``backward()`` has returned (a wrapper deleted right
+    after a backward kept its accumulators alive until then)."""
+    owner = owner_ref()
+    if owner is not None:
+        owner._end_of_backward()
 
 
 def _check_k(k, what: str) -> int:
@@ -1120,7 +1127,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             task = graph_task_id()
             if self._flush_queued != task:
                 self._flush_queued = task
-                queue_callback(functools.partial(_end_of_backward_eagerly, self))
+                queue_callback(functools.partial(_end_of_backward_eagerly, owner_ref))
                 if traced:
                     self._restore_cleared_grads()
                     if self._stale:

@@ -2510,6 +2510,44 @@ def _holders(obj) -> str:
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_the_end_of_backward_callback_does_not_keep_the_wrapper(device, dtype, monkeypatch):
+    """The autograd engine keeps the callbacks queued in a backward as long as its graph
+    task lives; on a GPU that can end on the engine's device thread after backward()
+    returned. Here the queued callbacks are kept past the backward on purpose: deleting
+    the wrapper still frees its accumulators (the callback holds it weakly)."""
+    import gc
+    import weakref
+
+    class Recording:
+        def __init__(self, engine):
+            self.engine, self.callbacks = engine, []
+
+        def queue_callback(self, callback):
+            self.callbacks.append(callback)
+            return self.engine.queue_callback(callback)
+
+        def __getattr__(self, name):  # run_backward and the rest: the engine's own
+            return getattr(self.engine, name)
+
+    recording = Recording(torch.autograd.Variable._execution_engine)
+    monkeypatch.setattr(torch.autograd.Variable, "_execution_engine", recording)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+    x, y = make_batches(1, dtype=dtype, device=device)[0]
+    mse(model(x), y).backward()
+    assert recording.callbacks, "no end-of-backward callback was queued"
+    acc = weakref.ref(model.fc1.weight.main_grad._base)
+    model.zero_grad()
+    gc.disable()
+    try:
+        del opt
+        assert acc() is None, _holders(acc())
+    finally:
+        gc.enable()
+    recording.callbacks.clear()
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_a_collected_wrapper_leaves_the_params_and_frees_its_accumulators(device, dtype):
     """The hooks it left on the params held views of its accumulators (4 bytes per element)
     for as long as the model lived; a param another wrapper took keeps that one's."""
