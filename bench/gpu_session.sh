@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
 # (diag: the C++ exception crash of 2026-11-26, fixed; it ran clean on an H100 on 2026-11-26)
-STAGES=${STAGES:-"build triton cuda auto phases bench fresh"}
+STAGES=${STAGES:-"build triton cuda auto dist phases bench fresh"}
 # windows only by default (the ops were measured on 2026-11-26, results/NVIDIA-H200_*);
 # with the ops: BENCH_ARGS="--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3
 # --compile off" (about a minute more)
@@ -21,7 +21,10 @@ T0=$(date +%s)
 log() { echo "== [$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 PYTEST=(python -m pytest -q -p no:cacheprovider --tb=short -rfE --timeout 120)
-python -c "import xdist" 2>/dev/null && PYTEST+=(-n 8)
+# workers per suite: 8 alone; the cuda, auto and dist suites run side by side (16 cores)
+XDIST=0
+python -c "import xdist" 2>/dev/null && XDIST=1
+workers() { (( XDIST )) && echo "-n $1"; }
 WRAPPER_TESTS=(tests/test_accumulator.py tests/test_amp.py tests/test_state_dict.py
                tests/test_errors.py tests/test_host_paths.py)
 
@@ -36,12 +39,15 @@ if has build; then
   ( MAX_JOBS=8 TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python setup.py -q build_ext --inplace \
       >"$OUT/build.log" 2>&1; echo "build exit $?" >>"$OUT/build.log" ) &
   BUILD_PID=$!
-  timeout 280 python bench/diag_cpp_exception.py >/tmp/diag_cpp.log 2>&1 &
-  DIAG_CPP_PID=$!
+  if has diag; then
+    timeout 280 python bench/diag_cpp_exception.py >/tmp/diag_cpp.log 2>&1 &
+    DIAG_CPP_PID=$!
+  fi
 fi
 if has triton; then
   log "triton: op tests + wrapper suite (extension disabled while it builds)"
-  FUSEDACCUM_NATIVE=0 FUSEDACCUM_TEST_BACKEND=triton timeout 160 "${PYTEST[@]}" \
+  # shellcheck disable=SC2046
+  FUSEDACCUM_NATIVE=0 FUSEDACCUM_TEST_BACKEND=triton timeout 160 "${PYTEST[@]}" $(workers 8) \
       tests/test_ops.py tests/test_triton_library.py "${WRAPPER_TESTS[@]}" \
       >"$OUT/tests_triton.log" 2>&1
   log "triton tests exit $?: $(tail -1 "$OUT/tests_triton.log")"
@@ -84,18 +90,43 @@ if has diag; then
       | grep -E "stdc\+\+|gcc_s" ) >/tmp/diag_cxx.log 2>&1 &
   CXX_PID=$!
 fi
+# the cuda, auto and dist suites side by side (they use little of the GPU; 16 cores)
 if has cuda; then
-  log "cuda: op tests + native library tests + wrapper suite"
-  FUSEDACCUM_TEST_BACKEND=cuda timeout 140 "${PYTEST[@]}" -k "not triton" tests/test_ops.py \
-      tests/test_native_library.py tests/test_batch_hook.py "${WRAPPER_TESTS[@]}" \
-      >"$OUT/tests_cuda.log" 2>&1
-  log "cuda tests exit $?: $(tail -1 "$OUT/tests_cuda.log")"
+  log "cuda: op tests + native library tests + C++ hook tests + wrapper suite (background)"
+  # shellcheck disable=SC2046
+  ( FUSEDACCUM_TEST_BACKEND=cuda timeout 240 "${PYTEST[@]}" $(workers 6) -k "not triton" \
+      tests/test_ops.py tests/test_native_library.py tests/test_batch_hook.py \
+      "${WRAPPER_TESTS[@]}" >"$OUT/tests_cuda.log" 2>&1; echo $? >/tmp/cuda.rc ) &
+  CUDA_PID=$!
 fi
 if has auto; then
-  log "auto: wrapper suite with backend=auto (the cuda/triton router of ops/auto.py)"
-  FUSEDACCUM_TEST_BACKEND=auto timeout 220 "${PYTEST[@]}" "${WRAPPER_TESTS[@]}" \
-      >"$OUT/tests_auto.log" 2>&1
-  log "auto tests exit $?: $(tail -1 "$OUT/tests_auto.log")"
+  log "auto: wrapper suite with backend=auto, the cuda/triton router of ops/auto.py (background)"
+  # shellcheck disable=SC2046
+  ( FUSEDACCUM_TEST_BACKEND=auto timeout 240 "${PYTEST[@]}" $(workers 6) "${WRAPPER_TESTS[@]}" \
+      >"$OUT/tests_auto.log" 2>&1; echo $? >/tmp/auto.rc ) &
+  AUTO_PID=$!
+fi
+if has dist; then
+  # 2 and 3 Gloo ranks on the one GPU, backend cuda: the wrapper's asynchronous
+  # all-reduces of CUDA buffers (its log to /tmp: $OUT holds 8 files at most)
+  log "dist: data-parallel suite on CUDA tensors, 2-3 Gloo ranks on the GPU (background)"
+  # shellcheck disable=SC2046
+  ( FUSEDACCUM_TEST_BACKEND=cuda timeout 240 "${PYTEST[@]}" $(workers 2) \
+      tests/test_distributed.py >/tmp/tests_dist.log 2>&1; echo $? >/tmp/dist.rc ) &
+  DIST_PID=$!
+fi
+if has cuda; then
+  wait "$CUDA_PID"
+  log "cuda tests exit $(cat /tmp/cuda.rc): $(tail -1 "$OUT/tests_cuda.log")"
+fi
+if has auto; then
+  wait "$AUTO_PID"
+  log "auto tests exit $(cat /tmp/auto.rc): $(tail -1 "$OUT/tests_auto.log")"
+fi
+if has dist; then
+  wait "$DIST_PID"
+  log "dist tests exit $(cat /tmp/dist.rc): $(tail -1 /tmp/tests_dist.log)"
+  grep -E "^(FAILED|ERROR|E  )" /tmp/tests_dist.log | head -30 | cut -c1-300 | tee -a "$LOG"
 fi
 if has diag; then
   log "diag: libstdc++ of the extension as built, and when built with CXX=c++"

@@ -4,7 +4,10 @@
 
 Each case spawns 2 or 3 processes on 127.0.0.1 that train the same seeded model on
 their own slices of the data, and compares the params and optimizer state with a
-single-process run over all the micro-batches.
+single-process run over all the micro-batches. The tensors live on the test backend's
+first device (_models.DEFAULT_DEVICE): with FUSEDACCUM_TEST_BACKEND=cuda every rank
+trains on the one GPU, and Gloo exchanges CUDA tensors (the wrapper's asynchronous
+all-reduces of GPU buffers, as with NCCL, which needs a GPU per rank).
 """
 
 import contextlib
@@ -17,10 +20,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _models import DEFAULT_DEVICE, _backend_runs_on
 
 import fusedaccum
 
 BACKEND = os.environ.get("FUSEDACCUM_TEST_BACKEND", "reference")
+DEVICE = DEFAULT_DEVICE
+pytestmark = pytest.mark.skipif(not _backend_runs_on(DEVICE),
+                                reason=f"backend {BACKEND!r} runs on no device here")
 K = 2  # micro-batches per rank per window
 WINDOWS = 3
 MB = 4  # items per micro-batch
@@ -69,13 +76,13 @@ def _model(dtype):
     # hold a param's elements in its memory order
     last = model[2]
     last.weight = torch.nn.Parameter(last.weight.detach().t().contiguous().t())
-    return model.to(dtype)
+    return model.to(device=DEVICE, dtype=dtype)
 
 
 def _data(world):
     g = torch.Generator().manual_seed(3)
     n = (WINDOWS + 1) * world * K * MB  # one spare window for resuming elsewhere
-    return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)
+    return torch.randn(n, 6, generator=g).to(DEVICE), torch.randn(n, 3, generator=g).to(DEVICE)
 
 
 def _opt(cfg, model, **kw):
@@ -308,7 +315,7 @@ def _misuse_worker(rank, world, port, out_dir, case):
         group = dist.group.WORLD
         if case == "non-member":
             group = dist.new_group([0, 1])  # (every rank must call new_group)
-        x, y = torch.randn(MB, 6), torch.randn(MB, 3)
+        x, y = torch.randn(MB, 6, device=DEVICE), torch.randn(MB, 3, device=DEVICE)
         out = {}
         try:
             opt = fusedaccum.FusedAccumulator(
@@ -317,7 +324,7 @@ def _misuse_worker(rank, world, port, out_dir, case):
             if case == "gradscaler":
                 opt = fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
                                                   backend=BACKEND, process_group=group)
-                scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+                scaler = torch.amp.GradScaler(torch.device(DEVICE).type, init_scale=1024.0)
                 scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
                 scaler.step(opt)
             for i in range(2 * K):
@@ -400,8 +407,9 @@ def _retry_worker(rank, world, port, out_dir, shard):
                 process_group=dist.group.WORLD, shard_optimizer_state=shard)
             g = torch.Generator().manual_seed(100 + rank)
             for _ in range(2 * K):
-                torch.nn.functional.mse_loss(model(torch.randn(MB, 6, generator=g)),
-                                             torch.randn(MB, 3, generator=g)).backward()
+                x = torch.randn(MB, 6, generator=g).to(DEVICE)
+                y = torch.randn(MB, 3, generator=g).to(DEVICE)
+                torch.nn.functional.mse_loss(model(x), y).backward()
                 try:
                     opt.step()
                 except RuntimeError:
