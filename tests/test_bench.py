@@ -231,6 +231,29 @@ def test_alternated_windows_and_ratios():
     assert all(math.isfinite(x) and x > 0 for _, _, x in ratios)
 
 
+def test_memory_plan_groups_what_fits_and_names_what_does_not(monkeypatch):
+    """All contenders in one group when they fit together; else one group per (ours,
+    peer) pair that fits, and a note for each pair that does not. GPT-2 XL's list on an
+    80 GB card (68.9 GiB free, as an H100 had): ours against the recipe fits as a pair."""
+    wl = B.Workload(B.MODELS["tiny"], CPU, torch.bfloat16)
+    monkeypatch.setattr(wl, "numel", B.MODELS["gpt2-1.5b"].numel)
+    factories = [f for f in B._contender_factories(wl, ["cuda"], False, [])
+                 if f[0] in ("fusedaccum[cuda]", "tutorial", "recipe")]  # (not CPU peers)
+    assert [f[0] for f in factories] == ["fusedaccum[cuda]", "tutorial", "recipe"]
+    gib = 1 << 30
+    monkeypatch.setattr(B, "available_memory", lambda device: 200 * gib)
+    assert B._plan_groups(factories, wl, []) == [factories]  # all at once
+    notes = []
+    monkeypatch.setattr(B, "available_memory", lambda device: int(68.87 * gib))
+    groups = B._plan_groups(factories, wl, notes)
+    assert [[f[0] for f in g] for g in groups] == [["fusedaccum[cuda]", "tutorial"],
+                                                   ["fusedaccum[cuda]", "recipe"]]
+    notes = []
+    monkeypatch.setattr(B, "available_memory", lambda device: 40 * gib)
+    assert B._plan_groups(factories, wl, notes) == []
+    assert any("fusedaccum[cuda] vs recipe" in n and "skipped" in n for n in notes)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
