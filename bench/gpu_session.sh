@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call for a session that is lent a GPU: build the extension with CUDA
-# while the Triton tests run, then the CUDA tests, a Triton block-size sweep and the
-# benchmark. Every stage has its own time limit, so one hang cannot eat the lease.
+# while the Triton tests run, then the cuda, auto and data-parallel suites side by side,
+# the host costs and window phases, and the benchmark (its windows twice: pre-made and
+# fresh gradients). Every stage has its own time limit, so one hang cannot eat the lease.
 # Logs and reports land in $OUT (at most 8 files come back): copy the reports to
 # bench/results/ and commit them with the card's name and date.
 #   run(command="bash bench/gpu_session.sh", timeout_s=580)   (8-9 minutes on an H100)
@@ -10,7 +11,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
 # (diag: the C++ exception crash of 2026-11-26, fixed; it ran clean on an H100 on 2026-11-26)
 STAGES=${STAGES:-"build triton cuda auto dist phases bench fresh"}
-# windows only by default (the ops were measured on 2026-11-26, results/NVIDIA-H200_*);
+# windows only by default (the ops were measured on 2026-11-26: results/NVIDIA-H200_*,
+# results/NVIDIA-H100-80GB-HBM3_*);
 # with the ops: BENCH_ARGS="--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3
 # --compile off" (about a minute more)
 BENCH_ARGS=${BENCH_ARGS:-"--ops none --window-budget 4 --compile off --backends triton,cuda,auto"}
