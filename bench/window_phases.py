@@ -177,6 +177,11 @@ def main(argv=None) -> int:
     return 0
 
 
+# variant key -> (the ops/triton.py setting it sets, the tuple of its modes there)
+_TRITON_SETTINGS = {"table": ("_TABLE_UPLOAD", "_TABLE_MODES"),
+                    "launch": ("_LAUNCH", "_LAUNCH_MODES")}
+
+
 def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
     """A contender built with the C++ hook off or another flush size (both are fixed when
     a wrapper installs its hooks), to compare with the plain one in the same rounds."""
@@ -196,19 +201,14 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
             else:
                 b.ride_norm = variant == "ride"
         return c
-    if variant.startswith("table="):  # read at each flush: set around its windows
-        if variant[6:] not in tri._TABLE_MODES:
-            raise SystemExit(f"unknown table upload {variant[6:]!r}: one of "
-                             f"{', '.join(tri._TABLE_MODES)}")
+    key, _, value = variant.partition("=")
+    if key in _TRITON_SETTINGS:  # read at each flush: set around the contender's windows
+        attr, modes = _TRITON_SETTINGS[key]
+        if value not in getattr(tri, modes):
+            raise SystemExit(f"unknown {key} mode {value!r}: one of "
+                             f"{', '.join(getattr(tri, modes))}")
         c = bench.FusedContender(wl, backend)
-        c.triton_table = variant[6:]
-        return c
-    if variant.startswith("launch="):  # read at each flush: set around its windows
-        if variant[7:] not in tri._LAUNCH_MODES:
-            raise SystemExit(f"unknown launch mode {variant[7:]!r}: one of "
-                             f"{', '.join(tri._LAUNCH_MODES)}")
-        c = bench.FusedContender(wl, backend)
-        c.triton_launch = variant[7:]
+        c.triton_settings = {attr: value}
         return c
     raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB>, no-overwrite, "
                      f"no-lazy, ride, no-ride, table={'|'.join(tri._TABLE_MODES)} or "
@@ -224,7 +224,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
         contenders[f"fusedaccum[{backend}] {variant}"] = _variant(wl, backend, variant)
     contenders["tutorial"] = bench.TutorialContender(wl)
     contenders["recipe"] = bench.RecipeContender(wl)
-    table, launch = tri._TABLE_UPLOAD, tri._LAUNCH
+    defaults = {attr: getattr(tri, attr) for attr, _ in _TRITON_SETTINGS.values()}
     rng = random.Random(0)
     try:
         with bench.gc_paused():
@@ -233,8 +233,8 @@ def _run(args, dev, backends, clock: Clock) -> None:
                 rng.shuffle(order)
                 for name in order:
                     c = contenders[name]
-                    tri._TABLE_UPLOAD = getattr(c, "triton_table", table)
-                    tri._LAUNCH = getattr(c, "triton_launch", launch)
+                    for attr, value in defaults.items():
+                        setattr(tri, attr, getattr(c, "triton_settings", {}).get(attr, value))
                     t0 = clock.now()
                     (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
                     clock.add("window", clock.now() - t0)
@@ -243,7 +243,8 @@ def _run(args, dev, backends, clock: Clock) -> None:
                     else:
                         clock.window.clear()
     finally:
-        tri._TABLE_UPLOAD, tri._LAUNCH = table, launch
+        for attr, value in defaults.items():
+            setattr(tri, attr, value)
     print(f"# window phases: {args.model} ({wl.model.tensors} tensors, {wl.numel / 1e6:.1f}M "
           f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
           f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "
