@@ -60,6 +60,8 @@ def contenders(device: torch.device) -> dict:
         return out
     out["torch add_ (1 pair, 2.4M)"] = lambda: accs[10].add_(grads[10])
     out["torch.cuda.device(dev) enter+exit"] = lambda: _enter_exit(device)
+    out["triton _device_of(t) enter+exit (the current device: no switch)"] = (
+        lambda: _enter_exit_device_of(accs[0]))
     if tri.unavailable_reason("triton", device) is not None:
         return out
     block, warps = tri._config("accumulate")
@@ -109,6 +111,11 @@ def contenders(device: torch.device) -> dict:
 
 def _enter_exit(device):
     with torch.cuda.device(device):
+        pass
+
+
+def _enter_exit_device_of(t):
+    with tri._device_of(t):
         pass
 
 

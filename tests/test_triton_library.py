@@ -339,6 +339,17 @@ def test_direct_launch_on_gpu_matches_the_reference(monkeypatch, grad_dtype):
         assert len(T._MANY_COMPILED) == 1 and not T._DIRECT_FAILED
 
 
+def test_launches_switch_the_device_only_when_another_is_current():
+    """A launch enters torch.cuda.device only for a tensor on a GPU that is not the
+    current device (Triton launches on the current one)."""
+    assert T._device_of(torch.zeros(1)) is T._NO_SWITCH
+    if torch.cuda.is_available():
+        assert T._device_of(torch.zeros(1, device="cuda")) is T._NO_SWITCH
+        if torch.cuda.device_count() > 1:
+            other = torch.zeros(1, device=f"cuda:{1 - torch.cuda.current_device() % 2}")
+            assert isinstance(T._device_of(other), torch.cuda.device)
+
+
 def test_cached_flush_tables_are_reused_only_for_the_same_entries(monkeypatch):
     """table upload "cached": one table per distinct (device, stream, entries), reused
     (the same tensor), bounded (least recently used dropped), and the launcher gives the
