@@ -262,17 +262,24 @@ class _RecordingKernel:
         return run
 
 
+def _fresh_launch_state(monkeypatch, kernel=None):
+    """No compiled kernel kept and direct launches allowed; with ``kernel``, it stands in
+    for _accumulate_many_kernel as on a GPU (not interpreted)."""
+    monkeypatch.setattr(T, "_MANY_COMPILED", {})
+    monkeypatch.setattr(T, "_DIRECT_FAILED", [])
+    if kernel is not None:
+        monkeypatch.setattr(T, "_accumulate_many_kernel", kernel)
+        monkeypatch.setattr(T, "_INTERPRETED", False)
+    return kernel
+
+
 def test_direct_launch_reuses_the_compiled_kernel_only_for_its_key(monkeypatch):
     """launch "direct": the first launch of a (device, LOG_T, GRAD_KIND, BLOCK, warps) goes
     through Triton's launcher, the next ones straight to the compiled kernel it returned,
     with every argument in the kernel's order; another LOG_T or grad dtype goes through
     the launcher again; "jit" never launches directly. (The real launch is tested on a
     GPU: test_direct_launch_on_gpu_matches_the_reference.)"""
-    kernel = _RecordingKernel()
-    monkeypatch.setattr(T, "_accumulate_many_kernel", kernel)
-    monkeypatch.setattr(T, "_INTERPRETED", False)
-    monkeypatch.setattr(T, "_MANY_COMPILED", {})
-    monkeypatch.setattr(T, "_DIRECT_FAILED", [])
+    kernel = _fresh_launch_state(monkeypatch, _RecordingKernel())
     block, warps = T._config("accumulate")
 
     def flush(n, dtype=torch.bfloat16, launch="direct"):
@@ -303,11 +310,8 @@ def test_direct_launch_reuses_the_compiled_kernel_only_for_its_key(monkeypatch):
 def test_direct_launch_a_triton_cannot_do_falls_back_to_its_launcher(monkeypatch):
     """A compiled kernel whose direct launch raises before launching (another Triton's
     API): that flush and every later one go through Triton's launcher, one warning."""
-    kernel = _RecordingKernel(direct_raises=TypeError("no such launcher"))
-    monkeypatch.setattr(T, "_accumulate_many_kernel", kernel)
-    monkeypatch.setattr(T, "_INTERPRETED", False)
-    monkeypatch.setattr(T, "_MANY_COMPILED", {})
-    monkeypatch.setattr(T, "_DIRECT_FAILED", [])
+    kernel = _fresh_launch_state(monkeypatch,
+                                 _RecordingKernel(direct_raises=TypeError("no such launcher")))
     accs, grads = [torch.zeros(3)], [torch.ones(3, dtype=torch.bfloat16)]
     T._launch_accumulate_many(accs, grads, 1.0, launch="direct")
     with pytest.warns(RuntimeWarning, match="no such launcher"):
@@ -322,8 +326,7 @@ def test_direct_launch_a_triton_cannot_do_falls_back_to_its_launcher(monkeypatch
 def test_direct_launch_on_gpu_matches_the_reference(monkeypatch, grad_dtype):
     """Triton's own compiled kernel launched directly, twice per key (the second call is
     the direct one), with overwrite flags and sizes that end on a block and not."""
-    monkeypatch.setattr(T, "_MANY_COMPILED", {})
-    monkeypatch.setattr(T, "_DIRECT_FAILED", [])
+    _fresh_launch_state(monkeypatch)
     block, _ = T._config("accumulate")
     sizes = [1, block, block + 1, 3 * block - 5, 17]
     for call in range(2):
