@@ -10,7 +10,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
 # (diag: the C++ exception crash of 2026-11-26, fixed; it ran clean on an H100 on 2026-11-26)
-STAGES=${STAGES:-"build triton cuda auto dist phases bench fresh"}
+STAGES=${STAGES:-"build triton cuda auto dist tritonhook phases bench fresh"}
 # windows only by default (the ops were measured on 2026-11-26: results/NVIDIA-H200_*,
 # results/NVIDIA-H100-80GB-HBM3_*);
 # with the ops: BENCH_ARGS="--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3
@@ -23,7 +23,8 @@ T0=$(date +%s)
 log() { echo "== [$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 PYTEST=(python -m pytest -q -p no:cacheprovider --tb=short -rfE --timeout 120)
-# workers per suite: 8 alone; the cuda, auto and dist suites run side by side (16 cores)
+# workers per suite: 8 alone; the cuda, auto, dist and tritonhook suites run side by side
+# (6 + 5 + 2 + 3 on 16 cores)
 XDIST=0
 python -c "import xdist" 2>/dev/null && XDIST=1
 workers() { (( XDIST )) && echo "-n $1"; }
@@ -104,7 +105,7 @@ fi
 if has auto; then
   log "auto: wrapper suite with backend=auto, the cuda/triton router of ops/auto.py (background)"
   # shellcheck disable=SC2046
-  ( FUSEDACCUM_TEST_BACKEND=auto timeout 240 "${PYTEST[@]}" $(workers 6) "${WRAPPER_TESTS[@]}" \
+  ( FUSEDACCUM_TEST_BACKEND=auto timeout 240 "${PYTEST[@]}" $(workers 5) "${WRAPPER_TESTS[@]}" \
       >"$OUT/tests_auto.log" 2>&1; echo $? >/tmp/auto.rc ) &
   AUTO_PID=$!
 fi
@@ -116,6 +117,15 @@ if has dist; then
   ( FUSEDACCUM_TEST_BACKEND=cuda timeout 240 "${PYTEST[@]}" $(workers 2) \
       tests/test_distributed.py >/tmp/tests_dist.log 2>&1; echo $? >/tmp/dist.rc ) &
   DIST_PID=$!
+fi
+if has tritonhook; then
+  # the triton stage ran without the extension: here the C++ hook flushes the triton
+  # backend's full batches itself (table flush, csrc/hooks.cpp)
+  log "tritonhook: wrapper tests with backend=triton and the C++ hook (background)"
+  # shellcheck disable=SC2046
+  ( FUSEDACCUM_TEST_BACKEND=triton timeout 200 "${PYTEST[@]}" $(workers 3) \
+      tests/test_accumulator.py >/tmp/tests_tritonhook.log 2>&1; echo $? >/tmp/tritonhook.rc ) &
+  TRITONHOOK_PID=$!
 fi
 if has cuda; then
   wait "$CUDA_PID"
@@ -129,6 +139,11 @@ if has dist; then
   wait "$DIST_PID"
   log "dist tests exit $(cat /tmp/dist.rc): $(tail -1 /tmp/tests_dist.log)"
   grep -E "^(FAILED|ERROR|E  )" /tmp/tests_dist.log | head -30 | cut -c1-300 | tee -a "$LOG"
+fi
+if has tritonhook; then
+  wait "$TRITONHOOK_PID"
+  log "tritonhook tests exit $(cat /tmp/tritonhook.rc): $(tail -1 /tmp/tests_tritonhook.log)"
+  grep -E "^(FAILED|ERROR|E  )" /tmp/tests_tritonhook.log | head -30 | cut -c1-300 | tee -a "$LOG"
 fi
 if has diag; then
   log "diag: libstdc++ of the extension as built, and when built with CXX=c++"
@@ -162,10 +177,11 @@ if has phases; then
     timeout 40 python bench/hook_costs.py --backend "$b" 2>&1 | tee -a "$LOG"
   done
   log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB \
-batches, triton with a pinned and a cached flush table and launched directly"
+batches, triton with its full batches flushed in Python (not by the C++ hook's table \
+flush), with 128 and 512 MiB batches and launched directly"
   timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 10 \
       --backends cuda,triton --variants \
-      python-hooks,flush=128,triton:flush=128,triton:table=pinned,triton:table=cached,triton:launch=direct \
+      python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:flush=512,triton:launch=direct \
       2>&1 | tee -a "$LOG"
   log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: the boundary \
 leaving the accumulators for the next window to overwrite (default) or zeroing them \

@@ -143,7 +143,9 @@ def main(argv=None) -> int:
                     "bench --help)")
     ap.add_argument("--variants", default="",
                     help="extra contenders in the same rounds, comma-separated: "
-                    "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'flush=<MiB>', "
+                    "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'python-flush' (the "
+                    "C++ hook on, but a triton bucket's full batches flushed in Python: "
+                    "accumulator.py _TABLE_FLUSH), 'flush=<MiB>', "
                     "'table=pinned|pageable|cached' (how a Triton flush uploads its table: "
                     "ops/triton.py _TABLE_UPLOAD), 'launch=jit|direct' (how it launches "
                     "its kernel: ops/triton.py _LAUNCH), 'no-overwrite' (a window's first "
@@ -188,6 +190,12 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
     if variant == "python-hooks":
         with bench.hook_settings(fast=False):
             return bench.FusedContender(wl, backend)
+    if variant == "python-flush":  # read when a wrapper installs its hooks
+        saved, acc_mod._TABLE_FLUSH = acc_mod._TABLE_FLUSH, False
+        try:
+            return bench.FusedContender(wl, backend)
+        finally:
+            acc_mod._TABLE_FLUSH = saved
     if variant.startswith("flush="):
         with bench.hook_settings(flush_bytes=int(float(variant[6:]) * (1 << 20))):
             return bench.FusedContender(wl, backend)
@@ -210,7 +218,8 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         c = bench.FusedContender(wl, backend)
         c.triton_settings = {attr: value}
         return c
-    raise SystemExit(f"unknown variant {variant!r}: python-hooks, flush=<MiB>, no-overwrite, "
+    raise SystemExit(f"unknown variant {variant!r}: python-hooks, python-flush, flush=<MiB>, "
+                     "no-overwrite, "
                      f"no-lazy, ride, no-ride, table={'|'.join(tri._TABLE_MODES)} or "
                      f"launch={'|'.join(tri._LAUNCH_MODES)}")
 

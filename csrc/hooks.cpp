@@ -11,7 +11,10 @@
 // the Python hook stays the definition. For a larger half param (direct mode) it calls
 // the extension's accumulate_ op itself, and a batch the gradient fills it accumulates
 // with the extension's accumulate_many_ op (native flush), unless a norm statistic is
-// asked for.
+// asked for. On the triton backend (table flush) it builds that batch's kernel table here
+// and hands it to one small Python launcher (ops/triton.py, _launch_table): the Python
+// flush's bookkeeping and table, tens of microseconds of Python per flush, cost several
+// times that inside a backward, whose work has evicted the interpreter's caches.
 //
 // torch keeps one C++ post-accumulate-grad hook per tensor: the one running the tensor's
 // dict of Python hooks (tensor._post_accumulate_grad_hooks). BatchHook takes its place
@@ -20,6 +23,8 @@
 // registration order, as without it. Hooks registered later are added to the same dict.
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -116,14 +121,17 @@ PyObject* list_field(PyObject* fields, int f, Py_ssize_t n) {
 struct BatchHook final : PostAccumulateGradHook {
   BatchHook(std::unique_ptr<PostAccumulateGradHook> inner, PyObject* dict, PyObject* key,
             PyObject* owner_ref, PyObject* bucket_ref, Py_ssize_t index, long long nbytes,
-            long long flush_bytes, bool direct, bool native_flush)
+            long long flush_bytes, bool direct, bool native_flush, PyObject* launcher,
+            long long block, int grad_kind)
       : inner(std::move(inner)), dict(dict), key(key), owner_ref(owner_ref),
         bucket_ref(bucket_ref), index(index), nbytes(nbytes), flush_bytes(flush_bytes),
-        direct(direct), native_flush(native_flush) {
+        direct(direct), native_flush(native_flush), launcher(launcher), block(block),
+        grad_kind(grad_kind) {
     Py_INCREF(dict);
     Py_INCREF(key);
     Py_INCREF(owner_ref);
     Py_INCREF(bucket_ref);
+    Py_XINCREF(launcher);
   }
 
   ~BatchHook() override {
@@ -133,6 +141,7 @@ struct BatchHook final : PostAccumulateGradHook {
     Py_DECREF(key);
     Py_DECREF(owner_ref);
     Py_DECREF(bucket_ref);
+    Py_XDECREF(launcher);
     PyGILState_Release(gil);
   }
 
@@ -244,7 +253,7 @@ struct BatchHook final : PostAccumulateGradHook {
       return false;
     }
     if (bytes + nbytes >= flush_bytes) {  // the batch is full
-      if (!native_flush) return false;     // Python flushes
+      if (!native_flush && launcher == nullptr) return false;  // Python flushes
       return flush(param, grad, owner.get(), b.get(), f, {pending, accs, grads, ows}, is_pending,
                    view, stepped_i, fresh, is_dirty);
     }
@@ -332,7 +341,8 @@ struct BatchHook final : PostAccumulateGradHook {
   // Native flush: the gradient fills the batch; accumulate the batch and it with the
   // extension's accumulate_many_ op, as FusedAccumulator._flush does (empties the batch
   // first, then one op call, then _note_write without statistics), when no statistic
-  // rides on it.
+  // rides on it. Table flush (a launcher): the same, with the table of the triton
+  // backend's accumulate_many kernel built here (table()) and launched by the launcher.
   // batch: the lists (checked by take()) of the fields PENDING, PENDING_ACCS, PENDING_GRADS,
   // PENDING_OW
   bool flush(const Variable& param, const at::Tensor& grad, PyObject* owner, PyObject* b,
@@ -370,12 +380,18 @@ struct BatchHook final : PostAccumulateGradHook {
     acc_list.push_back(THPVariable_Unpack(view));
     grad_list.push_back(grad);
     flags.push_back(is_dirty ? 1 : 0);
-    if (!any_overwrite) flags.clear();
     Ref acc_obj(PyObject_GetAttr(b, s_acc));
     if (!acc_obj || !THPVariable_Check(acc_obj.get())) {
       PyErr_Clear();
       return false;
     }
+    // (the table before anything changes: a pair it cannot take leaves it to Python)
+    int64_t n_tensors = 0, blocks = 0;
+    at::Tensor table_tensor;
+    if (launcher != nullptr &&
+        !table(acc_list, grad_list, flags, table_tensor, n_tensors, blocks))
+      return false;
+    if (!any_overwrite) flags.clear();
     const at::Tensor acc = THPVariable_Unpack(acc_obj.get());
     const int64_t before = static_cast<int64_t>(acc._version());
     // empty the batch (new lists: the old ones may be held elsewhere, as Python's flush
@@ -400,11 +416,23 @@ struct BatchHook final : PostAccumulateGradHook {
     }
     PyList_SetItem(f, PENDING_BYTES, zero.p);
     zero.p = nullptr;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fusedaccum_native::accumulate_many_", "")
-                         .typed<void(at::TensorList, at::TensorList, double, at::IntArrayRef)>();
     Held held(view, stepped_i, fresh.touched, fresh.exposed, fresh.dirty);  // finish()'s
-    without_gil([&] { op.call(acc_list, grad_list, 1.0, flags); });
+    if (launcher != nullptr) {
+      if (n_tensors > 0) {
+        Ref t(THPVariable_Wrap(table_tensor));
+        if (!t) throw python_error();
+        Ref done(PyObject_CallFunction(launcher, "OLLi", t.get(), static_cast<long long>(n_tensors),
+                                       static_cast<long long>(blocks), grad_kind));
+        if (!done) throw python_error();  // (backward() raises it)
+        torch::autograd::impl::bump_version(acc);  // as the op's in-place write does
+      }
+    } else {
+      static auto op =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("fusedaccum_native::accumulate_many_", "")
+              .typed<void(at::TensorList, at::TensorList, double, at::IntArrayRef)>();
+      without_gil([&] { op.call(acc_list, grad_list, 1.0, flags); });
+    }
     // _note_write(b, before, made_stats=False): valid statistics stay valid, and so
     // does the knowledge of zeros
     const int64_t now = static_cast<int64_t>(acc._version());
@@ -413,6 +441,52 @@ struct BatchHook final : PostAccumulateGradHook {
     g_flushes.fetch_add(1, std::memory_order_relaxed);
     g_flushed_grads.fetch_add(static_cast<int64_t>(n) + 1, std::memory_order_relaxed);
     finish(param, view, stepped_i, fresh);
+    return true;
+  }
+
+  // The int64 table of the triton backend's _accumulate_many_kernel for these pairs, as
+  // ops/triton.py's _many_table makes it: [acc address x T, grad address x T, numel x T
+  // (negated where the pair overwrites its acc), 0, block starts x T] over the T non-empty
+  // pairs, on the pairs' device (an ordinary CPU tensor uploaded with non_blocking, as
+  // _upload_table's "pageable"). False, with nothing changed, for pairs it does not take
+  // (the launcher's kernel reads fp32 accumulators and one gradient dtype, contiguous, all
+  // on one device).
+  bool table(const std::vector<at::Tensor>& accs, const std::vector<at::Tensor>& grads,
+             const std::vector<int64_t>& flags, at::Tensor& out, int64_t& n_tensors,
+             int64_t& blocks) {
+    const c10::ScalarType grad_type =
+        grad_kind == 2 ? at::kBFloat16 : grad_kind == 1 ? at::kHalf : at::kFloat;
+    const c10::Device device = accs.front().device();
+    std::vector<int64_t> rows;
+    for (size_t j = 0; j < accs.size(); ++j) {
+      const at::Tensor &a = accs[j], &g = grads[j];
+      if (a.scalar_type() != at::kFloat || g.scalar_type() != grad_type ||
+          !a.is_contiguous() || !g.is_contiguous() || a.device() != device ||
+          g.device() != device || a.numel() != g.numel())
+        return false;
+      if (a.numel() > 0) rows.push_back(static_cast<int64_t>(j));
+    }
+    const int64_t t = static_cast<int64_t>(rows.size());
+    n_tensors = t;
+    blocks = 0;
+    if (t == 0) return true;
+    try {
+      at::Tensor host = at::empty({4 * t + 1}, at::TensorOptions().dtype(at::kLong));
+      int64_t* e = host.data_ptr<int64_t>();
+      e[3 * t] = 0;
+      for (int64_t r = 0; r < t; ++r) {
+        const at::Tensor &a = accs[rows[r]], &g = grads[rows[r]];
+        const int64_t n = a.numel();
+        e[r] = reinterpret_cast<int64_t>(a.data_ptr());
+        e[t + r] = reinterpret_cast<int64_t>(g.data_ptr());
+        e[2 * t + r] = flags[rows[r]] != 0 ? -n : n;
+        blocks += (n + block - 1) / block;
+        e[3 * t + 1 + r] = blocks;
+      }
+      out = device.is_cpu() ? host : host.to(device, at::kLong, /*non_blocking=*/true);
+    } catch (const std::exception&) {  // (out of memory): Python flushes
+      return false;
+    }
     return true;
   }
 
@@ -439,23 +513,46 @@ struct BatchHook final : PostAccumulateGradHook {
   long long nbytes, flush_bytes;
   bool direct;        // accumulate at once instead of batching
   bool native_flush;  // a full batch is accumulated here (the extension's op), not in Python
+  // table flush: a full batch's table is built here and launched by launcher(table,
+  // n_tensors, blocks, grad_kind) (owned; null: no table flush), with `block` elements per
+  // program; grad_kind: the gradients' dtype as ops/triton.py's _KIND (0 fp32, 1 fp16,
+  // 2 bf16)
+  PyObject* launcher;
+  long long block;
+  int grad_kind;
 };
 
 // install_batch_hook(param, hooks_dict, key, owner_ref, bucket_ref, index, nbytes,
-//                    flush_bytes, direct=False, native_flush=False): after
+//                    flush_bytes, direct=False, native_flush=False, launcher=None,
+//                    block=0, grad_kind=0): after
 // param.register_post_accumulate_grad_hook returned a handle with id `key` into
 // `hooks_dict` (param._post_accumulate_grad_hooks). direct: accumulate with the
 // extension's accumulate_ op instead of batching; native_flush: accumulate a batch the
-// gradient fills with the extension's accumulate_many_ op (the bucket's backend uses it).
+// gradient fills with the extension's accumulate_many_ op (the bucket's backend uses it);
+// launcher (a callable; not with native_flush): accumulate such a batch by building its
+// table here and calling launcher(table, n_tensors, blocks, grad_kind) (the triton
+// backend's), `block` elements per program.
 PyObject* install_batch_hook(PyObject*, PyObject* args) {
   PyObject *param, *dict, *key, *owner_ref, *bucket_ref;
   Py_ssize_t index;
   long long nbytes, flush_bytes;
-  int direct = 0, native_flush = 0;
-  if (!PyArg_ParseTuple(args, "OO!OO!O!nLL|pp", &param, &PyDict_Type, &dict, &key,
+  int direct = 0, native_flush = 0, grad_kind = 0;
+  PyObject* launcher = Py_None;
+  long long block = 0;
+  if (!PyArg_ParseTuple(args, "OO!OO!O!nLL|ppOLi", &param, &PyDict_Type, &dict, &key,
                         &_PyWeakref_RefType, &owner_ref, &_PyWeakref_RefType, &bucket_ref,
-                        &index, &nbytes, &flush_bytes, &direct, &native_flush))
+                        &index, &nbytes, &flush_bytes, &direct, &native_flush, &launcher,
+                        &block, &grad_kind))
     return nullptr;
+  if (launcher == Py_None) {
+    launcher = nullptr;
+  } else if (!PyCallable_Check(launcher) || native_flush || direct || block <= 0 ||
+             grad_kind < 0 || grad_kind > 2) {
+    PyErr_SetString(PyExc_ValueError,
+                    "install_batch_hook: a launcher needs a batched param (no direct, no "
+                    "native_flush), block > 0 and grad_kind 0, 1 or 2");
+    return nullptr;
+  }
   if (!THPVariable_Check(param)) {
     PyErr_SetString(PyExc_TypeError, "install_batch_hook: param must be a tensor");
     return nullptr;
@@ -487,7 +584,7 @@ PyObject* install_batch_hook(PyObject*, PyObject* args) {
   torch::autograd::impl::set_post_acc_grad_hooks(
       var, std::make_unique<BatchHook>(std::move(inner), dict, key, owner_ref, bucket_ref,
                                        index, nbytes, flush_bytes, direct != 0,
-                                       native_flush != 0));
+                                       native_flush != 0, launcher, block, grad_kind));
   Py_RETURN_NONE;
 }
 
@@ -539,6 +636,11 @@ PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   if (module == nullptr || names == nullptr || PyModule_AddObject(module, "HOOK_FIELDS", names)) {
     Py_XDECREF(names);
     Py_XDECREF(module);
+    return nullptr;
+  }
+  // install_batch_hook takes a launcher (table flush); checked on import
+  if (PyModule_AddIntConstant(module, "TABLE_FLUSH", 1)) {
+    Py_DECREF(module);
     return nullptr;
   }
   return module;

@@ -49,6 +49,19 @@ _BATCH_FLUSH_BYTES = 32 << 20
 _BATCH_FLUSH_BYTES_CPU = 2 << 20
 
 
+# Whether the C++ hook flushes a triton bucket's full batches itself (csrc/hooks.cpp, table
+# flush: it builds the kernel's table and calls ops/triton.py's _launch_table), or leaves
+# them to _flush. Read when a wrapper installs its hooks. A flush in Python costs several
+# times its warm host time inside a backward, whose memory traffic evicts the caches
+# (H100: ~200 us per flush in a gpt2-124m window, 45-50 us alone): with the kernels
+# stubbed out on the development CPU, the op of a 28-gradient batch took 16 us warm and
+# 87 us after a 64 MiB sweep, and the table flush cut a quarter-width gpt2-124m window's
+# backward passes from 6.0 to 5.5 ms (bench/flush_host_cost.py, results/AMD-EPYC_
+# 2026-11-26_flush_host_cost.md). Not measured on a GPU yet (window_phases.py variant
+# python-flush).
+_TABLE_FLUSH = True
+
+
 def _flush_bytes(device: torch.device) -> int:
     """The batch flush size of a bucket on ``device`` (on CPUs never above the GPUs')."""
     if device.type == "cpu":
@@ -1032,9 +1045,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         if not (batched or direct):
             return
         nbytes = b.numels[i] * p.element_size()
+        # the triton backend: the hook flushes a full batch with a table it builds itself
+        table_flush = getattr(b.ops, "table_flush", None) if batched and _TABLE_FLUSH else None
+        table = table_flush(b.device, p.dtype) if table_flush is not None else None
+        launcher, block, kind = table if table is not None else (None, 0, 0)
         module.install_batch_hook(p, p._post_accumulate_grad_hooks, handle.id,
                                   weakref.ref(self), weakref.ref(b), i, nbytes,
-                                  _flush_bytes(b.device), direct, batched and is_native)
+                                  _flush_bytes(b.device), direct, batched and is_native,
+                                  launcher, block, kind)
 
     def _expose_grad(self, b: Bucket, i: int) -> None:
         """Give the stepped tensor a ``.grad`` viewing the window (GradScaler sees it)."""

@@ -8,6 +8,7 @@ on the param runs, in registration order, and a removed hook stops.
 """
 
 import gc
+import inspect
 import weakref
 
 import pytest
@@ -16,6 +17,7 @@ from _models import make_model, make_windows, mse
 
 from fusedaccum import FusedAccumulator, accumulator
 from fusedaccum.ops import native
+from fusedaccum.ops import triton as triton_ops
 
 MODULE = (native.hooks_module()
           if native.unavailable_reason("cpu", torch.device("cpu")) is None else None)
@@ -27,6 +29,19 @@ HALF = [torch.bfloat16, torch.float16]
 PLACES = [("cpu", "cpu")] + (
     [("cuda", "cuda")] if native.unavailable_reason("cuda", torch.device("cuda")) is None
     else [])
+# ... and flushes full batches for the triton backend with a table it builds (on CPU
+# tensors under TRITON_INTERPRET=1, the interpreter runs the kernel on that table)
+TRITON_PLACES = [(dev, "triton") for dev in ("cpu", "cuda")
+                 if (dev == "cpu" or torch.cuda.is_available())
+                 and triton_ops.unavailable_reason("triton", torch.device(dev)) is None
+                 and triton_ops.table_flush(torch.device(dev), torch.bfloat16) is not None]
+
+
+def place_id(place) -> str:
+    """(the triton backend's as "table-flush": bench/gpu_session.sh runs these files with
+    -k "not triton" once the extension is built)"""
+    device, backend = place
+    return f"{device}-{'table-flush' if backend == 'triton' else backend}"
 
 
 def hits() -> int:
@@ -76,7 +91,7 @@ def assert_same_runs(got, want) -> None:
     assert torch.equal(got[3].grad_norm, want[3].grad_norm)
 
 
-@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
 @pytest.mark.parametrize("dtype", HALF)
 def test_same_result_as_the_python_hook_bitwise(dtype, place, monkeypatch):
     before = hits()
@@ -89,7 +104,7 @@ def test_same_result_as_the_python_hook_bitwise(dtype, place, monkeypatch):
     assert_same_runs(got, want)
 
 
-@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
 def test_norm_riding_and_clipping_as_the_python_hook(place, monkeypatch):
     """(On CPU the last micro-batch's accumulations produce the clipping norm's
     statistics: the batches' in Python's flush, the other params' in the Python hook.)"""
@@ -179,7 +194,7 @@ def test_install_checks_its_arguments():
                                   o, 0, 4, 8)
 
 
-@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("place", PLACES, ids=place_id)
 @pytest.mark.parametrize("clip", [None, 0.01])
 def test_direct_accumulation_as_the_python_hook(place, clip, monkeypatch):
     """Params above the batching limit: the C++ hook accumulates them at once with the
@@ -197,12 +212,13 @@ def test_direct_accumulation_as_the_python_hook(place, clip, monkeypatch):
     assert_same_runs(got, want)
 
 
-@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
 @pytest.mark.parametrize("clip", [None, 0.01])
 def test_full_batches_flushed_in_cpp_as_in_python(place, clip, monkeypatch):
     """A gradient that fills its batch: the C++ hook flushes the batch with it (the
-    extension's accumulate_many_), except where the norm's statistic rides on the flush
-    (CPU buckets, a window's last micro-batch), which Python's flush makes."""
+    extension's accumulate_many_; on the triton backend the kernel, with the table the hook
+    built), except where the norm's statistic rides on the flush (CPU buckets, a window's
+    last micro-batch), which Python's flush makes."""
     monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)  # every grad fills a batch
     before, (flushes, grads) = hits(), MODULE.batch_hook_flushes()
     got = train(torch.bfloat16, True, monkeypatch, place=place, max_grad_norm=clip)
@@ -220,17 +236,19 @@ def test_full_batches_flushed_in_cpp_as_in_python(place, clip, monkeypatch):
         assert b.pending == [] and b.pending_bytes == 0 and not any(b.is_pending)
 
 
-def test_batch_full_with_waiting_grads_flushes_them_all(monkeypatch):
+@pytest.mark.parametrize("place", [("cpu", "cpu")] + [p for p in TRITON_PLACES if p[0] == "cpu"],
+                         ids=place_id)
+def test_batch_full_with_waiting_grads_flushes_them_all(place, monkeypatch):
     """Grads waiting in a batch go with the one that fills it (one op call, every element
     written once): the same as the Python hook with the batch filling on the 3rd grad."""
     monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 3 * 2 * 16)  # bf16 bytes
     (flushes, grads) = MODULE.batch_hook_flushes()
-    got = train(torch.bfloat16, True, monkeypatch, k=2, windows=2)
+    got = train(torch.bfloat16, True, monkeypatch, k=2, windows=2, place=place)
     now = MODULE.batch_hook_flushes()
     # fc2.bias waits (Python), fc2.weight and fc1.bias join it, fc1.weight fills the batch:
     # one flush of all 4 per backward but the last (a CPU window's last micro-batch)
     assert now[0] - flushes == 2 and now[1] - grads == 2 * 4
-    want = train(torch.bfloat16, False, monkeypatch, k=2, windows=2)
+    want = train(torch.bfloat16, False, monkeypatch, k=2, windows=2, place=place)
     assert_same_runs(got, want)
 
 
@@ -306,3 +324,91 @@ def test_compiled_autograd_accumulates_within_the_backward(fast, monkeypatch):
     finally:
         torch._dynamo.reset()
     assert opt.stepped
+
+
+TABLE_CPU = [p for p in TRITON_PLACES if p[0] == "cpu"]
+needs_table_cpu = pytest.mark.skipif(not TABLE_CPU, reason="Triton does not run on CPU here")
+
+
+def _params_with_empty(dtype):
+    """Four half params, the second and last of them empty (0 elements)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(n, generator=g).to(dtype)) for n in (16, 0, 8, 0)]
+
+
+def _train_with_empty(dtype, fast, monkeypatch, k=2, windows=2):
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    ps = _params_with_empty(dtype)
+    opt = FusedAccumulator(torch.optim.AdamW(ps, lr=1e-2), accumulation_steps=k,
+                           backend="triton")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(windows * k):
+        x = [torch.randn(p.shape, generator=g).to(dtype) for p in ps]
+        sum(((p * xi).float() ** 2).sum() for p, xi in zip(ps, x)).backward()
+        opt.step()
+    return [p.detach().clone() for p in ps], opt
+
+
+@needs_table_cpu
+@pytest.mark.parametrize("flush_bytes", [1, 2 * 20], ids=["every-grad", "two-grads"])
+def test_table_flush_skips_empty_params(flush_bytes, monkeypatch):
+    """Empty gradients get no row in the table the C++ hook builds (the kernel's pairs are
+    the non-empty ones; a batch of only empty ones launches nothing), as in _many_table."""
+    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", flush_bytes)
+    tables = []
+    real = triton_ops._launch_many_kernel
+
+    def recording(blocks, table, n_tensors, *args):
+        tables.append((n_tensors, blocks, table.tolist()))
+        real(blocks, table, n_tensors, *args)
+
+    monkeypatch.setattr(triton_ops, "_launch_many_kernel", recording)
+    before = MODULE.batch_hook_flushes()[0]
+    got, opt = _train_with_empty(torch.bfloat16, True, monkeypatch)
+    assert MODULE.batch_hook_flushes()[0] > before  # the C++ hook flushed some batches
+    assert tables and all(n >= 1 and len(t) == 4 * n + 1 and t[3 * n] == 0
+                          and 0 not in t[2 * n:3 * n] for n, _, t in tables)
+    monkeypatch.setattr(triton_ops, "_launch_many_kernel", real)
+    want, _ = _train_with_empty(torch.bfloat16, False, monkeypatch)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert opt.stepped
+
+
+@needs_table_cpu
+def test_table_flush_error_reaches_backward(monkeypatch):
+    """A launch that raises in the C++ hook's flush makes backward() raise it."""
+    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)  # every grad fills a batch
+    real = triton_ops._launch_many_kernel
+    failed = []
+
+    def failing(*args):
+        # (the first gradient of a backward goes to the Python hook, whose flush launches
+        # through _flush: that one runs)
+        if any(f.function == "_flush" for f in inspect.stack()):
+            return real(*args)
+        failed.append(True)
+        raise RuntimeError("launch failed: boom")
+
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
+    model = make_model(dtype=torch.bfloat16, device="cpu")
+    opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
+                           backend="triton")
+    monkeypatch.setattr(triton_ops, "_launch_many_kernel", failing)
+    x, y = make_windows(1, 1, dtype=torch.bfloat16, device="cpu")[0][0]
+    with pytest.raises(RuntimeError, match="launch failed: boom"):
+        mse(model(x), y).backward()
+    assert failed == [True] and opt.update_count == 0  # (opt: the hooks hold it weakly)
+
+
+def test_install_checks_the_launcher():
+    module = MODULE
+    p = torch.zeros(3, requires_grad=True)
+    h = p.register_post_accumulate_grad_hook(lambda p: None)
+    o = weakref.ref(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    args = (p, p._post_accumulate_grad_hooks, h.id, o, o, 0, 4, 8)
+    for bad in [(False, False, "not callable", 1024, 2), (False, True, print, 1024, 2),
+                (True, False, print, 1024, 2), (False, False, print, 0, 2),
+                (False, False, print, 1024, 3)]:
+        with pytest.raises(ValueError, match="a launcher needs"):
+            module.install_batch_hook(*args, *bad)

@@ -324,7 +324,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
                                          "--backends", ",".join(backends), "--flush-mib", "1",
                                          "--variants",
                                          f"python-hooks,flush=2,{backends[-1]}:flush=3,"
-                                         "table=cached,launch=direct", "--fresh-grads"])
+                                         "table=cached,launch=direct,python-flush",
+                                         "--fresh-grads"])
     out = capsys.readouterr().out
     assert "batch flush 1 MiB" in out and "fresh gradients" in out
     assert not B._Deliver.fresh  # put back
@@ -333,6 +334,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
     assert f"| fusedaccum[{backends[-1]}] flush=3 | window |" in out
     assert f"| fusedaccum[{backends[0]}] table=cached | window |" in out
     assert f"| fusedaccum[{backends[0]}] launch=direct | window |" in out
+    assert f"| fusedaccum[{backends[0]}] python-flush | window |" in out
+    assert accumulator._TABLE_FLUSH  # put back
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
     assert (triton_ops._TABLE_UPLOAD, triton_ops._LAUNCH) == (table, launch)  # put back
     assert (accumulator._BATCH_FLUSH_BYTES, accumulator._BATCH_FLUSH_BYTES_CPU) == flush
@@ -349,6 +352,24 @@ def test_launch_costs_times_the_pieces_that_run_here(capsys):
     assert "| piece | median per call |" in out
     if native.unavailable_reason("cpu", torch.device("cpu")) is None:
         assert "| native accumulate_many_ (12 pairs) |" in out
+
+
+def test_flush_host_cost_times_both_flushes_and_puts_triton_back(capsys):
+    if native.hooks_module() is None or \
+            triton_ops.unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip("needs the C++ hook and Triton's interpreter")
+    from fusedaccum import accumulator
+
+    launch, flush = triton_ops._launch_many_kernel, accumulator._BATCH_FLUSH_BYTES
+    _bench_script("flush_host_cost").main(["--model", "tiny", "--rounds", "1", "--calls", "2",
+                                           "--flush-mib", "0.0001"])
+    out = capsys.readouterr().out
+    assert "accumulate_many_, 28 pairs:" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip()
+            for line in out.splitlines() if line.startswith("| ") and " ms |" in line}
+    assert rows.keys() == {"table flush (C++ hook)", "python-flush"}
+    assert int(rows["table flush (C++ hook)"]) > 0 and rows["python-flush"] == "0"
+    assert (triton_ops._launch_many_kernel, accumulator._BATCH_FLUSH_BYTES) == (launch, flush)
 
 
 def test_hook_costs_times_every_contender(tmp_path, capsys):
