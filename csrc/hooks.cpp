@@ -42,6 +42,8 @@ using torch::autograd::PostAccumulateGradHook;
 using torch::autograd::Variable;
 
 std::atomic<int64_t> g_hits{0}, g_flushes{0}, g_flushed_grads{0};
+// batches accumulated by flush_batch called from Python, and their gradients
+std::atomic<int64_t> g_called_flushes{0}, g_called_grads{0};
 
 // interned attribute names
 PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_acc,
@@ -116,6 +118,174 @@ void keep_version(PyObject* fields, int f, int64_t before, int64_t now) {
 PyObject* list_field(PyObject* fields, int f, Py_ssize_t n) {
   PyObject* v = PyList_GET_ITEM(fields, f);
   return PyList_CheckExact(v) && PyList_GET_SIZE(v) >= n ? v : nullptr;
+}
+
+// How C++ accumulates a bucket's batch of half gradients: the extension's
+// accumulate_many_ op (no launcher), or the triton backend's _accumulate_many_kernel with
+// a table built here, launched by `launcher(table, n_tensors, blocks, grad_kind)` (ops/
+// triton.py _launch_table) with `block` elements per program; grad_kind: the gradients'
+// dtype as ops/triton.py's _KIND (0 fp32, 1 fp16, 2 bf16).
+struct FlushMode {
+  PyObject* launcher;  // borrowed; null: the native op
+  long long block;
+  int grad_kind;
+};
+
+// The gradient that fills a batch, accumulated with it: the param's accumulator view
+struct Extra {
+  at::Tensor acc, grad;
+  bool overwrite;
+};
+
+// The int64 table of the triton backend's _accumulate_many_kernel for these pairs, as
+// ops/triton.py's _many_table makes it: [acc address x T, grad address x T, numel x T
+// (negated where the pair overwrites its acc), 0, block starts x T] over the T non-empty
+// pairs, on the pairs' device (an ordinary CPU tensor uploaded with non_blocking, as
+// _upload_table's "pageable"). False, with nothing changed, for pairs it does not take
+// (the kernel reads fp32 accumulators and one gradient dtype, contiguous, all on one
+// device).
+bool make_table(const FlushMode& mode, const std::vector<at::Tensor>& accs,
+                const std::vector<at::Tensor>& grads, const std::vector<int64_t>& flags,
+                at::Tensor& out, int64_t& n_tensors, int64_t& blocks) {
+  const c10::ScalarType grad_type =
+      mode.grad_kind == 2 ? at::kBFloat16 : mode.grad_kind == 1 ? at::kHalf : at::kFloat;
+  const c10::Device device = accs.front().device();
+  std::vector<int64_t> rows;
+  for (size_t j = 0; j < accs.size(); ++j) {
+    const at::Tensor &a = accs[j], &g = grads[j];
+    if (a.scalar_type() != at::kFloat || g.scalar_type() != grad_type || !a.is_contiguous() ||
+        !g.is_contiguous() || a.device() != device || g.device() != device ||
+        a.numel() != g.numel())
+      return false;
+    if (a.numel() > 0) rows.push_back(static_cast<int64_t>(j));
+  }
+  const int64_t t = static_cast<int64_t>(rows.size());
+  n_tensors = t;
+  blocks = 0;
+  if (t == 0) return true;
+  try {
+    at::Tensor host = at::empty({4 * t + 1}, at::TensorOptions().dtype(at::kLong));
+    int64_t* e = host.data_ptr<int64_t>();
+    e[3 * t] = 0;
+    for (int64_t r = 0; r < t; ++r) {
+      const at::Tensor &a = accs[rows[r]], &g = grads[rows[r]];
+      const int64_t n = a.numel();
+      e[r] = reinterpret_cast<int64_t>(a.data_ptr());
+      e[t + r] = reinterpret_cast<int64_t>(g.data_ptr());
+      e[2 * t + r] = flags[rows[r]] != 0 ? -n : n;
+      blocks += (n + mode.block - 1) / mode.block;
+      e[3 * t + 1 + r] = blocks;
+    }
+    out = device.is_cpu() ? host : host.to(device, at::kLong, /*non_blocking=*/true);
+  } catch (const std::exception&) {  // (out of memory): Python flushes
+    return false;
+  }
+  return true;
+}
+
+// Accumulate bucket b's batch (and `extra`, if any) as FusedAccumulator._flush does
+// without a statistic: the batch emptied first (new lists: the old ones may be held
+// elsewhere, as Python's flush rebinds them), then one op call or launch, then
+// _note_write(made_stats=False). f: b.hook_fields. The number of pairs accumulated, or -1,
+// with nothing changed, where the fields are not what they should be or the table cannot
+// take the pairs; an op or launch that fails raises (the batch is gone then, as in
+// Python's flush).
+int64_t flush_batch(PyObject* b, PyObject* f, const FlushMode& mode, const Extra* extra) {
+  PyObject *pending = list_field(f, PENDING, 0), *accs = list_field(f, PENDING_ACCS, 0),
+           *grads = list_field(f, PENDING_GRADS, 0), *ows = list_field(f, PENDING_OW, 0),
+           *is_pending = list_field(f, IS_PENDING, 0);
+  if (!pending || !accs || !grads || !ows || !is_pending) return -1;
+  const Py_ssize_t n = PyList_GET_SIZE(pending);
+  if (PyList_GET_SIZE(accs) != n || PyList_GET_SIZE(grads) != n || PyList_GET_SIZE(ows) != n)
+    return -1;
+  if (n == 0 && extra == nullptr) return 0;  // nothing waits
+  std::vector<at::Tensor> acc_list, grad_list;
+  std::vector<int64_t> flags;
+  acc_list.reserve(n + 1);
+  grad_list.reserve(n + 1);
+  flags.reserve(n + 1);
+  bool any_overwrite = false;
+  for (Py_ssize_t j = 0; j < n; ++j) {
+    PyObject *a = PyList_GET_ITEM(accs, j), *g = PyList_GET_ITEM(grads, j),
+             *idx = PyList_GET_ITEM(pending, j), *ow = PyList_GET_ITEM(ows, j);
+    if (!THPVariable_Check(a) || !THPVariable_Check(g) || !PyLong_CheckExact(idx) ||
+        !PyLong_CheckExact(ow))
+      return -1;
+    const Py_ssize_t k = PyLong_AsSsize_t(idx);
+    const long o = PyLong_AsLong(ow);
+    if (k < 0 || k >= PyList_GET_SIZE(is_pending) || (o != 0 && o != 1)) {
+      PyErr_Clear();
+      return -1;
+    }
+    acc_list.push_back(THPVariable_Unpack(a));
+    grad_list.push_back(THPVariable_Unpack(g));
+    flags.push_back(o);
+    any_overwrite = any_overwrite || o != 0;
+  }
+  if (extra != nullptr) {
+    acc_list.push_back(extra->acc);
+    grad_list.push_back(extra->grad);
+    flags.push_back(extra->overwrite ? 1 : 0);
+    any_overwrite = any_overwrite || extra->overwrite;
+  }
+  Ref acc_obj(PyObject_GetAttr(b, s_acc));
+  if (!acc_obj || !THPVariable_Check(acc_obj.get())) {
+    PyErr_Clear();
+    return -1;
+  }
+  // (the table before anything changes: pairs it cannot take leave the batch to Python)
+  int64_t n_tensors = 0, blocks = 0;
+  at::Tensor table;
+  if (mode.launcher != nullptr &&
+      !make_table(mode, acc_list, grad_list, flags, table, n_tensors, blocks))
+    return -1;
+  if (!any_overwrite) flags.clear();
+  const at::Tensor acc = THPVariable_Unpack(acc_obj.get());
+  const int64_t before = static_cast<int64_t>(acc._version());
+  Ref empty[4] = {Ref(PyList_New(0)), Ref(PyList_New(0)), Ref(PyList_New(0)),
+                  Ref(PyList_New(0))};
+  Ref zero(PyLong_FromLong(0));
+  if (!empty[0] || !empty[1] || !empty[2] || !empty[3] || !zero) {
+    PyErr_Clear();
+    return -1;
+  }
+  // the old lists keep the gradients alive until the op has run
+  PyObject* batch[4] = {pending, accs, grads, ows};
+  for (PyObject* list : batch) Py_INCREF(list);
+  Ref old[4] = {Ref(pending), Ref(accs), Ref(grads), Ref(ows)};
+  for (Py_ssize_t j = 0; j < n; ++j) {
+    Py_INCREF(Py_False);
+    PyList_SetItem(is_pending, PyLong_AsSsize_t(PyList_GET_ITEM(pending, j)), Py_False);
+  }
+  const int slots[4] = {PENDING, PENDING_ACCS, PENDING_GRADS, PENDING_OW};
+  for (int j = 0; j < 4; ++j) {
+    PyList_SetItem(f, slots[j], empty[j].p);  // steals the reference
+    empty[j].p = nullptr;
+  }
+  PyList_SetItem(f, PENDING_BYTES, zero.p);
+  zero.p = nullptr;
+  if (mode.launcher != nullptr) {
+    if (n_tensors > 0) {
+      Ref t(THPVariable_Wrap(table));
+      if (!t) throw python_error();
+      Ref done(PyObject_CallFunction(mode.launcher, "OLLi", t.get(),
+                                     static_cast<long long>(n_tensors),
+                                     static_cast<long long>(blocks), mode.grad_kind));
+      if (!done) throw python_error();
+      torch::autograd::impl::bump_version(acc);  // as the op's in-place write does
+    }
+  } else {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fusedaccum_native::accumulate_many_", "")
+                         .typed<void(at::TensorList, at::TensorList, double, at::IntArrayRef)>();
+    without_gil([&] { op.call(acc_list, grad_list, 1.0, flags); });
+  }
+  // _note_write(b, before, made_stats=False): valid statistics stay valid, and so does the
+  // knowledge of zeros
+  const int64_t now = static_cast<int64_t>(acc._version());
+  keep_version(f, STATS_VERSION, before, now);
+  keep_version(f, CLEAN_VERSION, before, now);
+  return static_cast<int64_t>(acc_list.size());
 }
 
 struct BatchHook final : PostAccumulateGradHook {
@@ -254,8 +424,7 @@ struct BatchHook final : PostAccumulateGradHook {
     }
     if (bytes + nbytes >= flush_bytes) {  // the batch is full
       if (!native_flush && launcher == nullptr) return false;  // Python flushes
-      return flush(param, grad, owner.get(), b.get(), f, {pending, accs, grads, ows}, is_pending,
-                   view, stepped_i, fresh, is_dirty);
+      return flush(param, grad, owner.get(), b.get(), f, view, stepped_i, fresh, is_dirty);
     }
     // commit (only a failed allocation can fail here; then undo and let Python do it)
     Ref idx(PyLong_FromSsize_t(i)), g(THPVariable_Wrap(grad)),
@@ -338,155 +507,23 @@ struct BatchHook final : PostAccumulateGradHook {
     return pg.get() == Py_None && PyLong_AsLong(step.get()) + 1 >= PyLong_AsLong(k.get());
   }
 
-  // Native flush: the gradient fills the batch; accumulate the batch and it with the
-  // extension's accumulate_many_ op, as FusedAccumulator._flush does (empties the batch
-  // first, then one op call, then _note_write without statistics), when no statistic
-  // rides on it. Table flush (a launcher): the same, with the table of the triton
-  // backend's accumulate_many kernel built here (table()) and launched by the launcher.
+  // Native or table flush: the gradient fills the batch; accumulate the batch and it in
+  // C++ (flush_batch), when no statistic rides on it.
   // batch: the lists (checked by take()) of the fields PENDING, PENDING_ACCS, PENDING_GRADS,
   // PENDING_OW
   bool flush(const Variable& param, const at::Tensor& grad, PyObject* owner, PyObject* b,
-             PyObject* f, const std::array<PyObject*, 4>& batch, PyObject* is_pending,
-             PyObject* view, PyObject* stepped_i, const Fresh& fresh, bool is_dirty) {
+             PyObject* f, PyObject* view, PyObject* stepped_i, const Fresh& fresh,
+             bool is_dirty) {
     PyObject* version = PyList_GET_ITEM(f, STATS_VERSION);
     if (!PyLong_CheckExact(version) || may_ride(owner, f)) return false;
-    PyObject *pending = batch[0], *accs = batch[1], *grads = batch[2], *ows = batch[3];
-    const Py_ssize_t n = PyList_GET_SIZE(pending);
-    if (PyList_GET_SIZE(accs) != n || PyList_GET_SIZE(grads) != n || PyList_GET_SIZE(ows) != n)
-      return false;
-    std::vector<at::Tensor> acc_list, grad_list;
-    std::vector<int64_t> flags;
-    acc_list.reserve(n + 1);
-    grad_list.reserve(n + 1);
-    flags.reserve(n + 1);
-    bool any_overwrite = is_dirty;
-    for (Py_ssize_t j = 0; j < n; ++j) {
-      PyObject *a = PyList_GET_ITEM(accs, j), *g = PyList_GET_ITEM(grads, j),
-               *idx = PyList_GET_ITEM(pending, j), *ow = PyList_GET_ITEM(ows, j);
-      if (!THPVariable_Check(a) || !THPVariable_Check(g) || !PyLong_CheckExact(idx) ||
-          !PyLong_CheckExact(ow))
-        return false;
-      const Py_ssize_t k = PyLong_AsSsize_t(idx);
-      const long o = PyLong_AsLong(ow);
-      if (k < 0 || k >= PyList_GET_SIZE(is_pending) || (o != 0 && o != 1)) {
-        PyErr_Clear();
-        return false;
-      }
-      acc_list.push_back(THPVariable_Unpack(a));
-      grad_list.push_back(THPVariable_Unpack(g));
-      flags.push_back(o);
-      any_overwrite = any_overwrite || o != 0;
-    }
-    acc_list.push_back(THPVariable_Unpack(view));
-    grad_list.push_back(grad);
-    flags.push_back(is_dirty ? 1 : 0);
-    Ref acc_obj(PyObject_GetAttr(b, s_acc));
-    if (!acc_obj || !THPVariable_Check(acc_obj.get())) {
-      PyErr_Clear();
-      return false;
-    }
-    // (the table before anything changes: a pair it cannot take leaves it to Python)
-    int64_t n_tensors = 0, blocks = 0;
-    at::Tensor table_tensor;
-    if (launcher != nullptr &&
-        !table(acc_list, grad_list, flags, table_tensor, n_tensors, blocks))
-      return false;
-    if (!any_overwrite) flags.clear();
-    const at::Tensor acc = THPVariable_Unpack(acc_obj.get());
-    const int64_t before = static_cast<int64_t>(acc._version());
-    // empty the batch (new lists: the old ones may be held elsewhere, as Python's flush
-    // rebinds them); the old lists keep the gradients alive until the op has run
-    Ref empty[4] = {Ref(PyList_New(0)), Ref(PyList_New(0)), Ref(PyList_New(0)),
-                    Ref(PyList_New(0))};
-    Ref zero(PyLong_FromLong(0));
-    if (!empty[0] || !empty[1] || !empty[2] || !empty[3] || !zero) {
-      PyErr_Clear();
-      return false;
-    }
-    Ref old[4] = {Ref(pending), Ref(accs), Ref(grads), Ref(ows)};
-    for (PyObject* list : batch) Py_INCREF(list);
-    for (Py_ssize_t j = 0; j < n; ++j) {
-      Py_INCREF(Py_False);
-      PyList_SetItem(is_pending, PyLong_AsSsize_t(PyList_GET_ITEM(pending, j)), Py_False);
-    }
-    const int slots[4] = {PENDING, PENDING_ACCS, PENDING_GRADS, PENDING_OW};
-    for (int j = 0; j < 4; ++j) {
-      PyList_SetItem(f, slots[j], empty[j].p);  // steals the reference
-      empty[j].p = nullptr;
-    }
-    PyList_SetItem(f, PENDING_BYTES, zero.p);
-    zero.p = nullptr;
+    const FlushMode mode{native_flush ? nullptr : launcher, block, grad_kind};
+    const Extra extra{THPVariable_Unpack(view), grad, is_dirty};
     Held held(view, stepped_i, fresh.touched, fresh.exposed, fresh.dirty);  // finish()'s
-    if (launcher != nullptr) {
-      if (n_tensors > 0) {
-        Ref t(THPVariable_Wrap(table_tensor));
-        if (!t) throw python_error();
-        Ref done(PyObject_CallFunction(launcher, "OLLi", t.get(), static_cast<long long>(n_tensors),
-                                       static_cast<long long>(blocks), grad_kind));
-        if (!done) throw python_error();  // (backward() raises it)
-        torch::autograd::impl::bump_version(acc);  // as the op's in-place write does
-      }
-    } else {
-      static auto op =
-          c10::Dispatcher::singleton()
-              .findSchemaOrThrow("fusedaccum_native::accumulate_many_", "")
-              .typed<void(at::TensorList, at::TensorList, double, at::IntArrayRef)>();
-      without_gil([&] { op.call(acc_list, grad_list, 1.0, flags); });
-    }
-    // _note_write(b, before, made_stats=False): valid statistics stay valid, and so
-    // does the knowledge of zeros
-    const int64_t now = static_cast<int64_t>(acc._version());
-    keep_version(f, STATS_VERSION, before, now);
-    keep_version(f, CLEAN_VERSION, before, now);
+    const int64_t pairs = flush_batch(b, f, mode, &extra);
+    if (pairs < 0) return false;
     g_flushes.fetch_add(1, std::memory_order_relaxed);
-    g_flushed_grads.fetch_add(static_cast<int64_t>(n) + 1, std::memory_order_relaxed);
+    g_flushed_grads.fetch_add(pairs, std::memory_order_relaxed);
     finish(param, view, stepped_i, fresh);
-    return true;
-  }
-
-  // The int64 table of the triton backend's _accumulate_many_kernel for these pairs, as
-  // ops/triton.py's _many_table makes it: [acc address x T, grad address x T, numel x T
-  // (negated where the pair overwrites its acc), 0, block starts x T] over the T non-empty
-  // pairs, on the pairs' device (an ordinary CPU tensor uploaded with non_blocking, as
-  // _upload_table's "pageable"). False, with nothing changed, for pairs it does not take
-  // (the launcher's kernel reads fp32 accumulators and one gradient dtype, contiguous, all
-  // on one device).
-  bool table(const std::vector<at::Tensor>& accs, const std::vector<at::Tensor>& grads,
-             const std::vector<int64_t>& flags, at::Tensor& out, int64_t& n_tensors,
-             int64_t& blocks) {
-    const c10::ScalarType grad_type =
-        grad_kind == 2 ? at::kBFloat16 : grad_kind == 1 ? at::kHalf : at::kFloat;
-    const c10::Device device = accs.front().device();
-    std::vector<int64_t> rows;
-    for (size_t j = 0; j < accs.size(); ++j) {
-      const at::Tensor &a = accs[j], &g = grads[j];
-      if (a.scalar_type() != at::kFloat || g.scalar_type() != grad_type ||
-          !a.is_contiguous() || !g.is_contiguous() || a.device() != device ||
-          g.device() != device || a.numel() != g.numel())
-        return false;
-      if (a.numel() > 0) rows.push_back(static_cast<int64_t>(j));
-    }
-    const int64_t t = static_cast<int64_t>(rows.size());
-    n_tensors = t;
-    blocks = 0;
-    if (t == 0) return true;
-    try {
-      at::Tensor host = at::empty({4 * t + 1}, at::TensorOptions().dtype(at::kLong));
-      int64_t* e = host.data_ptr<int64_t>();
-      e[3 * t] = 0;
-      for (int64_t r = 0; r < t; ++r) {
-        const at::Tensor &a = accs[rows[r]], &g = grads[rows[r]];
-        const int64_t n = a.numel();
-        e[r] = reinterpret_cast<int64_t>(a.data_ptr());
-        e[t + r] = reinterpret_cast<int64_t>(g.data_ptr());
-        e[2 * t + r] = flags[rows[r]] != 0 ? -n : n;
-        blocks += (n + block - 1) / block;
-        e[3 * t + 1 + r] = blocks;
-      }
-      out = device.is_cpu() ? host : host.to(device, at::kLong, /*non_blocking=*/true);
-    } catch (const std::exception&) {  // (out of memory): Python flushes
-      return false;
-    }
     return true;
   }
 
@@ -588,6 +625,44 @@ PyObject* install_batch_hook(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// flush_batch(bucket, launcher=None, block=0, grad_kind=0) -> bool: FusedAccumulator._flush
+// of a batch that needs no statistic, in C++ (the end-of-backward flush, and a full batch
+// the hook left to Python), with the extension's op or (a launcher) the triton backend's
+// kernel as install_batch_hook takes them. False where it leaves the batch to Python.
+PyObject* flush_batch_py(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *b, *launcher = Py_None;
+  long long block = 0;
+  int grad_kind = 0;
+  if (!PyArg_ParseTuple(args, "O|OLi", &b, &launcher, &block, &grad_kind)) return nullptr;
+  if (launcher != Py_None &&
+      (!PyCallable_Check(launcher) || block <= 0 || grad_kind < 0 || grad_kind > 2)) {
+    PyErr_SetString(PyExc_ValueError,
+                    "flush_batch: a launcher needs block > 0 and grad_kind 0, 1 or 2");
+    return nullptr;
+  }
+  Ref fields(PyObject_GetAttr(b, s_hook_fields));
+  if (!fields) return nullptr;
+  if (!PyList_CheckExact(fields.get()) || PyList_GET_SIZE(fields.get()) != N_FIELDS) {
+    PyErr_SetString(PyExc_TypeError, "flush_batch: the bucket's hook_fields is not its list");
+    return nullptr;
+  }
+  const FlushMode mode{launcher == Py_None ? nullptr : launcher, block, grad_kind};
+  const int64_t pairs = flush_batch(b, fields.get(), mode, nullptr);
+  if (pairs > 0) {
+    g_called_flushes.fetch_add(1, std::memory_order_relaxed);
+    g_called_grads.fetch_add(pairs, std::memory_order_relaxed);
+  }
+  return PyBool_FromLong(pairs >= 0);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* batch_flush_calls(PyObject*, PyObject*) {
+  return Py_BuildValue("(LL)",
+                       static_cast<long long>(g_called_flushes.load(std::memory_order_relaxed)),
+                       static_cast<long long>(g_called_grads.load(std::memory_order_relaxed)));
+}
+
 PyObject* batch_hook_hits(PyObject*, PyObject*) {
   return PyLong_FromLongLong(g_hits.load(std::memory_order_relaxed));
 }
@@ -600,6 +675,11 @@ PyObject* batch_hook_flushes(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"install_batch_hook", install_batch_hook, METH_VARARGS,
      "Put the C++ batching hook in front of a param's Python post-accumulate-grad hooks."},
+    {"flush_batch", flush_batch_py, METH_VARARGS,
+     "Accumulate a bucket's batch of half gradients in C++ (no statistic); False where "
+     "it leaves the batch to Python."},
+    {"batch_flush_calls", batch_flush_calls, METH_NOARGS,
+     "(batches, gradients) accumulated by flush_batch called from Python (this process)."},
     {"batch_hook_hits", batch_hook_hits, METH_NOARGS,
      "How many gradients the C++ batching hook has taken (all params, this process)."},
     {"batch_hook_flushes", batch_hook_flushes, METH_NOARGS,

@@ -50,8 +50,9 @@ _BATCH_FLUSH_BYTES_CPU = 2 << 20
 
 
 # Whether the C++ hook flushes a triton bucket's full batches itself (csrc/hooks.cpp, table
-# flush: it builds the kernel's table and calls ops/triton.py's _launch_table), or leaves
-# them to _flush. Read when a wrapper installs its hooks. A flush in Python costs several
+# flush: it builds the kernel's table and calls ops/triton.py's _launch_table), and _flush
+# its other batches through the same C++ (Bucket.cxx_flush), or Python does both. Read
+# when a wrapper installs its hooks. A flush in Python costs several
 # times its warm host time inside a backward, whose memory traffic evicts the caches
 # (H100: ~200 us per flush in a gpt2-124m window, 45-50 us alone): with the kernels
 # stubbed out on the development CPU, the op of a 28-gradient batch took 16 us warm and
@@ -1033,11 +1034,20 @@ class FusedAccumulator(torch.optim.Optimizer):
         from fusedaccum.ops.auto import Router
 
         # (reference: also "auto" that FUSEDACCUM_BACKEND made reference)
-        if b.ops is reference_ops or b.perms[i] is not None:
+        if b.ops is reference_ops:
             return
         is_native = b.ops is native or isinstance(b.ops, Router) and b.ops.cuda is native
         module = native.hooks_module(load=is_native)
         if module is None:
+            return
+        # the triton backend: the hook flushes a full batch with a table it builds itself
+        table_flush = getattr(b.ops, "table_flush", None) if _TABLE_FLUSH else None
+        table = table_flush(b.device, b.dtype) if table_flush is not None else None
+        launcher, block, kind = table if table is not None else (None, 0, 0)
+        if b.cxx_flush is None:  # _flush's, once per bucket
+            b.cxx_flush = (module.flush_batch, launcher, block, kind) \
+                if is_native or launcher is not None else False
+        if b.perms[i] is not None:
             return
         batched = b.numels[i] <= _BATCH_MAX_NUMEL
         # (auto: half grads, accumulate_ and accumulate_many_, go to cuda)
@@ -1045,14 +1055,10 @@ class FusedAccumulator(torch.optim.Optimizer):
         if not (batched or direct):
             return
         nbytes = b.numels[i] * p.element_size()
-        # the triton backend: the hook flushes a full batch with a table it builds itself
-        table_flush = getattr(b.ops, "table_flush", None) if batched and _TABLE_FLUSH else None
-        table = table_flush(b.device, p.dtype) if table_flush is not None else None
-        launcher, block, kind = table if table is not None else (None, 0, 0)
         module.install_batch_hook(p, p._post_accumulate_grad_hooks, handle.id,
                                   weakref.ref(self), weakref.ref(b), i, nbytes,
                                   _flush_bytes(b.device), direct, batched and is_native,
-                                  launcher, block, kind)
+                                  launcher if batched else None, block, kind)
 
     def _expose_grad(self, b: Bucket, i: int) -> None:
         """Give the stepped tensor a ``.grad`` viewing the window (GradScaler sees it)."""
@@ -1230,18 +1236,24 @@ class FusedAccumulator(torch.optim.Optimizer):
     @torch.no_grad()
     def _flush(self, b: Bucket) -> None:
         """Accumulate the bucket's batch of small half gradients (one op call)."""
-        pending, accs, grads, ows = b.pending, b.pending_accs, b.pending_grads, b.pending_ow
-        if not pending:
+        if not b.pending:
             return
+        # in a window's last micro-batch the norm rides on the batch too (one statistic
+        # for the whole batch); the other params' statistics stay valid: this writes only
+        # pending params
+        ride = b.ride_norm and b.stats_version != -2 and self._ride_norm()
+        # without a statistic, in C++ where the C++ hook runs (Bucket.cxx_flush): the
+        # same steps as below, without their host time in Python (the end-of-backward
+        # flush runs after the backward's memory traffic evicted the caches)
+        fast = b.cxx_flush
+        if fast and not ride and fast[0](b, *fast[1:]):
+            return
+        pending, accs, grads, ows = b.pending, b.pending_accs, b.pending_grads, b.pending_ow
         b.pending, b.pending_accs, b.pending_grads, b.pending_bytes = [], [], [], 0
         b.pending_ow = []
         is_pending = b.is_pending
         for i in pending:
             is_pending[i] = False
-        # in a window's last micro-batch the norm rides on the batch too (one statistic
-        # for the whole batch); the other params' statistics stay valid: this writes only
-        # pending params
-        ride = b.ride_norm and b.stats_version != -2 and self._ride_norm()
         before = b.acc._version
         # one device, one grad dtype, contiguous, equal numels: trusted
         stat = b.ops.accumulate_many_(accs, grads, 1.0, overwrite=ows if 1 in ows else None,

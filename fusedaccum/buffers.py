@@ -169,6 +169,10 @@ class Bucket:
         self.pending_bytes = 0
         self.pending_ow = []  # per waiting gradient: 1 if it overwrites its accumulator
         self.is_pending = [False] * len(params)
+        # how FusedAccumulator._flush accumulates the batch in C++ (csrc/hooks.cpp
+        # flush_batch, with its arguments after it): set when the wrapper installs the
+        # C++ hooks; None (not set) or False: in Python
+        self.cxx_flush: tuple | bool | None = None
         self.released = [False] * len(params)
         self.state_flat: dict[str, torch.Tensor] = {}
         self._state_views: dict[str, list[torch.Tensor]] = {}

@@ -94,13 +94,19 @@ def assert_same_runs(got, want) -> None:
 @pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
 @pytest.mark.parametrize("dtype", HALF)
 def test_same_result_as_the_python_hook_bitwise(dtype, place, monkeypatch):
-    before = hits()
+    before, calls = hits(), MODULE.batch_flush_calls()
     got = train(dtype, True, monkeypatch, place=place)
     taken = hits() - before
+    called = MODULE.batch_flush_calls()
     want = train(dtype, False, monkeypatch, place=place)
     assert hits() - before == taken  # the Python run never took the C++ path
+    assert MODULE.batch_flush_calls() == called
     # all but the first hook of each backward: 3 windows x 3 backwards x (4 params - 1)
     assert taken == 27
+    # the end-of-backward flush of the 4 batched grads: _flush calls C++ (flush_batch),
+    # except on CPU in a window's last micro-batch (the norm's statistic rides on it)
+    flushes = 3 * (2 if place[0] == "cpu" else 3)
+    assert (called[0] - calls[0], called[1] - calls[1]) == (flushes, 4 * flushes)
     assert_same_runs(got, want)
 
 
@@ -412,3 +418,38 @@ def test_install_checks_the_launcher():
                 (False, False, print, 1024, 3)]:
         with pytest.raises(ValueError, match="a launcher needs"):
             module.install_batch_hook(*args, *bad)
+
+
+@pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
+def test_flush_batch_leaves_what_it_cannot_take_to_python(place, monkeypatch):
+    """flush_batch with a table for another gradient dtype (or a bad launcher) changes
+    nothing and says so: _flush then accumulates the batch in Python."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
+    device, backend = place
+    model = make_model(dtype=torch.bfloat16, device=device)
+    opt = FusedAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=4,
+                           backend=backend)
+    (b,) = [b for bs in opt._buckets for b in bs]
+    assert b.cxx_flush and b.cxx_flush[0] is MODULE.flush_batch
+    monkeypatch.setattr(b, "cxx_flush", False)  # the batch waits for the test's calls
+    x, y = make_windows(1, 1, dtype=torch.bfloat16, device=device)[0][0]
+    with monkeypatch.context() as m:  # (no end-of-backward flush: the batch stays)
+        m.setattr(opt, "_flush_all", lambda: None)
+        mse(model(x), y).backward()
+    waiting = list(b.pending)
+    assert len(waiting) == 4
+    with pytest.raises(ValueError, match="a launcher needs"):
+        MODULE.flush_batch(b, "not callable", 1024, 2)
+    with pytest.raises(AttributeError):
+        MODULE.flush_batch(object())
+    launcher, block, _ = triton_ops.table_flush(torch.device(device), torch.bfloat16) or (
+        lambda *args: None, 1024, 2)
+    assert MODULE.flush_batch(b, launcher, block, 1) is False  # fp16: not the grads' dtype
+    assert b.pending == waiting and b.pending_bytes > 0 and all(b.is_pending)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in b.main_grads)
+    opt._flush(b)  # cxx_flush False: Python's
+    assert b.pending == [] and not any(b.is_pending)
+    twin = make_model(dtype=torch.bfloat16, device=device)  # (equal params: no step yet)
+    mse(twin(x), y).backward()
+    for g, p in zip(b.main_grads, twin.parameters()):
+        assert torch.equal(g, p.grad.float())

@@ -315,9 +315,11 @@ def hooks_module(load: bool = True):
                     from fusedaccum.buffers import HOOK_FIELDS
 
                     # a build from before a change of the fields would misread them, one
-                    # from before the native or the table flush takes fewer arguments
-                    ok = getattr(module, "HOOK_FIELDS", None) == HOOK_FIELDS and hasattr(
-                        module, "batch_hook_flushes") and hasattr(module, "TABLE_FLUSH")
+                    # from before the native or the table flush takes fewer arguments (or
+                    # has no flush_batch)
+                    ok = getattr(module, "HOOK_FIELDS", None) == HOOK_FIELDS and all(
+                        hasattr(module, name) for name in ("batch_hook_flushes",
+                                                           "TABLE_FLUSH", "flush_batch"))
                     state.hooks = module if ok else False
                 except ImportError:  # a build from before hooks.cpp
                     state.hooks = False
