@@ -23,6 +23,10 @@ back-to-back calls; the device is synchronized before each batch of calls (outsi
 timing), so a full launch queue never blocks one. On CUDA a second table times the same
 calls while the device is still busy with a sleep kernel queued before them, as in a
 window where the host runs ahead: pinned blocks cannot be recycled until their uploads ran.
+The C++ batch flush (csrc/hooks.cpp flush_batch, since 2026-11-26 evening what the C++
+hook and FusedAccumulator._flush run for a batch without a norm statistic: the native op,
+or on the triton backend the kernel table built in C++ and one Python launcher) is timed
+on the same batch, each call refilling it first (a row times the refill alone).
 Rows needing CUDA or Triton are left out where they cannot run (on a CPU only the
 extension's rows run, with real work in them).
 """
@@ -34,6 +38,7 @@ import array
 import random
 import statistics
 import time
+import types
 
 import torch
 
@@ -51,11 +56,19 @@ def contenders(device: torch.device) -> dict:
     accs = [torch.zeros(s, device=device).view(-1) for s in BLOCK_SHAPES]
     grads = [torch.randn(s, device=device).to(torch.bfloat16).view(-1) for s in BLOCK_SHAPES]
     out = {}
+    hooks = native.hooks_module(load=False)
     if native.unavailable_reason("cuda" if device.type == "cuda" else "cpu", device) is None:
         out["native accumulate_many_ (12 pairs)"] = lambda: native.accumulate_many_(
             accs, grads, 1.0, trusted=True)
         out["native accumulate_ (1 pair, 2.4M)"] = lambda: native.accumulate_(
             accs[10], grads[10], 1.0)
+        if hooks is not None:
+            out.update(_flush_batch_rows(hooks, device, grads, None, 0, 0, "native op"))
+    if device.type != "cuda" and tri.unavailable_reason("triton", device) is not None:
+        return out
+    table = tri.table_flush(device, torch.bfloat16)
+    if hooks is not None and table is not None:
+        out.update(_flush_batch_rows(hooks, device, grads, *table, "triton table"))
     if device.type != "cuda":
         return out
     out["torch add_ (1 pair, 2.4M)"] = lambda: accs[10].add_(grads[10])
@@ -107,6 +120,36 @@ def contenders(device: torch.device) -> dict:
     out["triton: accumulate_ (1 pair, 2.4M)"] = lambda: tri.accumulate_(accs[10], grads[10],
                                                                          1.0)
     return out
+
+
+def _flush_batch_rows(hooks, device, grads, launcher, block, kind, what) -> dict:
+    """The C++ batch flush (csrc/hooks.cpp flush_batch: what FusedAccumulator._flush and
+    the C++ hook run) of the 12 gradients into views of one flat accumulator, as a bucket
+    holds them; each call first refills the batch (the second row: that refill alone)."""
+    from fusedaccum.buffers import HOOK_FIELDS
+
+    flat = torch.zeros(sum(g.numel() for g in grads), device=device)
+    views = list(torch.split(flat, [g.numel() for g in grads]))
+    bucket = types.SimpleNamespace(acc=flat, hook_fields=[None] * len(HOOK_FIELDS))
+    at = {name: k for k, name in enumerate(HOOK_FIELDS)}
+    fields = bucket.hook_fields
+    fields[at["stats_version"]] = fields[at["clean_version"]] = -1
+
+    def refill():
+        fields[at["pending"]] = list(range(len(grads)))
+        fields[at["pending_accs"]] = list(views)
+        fields[at["pending_grads"]] = list(grads)
+        fields[at["pending_ow"]] = [0] * len(grads)
+        fields[at["pending_bytes"]] = 1
+        fields[at["is_pending"]] = [True] * len(grads)
+
+    def flush():
+        refill()
+        if not hooks.flush_batch(bucket, launcher, block, kind):
+            raise RuntimeError("flush_batch left the batch to Python")
+
+    return {f"C++ flush_batch, {what} (12 pairs, with the refill)": flush,
+            "C++ flush_batch: the refill alone": refill}
 
 
 def _enter_exit(device):

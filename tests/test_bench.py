@@ -352,6 +352,7 @@ def test_launch_costs_times_the_pieces_that_run_here(capsys):
     assert "| piece | median per call |" in out
     if native.unavailable_reason("cpu", torch.device("cpu")) is None:
         assert "| native accumulate_many_ (12 pairs) |" in out
+        assert "| C++ flush_batch, native op (12 pairs, with the refill) |" in out
 
 
 def test_flush_host_cost_times_both_flushes_and_puts_triton_back(capsys):
