@@ -11,8 +11,8 @@
 // the Python hook stays the definition. For a larger half param (direct mode) it calls
 // the extension's accumulate_ op itself, and a batch the gradient fills it accumulates
 // with the extension's accumulate_many_ op (native flush), unless a norm statistic is
-// asked for. On the triton backend (table flush) it builds that batch's kernel table here
-// and hands it to one small Python launcher (ops/triton.py, _launch_table): the Python
+// asked for. On the triton backend (table flush) it builds that batch's (or that larger
+// gradient's) kernel table here and hands it to one small Python launcher (ops/triton.py, _launch_table): the Python
 // flush's bookkeeping and table, tens of microseconds of Python per flush, cost several
 // times that inside a backward, whose work has evicted the interpreter's caches.
 //
@@ -461,6 +461,8 @@ struct BatchHook final : PostAccumulateGradHook {
 
   // Direct mode: no statistic may be asked for (the norm rides on the accumulations of a
   // window's last micro-batch on CPU buckets, and the statistics must not be stale-marked).
+  // The extension's accumulate_ op, or on the triton backend its accumulate_many kernel
+  // over a one-pair table (the same element math as its accumulate_).
   // The window's first gradient of the param overwrites its accumulator where it holds an
   // earlier window (dirty) or the bucket knows the untouched params' accumulators hold
   // zeros (clean_version, as post_hook).
@@ -476,16 +478,33 @@ struct BatchHook final : PostAccumulateGradHook {
     if (acc_view.scalar_type() != at::kFloat || !acc_view.is_contiguous() ||
         acc_view.numel() != grad.numel() || acc_view.device() != grad.device())
       return false;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fusedaccum_native::accumulate_", "")
-                         .typed<void(const at::Tensor&, const at::Tensor&, double, bool)>();
     const at::Tensor acc_flat = acc_view.view({-1}), grad_flat = grad.view({-1});
     // (a view shares its base's version counter)
     const int64_t before = static_cast<int64_t>(acc_view._version());
     const bool overwrite = PyList_GET_ITEM(fresh.touched, index) == Py_False &&
                            (is_dirty || int_field(f, CLEAN_VERSION) == before);
     Held held(view, stepped_i, fresh.touched, fresh.exposed, fresh.dirty);  // finish()'s
-    without_gil([&] { op.call(acc_flat, grad_flat, 1.0, overwrite); });
+    if (launcher != nullptr) {  // the triton backend: a table of one pair, its launcher
+      const FlushMode mode{launcher, block, grad_kind};
+      at::Tensor table;
+      int64_t n_tensors = 0, blocks = 0;
+      if (!make_table(mode, {acc_flat}, {grad_flat}, {overwrite ? 1 : 0}, table, n_tensors,
+                      blocks))
+        return false;
+      if (n_tensors > 0) {
+        Ref t(THPVariable_Wrap(table));
+        if (!t) throw python_error();
+        Ref done(PyObject_CallFunction(launcher, "OLLi", t.get(), 1LL,
+                                       static_cast<long long>(blocks), grad_kind));
+        if (!done) throw python_error();
+        torch::autograd::impl::bump_version(acc_view);
+      }
+    } else {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("fusedaccum_native::accumulate_", "")
+                           .typed<void(const at::Tensor&, const at::Tensor&, double, bool)>();
+      without_gil([&] { op.call(acc_flat, grad_flat, 1.0, overwrite); });
+    }
     keep_version(f, CLEAN_VERSION, before, static_cast<int64_t>(acc_view._version()));
     finish(param, view, stepped_i, fresh);
     return true;
@@ -550,10 +569,10 @@ struct BatchHook final : PostAccumulateGradHook {
   long long nbytes, flush_bytes;
   bool direct;        // accumulate at once instead of batching
   bool native_flush;  // a full batch is accumulated here (the extension's op), not in Python
-  // table flush: a full batch's table is built here and launched by launcher(table,
-  // n_tensors, blocks, grad_kind) (owned; null: no table flush), with `block` elements per
-  // program; grad_kind: the gradients' dtype as ops/triton.py's _KIND (0 fp32, 1 fp16,
-  // 2 bf16)
+  // table flush: a full batch's table (direct: the gradient's) is built here and launched
+  // by launcher(table, n_tensors, blocks, grad_kind) (owned; null: the native ops), with
+  // `block` elements per program; grad_kind: the gradients' dtype as ops/triton.py's _KIND
+  // (0 fp32, 1 fp16, 2 bf16)
   PyObject* launcher;
   long long block;
   int grad_kind;
@@ -566,9 +585,9 @@ struct BatchHook final : PostAccumulateGradHook {
 // `hooks_dict` (param._post_accumulate_grad_hooks). direct: accumulate with the
 // extension's accumulate_ op instead of batching; native_flush: accumulate a batch the
 // gradient fills with the extension's accumulate_many_ op (the bucket's backend uses it);
-// launcher (a callable; not with native_flush): accumulate such a batch by building its
-// table here and calling launcher(table, n_tensors, blocks, grad_kind) (the triton
-// backend's), `block` elements per program.
+// launcher (a callable; not with native_flush): accumulate such a batch, or (direct) the
+// gradient, by building the kernel's table here and calling launcher(table, n_tensors,
+// blocks, grad_kind) (the triton backend's), `block` elements per program.
 PyObject* install_batch_hook(PyObject*, PyObject* args) {
   PyObject *param, *dict, *key, *owner_ref, *bucket_ref;
   Py_ssize_t index;
@@ -583,11 +602,11 @@ PyObject* install_batch_hook(PyObject*, PyObject* args) {
     return nullptr;
   if (launcher == Py_None) {
     launcher = nullptr;
-  } else if (!PyCallable_Check(launcher) || native_flush || direct || block <= 0 ||
-             grad_kind < 0 || grad_kind > 2) {
+  } else if (!PyCallable_Check(launcher) || native_flush || block <= 0 || grad_kind < 0 ||
+             grad_kind > 2) {
     PyErr_SetString(PyExc_ValueError,
-                    "install_batch_hook: a launcher needs a batched param (no direct, no "
-                    "native_flush), block > 0 and grad_kind 0, 1 or 2");
+                    "install_batch_hook: a launcher needs no native_flush, block > 0 and "
+                    "grad_kind 0, 1 or 2");
     return nullptr;
   }
   if (!THPVariable_Check(param)) {

@@ -50,9 +50,10 @@ _BATCH_FLUSH_BYTES_CPU = 2 << 20
 
 
 # Whether the C++ hook flushes a triton bucket's full batches itself (csrc/hooks.cpp, table
-# flush: it builds the kernel's table and calls ops/triton.py's _launch_table), and _flush
-# its other batches through the same C++ (Bucket.cxx_flush), or Python does both. Read
-# when a wrapper installs its hooks. A flush in Python costs several
+# flush: it builds the kernel's table and calls ops/triton.py's _launch_table) and
+# accumulates its gradients above the batching limit the same way (a table of one pair),
+# and _flush its other batches through the same C++ (Bucket.cxx_flush), or Python does
+# all of it. Read when a wrapper installs its hooks. A flush in Python costs several
 # times its warm host time inside a backward, whose memory traffic evicts the caches
 # (H100: ~200 us per flush in a gpt2-124m window, 45-50 us alone): with the kernels
 # stubbed out on the development CPU, the op of a 28-gradient batch took 16 us warm and
@@ -1050,15 +1051,16 @@ class FusedAccumulator(torch.optim.Optimizer):
         if b.perms[i] is not None:
             return
         batched = b.numels[i] <= _BATCH_MAX_NUMEL
-        # (auto: half grads, accumulate_ and accumulate_many_, go to cuda)
-        direct = not batched and is_native
+        # (auto: half grads, accumulate_ and accumulate_many_, go to cuda; triton: a
+        # larger grad is accumulated by its kernel over a table of one pair)
+        direct = not batched and (is_native or launcher is not None)
         if not (batched or direct):
             return
         nbytes = b.numels[i] * p.element_size()
         module.install_batch_hook(p, p._post_accumulate_grad_hooks, handle.id,
                                   weakref.ref(self), weakref.ref(b), i, nbytes,
                                   _flush_bytes(b.device), direct, batched and is_native,
-                                  launcher if batched else None, block, kind)
+                                  launcher, block, kind)
 
     def _expose_grad(self, b: Bucket, i: int) -> None:
         """Give the stepped tensor a ``.grad`` viewing the window (GradScaler sees it)."""
