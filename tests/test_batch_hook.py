@@ -4,7 +4,9 @@ FusedAccumulator puts a C++ post-accumulate-grad hook in front of the Python hoo
 small half param when the C++ extension is there (backends other than reference). It must
 leave every observable thing as the Python hook does (FUSEDACCUM_FAST_HOOKS=0 turns it
 off), take the common case for real, and keep torch's hook semantics: every other hook
-on the param runs, in registration order, and a removed hook stops.
+on the param runs, in registration order, and a removed hook stops. Its batch flush
+(flush_batch, also what FusedAccumulator._flush calls) uses the extension's op, or on the
+triton backend the kernel with a table the C++ code builds (table flush).
 """
 
 import gc
