@@ -122,8 +122,8 @@ PyObject* list_field(PyObject* fields, int f, Py_ssize_t n) {
 
 // How C++ accumulates a bucket's batch of half gradients: the extension's
 // accumulate_many_ op (no launcher), or the triton backend's _accumulate_many_kernel with
-// a table built here, launched by `launcher(table, n_tensors, blocks, grad_kind)` (ops/
-// triton.py _launch_table) with `block` elements per program; grad_kind: the gradients'
+// a table built here, launched by `launcher(table, n_tensors, blocks, grad_kind, block)`
+// (ops/triton.py _launch_table) with `block` elements per program; grad_kind: the gradients'
 // dtype as ops/triton.py's _KIND (0 fp32, 1 fp16, 2 bf16).
 struct FlushMode {
   PyObject* launcher;  // borrowed; null: the native op
@@ -268,9 +268,10 @@ int64_t flush_batch(PyObject* b, PyObject* f, const FlushMode& mode, const Extra
     if (n_tensors > 0) {
       Ref t(THPVariable_Wrap(table));
       if (!t) throw python_error();
-      Ref done(PyObject_CallFunction(mode.launcher, "OLLi", t.get(),
+      Ref done(PyObject_CallFunction(mode.launcher, "OLLiL", t.get(),
                                      static_cast<long long>(n_tensors),
-                                     static_cast<long long>(blocks), mode.grad_kind));
+                                     static_cast<long long>(blocks), mode.grad_kind,
+                                     mode.block));
       if (!done) throw python_error();
       torch::autograd::impl::bump_version(acc);  // as the op's in-place write does
     }
@@ -494,8 +495,8 @@ struct BatchHook final : PostAccumulateGradHook {
       if (n_tensors > 0) {
         Ref t(THPVariable_Wrap(table));
         if (!t) throw python_error();
-        Ref done(PyObject_CallFunction(launcher, "OLLi", t.get(), 1LL,
-                                       static_cast<long long>(blocks), grad_kind));
+        Ref done(PyObject_CallFunction(launcher, "OLLiL", t.get(), 1LL,
+                                       static_cast<long long>(blocks), grad_kind, block));
         if (!done) throw python_error();
         torch::autograd::impl::bump_version(acc_view);
       }
@@ -570,9 +571,9 @@ struct BatchHook final : PostAccumulateGradHook {
   bool direct;        // accumulate at once instead of batching
   bool native_flush;  // a full batch is accumulated here (the extension's op), not in Python
   // table flush: a full batch's table (direct: the gradient's) is built here and launched
-  // by launcher(table, n_tensors, blocks, grad_kind) (owned; null: the native ops), with
-  // `block` elements per program; grad_kind: the gradients' dtype as ops/triton.py's _KIND
-  // (0 fp32, 1 fp16, 2 bf16)
+  // by launcher(table, n_tensors, blocks, grad_kind, block) (owned; null: the native ops),
+  // `block` elements per program; grad_kind: the gradients' dtype as ops/triton.py's
+  // _KIND (0 fp32, 1 fp16, 2 bf16)
   PyObject* launcher;
   long long block;
   int grad_kind;
@@ -587,7 +588,7 @@ struct BatchHook final : PostAccumulateGradHook {
 // gradient fills with the extension's accumulate_many_ op (the bucket's backend uses it);
 // launcher (a callable; not with native_flush): accumulate such a batch, or (direct) the
 // gradient, by building the kernel's table here and calling launcher(table, n_tensors,
-// blocks, grad_kind) (the triton backend's), `block` elements per program.
+// blocks, grad_kind, block) (the triton backend's), `block` elements per program.
 PyObject* install_batch_hook(PyObject*, PyObject* args) {
   PyObject *param, *dict, *key, *owner_ref, *bucket_ref;
   Py_ssize_t index;

@@ -455,3 +455,26 @@ def test_flush_batch_leaves_what_it_cannot_take_to_python(place, monkeypatch):
     mse(twin(x), y).backward()
     for g, p in zip(b.main_grads, twin.parameters()):
         assert torch.equal(g, p.grad.float())
+
+
+@needs_table_cpu
+def test_table_flush_launches_with_the_block_its_table_was_built_for(monkeypatch):
+    """The C++ hook builds its tables with the block it was given when the wrapper was
+    made; a block size changed later (bench/tune_triton.py sweeps them in-process) must
+    not make the kernel cover less of each gradient than the table says."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
+    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)  # every grad fills a batch
+    model = make_model(dtype=torch.bfloat16, device="cpu")
+    opt = FusedAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=4,
+                           backend="triton")
+    monkeypatch.setattr(triton_ops, "_INTERPRET_BLOCK", 2)  # smaller than every param
+    x, y = make_windows(1, 1, dtype=torch.bfloat16, device="cpu")[0][0]
+    before = MODULE.batch_hook_flushes()[0]
+    mse(model(x), y).backward()
+    assert MODULE.batch_hook_flushes()[0] - before == 3  # all but the first: C++
+    twin = make_model(dtype=torch.bfloat16, device="cpu")
+    mse(twin(x), y).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert q.numel() > 2
+        assert torch.equal(p.main_grad, q.grad.float())
+    assert opt.micro_step == 0

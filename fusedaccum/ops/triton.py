@@ -416,19 +416,21 @@ def _launch_accumulate_many(accs, grads, scale, overwrite=None, *, upload: str |
         for acc, grad, ow in zip(accs, grads, overwrite or itertools.repeat(0)):
             _launch_accumulate(acc, grad, scale, bool(ow), _NORM_NONE)
         return
-    entries, n_tensors, blocks = _many_table(accs, grads, _config("accumulate")[0], overwrite)
+    block = _config("accumulate")[0]
+    entries, n_tensors, blocks = _many_table(accs, grads, block, overwrite)
     if not n_tensors:
         return
     table = _upload_table(entries, device, upload or _TABLE_UPLOAD)
-    _launch_table(table, n_tensors, blocks, _KIND[grads[0].dtype], scale, launch)
+    _launch_table(table, n_tensors, blocks, _KIND[grads[0].dtype], block, scale, launch)
 
 
-def _launch_table(table: torch.Tensor, n_tensors: int, blocks: int, kind: int,
+def _launch_table(table: torch.Tensor, n_tensors: int, blocks: int, kind: int, block: int,
                   scale: float = 1.0, launch: str | None = None) -> None:
     """_accumulate_many_kernel over a table on the pairs' device (_many_table's entries,
-    made with ``_config("accumulate")``'s block). Also the C++ hook's flush of a full batch
-    (csrc/hooks.cpp, table flush), which builds the table itself: see table_flush."""
-    block, warps = _config("accumulate")
+    made for ``block`` elements per program: the kernel must use that block). Also the C++
+    hook's flushes (csrc/hooks.cpp, table flush), which build the table themselves: see
+    table_flush."""
+    warps = _config("accumulate")[1]
     with _device_of(table):
         _launch_many_kernel(blocks, table, n_tensors, scale, (n_tensors - 1).bit_length(),
                             kind, block, warps, launch or _LAUNCH)
@@ -437,9 +439,10 @@ def _launch_table(table: torch.Tensor, n_tensors: int, blocks: int, kind: int,
 def table_flush(device: torch.device, dtype: torch.dtype) -> tuple | None:
     """What the C++ batching hook needs to flush a full batch of ``dtype`` gradients on
     ``device`` without running _flush in Python: (launcher, block, kind), the launcher
-    called as ``launcher(table, n_tensors, blocks, kind)`` with a table the hook built as
-    _many_table does, ``block`` elements per program; None where Triton is missing or the
-    interpreter would read a GPU table (_launch_accumulate_many's per-pair case)."""
+    called as ``launcher(table, n_tensors, blocks, kind, block)`` with a table the hook
+    built as _many_table does, ``block`` elements per program; None where Triton is
+    missing or the interpreter would read a GPU table (_launch_accumulate_many's per-pair
+    case)."""
     if _TRITON_IMPORT_ERROR is not None or (_INTERPRETED and device.type != "cpu") \
             or dtype not in _KIND:
         return None
