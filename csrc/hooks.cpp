@@ -183,6 +183,20 @@ bool make_table(const FlushMode& mode, const std::vector<at::Tensor>& accs,
   return true;
 }
 
+// mode.launcher(table, n_tensors, blocks, grad_kind, block), then the version of the
+// accumulator it wrote bumped, as an in-place op's write does; a launcher that raises
+// throws (backward() raises its error, or flush_batch called from Python)
+void launch(const FlushMode& mode, const at::Tensor& table, int64_t n_tensors, int64_t blocks,
+            const at::Tensor& written) {
+  Ref t(THPVariable_Wrap(table));
+  if (!t) throw python_error();
+  Ref done(PyObject_CallFunction(mode.launcher, "OLLiL", t.get(),
+                                 static_cast<long long>(n_tensors),
+                                 static_cast<long long>(blocks), mode.grad_kind, mode.block));
+  if (!done) throw python_error();
+  torch::autograd::impl::bump_version(written);
+}
+
 // Accumulate bucket b's batch (and `extra`, if any) as FusedAccumulator._flush does
 // without a statistic: the batch emptied first (new lists: the old ones may be held
 // elsewhere, as Python's flush rebinds them), then one op call or launch, then
@@ -265,16 +279,7 @@ int64_t flush_batch(PyObject* b, PyObject* f, const FlushMode& mode, const Extra
   PyList_SetItem(f, PENDING_BYTES, zero.p);
   zero.p = nullptr;
   if (mode.launcher != nullptr) {
-    if (n_tensors > 0) {
-      Ref t(THPVariable_Wrap(table));
-      if (!t) throw python_error();
-      Ref done(PyObject_CallFunction(mode.launcher, "OLLiL", t.get(),
-                                     static_cast<long long>(n_tensors),
-                                     static_cast<long long>(blocks), mode.grad_kind,
-                                     mode.block));
-      if (!done) throw python_error();
-      torch::autograd::impl::bump_version(acc);  // as the op's in-place write does
-    }
+    if (n_tensors > 0) launch(mode, table, n_tensors, blocks, acc);
   } else {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fusedaccum_native::accumulate_many_", "")
@@ -492,14 +497,7 @@ struct BatchHook final : PostAccumulateGradHook {
       if (!make_table(mode, {acc_flat}, {grad_flat}, {overwrite ? 1 : 0}, table, n_tensors,
                       blocks))
         return false;
-      if (n_tensors > 0) {
-        Ref t(THPVariable_Wrap(table));
-        if (!t) throw python_error();
-        Ref done(PyObject_CallFunction(launcher, "OLLiL", t.get(), 1LL,
-                                       static_cast<long long>(blocks), grad_kind, block));
-        if (!done) throw python_error();
-        torch::autograd::impl::bump_version(acc_view);
-      }
+      if (n_tensors > 0) launch(mode, table, n_tensors, blocks, acc_view);
     } else {
       static auto op = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("fusedaccum_native::accumulate_", "")

@@ -1041,13 +1041,13 @@ class FusedAccumulator(torch.optim.Optimizer):
         module = native.hooks_module(load=is_native)
         if module is None:
             return
-        # the triton backend: the hook flushes a full batch with a table it builds itself
-        table_flush = getattr(b.ops, "table_flush", None) if _TABLE_FLUSH else None
-        table = table_flush(b.device, b.dtype) if table_flush is not None else None
-        launcher, block, kind = table if table is not None else (None, 0, 0)
-        if b.cxx_flush is None:  # _flush's, once per bucket
-            b.cxx_flush = (module.flush_batch, launcher, block, kind) \
-                if is_native or launcher is not None else False
+        if b.cxx_flush is None:  # once per bucket: how C++ accumulates its batches
+            # (the triton backend: with a kernel table C++ builds, and this launcher)
+            table_flush = getattr(b.ops, "table_flush", None) if _TABLE_FLUSH else None
+            table = table_flush(b.device, b.dtype) if table_flush is not None else None
+            b.cxx_flush = (module.flush_batch, *(table or (None, 0, 0))) \
+                if is_native or table is not None else False
+        launcher, block, kind = b.cxx_flush[1:] if b.cxx_flush else (None, 0, 0)
         if b.perms[i] is not None:
             return
         batched = b.numels[i] <= _BATCH_MAX_NUMEL
