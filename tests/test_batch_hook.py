@@ -37,6 +37,8 @@ TRITON_PLACES = [(dev, "triton") for dev in ("cpu", "cuda")
                  if (dev == "cpu" or torch.cuda.is_available())
                  and triton_ops.unavailable_reason("triton", torch.device(dev)) is None
                  and triton_ops.table_flush(torch.device(dev), torch.bfloat16) is not None]
+TABLE_CPU = [p for p in TRITON_PLACES if p[0] == "cpu"]
+needs_table_cpu = pytest.mark.skipif(not TABLE_CPU, reason="Triton does not run on CPU here")
 
 
 def place_id(place) -> str:
@@ -245,8 +247,7 @@ def test_full_batches_flushed_in_cpp_as_in_python(place, clip, monkeypatch):
         assert b.pending == [] and b.pending_bytes == 0 and not any(b.is_pending)
 
 
-@pytest.mark.parametrize("place", [("cpu", "cpu")] + [p for p in TRITON_PLACES if p[0] == "cpu"],
-                         ids=place_id)
+@pytest.mark.parametrize("place", [("cpu", "cpu")] + TABLE_CPU, ids=place_id)
 def test_batch_full_with_waiting_grads_flushes_them_all(place, monkeypatch):
     """Grads waiting in a batch go with the one that fills it (one op call, every element
     written once): the same as the Python hook with the batch filling on the 3rd grad."""
@@ -334,9 +335,6 @@ def test_compiled_autograd_accumulates_within_the_backward(fast, monkeypatch):
         torch._dynamo.reset()
     assert opt.stepped
 
-
-TABLE_CPU = [p for p in TRITON_PLACES if p[0] == "cpu"]
-needs_table_cpu = pytest.mark.skipif(not TABLE_CPU, reason="Triton does not run on CPU here")
 
 
 def _params_with_empty(dtype):
