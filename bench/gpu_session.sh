@@ -178,10 +178,10 @@ if has phases; then
   done
   log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB \
 batches, triton with its full batches flushed in Python (not by the C++ hook's table \
-flush), with 128 and 512 MiB batches and launched directly"
+flush), with 128 and 512 MiB batches, launched directly and launched from C++ (cxx)"
   timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 10 \
       --backends cuda,triton --variants \
-      python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:flush=512,triton:launch=direct \
+      python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:flush=512,triton:launch=direct,triton:launch=cxx \
       2>&1 | tee -a "$LOG"
   log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: the boundary \
 leaving the accumulators for the next window to overwrite (default) or zeroing them \

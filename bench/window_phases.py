@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                     "C++ hook on, but a triton bucket's full batches flushed in Python: "
                     "accumulator.py _TABLE_FLUSH), 'flush=<MiB>', "
                     "'table=pinned|pageable|cached' (how a Triton flush uploads its table: "
-                    "ops/triton.py _TABLE_UPLOAD), 'launch=jit|direct' (how it launches "
+                    "ops/triton.py _TABLE_UPLOAD), 'launch=jit|direct|cxx' (how it launches "
                     "its kernel: ops/triton.py _LAUNCH), 'no-overwrite' (a window's first "
                     "gradients added to the zeroed accumulators, not written: "
                     "Bucket.overwrite_first; also zeroes them at the boundary), 'no-lazy' (the "

@@ -53,11 +53,18 @@ if [ -n "$torch_inc" ] && [ -d "$torch_inc" ] && [ -f "$cuda_inc/cuda_runtime_ap
     echo "ci_compile_cuda: FAILED bindings.cpp with FUSEDACCUM_WITH_CUDA" >&2
     status=1
   fi
-  echo "c++ -fsyntax-only hooks.cpp -Wall -Wextra"
+  echo "c++ -fsyntax-only hooks.cpp -Wall -Wextra (and with -DFUSEDACCUM_WITH_CUDA)"
   if ! "${CXX:-c++}" -std=c++20 -fsyntax-only -DTORCH_EXTENSION_NAME=_native -Wall -Wextra \
       -Werror -isystem "$torch_inc" -isystem "$torch_inc/torch/csrc/api/include" \
       $(python3-config --includes) "$here/hooks.cpp"; then
     echo "ci_compile_cuda: FAILED hooks.cpp" >&2
+    status=1
+  fi
+  if ! "${CXX:-c++}" -std=c++20 -fsyntax-only -DTORCH_EXTENSION_NAME=_native \
+      -DFUSEDACCUM_WITH_CUDA -Wall -Wextra -Werror -isystem "$torch_inc" \
+      -isystem "$torch_inc/torch/csrc/api/include" -isystem "$out/stub" -isystem "$cuda_inc" \
+      $(python3-config --includes) "$here/hooks.cpp"; then
+    echo "ci_compile_cuda: FAILED hooks.cpp with FUSEDACCUM_WITH_CUDA" >&2
     status=1
   fi
 else

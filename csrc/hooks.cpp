@@ -14,7 +14,9 @@
 // asked for. On the triton backend (table flush) it builds that batch's (or that larger
 // gradient's) kernel table here and hands it to one small Python launcher (ops/triton.py, _launch_table): the Python
 // flush's bookkeeping and table, tens of microseconds of Python per flush, cost several
-// times that inside a backward, whose work has evicted the interpreter's caches.
+// times that inside a backward, whose work has evicted the interpreter's caches. With
+// ops/triton.py _LAUNCH = "cxx" (a CUDA build) it launches Triton's compiled kernel itself
+// (cuda/triton_launch.cu) once ops/triton.py has registered it, and runs no Python.
 //
 // torch keeps one C++ post-accumulate-grad hook per tensor: the one running the tensor's
 // dict of Python hooks (tensor._post_accumulate_grad_hooks). BatchHook takes its place
@@ -33,8 +35,19 @@
 
 #include <array>
 #include <atomic>
+#include <climits>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
+
+#ifdef FUSEDACCUM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/launchers.h"
+#endif
 
 namespace {
 
@@ -47,7 +60,23 @@ std::atomic<int64_t> g_called_flushes{0}, g_called_grads{0};
 
 // interned attribute names
 PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_acc,
-    *s_wants_callback;
+    *s_wants_callback, *s_launch_setting, *s_cxx;
+
+// Kernels Triton compiled for the table flush that are launched here, through the CUDA
+// driver, instead of by the Python launcher (ops/triton.py _LAUNCH = "cxx"). ops/triton.py
+// registers each (device, grad_kind, LOG_T, BLOCK) variant after Triton's launcher ran it
+// once, and keeps its CompiledKernel (which owns the function) alive. Used only while
+// g_settings._LAUNCH == "cxx", read at each flush as the Python launcher reads it.
+struct TritonKernel {
+  void* function;
+  int num_warps, shared;
+};
+std::mutex g_kernels_lock;
+std::map<std::array<int64_t, 4>, TritonKernel> g_kernels;  // (device, kind, log_t, block)
+std::atomic<int64_t> g_kernel_count{0}, g_cxx_launches{0};
+#ifdef FUSEDACCUM_WITH_CUDA
+PyObject* g_settings = nullptr;  // owned: the module whose _LAUNCH is read (ops/triton.py)
+#endif
 
 // Bucket.hook_fields: the positions of fusedaccum/buffers.py's HOOK_FIELDS
 enum Field { RELEASED, IS_PENDING, STATS, EXPOSED, TOUCHED, STEPPED, MAIN_GRADS, PENDING,
@@ -183,11 +212,71 @@ bool make_table(const FlushMode& mode, const std::vector<at::Tensor>& accs,
   return true;
 }
 
-// mode.launcher(table, n_tensors, blocks, grad_kind, block), then the version of the
-// accumulator it wrote bumped, as an in-place op's write does; a launcher that raises
-// throws (backward() raises its error, or flush_batch called from Python)
+#ifdef FUSEDACCUM_WITH_CUDA
+// g_settings._LAUNCH == "cxx" (GIL held)
+bool cxx_launch_on() {
+  if (g_settings == nullptr) return false;
+  Ref v(PyObject_GetAttr(g_settings, s_launch_setting));
+  if (!v) {
+    PyErr_Clear();
+    return false;
+  }
+  return PyUnicode_Check(v.get()) && PyUnicode_Compare(v.get(), s_cxx) == 0;
+}
+
+// The table's kernel launched here, on the current stream of the table's device, if a
+// compiled kernel for it is registered and "cxx" launches are on; false (nothing done)
+// otherwise. A failed launch throws.
+bool launch_here(const FlushMode& mode, const at::Tensor& table, int64_t n_tensors,
+                 int64_t blocks) {
+  if (g_kernel_count.load(std::memory_order_relaxed) == 0 || n_tensors > INT32_MAX ||
+      blocks > INT32_MAX || !cxx_launch_on())
+    return false;
+  // LOG_T = ceil(log2(n_tensors)), as ops/triton.py _launch_table: (n_tensors - 1).bit_length()
+  int64_t log_t = 0;
+  for (int64_t v = n_tensors - 1; v > 0; v >>= 1) ++log_t;
+  TritonKernel k{};
+  {
+    std::lock_guard<std::mutex> lock(g_kernels_lock);
+    auto it = g_kernels.find({table.device().index(), mode.grad_kind, log_t, mode.block});
+    if (it == g_kernels.end()) return false;
+    k = it->second;
+  }
+  c10::cuda::CUDAGuard guard(table.device());
+  fa::TritonManyLaunch p;
+  p.function = k.function;
+  p.blocks = blocks;
+  p.num_warps = k.num_warps;
+  p.shared = k.shared;
+  p.table = table.data_ptr<int64_t>();
+  p.n_tensors = static_cast<int32_t>(n_tensors);
+  p.scale = 1.f;
+  p.stream = c10::cuda::getCurrentCUDAStream(table.device().index()).stream();
+  int err = 0;
+  without_gil([&] { err = fa::cuda::triton_many_launch(p); });
+  if (err != 0)
+    throw std::runtime_error(std::string("fusedaccum: launching Triton's compiled "
+                                         "_accumulate_many_kernel from C++ failed: ") +
+                             fa::cuda::driver_error_string(err) + " (error " +
+                             std::to_string(err) + ")");
+  g_cxx_launches.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+#endif
+
+// The table's kernel launched: here where a compiled kernel is registered for it (see
+// g_kernels), else by mode.launcher(table, n_tensors, blocks, grad_kind, block); then the
+// version of the accumulator it wrote bumped, as an in-place op's write does. A launch
+// or launcher that fails throws (backward() raises its error, or flush_batch called from
+// Python).
 void launch(const FlushMode& mode, const at::Tensor& table, int64_t n_tensors, int64_t blocks,
             const at::Tensor& written) {
+#ifdef FUSEDACCUM_WITH_CUDA
+  if (table.is_cuda() && launch_here(mode, table, n_tensors, blocks)) {
+    torch::autograd::impl::bump_version(written);
+    return;
+  }
+#endif
   Ref t(THPVariable_Wrap(table));
   if (!t) throw python_error();
   Ref done(PyObject_CallFunction(mode.launcher, "OLLiL", t.get(),
@@ -675,6 +764,54 @@ PyObject* flush_batch_py(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// register_triton_kernel(settings, device, grad_kind, log_t, block, function, num_warps,
+// shared) -> bool: a compiled _accumulate_many_kernel (ops/triton.py checked that its
+// arguments and launch are what triton_many_launch passes) for table flushes of that
+// (device index, grad_kind, LOG_T, BLOCK), launched here while settings._LAUNCH == "cxx".
+// The caller keeps the kernel loaded. False, registering nothing, in a build without CUDA.
+PyObject* register_triton_kernel(PyObject*, PyObject* args) {
+  PyObject* settings;
+  long long device, kind, log_t, block;
+  unsigned long long function;
+  int num_warps, shared;
+  if (!PyArg_ParseTuple(args, "OLLLLKii", &settings, &device, &kind, &log_t, &block, &function,
+                        &num_warps, &shared))
+    return nullptr;
+  if (device < 0 || kind < 0 || kind > 2 || log_t < 0 || log_t > 62 || block <= 0 ||
+      function == 0 || num_warps <= 0 || num_warps > 32 || shared < 0) {
+    PyErr_SetString(PyExc_ValueError,
+                    "register_triton_kernel: bad device, grad_kind, log_t, block, function, "
+                    "num_warps or shared");
+    return nullptr;
+  }
+#ifdef FUSEDACCUM_WITH_CUDA
+  if (g_settings != settings) {  // (the GIL guards g_settings)
+    Py_INCREF(settings);
+    Py_XSETREF(g_settings, settings);
+  }
+  std::lock_guard<std::mutex> lock(g_kernels_lock);
+  g_kernels[{device, kind, log_t, block}] = {
+      reinterpret_cast<void*>(static_cast<uintptr_t>(function)), num_warps, shared};
+  g_kernel_count.store(static_cast<int64_t>(g_kernels.size()));
+  Py_RETURN_TRUE;
+#else
+  (void)settings;
+  Py_RETURN_FALSE;
+#endif
+}
+
+// forget every registered kernel (before their CompiledKernels may be dropped)
+PyObject* clear_triton_kernels(PyObject*, PyObject*) {
+  std::lock_guard<std::mutex> lock(g_kernels_lock);
+  g_kernels.clear();
+  g_kernel_count.store(0);
+  Py_RETURN_NONE;
+}
+
+PyObject* triton_cxx_launches(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(g_cxx_launches.load(std::memory_order_relaxed));
+}
+
 PyObject* batch_flush_calls(PyObject*, PyObject*) {
   return Py_BuildValue("(LL)",
                        static_cast<long long>(g_called_flushes.load(std::memory_order_relaxed)),
@@ -696,6 +833,13 @@ PyMethodDef methods[] = {
     {"flush_batch", flush_batch_py, METH_VARARGS,
      "Accumulate a bucket's batch of half gradients in C++ (no statistic); False where "
      "it leaves the batch to Python."},
+    {"register_triton_kernel", register_triton_kernel, METH_VARARGS,
+     "Launch this compiled Triton table-flush kernel from C++ while settings._LAUNCH is "
+     "'cxx'; False in a build without CUDA."},
+    {"clear_triton_kernels", clear_triton_kernels, METH_NOARGS,
+     "Forget every registered Triton kernel."},
+    {"triton_cxx_launches", triton_cxx_launches, METH_NOARGS,
+     "How many table flushes launched a registered Triton kernel from C++ (this process)."},
     {"batch_flush_calls", batch_flush_calls, METH_NOARGS,
      "(batches, gradients) accumulated by flush_batch called from Python (this process)."},
     {"batch_hook_hits", batch_hook_hits, METH_NOARGS,
@@ -725,6 +869,8 @@ PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   s_window_k = PyUnicode_InternFromString("_window_k");
   s_acc = PyUnicode_InternFromString("acc");
   s_wants_callback = PyUnicode_InternFromString("_wants_callback");
+  s_launch_setting = PyUnicode_InternFromString("_LAUNCH");
+  s_cxx = PyUnicode_InternFromString("cxx");
   PyObject* module = PyModule_Create(&module_def);
   // the field order this build reads, checked against buffers.HOOK_FIELDS on import
   PyObject* names = Py_BuildValue("(ssssssssssssssss)", "released", "is_pending", "stats",

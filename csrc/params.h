@@ -81,6 +81,23 @@ struct SgdParams {
   SgdScalars s;
 };
 
+// One launch of the kernel Triton compiled for the triton backend's table flush,
+// ops/triton.py _accumulate_many_kernel(table_ptr, n_tensors, scale), from C++
+// (csrc/hooks.cpp; ops/triton.py _LAUNCH = "cxx"): the arguments as Triton's own launcher
+// passes them (Triton 3.6 and 3.9: the non-constexpr arguments in order, *i64, i32, fp32,
+// then its global and profile scratch pointers, null for a kernel that asks for no
+// scratch). ops/triton.py checks the compiled kernel's signature and metadata first.
+struct TritonManyLaunch {
+  void* function = nullptr;   // CUfunction Triton loaded in the device's primary context
+  int64_t blocks = 0;         // grid size (programs)
+  int num_warps = 4;          // 32 threads each
+  int shared = 0;             // dynamic shared memory bytes (the kernel's metadata)
+  const int64_t* table = nullptr;  // device address of the int64 table
+  int32_t n_tensors = 0;
+  float scale = 1.f;
+  void* stream = nullptr;     // cudaStream_t
+};
+
 // ---- shared launch geometry (host side; static: each translation unit its own copy) ---
 
 // Elements per CUDA thread per iteration (16-byte vectors of fp32, or 16 bytes of halves

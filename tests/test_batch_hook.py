@@ -38,6 +38,7 @@ TRITON_PLACES = [(dev, "triton") for dev in ("cpu", "cuda")
                  and triton_ops.unavailable_reason("triton", torch.device(dev)) is None
                  and triton_ops.table_flush(torch.device(dev), torch.bfloat16) is not None]
 TABLE_CPU = [p for p in TRITON_PLACES if p[0] == "cpu"]
+TABLE_CUDA = [p for p in TRITON_PLACES if p[0] == "cuda"]
 needs_table_cpu = pytest.mark.skipif(not TABLE_CPU, reason="Triton does not run on CPU here")
 
 
@@ -476,3 +477,62 @@ def test_table_flush_launches_with_the_block_its_table_was_built_for(monkeypatch
         assert q.numel() > 2
         assert torch.equal(p.main_grad, q.grad.float())
     assert opt.micro_step == 0
+
+
+def test_register_triton_kernel_checks_its_arguments():
+    """The C++ registry of Triton kernels for "cxx" launches (ops/triton.py _LAUNCH):
+    bad values are refused; a build without CUDA registers nothing (False)."""
+    bad = [(-1, 2, 0, 1024, 1, 4, 0), (0, 3, 0, 1024, 1, 4, 0), (0, 2, -1, 1024, 1, 4, 0),
+           (0, 2, 0, 0, 1, 4, 0), (0, 2, 0, 1024, 0, 4, 0), (0, 2, 0, 1024, 1, 0, 0),
+           (0, 2, 0, 1024, 1, 4, -1)]
+    for args in bad:
+        with pytest.raises(ValueError, match="register_triton_kernel"):
+            MODULE.register_triton_kernel(triton_ops, *args)
+    has_cuda = "cuda" in torch.ops.fusedaccum_native.build_info().split(",")
+    try:  # (device 99: a key no flush looks up)
+        assert MODULE.register_triton_kernel(triton_ops, 99, 2, 0, 1024, 1, 4, 0) is has_cuda
+    finally:
+        triton_ops._forget_cxx()
+    assert isinstance(MODULE.triton_cxx_launches(), int)
+
+
+@pytest.mark.skipif(not TABLE_CUDA or PLACES[-1][0] != "cuda",
+                    reason="Triton's compiled kernels and the extension's CUDA build")
+@pytest.mark.parametrize("how", ["full-batches", "direct"])
+def test_cxx_launch_on_gpu_as_the_python_hook(how, monkeypatch):
+    """ops/triton.py _LAUNCH = "cxx" on a GPU: the C++ flushes (full batches, gradients
+    above the batching limit over a one-pair table, the end-of-backward flush_batch)
+    launch Triton's compiled kernel from C++ once its variant is registered: every
+    variant goes through Triton's launcher once, and the launches add up to those of the
+    same run with _LAUNCH = "jit". Every result is bitwise the Python hook's."""
+    if how == "direct":
+        monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", 16)
+    else:
+        monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)
+    python_launches = []
+    real = triton_ops._launch_many_kernel
+
+    def counted(*args):
+        python_launches.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(triton_ops, "_launch_many_kernel", counted)
+    place = TABLE_CUDA[0]
+    triton_ops._forget_cxx()
+    try:
+        monkeypatch.setattr(triton_ops, "_LAUNCH", "cxx")
+        before = MODULE.triton_cxx_launches()
+        got = train(torch.bfloat16, True, monkeypatch, place=place, max_grad_norm=0.01)
+        in_cxx, in_python = MODULE.triton_cxx_launches() - before, len(python_launches)
+        assert triton_ops._CXX_REFUSED == []
+        assert in_python == len(triton_ops._CXX_KERNELS) and in_cxx >= 9
+        monkeypatch.setattr(triton_ops, "_LAUNCH", "jit")
+        python_launches.clear()
+        jit = train(torch.bfloat16, True, monkeypatch, place=place, max_grad_norm=0.01)
+        assert MODULE.triton_cxx_launches() - before == in_cxx  # "jit": none from C++
+        assert len(python_launches) == in_cxx + in_python
+    finally:
+        triton_ops._forget_cxx()
+    want = train(torch.bfloat16, False, monkeypatch, place=place, max_grad_norm=0.01)
+    assert_same_runs(got, want)
+    assert_same_runs(jit, want)

@@ -324,7 +324,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
                                          "--backends", ",".join(backends), "--flush-mib", "1",
                                          "--variants",
                                          f"python-hooks,flush=2,{backends[-1]}:flush=3,"
-                                         "table=cached,launch=direct,python-flush",
+                                         "table=cached,launch=direct,launch=cxx,"
+                                         "python-flush",
                                          "--fresh-grads"])
     out = capsys.readouterr().out
     assert "batch flush 1 MiB" in out and "fresh gradients" in out
@@ -334,6 +335,7 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
     assert f"| fusedaccum[{backends[-1]}] flush=3 | window |" in out
     assert f"| fusedaccum[{backends[0]}] table=cached | window |" in out
     assert f"| fusedaccum[{backends[0]}] launch=direct | window |" in out
+    assert f"| fusedaccum[{backends[0]}] launch=cxx | window |" in out
     assert f"| fusedaccum[{backends[0]}] python-flush | window |" in out
     assert accumulator._TABLE_FLUSH  # put back
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -340,6 +341,99 @@ def test_direct_launch_on_gpu_matches_the_reference(monkeypatch, grad_dtype):
         for i, (got, w) in enumerate(zip(accs, want)):
             assert torch.equal(got, w), f"call {call}, accs[{i}] of {sizes}"
         assert len(T._MANY_COMPILED) == 1 and not T._DIRECT_FAILED
+
+
+def _compiled_like(**meta):
+    """A stand-in for Triton's CompiledKernel of _accumulate_many_kernel on a GPU, as
+    _cxx_spec reads it (Triton 3.6 and 3.9 field names)."""
+    fields = dict(num_warps=4, shared=0, num_ctas=1, launch_cooperative_grid=False,
+                  launch_pdl=False, global_scratch_size=0, profile_scratch_size=0,
+                  warp_size=32, target=types.SimpleNamespace(backend="cuda", warp_size=32))
+    fields.update(meta)
+    signature = fields.pop("signature", {"table_ptr": "*i64", "n_tensors": "i32",
+                                          "scale": "fp32", "LOG_T": "constexpr",
+                                          "GRAD_KIND": "constexpr", "BLOCK": "constexpr"})
+    return types.SimpleNamespace(function=fields.pop("function", 0x7f00ab),
+                                 src=types.SimpleNamespace(signature=signature),
+                                 metadata=types.SimpleNamespace(**fields))
+
+
+def test_cxx_spec_takes_only_the_launch_the_cpp_side_makes():
+    """_cxx_spec hands C++ a kernel only where csrc/cuda/triton_launch.cu's launch is the
+    one Triton's launcher would make: arguments (*i64, i32, fp32), no clusters, no
+    cooperative or PDL launch, no scratch, warps of 32; a loaded function handle."""
+    assert T._cxx_spec(_compiled_like()) == (0x7f00ab, 4, 0)
+    assert T._cxx_spec(_compiled_like(num_warps=8, shared=4096)) == (0x7f00ab, 8, 4096)
+    refused = [
+        dict(function=None), dict(function=0),
+        dict(signature={"table_ptr": "*i64", "n_tensors": "i64", "scale": "fp32"}),
+        dict(signature={"table_ptr": "*i64", "scale": "fp32"}),
+        dict(signature={"table_ptr": "*i64", "n_tensors": "i32", "scale": "fp32", "x": "i32"}),
+        dict(num_ctas=2), dict(launch_cooperative_grid=True), dict(launch_pdl=True),
+        dict(global_scratch_size=64), dict(profile_scratch_size=8), dict(warp_size=64),
+        dict(shared=300 * 1024), dict(target=types.SimpleNamespace(backend="hip")),
+    ]
+    for meta in refused:
+        assert isinstance(T._cxx_spec(_compiled_like(**meta)), str), meta
+    assert isinstance(T._cxx_spec(object()), str)  # (the interpreter returns no kernel)
+
+
+class _FakeHooks:
+    def __init__(self, takes: bool):
+        self.takes, self.calls = takes, []
+
+    def register_triton_kernel(self, *args):
+        self.calls.append(args)
+        return self.takes
+
+
+def test_cxx_registration_once_per_variant_or_one_refusal(monkeypatch):
+    """_register_cxx: each (device, GRAD_KIND, LOG_T, BLOCK) variant is handed to the C++
+    hook once and its compiled kernel kept alive; a refusal (a kernel it cannot take, a
+    build without CUDA) is recorded once, with one warning, and nothing is registered
+    after it."""
+    from fusedaccum.ops import native
+
+    monkeypatch.setattr(T, "_CXX_KERNELS", {})
+    monkeypatch.setattr(T, "_CXX_REFUSED", [])
+    hooks = _FakeHooks(takes=True)
+    monkeypatch.setattr(native, "hooks_module", lambda load=True: hooks)
+    good = _compiled_like()
+    T._register_cxx(good, 0, 3, 2, 1024)
+    T._register_cxx(good, 0, 3, 2, 1024)
+    T._register_cxx(good, 1, 3, 2, 1024)
+    assert hooks.calls == [(T, 0, 2, 3, 1024, 0x7f00ab, 4, 0), (T, 1, 2, 3, 1024, 0x7f00ab, 4, 0)]
+    assert T._CXX_KERNELS == {(0, 2, 3, 1024): good, (1, 2, 3, 1024): good}
+    with pytest.warns(RuntimeWarning, match="arguments are"):
+        T._register_cxx(_compiled_like(signature={"a": "*fp32"}), 0, 0, 2, 1024)
+    T._register_cxx(good, 0, 1, 2, 1024)  # nothing more after a refusal
+    assert len(hooks.calls) == 2 and len(T._CXX_REFUSED) == 1
+
+    monkeypatch.setattr(T, "_CXX_KERNELS", {})
+    monkeypatch.setattr(T, "_CXX_REFUSED", [])
+    monkeypatch.setattr(native, "hooks_module", lambda load=True: _FakeHooks(takes=False))
+    with pytest.warns(RuntimeWarning, match="built without CUDA"):
+        T._register_cxx(good, 0, 3, 2, 1024)
+    assert T._CXX_KERNELS == {}
+    monkeypatch.setattr(T, "_CXX_REFUSED", [])
+    monkeypatch.setattr(native, "hooks_module", lambda load=True: None)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ hook is off"):
+        T._register_cxx(good, 0, 3, 2, 1024)
+
+
+def test_cxx_launch_mode_flushes_as_the_reference_here():
+    """launch "cxx" with tables off the GPU (the interpreter's CPU tensors): Triton's
+    launcher runs the kernel and nothing is handed to C++."""
+    before = (dict(T._CXX_KERNELS), list(T._CXX_REFUSED))
+    sizes = [0, 1, 1023, 4097]
+    accs = [_rand(n, seed=i) for i, n in enumerate(sizes)]
+    grads = [_rand(n, torch.bfloat16, seed=10 + i) for i, n in enumerate(sizes)]
+    want = _per_pair(accs, grads, 0.75)
+    T._launch_accumulate_many(accs, grads, 0.75, launch="cxx")
+    for got, w in zip(accs, want):
+        assert torch.equal(got, w)
+    if DEV == "cpu":
+        assert (T._CXX_KERNELS, T._CXX_REFUSED) == before
 
 
 def test_launches_switch_the_device_only_when_another_is_current():

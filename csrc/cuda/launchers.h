@@ -16,5 +16,12 @@ int adam_step(const AdamParams& p);
 int sgd_step(const SgdParams& p);
 const char* error_string(int err);
 
+// Triton's compiled kernel launched through the CUDA driver (triton_launch.cu): 0, or a
+// CUresult value, or kNoDriverEntry where the driver's cuLaunchKernel could not be found;
+// driver_error_string() names it.
+constexpr int kNoDriverEntry = -1;
+int triton_many_launch(const TritonManyLaunch& p);
+const char* driver_error_string(int err);
+
 }  // namespace cuda
 }  // namespace fa

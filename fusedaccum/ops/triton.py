@@ -32,6 +32,7 @@ import inspect
 import itertools
 import math
 import os
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -73,6 +74,9 @@ except ImportError as _exc:  # the module must still import; unavailable_reason 
             return None
 
     triton = tl = _NoTriton()
+
+
+_SETTINGS = sys.modules[__name__]  # csrc/hooks.cpp reads its _LAUNCH at each flush
 
 
 # Block sizes, per kernel: (elements per program, num_warps) on a GPU. Chosen by
@@ -373,10 +377,86 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
 # GPU session has measured "direct" (window_phases.py variant launch=direct).
 # A Triton whose compiled kernels cannot be launched that way (the call raised before
 # launching: TypeError, AttributeError) falls back to "jit" for good, with one warning.
+# "cxx": Python launches as "jit", and the C++ hook's table flushes (csrc/hooks.cpp, the
+# common case inside a backward) launch the compiled kernel themselves through the CUDA
+# driver, with no Python at all: each (device, GRAD_KIND, LOG_T, BLOCK) variant is
+# registered with the extension after Triton's launcher ran it once (_register_cxx), if
+# its arguments and launch are what the C++ launch passes (_cxx_spec; Triton 3.6 and 3.9
+# agree on them). The C++ side reads _LAUNCH at each flush. Needs the extension built
+# with CUDA; otherwise (or for a kernel it cannot take) it warns once and flushes as "jit".
+# Not the default until a GPU session has measured it (window_phases.py launch=cxx).
 _LAUNCH = "jit"
-_LAUNCH_MODES = ("jit", "direct")
+_LAUNCH_MODES = ("jit", "direct", "cxx")
 _MANY_COMPILED: dict = {}  # (device index, LOG_T, GRAD_KIND, BLOCK, num_warps) -> kernel
 _DIRECT_FAILED: list = []  # the error that turned "direct" off, if any
+# (device index, GRAD_KIND, LOG_T, BLOCK) -> the CompiledKernel registered with the C++
+# hook: kept here for good, since it owns the CUDA function the C++ side launches
+_CXX_KERNELS: dict = {}
+_CXX_REFUSED: list = []  # why "cxx" launches nothing from C++, once known
+
+
+def _cxx_spec(compiled) -> tuple[int, int, int] | str:
+    """(CUDA function handle, num_warps, shared memory bytes) of a compiled
+    _accumulate_many_kernel that csrc/cuda/triton_launch.cu can launch as Triton's own
+    launcher does: arguments (*i64, i32, fp32) then two null scratch pointers, a plain
+    one-dimensional grid of 32 * num_warps threads. Else why not, as a phrase."""
+    meta, src = getattr(compiled, "metadata", None), getattr(compiled, "src", None)
+    function, signature = getattr(compiled, "function", None), getattr(src, "signature", None)
+    if meta is None or not isinstance(signature, dict) or not isinstance(function, int) \
+            or function <= 0:
+        return "no CUDA function handle, metadata or signature on Triton's compiled kernel"
+    target = getattr(meta, "target", None)
+    if getattr(target, "backend", "cuda") != "cuda":
+        return f"a kernel compiled for {target.backend}, not CUDA"
+    args = [t for t in signature.values() if t != "constexpr"]
+    if args != ["*i64", "i32", "fp32"]:
+        return f"its arguments are {args}, where the C++ launch passes ['*i64', 'i32', 'fp32']"
+    warp = getattr(meta, "warp_size", getattr(target, "warp_size", 32))
+    shared = getattr(meta, "shared", 0)
+    if (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False)
+            or getattr(meta, "launch_pdl", False) or getattr(meta, "global_scratch_size", 0)
+            or getattr(meta, "profile_scratch_size", 0) or warp != 32
+            or not 0 <= shared <= 228 * 1024):
+        return ("its launch needs what the C++ launch does not set up (clusters, cooperative "
+                "or PDL launch, scratch memory, oversized shared memory, warps of 32)")
+    return function, int(meta.num_warps), int(shared)
+
+
+def _forget_cxx() -> None:
+    """Every "cxx" registration undone (the C++ side's first: it launches the functions
+    the kernels kept here own) and refusals forgotten: the next launches register anew."""
+    from fusedaccum.ops import native
+
+    hooks = native.hooks_module(load=False)
+    if hooks is not None and hasattr(hooks, "clear_triton_kernels"):
+        hooks.clear_triton_kernels()
+    _CXX_KERNELS.clear()
+    _CXX_REFUSED.clear()
+
+
+def _register_cxx(compiled, device_index: int, log_t: int, kind: int, block: int) -> None:
+    """Hand a compiled _accumulate_many_kernel to the C++ hook for "cxx" launches (once per
+    variant); the first refusal is recorded in _CXX_REFUSED, with one warning, and
+    registers nothing more."""
+    key = (device_index, kind, log_t, block)
+    if key in _CXX_KERNELS or _CXX_REFUSED:
+        return
+    from fusedaccum.ops import native
+
+    spec = _cxx_spec(compiled)
+    hooks = native.hooks_module(load=False)
+    if isinstance(spec, str):
+        why = spec
+    elif hooks is None or not hasattr(hooks, "register_triton_kernel"):
+        why = "the C++ hook is off or its extension is not loaded"
+    elif not hooks.register_triton_kernel(_SETTINGS, *key, *spec):
+        why = "the extension was built without CUDA"
+    else:
+        _CXX_KERNELS[key] = compiled
+        return
+    _CXX_REFUSED.append(why)
+    warnings.warn(f"fusedaccum: Triton flush kernels cannot be launched from C++ ({why}); "
+                  "flushes go through Triton's launcher", RuntimeWarning, stacklevel=2)
 
 
 def _launch_many_kernel(blocks: int, table, n_tensors: int, scale: float, log_t: int,
@@ -403,6 +483,8 @@ def _launch_many_kernel(blocks: int, table, n_tensors: int, scale: float, log_t:
                                                   num_warps=warps)
     if direct and not _INTERPRETED and hasattr(compiled, "__getitem__"):
         _MANY_COMPILED[key] = compiled
+    elif mode == "cxx" and table.device.type == "cuda":
+        _register_cxx(compiled, table.device.index, log_t, kind, block)
 
 
 def _launch_accumulate_many(accs, grads, scale, overwrite=None, *, upload: str | None = None,
