@@ -74,6 +74,7 @@ struct TritonKernel {
 std::mutex g_kernels_lock;
 std::map<std::array<int64_t, 4>, TritonKernel> g_kernels;  // (device, kind, log_t, block)
 std::atomic<int64_t> g_kernel_count{0}, g_cxx_launches{0};
+std::string g_cxx_error;  // (g_kernels_lock) why the registry was dropped, if it was
 #ifdef FUSEDACCUM_WITH_CUDA
 PyObject* g_settings = nullptr;  // owned: the module whose _LAUNCH is read (ops/triton.py)
 #endif
@@ -226,7 +227,9 @@ bool cxx_launch_on() {
 
 // The table's kernel launched here, on the current stream of the table's device, if a
 // compiled kernel for it is registered and "cxx" launches are on; false (nothing done)
-// otherwise. A failed launch throws.
+// otherwise. A launch the driver refuses (nothing ran) drops every registered kernel and
+// records why (triton_cxx_error): this flush and the later ones go to the Python
+// launcher, which reports it.
 bool launch_here(const FlushMode& mode, const at::Tensor& table, int64_t n_tensors,
                  int64_t blocks) {
   if (g_kernel_count.load(std::memory_order_relaxed) == 0 || n_tensors > INT32_MAX ||
@@ -254,11 +257,14 @@ bool launch_here(const FlushMode& mode, const at::Tensor& table, int64_t n_tenso
   p.stream = c10::cuda::getCurrentCUDAStream(table.device().index()).stream();
   int err = 0;
   without_gil([&] { err = fa::cuda::triton_many_launch(p); });
-  if (err != 0)
-    throw std::runtime_error(std::string("fusedaccum: launching Triton's compiled "
-                                         "_accumulate_many_kernel from C++ failed: ") +
-                             fa::cuda::driver_error_string(err) + " (error " +
-                             std::to_string(err) + ")");
+  if (err != 0) {
+    std::lock_guard<std::mutex> lock(g_kernels_lock);
+    g_kernels.clear();
+    g_kernel_count.store(0);
+    g_cxx_error = std::string(fa::cuda::driver_error_string(err)) + " (CUDA driver error " +
+                  std::to_string(err) + ")";
+    return false;
+  }
   g_cxx_launches.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
@@ -800,12 +806,25 @@ PyObject* register_triton_kernel(PyObject*, PyObject* args) {
 #endif
 }
 
-// forget every registered kernel (before their CompiledKernels may be dropped)
+// forget every registered kernel (before their CompiledKernels may be dropped) and the
+// error that dropped them, if any
 PyObject* clear_triton_kernels(PyObject*, PyObject*) {
   std::lock_guard<std::mutex> lock(g_kernels_lock);
   g_kernels.clear();
   g_kernel_count.store(0);
+  g_cxx_error.clear();
   Py_RETURN_NONE;
+}
+
+// why a launch from C++ failed and every registered kernel was dropped, or None
+PyObject* triton_cxx_error(PyObject*, PyObject*) {
+  std::string error;
+  {
+    std::lock_guard<std::mutex> lock(g_kernels_lock);
+    error = g_cxx_error;
+  }
+  if (error.empty()) Py_RETURN_NONE;
+  return PyUnicode_FromStringAndSize(error.data(), static_cast<Py_ssize_t>(error.size()));
 }
 
 PyObject* triton_cxx_launches(PyObject*, PyObject*) {
@@ -838,6 +857,8 @@ PyMethodDef methods[] = {
      "'cxx'; False in a build without CUDA."},
     {"clear_triton_kernels", clear_triton_kernels, METH_NOARGS,
      "Forget every registered Triton kernel."},
+    {"triton_cxx_error", triton_cxx_error, METH_NOARGS,
+     "Why a launch from C++ failed and the registered Triton kernels were dropped, or None."},
     {"triton_cxx_launches", triton_cxx_launches, METH_NOARGS,
      "How many table flushes launched a registered Triton kernel from C++ (this process)."},
     {"batch_flush_calls", batch_flush_calls, METH_NOARGS,

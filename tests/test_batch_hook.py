@@ -536,3 +536,32 @@ def test_cxx_launch_on_gpu_as_the_python_hook(how, monkeypatch):
     want = train(torch.bfloat16, False, monkeypatch, place=place, max_grad_norm=0.01)
     assert_same_runs(got, want)
     assert_same_runs(jit, want)
+
+
+@pytest.mark.skipif(not TABLE_CUDA or PLACES[-1][0] != "cuda",
+                    reason="Triton's compiled kernels and the extension's CUDA build")
+def test_cxx_launch_the_driver_refuses_falls_back_to_python(monkeypatch):
+    """A launch from C++ that the driver refuses (here: more shared memory than the kernel
+    may have, CUDA_ERROR_INVALID_VALUE; nothing runs) drops the registered kernels: that
+    flush and the later ones go through Triton's launcher, which warns once, and every
+    result is still bitwise the Python hook's."""
+    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)
+    place = TABLE_CUDA[0]
+    triton_ops._forget_cxx()
+    try:
+        monkeypatch.setattr(triton_ops, "_LAUNCH", "cxx")
+        train(torch.bfloat16, True, monkeypatch, place=place, windows=1)  # registers
+        assert triton_ops._CXX_KERNELS and not triton_ops._CXX_REFUSED
+        for key, compiled in triton_ops._CXX_KERNELS.items():
+            function, warps, _ = triton_ops._cxx_spec(compiled)
+            assert MODULE.register_triton_kernel(triton_ops, *key, function, warps, 1 << 30)
+        before = MODULE.triton_cxx_launches()
+        with pytest.warns(RuntimeWarning, match="a launch from C\\+\\+ failed"):
+            got = train(torch.bfloat16, True, monkeypatch, place=place, max_grad_norm=0.01)
+        assert MODULE.triton_cxx_launches() == before
+        assert MODULE.triton_cxx_error() is not None and len(triton_ops._CXX_REFUSED) == 1
+    finally:
+        triton_ops._forget_cxx()
+    assert MODULE.triton_cxx_error() is None
+    want = train(torch.bfloat16, False, monkeypatch, place=place, max_grad_norm=0.01)
+    assert_same_runs(got, want)

@@ -420,6 +420,18 @@ def test_cxx_registration_once_per_variant_or_one_refusal(monkeypatch):
     with pytest.warns(RuntimeWarning, match="C\\+\\+ hook is off"):
         T._register_cxx(good, 0, 3, 2, 1024)
 
+    # a launch the driver refused in C++ sent its flush back here: reported, even for a
+    # registered variant, and nothing is registered after it
+    monkeypatch.setattr(T, "_CXX_KERNELS", {(0, 2, 3, 1024): good})
+    monkeypatch.setattr(T, "_CXX_REFUSED", [])
+    hooks = _FakeHooks(takes=True)
+    hooks.triton_cxx_error = lambda: "invalid argument (CUDA driver error 1)"
+    monkeypatch.setattr(native, "hooks_module", lambda load=True: hooks)
+    with pytest.warns(RuntimeWarning, match="a launch from C\\+\\+ failed: invalid argument"):
+        T._register_cxx(good, 0, 3, 2, 1024)
+    T._register_cxx(good, 0, 4, 2, 1024)
+    assert hooks.calls == [] and len(T._CXX_REFUSED) == 1
+
 
 def test_cxx_launch_mode_flushes_as_the_reference_here():
     """launch "cxx" with tables off the GPU (the interpreter's CPU tensors): Triton's

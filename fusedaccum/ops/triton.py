@@ -437,15 +437,21 @@ def _forget_cxx() -> None:
 def _register_cxx(compiled, device_index: int, log_t: int, kind: int, block: int) -> None:
     """Hand a compiled _accumulate_many_kernel to the C++ hook for "cxx" launches (once per
     variant); the first refusal is recorded in _CXX_REFUSED, with one warning, and
-    registers nothing more."""
-    key = (device_index, kind, log_t, block)
-    if key in _CXX_KERNELS or _CXX_REFUSED:
+    registers nothing more. Also where a launch the driver refused in C++ (which dropped
+    every registered kernel and sent its flush here) is reported."""
+    if _CXX_REFUSED:
         return
     from fusedaccum.ops import native
 
-    spec = _cxx_spec(compiled)
     hooks = native.hooks_module(load=False)
-    if isinstance(spec, str):
+    failed = getattr(hooks, "triton_cxx_error", lambda: None)()
+    key = (device_index, kind, log_t, block)
+    if key in _CXX_KERNELS and not failed:
+        return
+    spec = _cxx_spec(compiled)
+    if failed:
+        why = f"a launch from C++ failed: {failed}"
+    elif isinstance(spec, str):
         why = spec
     elif hooks is None or not hasattr(hooks, "register_triton_kernel"):
         why = "the C++ hook is off or its extension is not loaded"
