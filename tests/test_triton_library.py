@@ -6,6 +6,7 @@ On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1, so the ker
 run for real on CPU tensors through Triton's interpreter.
 """
 
+import ast
 import inspect
 import math
 import os
@@ -821,6 +822,35 @@ def _run_python(code, **env):
     full_env.update(env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
                           capture_output=True, text=True, timeout=300)
+
+
+def test_flush_kernel_compiled_for_sm90_is_one_the_cpp_launch_takes():
+    """The real _accumulate_many_kernel compiled by this Triton for an H100 (sm_90; Triton
+    compiles without a GPU): its signature is the one Triton's JIT derives for a flush's
+    arguments (checked by hand for Triton 3.6 and 3.9: n_tensors and the table's alignment
+    are not specialized) and its metadata asks for nothing csrc/cuda/triton_launch.cu does
+    not set up, so _cxx_spec takes it (with the function handle a GPU would load). A
+    Triton that changes the launch fails here, on CPU, before a GPU session."""
+    res = _run_python("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from fusedaccum.ops import triton as T
+        sig = {"table_ptr": "*i64", "n_tensors": "i32", "scale": "fp32",
+               "LOG_T": "constexpr", "GRAD_KIND": "constexpr", "BLOCK": "constexpr"}
+        for warps, kind in ((4, 2), (8, 1)):
+            src = ASTSource(fn=T._accumulate_many_kernel, signature=sig,
+                            constexprs={"LOG_T": 3, "GRAD_KIND": kind, "BLOCK": 2048})
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps})
+            assert k.function is None  # (not loaded: no GPU needed)
+            k.function = 0x7f0012
+            print(T._cxx_spec(k))
+    """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    specs = [ast.literal_eval(line) for line in res.stdout.strip().split("\n")]
+    assert [s[:2] for s in specs] == [(0x7f0012, 4), (0x7f0012, 8)], res.stdout
+    assert all(0 <= s[2] <= 228 * 1024 for s in specs)
 
 
 def test_module_imports_without_triton():
