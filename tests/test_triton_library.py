@@ -378,6 +378,20 @@ def test_cxx_spec_takes_only_the_launch_the_cpp_side_makes():
     for meta in refused:
         assert isinstance(T._cxx_spec(_compiled_like(**meta)), str), meta
     assert isinstance(T._cxx_spec(object()), str)  # (the interpreter returns no kernel)
+    # the compiled PTX's entry, where Triton kept it: the arguments the C++ launch passes,
+    # then up to two .u64 scratch pointers
+    entry = ".visible .entry _accumulate_many_kernel(\n\t.param .u64 .ptr .global .align 1 " \
+            "a_0,\n\t.param .u32 a_1,\n\t.param .f32 a_2{})\n{{\n}}"
+    for tail, ok in (("", True), (",\n\t.param .u64 a_3", True),
+                     (",\n\t.param .u64 a_3,\n\t.param .u64 a_4", True),
+                     (",\n\t.param .u64 a_3,\n\t.param .u64 a_4,\n\t.param .u64 a_5", False),
+                     (",\n\t.param .u32 a_3", False)):
+        c = _compiled_like()
+        c.asm = {"ptx": entry.format(tail)}
+        assert isinstance(T._cxx_spec(c), tuple) is ok, tail
+    c = _compiled_like()
+    c.asm = {"ptx": entry.format("").replace(".u32", ".u64")}
+    assert "PTX entry" in T._cxx_spec(c)
 
 
 class _FakeHooks:
@@ -844,6 +858,8 @@ def test_flush_kernel_compiled_for_sm90_is_one_the_cpp_launch_takes():
             k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": warps})
             assert k.function is None  # (not loaded: no GPU needed)
+            # the kernel's ABI: csrc/cuda/triton_launch.cu passes exactly these
+            assert T._ptx_params(k.asm["ptx"]) == [".u64", ".u32", ".f32", ".u64", ".u64"]
             k.function = 0x7f0012
             print(T._cxx_spec(k))
     """)

@@ -419,7 +419,24 @@ def _cxx_spec(compiled) -> tuple[int, int, int] | str:
             or not 0 <= shared <= 228 * 1024):
         return ("its launch needs what the C++ launch does not set up (clusters, cooperative "
                 "or PDL launch, scratch memory, oversized shared memory, warps of 32)")
+    params = _ptx_params(getattr(compiled, "asm", {}).get("ptx"))
+    if params is not None and (params[:3] != [".u64", ".u32", ".f32"] or
+                               any(t != ".u64" for t in params[3:]) or len(params) > 5):
+        return (f"its PTX entry takes {params}, where the C++ launch passes .u64, .u32, "
+                ".f32 and at most two .u64 scratch pointers")
     return function, int(meta.num_warps), int(shared)
+
+
+def _ptx_params(ptx) -> list[str] | None:
+    """The parameter types of a PTX module's one kernel entry (".u64", ...), or None."""
+    if not isinstance(ptx, str):
+        return None
+    import re
+
+    entry = re.search(r"\.entry\s+[\w$]+\s*\((.*?)\)", ptx, re.S)
+    if entry is None:
+        return None
+    return [p.split()[1] for p in entry.group(1).split(",") if len(p.split()) > 1]
 
 
 def _forget_cxx() -> None:
