@@ -109,6 +109,16 @@ struct Held {
   }
 };
 
+// The pending Python error thrown as a C++ exception that keeps it: the autograd engine
+// may rethrow it on another thread (a GPU's device thread runs the hooks), where the
+// Python error indicator is not set; torch persists its own hooks' errors the same way.
+// GIL held.
+[[noreturn]] void raise_python_error() {
+  python_error err;
+  err.persist();
+  throw std::move(err);
+}
+
 // Run f without the GIL, as an op called from Python runs (a CPU accumulation takes
 // long); the GIL is back when f returns or throws.
 template <class F>
@@ -284,11 +294,11 @@ void launch(const FlushMode& mode, const at::Tensor& table, int64_t n_tensors, i
   }
 #endif
   Ref t(THPVariable_Wrap(table));
-  if (!t) throw python_error();
+  if (!t) raise_python_error();
   Ref done(PyObject_CallFunction(mode.launcher, "OLLiL", t.get(),
                                  static_cast<long long>(n_tensors),
                                  static_cast<long long>(blocks), mode.grad_kind, mode.block));
-  if (!done) throw python_error();
+  if (!done) raise_python_error();
   torch::autograd::impl::bump_version(written);
 }
 

@@ -383,9 +383,10 @@ def test_table_flush_skips_empty_params(flush_bytes, monkeypatch):
     assert opt.stepped
 
 
-@needs_table_cpu
-def test_table_flush_error_reaches_backward(monkeypatch):
-    """A launch that raises in the C++ hook's flush makes backward() raise it."""
+@pytest.mark.parametrize("place", TRITON_PLACES, ids=place_id)
+def test_table_flush_error_reaches_backward(place, monkeypatch):
+    """A launch that raises in the C++ hook's flush makes backward() raise it, as itself
+    (on a GPU the hook runs on the engine's device thread: the error is carried over)."""
     monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)  # every grad fills a batch
     real = triton_ops._launch_many_kernel
     failed = []
@@ -399,11 +400,11 @@ def test_table_flush_error_reaches_backward(monkeypatch):
         raise RuntimeError("launch failed: boom")
 
     monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
-    model = make_model(dtype=torch.bfloat16, device="cpu")
+    model = make_model(dtype=torch.bfloat16, device=place[0])
     opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
                            backend="triton")
     monkeypatch.setattr(triton_ops, "_launch_many_kernel", failing)
-    x, y = make_windows(1, 1, dtype=torch.bfloat16, device="cpu")[0][0]
+    x, y = make_windows(1, 1, dtype=torch.bfloat16, device=place[0])[0][0]
     with pytest.raises(RuntimeError, match="launch failed: boom"):
         mse(model(x), y).backward()
     assert failed == [True] and opt.update_count == 0  # (opt: the hooks hold it weakly)
