@@ -32,6 +32,7 @@ import inspect
 import itertools
 import math
 import os
+import re
 import sys
 import threading
 import warnings
@@ -431,8 +432,6 @@ def _ptx_params(ptx) -> list[str] | None:
     """The parameter types of a PTX module's one kernel entry (".u64", ...), or None."""
     if not isinstance(ptx, str):
         return None
-    import re
-
     entry = re.search(r"\.entry\s+[\w$]+\s*\((.*?)\)", ptx, re.S)
     if entry is None:
         return None
