@@ -40,6 +40,10 @@ TRITON_PLACES = [(dev, "triton") for dev in ("cpu", "cuda")
 TABLE_CPU = [p for p in TRITON_PLACES if p[0] == "cpu"]
 TABLE_CUDA = [p for p in TRITON_PLACES if p[0] == "cuda"]
 needs_table_cpu = pytest.mark.skipif(not TABLE_CPU, reason="Triton does not run on CPU here")
+# (the "cxx" launches: Triton's compiled kernels and the extension's CUDA build)
+needs_table_cuda = pytest.mark.skipif(
+    not TABLE_CUDA or PLACES[-1][0] != "cuda",
+    reason="Triton's compiled kernels and the extension's CUDA build")
 
 
 def place_id(place) -> str:
@@ -497,8 +501,7 @@ def test_register_triton_kernel_checks_its_arguments():
     assert isinstance(MODULE.triton_cxx_launches(), int)
 
 
-@pytest.mark.skipif(not TABLE_CUDA or PLACES[-1][0] != "cuda",
-                    reason="Triton's compiled kernels and the extension's CUDA build")
+@needs_table_cuda
 @pytest.mark.parametrize("how", ["full-batches", "direct"])
 def test_cxx_launch_on_gpu_as_the_python_hook(how, monkeypatch):
     """ops/triton.py _LAUNCH = "cxx" on a GPU: the C++ flushes (full batches, gradients
@@ -539,8 +542,7 @@ def test_cxx_launch_on_gpu_as_the_python_hook(how, monkeypatch):
     assert_same_runs(jit, want)
 
 
-@pytest.mark.skipif(not TABLE_CUDA or PLACES[-1][0] != "cuda",
-                    reason="Triton's compiled kernels and the extension's CUDA build")
+@needs_table_cuda
 def test_cxx_launch_the_driver_refuses_falls_back_to_python(monkeypatch):
     """A launch from C++ that the driver refuses (here: more shared memory than the kernel
     may have, CUDA_ERROR_INVALID_VALUE; nothing runs) drops the registered kernels: that
