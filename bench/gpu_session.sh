@@ -3,8 +3,9 @@
 # while the Triton tests run, then the cuda, auto and data-parallel suites side by side,
 # the host costs and window phases, and the benchmark (its windows twice: pre-made and
 # fresh gradients). Every stage has its own time limit, so one hang cannot eat the lease.
-# Logs and reports land in $OUT (at most 8 files come back): copy the reports to
-# bench/results/ and commit them with the card's name and date.
+# The benchmark stages run with the Triton launch mode the window phases timed fastest
+# (bench/pick_launch.py). Logs and reports land in $OUT (at most 8 files come back): copy
+# the reports to bench/results/ and commit them with the card's name and date.
 #   run(command="bash bench/gpu_session.sh", timeout_s=580)   (8-9 minutes on an H100)
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
@@ -189,7 +190,7 @@ if has phases; then
 batches, triton with its full batches flushed in Python (not by the C++ hook's table \
 flush), with 128 and 512 MiB batches, launched directly and launched from C++ (cxx)"
   timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 10 \
-      --backends cuda,triton --variants \
+      --backends cuda,triton --json /tmp/phases_124m.json --variants \
       python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:flush=512,triton:launch=direct$CXX_VARIANT \
       2>&1 | tee -a "$LOG"
   log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: the boundary \
@@ -203,6 +204,14 @@ leaving the accumulators for the next window to overwrite (default) or zeroing t
   timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 --backends cuda \
       --fresh-grads 2>&1 | tee -a "$LOG"
 fi
+# the benchmark's triton windows run with the launch mode these phases timed fastest
+# (bench/pick_launch.py: by more than 2%, else the default); its report lists it
+LAUNCH_PICK=""
+if has phases && [[ -s /tmp/phases_124m.json ]]; then
+  LAUNCH_PICK=$(python bench/pick_launch.py /tmp/phases_124m.json 2>/tmp/pick.log) \
+      || LAUNCH_PICK=""
+  log "triton launch mode for the benchmark: ${LAUNCH_PICK:-the default} ($(cat /tmp/pick.log))"
+fi
 if has tune; then
   log "triton block-size sweep"
   timeout 60 python bench/tune_triton.py --sizes 64M --budget 0.05 2>&1 | tee -a "$LOG"
@@ -210,7 +219,8 @@ fi
 if has bench; then
   log "benchmark: $BENCH_ARGS"
   # shellcheck disable=SC2086
-  timeout 170 python -m fusedaccum bench --no-progress --out "$OUT" $BENCH_ARGS \
+  env ${LAUNCH_PICK:+FUSEDACCUM_TRITON_LAUNCH=$LAUNCH_PICK} \
+      timeout 170 python -m fusedaccum bench --no-progress --out "$OUT" $BENCH_ARGS \
       >>"$LOG" 2>&1
   log "bench exit $?"
 fi
@@ -219,7 +229,8 @@ if has fresh; then
   # makes them (AccumulateGrad takes it over instead of copying the harness's tensor into
   # a released p.grad): the report goes to the log only ($OUT holds 8 files at most)
   log "benchmark, fresh gradients: --ops none --window-budget 4 --fresh-grads"
-  timeout 150 python -m fusedaccum bench --no-progress --out /tmp/fresh_bench --ops none \
+  env ${LAUNCH_PICK:+FUSEDACCUM_TRITON_LAUNCH=$LAUNCH_PICK} \
+      timeout 150 python -m fusedaccum bench --no-progress --out /tmp/fresh_bench --ops none \
       --window-budget 4 --compile off --backends triton,cuda,auto --fresh-grads >>"$LOG" 2>&1
   log "bench (fresh gradients) exit $?"
 fi

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import random
 import statistics
 import sys
@@ -138,6 +139,8 @@ def main(argv=None) -> int:
                     help="the wrapper's batch flush size (default: its own, "
                     f"{acc_mod._BATCH_FLUSH_BYTES >> 20} MiB on GPUs, "
                     f"{acc_mod._BATCH_FLUSH_BYTES_CPU >> 20} MiB on CPUs)")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="also write the medians there: {contender: {phase: seconds}}")
     ap.add_argument("--fresh-grads", action="store_true",
                     help="hand each param a new copy of its gradient (python -m fusedaccum "
                     "bench --help)")
@@ -278,6 +281,13 @@ def _run(args, dev, backends, clock: Clock) -> None:
     for key in sorted(med, key=rank):
         name, phase = key.split("\t")
         print(f"| {name} | {phase} | {bench.fmt_time(med[key])} |")
+    if args.json:
+        table: dict[str, dict[str, float]] = defaultdict(dict)
+        for key, v in med.items():
+            name, phase = key.split("\t")
+            table[name][phase.strip()] = v
+        with open(args.json, "w") as f:
+            json.dump(table, f, indent=1)
     recipe = med.get("recipe\twindow")
     if recipe:  # the ratio the benchmark reports, from these medians
         print("\n| contender | recipe window / its window |\n|---|---|")

@@ -62,9 +62,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         print(f"device     cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch "
               f"threads); no CUDA device")
-    for var in ("FUSEDACCUM_BACKEND", "FUSEDACCUM_NATIVE", "FUSEDACCUM_CPU_ISA",
-                "FUSEDACCUM_FAST_HOOKS", "TRITON_INTERPRET"):
-        print(f"{var:<21}= {os.environ.get(var, '(unset)')}")
+    for var in ops.ENV_VARS:
+        print(f"{var:<25}= {os.environ.get(var, '(unset)')}")
 
     print()
     print("checking backends (the first check may build the C++ extension: up to a few "

@@ -1499,6 +1499,12 @@ def _window_table_rows(win_results, ratios, copy_bw: float, k: int):
     return headers, rows
 
 
+def _env_settings() -> str:
+    """The package's environment variables that are set (ops.ENV_VARS), for reports."""
+    env = [f"`{v}={os.environ[v]}`" for v in _ops.ENV_VARS if v in os.environ]
+    return ", ".join(env) if env else "no FUSEDACCUM_* or TRITON_INTERPRET variable set"
+
+
 def _env_lines(device, copy: CopyBandwidth, args_line: str, wall: float | None):
     lines = [
         f"- device: {device_name(device)} ({device.type}"
@@ -1509,6 +1515,7 @@ def _env_lines(device, copy: CopyBandwidth, args_line: str, wall: float | None):
         f"- date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- command: `python -m fusedaccum bench {args_line}`".rstrip(),
     ]
+    lines.append(f"- environment: {_env_settings()}")
     if device.type == "cpu":
         try:
             load = os.getloadavg()
@@ -1916,7 +1923,7 @@ def _main(argv_or_namespace) -> int:
     dname = device_name(device)
     print(f"fusedaccum bench on {dname} ({device}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads" + (" [--quick]" if quick else ""))
-    print(f"backends timed: {', '.join(backends) or 'none'}")
+    print(f"backends timed: {', '.join(backends) or 'none'}; environment: {_env_settings()}")
     for name, why in excluded.items():
         print(f"  not timed: {name}: {why}")
     if "reference" in backends:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import math
 import os
 
@@ -264,10 +265,13 @@ def _quick_args(tmp_path, *extra):
             *extra]
 
 
-def test_quick_run_writes_markdown_and_csv(tmp_path, capsys):
+def test_quick_run_writes_markdown_and_csv(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FUSEDACCUM_TRITON_LAUNCH", "jit")
+    monkeypatch.delenv("FUSEDACCUM_BACKEND", raising=False)
     assert B.main(_quick_args(tmp_path, "--no-plot")) == 0
     out = capsys.readouterr().out
     assert "copy bandwidth" in out and "GB/s" in out
+    assert "environment: `FUSEDACCUM_TRITON_LAUNCH=jit`" in out
     md = sorted(p for p in os.listdir(tmp_path) if p.endswith(".md"))
     csvs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".csv"))
     assert len(md) == 1 and len(csvs) == 1
@@ -275,6 +279,8 @@ def test_quick_run_writes_markdown_and_csv(tmp_path, capsys):
     text = (tmp_path / md[0]).read_text()
     assert "## Ops" in text and "## Windows" in text and "copy bandwidth" in text
     assert "= **34**" in text  # the byte accounting is written out
+    env_line = next(line for line in text.split("\n") if line.startswith("- environment: "))
+    assert "`FUSEDACCUM_TRITON_LAUNCH=jit`" in env_line and "BACKEND" not in env_line
     with open(tmp_path / csvs[0]) as f:
         rows = list(csv.DictReader(f))
     ops_rows = [r for r in rows if r["section"] == "op"]
@@ -310,7 +316,7 @@ def _bench_script(name):
     return mod
 
 
-def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
+def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, tmp_path):
     from fusedaccum import accumulator
     from fusedaccum.accumulator import FusedAccumulator
 
@@ -326,8 +332,18 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys):
                                          f"python-hooks,flush=2,{backends[-1]}:flush=3,"
                                          "table=cached,launch=direct,launch=cxx,"
                                          "python-flush",
-                                         "--fresh-grads"])
+                                         "--fresh-grads", "--json", str(tmp_path / "p.json")])
     out = capsys.readouterr().out
+    with open(tmp_path / "p.json") as f:  # the medians of the table, by contender and phase
+        medians = json.load(f)
+    assert set(medians) == {f"fusedaccum[{b}]" for b in backends} | {
+        f"fusedaccum[{backends[0]}] {v}" for v in ("python-hooks", "flush=2", "table=cached",
+                                                   "launch=direct", "launch=cxx",
+                                                   "python-flush")} | {
+        f"fusedaccum[{backends[-1]}] flush=3", "recipe", "tutorial"}
+    assert medians["recipe"]["window"] > 0 and "boundary" in medians["recipe"]
+    assert f"{medians['tutorial']['window'] * 1e3:.2f} ms" in out
+    assert "boundary: rest" in medians[f"fusedaccum[{backends[0]}]"]
     assert "batch flush 1 MiB" in out and "fresh gradients" in out
     assert not B._Deliver.fresh  # put back
     assert f"| fusedaccum[{backends[0]}] python-hooks | window |" in out
@@ -413,3 +429,32 @@ def test_gc_paused_while_timing_and_restored_after_an_error():
         assert not gc.isenabled()  # it stays as the caller had it
     finally:
         gc.enable()
+
+
+def test_pick_launch_takes_the_fastest_launch_mode_past_the_margin(tmp_path, capsys,
+                                                                   monkeypatch):
+    pick = _bench_script("pick_launch")
+    table = {"fusedaccum[triton]": {"window": 0.0236},
+             "fusedaccum[triton] launch=direct": {"window": 0.0220},
+             "fusedaccum[triton] launch=cxx": {"window": 0.0185},
+             "fusedaccum[triton] flush=128": {"window": 0.0100},  # not a launch mode
+             "fusedaccum[cuda]": {"window": 0.0150}, "recipe": {"window": 0.0240}}
+    assert pick.pick(table, "jit", 0.02)[0] == "cxx"
+    table["fusedaccum[triton] launch=cxx"]["window"] = 0.0233  # both within 2%: kept
+    table["fusedaccum[triton] launch=direct"]["window"] = 0.0234
+    mode, why = pick.pick(table, "jit", 0.02)
+    assert mode == "jit" and "2%" in why, why
+    assert pick.pick(table, "jit", 0.05)[0] == "jit"
+    assert pick.pick(table, "jit", 0.0)[0] == "cxx"  # the fastest of the two faster ones
+    with pytest.raises(KeyError):
+        pick.pick({"recipe": {"window": 1.0}}, "jit", 0.02)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("FUSEDACCUM_TRITON_LAUNCH", "direct")  # the plain contender's mode
+    assert pick.main([str(path), "--margin", "0.01"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "cxx\n" and "against 23.60 ms for direct" in err
+    path.write_text(json.dumps({"recipe": {"window": 1.0}}))
+    assert pick.main([str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "no fusedaccum[triton] window" in err

@@ -838,6 +838,36 @@ def _run_python(code, **env):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize("value, mode", [(None, "jit"), ("jit", "jit"), ("direct", "direct"),
+                                         ("cxx", "cxx"), (" cxx ", "cxx"), ("", "jit")])
+def test_launch_mode_from_the_environment(monkeypatch, value, mode):
+    if value is None:
+        monkeypatch.delenv("FUSEDACCUM_TRITON_LAUNCH", raising=False)
+    else:
+        monkeypatch.setenv("FUSEDACCUM_TRITON_LAUNCH", value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert T._launch_from_env() == mode
+
+
+@pytest.mark.parametrize("value", ["CXX", "fast", "jit,cxx"])
+def test_launch_mode_the_environment_misspells_warns_and_is_jit(monkeypatch, value):
+    monkeypatch.setenv("FUSEDACCUM_TRITON_LAUNCH", value)
+    with pytest.warns(RuntimeWarning, match=f"FUSEDACCUM_TRITON_LAUNCH={value!r} is not one"):
+        assert T._launch_from_env() == "jit"
+
+
+def test_launch_mode_the_environment_sets_is_the_modules():
+    """FUSEDACCUM_TRITON_LAUNCH set before the import is the mode every flush reads
+    (_LAUNCH, also read by csrc/hooks.cpp)."""
+    res = _run_python("""
+        from fusedaccum.ops import triton as T
+        print(T._LAUNCH)
+    """, FUSEDACCUM_TRITON_LAUNCH="direct", TRITON_INTERPRET="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().split("\n")[-1] == "direct"
+
+
 def test_flush_kernel_compiled_for_sm90_is_one_the_cpp_launch_takes():
     """The real _accumulate_many_kernel compiled by this Triton for an H100 (sm_90; Triton
     compiles without a GPU): its signature is the one Triton's JIT derives for a flush's

@@ -70,6 +70,11 @@ from fusedaccum.ops.reference import (
 )
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
+# the environment variables that change what the package does (`python -m fusedaccum info`
+# and the benchmark reports list them)
+ENV_VARS = ("FUSEDACCUM_BACKEND", "FUSEDACCUM_NATIVE", "FUSEDACCUM_CPU_ISA",
+            "FUSEDACCUM_FAST_HOOKS", "FUSEDACCUM_TRITON_LAUNCH", "FUSEDACCUM_TRITON_OP",
+            "TRITON_INTERPRET")
 _MODULES = {
     "reference": "fusedaccum.ops.reference",
     "triton": "fusedaccum.ops.triton",

@@ -386,8 +386,25 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
 # agree on them). The C++ side reads _LAUNCH at each flush. Needs the extension built
 # with CUDA; otherwise (or for a kernel it cannot take) it warns once and flushes as "jit".
 # Not the default until a GPU session has measured it (window_phases.py launch=cxx).
-_LAUNCH = "jit"
+# FUSEDACCUM_TRITON_LAUNCH=jit|direct|cxx sets it for a process (bench/gpu_session.sh
+# benchmarks with the mode its window phases measured fastest).
 _LAUNCH_MODES = ("jit", "direct", "cxx")
+
+
+def _launch_from_env() -> str:
+    """The launch mode FUSEDACCUM_TRITON_LAUNCH names ("jit" if unset; a value that is
+    not a mode warns and is ignored)."""
+    value = os.environ.get("FUSEDACCUM_TRITON_LAUNCH", "").strip()
+    if value in _LAUNCH_MODES:
+        return value
+    if value:
+        warnings.warn(f"fusedaccum: FUSEDACCUM_TRITON_LAUNCH={value!r} is not one of "
+                      f"{', '.join(repr(m) for m in _LAUNCH_MODES)} (lower case); ignored: "
+                      "Triton kernels are launched as 'jit'", RuntimeWarning, stacklevel=2)
+    return "jit"
+
+
+_LAUNCH = _launch_from_env()
 _MANY_COMPILED: dict = {}  # (device index, LOG_T, GRAD_KIND, BLOCK, num_warps) -> kernel
 _DIRECT_FAILED: list = []  # the error that turned "direct" off, if any
 # (device index, GRAD_KIND, LOG_T, BLOCK) -> the CompiledKernel registered with the C++
