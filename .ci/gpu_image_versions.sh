@@ -38,7 +38,8 @@ cd "$work"
 PYTHONPATH=$work FUSEDACCUM_TEST_BACKEND=cpu "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   --timeout 300 tests/test_accumulator.py tests/test_amp.py tests/test_state_dict.py \
   tests/test_errors.py tests/test_batch_hook.py tests/test_native_library.py \
-  tests/test_host_paths.py tests/test_distributed.py "tests/test_ops.py" -k "not triton"
+  tests/test_host_paths.py tests/test_distributed.py tests/test_fuzz.py "tests/test_ops.py" \
+  -k "not triton"
 # The Triton kernels against the reference under Triton 3.6's interpreter: what a GPU
 # compiles, as far as the language goes. (Its interpreter hands loop bounds over as
 # 1-element arrays, which NumPy warns about; the triton_op registration is refused there.)

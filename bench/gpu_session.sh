@@ -30,7 +30,7 @@ XDIST=0
 python -c "import xdist" 2>/dev/null && XDIST=1
 workers() { (( XDIST )) && echo "-n $1"; }
 WRAPPER_TESTS=(tests/test_accumulator.py tests/test_amp.py tests/test_state_dict.py
-               tests/test_errors.py tests/test_host_paths.py)
+               tests/test_errors.py tests/test_host_paths.py tests/test_fuzz.py)
 
 log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader) $(date -u +%F)"
 python -c "import importlib.metadata as m, torch, triton; print('torch', torch.__version__, \

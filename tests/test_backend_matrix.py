@@ -18,7 +18,7 @@ from fusedaccum import ops
 
 HERE = Path(__file__).parent
 SUITE = ["test_accumulator.py", "test_amp.py", "test_state_dict.py", "test_errors.py",
-         "test_host_paths.py"]
+         "test_host_paths.py", "test_fuzz.py"]
 
 
 def _device():

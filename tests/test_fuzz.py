@@ -1,0 +1,293 @@
+"""Randomized differential test: the wrapper against plain torch on random training runs.
+
+Each seed draws a run: the param dtype, fp32 masters or none (``master_weights=False``),
+the inner optimizer (fused path and generic), one or two param groups, an LR scheduler,
+the window length (fixed or a callable), clipping, a static or dynamic loss scale,
+token-weighted windows (``num_items``), which of a model's branches each micro-batch
+reaches (so params miss micro-batches and whole windows), a user's gradient hook, how
+``.grad`` is cleared between micro-batches (also ``set_to_none=False``), windows
+poisoned with inf, dropped windows (``reset_accumulation``), a resume from a state dict
+(mid-window or after an update), and the batching limits of the hooks. The same
+micro-batches train the plain-torch emulation of tests/_models.py (fp32 masters of the
+half params, ``clip_grad_norm_``, the torch optimizer and scheduler), its loss scaled as
+torch's GradScaler would.
+
+Checked after every backward: ``p.main_grad`` is the window's sum so far, exactly; before
+each one the loss scale. After every window: ``opt.stepped``, ``skipped_steps``,
+``grad_norm``, the stepped fp32 tensors, the model's params and every optimizer state
+entry. The emulation then takes the wrapper's values (lockstep), so each window is
+compared from the same start and one window's rounding does not grow into the next.
+
+``FUSEDACCUM_FUZZ_SEEDS`` sets the number of seeds (default 40: about 2 s on the 2-core CPU,
+10 s with the Triton interpreter), ``FUSEDACCUM_FUZZ_FIRST`` the first one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+from _models import (
+    HALF_TOL,
+    MASTER_TOL,
+    MASTER_TOL_CLIPPED,
+    OPTIMIZERS,
+    MasterEmulation,
+    group_tensors,
+    mse,
+    sum_loss,
+    wrap,
+)
+
+from fusedaccum import accumulator
+
+SEEDS = int(os.environ.get("FUSEDACCUM_FUZZ_SEEDS", "40"))
+FIRST = int(os.environ.get("FUSEDACCUM_FUZZ_FIRST", "0"))
+
+# the fused path's optimizers, and one of the generic path
+_OPTIMIZERS = ["adamw", "adam", "adam_amsgrad", "adam_maximize", "sgd", "sgd_momentum",
+               "sgd_nesterov", "sgd_maximize", "rmsprop"]
+_DIM = 6
+
+
+class Branches(nn.Module):
+    """A trunk and three heads: each micro-batch's loss goes through a chosen subset."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(_DIM, _DIM)
+        self.heads = nn.ModuleList([nn.Linear(_DIM, 3), nn.Linear(_DIM, 3, bias=False),
+                                    nn.Linear(_DIM, 3)])
+
+    def forward(self, x, trunk: bool, heads: list[int]):
+        h = torch.tanh(self.trunk(x)) if trunk else x
+        return sum(self.heads[i](h) for i in heads)
+
+
+def _model(run, device, seed):
+    torch.manual_seed(1000 + seed)
+    model = Branches().to(device=device, dtype=run.dtype)
+    if run.grad_hook:  # a user's tensor hook that changes the gradient (before wrapping)
+        model.heads[0].weight.register_hook(lambda g: g * 0.5)
+    return model
+
+
+def _copy_of(model, run, device, seed):
+    m = _model(run, device, seed)
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+class Run:
+    """One seed's draws."""
+
+    def __init__(self, seed: int):
+        r = random.Random(seed)
+        self.r = r
+        self.dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
+        self.opt_name = r.choice(_OPTIMIZERS)
+        self.ks = [r.randint(1, 4) for _ in range(r.choice([1, 3]))]  # 1: a fixed k
+        self.windows = r.randint(2, 4)
+        self.max_grad_norm = r.choice([None, None, 0.05, 1.0])
+        self.loss_scale = r.choice([None, None, 128.0, "dynamic"])
+        # no fp32 masters for half params: updated in place (fp32 math)
+        self.master_weights = False if self.dtype != torch.float32 and r.random() < 0.25 \
+            else None
+        self.groups = r.random() < 0.5  # the heads 1 and 2 in a second group, own lr and wd
+        self.scheduler = r.random() < 0.3  # StepLR, stepped after every applied update
+        self.grad_hook = r.random() < 0.2
+        self.token_weighted = r.random() < 0.3
+        self.batch_max_numel = r.choice([None, 16])  # 16: larger params go one at a time
+        self.flush_bytes = r.choice([None, 64])  # 64: batches flushed inside backward
+        self.resume_at = r.randrange(self.windows) if r.random() < 0.3 else None
+
+    def k(self, w: int) -> int:
+        return self.ks[w % len(self.ks)]
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in vars(self).items() if k != "r")
+
+
+def _micro_batch(r: random.Random, dtype, device, poisoned: bool):
+    x = torch.randn(3, _DIM, generator=torch.Generator().manual_seed(r.randrange(1 << 30)))
+    y = torch.randn(3, 3, generator=torch.Generator().manual_seed(r.randrange(1 << 30)))
+    if poisoned:
+        x[r.randrange(3), r.randrange(_DIM)] = float("inf")
+    heads = r.sample(range(3), r.randint(1, 3))
+    return x.to(device, dtype), y.to(device, dtype), r.random() < 0.75, heads
+
+
+def _inner(run: Run, params):
+    """The run's torch optimizer over ``params`` (the model's order): one group, or the
+    last four tensors (heads 1 and 2) in a second group with their own lr and no weight
+    decay."""
+    params = list(params)
+    if not run.groups:
+        return OPTIMIZERS[run.opt_name](params)
+    opt = OPTIMIZERS[run.opt_name]([{"params": params[:-4]},
+                                    {"params": params[-4:], "weight_decay": 0.0}])
+    opt.param_groups[1]["lr"] *= 0.5
+    return opt
+
+
+def _wrapper(run: Run, model):
+    k = run.ks[0] if len(run.ks) == 1 else run.k
+    return wrap(_inner(run, model.parameters()), accumulation_steps=k,
+                max_grad_norm=run.max_grad_norm, loss_scale=run.loss_scale,
+                master_weights=run.master_weights)
+
+
+def _scheduler(run: Run, opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7) if run.scheduler \
+        else None
+
+
+def _check_window(run: Run, model, opt, emu, applied: bool, norm, w: int, fresh: bool):
+    """``fresh``: ``opt`` was made after the window's update (its step() made none)."""
+    where = f"window {w}"
+    if not fresh:
+        assert opt.stepped == applied, where
+        if applied:
+            torch.testing.assert_close(opt.grad_norm.float().cpu(), norm.float().cpu(),
+                                       rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{where} grad_norm: {m}")
+        else:
+            assert not torch.isfinite(opt.grad_norm).all(), (where, opt.grad_norm)
+    tol = MASTER_TOL if run.max_grad_norm is None else MASTER_TOL_CLIPPED
+    stepped = group_tensors(opt)
+    assert len(stepped) == len(emu.masters)
+    for i, (a, b) in enumerate(zip(stepped, emu.masters)):
+        if run.master_weights is None:  # (else the half params, compared below)
+            assert a.dtype == torch.float32, (where, i, a.dtype)
+            torch.testing.assert_close(a.detach(), b.detach(), **tol,
+                                       msg=lambda m, i=i: f"{where}, stepped tensor {i}: {m}")
+        sa = {key: v for key, v in opt.state.get(a, {}).items() if v is not None}
+        sb = {key: v for key, v in emu.opt.state.get(b, {}).items() if v is not None}
+        assert sa.keys() == sb.keys(), (where, i, sorted(sa), sorted(sb))
+        for key, vb in sb.items():
+            va = sa[key]
+            if key == "step":
+                assert float(va) == float(vb), (where, i, va, vb)
+            elif isinstance(vb, torch.Tensor):
+                torch.testing.assert_close(
+                    va.detach().float(), vb.detach().float(), **tol,
+                    msg=lambda m, i=i, key=key: f"{where}, state {i}.{key}: {m}")
+    for i, (p, q) in enumerate(zip(model.parameters(), emu.model.parameters())):
+        torch.testing.assert_close(p.detach().float(), q.detach().float(),
+                                   **HALF_TOL[run.dtype],
+                                   msg=lambda m, i=i: f"{where}, model param {i}: {m}")
+
+
+@torch.no_grad()
+def _lockstep(model, opt, emu):
+    """The emulation goes on from the wrapper's values."""
+    for a, b in zip(group_tensors(opt), emu.masters):
+        b.copy_(a)
+        sa, sb = opt.state.get(a, {}), emu.opt.state.get(b, {})
+        for key, vb in sb.items():
+            if isinstance(vb, torch.Tensor) and isinstance(sa.get(key), torch.Tensor):
+                vb.copy_(sa[key])
+    for p, q in zip(model.parameters(), emu.model.parameters()):
+        q.copy_(p)
+
+
+def _check_main_grads(model, emu, where):
+    for i, (p, acc) in enumerate(zip(model.parameters(), emu.acc)):
+        mg = p.main_grad
+        # (one order of fp32 additions of the same gradients on both sides: exact)
+        torch.testing.assert_close(mg, acc, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m, i=i: f"{where}, main_grad {i}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:fusedaccum. non-finite gradients:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # NumPy
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
+def test_random_run_matches_plain_torch(seed, device, monkeypatch):
+    run = Run(seed)
+    r = run.r
+    if run.batch_max_numel is not None:  # (read when a wrapper installs its hooks)
+        monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", run.batch_max_numel)
+    if run.flush_bytes is not None:
+        monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES_CPU", run.flush_bytes)
+        monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", run.flush_bytes)
+    model = _model(run, device, seed)
+    emu = MasterEmulation(_copy_of(model, run, device, seed),
+                          lambda ps: _inner(run, ps),
+                          master_weights=run.master_weights is None)
+    opt = _wrapper(run, model)
+    sched, emu_sched = _scheduler(run, opt), _scheduler(run, emu.opt)
+    # torch GradScaler's policy: 2^16, halved on a skipped window (2000 clean ones to
+    # double it are more than a run has)
+    scale = {None: 1.0, "dynamic": 2.0 ** 16}.get(run.loss_scale, run.loss_scale)
+    skipped = 0
+    w = 0
+    while w < run.windows:
+        k = run.k(w)
+        poisoned = r.random() < 0.15
+        items = r.randint(1, 12) if run.token_weighted else None
+        reset_after = r.randrange(k) if r.random() < 0.1 else None
+        # (after the window's last micro-batch: a state dict saved after the update)
+        resume_after = r.randrange(k) if run.resume_at == w else None
+        resumed = None
+        i = 0
+        while i < k:
+            where = f"seed {seed} ({run.describe()}), window {w}, micro-batch {i}"
+            x, y, trunk, heads = _micro_batch(r, run.dtype, device, poisoned and i == 0)
+            loss_fn = sum_loss if run.token_weighted else mse
+            loss = loss_fn(model(x, trunk, heads), y)
+            assert float(opt.loss_scale) == scale, where
+            # (scale_loss: the loss times a tensor, the same on both sides)
+            opt.scale_loss(loss).backward()
+            emu.backward(opt.scale_loss(loss_fn(emu.model(x, trunk, heads), y)))
+            _check_main_grads(model, emu, where)
+            if reset_after == i:  # the partial window dropped, on both sides
+                opt.reset_accumulation()
+                for a in emu.acc:
+                    a.zero_()
+                emu.got = [False] * len(emu.got)
+                reset_after, poisoned, i = None, False, 0
+                continue
+            opt.step(num_items=items)
+            if opt.stepped and sched is not None:  # (DESIGN.md section 1's loop)
+                sched.step()
+            choice = r.randrange(4)
+            if choice == 0:
+                opt.zero_grad()
+            elif choice == 1:
+                model.zero_grad()
+            elif choice == 2:
+                # zeroes the fp32 params' .grad, the window's storage: drops their window
+                # as in plain torch (they stay in the update, with what comes next); half
+                # params hold no .grad then, nor any param after the window's update
+                model.zero_grad(set_to_none=False)
+                if run.dtype == torch.float32 and i < k - 1:
+                    for a in emu.acc:
+                        a.zero_()
+            if resume_after == i:
+                # resume from a state dict (mid-window: with the partial window it saved):
+                # a new model, optimizer and wrapper
+                saved = opt.state_dict()
+                model = _copy_of(model, run, device, seed)
+                opt = _wrapper(run, model)
+                opt.load_state_dict(saved)
+                if sched is not None:  # (its own state dict, as a training script saves)
+                    sched_state = sched.state_dict()
+                    sched = _scheduler(run, opt)
+                    sched.load_state_dict(sched_state)
+                assert opt.micro_step == (i + 1) % k, where
+                resume_after, resumed = None, i
+            i += 1
+        norm, applied = emu.step(items if items is not None else k,
+                                 max_grad_norm=run.max_grad_norm, loss_scale=scale)
+        skipped += not applied
+        if applied and emu_sched is not None:
+            emu_sched.step()
+        if not applied and run.loss_scale == "dynamic":
+            scale /= 2
+        _check_window(run, model, opt, emu, applied, norm, w, fresh=resumed == k - 1)
+        assert opt.skipped_steps == skipped
+        _lockstep(model, opt, emu)
+        w += 1
