@@ -18,6 +18,10 @@ each one the loss scale. After every window: ``opt.stepped``, ``skipped_steps``,
 entry. The emulation then takes the wrapper's values (lockstep), so each window is
 compared from the same start and one window's rounding does not grow into the next.
 
+The same runs on 2 Gloo ranks, with and without ZeRO-1, are compared with the
+emulation trained on every rank's micro-batches (``FUSEDACCUM_FUZZ_DP_SEEDS``, default
+10: about 10 s).
+
 ``FUSEDACCUM_FUZZ_SEEDS`` sets the number of seeds (default 40: about 2 s on the 2-core CPU,
 10 s with the Triton interpreter), ``FUSEDACCUM_FUZZ_FIRST`` the first one.
 """
@@ -36,6 +40,7 @@ from _models import (
     MASTER_TOL_CLIPPED,
     OPTIMIZERS,
     MasterEmulation,
+    _backend_runs_on,
     group_tensors,
     mse,
     sum_loss,
@@ -133,11 +138,11 @@ def _inner(run: Run, params):
     return opt
 
 
-def _wrapper(run: Run, model):
+def _wrapper(run: Run, model, **kwargs):
     k = run.ks[0] if len(run.ks) == 1 else run.k
     return wrap(_inner(run, model.parameters()), accumulation_steps=k,
                 max_grad_norm=run.max_grad_norm, loss_scale=run.loss_scale,
-                master_weights=run.master_weights)
+                master_weights=run.master_weights, **kwargs)
 
 
 def _scheduler(run: Run, opt):
@@ -291,3 +296,198 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
         assert opt.skipped_steps == skipped
         _lockstep(model, opt, emu)
         w += 1
+
+
+# ------------------------------------------------------------------------ data parallel
+
+DP_SEEDS = int(os.environ.get("FUSEDACCUM_FUZZ_DP_SEEDS", "10"))
+_DP_WORLD = 2
+
+
+def _dp_data(seed: int, w: int, i: int, rank: int, attempt: int, dtype, device, poisoned):
+    """Rank ``rank``'s micro-batch ``i`` of window ``w``: every rank makes every rank's (the
+    emulation trains on all of them)."""
+    r = random.Random(f"{seed}/{w}/{i}/{rank}/{attempt}")
+    return _micro_batch(r, dtype, device, poisoned)
+
+
+def _dp_check(run, model, opt, emu, applied, norm, w, fresh, sd):
+    """_check_window for a data-parallel wrapper, whose masters and state (sharded with
+    ZeRO-1) are read from its state dict ``sd``, matched to the emulation's by index."""
+    where = f"window {w}"
+    if not fresh:
+        assert opt.stepped == applied, where
+        if applied:
+            torch.testing.assert_close(opt.grad_norm.float().cpu(), norm.float().cpu(),
+                                       rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{where} grad_norm: {m}")
+    tol = dict(rtol=1e-5, atol=1e-6) if run.max_grad_norm is None else MASTER_TOL_CLIPPED
+    want = emu.opt.state_dict()["state"]
+    assert set(sd["state"]) == set(want), (where, sorted(sd["state"]), sorted(want))
+    masters = sd["fusedaccum"]["masters"]
+    for idx, (p, m) in enumerate(zip(model.parameters(), emu.masters)):
+        if run.master_weights is None:
+            ours = masters[idx] if run.dtype != torch.float32 else p
+            torch.testing.assert_close(ours.detach(), m.detach(), **tol,
+                                       msg=lambda x, idx=idx: f"{where}, master {idx}: {x}")
+        for key, vb in want.get(idx, {}).items():
+            va = sd["state"][idx].get(key)
+            if key == "step":
+                assert float(va) == float(vb), (where, idx, va, vb)
+            elif isinstance(vb, torch.Tensor):
+                torch.testing.assert_close(
+                    va.detach().float(), vb.detach().float(), **tol,
+                    msg=lambda x, idx=idx, key=key: f"{where}, state {idx}.{key}: {x}")
+    for i, (p, q) in enumerate(zip(model.parameters(), emu.model.parameters())):
+        torch.testing.assert_close(p.detach().float(), q.detach().float(),
+                                   **HALF_TOL[run.dtype],
+                                   msg=lambda x, i=i: f"{where}, model param {i}: {x}")
+
+
+@torch.no_grad()
+def _dp_lockstep(run, model, emu, sd):
+    masters = sd["fusedaccum"]["masters"]
+    state = emu.opt.state_dict()["state"]
+    for idx, (p, m) in enumerate(zip(model.parameters(), emu.masters)):
+        m.copy_(masters[idx] if idx in masters else p)
+        for key, vb in emu.opt.state.get(m, {}).items():
+            va = sd["state"].get(idx, {}).get(key)
+            if isinstance(vb, torch.Tensor) and isinstance(va, torch.Tensor):
+                vb.copy_(va)
+    del state
+    for p, q in zip(model.parameters(), emu.model.parameters()):
+        q.copy_(p)
+
+
+def _dp_seed(seed, rank, world, device, group):
+    """One random run on every rank; the emulation trains on all ranks' micro-batches.
+    Every rank makes the same calls that are collectives (the boundaries, state_dict(),
+    load_state_dict()) whatever its checks find; returns the first failure, or None."""
+    run = Run(seed)
+    r = run.r  # (decisions every rank takes alike)
+    run.master_weights = None  # (not with ZeRO-1's shards of masters; the local fuzz has it)
+    shard = run.opt_name != "rmsprop" and r.random() < 0.5
+    kw = dict(process_group=group, shard_optimizer_state=shard)
+    model = _model(run, device, seed)
+    emu = MasterEmulation(_copy_of(model, run, device, seed), lambda ps: _inner(run, ps))
+    opt = _wrapper(run, model, **kw)
+    sched, emu_sched = _scheduler(run, opt), _scheduler(run, emu.opt)
+    scale = {None: 1.0, "dynamic": 2.0 ** 16}.get(run.loss_scale, run.loss_scale)
+    failure = None
+    skipped = 0
+    for w in range(run.windows):
+        k = run.k(w)
+        poisoned_rank = r.randrange(world) if r.random() < 0.15 else None
+        items = [r.randint(1, 12) for _ in range(world)] if run.token_weighted else None
+        reset_after = r.randrange(k) if r.random() < 0.1 else None
+        resume_after = r.randrange(k) if run.resume_at == w else None
+        resumed = None
+        i = attempt = 0
+        while i < k:
+            where = f"seed {seed} ({run.describe()}, shard={shard}), rank {rank}, " \
+                    f"window {w}, micro-batch {i}"
+            loss_fn = sum_loss if run.token_weighted else mse
+            for rr in range(world):
+                x, y, trunk, heads = _dp_data(seed, w, i, rr, attempt, run.dtype, device,
+                                              poisoned_rank == rr and i == 0)
+                emu.backward(opt.scale_loss(loss_fn(emu.model(x, trunk, heads), y)))
+                if rr == rank:
+                    opt.scale_loss(loss_fn(model(x, trunk, heads), y)).backward()
+            if failure is None and float(opt.loss_scale) != scale:
+                failure = f"{where}: loss scale {float(opt.loss_scale)}, expected {scale}"
+            if reset_after == i:
+                opt.reset_accumulation()
+                for a in emu.acc:
+                    a.zero_()
+                emu.got = [False] * len(emu.got)
+                reset_after, poisoned_rank, i = None, None, 0
+                attempt += 1
+                continue
+            opt.step(num_items=None if items is None else items[rank])
+            if opt.stepped and sched is not None:
+                sched.step()
+            if random.Random(f"{seed}/{w}/{i}/{rank}/zero").random() < 0.5:  # (per rank)
+                opt.zero_grad()
+            else:
+                model.zero_grad()
+            if resume_after == i:  # every rank: a collective state dict, then a new wrapper
+                saved = opt.state_dict()
+                model = _copy_of(model, run, device, seed)
+                opt = _wrapper(run, model, **kw)
+                opt.load_state_dict(saved)
+                if sched is not None:
+                    sched_state = sched.state_dict()
+                    sched = _scheduler(run, opt)
+                    sched.load_state_dict(sched_state)
+                resume_after, resumed = None, i
+            i += 1
+        norm, applied = emu.step(sum(items) if items is not None else k * world,
+                                 max_grad_norm=run.max_grad_norm, loss_scale=scale)
+        skipped += not applied
+        if applied and emu_sched is not None:
+            emu_sched.step()
+        if not applied and run.loss_scale == "dynamic":
+            scale /= 2
+        sd = opt.state_dict()  # (a collective with ZeRO-1: every rank, every window)
+        if failure is None:
+            try:
+                _dp_check(run, model, opt, emu, applied, norm, w, resumed == k - 1, sd)
+                assert opt.skipped_steps == skipped, (opt.skipped_steps, skipped)
+            except AssertionError as exc:
+                failure = f"{where}: {exc}"
+        _dp_lockstep(run, model, emu, sd)
+    return failure
+
+
+def _dp_worker(rank, world, port, device, first, seeds, out_dir):
+    from datetime import timedelta
+
+    from test_distributed import _finish
+
+    # (a collective that one rank never reaches fails after a minute instead of hanging)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=60))
+    failures = []
+    for seed in range(first, first + seeds):
+        try:
+            failure = _dp_seed(seed, rank, world, device, torch.distributed.group.WORLD)
+        except Exception as exc:  # noqa: BLE001 - reported, then this rank ends at once:
+            # the other rank may wait in a collective, which then fails instead of hanging
+            failures.append(f"seed {seed}, rank {rank}: {type(exc).__name__}: {exc}")
+            _write_failures(out_dir, rank, failures)
+            os._exit(3)
+        if failure is not None:
+            failures.append(failure)
+    _write_failures(out_dir, rank, failures)
+    _finish()
+
+
+def _write_failures(out_dir, rank, failures):
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(failures))
+
+
+@pytest.mark.filterwarnings("ignore:fusedaccum. non-finite gradients:RuntimeWarning")
+def test_random_data_parallel_runs_match_plain_torch(tmp_path):
+    """DP_SEEDS random runs (as above, without master_weights=False) on 2 Gloo ranks, with
+    and without ZeRO-1: each rank trains on its own micro-batches, the emulation on all of
+    them (the window's gradient is the sum over the ranks, D = k * ranks or the ranks'
+    num_items summed)."""
+    import torch.multiprocessing as mp
+    from test_distributed import DEVICE, _free_port
+
+    if not _backend_runs_on(DEVICE):
+        pytest.skip("the backend runs on no device here")
+    failures = []
+    try:
+        mp.spawn(_dp_worker, args=(_DP_WORLD, _free_port(), DEVICE, FIRST, DP_SEEDS,
+                                   str(tmp_path)),
+                 nprocs=_DP_WORLD, join=True)
+    except Exception as exc:  # noqa: BLE001 - a rank that failed says why in its file
+        failures.append(f"{type(exc).__name__}: {str(exc)[-2000:]}")
+    for rank in range(_DP_WORLD):
+        path = tmp_path / f"rank{rank}.txt"
+        if path.exists():
+            failures += [line for line in path.read_text().split("\n") if line]
+    assert not failures, "\n".join(failures[:6])
