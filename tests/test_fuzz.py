@@ -18,6 +18,8 @@ each one the loss scale. After every window: ``opt.stepped``, ``skipped_steps``,
 entry. The emulation then takes the wrapper's values (lockstep), so each window is
 compared from the same start and one window's rounding does not grow into the next.
 
+The same runs through torch.amp.GradScaler's accumulation loop (accumulation_steps=1,
+the user's boundaries) are compared with GradScaler on the emulation (half as many seeds).
 The same runs on 2 Gloo ranks, with and without ZeRO-1, are compared with the
 emulation trained on every rank's micro-batches (``FUSEDACCUM_FUZZ_DP_SEEDS``, default
 10: about 10 s).
@@ -296,6 +298,73 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
         assert opt.skipped_steps == skipped
         _lockstep(model, opt, emu)
         w += 1
+
+
+# ---------------------------------------------------------------- torch.amp.GradScaler
+
+
+@pytest.mark.filterwarnings("ignore:fusedaccum. non-finite gradients:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # NumPy
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS // 2))
+def test_random_grad_scaler_runs_match_plain_torch(seed, device):
+    """The tutorial loop with torch.amp.GradScaler (DESIGN.md section 2, loss scaling): the
+    wrapper with accumulation_steps=1, the user's loss divided by k, scaler.step(opt) and
+    scaler.update() at the user's boundaries, scaler.unscale_(opt) and clip_grad_norm_ over
+    the optimizer's tensors before it or the wrapper's max_grad_norm; against the same loop
+    of GradScaler on the emulation's masters. The runs of the first test, without
+    num_items, the wrapper's own loss scale, master_weights=False or resumes (a GradScaler
+    has its own state dict). Both scalers start at 2^10 and grow every 3 clean steps."""
+    run = Run(seed)
+    r = run.r
+    clip = r.choice(["user", "wrapper"]) if run.max_grad_norm is not None else None
+    unscale = clip == "user" or r.random() < 0.3
+    run.loss_scale = run.master_weights = None
+    model = _model(run, device, seed)
+    emu = MasterEmulation(_copy_of(model, run, device, seed), lambda ps: _inner(run, ps))
+    opt = wrap(_inner(run, model.parameters()),
+               max_grad_norm=run.max_grad_norm if clip == "wrapper" else None)
+    sched, emu_sched = _scheduler(run, opt), _scheduler(run, emu.opt)
+    scaler, emu_scaler = (torch.amp.GradScaler(device, init_scale=2.0 ** 10,
+                                               growth_interval=3) for _ in range(2))
+    for w in range(run.windows):
+        k = run.k(w)
+        poisoned = r.random() < 0.15
+        for i in range(k):
+            where = f"seed {seed} ({run.describe()}, clip={clip}), window {w}, micro-batch {i}"
+            x, y, trunk, heads = _micro_batch(r, run.dtype, device, poisoned and i == 0)
+            scaler.scale(mse(model(x, trunk, heads), y) / k).backward()
+            emu.backward(emu_scaler.scale(mse(emu.model(x, trunk, heads), y) / k))
+            _check_main_grads(model, emu, where)
+            if i < k - 1 and r.random() < 0.5:  # (the window stays; not after the last)
+                (opt if r.random() < 0.5 else model).zero_grad()
+        before = scaler.get_scale()
+        live = emu.prepare()  # the masters' .grad: the scaled window, as the wrapper's
+        if unscale:
+            scaler.unscale_(opt)
+        emu_unscaled = unscale or clip is not None  # (clipping acts on the unscaled one)
+        if emu_unscaled:
+            emu_scaler.unscale_(emu.opt)
+        if clip == "user":  # in place, on the window the wrapper then steps and measures
+            torch.nn.utils.clip_grad_norm_(
+                [t for g in opt.param_groups for t in g["params"]], run.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm)
+        norm = torch.nn.utils.get_total_norm([m.grad for m in live]) / (
+            1.0 if emu_unscaled else before)
+        if clip == "wrapper":
+            torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        emu_scaler.step(emu.opt)
+        emu_scaler.update()
+        emu.finish()
+        applied = emu_scaler.get_scale() >= before  # (it backs off only on inf/NaN)
+        assert scaler.get_scale() == emu_scaler.get_scale(), where
+        if applied and sched is not None:
+            sched.step()
+            emu_sched.step()
+        _check_window(run, model, opt, emu, applied, norm, w, fresh=False)
+        _lockstep(model, opt, emu)
 
 
 # ------------------------------------------------------------------------ data parallel
