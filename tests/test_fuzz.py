@@ -7,10 +7,10 @@ token-weighted windows (``num_items``), which of a model's branches each micro-b
 reaches (so params miss micro-batches and whole windows), a user's gradient hook, how
 ``.grad`` is cleared between micro-batches (also ``set_to_none=False``), windows
 poisoned with inf, dropped windows (``reset_accumulation``), a resume from a state dict
-(mid-window or after an update), and the batching limits of the hooks. The same
-micro-batches train the plain-torch emulation of tests/_models.py (fp32 masters of the
-half params, ``clip_grad_norm_``, the torch optimizer and scheduler), its loss scaled as
-torch's GradScaler would.
+(mid-window or after an update), the batching limits of the hooks and the C++ hook on or
+off. The same micro-batches train the plain-torch emulation of tests/_models.py (fp32
+masters of the half params, ``clip_grad_norm_``, the torch optimizer and scheduler), its
+loss scaled as torch's GradScaler would.
 
 Checked after every backward: ``p.main_grad`` is the window's sum so far, exactly; before
 each one the loss scale. After every window: ``opt.stepped``, ``skipped_steps``,
@@ -110,6 +110,7 @@ class Run:
         self.batch_max_numel = r.choice([None, 16])  # 16: larger params go one at a time
         self.flush_bytes = r.choice([None, 64])  # 64: batches flushed inside backward
         self.resume_at = r.randrange(self.windows) if r.random() < 0.3 else None
+        self.cxx_hooks = r.random() < 0.75  # the C++ hook where it runs, or Python's only
 
     def k(self, w: int) -> int:
         return self.ks[w % len(self.ks)]
@@ -209,17 +210,23 @@ def _check_main_grads(model, emu, where):
                                    msg=lambda m, i=i: f"{where}, main_grad {i}: {m}")
 
 
+def _hook_settings(run: Run, monkeypatch) -> None:
+    """The run's batching limits and hook (read when a wrapper installs its hooks)."""
+    if run.batch_max_numel is not None:
+        monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", run.batch_max_numel)
+    if run.flush_bytes is not None:
+        monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES_CPU", run.flush_bytes)
+        monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", run.flush_bytes)
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if run.cxx_hooks else "0")
+
+
 @pytest.mark.filterwarnings("ignore:fusedaccum. non-finite gradients:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # NumPy
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
 def test_random_run_matches_plain_torch(seed, device, monkeypatch):
     run = Run(seed)
     r = run.r
-    if run.batch_max_numel is not None:  # (read when a wrapper installs its hooks)
-        monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", run.batch_max_numel)
-    if run.flush_bytes is not None:
-        monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES_CPU", run.flush_bytes)
-        monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", run.flush_bytes)
+    _hook_settings(run, monkeypatch)
     model = _model(run, device, seed)
     emu = MasterEmulation(_copy_of(model, run, device, seed),
                           lambda ps: _inner(run, ps),
@@ -306,7 +313,7 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
 @pytest.mark.filterwarnings("ignore:fusedaccum. non-finite gradients:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # NumPy
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS // 2))
-def test_random_grad_scaler_runs_match_plain_torch(seed, device):
+def test_random_grad_scaler_runs_match_plain_torch(seed, device, monkeypatch):
     """The tutorial loop with torch.amp.GradScaler (DESIGN.md section 2, loss scaling): the
     wrapper with accumulation_steps=1, the user's loss divided by k, scaler.step(opt) and
     scaler.update() at the user's boundaries, scaler.unscale_(opt) and clip_grad_norm_ over
@@ -316,6 +323,7 @@ def test_random_grad_scaler_runs_match_plain_torch(seed, device):
     has its own state dict). Both scalers start at 2^10 and grow every 3 clean steps."""
     run = Run(seed)
     r = run.r
+    _hook_settings(run, monkeypatch)
     clip = r.choice(["user", "wrapper"]) if run.max_grad_norm is not None else None
     unscale = clip == "user" or r.random() < 0.3
     run.loss_scale = run.master_weights = None
@@ -428,12 +436,13 @@ def _dp_lockstep(run, model, emu, sd):
         q.copy_(p)
 
 
-def _dp_seed(seed, rank, world, device, group):
+def _dp_seed(seed, rank, world, device, group, monkeypatch):
     """One random run on every rank; the emulation trains on all ranks' micro-batches.
     Every rank makes the same calls that are collectives (the boundaries, state_dict(),
     load_state_dict()) whatever its checks find; returns the first failure, or None."""
     run = Run(seed)
     r = run.r  # (decisions every rank takes alike)
+    _hook_settings(run, monkeypatch)
     run.master_weights = None  # (not with ZeRO-1's shards of masters; the local fuzz has it)
     shard = run.opt_name != "rmsprop" and r.random() < 0.5
     kw = dict(process_group=group, shard_optimizer_state=shard)
@@ -520,7 +529,9 @@ def _dp_worker(rank, world, port, device, first, seeds, out_dir):
     failures = []
     for seed in range(first, first + seeds):
         try:
-            failure = _dp_seed(seed, rank, world, device, torch.distributed.group.WORLD)
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                failure = _dp_seed(seed, rank, world, device, torch.distributed.group.WORLD,
+                                   monkeypatch)
         except Exception as exc:  # noqa: BLE001 - reported, then this rank ends at once:
             # the other rank may wait in a collective, which then fails instead of hanging
             failures.append(f"seed {seed}, rank {rank}: {type(exc).__name__}: {exc}")
