@@ -4,13 +4,14 @@ Each seed draws a run: the param dtype, fp32 masters or none (``master_weights=F
 the inner optimizer (fused path and generic), one or two param groups, an LR scheduler,
 the window length (fixed or a callable), clipping, a static or dynamic loss scale,
 token-weighted windows (``num_items``), which of a model's branches each micro-batch
-reaches (so params miss micro-batches and whole windows), a user's gradient hook, how
-``.grad`` is cleared between micro-batches (also ``set_to_none=False``), windows
-poisoned with inf, dropped windows (``reset_accumulation``), a resume from a state dict
-(mid-window or after an update), the batching limits of the hooks and the C++ hook on or
-off. The same micro-batches train the plain-torch emulation of tests/_models.py (fp32
-masters of the half params, ``clip_grad_norm_``, the torch optimizer and scheduler), its
-loss scaled as torch's GradScaler would.
+reaches (so params miss micro-batches and whole windows), a user's gradient hook,
+``torch.autograd.grad`` calls beside the window, how ``.grad`` is cleared between
+micro-batches (also ``set_to_none=False``), windows poisoned with inf, dropped windows
+(``reset_accumulation``), a resume from a state dict (mid-window or after an update), the
+batching limits of the hooks and the C++ hook on or off. The same micro-batches train the
+plain-torch emulation of tests/_models.py (fp32 masters of the half params,
+``clip_grad_norm_``, the torch optimizer and scheduler), its loss scaled as torch's
+GradScaler would.
 
 Checked after every backward: ``p.main_grad`` is the window's sum so far, exactly; before
 each one the loss scale. After every window: ``opt.stepped``, ``skipped_steps``,
@@ -254,7 +255,11 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
             loss = loss_fn(model(x, trunk, heads), y)
             assert float(opt.loss_scale) == scale, where
             # (scale_loss: the loss times a tensor, the same on both sides)
-            opt.scale_loss(loss).backward()
+            scaled = opt.scale_loss(loss)
+            if r.random() < 0.1:  # a gradient read beside the window (logging, penalties)
+                torch.autograd.grad(scaled, list(model.parameters()), retain_graph=True,
+                                    allow_unused=True)
+            scaled.backward()
             emu.backward(opt.scale_loss(loss_fn(emu.model(x, trunk, heads), y)))
             _check_main_grads(model, emu, where)
             if reset_after == i:  # the partial window dropped, on both sides
