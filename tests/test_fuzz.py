@@ -154,8 +154,19 @@ def _scheduler(run: Run, opt):
         else None
 
 
-def _check_window(run: Run, model, opt, emu, applied: bool, norm, w: int, fresh: bool):
-    """``fresh``: ``opt`` was made after the window's update (its step() made none)."""
+def _local_view(run: Run, opt):
+    """Per param: the wrapper's fp32 tensor it steps (None where that is the half param
+    itself: master_weights=False) and that tensor's optimizer state."""
+    stepped = group_tensors(opt)
+    masters = stepped if run.master_weights is None else [None] * len(stepped)
+    return masters, [opt.state.get(t, {}) for t in stepped]
+
+
+def _check_window(run: Run, model, opt, emu, applied: bool, norm, w: int, fresh: bool,
+                  masters, states):
+    """One window's outcome against the emulation's. ``masters``/``states``: per param the
+    wrapper's stepped fp32 tensor (None: not compared) and its state entries. ``fresh``:
+    ``opt`` was made after the window's update (its step() made none)."""
     where = f"window {w}"
     if not fresh:
         assert opt.stepped == applied, where
@@ -166,14 +177,13 @@ def _check_window(run: Run, model, opt, emu, applied: bool, norm, w: int, fresh:
         else:
             assert not torch.isfinite(opt.grad_norm).all(), (where, opt.grad_norm)
     tol = MASTER_TOL if run.max_grad_norm is None else MASTER_TOL_CLIPPED
-    stepped = group_tensors(opt)
-    assert len(stepped) == len(emu.masters)
-    for i, (a, b) in enumerate(zip(stepped, emu.masters)):
-        if run.master_weights is None:  # (else the half params, compared below)
+    assert len(masters) == len(states) == len(emu.masters)
+    for i, (a, sa, b) in enumerate(zip(masters, states, emu.masters)):
+        if a is not None:
             assert a.dtype == torch.float32, (where, i, a.dtype)
             torch.testing.assert_close(a.detach(), b.detach(), **tol,
                                        msg=lambda m, i=i: f"{where}, stepped tensor {i}: {m}")
-        sa = {key: v for key, v in opt.state.get(a, {}).items() if v is not None}
+        sa = {key: v for key, v in sa.items() if v is not None}
         sb = {key: v for key, v in emu.opt.state.get(b, {}).items() if v is not None}
         assert sa.keys() == sb.keys(), (where, i, sorted(sa), sorted(sb))
         for key, vb in sb.items():
@@ -191,12 +201,11 @@ def _check_window(run: Run, model, opt, emu, applied: bool, norm, w: int, fresh:
 
 
 @torch.no_grad()
-def _lockstep(model, opt, emu):
-    """The emulation goes on from the wrapper's values."""
-    for a, b in zip(group_tensors(opt), emu.masters):
-        b.copy_(a)
-        sa, sb = opt.state.get(a, {}), emu.opt.state.get(b, {})
-        for key, vb in sb.items():
+def _lockstep(model, emu, masters, states):
+    """The emulation goes on from the wrapper's values (as _check_window takes them)."""
+    for p, a, sa, b in zip(model.parameters(), masters, states, emu.masters):
+        b.copy_(a if a is not None else p)
+        for key, vb in emu.opt.state.get(b, {}).items():
             if isinstance(vb, torch.Tensor) and isinstance(sa.get(key), torch.Tensor):
                 vb.copy_(sa[key])
     for p, q in zip(model.parameters(), emu.model.parameters()):
@@ -306,9 +315,10 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
             emu_sched.step()
         if not applied and run.loss_scale == "dynamic":
             scale /= 2
-        _check_window(run, model, opt, emu, applied, norm, w, fresh=resumed == k - 1)
+        view = _local_view(run, opt)
+        _check_window(run, model, opt, emu, applied, norm, w, resumed == k - 1, *view)
         assert opt.skipped_steps == skipped
-        _lockstep(model, opt, emu)
+        _lockstep(model, emu, *view)
         w += 1
 
 
@@ -376,8 +386,9 @@ def test_random_grad_scaler_runs_match_plain_torch(seed, device, monkeypatch):
         if applied and sched is not None:
             sched.step()
             emu_sched.step()
-        _check_window(run, model, opt, emu, applied, norm, w, fresh=False)
-        _lockstep(model, opt, emu)
+        view = _local_view(run, opt)
+        _check_window(run, model, opt, emu, applied, norm, w, False, *view)
+        _lockstep(model, emu, *view)
 
 
 # ------------------------------------------------------------------------ data parallel
@@ -393,52 +404,12 @@ def _dp_data(seed: int, w: int, i: int, rank: int, attempt: int, dtype, device, 
     return _micro_batch(r, dtype, device, poisoned)
 
 
-def _dp_check(run, model, opt, emu, applied, norm, w, fresh, sd):
-    """_check_window for a data-parallel wrapper, whose masters and state (sharded with
-    ZeRO-1) are read from its state dict ``sd``, matched to the emulation's by index."""
-    where = f"window {w}"
-    if not fresh:
-        assert opt.stepped == applied, where
-        if applied:
-            torch.testing.assert_close(opt.grad_norm.float().cpu(), norm.float().cpu(),
-                                       rtol=1e-5, atol=1e-7,
-                                       msg=lambda m: f"{where} grad_norm: {m}")
-    tol = dict(rtol=1e-5, atol=1e-6) if run.max_grad_norm is None else MASTER_TOL_CLIPPED
-    want = emu.opt.state_dict()["state"]
-    assert set(sd["state"]) == set(want), (where, sorted(sd["state"]), sorted(want))
-    masters = sd["fusedaccum"]["masters"]
-    for idx, (p, m) in enumerate(zip(model.parameters(), emu.masters)):
-        if run.master_weights is None:
-            ours = masters[idx] if run.dtype != torch.float32 else p
-            torch.testing.assert_close(ours.detach(), m.detach(), **tol,
-                                       msg=lambda x, idx=idx: f"{where}, master {idx}: {x}")
-        for key, vb in want.get(idx, {}).items():
-            va = sd["state"][idx].get(key)
-            if key == "step":
-                assert float(va) == float(vb), (where, idx, va, vb)
-            elif isinstance(vb, torch.Tensor):
-                torch.testing.assert_close(
-                    va.detach().float(), vb.detach().float(), **tol,
-                    msg=lambda x, idx=idx, key=key: f"{where}, state {idx}.{key}: {x}")
-    for i, (p, q) in enumerate(zip(model.parameters(), emu.model.parameters())):
-        torch.testing.assert_close(p.detach().float(), q.detach().float(),
-                                   **HALF_TOL[run.dtype],
-                                   msg=lambda x, i=i: f"{where}, model param {i}: {x}")
-
-
-@torch.no_grad()
-def _dp_lockstep(run, model, emu, sd):
-    masters = sd["fusedaccum"]["masters"]
-    state = emu.opt.state_dict()["state"]
-    for idx, (p, m) in enumerate(zip(model.parameters(), emu.masters)):
-        m.copy_(masters[idx] if idx in masters else p)
-        for key, vb in emu.opt.state.get(m, {}).items():
-            va = sd["state"].get(idx, {}).get(key)
-            if isinstance(vb, torch.Tensor) and isinstance(va, torch.Tensor):
-                vb.copy_(va)
-    del state
-    for p, q in zip(model.parameters(), emu.model.parameters()):
-        q.copy_(p)
+def _dp_view(model, sd):
+    """_local_view of a data-parallel wrapper, from its state dict ``sd`` (masters and state
+    gathered from the shards with ZeRO-1), matched to the params by index."""
+    masters, params = sd["fusedaccum"]["masters"], list(model.parameters())
+    return ([masters.get(idx, p) for idx, p in enumerate(params)],
+            [sd["state"].get(idx, {}) for idx in range(len(params))])
 
 
 def _dp_seed(seed, rank, world, device, group, monkeypatch):
@@ -511,14 +482,16 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
             emu_sched.step()
         if not applied and run.loss_scale == "dynamic":
             scale /= 2
-        sd = opt.state_dict()  # (a collective with ZeRO-1: every rank, every window)
+        # (state_dict(): a collective with ZeRO-1, so every rank, every window)
+        view = _dp_view(model, opt.state_dict())
         if failure is None:
             try:
-                _dp_check(run, model, opt, emu, applied, norm, w, resumed == k - 1, sd)
+                _check_window(run, model, opt, emu, applied, norm, w, resumed == k - 1,
+                              *view)
                 assert opt.skipped_steps == skipped, (opt.skipped_steps, skipped)
             except AssertionError as exc:
                 failure = f"{where}: {exc}"
-        _dp_lockstep(run, model, emu, sd)
+        _lockstep(model, emu, *view)
     return failure
 
 
