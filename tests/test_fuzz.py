@@ -212,6 +212,30 @@ def _lockstep(model, emu, masters, states):
         q.copy_(p)
 
 
+def _resume(run: Run, model, opt, sched, device, seed, **kwargs):
+    """A new model, wrapper and scheduler from the state dicts a training script saves
+    (the wrapper's: with the partial window, mid-window)."""
+    saved = opt.state_dict()
+    model = _copy_of(model, run, device, seed)
+    opt = _wrapper(run, model, **kwargs)
+    opt.load_state_dict(saved)
+    if sched is not None:
+        sched_state = sched.state_dict()
+        sched = _scheduler(run, opt)
+        sched.load_state_dict(sched_state)
+    return model, opt, sched
+
+
+def _end_emulated_window(run: Run, emu, emu_sched, divisor, scale: float):
+    """The emulation's update (or skip): (norm, applied, the loss scale after it)."""
+    norm, applied = emu.step(divisor, max_grad_norm=run.max_grad_norm, loss_scale=scale)
+    if applied and emu_sched is not None:
+        emu_sched.step()
+    if not applied and run.loss_scale == "dynamic":  # (GradScaler's backoff)
+        scale /= 2
+    return norm, applied, scale
+
+
 def _check_main_grads(model, emu, where):
     for i, (p, acc) in enumerate(zip(model.parameters(), emu.acc)):
         mg = p.main_grad
@@ -297,24 +321,13 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
             if resume_after == i:
                 # resume from a state dict (mid-window: with the partial window it saved):
                 # a new model, optimizer and wrapper
-                saved = opt.state_dict()
-                model = _copy_of(model, run, device, seed)
-                opt = _wrapper(run, model)
-                opt.load_state_dict(saved)
-                if sched is not None:  # (its own state dict, as a training script saves)
-                    sched_state = sched.state_dict()
-                    sched = _scheduler(run, opt)
-                    sched.load_state_dict(sched_state)
+                model, opt, sched = _resume(run, model, opt, sched, device, seed)
                 assert opt.micro_step == (i + 1) % k, where
                 resume_after, resumed = None, i
             i += 1
-        norm, applied = emu.step(items if items is not None else k,
-                                 max_grad_norm=run.max_grad_norm, loss_scale=scale)
+        norm, applied, scale = _end_emulated_window(
+            run, emu, emu_sched, items if items is not None else k, scale)
         skipped += not applied
-        if applied and emu_sched is not None:
-            emu_sched.step()
-        if not applied and run.loss_scale == "dynamic":
-            scale /= 2
         view = _local_view(run, opt)
         _check_window(run, model, opt, emu, applied, norm, w, resumed == k - 1, *view)
         assert opt.skipped_steps == skipped
@@ -465,23 +478,12 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
             else:
                 model.zero_grad()
             if resume_after == i:  # every rank: a collective state dict, then a new wrapper
-                saved = opt.state_dict()
-                model = _copy_of(model, run, device, seed)
-                opt = _wrapper(run, model, **kw)
-                opt.load_state_dict(saved)
-                if sched is not None:
-                    sched_state = sched.state_dict()
-                    sched = _scheduler(run, opt)
-                    sched.load_state_dict(sched_state)
+                model, opt, sched = _resume(run, model, opt, sched, device, seed, **kw)
                 resume_after, resumed = None, i
             i += 1
-        norm, applied = emu.step(sum(items) if items is not None else k * world,
-                                 max_grad_norm=run.max_grad_norm, loss_scale=scale)
+        norm, applied, scale = _end_emulated_window(
+            run, emu, emu_sched, sum(items) if items is not None else k * world, scale)
         skipped += not applied
-        if applied and emu_sched is not None:
-            emu_sched.step()
-        if not applied and run.loss_scale == "dynamic":
-            scale /= 2
         # (state_dict(): a collective with ZeRO-1, so every rank, every window)
         view = _dp_view(model, opt.state_dict())
         if failure is None:
