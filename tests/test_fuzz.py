@@ -226,6 +226,13 @@ def _resume(run: Run, model, opt, sched, device, seed, **kwargs):
     return model, opt, sched
 
 
+def _drop_emulated_window(emu) -> None:
+    """reset_accumulation() on the emulation: its partial window forgotten."""
+    for a in emu.acc:
+        a.zero_()
+    emu.got = [False] * len(emu.got)
+
+
 def _end_emulated_window(run: Run, emu, emu_sched, divisor, scale: float):
     """The emulation's update (or skip): (norm, applied, the loss scale after it)."""
     norm, applied = emu.step(divisor, max_grad_norm=run.max_grad_norm, loss_scale=scale)
@@ -271,8 +278,7 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
     # double it are more than a run has)
     scale = {None: 1.0, "dynamic": 2.0 ** 16}.get(run.loss_scale, run.loss_scale)
     skipped = 0
-    w = 0
-    while w < run.windows:
+    for w in range(run.windows):
         k = run.k(w)
         poisoned = r.random() < 0.15
         items = r.randint(1, 12) if run.token_weighted else None
@@ -297,9 +303,7 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
             _check_main_grads(model, emu, where)
             if reset_after == i:  # the partial window dropped, on both sides
                 opt.reset_accumulation()
-                for a in emu.acc:
-                    a.zero_()
-                emu.got = [False] * len(emu.got)
+                _drop_emulated_window(emu)
                 reset_after, poisoned, i = None, False, 0
                 continue
             opt.step(num_items=items)
@@ -332,7 +336,6 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
         _check_window(run, model, opt, emu, applied, norm, w, resumed == k - 1, *view)
         assert opt.skipped_steps == skipped
         _lockstep(model, emu, *view)
-        w += 1
 
 
 # ---------------------------------------------------------------- torch.amp.GradScaler
@@ -464,9 +467,7 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
                 failure = f"{where}: loss scale {float(opt.loss_scale)}, expected {scale}"
             if reset_after == i:
                 opt.reset_accumulation()
-                for a in emu.acc:
-                    a.zero_()
-                emu.got = [False] * len(emu.got)
+                _drop_emulated_window(emu)
                 reset_after, poisoned_rank, i = None, None, 0
                 attempt += 1
                 continue
