@@ -238,17 +238,25 @@ def _run(args, dev, backends, clock: Clock) -> None:
     contenders["recipe"] = bench.RecipeContender(wl)
     defaults = {attr: getattr(tri, attr) for attr, _ in _TRITON_SETTINGS.values()}
     rng = random.Random(0)
+    failed: dict[str, str] = {}  # a contender that raised: left out, the others go on
     try:
         with bench.gc_paused():
             for r in range(args.rounds + 2):
-                order = list(contenders)
+                order = [name for name in contenders if name not in failed]
                 rng.shuffle(order)
                 for name in order:
                     c = contenders[name]
                     for attr, value in defaults.items():
                         setattr(tri, attr, getattr(c, "triton_settings", {}).get(attr, value))
                     t0 = clock.now()
-                    (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
+                    try:
+                        (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
+                    except Exception as exc:  # noqa: BLE001 - reported in the table's place
+                        failed[name] = f"round {r}: {type(exc).__name__}: {exc}"
+                        clock.window.clear()
+                        for key in [k for k in clock.times if k.startswith(f"{name}\t")]:
+                            del clock.times[key]
+                        continue
                     clock.add("window", clock.now() - t0)
                     if r >= 2:
                         clock.end_window(f"{name}\t")
@@ -281,6 +289,8 @@ def _run(args, dev, backends, clock: Clock) -> None:
     for key in sorted(med, key=rank):
         name, phase = key.split("\t")
         print(f"| {name} | {phase} | {bench.fmt_time(med[key])} |")
+    for name, why in failed.items():
+        print(f"| {name} | failed, left out | {why[:300]} |")
     if args.json:
         table: dict[str, dict[str, float]] = defaultdict(dict)
         for key, v in med.items():

@@ -364,6 +364,34 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     assert {name: vars(FusedAccumulator)[name] for name in timed} == before  # unwrapped
 
 
+def test_window_phases_leaves_out_a_contender_that_fails(capsys, tmp_path):
+    """A contender that raises in a round (a launch mode this Triton cannot do) is
+    reported as failed and left out; the others are timed and written as before."""
+    wp = _bench_script("window_phases")
+    real, calls = wp.run_ours, []
+
+    def run_ours(c, clock):
+        calls.append(c)
+        if getattr(c, "triton_settings", {}).get("_LAUNCH") == "direct" and \
+                calls.count(c) == 2:
+            raise IndexError("tuple index out of range")
+        real(c, clock)
+
+    wp.run_ours = run_ours
+    backend = [b for b in B.bench_backends(torch.device("cpu"))[0] if b != "triton"][0]
+    wp.main(["--model", "tiny", "--device", "cpu", "--rounds", "3", "--backends", backend,
+             "--variants", "launch=direct", "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    with open(tmp_path / "p.json") as f:
+        medians = json.load(f)
+    name = f"fusedaccum[{backend}] launch=direct"
+    assert set(medians) == {f"fusedaccum[{backend}]", "recipe", "tutorial"}
+    assert (f"| {name} | failed, left out | round 1: IndexError: tuple index out of range |"
+            in out)
+    assert len([c for c in calls if getattr(c, "triton_settings", None)]) == 2  # not after
+    assert len(calls) == 5 + 2 and medians[f"fusedaccum[{backend}]"]["window"] > 0
+
+
 def test_launch_costs_times_the_pieces_that_run_here(capsys):
     _bench_script("launch_costs").main(["--device", "cpu", "--rounds", "1", "--calls", "1"])
     out = capsys.readouterr().out

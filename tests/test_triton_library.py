@@ -254,7 +254,11 @@ class _RecordingKernel:
             def __getitem__(self, grid):
                 if direct_raises is not None:
                     raise direct_raises
-                return lambda *args: outer.calls.append(("direct", grid, args, {}))
+
+                def runner(*args):
+                    grid[0], grid[1], grid[2]  # Triton's runner reads all three (3.6, 3.9)
+                    outer.calls.append(("direct", grid, args, {}))
+                return runner
 
         self.compiled = Compiled()
 
@@ -303,21 +307,23 @@ def test_direct_launch_reuses_the_compiled_kernel_only_for_its_key(monkeypatch):
     assert kwargs == dict(LOG_T=2, GRAD_KIND=T._KIND[torch.bfloat16], BLOCK=block,
                           num_warps=warps)
     _, grid, args, _ = kernel.calls[2]
-    assert grid == (4,) and args[1:] == (4, 0.5, 2, T._KIND[torch.bfloat16], block)
+    assert grid == (4, 1, 1) and args[1:] == (4, 0.5, 2, T._KIND[torch.bfloat16], block)
     assert args[0].dtype == torch.int64 and args[0].numel() == 4 * 4 + 1  # the table
     assert len(T._MANY_COMPILED) == 3
     with pytest.raises(ValueError, match="launch mode"):
         flush(3, launch="nope")
 
 
-def test_direct_launch_a_triton_cannot_do_falls_back_to_its_launcher(monkeypatch):
+@pytest.mark.parametrize("error", [TypeError("no such launcher"),
+                                   IndexError("tuple index out of range")])
+def test_direct_launch_a_triton_cannot_do_falls_back_to_its_launcher(monkeypatch, error):
     """A compiled kernel whose direct launch raises before launching (another Triton's
     API): that flush and every later one go through Triton's launcher, one warning."""
     kernel = _fresh_launch_state(monkeypatch,
-                                 _RecordingKernel(direct_raises=TypeError("no such launcher")))
+                                 _RecordingKernel(direct_raises=error))
     accs, grads = [torch.zeros(3)], [torch.ones(3, dtype=torch.bfloat16)]
     T._launch_accumulate_many(accs, grads, 1.0, launch="direct")
-    with pytest.warns(RuntimeWarning, match="no such launcher"):
+    with pytest.warns(RuntimeWarning, match=str(error)):
         T._launch_accumulate_many(accs, grads, 1.0, launch="direct")
     T._launch_accumulate_many(accs, grads, 1.0, launch="direct")
     assert [c[0] for c in kernel.calls] == ["jit", "jit", "jit"]

@@ -508,9 +508,10 @@ def _launch_many_kernel(blocks: int, table, n_tensors: int, scale: float, log_t:
         compiled = _MANY_COMPILED.get(key)
         if compiled is not None:
             try:
-                compiled[(blocks,)](table, n_tensors, scale, log_t, kind, block)
+                # a compiled kernel's runner reads all three grid dimensions
+                compiled[(blocks, 1, 1)](table, n_tensors, scale, log_t, kind, block)
                 return
-            except (TypeError, AttributeError) as exc:
+            except (TypeError, AttributeError, IndexError) as exc:
                 _DIRECT_FAILED.append(exc)
                 _MANY_COMPILED.clear()
                 direct = False
