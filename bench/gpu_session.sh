@@ -182,6 +182,9 @@ if has cuda && grep -E "$CXX_FAILED" "$OUT/tests_cuda.log" >/dev/null 2>&1; then
   CXX_VARIANT=""
 fi
 if has phases; then
+  log "device bandwidth of the batch kernels: the triton table kernel's aligned (16-byte \
+vector) and misaligned (masked, as before 2026-11-27) paths, the extension's"
+  timeout 60 python bench/many_bandwidth.py 2>&1 | tee -a "$LOG"
   log "host cost of one batch flush, taken apart (triton against cuda)"
   timeout 60 python bench/launch_costs.py 2>&1 | tee -a "$LOG"
   log "host cost per param of the hooks (148 tiny bf16 params), cuda and triton backends"

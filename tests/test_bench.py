@@ -401,6 +401,18 @@ def test_launch_costs_times_the_pieces_that_run_here(capsys):
         assert "| C++ flush_batch, native op (12 pairs, with the refill) |" in out
 
 
+def test_many_bandwidth_times_both_paths_of_the_batch_kernel(capsys):
+    if triton_ops.unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip("needs Triton's interpreter")
+    _bench_script("many_bandwidth").main(["--device", "cpu", "--budget", "0.01"])
+    out = capsys.readouterr().out
+    assert "| shape | kernel | median per call | GB/s | of copy |" in out
+    for case in ("one pair of 64K + 5", "three small pairs"):
+        for kernel in ("triton batch kernel, aligned", "triton batch kernel, misaligned",
+                       "triton accumulate_ per pair, aligned"):
+            assert f"| {case} | {kernel} | " in out
+
+
 def test_flush_host_cost_times_both_flushes_and_puts_triton_back(capsys):
     if native.hooks_module() is None or \
             triton_ops.unavailable_reason("triton", torch.device("cpu")) is not None:

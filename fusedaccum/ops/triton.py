@@ -276,6 +276,16 @@ def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
     Each program finds its pair by a binary search over the starts, LOG_T =
     ceil(log2(T)) fixed steps (unrolled), keeping starts[lo] <= pid < starts[hi], and
     then does one block of that pair.
+
+    A block that lies wholly inside its pair, whose two addresses are 16-byte aligned
+    (the common case: every accumulator starts on a 64-byte boundary of its flat buffer,
+    buffers.ALIGN, and the caching allocator hands out 512-byte aligned gradients), runs
+    unmasked with the alignment declared, so the compiler emits 16-byte vector loads and
+    stores (ld.global.v4 in the PTX: tests/test_triton_library.py compiles it for sm_90).
+    Addresses loaded from a table carry no alignment the compiler can see, and a mask
+    against a numel it cannot see splits every access into scalar ones: without this,
+    each thread loads its 8 elements one by one. The other blocks (a pair's last block,
+    unaligned tensors) run masked as before; both run the same element math.
     """
     pid = tl.program_id(0).to(tl.int64)
     starts_ptr = table_ptr + 3 * n_tensors
@@ -286,8 +296,9 @@ def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
         right = tl.load(starts_ptr + mid) <= pid
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid)
-    acc_ptr = tl.load(table_ptr + lo).to(tl.pointer_type(tl.float32))
+    acc_addr = tl.load(table_ptr + lo)
     grad_addr = tl.load(table_ptr + n_tensors + lo)
+    acc_ptr = acc_addr.to(tl.pointer_type(tl.float32))
     if GRAD_KIND == 2:
         grad_ptr = grad_addr.to(tl.pointer_type(tl.bfloat16))
     elif GRAD_KIND == 1:
@@ -295,11 +306,22 @@ def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
     else:
         grad_ptr = grad_addr.to(tl.pointer_type(tl.float32))
     signed_n = tl.load(table_ptr + 2 * n_tensors + lo)
-    offs = _block_offsets(pid - tl.load(starts_ptr + lo), BLOCK)
-    if signed_n < 0:  # (uniform across the program)
-        _accumulate_block(acc_ptr, grad_ptr, offs, offs < -signed_n, scale, GRAD_KIND, True)
+    n = tl.where(signed_n < 0, -signed_n, signed_n)
+    block = pid - tl.load(starts_ptr + lo)
+    offs = _block_offsets(block, BLOCK)
+    whole = (block < n // BLOCK) & (acc_addr % 16 == 0) & (grad_addr % 16 == 0)
+    if whole:  # (uniform across the program, as the overwrite flag)
+        acc_ptr = tl.multiple_of(acc_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        every = tl.full([BLOCK], 1, tl.int1)
+        if signed_n < 0:
+            _accumulate_block(acc_ptr, grad_ptr, offs, every, scale, GRAD_KIND, True)
+        else:
+            _accumulate_block(acc_ptr, grad_ptr, offs, every, scale, GRAD_KIND, False)
+    elif signed_n < 0:
+        _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, True)
     else:
-        _accumulate_block(acc_ptr, grad_ptr, offs, offs < signed_n, scale, GRAD_KIND, False)
+        _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, False)
 
 
 def _many_table(accs, grads, block: int, overwrite=None) -> tuple[list[int], int, int]:
