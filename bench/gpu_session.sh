@@ -193,17 +193,18 @@ vector) and misaligned (masked, as before 2026-11-27) paths, the extension's"
   done
   log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB \
 batches, triton with its full batches flushed in Python (not by the C++ hook's table \
-flush), with 128 and 512 MiB batches, launched directly and launched from C++ (cxx)"
+flush), with 128 and 512 MiB batches, launched through Triton's launcher (jit) and from C++ (cxx)"
   timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 10 \
       --backends cuda,triton --json /tmp/phases_124m.json --variants \
-      python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:flush=512,triton:launch=direct$CXX_VARIANT \
+      python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:flush=512,triton:launch=jit$CXX_VARIANT \
       2>&1 | tee -a "$LOG"
   log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: the boundary \
 leaving the accumulators for the next window to overwrite (default) or zeroing them \
-(no-lazy), or also adding the first gradients (no-overwrite); the norm riding or not"
+(no-lazy), or also adding the first gradients (no-overwrite); the norm riding or not; \
+triton's flushes (one per larger gradient) through Triton's launcher (jit) or from C++ (cxx)"
   timeout 75 python bench/window_phases.py --model gpt2-1.5b-2layers --rounds 10 --sync \
       --backends cuda,triton \
-      --variants no-lazy,no-overwrite,ride,triton:no-lazy,triton:no-overwrite,triton:ride \
+      --variants no-lazy,no-overwrite,ride,triton:no-lazy,triton:no-overwrite,triton:ride,triton:launch=jit$CXX_VARIANT \
       2>&1 | tee -a "$LOG"
   log "window phases with fresh gradients (as a real backward makes them)"
   timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 --backends cuda \

@@ -494,6 +494,10 @@ def test_pick_launch_takes_the_fastest_launch_mode_past_the_margin(tmp_path, cap
     assert pick.main([str(path), "--margin", "0.01"]) == 0
     out, err = capsys.readouterr()
     assert out == "cxx\n" and "against 23.60 ms for direct" in err
+    monkeypatch.delenv("FUSEDACCUM_TRITON_LAUNCH")  # unset: ops/triton.py's default
+    assert pick.main([str(path), "--margin", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{triton_ops._launch_from_env()}\n" == f"{pick.DEFAULT}\n", err
     path.write_text(json.dumps({"recipe": {"window": 1.0}}))
     assert pick.main([str(path)]) == 1
     out, err = capsys.readouterr()

@@ -886,8 +886,8 @@ def _run_python(code, **env):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("value, mode", [(None, "jit"), ("jit", "jit"), ("direct", "direct"),
-                                         ("cxx", "cxx"), (" cxx ", "cxx"), ("", "jit")])
+@pytest.mark.parametrize("value, mode", [(None, "direct"), ("jit", "jit"), ("direct", "direct"),
+                                         ("cxx", "cxx"), (" cxx ", "cxx"), ("", "direct")])
 def test_launch_mode_from_the_environment(monkeypatch, value, mode):
     if value is None:
         monkeypatch.delenv("FUSEDACCUM_TRITON_LAUNCH", raising=False)
@@ -899,10 +899,10 @@ def test_launch_mode_from_the_environment(monkeypatch, value, mode):
 
 
 @pytest.mark.parametrize("value", ["CXX", "fast", "jit,cxx"])
-def test_launch_mode_the_environment_misspells_warns_and_is_jit(monkeypatch, value):
+def test_launch_mode_the_environment_misspells_warns_and_is_the_default(monkeypatch, value):
     monkeypatch.setenv("FUSEDACCUM_TRITON_LAUNCH", value)
     with pytest.warns(RuntimeWarning, match=f"FUSEDACCUM_TRITON_LAUNCH={value!r} is not one"):
-        assert T._launch_from_env() == "jit"
+        assert T._launch_from_env() == "direct"
 
 
 def test_launch_mode_the_environment_sets_is_the_modules():
@@ -911,9 +911,9 @@ def test_launch_mode_the_environment_sets_is_the_modules():
     res = _run_python("""
         from fusedaccum.ops import triton as T
         print(T._LAUNCH)
-    """, FUSEDACCUM_TRITON_LAUNCH="direct", TRITON_INTERPRET="1")
+    """, FUSEDACCUM_TRITON_LAUNCH="jit", TRITON_INTERPRET="1")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip().split("\n")[-1] == "direct"
+    assert res.stdout.strip().split("\n")[-1] == "jit"
 
 
 def test_flush_kernel_compiled_for_sm90_is_one_the_cpp_launch_takes():

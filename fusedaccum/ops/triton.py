@@ -391,30 +391,37 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
 
 # How a flush launches _accumulate_many_kernel on a GPU: "jit" (kernel[grid](...), Triton's
 # launcher: it binds the arguments, works out their specialization and looks the
-# compiled kernel up on every call; about 17 us of host time per launch on an H100,
-# bench/launch_costs.py) or "direct" (after the first such launch, the compiled kernel
-# it returned is kept per (device, LOG_T, GRAD_KIND, BLOCK, num_warps) and launched
-# itself, CompiledKernel[grid](...)). Direct is sound because the kernel's compiled form
-# depends on nothing else: n_tensors' value and the table's alignment are not
-# specialized, the table is always int64 and scale a Python float (fp32). "jit" until a
-# GPU session has measured "direct" (window_phases.py variant launch=direct).
+# compiled kernel up on every call) or "direct", the default (after the first such
+# launch, the compiled kernel it returned is kept per (device, LOG_T, GRAD_KIND, BLOCK,
+# num_warps) and launched itself, CompiledKernel[(blocks, 1, 1)](...)). Direct is sound
+# because the kernel's compiled form depends on nothing else: n_tensors' value and the
+# table's alignment are not specialized, the table is always int64 and scale a Python
+# float (fp32). On an H100 (2026-11-27, bench/launch_costs.py, Triton 3.6) a launch took
+# 16.4 us of host time directly against 24.4 us through the launcher, a whole Python
+# flush 51.3 against 64.6 us; the GPT-2 124M window's phases picked it (15.15 against
+# 17.56 ms, one run, within that table's noise), and its GPU tests passed there.
 # A Triton whose compiled kernels cannot be launched that way (the call raised before
-# launching: TypeError, AttributeError) falls back to "jit" for good, with one warning.
-# "cxx": Python launches as "jit", and the C++ hook's table flushes (csrc/hooks.cpp, the
+# launching: TypeError, AttributeError, IndexError) falls back to "jit" for good, with
+# one warning.
+# "cxx": Python launches as "jit" (each of its launches registers the kernel, below), and
+# the C++ hook's table flushes (csrc/hooks.cpp, the
 # common case inside a backward) launch the compiled kernel themselves through the CUDA
 # driver, with no Python at all: each (device, GRAD_KIND, LOG_T, BLOCK) variant is
 # registered with the extension after Triton's launcher ran it once (_register_cxx), if
 # its arguments and launch are what the C++ launch passes (_cxx_spec; Triton 3.6 and 3.9
 # agree on them). The C++ side reads _LAUNCH at each flush. Needs the extension built
 # with CUDA; otherwise (or for a kernel it cannot take) it warns once and flushes as "jit".
-# Not the default until a GPU session has measured it (window_phases.py launch=cxx).
+# On the H100 its flush took 23.9 us against 54.0 us with Python launching the table
+# (15.1 against 29.7 us on the day's first H100 machine), and its GPU tests passed; not the default,
+# because it warns wherever the extension is missing and its window gain is not measured
+# apart from direct's yet (window_phases.py launch=cxx).
 # FUSEDACCUM_TRITON_LAUNCH=jit|direct|cxx sets it for a process (bench/gpu_session.sh
 # benchmarks with the mode its window phases measured fastest).
 _LAUNCH_MODES = ("jit", "direct", "cxx")
 
 
 def _launch_from_env() -> str:
-    """The launch mode FUSEDACCUM_TRITON_LAUNCH names ("jit" if unset; a value that is
+    """The launch mode FUSEDACCUM_TRITON_LAUNCH names ("direct" if unset; a value that is
     not a mode warns and is ignored)."""
     value = os.environ.get("FUSEDACCUM_TRITON_LAUNCH", "").strip()
     if value in _LAUNCH_MODES:
@@ -422,8 +429,8 @@ def _launch_from_env() -> str:
     if value:
         warnings.warn(f"fusedaccum: FUSEDACCUM_TRITON_LAUNCH={value!r} is not one of "
                       f"{', '.join(repr(m) for m in _LAUNCH_MODES)} (lower case); ignored: "
-                      "Triton kernels are launched as 'jit'", RuntimeWarning, stacklevel=2)
-    return "jit"
+                      "Triton kernels are launched as 'direct'", RuntimeWarning, stacklevel=2)
+    return "direct"
 
 
 _LAUNCH = _launch_from_env()
