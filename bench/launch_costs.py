@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import functools
 import random
 import statistics
 import time
@@ -113,8 +114,9 @@ def contenders(device: torch.device) -> dict:
         lambda: tri._launch_accumulate_many(accs, grads, 1.0, upload="pageable",
                                             launch="direct"))
     for mode in tri._TABLE_MODES:
-        out[f"triton: _launch_accumulate_many (12 pairs, {mode} table)"] = (
-            lambda mode=mode: tri._launch_accumulate_many(accs, grads, 1.0, upload=mode))
+        out[f"triton: _launch_accumulate_many (12 pairs, {mode} table, jit launch)"] = (
+            lambda mode=mode: tri._launch_accumulate_many(accs, grads, 1.0, upload=mode,
+                                                          launch="jit"))
     out["triton: accumulate_many_ (12 pairs, the op)"] = lambda: tri.accumulate_many_(
         accs, grads, 1.0, trusted=True)
     out["triton: accumulate_ (1 pair, 2.4M)"] = lambda: tri.accumulate_(accs[10], grads[10],
@@ -148,18 +150,23 @@ def _flush_batch_rows(hooks, device, grads, launcher, block, kind, what) -> dict
         if not hooks.flush_batch(bucket, launcher, block, kind):
             raise RuntimeError("flush_batch left the batch to Python")
 
-    rows = {f"C++ flush_batch, {what} (12 pairs, with the refill)": flush,
-            "C++ flush_batch: the refill alone": refill}
-    if launcher is not None and device.type == "cuda":
-        def cxx_flush():  # (the first call registers the kernel: warm-up)
-            saved, tri._LAUNCH = tri._LAUNCH, "cxx"
-            try:
-                flush()
-            finally:
-                tri._LAUNCH = saved
+    if launcher is None:
+        return {f"C++ flush_batch, {what} (12 pairs, with the refill)": flush,
+                "C++ flush_batch: the refill alone": refill}
 
-        rows[f"C++ flush_batch, {what} launched from C++ (_LAUNCH='cxx', with the "
-             "refill)"] = cxx_flush
+    def flush_as(mode):  # (cxx: the first call registers the kernel: warm-up)
+        saved, tri._LAUNCH = tri._LAUNCH, mode
+        try:
+            flush()
+        finally:
+            tri._LAUNCH = saved
+
+    # the triton table, handed to Python's launcher (jit: Triton's launcher; direct: the
+    # compiled kernel it returned) or launched from C++ (cxx, a CUDA build)
+    modes = tri._LAUNCH_MODES if device.type == "cuda" else ("jit", "direct")
+    rows = {f"C++ flush_batch, {what} launched as '{mode}' (12 pairs, with the refill)":
+            functools.partial(flush_as, mode) for mode in modes}
+    rows["C++ flush_batch: the refill alone"] = refill
     return rows
 
 

@@ -399,6 +399,12 @@ def test_launch_costs_times_the_pieces_that_run_here(capsys):
     if native.unavailable_reason("cpu", torch.device("cpu")) is None:
         assert "| native accumulate_many_ (12 pairs) |" in out
         assert "| C++ flush_batch, native op (12 pairs, with the refill) |" in out
+    if native.hooks_module() is not None and \
+            triton_ops.unavailable_reason("triton", torch.device("cpu")) is None:
+        for mode in ("jit", "direct"):  # (cxx on CUDA only)
+            assert (f"| C++ flush_batch, triton table launched as '{mode}' (12 pairs, with "
+                    "the refill) |") in out
+        assert "launched as 'cxx'" not in out
 
 
 def test_many_bandwidth_times_both_paths_of_the_batch_kernel(capsys):
