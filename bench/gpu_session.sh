@@ -201,10 +201,11 @@ flush), with 128 and 512 MiB batches, launched through Triton's launcher (jit) a
   log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: the boundary \
 leaving the accumulators for the next window to overwrite (default) or zeroing them \
 (no-lazy), or also adding the first gradients (no-overwrite); the norm riding or not; \
-triton's flushes (one per larger gradient) through Triton's launcher (jit) or from C++ (cxx)"
+triton's flushes (one per larger gradient) through Triton's launcher (jit) or from C++ (cxx), \
+or the larger gradients batched too (batch-max=16M: fewer, larger flushes)"
   timeout 75 python bench/window_phases.py --model gpt2-1.5b-2layers --rounds 10 --sync \
       --backends cuda,triton \
-      --variants no-lazy,no-overwrite,ride,triton:no-lazy,triton:no-overwrite,triton:ride,triton:launch=jit$CXX_VARIANT \
+      --variants no-lazy,no-overwrite,ride,triton:no-lazy,triton:no-overwrite,triton:ride,triton:launch=jit,triton:batch-max=16M$CXX_VARIANT \
       2>&1 | tee -a "$LOG"
   log "window phases with fresh gradients (as a real backward makes them)"
   timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 --backends cuda \

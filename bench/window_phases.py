@@ -148,7 +148,9 @@ def main(argv=None) -> int:
                     help="extra contenders in the same rounds, comma-separated: "
                     "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'python-flush' (the "
                     "C++ hook on, but a triton bucket's full batches flushed in Python: "
-                    "accumulator.py _TABLE_FLUSH), 'flush=<MiB>', "
+                    "accumulator.py _TABLE_FLUSH), 'flush=<MiB>', 'batch-max=<elements>' (half "
+                    "gradients up to that size join batches, e.g. 16M: accumulator.py "
+                    "_BATCH_MAX_NUMEL), "
                     "'table=pinned|pageable|cached' (how a Triton flush uploads its table: "
                     "ops/triton.py _TABLE_UPLOAD), 'launch=jit|direct|cxx' (how it launches "
                     "its kernel: ops/triton.py _LAUNCH), 'no-overwrite' (a window's first "
@@ -199,6 +201,15 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
             return bench.FusedContender(wl, backend)
         finally:
             acc_mod._TABLE_FLUSH = saved
+    if variant.startswith("batch-max="):  # (read when a wrapper installs its hooks)
+        # gradients of up to this many elements join batches; larger ones are a flush
+        # (triton) or an op call (cuda) of their own each
+        saved, acc_mod._BATCH_MAX_NUMEL = acc_mod._BATCH_MAX_NUMEL, bench.parse_size(
+            variant[len("batch-max="):])
+        try:
+            return bench.FusedContender(wl, backend)
+        finally:
+            acc_mod._BATCH_MAX_NUMEL = saved
     if variant.startswith("flush="):
         with bench.hook_settings(flush_bytes=int(float(variant[6:]) * (1 << 20))):
             return bench.FusedContender(wl, backend)
@@ -222,7 +233,7 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         c.triton_settings = {attr: value}
         return c
     raise SystemExit(f"unknown variant {variant!r}: python-hooks, python-flush, flush=<MiB>, "
-                     "no-overwrite, "
+                     "batch-max=<elements>, no-overwrite, "
                      f"no-lazy, ride, no-ride, table={'|'.join(tri._TABLE_MODES)} or "
                      f"launch={'|'.join(tri._LAUNCH_MODES)}")
 

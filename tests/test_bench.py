@@ -325,13 +325,14 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     flush = accumulator._BATCH_FLUSH_BYTES, accumulator._BATCH_FLUSH_BYTES_CPU
     before = {name: vars(FusedAccumulator)[name] for name in timed}
     table, launch = triton_ops._TABLE_UPLOAD, triton_ops._LAUNCH
+    batch_max = accumulator._BATCH_MAX_NUMEL
     backends = [b for b in B.bench_backends(torch.device("cpu"))[0] if b != "triton"]
     _bench_script("window_phases").main(["--model", "tiny", "--device", "cpu", "--rounds", "2",
                                          "--backends", ",".join(backends), "--flush-mib", "1",
                                          "--variants",
                                          f"python-hooks,flush=2,{backends[-1]}:flush=3,"
                                          "table=cached,launch=direct,launch=cxx,"
-                                         "python-flush",
+                                         "python-flush,batch-max=64",
                                          "--fresh-grads", "--json", str(tmp_path / "p.json")])
     out = capsys.readouterr().out
     with open(tmp_path / "p.json") as f:  # the medians of the table, by contender and phase
@@ -339,7 +340,7 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     assert set(medians) == {f"fusedaccum[{b}]" for b in backends} | {
         f"fusedaccum[{backends[0]}] {v}" for v in ("python-hooks", "flush=2", "table=cached",
                                                    "launch=direct", "launch=cxx",
-                                                   "python-flush")} | {
+                                                   "python-flush", "batch-max=64")} | {
         f"fusedaccum[{backends[-1]}] flush=3", "recipe", "tutorial"}
     assert medians["recipe"]["window"] > 0 and "boundary" in medians["recipe"]
     assert f"{medians['tutorial']['window'] * 1e3:.2f} ms" in out
@@ -357,11 +358,24 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
     assert (triton_ops._TABLE_UPLOAD, triton_ops._LAUNCH) == (table, launch)  # put back
     assert (accumulator._BATCH_FLUSH_BYTES, accumulator._BATCH_FLUSH_BYTES_CPU) == flush
+    assert accumulator._BATCH_MAX_NUMEL == batch_max  # put back
     for b in backends:
         assert f"| fusedaccum[{b}] | window |" in out
         assert f"| fusedaccum[{b}] |  boundary: _fused_update |" in out
     assert "| recipe | boundary |" in out and "| tutorial | window |" in out
     assert {name: vars(FusedAccumulator)[name] for name in timed} == before  # unwrapped
+
+
+def test_window_phases_batch_max_holds_while_its_contender_is_built(monkeypatch):
+    from fusedaccum import accumulator
+
+    wp = _bench_script("window_phases")
+    seen = []
+    monkeypatch.setattr(B, "FusedContender",
+                        lambda wl, backend: seen.append(accumulator._BATCH_MAX_NUMEL) or backend)
+    before = accumulator._BATCH_MAX_NUMEL
+    assert wp._variant(None, "triton", "batch-max=16M") == "triton"
+    assert seen == [16 << 20] and accumulator._BATCH_MAX_NUMEL == before
 
 
 def test_window_phases_leaves_out_a_contender_that_fails(capsys, tmp_path):
