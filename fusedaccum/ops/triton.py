@@ -404,17 +404,17 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
 # launching: TypeError, AttributeError, IndexError) falls back to "jit" for good, with
 # one warning.
 # "cxx": Python launches as "jit" (each of its launches registers the kernel, below), and
-# the C++ hook's table flushes (csrc/hooks.cpp, the
-# common case inside a backward) launch the compiled kernel themselves through the CUDA
-# driver, with no Python at all: each (device, GRAD_KIND, LOG_T, BLOCK) variant is
-# registered with the extension after Triton's launcher ran it once (_register_cxx), if
-# its arguments and launch are what the C++ launch passes (_cxx_spec; Triton 3.6 and 3.9
-# agree on them). The C++ side reads _LAUNCH at each flush. Needs the extension built
-# with CUDA; otherwise (or for a kernel it cannot take) it warns once and flushes as "jit".
-# On the H100 its flush took 23.9 us against 54.0 us with Python launching the table
-# (15.1 against 29.7 us on the day's first H100 machine), and its GPU tests passed; not the default,
-# because it warns wherever the extension is missing and its window gain is not measured
-# apart from direct's yet (window_phases.py launch=cxx).
+# the C++ hook's table flushes (csrc/hooks.cpp, the common case inside a backward) launch
+# the compiled kernel themselves through the CUDA driver, with no Python at all: each
+# (device, GRAD_KIND, LOG_T, BLOCK) variant is registered with the extension after
+# Triton's launcher ran it once (_register_cxx), if its arguments and launch are what the
+# C++ launch passes (_cxx_spec; Triton 3.6 and 3.9 agree on them). The C++ side reads
+# _LAUNCH at each flush. Needs the extension built with CUDA; otherwise (or for a kernel
+# it cannot take) it warns once and flushes as "jit". On the H100 its flush took 23.9 us
+# against 54.0 us with Python launching the table (15.1 against 29.7 us on the day's
+# first H100 machine), and its GPU tests passed. Not the default: it warns wherever the
+# extension is missing, and its window gain is not measured apart from direct's yet
+# (window_phases.py launch=cxx).
 # FUSEDACCUM_TRITON_LAUNCH=jit|direct|cxx sets it for a process (bench/gpu_session.sh
 # benchmarks with the mode its window phases measured fastest).
 _LAUNCH_MODES = ("jit", "direct", "cxx")
