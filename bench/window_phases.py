@@ -201,15 +201,11 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
             return bench.FusedContender(wl, backend)
         finally:
             acc_mod._TABLE_FLUSH = saved
-    if variant.startswith("batch-max="):  # (read when a wrapper installs its hooks)
+    if variant.startswith("batch-max="):
         # gradients of up to this many elements join batches; larger ones are a flush
         # (triton) or an op call (cuda) of their own each
-        saved, acc_mod._BATCH_MAX_NUMEL = acc_mod._BATCH_MAX_NUMEL, bench.parse_size(
-            variant[len("batch-max="):])
-        try:
+        with bench.hook_settings(batch_max_numel=bench.parse_size(variant[10:])):
             return bench.FusedContender(wl, backend)
-        finally:
-            acc_mod._BATCH_MAX_NUMEL = saved
     if variant.startswith("flush="):
         with bench.hook_settings(flush_bytes=int(float(variant[6:]) * (1 << 20))):
             return bench.FusedContender(wl, backend)

@@ -287,22 +287,28 @@ def gc_paused():
 
 
 @contextlib.contextmanager
-def hook_settings(fast: bool | None = None, flush_bytes: int | None = None):
-    """Wrappers made inside get the C++ batching hook on or off (``FUSEDACCUM_FAST_HOOKS``)
-    and/or another batch flush size: both are read when a wrapper installs its hooks, so
-    a contender built here keeps them. Put back after."""
+def hook_settings(fast: bool | None = None, flush_bytes: int | None = None,
+                  batch_max_numel: int | None = None):
+    """Wrappers made inside get the C++ batching hook on or off (``FUSEDACCUM_FAST_HOOKS``),
+    another batch flush size and/or another largest batched gradient (larger ones are
+    accumulated alone): all are read when a wrapper installs its hooks, so a contender
+    built here keeps them. Put back after."""
     from fusedaccum import accumulator as acc_mod
 
     env = os.environ.get("FUSEDACCUM_FAST_HOOKS")
     flush = acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU
+    batch_max = acc_mod._BATCH_MAX_NUMEL
     try:
         if fast is not None:
             os.environ["FUSEDACCUM_FAST_HOOKS"] = "1" if fast else "0"
         if flush_bytes is not None:  # (on every device)
             acc_mod._BATCH_FLUSH_BYTES = acc_mod._BATCH_FLUSH_BYTES_CPU = flush_bytes
+        if batch_max_numel is not None:
+            acc_mod._BATCH_MAX_NUMEL = batch_max_numel
         yield
     finally:
         acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU = flush
+        acc_mod._BATCH_MAX_NUMEL = batch_max
         if env is None:
             os.environ.pop("FUSEDACCUM_FAST_HOOKS", None)
         else:
