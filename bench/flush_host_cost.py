@@ -36,7 +36,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # (before triton is imported)
 
 import torch  # noqa: E402
 
-from fusedaccum import accumulator as acc_mod  # noqa: E402
 from fusedaccum import bench  # noqa: E402
 from fusedaccum.ops import native  # noqa: E402
 from fusedaccum.ops import triton as tri  # noqa: E402
@@ -50,16 +49,14 @@ def stubbed(flush_bytes: int):
              "_launch_adamw": lambda *args, **kwargs: None,
              "_launch_grad_norm": lambda tensors, norm, wrap=None: torch.zeros(())}
     saved = {name: getattr(tri, name) for name in stubs}
-    flush = acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU
     try:
         for name, fn in stubs.items():
             setattr(tri, name, fn)
-        acc_mod._BATCH_FLUSH_BYTES = acc_mod._BATCH_FLUSH_BYTES_CPU = flush_bytes
-        yield
+        with bench.hook_settings(flush_bytes=flush_bytes):
+            yield
     finally:
         for name, fn in saved.items():
             setattr(tri, name, fn)
-        acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU = flush
 
 
 def one_call(rounds: int = 200) -> tuple[float, float]:
@@ -86,11 +83,8 @@ def windows(model: str, rounds: int) -> dict[str, tuple[float, float]]:
     wl = bench.Workload(bench.MODELS[model], torch.device("cpu"), torch.bfloat16)
     contenders = {}
     for name, table in (("table flush (C++ hook)", True), ("python-flush", False)):
-        saved, acc_mod._TABLE_FLUSH = acc_mod._TABLE_FLUSH, table
-        try:
+        with bench.hook_settings(table_flush=table):
             c = bench.FusedContender(wl, "triton")
-        finally:
-            acc_mod._TABLE_FLUSH = saved
         for b in c.opt._all_buckets():
             b.ride_norm = False  # as on GPUs: the Python flush then makes no statistic
         contenders[name] = c

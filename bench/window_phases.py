@@ -171,14 +171,11 @@ def main(argv=None) -> int:
     bench._Deliver.fresh = args.fresh_grads
     clock = Clock(dev, args.sync)
     restore = _instrument(clock)
-    flush = acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU
-    if args.flush_mib is not None:  # read when a wrapper installs its hooks
-        acc_mod._BATCH_FLUSH_BYTES = acc_mod._BATCH_FLUSH_BYTES_CPU = int(
-            args.flush_mib * (1 << 20))
+    flush = None if args.flush_mib is None else int(args.flush_mib * (1 << 20))
     try:
-        _run(args, dev, backends, clock)
+        with bench.hook_settings(flush_bytes=flush):
+            _run(args, dev, backends, clock)
     finally:
-        acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU = flush
         bench._Deliver.fresh = False
         restore()
     return 0
@@ -195,12 +192,9 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
     if variant == "python-hooks":
         with bench.hook_settings(fast=False):
             return bench.FusedContender(wl, backend)
-    if variant == "python-flush":  # read when a wrapper installs its hooks
-        saved, acc_mod._TABLE_FLUSH = acc_mod._TABLE_FLUSH, False
-        try:
+    if variant == "python-flush":
+        with bench.hook_settings(table_flush=False):
             return bench.FusedContender(wl, backend)
-        finally:
-            acc_mod._TABLE_FLUSH = saved
     if variant.startswith("batch-max="):
         # gradients of up to this many elements join batches; larger ones are a flush
         # (triton) or an op call (cuda) of their own each

@@ -288,17 +288,20 @@ def gc_paused():
 
 @contextlib.contextmanager
 def hook_settings(fast: bool | None = None, flush_bytes: int | None = None,
-                  batch_max_numel: int | None = None):
+                  batch_max_numel: int | None = None, table_flush: bool | None = None):
     """Wrappers made inside get the C++ batching hook on or off (``FUSEDACCUM_FAST_HOOKS``),
-    another batch flush size and/or another largest batched gradient (larger ones are
-    accumulated alone): all are read when a wrapper installs its hooks, so a contender
-    built here keeps them. Put back after."""
+    another batch flush size, another largest batched gradient (larger ones are
+    accumulated alone) and/or a triton bucket's full batches flushed by the C++ hook or in
+    Python (``accumulator._TABLE_FLUSH``): all are read when a wrapper installs its
+    hooks, so a contender built here keeps them. Put back after."""
     from fusedaccum import accumulator as acc_mod
 
     env = os.environ.get("FUSEDACCUM_FAST_HOOKS")
     flush = acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU
-    batch_max = acc_mod._BATCH_MAX_NUMEL
+    batch_max, table = acc_mod._BATCH_MAX_NUMEL, acc_mod._TABLE_FLUSH
     try:
+        if table_flush is not None:
+            acc_mod._TABLE_FLUSH = table_flush
         if fast is not None:
             os.environ["FUSEDACCUM_FAST_HOOKS"] = "1" if fast else "0"
         if flush_bytes is not None:  # (on every device)
@@ -308,7 +311,7 @@ def hook_settings(fast: bool | None = None, flush_bytes: int | None = None,
         yield
     finally:
         acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU = flush
-        acc_mod._BATCH_MAX_NUMEL = batch_max
+        acc_mod._BATCH_MAX_NUMEL, acc_mod._TABLE_FLUSH = batch_max, table
         if env is None:
             os.environ.pop("FUSEDACCUM_FAST_HOOKS", None)
         else:
