@@ -351,46 +351,52 @@ def test_direct_launch_on_gpu_matches_the_reference(monkeypatch, grad_dtype):
         assert len(T._MANY_COMPILED) == 1 and not T._DIRECT_FAILED
 
 
-# Compiles _accumulate_many_kernel for a GPU (no GPU needed: Triton's NVIDIA backend and
-# ptxas), without the interpreter, and counts its 16-byte global loads and stores.
-_PTX_PROBE = r"""
-import re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import fusedaccum.ops.triton as T
-block, warps = T._GPU_CONFIG["accumulate"]
-sig = {"table_ptr": "*i64", "n_tensors": "i32", "scale": "fp32", "LOG_T": "constexpr",
-       "GRAD_KIND": "constexpr", "BLOCK": "constexpr"}
-for cc in (80, 90):
-    for kind in (0, 1, 2):
+# _accumulate_many_kernel compiled for a GPU by this Triton (no GPU needed: its NVIDIA
+# backend and ptxas), in a process without the interpreter (_run_python)
+_COMPILE_MANY = """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fusedaccum.ops import triton as T
+
+    def compile_many(cc, kind, block, warps):
+        sig = {"table_ptr": "*i64", "n_tensors": "i32", "scale": "fp32",
+               "LOG_T": "constexpr", "GRAD_KIND": "constexpr", "BLOCK": "constexpr"}
         src = ASTSource(fn=T._accumulate_many_kernel, signature=sig,
                         constexprs={"LOG_T": 3, "GRAD_KIND": kind, "BLOCK": block})
-        ptx = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                             options={"num_warps": warps}).asm["ptx"]
-        print(cc, kind, len(re.findall(r"ld\.global\.v4", ptx)),
-              len(re.findall(r"st\.global\.v4", ptx)))
+        return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                              options={"num_warps": warps})
 """
+
+
+def _run_with_compile_many(code):
+    """_run_python of ``code`` after _COMPILE_MANY (each dedented on its own)."""
+    return _run_python(textwrap.dedent(_COMPILE_MANY) + textwrap.dedent(code))
 
 
 def test_accumulate_many_kernel_compiles_to_16_byte_accesses():
     """The batch kernel reads its addresses from a table, where the compiler sees no
     alignment: its whole aligned blocks declare it, so sm_80 and sm_90 get 16-byte
     vector loads of the gradient and the accumulator and stores of the accumulator (the
-    masked path alone compiles to scalar ones). Compiled here, for a GPU, in a process
-    without the interpreter."""
+    masked path alone compiles to scalar ones)."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # (Triton 3.9 warns when it is unset)
-    out = subprocess.run([sys.executable, "-c", _PTX_PROBE], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.split() for line in out.stdout.splitlines()]
-    assert len(rows) == 6, out.stdout
+    res = _run_with_compile_many("""
+        import re
+        block, warps = T._GPU_CONFIG["accumulate"]
+        for cc in (80, 90):
+            for kind in (0, 1, 2):
+                ptx = compile_many(cc, kind, block, warps).asm["ptx"]
+                print(cc, kind, len(re.findall(r"ld\\.global\\.v4", ptx)),
+                      len(re.findall(r"st\\.global\\.v4", ptx)))
+    """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.splitlines()]
+    assert len(rows) == 6, res.stdout
     for cc, kind, loads, stores in rows:
         # fp32 grads: 2 + 2 vector loads (the added and the overwriting branch may share
         # them), half grads: 1 + 2; and at least one vector store per branch
-        assert int(loads) >= (3 if kind != "0" else 4) and int(stores) >= 2, (cc, kind, out.stdout)
+        assert int(loads) >= (3 if kind != "0" else 4) and int(stores) >= 2, (cc, kind,
+                                                                             res.stdout)
 
 
 def _compiled_like(**meta):
@@ -923,18 +929,9 @@ def test_flush_kernel_compiled_for_sm90_is_one_the_cpp_launch_takes():
     are not specialized) and its metadata asks for nothing csrc/cuda/triton_launch.cu does
     not set up, so _cxx_spec takes it (with the function handle a GPU would load). A
     Triton that changes the launch fails here, on CPU, before a GPU session."""
-    res = _run_python("""
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from fusedaccum.ops import triton as T
-        sig = {"table_ptr": "*i64", "n_tensors": "i32", "scale": "fp32",
-               "LOG_T": "constexpr", "GRAD_KIND": "constexpr", "BLOCK": "constexpr"}
+    res = _run_with_compile_many("""
         for warps, kind in ((4, 2), (8, 1)):
-            src = ASTSource(fn=T._accumulate_many_kernel, signature=sig,
-                            constexprs={"LOG_T": 3, "GRAD_KIND": kind, "BLOCK": 2048})
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": warps})
+            k = compile_many(90, kind, 2048, warps)
             assert k.function is None  # (not loaded: no GPU needed)
             # the kernel's ABI: csrc/cuda/triton_launch.cu passes exactly these
             assert T._ptx_params(k.asm["ptx"]) == [".u64", ".u32", ".f32", ".u64", ".u64"]
