@@ -196,7 +196,9 @@ vector) and misaligned (masked, as before 2026-11-27) paths, the extension's"
   log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB \
 batches, triton with its full batches flushed in Python (not by the C++ hook's table \
 flush), with 128 and 512 MiB batches, launched through Triton's launcher (jit) and from C++ (cxx)"
-  timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 10 \
+  # (20 rounds: on 2026-11-27 rows of the same code differed by up to 5% with 10, more
+  # than the launch modes it compares; about 18 s more)
+  timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 20 \
       --backends cuda,triton --json /tmp/phases_124m.json --variants \
       python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:flush=512,triton:launch=jit$CXX_VARIANT \
       2>&1 | tee -a "$LOG"
