@@ -6,7 +6,7 @@
 # The benchmark stages run with the Triton launch mode the window phases timed fastest
 # (bench/pick_launch.py). Logs and reports land in $OUT (at most 8 files come back): copy
 # the reports to bench/results/ and commit them with the card's name and date.
-#   run(command="bash bench/gpu_session.sh", timeout_s=580)   (8-9 minutes on an H100)
+#   run(command="bash bench/gpu_session.sh", timeout_s=580)   (about 9 minutes on an H100)
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
