@@ -24,6 +24,7 @@ same rows on small shapes (a smoke test: the interpreter's times mean nothing).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
@@ -49,25 +50,24 @@ def _pairs(shapes, device, misaligned: bool):
 
 def _rows(shapes, device, tc: bench.TimingConfig, copy_gbps: float):
     nbytes = 10 * sum(shapes)
-    rows = []
-    contenders = []
-    if tri.unavailable_reason("triton", device) is None:
-        for mis in (False, True):
-            accs, grads = _pairs(shapes, device, mis)
-            contenders.append((f"triton batch kernel, {'misaligned' if mis else 'aligned'}",
-                               lambda i, a=accs, g=grads: tri._launch_accumulate_many(
-                                   a, g, 0.25)))
-        accs, grads = _pairs(shapes, device, False)
-        contenders.append(("triton accumulate_ per pair, aligned",
-                           lambda i, a=accs, g=grads: [tri.accumulate_(x, y, 0.25)
-                                                       for x, y in zip(a, g)]))
+    has_triton = tri.unavailable_reason("triton", device) is None
+    many = {}  # the batch ops, each timed on the aligned and the misaligned pairs
+    if has_triton:
+        many["triton batch kernel"] = lambda a, g, i: tri._launch_accumulate_many(a, g, 0.25)
     if device.type == "cuda" and ops.unavailable_reason("cuda", device) is None:
         native = ops.get("cuda", device)
-        for mis in (False, True):
-            accs, grads = _pairs(shapes, device, mis)
-            contenders.append((f"cuda accumulate_many_, {'misaligned' if mis else 'aligned'}",
-                               lambda i, a=accs, g=grads: native.accumulate_many_(
-                                   a, g, 0.25, trusted=True)))
+        many["cuda accumulate_many_"] = lambda a, g, i: native.accumulate_many_(
+            a, g, 0.25, trusted=True)
+    contenders = []
+    for how in ("aligned", "misaligned"):
+        accs, grads = _pairs(shapes, device, how == "misaligned")
+        contenders += [(f"{name}, {how}", functools.partial(fn, accs, grads))
+                       for name, fn in many.items()]
+        if has_triton and how == "aligned":
+            contenders.append(("triton accumulate_ per pair, aligned", functools.partial(
+                lambda a, g, i: [tri.accumulate_(x, y, 0.25) for x, y in zip(a, g)],
+                accs, grads)))
+    rows = []
     for name, fn in contenders:
         t = bench.time_calls(fn, device, tc)
         gbps = nbytes / t.median_s / 1e9
