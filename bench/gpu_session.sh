@@ -172,16 +172,16 @@ if has diag; then
     tail -4 /tmp/diag_gdb.log | cut -c1-400 | tee -a "$LOG"
   fi
 fi
-# the Triton flush launched from C++ (ops/triton.py _LAUNCH="cxx") has its own GPU tests
-# in the cuda stage (test_batch_hook.py test_cxx_*): a variant they failed or crashed on
-# would end the whole window_phases process, so it is timed only when none failed
-CXX_VARIANT=",triton:launch=cxx"
+# the Triton flush launched from C++ (ops/triton.py _LAUNCH "cxx", and "auto", the
+# default, where the extension has CUDA) has its own GPU tests in the cuda stage
+# (test_batch_hook.py test_cxx_*): where they failed, the stages below run with "direct"
+# (a crash in a C++ launch would end a whole benchmark process)
 # (only the FAILED/ERROR lines: the warnings summary names passing tests too)
 CXX_FAILED='^(FAILED|ERROR) .*test_cxx_launch'
 if has cuda && grep -E "$CXX_FAILED" "$OUT/tests_cuda.log" >/dev/null 2>&1; then
-  log "the cxx launch tests failed (below): window_phases runs without triton:launch=cxx"
+  log "the cxx launch tests failed (below): the rest runs with FUSEDACCUM_TRITON_LAUNCH=direct"
   grep -E "$CXX_FAILED" "$OUT/tests_cuda.log" | head -10 | cut -c1-300 | tee -a "$LOG"
-  CXX_VARIANT=""
+  export FUSEDACCUM_TRITON_LAUNCH=direct
 fi
 if has phases; then
   log "device bandwidth of the batch kernels: the triton table kernel's aligned (16-byte \
@@ -195,21 +195,22 @@ vector) and misaligned (masked, as before 2026-11-27) paths, the extension's"
   done
   log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB \
 batches, triton with its full batches flushed in Python (not by the C++ hook's table \
-flush), with 128 and 512 MiB batches, launched through Triton's launcher (jit) and from C++ (cxx)"
+flush), with 128 MiB batches, launched by Python (direct) or through Triton's launcher (jit) \
+instead of from C++ (auto)"
   # (20 rounds: on 2026-11-27 rows of the same code differed by up to 5% with 10, more
   # than the launch modes it compares; about 18 s more)
   timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 20 \
       --backends cuda,triton --json /tmp/phases_124m.json --variants \
-      python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:flush=512,triton:launch=jit$CXX_VARIANT \
+      python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:launch=direct,triton:launch=jit \
       2>&1 | tee -a "$LOG"
   log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: the boundary \
 leaving the accumulators for the next window to overwrite (default) or zeroing them \
 (no-lazy), or also adding the first gradients (no-overwrite); the norm riding or not; \
-triton's flushes (one per larger gradient) through Triton's launcher (jit) or from C++ (cxx), \
-or the larger gradients batched too (batch-max=16M: fewer, larger flushes)"
+triton's flushes launched by Python (direct) instead of from C++, or with the gradients \
+above 4M elements a flush each (batch-max=4M, before 2026-11-27), or cuda batching up to 16M"
   timeout 75 python bench/window_phases.py --model gpt2-1.5b-2layers --rounds 10 --sync \
       --backends cuda,triton \
-      --variants no-lazy,no-overwrite,ride,triton:no-lazy,triton:no-overwrite,triton:ride,triton:launch=jit,triton:batch-max=16M$CXX_VARIANT \
+      --variants no-lazy,no-overwrite,ride,triton:no-lazy,triton:launch=direct,triton:batch-max=4M,cuda:batch-max=16M \
       2>&1 | tee -a "$LOG"
   log "window phases with fresh gradients (as a real backward makes them)"
   timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 --backends cuda \

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                             min_samples=3 if small else 5)
     copy = bench.measure_copy_bandwidth(device, (1 << 16) if small else (256 << 20), tc)
     gpt2 = [math.prod(s) for s in bench.MODELS["gpt2-124m"].shapes()]
-    batched = [n for n in gpt2 if n <= accumulator._BATCH_MAX_NUMEL]
+    batched = [n for n in gpt2 if n <= accumulator._BATCH_MAX_NUMEL_DEFAULT]
     cases = {"one pair of 64M": [1 << 26],
              f"GPT-2 124M's {len(batched)} tensors of <= 4M": batched}
     if small:

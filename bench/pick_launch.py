@@ -4,7 +4,7 @@ with, from the window phases it measured just before.
     python bench/pick_launch.py PHASES.json [--margin 0.02]
 
 Reads the medians `bench/window_phases.py --json` wrote for `fusedaccum[triton]` (the
-process's launch mode: "direct", ops/triton.py's default, unless FUSEDACCUM_TRITON_LAUNCH
+process's launch mode: "auto", ops/triton.py's default, unless FUSEDACCUM_TRITON_LAUNCH
 says otherwise) and its
 variants `launch=<mode>` timed in the same rounds, and prints one word for
 FUSEDACCUM_TRITON_LAUNCH: the mode of the shortest median window, if it beats the plain
@@ -20,7 +20,7 @@ import os
 import sys
 
 _PLAIN = "fusedaccum[triton]"
-DEFAULT = "direct"  # ops/triton.py's _launch_from_env() without the variable (a test checks)
+DEFAULT = "auto"  # ops/triton.py's _launch_from_env() without the variable (a test checks)
 
 
 def pick(table: dict, plain_mode: str, margin: float) -> tuple[str, str]:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     with open(args.phases) as f:
         table = json.load(f)
     plain_mode = os.environ.get("FUSEDACCUM_TRITON_LAUNCH", "").strip()
-    if plain_mode not in ("jit", "direct", "cxx"):  # (ops/triton.py ignores it then)
+    if plain_mode not in ("jit", "direct", "cxx", "auto"):  # (ops/triton.py ignores it then)
         plain_mode = DEFAULT
     try:
         mode, why = pick(table, plain_mode, args.margin)

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
                     "gradients up to that size join batches, e.g. 16M: accumulator.py "
                     "_BATCH_MAX_NUMEL), "
                     "'table=pinned|pageable|cached' (how a Triton flush uploads its table: "
-                    "ops/triton.py _TABLE_UPLOAD), 'launch=jit|direct|cxx' (how it launches "
+                    "ops/triton.py _TABLE_UPLOAD), 'launch=jit|direct|cxx|auto' (how it launches "
                     "its kernel: ops/triton.py _LAUNCH), 'no-overwrite' (a window's first "
                     "gradients added to the zeroed accumulators, not written: "
                     "Bucket.overwrite_first; also zeroes them at the boundary), 'no-lazy' (the "

@@ -12,11 +12,12 @@
 // the extension's accumulate_ op itself, and a batch the gradient fills it accumulates
 // with the extension's accumulate_many_ op (native flush), unless a norm statistic is
 // asked for. On the triton backend (table flush) it builds that batch's (or that larger
-// gradient's) kernel table here and hands it to one small Python launcher (ops/triton.py, _launch_table): the Python
-// flush's bookkeeping and table, tens of microseconds of Python per flush, cost several
-// times that inside a backward, whose work has evicted the interpreter's caches. With
-// ops/triton.py _LAUNCH = "cxx" (a CUDA build) it launches Triton's compiled kernel itself
-// (cuda/triton_launch.cu) once ops/triton.py has registered it, and runs no Python.
+// gradient's) kernel table here and hands it to one small Python launcher (ops/triton.py,
+// _launch_table): the Python flush's bookkeeping and table, tens of microseconds of
+// Python per flush, cost several times that inside a backward, whose work has evicted the
+// interpreter's caches. With ops/triton.py _LAUNCH = "cxx" or "auto" (the default; a CUDA
+// build) it launches Triton's compiled kernel itself (cuda/triton_launch.cu) once
+// ops/triton.py has registered it, and runs no Python.
 //
 // torch keeps one C++ post-accumulate-grad hook per tensor: the one running the tensor's
 // dict of Python hooks (tensor._post_accumulate_grad_hooks). BatchHook takes its place
@@ -60,13 +61,13 @@ std::atomic<int64_t> g_called_flushes{0}, g_called_grads{0};
 
 // interned attribute names
 PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_acc,
-    *s_wants_callback, *s_launch_setting, *s_cxx;
+    *s_wants_callback, *s_launch_setting, *s_cxx, *s_auto;
 
 // Kernels Triton compiled for the table flush that are launched here, through the CUDA
-// driver, instead of by the Python launcher (ops/triton.py _LAUNCH = "cxx"). ops/triton.py
+// driver, instead of by the Python launcher (ops/triton.py _LAUNCH = "cxx", "auto"). ops/triton.py
 // registers each (device, grad_kind, LOG_T, BLOCK) variant after Triton's launcher ran it
 // once, and keeps its CompiledKernel (which owns the function) alive. Used only while
-// g_settings._LAUNCH == "cxx", read at each flush as the Python launcher reads it.
+// g_settings._LAUNCH is "cxx" or "auto", read at each flush as the Python launcher reads it.
 struct TritonKernel {
   void* function;
   int num_warps, shared;
@@ -224,7 +225,7 @@ bool make_table(const FlushMode& mode, const std::vector<at::Tensor>& accs,
 }
 
 #ifdef FUSEDACCUM_WITH_CUDA
-// g_settings._LAUNCH == "cxx" (GIL held)
+// g_settings._LAUNCH is "cxx" or "auto" (GIL held)
 bool cxx_launch_on() {
   if (g_settings == nullptr) return false;
   Ref v(PyObject_GetAttr(g_settings, s_launch_setting));
@@ -232,7 +233,8 @@ bool cxx_launch_on() {
     PyErr_Clear();
     return false;
   }
-  return PyUnicode_Check(v.get()) && PyUnicode_Compare(v.get(), s_cxx) == 0;
+  return PyUnicode_Check(v.get()) && (PyUnicode_Compare(v.get(), s_cxx) == 0 ||
+                                      PyUnicode_Compare(v.get(), s_auto) == 0);
 }
 
 // The table's kernel launched here, on the current stream of the table's device, if a
@@ -783,7 +785,8 @@ PyObject* flush_batch_py(PyObject*, PyObject* args) {
 // register_triton_kernel(settings, device, grad_kind, log_t, block, function, num_warps,
 // shared) -> bool: a compiled _accumulate_many_kernel (ops/triton.py checked that its
 // arguments and launch are what triton_many_launch passes) for table flushes of that
-// (device index, grad_kind, LOG_T, BLOCK), launched here while settings._LAUNCH == "cxx".
+// (device index, grad_kind, LOG_T, BLOCK), launched here while settings._LAUNCH is "cxx" or
+// "auto".
 // The caller keeps the kernel loaded. False, registering nothing, in a build without CUDA.
 PyObject* register_triton_kernel(PyObject*, PyObject* args) {
   PyObject* settings;
@@ -864,7 +867,7 @@ PyMethodDef methods[] = {
      "it leaves the batch to Python."},
     {"register_triton_kernel", register_triton_kernel, METH_VARARGS,
      "Launch this compiled Triton table-flush kernel from C++ while settings._LAUNCH is "
-     "'cxx'; False in a build without CUDA."},
+     "'cxx' or 'auto'; False in a build without CUDA."},
     {"clear_triton_kernels", clear_triton_kernels, METH_NOARGS,
      "Forget every registered Triton kernel."},
     {"triton_cxx_error", triton_cxx_error, METH_NOARGS,
@@ -902,6 +905,7 @@ PyMODINIT_FUNC FA_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   s_wants_callback = PyUnicode_InternFromString("_wants_callback");
   s_launch_setting = PyUnicode_InternFromString("_LAUNCH");
   s_cxx = PyUnicode_InternFromString("cxx");
+  s_auto = PyUnicode_InternFromString("auto");
   PyObject* module = PyModule_Create(&module_def);
   // the field order this build reads, checked against buffers.HOOK_FIELDS on import
   PyObject* names = Py_BuildValue("(ssssssssssssssss)", "released", "is_pending", "stats",

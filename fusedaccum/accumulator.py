@@ -39,8 +39,11 @@ _STATE_VERSION = 1
 # hook + launch each: that overhead dominates models of many small tensors). A batch is
 # flushed when its gradients reach _flush_bytes(device), at the end of every backward
 # pass and before anything reads the accumulators, so it holds at most that many bytes
-# (plus one gradient) that plain autograd would have freed a little earlier.
-_BATCH_MAX_NUMEL = 1 << 22
+# (plus one gradient) that plain autograd would have freed a little earlier. None: each
+# backend's own largest batched gradient (its ops module's BATCH_MAX_NUMEL; 4M elements
+# where it names none), a number: that one for every backend (tests, bench/hook_settings).
+_BATCH_MAX_NUMEL: int | None = None
+_BATCH_MAX_NUMEL_DEFAULT = 1 << 22
 _BATCH_FLUSH_BYTES = 32 << 20
 # On a CPU a batch is flushed while its gradients are still in cache: one op call costs
 # microseconds there, not a launch. Measured on the 2-core EPYC (2026-11-26, window
@@ -62,6 +65,14 @@ _BATCH_FLUSH_BYTES_CPU = 2 << 20
 # 2026-11-26_flush_host_cost.md). Not measured on a GPU yet (window_phases.py variant
 # python-flush).
 _TABLE_FLUSH = True
+
+
+def _batch_max_numel(ops) -> int:
+    """The largest half gradient a bucket running ``ops`` batches (larger ones are
+    accumulated alone)."""
+    if _BATCH_MAX_NUMEL is not None:
+        return _BATCH_MAX_NUMEL
+    return getattr(ops, "BATCH_MAX_NUMEL", _BATCH_MAX_NUMEL_DEFAULT)
 
 
 def _flush_bytes(device: torch.device) -> int:
@@ -1050,7 +1061,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         launcher, block, kind = b.cxx_flush[1:] if b.cxx_flush else (None, 0, 0)
         if b.perms[i] is not None:
             return
-        batched = b.numels[i] <= _BATCH_MAX_NUMEL
+        batched = b.numels[i] <= _batch_max_numel(b.ops)
         # (auto: half grads, accumulate_ and accumulate_many_, go to cuda; triton: a
         # larger grad is accumulated by its kernel over a table of one pair)
         direct = not batched and (is_native or launcher is not None)
@@ -1139,7 +1150,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         # autograd hands a param a gradient of its own shape and dtype: the batch decision
         # and the bytes are the param's, fixed here (host time per param matters: ~150
         # params x k micro-batches per window)
-        batched = b.numels[i] <= _BATCH_MAX_NUMEL
+        batched = b.numels[i] <= _batch_max_numel(b.ops)
         nbytes = b.numels[i] * b.params[i].element_size()
         flush_bytes = _flush_bytes(b.device)  # (fixed per wrapper, as the C++ hook's)
         perm = b.perms[i]  # a param not row-major: its grad is accumulated as 1-D

@@ -2332,6 +2332,37 @@ def test_small_half_grads_are_accumulated_in_batches(monkeypatch, device, dtype,
     assert_states_close(opt, emu.opt, **MASTER_TOL)
 
 
+def test_each_backend_batches_half_grads_up_to_its_own_limit(monkeypatch, device):
+    """accumulator._BATCH_MAX_NUMEL None (the default): a bucket batches the half gradients
+    of at most its backend's BATCH_MAX_NUMEL elements (triton's is larger: its flushes cost
+    more host time), the others' 4M; a number set there is every backend's. Seen in the
+    batch one backward leaves waiting (no end-of-backward flush), C++ hook or not."""
+    import fusedaccum.accumulator as acc_mod
+    from fusedaccum.ops import triton as triton_ops
+
+    monkeypatch.setattr(acc_mod, "_BATCH_MAX_NUMEL", None)  # (test_backend_matrix sets one)
+    assert acc_mod._batch_max_numel(object()) == 1 << 22
+    assert acc_mod._batch_max_numel(triton_ops) == triton_ops.BATCH_MAX_NUMEL == 1 << 24
+    monkeypatch.setattr(acc_mod, "_BATCH_FLUSH_BYTES", 1 << 30)
+    monkeypatch.setattr(acc_mod, "_BATCH_FLUSH_BYTES_CPU", 1 << 30)
+    monkeypatch.setattr(acc_mod, "_BATCH_MAX_NUMEL_DEFAULT", IN)  # the biases
+    monkeypatch.setattr(triton_ops, "BATCH_MAX_NUMEL", IN * IN)  # and the blocks' weights
+    for limit in (None, IN * IN):
+        monkeypatch.setattr(acc_mod, "_BATCH_MAX_NUMEL", limit)
+        model = make_model(dtype=torch.bfloat16, device=device, cls=_ManySmall)
+        opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2)
+        (b,) = [b for bs in opt._buckets for b in bs]
+        x, y = make_windows(1, 1, dtype=torch.bfloat16, device=device)[0][0]
+        with monkeypatch.context() as m:
+            m.setattr(opt, "_flush_all", lambda: None)
+            mse(model(x), y).backward()
+        waiting = sorted(b.params[i].numel() for i in b.pending)
+        own = IN * IN if limit is not None or b.ops is triton_ops else IN
+        assert waiting == sorted(p.numel() for p in model.parameters() if p.numel() <= own)
+        opt._flush(b)
+        assert not b.pending
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_dropped_wrapper_and_model_are_freed(device, dtype):
     """The hooks on the params must not keep the wrapper (and so the params, masters and

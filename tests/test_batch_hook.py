@@ -390,8 +390,11 @@ def test_table_flush_skips_empty_params(flush_bytes, monkeypatch):
 @pytest.mark.parametrize("place", TRITON_PLACES, ids=place_id)
 def test_table_flush_error_reaches_backward(place, monkeypatch):
     """A launch that raises in the C++ hook's flush makes backward() raise it, as itself
-    (on a GPU the hook runs on the engine's device thread: the error is carried over)."""
+    (on a GPU the hook runs on the engine's device thread: the error is carried over).
+    Launched from Python ("direct": in the default "auto" mode a GPU flush launches from
+    C++ once its kernel is registered)."""
     monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)  # every grad fills a batch
+    monkeypatch.setattr(triton_ops, "_LAUNCH", "direct")
     real = triton_ops._launch_many_kernel
     failed = []
 
@@ -502,10 +505,11 @@ def test_register_triton_kernel_checks_its_arguments():
 
 
 @needs_table_cuda
+@pytest.mark.parametrize("mode", ["cxx", "auto"])
 @pytest.mark.parametrize("how", ["full-batches", "direct"])
-def test_cxx_launch_on_gpu_as_the_python_hook(how, monkeypatch):
-    """ops/triton.py _LAUNCH = "cxx" on a GPU: the C++ flushes (full batches, gradients
-    above the batching limit over a one-pair table, the end-of-backward flush_batch)
+def test_cxx_launch_on_gpu_as_the_python_hook(how, mode, monkeypatch):
+    """ops/triton.py _LAUNCH = "cxx" or "auto" on a GPU: the C++ flushes (full batches,
+    gradients above the batching limit over a one-pair table, the end-of-backward flush_batch)
     launch Triton's compiled kernel from C++ once its variant is registered: every
     variant goes through Triton's launcher once, and the launches add up to those of the
     same run with _LAUNCH = "jit". Every result is bitwise the Python hook's."""
@@ -524,7 +528,7 @@ def test_cxx_launch_on_gpu_as_the_python_hook(how, monkeypatch):
     place = TABLE_CUDA[0]
     triton_ops._forget_cxx()
     try:
-        monkeypatch.setattr(triton_ops, "_LAUNCH", "cxx")
+        monkeypatch.setattr(triton_ops, "_LAUNCH", mode)
         before = MODULE.triton_cxx_launches()
         got = train(torch.bfloat16, True, monkeypatch, place=place, max_grad_norm=0.01)
         in_cxx, in_python = MODULE.triton_cxx_launches() - before, len(python_launches)
@@ -543,16 +547,17 @@ def test_cxx_launch_on_gpu_as_the_python_hook(how, monkeypatch):
 
 
 @needs_table_cuda
-def test_cxx_launch_the_driver_refuses_falls_back_to_python(monkeypatch):
+@pytest.mark.parametrize("mode", ["cxx", "auto"])
+def test_cxx_launch_the_driver_refuses_falls_back_to_python(mode, monkeypatch):
     """A launch from C++ that the driver refuses (here: more shared memory than the kernel
     may have, CUDA_ERROR_INVALID_VALUE; nothing runs) drops the registered kernels: that
-    flush and the later ones go through Triton's launcher, which warns once, and every
-    result is still bitwise the Python hook's."""
+    flush and the later ones go through Python's launch, which warns once (also in the
+    default "auto" mode), and every result is still bitwise the Python hook's."""
     monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)
     place = TABLE_CUDA[0]
     triton_ops._forget_cxx()
     try:
-        monkeypatch.setattr(triton_ops, "_LAUNCH", "cxx")
+        monkeypatch.setattr(triton_ops, "_LAUNCH", mode)
         train(torch.bfloat16, True, monkeypatch, place=place, windows=1)  # registers
         assert triton_ops._CXX_KERNELS and not triton_ops._CXX_REFUSED
         for key, compiled in triton_ops._CXX_KERNELS.items():

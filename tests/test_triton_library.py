@@ -314,6 +314,20 @@ def test_direct_launch_reuses_the_compiled_kernel_only_for_its_key(monkeypatch):
         flush(3, launch="nope")
 
 
+def test_auto_launch_is_direct_from_python(monkeypatch):
+    """launch "auto" (the default) launches from Python as "direct": the compiled kernel
+    Triton's launcher returned, from the second flush of a key on; off a GPU nothing is
+    handed to C++ (registration is for CUDA tables only)."""
+    kernel = _fresh_launch_state(monkeypatch, _RecordingKernel())
+    registered = []
+    monkeypatch.setattr(T, "_register_cxx", lambda *a, **k: registered.append((a, k)))
+    accs, grads = [torch.zeros(5), torch.zeros(7)], [torch.ones(5), torch.ones(7)]
+    for _ in range(3):
+        T._launch_accumulate_many(accs, grads, 0.5, launch="auto")
+    assert [c[0] for c in kernel.calls] == ["jit", "direct", "direct"]
+    assert registered == [] and len(T._MANY_COMPILED) == 1
+
+
 @pytest.mark.parametrize("error", [TypeError("no such launcher"),
                                    IndexError("tuple index out of range")])
 def test_direct_launch_a_triton_cannot_do_falls_back_to_its_launcher(monkeypatch, error):
@@ -501,6 +515,43 @@ def test_cxx_registration_once_per_variant_or_one_refusal(monkeypatch):
         T._register_cxx(good, 0, 3, 2, 1024)
     T._register_cxx(good, 0, 4, 2, 1024)
     assert hooks.calls == [] and len(T._CXX_REFUSED) == 1
+
+
+def test_cxx_registration_for_auto_is_quiet(monkeypatch):
+    """_register_cxx(quiet=True), the default "auto" mode: a refusal is recorded without a
+    warning (its flushes stay "direct"); an extension not loaded yet is forgotten once
+    table_flush (asked by a C++ hook, so with the extension loaded) runs; a launch the
+    driver refused in C++ still warns."""
+    from fusedaccum.ops import native
+
+    good = _compiled_like()
+    for hooks, why in ((None, T._CXX_UNLOADED), (_FakeHooks(takes=False), "built without CUDA"),
+                       (_FakeHooks(takes=True), None)):
+        monkeypatch.setattr(T, "_CXX_KERNELS", {})
+        monkeypatch.setattr(T, "_CXX_REFUSED", [])
+        monkeypatch.setattr(native, "hooks_module", lambda load=True, h=hooks: h)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            T._register_cxx(good, 0, 3, 2, 1024, quiet=True)
+        if why is None:
+            assert T._CXX_KERNELS == {(0, 2, 3, 1024): good} and T._CXX_REFUSED == []
+        else:
+            assert T._CXX_KERNELS == {} and len(T._CXX_REFUSED) == 1
+            assert why in T._CXX_REFUSED[0]
+    monkeypatch.setattr(T, "_CXX_REFUSED", ["the extension was built without CUDA"])
+    T.table_flush(torch.device("cpu"), torch.bfloat16)
+    assert T._CXX_REFUSED == ["the extension was built without CUDA"]  # (for good)
+    monkeypatch.setattr(T, "_CXX_REFUSED", [T._CXX_UNLOADED])
+    assert T.table_flush(torch.device("cpu"), torch.bfloat16) is not None
+    assert T._CXX_REFUSED == []  # (the next launch asks again)
+
+    hooks = _FakeHooks(takes=True)
+    hooks.triton_cxx_error = lambda: "invalid argument (CUDA driver error 1)"
+    monkeypatch.setattr(native, "hooks_module", lambda load=True: hooks)
+    monkeypatch.setattr(T, "_CXX_KERNELS", {(0, 2, 3, 1024): good})
+    with pytest.warns(RuntimeWarning, match="a launch from C\\+\\+ failed"):
+        T._register_cxx(good, 0, 3, 2, 1024, quiet=True)
+    assert len(T._CXX_REFUSED) == 1 and hooks.calls == []
 
 
 def test_cxx_launch_mode_flushes_as_the_reference_here(monkeypatch):
@@ -892,8 +943,9 @@ def _run_python(code, **env):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("value, mode", [(None, "direct"), ("jit", "jit"), ("direct", "direct"),
-                                         ("cxx", "cxx"), (" cxx ", "cxx"), ("", "direct")])
+@pytest.mark.parametrize("value, mode", [(None, "auto"), ("jit", "jit"), ("direct", "direct"),
+                                         ("cxx", "cxx"), (" cxx ", "cxx"), ("auto", "auto"),
+                                         ("", "auto")])
 def test_launch_mode_from_the_environment(monkeypatch, value, mode):
     if value is None:
         monkeypatch.delenv("FUSEDACCUM_TRITON_LAUNCH", raising=False)
@@ -908,7 +960,7 @@ def test_launch_mode_from_the_environment(monkeypatch, value, mode):
 def test_launch_mode_the_environment_misspells_warns_and_is_the_default(monkeypatch, value):
     monkeypatch.setenv("FUSEDACCUM_TRITON_LAUNCH", value)
     with pytest.warns(RuntimeWarning, match=f"FUSEDACCUM_TRITON_LAUNCH={value!r} is not one"):
-        assert T._launch_from_env() == "direct"
+        assert T._launch_from_env() == "auto"
 
 
 def test_launch_mode_the_environment_sets_is_the_modules():

@@ -342,6 +342,17 @@ def _many_table(accs, grads, block: int, overwrite=None) -> tuple[list[int], int
              *starts], len(numels), starts[-1])
 
 
+# The largest half gradient a triton bucket batches (accumulator.py _batch_max_numel):
+# 16M elements, where the other backends batch up to 4M. Each larger gradient is a flush
+# of its own, a table and a launch; on the GPT-2 XL list (580 tensors) 145 gradients per
+# micro-batch lie between 4M and 16M elements (the 7.7M and 10.2M weights). Batched, they
+# share flushes: a batch holds at most the flush size (32 MiB) plus one gradient (at most
+# 32 MiB in bf16) that autograd would have freed a little earlier. On an H100
+# (2026-11-27, bench/window_phases.py, two GPT-2 XL blocks, device synced, "direct"
+# launches) the window took 7.60 ms against 8.75 ms with 4M.
+BATCH_MAX_NUMEL = 1 << 24
+
+
 # How a flush's table reaches the GPU: "pinned" (a page-locked copy from torch's caching
 # host allocator, then an asynchronous upload), "pageable" (an ordinary CPU tensor,
 # uploaded with non_blocking=True: the driver stages it at once, without waiting on the
@@ -391,18 +402,16 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
 
 # How a flush launches _accumulate_many_kernel on a GPU: "jit" (kernel[grid](...), Triton's
 # launcher: it binds the arguments, works out their specialization and looks the
-# compiled kernel up on every call) or "direct", the default (after the first such
-# launch, the compiled kernel it returned is kept per (device, LOG_T, GRAD_KIND, BLOCK,
-# num_warps) and launched itself, CompiledKernel[(blocks, 1, 1)](...)). Direct is sound
-# because the kernel's compiled form depends on nothing else: n_tensors' value and the
-# table's alignment are not specialized, the table is always int64 and scale a Python
-# float (fp32). On an H100 (2026-11-27, bench/launch_costs.py, Triton 3.6) a launch took
-# 16.4 us of host time directly against 24.4 us through the launcher, a whole Python
-# flush 51.3 against 64.6 us; the GPT-2 124M window's phases picked it (15.15 against
-# 17.56 ms, one run, within that table's noise), and its GPU tests passed there.
-# A Triton whose compiled kernels cannot be launched that way (the call raised before
-# launching: TypeError, AttributeError, IndexError) falls back to "jit" for good, with
-# one warning.
+# compiled kernel up on every call), "direct" (after the first such launch, the compiled
+# kernel it returned is kept per (device, LOG_T, GRAD_KIND, BLOCK, num_warps) and
+# launched itself, CompiledKernel[(blocks, 1, 1)](...)), "cxx" or "auto", the default.
+# Direct is sound because the kernel's compiled form depends on nothing else: n_tensors'
+# value and the table's alignment are not specialized, the table is always int64 and
+# scale a Python float (fp32). On an H100 (2026-11-27, bench/launch_costs.py, Triton 3.6)
+# a launch took 16.4 us of host time directly against 24.4 us through the launcher, a
+# whole Python flush 51.3 against 64.6 us, and its GPU tests passed there. A Triton whose
+# compiled kernels cannot be launched that way (the call raised before launching:
+# TypeError, AttributeError, IndexError) falls back to "jit" for good, with one warning.
 # "cxx": Python launches as "jit" (each of its launches registers the kernel, below), and
 # the C++ hook's table flushes (csrc/hooks.cpp, the common case inside a backward) launch
 # the compiled kernel themselves through the CUDA driver, with no Python at all: each
@@ -410,18 +419,24 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
 # Triton's launcher ran it once (_register_cxx), if its arguments and launch are what the
 # C++ launch passes (_cxx_spec; Triton 3.6 and 3.9 agree on them). The C++ side reads
 # _LAUNCH at each flush. Needs the extension built with CUDA; otherwise (or for a kernel
-# it cannot take) it warns once and flushes as "jit". On the H100 its flush took 23.9 us
-# against 54.0 us with Python launching the table (15.1 against 29.7 us on the day's
-# first H100 machine), and its GPU tests passed. Not the default: it warns wherever the
-# extension is missing, and its window gain is not measured apart from direct's yet
-# (window_phases.py launch=cxx).
-# FUSEDACCUM_TRITON_LAUNCH=jit|direct|cxx sets it for a process (bench/gpu_session.sh
+# it cannot take) it warns once and flushes as "jit". On the H100 its flush took 15.5 us
+# against 24.6 us with Python launching the table directly and 30.9 us through Triton's
+# launcher (2026-11-27, second session), and its GPU tests passed.
+# "auto" (the default) is both where each can run: Python launches as "direct", and the
+# C++ hook's flushes launch from C++ as with "cxx" wherever the extension (built with
+# CUDA) takes the kernel; where it does not (no extension, no CUDA build, a kernel it
+# cannot take), every flush stays "direct", without a warning. A launch the driver
+# refused in C++ still warns. Measured the best of the four on an H100 (2026-11-27,
+# bench/window_phases.py, host time per window): GPT-2 124M "cxx" 13.18 ms against
+# "direct" 13.70 and "jit" 13.78; two GPT-2 XL blocks (device synced) "cxx" 7.70 against
+# 8.75 and 8.49 ms.
+# FUSEDACCUM_TRITON_LAUNCH=jit|direct|cxx|auto sets it for a process (bench/gpu_session.sh
 # benchmarks with the mode its window phases measured fastest).
-_LAUNCH_MODES = ("jit", "direct", "cxx")
+_LAUNCH_MODES = ("jit", "direct", "cxx", "auto")
 
 
 def _launch_from_env() -> str:
-    """The launch mode FUSEDACCUM_TRITON_LAUNCH names ("direct" if unset; a value that is
+    """The launch mode FUSEDACCUM_TRITON_LAUNCH names ("auto" if unset; a value that is
     not a mode warns and is ignored)."""
     value = os.environ.get("FUSEDACCUM_TRITON_LAUNCH", "").strip()
     if value in _LAUNCH_MODES:
@@ -429,8 +444,8 @@ def _launch_from_env() -> str:
     if value:
         warnings.warn(f"fusedaccum: FUSEDACCUM_TRITON_LAUNCH={value!r} is not one of "
                       f"{', '.join(repr(m) for m in _LAUNCH_MODES)} (lower case); ignored: "
-                      "Triton kernels are launched as 'direct'", RuntimeWarning, stacklevel=2)
-    return "direct"
+                      "Triton kernels are launched as 'auto'", RuntimeWarning, stacklevel=2)
+    return "auto"
 
 
 _LAUNCH = _launch_from_env()
@@ -440,6 +455,7 @@ _DIRECT_FAILED: list = []  # the error that turned "direct" off, if any
 # hook: kept here for good, since it owns the CUDA function the C++ side launches
 _CXX_KERNELS: dict = {}
 _CXX_REFUSED: list = []  # why "cxx" launches nothing from C++, once known
+_CXX_UNLOADED = "the C++ hook is off or its extension is not loaded"
 
 
 def _cxx_spec(compiled) -> tuple[int, int, int] | str:
@@ -496,11 +512,14 @@ def _forget_cxx() -> None:
     _CXX_REFUSED.clear()
 
 
-def _register_cxx(compiled, device_index: int, log_t: int, kind: int, block: int) -> None:
-    """Hand a compiled _accumulate_many_kernel to the C++ hook for "cxx" launches (once per
-    variant); the first refusal is recorded in _CXX_REFUSED, with one warning, and
-    registers nothing more. Also where a launch the driver refused in C++ (which dropped
-    every registered kernel and sent its flush here) is reported."""
+def _register_cxx(compiled, device_index: int, log_t: int, kind: int, block: int,
+                  quiet: bool = False) -> None:
+    """Hand a compiled _accumulate_many_kernel to the C++ hook for "cxx" and "auto" launches
+    (once per variant); the first refusal is recorded in _CXX_REFUSED, with one warning
+    (none when ``quiet``: "auto", whose flushes then stay "direct"), and registers nothing
+    more (until table_flush finds the extension loaded, if it was not). Also where a launch
+    the driver refused in C++ (which dropped every registered kernel and sent its flush
+    here) is reported, quiet or not."""
     if _CXX_REFUSED:
         return
     from fusedaccum.ops import native
@@ -512,48 +531,50 @@ def _register_cxx(compiled, device_index: int, log_t: int, kind: int, block: int
         return
     spec = _cxx_spec(compiled)
     if failed:
-        why = f"a launch from C++ failed: {failed}"
+        why, quiet = f"a launch from C++ failed: {failed}", False
     elif isinstance(spec, str):
         why = spec
     elif hooks is None or not hasattr(hooks, "register_triton_kernel"):
-        why = "the C++ hook is off or its extension is not loaded"
+        why = _CXX_UNLOADED
     elif not hooks.register_triton_kernel(_SETTINGS, *key, *spec):
         why = "the extension was built without CUDA"
     else:
         _CXX_KERNELS[key] = compiled
         return
     _CXX_REFUSED.append(why)
-    warnings.warn(f"fusedaccum: Triton flush kernels cannot be launched from C++ ({why}); "
-                  "flushes go through Triton's launcher", RuntimeWarning, stacklevel=2)
+    if not quiet:
+        warnings.warn(f"fusedaccum: Triton flush kernels cannot be launched from C++ ({why}); "
+                      "flushes go through Triton's launcher", RuntimeWarning, stacklevel=2)
 
 
 def _launch_many_kernel(blocks: int, table, n_tensors: int, scale: float, log_t: int,
                         kind: int, block: int, warps: int, mode: str) -> None:
     if mode not in _LAUNCH_MODES:
         raise ValueError(f"launch mode must be one of {_LAUNCH_MODES}, got {mode!r}")
-    direct = mode == "direct" and not _DIRECT_FAILED
+    direct = mode in ("direct", "auto") and not _DIRECT_FAILED
     key = (table.device.index, log_t, kind, block, warps)
-    if direct:
-        compiled = _MANY_COMPILED.get(key)
-        if compiled is not None:
-            try:
-                # a compiled kernel's runner reads all three grid dimensions
-                compiled[(blocks, 1, 1)](table, n_tensors, scale, log_t, kind, block)
-                return
-            except (TypeError, AttributeError, IndexError) as exc:
-                _DIRECT_FAILED.append(exc)
-                _MANY_COMPILED.clear()
-                direct = False
-                warnings.warn(f"fusedaccum: launching Triton's compiled kernel directly "
-                              f"failed ({type(exc).__name__}: {exc}); flushes go through "
-                              "Triton's launcher from now on", RuntimeWarning, stacklevel=2)
-    compiled = _accumulate_many_kernel[(blocks,)](table, n_tensors, scale, LOG_T=log_t,
-                                                  GRAD_KIND=kind, BLOCK=block,
-                                                  num_warps=warps)
-    if direct and not _INTERPRETED and hasattr(compiled, "__getitem__"):
-        _MANY_COMPILED[key] = compiled
-    elif mode == "cxx" and table.device.type == "cuda":
-        _register_cxx(compiled, table.device.index, log_t, kind, block)
+    compiled = _MANY_COMPILED.get(key) if direct else None
+    if compiled is not None:
+        try:
+            # a compiled kernel's runner reads all three grid dimensions
+            compiled[(blocks, 1, 1)](table, n_tensors, scale, log_t, kind, block)
+        except (TypeError, AttributeError, IndexError) as exc:
+            _DIRECT_FAILED.append(exc)
+            _MANY_COMPILED.clear()
+            compiled, direct = None, False
+            warnings.warn(f"fusedaccum: launching Triton's compiled kernel directly "
+                          f"failed ({type(exc).__name__}: {exc}); flushes go through "
+                          "Triton's launcher from now on", RuntimeWarning, stacklevel=2)
+    if compiled is None:
+        compiled = _accumulate_many_kernel[(blocks,)](table, n_tensors, scale, LOG_T=log_t,
+                                                      GRAD_KIND=kind, BLOCK=block,
+                                                      num_warps=warps)
+        if direct and not _INTERPRETED and hasattr(compiled, "__getitem__"):
+            _MANY_COMPILED[key] = compiled
+    # (Python launches the flushes the C++ hook does not: rare where it runs, and each
+    # is where a failed C++ launch gets reported)
+    if mode in ("cxx", "auto") and table.device.type == "cuda" and not _CXX_REFUSED:
+        _register_cxx(compiled, table.device.index, log_t, kind, block, quiet=mode == "auto")
 
 
 def _launch_accumulate_many(accs, grads, scale, overwrite=None, *, upload: str | None = None,
@@ -597,6 +618,8 @@ def table_flush(device: torch.device, dtype: torch.dtype) -> tuple | None:
     if _TRITON_IMPORT_ERROR is not None or (_INTERPRETED and device.type != "cpu") \
             or dtype not in _KIND:
         return None
+    if _CXX_REFUSED == [_CXX_UNLOADED]:  # (the hook asking has the extension loaded now)
+        _CXX_REFUSED.clear()
     return _launch_table, _config("accumulate")[0], _KIND[dtype]
 
 
