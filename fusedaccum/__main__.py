@@ -102,6 +102,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
              else "off (FUSEDACCUM_FAST_HOOKS=0, or the C++ extension is not built)")
     print(f"\nC++ extension: {native.build_info()}")
     print(f"C++ post-accumulate-grad hook: {hooks}")
+    from fusedaccum.ops import triton as triton_ops
+
+    state = native._load()
+    launch = triton_ops.launch_summary(native.hooks_module(load=False) is not None,
+                                       state.error is None and state.cuda)
+    print(f"triton batch flushes on a GPU: {launch}")
     return 0
 
 

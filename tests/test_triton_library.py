@@ -963,6 +963,25 @@ def test_launch_mode_the_environment_misspells_warns_and_is_the_default(monkeypa
         assert T._launch_from_env() == "auto"
 
 
+def test_launch_summary_says_where_flushes_launch(monkeypatch):
+    """`python -m fusedaccum info`'s line: "auto" and "cxx" launch from C++ only with the
+    C++ hook on, a CUDA build and no refusal; else "auto" is "direct", and "cxx" warns."""
+    monkeypatch.setattr(T, "_CXX_REFUSED", [])
+    for mode in ("auto", "cxx"):
+        monkeypatch.setattr(T, "_LAUNCH", mode)
+        assert "from the C++ hook" in T.launch_summary(True, True)
+        for hooks_on, cuda_build, why in ((False, True, "hook is off"),
+                                          (True, False, "without CUDA")):
+            line = T.launch_summary(hooks_on, cuda_build)
+            assert line.startswith(f"'{mode}'") and why in line, line
+            assert ("'direct' from Python" in line) is (mode == "auto"), line
+    monkeypatch.setattr(T, "_CXX_REFUSED", ["its arguments are ..."])
+    assert "refused: its arguments are" in T.launch_summary(True, True)
+    for mode in ("jit", "direct"):
+        monkeypatch.setattr(T, "_LAUNCH", mode)
+        assert T.launch_summary(True, True).startswith(f"'{mode}'")
+
+
 def test_launch_mode_the_environment_sets_is_the_modules():
     """FUSEDACCUM_TRITON_LAUNCH set before the import is the mode every flush reads
     (_LAUNCH, also read by csrc/hooks.cpp)."""

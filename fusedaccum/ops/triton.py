@@ -623,6 +623,28 @@ def table_flush(device: torch.device, dtype: torch.dtype) -> tuple | None:
     return _launch_table, _config("accumulate")[0], _KIND[dtype]
 
 
+def launch_summary(hooks_on: bool, cuda_build: bool) -> str:
+    """How the triton backend's batch flushes launch on a GPU, as ``python -m fusedaccum
+    info`` says it: the mode in effect (_LAUNCH), given whether the C++ hook is on and the
+    extension was built with CUDA (what "cxx" and "auto" need)."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return "none (Triton is not importable)"
+    from_cxx = hooks_on and cuda_build and not _CXX_REFUSED
+    why = ("the C++ hook is off" if not hooks_on else
+           "the extension was built without CUDA" if not cuda_build else
+           f"refused: {_CXX_REFUSED[0]}" if _CXX_REFUSED else "")
+    if _LAUNCH == "jit":
+        return "'jit' (Triton's launcher, every flush)"
+    if _LAUNCH == "direct":
+        return "'direct' (Triton's compiled kernel, launched by Python)"
+    if from_cxx:
+        return (f"'{_LAUNCH}' (from the C++ hook, through the CUDA driver, once Triton compiled "
+                "each kernel variant)")
+    if _LAUNCH == "cxx":
+        return f"'cxx', but through Triton's launcher, with a warning ({why})"
+    return f"'auto': 'direct' from Python ({why})"
+
+
 # --------------------------------------------------------------------------------------
 # grad_norm
 # --------------------------------------------------------------------------------------
