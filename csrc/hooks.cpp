@@ -64,10 +64,11 @@ PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_
     *s_wants_callback, *s_launch_setting, *s_cxx, *s_auto;
 
 // Kernels Triton compiled for the table flush that are launched here, through the CUDA
-// driver, instead of by the Python launcher (ops/triton.py _LAUNCH = "cxx", "auto"). ops/triton.py
-// registers each (device, grad_kind, LOG_T, BLOCK) variant after Triton's launcher ran it
-// once, and keeps its CompiledKernel (which owns the function) alive. Used only while
-// g_settings._LAUNCH is "cxx" or "auto", read at each flush as the Python launcher reads it.
+// driver, instead of by the Python launcher (ops/triton.py _LAUNCH = "cxx" or "auto").
+// ops/triton.py registers each (device, grad_kind, LOG_T, BLOCK) variant after Triton's
+// launcher ran it once, and keeps its CompiledKernel (which owns the function) alive. Used
+// only while g_settings._LAUNCH is "cxx" or "auto", read at each flush as the Python
+// launcher reads it.
 struct TritonKernel {
   void* function;
   int num_warps, shared;
