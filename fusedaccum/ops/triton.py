@@ -629,15 +629,14 @@ def launch_summary(hooks_on: bool, cuda_build: bool) -> str:
     extension was built with CUDA (what "cxx" and "auto" need)."""
     if _TRITON_IMPORT_ERROR is not None:
         return "none (Triton is not importable)"
-    from_cxx = hooks_on and cuda_build and not _CXX_REFUSED
-    why = ("the C++ hook is off" if not hooks_on else
-           "the extension was built without CUDA" if not cuda_build else
-           f"refused: {_CXX_REFUSED[0]}" if _CXX_REFUSED else "")
     if _LAUNCH == "jit":
         return "'jit' (Triton's launcher, every flush)"
     if _LAUNCH == "direct":
         return "'direct' (Triton's compiled kernel, launched by Python)"
-    if from_cxx:
+    why = ("the C++ hook is off" if not hooks_on else
+           "the extension was built without CUDA" if not cuda_build else
+           f"refused: {_CXX_REFUSED[0]}" if _CXX_REFUSED else None)
+    if why is None:
         return (f"'{_LAUNCH}' (from the C++ hook, through the CUDA driver, once Triton compiled "
                 "each kernel variant)")
     if _LAUNCH == "cxx":
