@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call for a session that is lent a GPU: build the extension with CUDA
 # while the Triton tests run, then the cuda, auto and data-parallel suites side by side,
-# the host costs and window phases, and the benchmark (its windows twice: pre-made and
-# fresh gradients). Every stage has its own time limit, so one hang cannot eat the lease.
+# the host costs and window phases, and the benchmark (its windows twice: fresh gradients,
+# the default, and pre-made ones). Every stage has its own time limit, so one hang cannot eat the lease.
 # The benchmark stages run with the Triton launch mode the window phases timed fastest
 # (bench/pick_launch.py). Logs and reports land in $OUT (at most 8 files come back): copy
 # the reports to bench/results/ and commit them with the card's name and date.
@@ -11,7 +11,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
 # (diag: the C++ exception crash of 2026-11-26, fixed; it ran clean on an H100 on 2026-11-26)
-STAGES=${STAGES:-"build triton cuda auto dist tritonhook phases bench fresh"}
+# (kernels: the batch kernels' bandwidth and one flush's host cost taken apart, measured
+# on 2026-11-27: results/NVIDIA-H100-80GB-HBM3_2026-11-27_0348_phases.md)
+STAGES=${STAGES:-"build triton cuda auto dist tritonhook phases bench premade"}
 # windows only by default (the ops were measured on 2026-11-26: results/NVIDIA-H200_*,
 # results/NVIDIA-H100-80GB-HBM3_*);
 # with the ops: BENCH_ARGS="--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3
@@ -183,38 +185,37 @@ if has cuda && grep -E "$CXX_FAILED" "$OUT/tests_cuda.log" >/dev/null 2>&1; then
   grep -E "$CXX_FAILED" "$OUT/tests_cuda.log" | head -10 | cut -c1-300 | tee -a "$LOG"
   export FUSEDACCUM_TRITON_LAUNCH=direct
 fi
-if has phases; then
+if has kernels; then
   log "device bandwidth of the batch kernels: the triton table kernel's aligned (16-byte \
 vector) and misaligned (masked, as before 2026-11-27) paths, the extension's"
   timeout 60 python bench/many_bandwidth.py 2>&1 | tee -a "$LOG"
   log "host cost of one batch flush, taken apart (triton against cuda)"
   timeout 60 python bench/launch_costs.py 2>&1 | tee -a "$LOG"
-  log "host cost per param of the hooks (148 tiny bf16 params), cuda and triton backends"
+fi
+if has phases; then
+  log "host cost per param of the hooks (148 tiny bf16 params), cuda and triton backends, \
+fresh gradients; cuda also with pre-made ones (AccumulateGrad copies them)"
   for b in cuda triton; do
     timeout 40 python bench/hook_costs.py --backend "$b" 2>&1 | tee -a "$LOG"
   done
-  log "window phases, host time, one process: also cuda without the C++ hook, 128 MiB \
-batches, triton with its full batches flushed in Python (not by the C++ hook's table \
-flush), with 128 MiB batches, launched by Python (direct) or through Triton's launcher (jit) \
+  timeout 40 python bench/hook_costs.py --backend cuda --premade-grads 2>&1 | tee -a "$LOG"
+  log "window phases, host time, one process: the C++ hook taking gradients before \
+AccumulateGrad (default) or after it (no-pre-hook); triton launched by Python (direct) \
 instead of from C++ (auto)"
-  # (20 rounds: on 2026-11-27 rows of the same code differed by up to 5% with 10, more
-  # than the launch modes it compares; about 18 s more)
+  # (20 rounds: on 2026-11-27 rows of the same code differed by up to 5% with 10)
   timeout 120 python bench/window_phases.py --model gpt2-124m --rounds 20 \
       --backends cuda,triton --json /tmp/phases_124m.json --variants \
-      python-hooks,flush=128,triton:python-flush,triton:flush=128,triton:launch=direct,triton:launch=jit \
+      no-pre-hook,python-hooks,triton:no-pre-hook,triton:launch=direct \
       2>&1 | tee -a "$LOG"
-  log "bytes of a large-tensor window (two GPT-2 XL blocks), device synced: the boundary \
-leaving the accumulators for the next window to overwrite (default) or zeroing them \
-(no-lazy), or also adding the first gradients (no-overwrite); the norm riding or not; \
-triton's flushes launched by Python (direct) instead of from C++, or with the gradients \
-above 4M elements a flush each (batch-max=4M, before 2026-11-27), or cuda batching up to 16M"
+  log "a large-tensor window (two GPT-2 XL blocks), device synced: the pre-hook or not, \
+the boundary zeroing the accumulators (no-lazy), triton launched by Python (direct)"
   timeout 75 python bench/window_phases.py --model gpt2-1.5b-2layers --rounds 10 --sync \
       --backends cuda,triton \
-      --variants no-lazy,no-overwrite,ride,triton:no-lazy,triton:launch=direct,triton:batch-max=4M,cuda:batch-max=16M \
+      --variants no-pre-hook,no-lazy,triton:no-pre-hook,triton:launch=direct \
       2>&1 | tee -a "$LOG"
-  log "window phases with fresh gradients (as a real backward makes them)"
+  log "window phases with pre-made gradients (AccumulateGrad copies them, but not ours)"
   timeout 60 python bench/window_phases.py --model gpt2-124m --rounds 8 --backends cuda \
-      --fresh-grads 2>&1 | tee -a "$LOG"
+      --variants no-pre-hook --premade-grads 2>&1 | tee -a "$LOG"
 fi
 # the benchmark's triton windows run with the launch mode these phases timed fastest
 # (bench/pick_launch.py: by more than 2%, else the default); its report lists it
@@ -236,15 +237,16 @@ if has bench; then
       >>"$LOG" 2>&1
   log "bench exit $?"
 fi
-if has fresh; then
-  # the same windows with a fresh gradient per param and micro-batch, as a real backward
-  # makes them (AccumulateGrad takes it over instead of copying the harness's tensor into
-  # a released p.grad): the report goes to the log only ($OUT holds 8 files at most)
-  log "benchmark, fresh gradients: --ops none --window-budget 4 --fresh-grads"
+if has premade; then
+  # the same windows with the harness's pre-made gradients (the default before
+  # 2026-11-27): AccumulateGrad copies each into a released p.grad for the peers, while
+  # ours takes it before AccumulateGrad; the report goes to the log only ($OUT holds 8
+  # files at most)
+  log "benchmark, pre-made gradients: --ops none --window-budget 4 --premade-grads"
   env ${LAUNCH_PICK:+FUSEDACCUM_TRITON_LAUNCH=$LAUNCH_PICK} \
-      timeout 150 python -m fusedaccum bench --no-progress --out /tmp/fresh_bench --ops none \
-      --window-budget 4 --compile off --backends triton,cuda,auto --fresh-grads >>"$LOG" 2>&1
-  log "bench (fresh gradients) exit $?"
+      timeout 150 python -m fusedaccum bench --no-progress --out /tmp/premade_bench --ops none \
+      --window-budget 4 --compile off --backends triton,cuda,auto --premade-grads >>"$LOG" 2>&1
+  log "bench (pre-made gradients) exit $?"
 fi
 for f in tests_triton tests_cuda tests_auto; do
   [[ -f "$OUT/$f.log" ]] && { echo "--- $f failures"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" \

@@ -13,7 +13,16 @@ longer than the run), over ``--params`` bf16 params of ``--numel`` elements:
 * ``C++ hook`` / ``Python hook`` (``FUSEDACCUM_FAST_HOOKS=0``): the wrapper, batching the
   gradients and flushing at the end of each backward;
 * ``... flush per grad``: the batch limit at 1 byte, so every gradient fills its batch
-  and is flushed at once (by the C++ hook, or in Python).
+  and is flushed at once (by the C++ hook, or in Python);
+* ``C++ hook after AccumulateGrad``: the C++ hook without its tensor pre-hook
+  (``accumulator._PRE_HOOK``): AccumulateGrad makes each ``.grad`` and the
+  post-accumulate-grad hook takes it.
+
+Each backward hands every param a new copy of its gradient, as a model's backward makes
+fresh gradients (``bench._Deliver.fresh``: the copies are made in the backward, for every
+contender). ``--premade-grads`` hands the same tensors every time instead: AccumulateGrad
+then copies each (it cannot take a gradient someone else holds), except where the C++
+hook takes it before AccumulateGrad.
 
 Rows: the median over shuffled rounds of the host time of one micro-batch, divided by
 the number of params, and that minus the plain-autograd row: the hook's own cost per
@@ -47,9 +56,10 @@ class _Plain:
 
 
 class _Wrapped:
-    def __init__(self, params, backend, fast: bool, flush_bytes: int | None):
+    def __init__(self, params, backend, fast: bool, flush_bytes: int | None,
+                 pre_hook: bool = True):
         self.params = params
-        with bench.hook_settings(fast, flush_bytes):
+        with bench.hook_settings(fast, flush_bytes, pre_hook=pre_hook):
             self.opt = FusedAccumulator(torch.optim.SGD(params, lr=1e-3),
                                         accumulation_steps=1 << 30, backend=backend)
 
@@ -67,6 +77,7 @@ def contenders(device: torch.device, backend: str, n_params: int, numel: int) ->
     for fast, label in ((True, "C++ hook"), (False, "Python hook")):
         out[label] = _Wrapped(params(), backend, fast, None)
         out[f"{label}, flush per grad"] = _Wrapped(params(), backend, fast, 1)
+    out["C++ hook after AccumulateGrad"] = _Wrapped(params(), backend, True, None, False)
     return out
 
 
@@ -94,9 +105,10 @@ def measure(device, backend, n_params, numel, rounds, seed=0) -> dict:
 
 def report(device, backend, n_params, numel, rounds, per_param: dict) -> str:
     base = per_param["plain autograd"]
+    grads = "fresh gradients" if bench._Deliver.fresh else "gradients made once"
     lines = [f"### host time per param of one micro-batch (backward + step()): {n_params} bf16 "
              f"params of {numel} elements, {bench.device_name(device)}, backend {backend!r}, "
-             f"{rounds} rounds",
+             f"{grads}, {rounds} rounds",
              "| contender | per param | over plain autograd |", "|---|---|---|"]
     for name, t in per_param.items():
         extra = "" if name == "plain autograd" else bench.fmt_time(t - base)
@@ -111,8 +123,11 @@ def main(argv=None) -> int:
     ap.add_argument("--params", type=int, default=148)
     ap.add_argument("--numel", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--premade-grads", action="store_true",
+                    help="hand every backward the same gradients (AccumulateGrad copies them)")
     ap.add_argument("--out", default=None, help="directory for <device>_<date>_hook_costs.md")
     args = ap.parse_args(argv)
+    bench._Deliver.fresh = not args.premade_grads
     device = torch.device(args.device)
     backend = args.backend or ("cuda" if device.type == "cuda" else "cpu")
     per_param = measure(device, backend, args.params, args.numel, args.rounds)

@@ -141,14 +141,19 @@ def main(argv=None) -> int:
                     f"{acc_mod._BATCH_FLUSH_BYTES_CPU >> 20} MiB on CPUs)")
     ap.add_argument("--json", default=None, metavar="PATH",
                     help="also write the medians there: {contender: {phase: seconds}}")
-    ap.add_argument("--fresh-grads", action="store_true",
-                    help="hand each param a new copy of its gradient (python -m fusedaccum "
-                    "bench --help)")
+    grads = ap.add_mutually_exclusive_group()
+    grads.add_argument("--fresh-grads", action="store_true",
+                       help="hand each param a new copy of its gradient (the default; python -m "
+                       "fusedaccum bench --help)")
+    grads.add_argument("--premade-grads", action="store_true",
+                       help="hand the pre-made gradients (python -m fusedaccum bench --help)")
     ap.add_argument("--variants", default="",
                     help="extra contenders in the same rounds, comma-separated: "
                     "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'python-flush' (the "
                     "C++ hook on, but a triton bucket's full batches flushed in Python: "
-                    "accumulator.py _TABLE_FLUSH), 'flush=<MiB>', 'batch-max=<elements>' (half "
+                    "accumulator.py _TABLE_FLUSH), 'no-pre-hook' (the C++ hook takes the "
+                    "gradients after AccumulateGrad made .grad: accumulator.py _PRE_HOOK), "
+                    "'flush=<MiB>', 'batch-max=<elements>' (half "
                     "gradients up to that size join batches, e.g. 16M: accumulator.py "
                     "_BATCH_MAX_NUMEL), "
                     "'table=pinned|pageable|cached' (how a Triton flush uploads its table: "
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
                 [b for b in bench.bench_backends(dev)[0] if b != "reference"])
     if dev.type == "cuda" and "cuda" in backends and "triton" in backends:
         backends.append("auto")
-    bench._Deliver.fresh = args.fresh_grads
+    bench._Deliver.fresh = not args.premade_grads
     clock = Clock(dev, args.sync)
     restore = _instrument(clock)
     flush = None if args.flush_mib is None else int(args.flush_mib * (1 << 20))
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
         with bench.hook_settings(flush_bytes=flush):
             _run(args, dev, backends, clock)
     finally:
-        bench._Deliver.fresh = False
+        bench._Deliver.fresh = True
         restore()
     return 0
 
@@ -194,6 +199,9 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
             return bench.FusedContender(wl, backend)
     if variant == "python-flush":
         with bench.hook_settings(table_flush=False):
+            return bench.FusedContender(wl, backend)
+    if variant == "no-pre-hook":
+        with bench.hook_settings(pre_hook=False):
             return bench.FusedContender(wl, backend)
     if variant.startswith("batch-max="):
         # gradients of up to this many elements join batches; larger ones are a flush
@@ -222,7 +230,8 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         c = bench.FusedContender(wl, backend)
         c.triton_settings = {attr: value}
         return c
-    raise SystemExit(f"unknown variant {variant!r}: python-hooks, python-flush, flush=<MiB>, "
+    raise SystemExit(f"unknown variant {variant!r}: python-hooks, python-flush, no-pre-hook, "
+                     "flush=<MiB>, "
                      "batch-max=<elements>, no-overwrite, "
                      f"no-lazy, ride, no-ride, table={'|'.join(tri._TABLE_MODES)} or "
                      f"launch={'|'.join(tri._LAUNCH_MODES)}")
@@ -271,7 +280,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
           f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "
           f"{acc_mod._flush_bytes(dev) / (1 << 20):g} MiB, C++ batching hook "
           f"{'on' if native.hooks_module(load=False) is not None else 'off'}"
-          f"{', fresh gradients' if args.fresh_grads else ''}")
+          f"{', pre-made gradients' if args.premade_grads else ', fresh gradients'}")
     print("| contender | phase | median per window |")
     print("|---|---|---|")
     order = ["window", "backward x k (hooks, batches)", "backward x k (hooks)",

@@ -27,7 +27,9 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -56,6 +58,12 @@ using torch::autograd::PostAccumulateGradHook;
 using torch::autograd::Variable;
 
 std::atomic<int64_t> g_hits{0}, g_flushes{0}, g_flushed_grads{0};
+// gradients BatchPreHook took before AccumulateGrad (also counted in g_hits)
+std::atomic<int64_t> g_pre_hits{0};
+// the param whose gradient BatchPreHook took last on this thread, until its BatchHook runs
+// (the engine calls the param's post-accumulate-grad hook even when AccumulateGrad
+// received nothing)
+thread_local c10::TensorImpl* t_pre_taken = nullptr;
 // batches accumulated by flush_batch called from Python, and their gradients
 std::atomic<int64_t> g_called_flushes{0}, g_called_grads{0};
 
@@ -430,10 +438,16 @@ struct BatchHook final : PostAccumulateGradHook {
   }
 
   void operator()(const Variable& param) override {
+    // AccumulateGrad received nothing because BatchPreHook took the gradient on this
+    // thread just before (its dict held only our hook then): nothing to do
+    if (t_pre_taken == param.unsafeGetTensorImpl()) {
+      t_pre_taken = nullptr;
+      if (!param.grad().defined()) return;
+    }
     PyGILState_STATE gil = PyGILState_Ensure();
     bool done;
     try {
-      done = take(param);
+      done = take(param, param.grad());
     } catch (...) {  // the accumulation failed (direct mode): the error goes to backward()
       PyGILState_Release(gil);
       throw;
@@ -459,13 +473,13 @@ struct BatchHook final : PostAccumulateGradHook {
   // where it does nothing else: batched (small params) the gradient joins the bucket's
   // batch; direct (the others) it is accumulated at once by the extension's accumulate_
   // op, with no statistic. True when done, false (nothing changed) to run the Python hooks.
-  bool take(const Variable& param) {
+  // grad: param.grad, or (BatchPreHook) the gradient AccumulateGrad is about to receive
+  bool take(const Variable& param, const at::Tensor& grad) {
     if (!PyDict_Check(dict) || PyDict_GET_SIZE(dict) != 1) return false;  // an OrderedDict
     if (PyDict_GetItemWithError(dict, key) == nullptr) {  // our hook was removed
       PyErr_Clear();
       return false;
     }
-    const at::Tensor& grad = param.grad();
     if (!grad.defined() || grad.layout() != c10::kStrided || grad.requires_grad() ||
         !grad.is_contiguous())
       return false;
@@ -685,27 +699,89 @@ struct BatchHook final : PostAccumulateGradHook {
   int grad_kind;
 };
 
+// The same common case one step earlier: a tensor pre-hook on the param (the last one) that
+// hands the gradient AccumulateGrad is about to receive to the param's BatchHook and, where
+// it takes it, lets AccumulateGrad receive nothing. AccumulateGrad then returns at once: no
+// .grad is made (a copy of the gradient wherever it cannot take the gradient itself, an
+// allocation and a kernel on a GPU), set and cleared again, and no post-accumulate-grad hook
+// runs. Everything else goes through AccumulateGrad and BatchHook as before: a .grad already
+// there (AccumulateGrad adds to it), create_graph (grad mode on), a backward that does not
+// run every AccumulateGrad (inputs=, torch.autograd.grad: the gradient is captured, not
+// accumulated), a tensor hook after this one, hooks on the AccumulateGrad node itself
+// (DistributedDataParallel's), a post-accumulate-grad slot that is not a BatchHook, and every
+// case BatchHook::take leaves to Python. Compiled autograd does not see it (compiled_args
+// adds nothing): its traced AccumulateGrad and post-accumulate-grad hooks do the work.
+struct BatchPreHook final : torch::autograd::FunctionPreHook {
+  // The param owns this hook (its autograd metadata holds it), so the param outlives every
+  // call: a plain pointer, not a reference that would keep the param alive.
+  explicit BatchPreHook(c10::TensorImpl* param) : param(param) {}
+
+  torch::autograd::variable_list operator()(
+      const torch::autograd::variable_list& grads) override {
+    if (grads.size() != 1 || at::GradMode::is_enabled()) return grads;
+    const at::Tensor& grad = grads[0];
+    const Variable var(
+        c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(param));
+    if (!grad.defined() || var.grad().defined() || grad.scalar_type() != var.scalar_type() ||
+        grad.device() != var.device() || !grad.sizes().equals(var.sizes()))
+      return grads;
+    const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
+    if (exec_info == nullptr || !exec_info->empty()) return grads;
+    auto& tensor_hooks = torch::autograd::impl::hooks(var);
+    if (tensor_hooks.empty() || tensor_hooks.back().get() != this) return grads;
+    auto* post = dynamic_cast<BatchHook*>(torch::autograd::impl::post_acc_grad_hooks(var).get());
+    if (post == nullptr) return grads;
+    const auto node = torch::autograd::impl::try_get_grad_accumulator(var);
+    if (node.get() == nullptr || !node->pre_hooks().empty() || !node->post_hooks().empty())
+      return grads;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    bool done;
+    try {
+      done = post->take(var, grad);
+    } catch (...) {  // the accumulation failed (direct mode): the error goes to backward()
+      PyGILState_Release(gil);
+      throw;
+    }
+    PyGILState_Release(gil);
+    if (!done) return grads;
+    t_pre_taken = param;
+    g_pre_hits.fetch_add(1, std::memory_order_relaxed);
+    return {at::Tensor()};  // AccumulateGrad receives nothing
+  }
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs&) const override {}
+#else
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs&) override {}
+#endif
+
+  c10::TensorImpl* param;
+};
+
 // install_batch_hook(param, hooks_dict, key, owner_ref, bucket_ref, index, nbytes,
 //                    flush_bytes, direct=False, native_flush=False, launcher=None,
-//                    block=0, grad_kind=0): after
+//                    block=0, grad_kind=0, pre_hook=False): after
 // param.register_post_accumulate_grad_hook returned a handle with id `key` into
 // `hooks_dict` (param._post_accumulate_grad_hooks). direct: accumulate with the
 // extension's accumulate_ op instead of batching; native_flush: accumulate a batch the
 // gradient fills with the extension's accumulate_many_ op (the bucket's backend uses it);
 // launcher (a callable; not with native_flush): accumulate such a batch, or (direct) the
 // gradient, by building the kernel's table here and calling launcher(table, n_tensors,
-// blocks, grad_kind, block) (the triton backend's), `block` elements per program.
+// blocks, grad_kind, block) (the triton backend's), `block` elements per program;
+// pre_hook: also take the common case before AccumulateGrad (BatchPreHook; without it, a
+// BatchPreHook installed before is removed).
 PyObject* install_batch_hook(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
   PyObject *param, *dict, *key, *owner_ref, *bucket_ref;
   Py_ssize_t index;
   long long nbytes, flush_bytes;
-  int direct = 0, native_flush = 0, grad_kind = 0;
+  int direct = 0, native_flush = 0, grad_kind = 0, pre_hook = 0;
   PyObject* launcher = Py_None;
   long long block = 0;
-  if (!PyArg_ParseTuple(args, "OO!OO!O!nLL|ppOLi", &param, &PyDict_Type, &dict, &key,
+  if (!PyArg_ParseTuple(args, "OO!OO!O!nLL|ppOLip", &param, &PyDict_Type, &dict, &key,
                         &_PyWeakref_RefType, &owner_ref, &_PyWeakref_RefType, &bucket_ref,
                         &index, &nbytes, &flush_bytes, &direct, &native_flush, &launcher,
-                        &block, &grad_kind))
+                        &block, &grad_kind, &pre_hook))
     return nullptr;
   if (launcher == Py_None) {
     launcher = nullptr;
@@ -748,7 +824,27 @@ PyObject* install_batch_hook(PyObject*, PyObject* args) {
       var, std::make_unique<BatchHook>(std::move(inner), dict, key, owner_ref, bucket_ref,
                                        index, nbytes, flush_bytes, direct != 0,
                                        native_flush != 0, launcher, block, grad_kind));
+  // the tensor pre-hook: one per param, kept where it is (a later install reuses it)
+  std::vector<std::unique_ptr<torch::autograd::FunctionPreHook>>& tensor_hooks =
+      torch::autograd::impl::hooks(var);
+  bool has_pre = false;
+  for (auto it = tensor_hooks.begin(); it != tensor_hooks.end();) {
+    if (dynamic_cast<BatchPreHook*>(it->get()) == nullptr) {
+      ++it;
+    } else if (pre_hook && !has_pre) {
+      has_pre = true;
+      ++it;
+    } else {
+      it = tensor_hooks.erase(it);
+    }
+  }
+  // (appended: impl::add_hook insists on an empty list, the param's one Python or C++
+  // hook list; autograd runs every hook in it, and torch clears it all before it puts a
+  // first Python or C++ hook list there after ours)
+  if (pre_hook && !has_pre)
+    tensor_hooks.push_back(std::make_unique<BatchPreHook>(var.unsafeGetTensorImpl()));
   Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
 }
 
 // flush_batch(bucket, launcher=None, block=0, grad_kind=0) -> bool: FusedAccumulator._flush
@@ -855,6 +951,10 @@ PyObject* batch_hook_hits(PyObject*, PyObject*) {
   return PyLong_FromLongLong(g_hits.load(std::memory_order_relaxed));
 }
 
+PyObject* batch_prehook_hits(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(g_pre_hits.load(std::memory_order_relaxed));
+}
+
 PyObject* batch_hook_flushes(PyObject*, PyObject*) {
   return Py_BuildValue("(LL)", static_cast<long long>(g_flushes.load(std::memory_order_relaxed)),
                        static_cast<long long>(g_flushed_grads.load(std::memory_order_relaxed)));
@@ -879,6 +979,8 @@ PyMethodDef methods[] = {
      "(batches, gradients) accumulated by flush_batch called from Python (this process)."},
     {"batch_hook_hits", batch_hook_hits, METH_NOARGS,
      "How many gradients the C++ batching hook has taken (all params, this process)."},
+    {"batch_prehook_hits", batch_prehook_hits, METH_NOARGS,
+     "How many of those gradients the tensor pre-hook took before AccumulateGrad."},
     {"batch_hook_flushes", batch_hook_flushes, METH_NOARGS,
      "(batches, gradients): how many full batches the C++ batching hook has accumulated "
      "(native flush, all params, this process) and how many gradients they held."},

@@ -66,6 +66,12 @@ _BATCH_FLUSH_BYTES_CPU = 2 << 20
 # python-flush).
 _TABLE_FLUSH = True
 
+# Whether the C++ hook also takes a half param's gradient before AccumulateGrad (a tensor
+# pre-hook, csrc/hooks.cpp BatchPreHook): AccumulateGrad then receives nothing, so no .grad
+# is made, set and cleared (nor copied, where autograd cannot hand the gradient over), and
+# no post-accumulate-grad hook runs. Read when a wrapper installs its hooks.
+_PRE_HOOK = True
+
 
 def _batch_max_numel(ops) -> int:
     """The largest half gradient a bucket running ``ops`` batches (larger ones are
@@ -1071,7 +1077,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         module.install_batch_hook(p, p._post_accumulate_grad_hooks, handle.id,
                                   weakref.ref(self), weakref.ref(b), i, nbytes,
                                   _flush_bytes(b.device), direct, batched and is_native,
-                                  launcher, block, kind)
+                                  launcher, block, kind, _PRE_HOOK)
 
     def _expose_grad(self, b: Bucket, i: int) -> None:
         """Give the stepped tensor a ``.grad`` viewing the window (GradScaler sees it)."""

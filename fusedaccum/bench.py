@@ -288,20 +288,24 @@ def gc_paused():
 
 @contextlib.contextmanager
 def hook_settings(fast: bool | None = None, flush_bytes: int | None = None,
-                  batch_max_numel: int | None = None, table_flush: bool | None = None):
+                  batch_max_numel: int | None = None, table_flush: bool | None = None,
+                  pre_hook: bool | None = None):
     """Wrappers made inside get the C++ batching hook on or off (``FUSEDACCUM_FAST_HOOKS``),
     another batch flush size, another largest batched gradient (larger ones are
-    accumulated alone) and/or a triton bucket's full batches flushed by the C++ hook or in
-    Python (``accumulator._TABLE_FLUSH``): all are read when a wrapper installs its
-    hooks, so a contender built here keeps them. Put back after."""
+    accumulated alone), a triton bucket's full batches flushed by the C++ hook or in
+    Python (``accumulator._TABLE_FLUSH``) and/or the C++ hook taking gradients before
+    AccumulateGrad or not (``accumulator._PRE_HOOK``): all are read when a wrapper
+    installs its hooks, so a contender built here keeps them. Put back after."""
     from fusedaccum import accumulator as acc_mod
 
     env = os.environ.get("FUSEDACCUM_FAST_HOOKS")
     flush = acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU
-    batch_max, table = acc_mod._BATCH_MAX_NUMEL, acc_mod._TABLE_FLUSH
+    batch_max, table, pre = acc_mod._BATCH_MAX_NUMEL, acc_mod._TABLE_FLUSH, acc_mod._PRE_HOOK
     try:
         if table_flush is not None:
             acc_mod._TABLE_FLUSH = table_flush
+        if pre_hook is not None:
+            acc_mod._PRE_HOOK = pre_hook
         if fast is not None:
             os.environ["FUSEDACCUM_FAST_HOOKS"] = "1" if fast else "0"
         if flush_bytes is not None:  # (on every device)
@@ -312,6 +316,7 @@ def hook_settings(fast: bool | None = None, flush_bytes: int | None = None,
     finally:
         acc_mod._BATCH_FLUSH_BYTES, acc_mod._BATCH_FLUSH_BYTES_CPU = flush
         acc_mod._BATCH_MAX_NUMEL, acc_mod._TABLE_FLUSH = batch_max, table
+        acc_mod._PRE_HOOK = pre
         if env is None:
             os.environ.pop("FUSEDACCUM_FAST_HOOKS", None)
         else:
@@ -919,7 +924,11 @@ class _Deliver(torch.autograd.Function):
         ctx.grads = grads
         return params[0].new_zeros(())
 
-    fresh = False  # --fresh-grads: hand each param a new copy, as a real backward does
+    # hand each param a new copy, as a real backward makes fresh gradients (the default
+    # since 2026-11-27); --premade-grads: the pre-made tensors, which AccumulateGrad copies
+    # into a released p.grad for every contender but ours, whose C++ hook takes them
+    # before AccumulateGrad (accumulator._PRE_HOOK): a copy no model's backward makes
+    fresh = True
 
     @staticmethod
     def backward(ctx, _):
@@ -1665,12 +1674,14 @@ def _window_legend(device, k):
         "the params' AccumulateGrad nodes and hooks; no forward or matmuls, which all "
         "contenders would share); ours calls `step()` and `zero_grad()` after each of the "
         f"k={k} micro-batches. "
-        + ("With --fresh-grads that node hands each param a new copy (one kernel per param, "
-           "as a real backward makes fresh gradients), which AccumulateGrad takes over."
+        + ("That node hands each param a new copy (one kernel per param, as a real backward "
+           "makes fresh gradients), which AccumulateGrad takes over (ours takes it before "
+           "AccumulateGrad)."
            if _Deliver.fresh else
-           "The gradients are held elsewhere, so AccumulateGrad copies each one into a "
-           "released `p.grad` (ours, the recipe, the tutorial's first micro-batch); "
-           "`--fresh-grads` hands fresh copies instead, as a real backward would."),
+           "With --premade-grads the gradients are held elsewhere, so AccumulateGrad copies "
+           "each one into a released `p.grad` (the recipe, the tutorial's first micro-batch; "
+           "not ours, whose hook takes each gradient before AccumulateGrad): a copy no real "
+           "backward makes, which flatters ours."),
         "- tutorial: grads divided by k accumulate in `p.grad` in the param dtype; "
         "`clip_grad_norm_`, `torch.optim.AdamW` (default implementation), `zero_grad()`.",
         "- recipe: post-accumulate-grad hooks `main_grad.add_(grad, alpha=1/k)` into fp32; "
@@ -1788,11 +1799,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true",
                    help="skip the profiled window (peak memory, launch counts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--fresh-grads", action="store_true",
-                   help="windows: each micro-batch's backward hands every param a new copy of "
-                        "its gradient (one kernel per param, as a real backward makes fresh "
-                        "gradients), which AccumulateGrad takes over; by default it hands the "
-                        "pre-made tensors, which AccumulateGrad copies into a released p.grad")
+    grads = p.add_mutually_exclusive_group()
+    grads.add_argument("--fresh-grads", action="store_true",
+                       help="windows: each micro-batch's backward hands every param a new copy "
+                            "of its gradient (one kernel per param, as a real backward makes "
+                            "fresh gradients), which AccumulateGrad takes over (the default)")
+    grads.add_argument("--premade-grads", action="store_true",
+                       help="windows: hand the pre-made tensors instead, which AccumulateGrad "
+                            "copies into a released p.grad (before 2026-11-27 the default; "
+                            "flatters ours, whose hook takes them before AccumulateGrad)")
     return p
 
 
@@ -1815,7 +1830,7 @@ def main(argv_or_namespace=None) -> int:
     try:
         return _main(argv_or_namespace)
     finally:
-        _Deliver.fresh = False  # (--fresh-grads) for whatever runs next in this process
+        _Deliver.fresh = True  # (--premade-grads) for whatever runs next in this process
 
 
 def _main(argv_or_namespace) -> int:
@@ -1845,7 +1860,7 @@ def _main(argv_or_namespace) -> int:
             print(f"bench: {flag} must be a finite number of seconds > 0, got {value}",
                   file=sys.stderr)
             return 2
-    _Deliver.fresh = bool(args.fresh_grads)
+    _Deliver.fresh = not getattr(args, "premade_grads", False)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             print("bench: --device cuda requested but torch sees no CUDA device",

@@ -342,6 +342,105 @@ def test_compiled_autograd_accumulates_within_the_backward(fast, monkeypatch):
 
 
 
+@pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
+@pytest.mark.parametrize("dtype", HALF)
+def test_pre_hook_takes_the_gradients_before_accumulate_grad_bitwise(dtype, place,
+                                                                     monkeypatch):
+    """The tensor pre-hook (BatchPreHook) takes the gradients the C++ hook took after
+    AccumulateGrad, all but the first hook of each backward (it queues the flush, in
+    Python); .grad is never made. The same bits as without it and as the Python hook."""
+    before, pre_before = hits(), MODULE.batch_prehook_hits()
+    got = train(dtype, True, monkeypatch, place=place)
+    assert (hits() - before, MODULE.batch_prehook_hits() - pre_before) == (27, 27)
+    monkeypatch.setattr(accumulator, "_PRE_HOOK", False)
+    before, pre_before = hits(), MODULE.batch_prehook_hits()
+    after_accumulate_grad = train(dtype, True, monkeypatch, place=place)
+    assert (hits() - before, MODULE.batch_prehook_hits() - pre_before) == (27, 0)
+    assert_same_runs(got, after_accumulate_grad)
+    assert_same_runs(got, train(dtype, False, monkeypatch, place=place))
+
+
+def _run_beside_autograd(scenario, fast, monkeypatch):
+    """3 windows of 3 micro-batches where something needs AccumulateGrad to see each
+    gradient; the params after, what the user's hooks saw, and the gradients the pre-hook
+    took."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    model = make_model(dtype=torch.bfloat16, device="cpu")
+    params = list(model.parameters())
+    seen, nodes = [], []
+    if scenario == "tensor-hook-first":  # registered before the wrapper's: runs before it
+        for p in params:
+            p.register_hook(lambda g: seen.append(g.clone()))
+    opt = FusedAccumulator(torch.optim.AdamW(params, lr=1e-2), accumulation_steps=3,
+                           backend="cpu")
+    for p in params:
+        if scenario == "node-hooks":  # as DistributedDataParallel's, which keeps the nodes
+            node = p.view_as(p).grad_fn.next_functions[0][0]
+            node.register_prehook(lambda go: seen.append(go[0] is not None))
+            node.register_hook(lambda gi, go: seen.append(go[0] is not None))
+            nodes.append(node)
+        elif scenario == "tensor-hook":  # registered after the wrapper's
+            p.register_hook(lambda g: seen.append(g.clone()))
+    before = MODULE.batch_prehook_hits()
+    for window in make_windows(3, 3, dtype=torch.bfloat16, device="cpu"):
+        for x, y in window:
+            if scenario == "grad-by-hand":  # AccumulateGrad adds the gradient to it
+                params[0].grad = torch.full_like(params[0], 0.5)
+            loss = mse(model(x), y)
+            if scenario == "inputs":
+                loss.backward(inputs=params)
+            else:
+                loss.backward()
+            opt.step()
+    return [p.detach().clone() for p in params], seen, MODULE.batch_prehook_hits() - before
+
+
+@pytest.mark.parametrize("scenario", ["inputs", "node-hooks", "tensor-hook", "grad-by-hand",
+                                      "tensor-hook-first"])
+def test_pre_hook_steps_aside_where_accumulate_grad_must_see_the_gradient(scenario,
+                                                                        monkeypatch):
+    """backward(inputs=...) (the engine runs only some AccumulateGrad nodes), hooks on the
+    AccumulateGrad node, a tensor hook registered later (it replaces the param's C++
+    tensor hooks: the pre-hook is gone), a .grad assigned by hand: the gradient goes
+    through AccumulateGrad, every user hook sees it, and the result is the Python
+    hook's. A tensor hook registered before the wrapper runs before the pre-hook, which
+    then takes the gradient as usual."""
+    got, seen, taken = _run_beside_autograd(scenario, True, monkeypatch)
+    want, want_seen, _ = _run_beside_autograd(scenario, False, monkeypatch)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    if scenario == "grad-by-hand":  # only that param's gradient goes through AccumulateGrad
+        assert 2 * 9 <= taken <= 3 * 9
+    elif scenario == "tensor-hook-first":
+        assert taken == 3 * 9
+    else:
+        assert taken == 0
+    if scenario == "node-hooks":
+        assert seen == want_seen == [True] * (2 * 4 * 9)
+    elif scenario.startswith("tensor-hook"):
+        assert len(seen) == len(want_seen) == 4 * 9
+        assert all(torch.equal(a, b) for a, b in zip(seen, want_seen))
+
+
+def test_pre_hook_leaves_the_gradient_it_takes_as_it_was(monkeypatch):
+    """A gradient someone else holds (AccumulateGrad would copy it) is read where it is,
+    never written, and the window holds it once."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
+    ps = [torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16)) for _ in range(3)]
+    opt = FusedAccumulator(torch.optim.SGD(ps, lr=1.0), accumulation_steps=4, backend="cpu")
+    held = [torch.randn(8).bfloat16() for _ in ps]
+    copies = [g.clone() for g in held]
+    before = MODULE.batch_prehook_hits()
+    for _ in range(2):
+        torch.autograd.backward(ps, held)
+        opt.step()
+    assert MODULE.batch_prehook_hits() - before == 2 * 2
+    assert all(torch.equal(g, c) for g, c in zip(held, copies))
+    for p, g in zip(ps, held):
+        assert p.grad is None
+        assert torch.equal(p.main_grad, 2 * g.float())
+
+
 def _params_with_empty(dtype):
     """Four half params, the second and last of them empty (0 elements)."""
     g = torch.Generator().manual_seed(0)

@@ -192,8 +192,9 @@ def test_peers_compute_the_same_window_as_the_wrapper(backend, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fresh_gradients_give_the_same_windows(dtype, monkeypatch):
-    """--fresh-grads changes what autograd copies, not the math: every contender ends a
-    window where it ends with the pre-made gradients, and those stay untouched."""
+    """Fresh gradients (the default) or pre-made ones (--premade-grads) change what autograd
+    copies, not the math: every contender ends a window in the same place either way, and
+    the pre-made gradients stay untouched."""
     backend = _window_backends()[0]
     ends = {}
     for fresh in (False, True):
@@ -333,7 +334,7 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
                                          f"python-hooks,flush=2,{backends[-1]}:flush=3,"
                                          "table=cached,launch=direct,launch=cxx,"
                                          "python-flush,batch-max=64",
-                                         "--fresh-grads", "--json", str(tmp_path / "p.json")])
+                                         "--premade-grads", "--json", str(tmp_path / "p.json")])
     out = capsys.readouterr().out
     with open(tmp_path / "p.json") as f:  # the medians of the table, by contender and phase
         medians = json.load(f)
@@ -345,8 +346,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     assert medians["recipe"]["window"] > 0 and "boundary" in medians["recipe"]
     assert f"{medians['tutorial']['window'] * 1e3:.2f} ms" in out
     assert "boundary: rest" in medians[f"fusedaccum[{backends[0]}]"]
-    assert "batch flush 1 MiB" in out and "fresh gradients" in out
-    assert not B._Deliver.fresh  # put back
+    assert "batch flush 1 MiB" in out and "pre-made gradients" in out
+    assert B._Deliver.fresh  # put back (fresh gradients are the default)
     assert f"| fusedaccum[{backends[0]}] python-hooks | window |" in out
     assert f"| fusedaccum[{backends[0]}] flush=2 | " in out and "| recipe window / its" in out
     assert f"| fusedaccum[{backends[-1]}] flush=3 | window |" in out
