@@ -94,14 +94,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
             picked = f"error: {type(exc).__name__}: {exc}"
         print(f"  {dev:<4} tensors -> {picked}{note}")
 
+    from fusedaccum import accumulator
     from fusedaccum.ops import native
 
-    hooks = ("on (csrc/hooks.cpp: small half gradients join their batch, larger ones and "
-             "full batches are added, without a Python hook call)"
+    when = "before AccumulateGrad makes .grad" if accumulator._PRE_HOOK else "from .grad"
+    hooks = (f"on (csrc/hooks.cpp: half gradients are taken {when}; small ones join their "
+             "batch, larger ones and full batches are added, without a Python hook call)"
              if native.hooks_module(load=False)
              else "off (FUSEDACCUM_FAST_HOOKS=0, or the C++ extension is not built)")
     print(f"\nC++ extension: {native.build_info()}")
-    print(f"C++ post-accumulate-grad hook: {hooks}")
+    print(f"C++ gradient hook: {hooks}")
     from fusedaccum.ops import triton as triton_ops
 
     state = native._load()

@@ -46,7 +46,7 @@ def test_info_lists_every_backend():
         assert line.split(None, 1)[1].startswith(("runs here", "does not run here: ")), line
     ref_line = next(ln for ln in lines if ln.split()[:1] == ["reference"])
     assert "runs here" in ref_line and "does not" not in ref_line, ref_line
-    assert "\nC++ post-accumulate-grad hook: o" in out, out
+    assert "\nC++ gradient hook: o" in out, out
     assert "\ntriton batch flushes on a GPU: '" in out, out
     assert "cpu  tensors ->" in out and "cuda tensors ->" in out
 
