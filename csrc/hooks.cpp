@@ -19,6 +19,9 @@
 // build) it launches Triton's compiled kernel itself (cuda/triton_launch.cu) once
 // ops/triton.py has registered it, and runs no Python.
 //
+// BatchPreHook, a tensor pre-hook, hands BatchHook the gradient before AccumulateGrad sees it:
+// where BatchHook takes it, AccumulateGrad receives nothing and makes no .grad.
+//
 // torch keeps one C++ post-accumulate-grad hook per tensor: the one running the tensor's
 // dict of Python hooks (tensor._post_accumulate_grad_hooks). BatchHook takes its place
 // and owns it: when the dict holds anything besides the wrapper's own hook, or the

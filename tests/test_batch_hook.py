@@ -1,7 +1,8 @@
 """The C++ batching hook (csrc/hooks.cpp) against the Python hook it stands in for.
 
 FusedAccumulator puts a C++ post-accumulate-grad hook in front of the Python hook of each
-small half param when the C++ extension is there (backends other than reference). It must
+small half param when the C++ extension is there (backends other than reference), and a
+C++ tensor pre-hook that hands it the gradient before AccumulateGrad. It must
 leave every observable thing as the Python hook does (FUSEDACCUM_FAST_HOOKS=0 turns it
 off), take the common case for real, and keep torch's hook semantics: every other hook
 on the param runs, in registration order, and a removed hook stops. Its batch flush
