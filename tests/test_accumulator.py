@@ -200,6 +200,59 @@ def test_optimizers_on_half_params_equal_master_emulation(device, opt_name, dtyp
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+# ------------------------------------------------------------- activation checkpointing
+
+
+class _Checkpointed(TinyMLP):
+    """TinyMLP whose first layer runs under torch.utils.checkpoint: its params' gradients
+    arrive in the backward of the recomputed layer."""
+
+    reentrant = False
+
+    def forward(self, x):
+        if self.reentrant:  # (reentrant: an input must require grad, or no grad flows)
+            x = x.detach().requires_grad_()
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.fc1(t)), x,
+                                              use_reentrant=self.reentrant)
+        return self.fc2(h)
+
+
+class _CheckpointedReentrant(_Checkpointed):
+    """... where the recomputed layer's backward is a nested backward of its own."""
+
+    reentrant = True
+
+
+@pytest.mark.parametrize("cls", [_Checkpointed, _CheckpointedReentrant],
+                         ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_activation_checkpointing_equals_master_emulation(device, dtype, cls):
+    k, clip = 3, 0.05
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device, cls=cls)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=clip)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device, cls=cls), adamw)
+    run_with_emulation(model, opt, emu, windows, max_grad_norm=clip)
+    assert opt.update_count == 2
+    assert all(p.grad is None for p in model.parameters())
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL_CLIPPED)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert _changed(model, device=device, dtype=dtype, cls=cls)
+
+
+@pytest.mark.parametrize("cls", [_Checkpointed, _CheckpointedReentrant],
+                         ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_fp32_equals_plain_torch(device, cls):
+    windows = make_windows(2, 3, device=device)
+    model = make_model(device=device, cls=cls)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=3)
+    run_managed(model, opt, windows)
+    ref = make_model(device=device, cls=cls)
+    ref_opt, _ = reference_big_batch(ref, adamw, windows)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
 # ---------------------------------------------------------------- token-weighted windows
 
 
