@@ -39,6 +39,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <climits>
@@ -827,24 +828,19 @@ PyObject* install_batch_hook(PyObject*, PyObject* args) {
       var, std::make_unique<BatchHook>(std::move(inner), dict, key, owner_ref, bucket_ref,
                                        index, nbytes, flush_bytes, direct != 0,
                                        native_flush != 0, launcher, block, grad_kind));
-  // the tensor pre-hook: one per param, kept where it is (a later install reuses it)
+  // the tensor pre-hook: one per param, the last of its tensor hooks (a former one goes).
+  // Appended to the list itself: impl::add_hook insists on an empty list, the param's one
+  // Python or C++ hook list; autograd runs every hook in it, and torch clears it all
+  // before it puts a first Python or C++ hook list there after ours.
   std::vector<std::unique_ptr<torch::autograd::FunctionPreHook>>& tensor_hooks =
       torch::autograd::impl::hooks(var);
-  bool has_pre = false;
-  for (auto it = tensor_hooks.begin(); it != tensor_hooks.end();) {
-    if (dynamic_cast<BatchPreHook*>(it->get()) == nullptr) {
-      ++it;
-    } else if (pre_hook && !has_pre) {
-      has_pre = true;
-      ++it;
-    } else {
-      it = tensor_hooks.erase(it);
-    }
-  }
-  // (appended: impl::add_hook insists on an empty list, the param's one Python or C++
-  // hook list; autograd runs every hook in it, and torch clears it all before it puts a
-  // first Python or C++ hook list there after ours)
-  if (pre_hook && !has_pre)
+  // (C++17: torch 2.11 builds extensions with -std=c++17)
+  tensor_hooks.erase(std::remove_if(tensor_hooks.begin(), tensor_hooks.end(),
+                                    [](const auto& h) {
+                                      return dynamic_cast<BatchPreHook*>(h.get()) != nullptr;
+                                    }),
+                     tensor_hooks.end());
+  if (pre_hook)
     tensor_hooks.push_back(std::make_unique<BatchPreHook>(var.unsafeGetTensorImpl()));
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
