@@ -121,8 +121,9 @@ def bytes_per_element(op: str, **kwargs) -> int:
 def window_floor_bytes_per_param(k: int = K_WINDOW, grad_itemsize: int = 2) -> int:
     """Bytes per param element the fused path must move in one window of our harness.
 
-    Per micro-batch: autograd's own clone of the incoming grad into ``p.grad``
-    (read + write, ``2 * grad_itemsize``) and ``accumulate_`` (``grad_itemsize`` + 8,
+    Per micro-batch: the backward's fresh gradient, the harness's copy of the pre-made one
+    (read + write, ``2 * grad_itemsize``; with ``--premade-grads`` AccumulateGrad's copy
+    into ``p.grad`` for the peers, which ours skips) and ``accumulate_`` (``grad_itemsize`` + 8,
     but the window's first one overwrites the accumulator the last boundary left: 4
     less); at the boundary the norm (4) and the AdamW step with half copy, without
     zeroing the accumulator (30).
@@ -1690,10 +1691,12 @@ def _window_legend(device, k):
         "does not check for inf/NaN (ours does, with one host read per window).",
         "- recipe+compile: the same recipe with its boundary function under `torch.compile` "
         "(compile time excluded from the timings, shown in the CSV).",
-        f"- floor %copy (ours): {floor} B per param per window (k x (clone of the incoming "
-        "grad by autograd 4 + accumulate 10) - 4 (the window's first accumulation "
+        f"- floor %copy (ours): {floor} B per param per window (k x (the backward's fresh "
+        "gradient 4 + accumulate 10) - 4 (the window's first accumulation "
         "overwrites) + norm 4 + AdamW 30 (the boundary leaves the accumulator for the next "
-        "window to overwrite)) / median time, as a fraction of the copy bandwidth.",
+        "window to overwrite)) / median time, as a fraction of the copy bandwidth"
+        + ("." if _Deliver.fresh else " (with --premade-grads ours makes no copy of the "
+           "gradient: the floor counts 4 B per micro-batch it does not move)."),
         f"- peak extra mem: {mem}. persistent mem: distinct storages of the contender's "
         "params, masters, accumulators and optimizer state.",
         "- op calls: outermost dispatcher ops (aten and custom ops) per window in "
