@@ -448,16 +448,22 @@ struct BatchHook final : PostAccumulateGradHook {
       t_pre_taken = nullptr;
       if (!param.grad().defined()) return;
     }
+    if (!take_with_gil(param, param.grad())) (*inner)(param);  // the Python hooks
+  }
+
+  // take() with the GIL held for it (the hooks run on autograd's threads without it); an
+  // accumulation that fails (direct mode) throws, and backward() raises its error
+  bool take_with_gil(const Variable& param, const at::Tensor& grad) {
     PyGILState_STATE gil = PyGILState_Ensure();
     bool done;
     try {
-      done = take(param, param.grad());
-    } catch (...) {  // the accumulation failed (direct mode): the error goes to backward()
+      done = take(param, grad);
+    } catch (...) {
       PyGILState_Release(gil);
       throw;
     }
     PyGILState_Release(gil);
-    if (!done) (*inner)(param);  // the Python hooks (takes the GIL itself)
+    return done;
   }
 
   // compiled autograd traces the Python hooks (const since torch 2.6)
@@ -738,16 +744,7 @@ struct BatchPreHook final : torch::autograd::FunctionPreHook {
     const auto node = torch::autograd::impl::try_get_grad_accumulator(var);
     if (node.get() == nullptr || !node->pre_hooks().empty() || !node->post_hooks().empty())
       return grads;
-    PyGILState_STATE gil = PyGILState_Ensure();
-    bool done;
-    try {
-      done = post->take(var, grad);
-    } catch (...) {  // the accumulation failed (direct mode): the error goes to backward()
-      PyGILState_Release(gil);
-      throw;
-    }
-    PyGILState_Release(gil);
-    if (!done) return grads;
+    if (!post->take_with_gil(var, grad)) return grads;
     t_pre_taken = param;
     g_pre_hits.fetch_add(1, std::memory_order_relaxed);
     return {at::Tensor()};  // AccumulateGrad receives nothing
