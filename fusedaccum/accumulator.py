@@ -20,7 +20,7 @@ import sys
 import warnings
 import weakref
 from collections import OrderedDict
-from itertools import chain
+from itertools import chain, repeat
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
@@ -120,6 +120,7 @@ _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # optimizer's groups): wrapping them would train tensors no backward reaches
 _MASTERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _MISSING = object()
+_VERSION = operator.attrgetter("_version")
 # the code of torch's step wrapper (Optimizer.profile_hook_step), which runs the global
 # and the optimizer's own step hooks around the optimizer's step
 _TORCH_STEP_WRAPPER_CODE = getattr(
@@ -570,6 +571,15 @@ class FusedAccumulator(torch.optim.Optimizer):
         # the state dict, and its size, _record_fused_steps last made or checked entries in
         self._recorded_in, self._recorded_len = None, -1
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
+        # (device, pinned host tensor, CUDA event): the boundary's found-inf read
+        # (_read_later), made on the first boundary on a CUDA device
+        self._flag = None
+        # (window length D, device, 1/D as a 0-dim fp32 tensor there): see _boundary
+        self._inv = None
+        # the C++ extension's module where it runs the hooks (csrc/hooks.cpp): also the
+        # boundary's walks over the params (params_in_place, bump_versions, clear_grads,
+        # any_grad); None: those in Python
+        self._cxx = None
         self._window_k = self._next_k()  # a bad callable fails here, before any hook
 
         with self._building(range(len(optimizer.param_groups))):
@@ -720,7 +730,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         clear = []
         for b in self._all_buckets():
             if zeroed and b.is_half:
-                if b.acc._version != b.clean_version:
+                if b.acc._version != b.clean_version and not all(b.touched):
                     with torch.no_grad():
                         for i, t in enumerate(b.touched):
                             if not t:
@@ -736,6 +746,15 @@ class FusedAccumulator(torch.optim.Optimizer):
             b.exposed = [False] * n
             # (the per-param fields are properties: read once, not per param)
             touched, stepped, released, params = b.touched, b.stepped, b.released, b.params
+            if all(touched) and not any(released):  # (the common case: fewer steps)
+                touched[:] = [False] * n
+                clear += stepped
+                # (else the params are the stepped; the hooks left the params' .grad
+                # None, unless set by hand)
+                if b.has_master and not b.sharded and (
+                        self._cxx is None or self._cxx.any_grad(params) is not False):
+                    clear += [p for p in params if p.grad is not None]
+                continue
             for i, t in enumerate(touched):
                 if t:
                     touched[i] = False
@@ -748,9 +767,17 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._wants_callback = self._has_fp32 or self._stale
         if defer_grads:
             return clear
-        for t in clear:
-            t.grad = None
+        self._clear_grads(clear)
         return None
+
+    def _clear_grads(self, tensors: list) -> None:
+        """``t.grad = None`` for each (in C++ where the extension's hooks run: host time,
+        every param at every boundary)."""
+        if self._cxx is not None:
+            self._cxx.clear_grads(tensors)
+        else:
+            for t in tensors:
+                t.grad = None
 
     @staticmethod
     def _leaves_acc(b: Bucket) -> bool:
@@ -772,7 +799,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             dirty = b.dirty
             if any(dirty):
                 before = b.acc._version
-                for s, _ in b.runs(lambda k: None, dirty):
+                for s, _ in b.runs(None, dirty):
                     b.acc_local[s].zero_()
                 b.dirty = [False] * len(b)
                 _note_write(b, before, False)
@@ -794,6 +821,8 @@ class FusedAccumulator(torch.optim.Optimizer):
             if b.has_master:
                 # the hooks set p.grad = None after each backward: only a .grad assigned
                 # by hand is left to clear
+                if self._cxx is not None and self._cxx.any_grad(b.params) is False:
+                    continue
                 for p in b.params:
                     if p.grad is not None:
                         break
@@ -1058,6 +1087,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         module = native.hooks_module(load=is_native)
         if module is None:
             return
+        if self._cxx is None and hasattr(module, "params_in_place"):
+            self._cxx = module
         if b.cxx_flush is None:  # once per bucket: how C++ accumulates its batches
             # (the triton backend: with a kernel table C++ builds, and this launcher)
             table_flush = getattr(b.ops, "table_flush", None) if _TABLE_FLUSH else None
@@ -1271,8 +1302,12 @@ class FusedAccumulator(torch.optim.Optimizer):
         b.pending, b.pending_accs, b.pending_grads, b.pending_bytes = [], [], [], 0
         b.pending_ow = []
         is_pending = b.is_pending
-        for i in pending:
-            is_pending[i] = False
+        every = len(pending) == len(is_pending)  # (each param is pending once at most)
+        if every:
+            is_pending[:] = [False] * len(pending)
+        else:
+            for i in pending:
+                is_pending[i] = False
         before = b.acc._version
         # one device, one grad dtype, contiguous, equal numels: trusted
         stat = b.ops.accumulate_many_(accs, grads, 1.0, overwrite=ows if 1 in ows else None,
@@ -1280,8 +1315,11 @@ class FusedAccumulator(torch.optim.Optimizer):
         if stat is not None:
             b.batch_stats.append(stat)
             stats = b.stats
-            for i in pending:
-                stats[i] = IN_BATCH
+            if every:
+                stats[:] = [IN_BATCH] * len(pending)
+            else:
+                for i in pending:
+                    stats[i] = IN_BATCH
         _note_write(b, before, stat is not None)
 
     def _flush_all(self) -> None:
@@ -1488,19 +1526,25 @@ class FusedAccumulator(torch.optim.Optimizer):
         if not b.is_half or b.stats_version < 0 or b.acc._version != b.stats_version:
             return None
         stats, rest, b_stats = [], [], b.stats
-        for i, t in enumerate(b.touched):
-            if t:
-                s = b_stats[i]
-                if s is None:
-                    rest.append(b.flat_slice(b.acc, i))
-                elif s is not IN_BATCH:
-                    stats.append(s)
+        if all(b.touched) and not any(map(operator.is_, b_stats, repeat(None))):
+            # (the common case: every param has a statistic, fewer steps)
+            stats = [s for s in b_stats if s is not IN_BATCH]
+        else:
+            for i, t in enumerate(b.touched):
+                if t:
+                    s = b_stats[i]
+                    if s is None:
+                        rest.append(b.flat_slice(b.acc, i))
+                    elif s is not IN_BATCH:
+                        stats.append(s)
         stats += b.batch_stats
         if not stats:
             return None
         if rest:
             n = ops.grad_norm(rest, self.norm_type, backend=self.backend)
             stats.append(n if self.norm_type == math.inf else n.square())
+        if len(stats) == 1:  # (the sum or max of one value: that value, two ops less)
+            return stats[0]
         stacked = torch.stack(stats)
         return stacked.amax() if self.norm_type == math.inf else stacked.sum()
 
@@ -1526,6 +1570,8 @@ class FusedAccumulator(torch.optim.Optimizer):
             total = norms[0]
         elif not norms and not parts:
             total = torch.zeros((), dtype=torch.float32, device=self._device)
+        elif len(parts) == 1 and not norms:  # (one bucket, ridden: two ops less)
+            total = parts[0] if self.norm_type == math.inf else parts[0].sqrt()
         else:
             if self.norm_type != math.inf:
                 norms = [n.square() for n in norms]
@@ -1544,7 +1590,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 self._check_group_list(gi, group, buckets)
             for b in buckets:
                 b.check_params(lambda i, b=b, gi=gi, group=group: self._param_name(
-                    group, gi, b.indices[i], b.params[i]))
+                    group, gi, b.indices[i], b.params[i]), self._cxx)
 
     @staticmethod
     def _check_group_list(gi: int, group: dict, buckets: list[Bucket]) -> None:
@@ -1557,6 +1603,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         bad = None if len(params) == n else min(len(params), n)
         if bad is None:
             for b in buckets:
+                if all(map(operator.is_, map(params.__getitem__, b.indices), b.stepped)):
+                    continue  # (the common case, at C speed)
                 for i, pi in enumerate(b.indices):
                     if params[pi] is not b.stepped[i]:
                         bad = pi if bad is None else min(bad, pi)
@@ -1604,48 +1652,67 @@ class FusedAccumulator(torch.optim.Optimizer):
             denom = denom.to(device=dev, dtype=torch.float32)
         scale = grad_scale if grad_scale is not None else (
             self._scaler.scale if self._scaler is not None else None)
-        if scale is None:
+        if scale is None and not isinstance(denom, torch.Tensor):
+            # (the same every window of a fixed length: made once, two ops less per window)
+            if self._inv is None or self._inv[0] != denom or self._inv[1] != dev:
+                self._inv = (denom, dev,
+                             torch.full((), 1.0, dtype=torch.float32, device=dev) / denom)
+            inv = self._inv[2]
+        elif scale is None:
             inv = torch.full((), 1.0, dtype=torch.float32, device=dev) / denom
         else:
             inv = (scale.to(device=dev, dtype=torch.float32) * denom).reciprocal()
         norm = self._total_norm(ridden_ok=grad_scale is not None or scaler_found_inf is None) \
             * inv
-        found = ~torch.isfinite(norm)
+        # 1.0 where the norm is inf or NaN (x - x is NaN exactly then), else 0.0: two small
+        # ops where ~isfinite(norm) and a cast are six (host time, on a GPU)
+        found_f = (norm - norm).ne_(0.0)
         if scaler_found_inf is not None:
-            found = found | (scaler_found_inf.to(dev) > 0)
+            found_f = torch.where(scaler_found_inf.to(dev) > 0, 1.0, found_f)
         if self.max_grad_norm is not None:
             mult = inv * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         else:
             mult = inv
         self.grad_norm = norm
-        found_f = found.to(torch.float32)
         if self._kind is not None:
-            # The boundary's one host read, before the step is queued: the host waits for
-            # the accumulations and the norm only, and the step's kernels (the largest part
-            # of the boundary's bytes) run while it goes on to the next window.
-            skipped = bool(found_f.item())
             # hyperparameters read and state buffers made before anything is written: a
             # refusal then leaves the window as it was
             if hps is None:
                 hps = self._fused_prepare()
             pre = self.inner._optimizer_step_pre_hooks
-            keep_grad = not skipped and bool(self.inner._optimizer_step_post_hooks)
-            if not skipped and (pre or keep_grad):
-                # the prepared gradient for the hooks: one more pass, and with post-hooks
-                # the step leaves it for them and it is zeroed after them (only when there
-                # are such hooks)
-                for b in self._all_buckets():
-                    b.acc_local.mul_(mult)
-                try:
-                    self._inner_step_hooks(pre)
-                except BaseException:
+            if not pre and not self.inner._optimizer_step_post_hooks:
+                # The boundary's one host read, after the update is queued: with the flag
+                # set its kernels write nothing (those that leave the accumulators for the
+                # next window are followed by a zeroing), so they are queued before the
+                # host waits, and the wait is for the accumulations and the norm only (a
+                # GPU: a copy to pinned memory and an event, _read_later) while the device
+                # goes on to the update. It was read first: the host waited for the norm,
+                # then launched the update.
+                read = self._read_later(found_f)
+                self._fused_update(hps, mult, found_f, zero_acc=True, lazy=True)
+                skipped = read()
+                if skipped:  # (a skipped window is discarded, DESIGN.md section 2)
+                    self._zero_left_accs()
+            else:
+                skipped = bool(found_f.item())
+                keep_grad = not skipped and bool(self.inner._optimizer_step_post_hooks)
+                if not skipped:
+                    # the prepared gradient for the hooks: one more pass, and with
+                    # post-hooks the step leaves it for them and it is zeroed after them
+                    # (only when there are such hooks)
                     for b in self._all_buckets():
-                        b.acc_local.div_(mult)
-                    raise
-                mult = torch.ones_like(mult)
-            # (with found set: only zeroes acc; a skipped window is discarded, DESIGN.md
-            # section 2, so then every bucket zeroes it)
-            self._fused_update(hps, mult, found_f, zero_acc=not keep_grad, lazy=not skipped)
+                        b.acc_local.mul_(mult)
+                    try:
+                        self._inner_step_hooks(pre)
+                    except BaseException:
+                        for b in self._all_buckets():
+                            b.acc_local.div_(mult)
+                        raise
+                    mult = torch.ones_like(mult)
+                # (with found set: only zeroes acc; a skipped window is discarded, DESIGN.md
+                # section 2, so then every bucket zeroes it)
+                self._fused_update(hps, mult, found_f, zero_acc=not keep_grad,
+                                   lazy=not skipped)
             if not skipped:
                 self._record_fused_steps()
                 if self._shard is not None:
@@ -1672,12 +1739,42 @@ class FusedAccumulator(torch.optim.Optimizer):
                 for b in self._all_buckets():
                     b.acc_local.zero_()
                     _mark_clean(b)
-            for t in grads or ():
-                t.grad = None
+            if grads:
+                self._clear_grads(grads)
             # the next window's length, asked at its start: after this update, so that a
             # callable may read opt.grad_norm or opt.update_count of the window that
             # ended (a bad value raises here, with this window applied and counted)
             self._window_k = self._next_k()
+
+    def _read_later(self, flag: torch.Tensor):
+        """A function returning ``bool(flag)`` (a 0-dim fp32 device tensor) as it is now,
+        also when called after more work is queued: on a CUDA device the value is copied
+        to pinned host memory behind the work queued so far and an event recorded after
+        the copy, so that the call waits for that work only."""
+        if flag.device.type != "cuda":
+            return lambda: bool(flag.item())
+        if self._flag is None or self._flag[0] != flag.device:
+            self._flag = (flag.device, torch.empty((), dtype=torch.float32, pin_memory=True),
+                          torch.cuda.Event())
+        _, host, event = self._flag
+        host.copy_(flag, non_blocking=True)
+        event.record(torch.cuda.current_stream(flag.device))
+
+        def read() -> bool:
+            event.synchronize()
+            return bool(host.item())
+
+        return read
+
+    @torch.no_grad()
+    def _zero_left_accs(self) -> None:
+        """After a skipped update queued as if applied (_boundary): the accumulators it
+        left for the next window's first gradients to overwrite (Bucket.dirty) zeroed, as
+        a skipped update zeroes them."""
+        for b in self._all_buckets():
+            if self._leaves_acc(b) and any(b.touched):
+                for s, _ in b.runs():
+                    b.acc_local[s].zero_()
 
     def _count_window(self, skipped: bool) -> None:
         """A window's update (or skip) counted: the counters, the loss scale."""
@@ -1705,6 +1802,11 @@ class FusedAccumulator(torch.optim.Optimizer):
         Bucket.check_params). One call per bucket."""
         for b in self._all_buckets():
             touched, released, seen = b.touched, b.released, b.param_seen
+            if all(touched) and not any(released):  # (the common case, at C speed)
+                if self._cxx is None or not self._cxx.bump_versions(b.params, seen):
+                    torch.autograd.graph.increment_version(b.params)
+                    seen[:] = map(_VERSION, b.params)
+                continue
             written = [i for i in range(len(b)) if touched[i] and not released[i]]
             if written:
                 params = b.params
@@ -1868,21 +1970,20 @@ class FusedAccumulator(torch.optim.Optimizer):
         exp_avg = b.state_buffer("exp_avg")
         exp_avg_sq = b.state_buffer("exp_avg_sq")
         vmax = b.state_buffer("max_exp_avg_sq") if hp["amsgrad"] else None
-        steps = b.steps
-        for s, step in b.runs(lambda k: steps[k]):
-            b.ops.adamw_step_(b.stepped_flat[s], b.acc_local[s], exp_avg[s], exp_avg_sq[s],
-                              None if vmax is None else vmax[s],
-                              None if b.model_out is None else b.model_out[s],
+        cut = b.cut
+        for s, step in b.runs(b.steps):
+            b.ops.adamw_step_(cut(b.stepped_flat, s), cut(b.acc_local, s), cut(exp_avg, s),
+                              cut(exp_avg_sq, s), cut(vmax, s), cut(b.model_out, s),
                               grad_mult=mult, found_inf=found, step=step + 1,
                               zero_acc=zero_acc, **hp)
 
     def _sgd_bucket(self, b: Bucket, hp: dict, mult, found, zero_acc: bool) -> None:
         buf = b.state_buffer("momentum_buffer") if hp["momentum"] != 0 else None
-        has = b.has_buf
-        for s, had in b.runs(lambda k: has[k]):
-            b.ops.sgd_step_(b.stepped_flat[s], b.acc_local[s], None if buf is None else buf[s],
-                            None if b.model_out is None else b.model_out[s], grad_mult=mult,
-                            found_inf=found, first_step=not had, zero_acc=zero_acc, **hp)
+        cut = b.cut
+        for s, had in b.runs(b.has_buf):
+            b.ops.sgd_step_(cut(b.stepped_flat, s), cut(b.acc_local, s), cut(buf, s),
+                            cut(b.model_out, s), grad_mult=mult, found_inf=found,
+                            first_step=not had, zero_acc=zero_acc, **hp)
 
     def _record_fused_steps(self) -> None:
         """After an applied update: step counts, and the state entries (views) as torch keeps.

@@ -2455,6 +2455,29 @@ def test_masters_grad_views_the_window_across_zero_grad(device, dtype):
     assert opt.stepped and all(m.grad is None for m in masters)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_params_grad_set_by_hand_is_cleared(device, dtype):
+    """A half param's .grad assigned by hand (the hooks leave it None) is cleared by
+    zero_grad(), as torch's, and by the boundary that ends the window; its value is not
+    part of the window (the gradient lives in the fp32 accumulator)."""
+    k = 2
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    batches = make_batches(2 * k, dtype=dtype, device=device)
+    params = list(model.parameters())
+    for j, (x, y) in enumerate(batches):
+        mse(model(x), y).backward()
+        if j == 0:  # before zero_grad
+            params[1].grad = torch.ones_like(params[1])
+        opt.zero_grad()
+        assert all(p.grad is None for p in params), f"micro-batch {j}"
+        if j % k == k - 1:  # before the boundary
+            params[-1].grad = torch.ones_like(params[-1])
+        opt.step()
+        if j % k == k - 1:
+            assert opt.stepped and all(p.grad is None for p in params), f"window {j // k}"
+
+
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
 def test_auto_router_mixing_two_backends_on_one_buffer(monkeypatch, opt_name):
     """backend="auto" on GPUs sends each op to cuda or Triton by size (ops/auto.py): the

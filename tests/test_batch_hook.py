@@ -673,3 +673,51 @@ def test_cxx_launch_the_driver_refuses_falls_back_to_python(mode, monkeypatch):
     assert MODULE.triton_cxx_error() is None
     want = train(torch.bfloat16, False, monkeypatch, place=place, max_grad_norm=0.01)
     assert_same_runs(got, want)
+
+
+# ---------------------------------------------- the boundary's walks over the params in C++
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass: the walks leave it to Python (its attributes may be its own)."""
+
+
+@pytest.mark.parametrize("place", PLACES, ids=place_id)
+def test_boundary_walks_answer_as_python_would(place):
+    """params_in_place, bump_versions, clear_grads and any_grad (the wrapper's boundary and
+    zero_grad use them where the C++ hooks run) against the Python reads they replace;
+    anything but a plain tensor or Parameter makes them answer "look in Python"."""
+    device = place[0]
+    ps = [torch.nn.Parameter(torch.randn(5, device=device)) for _ in range(3)]
+    ptrs = [p.data_ptr() for p in ps]
+    versions = [p._version for p in ps]
+    assert MODULE.params_in_place(ps, ptrs, torch.float32, versions) is True
+    assert MODULE.params_in_place(ps, ptrs, torch.float32, None) is True
+    assert MODULE.params_in_place(ps, ptrs, torch.float16, None) is False
+    assert MODULE.params_in_place(ps, ptrs[:2], torch.float32, None) is False
+    with torch.no_grad():
+        ps[2].mul_(2.0)  # a write: the version moves, the pointer stays
+    assert MODULE.params_in_place(ps, ptrs, torch.float32, None) is True
+    assert MODULE.params_in_place(ps, ptrs, torch.float32, versions) is False
+    ps[1].data = ps[1].data.clone()  # moved
+    assert MODULE.params_in_place(ps, ptrs, torch.float32, None) is False
+    sub = torch.randn(5, device=device).as_subclass(_Sub)
+    assert MODULE.params_in_place([sub], [sub.data_ptr()], torch.float32, None) is False
+
+    seen = [p._version for p in ps]
+    assert MODULE.bump_versions(ps, seen) is True
+    assert seen == [p._version for p in ps] == [v + 1 for v in versions[:2]] + [
+        versions[2] + 2]
+    before = sub._version
+    assert MODULE.bump_versions([ps[0], sub], [0, 0]) is False  # nothing done
+    assert ps[0]._version == seen[0] and sub._version == before
+
+    assert MODULE.any_grad(ps) is False
+    ps[2].grad = torch.ones_like(ps[2])
+    assert MODULE.any_grad(ps) is True
+    assert MODULE.any_grad([sub]) is None
+    sub.grad = torch.ones_like(sub)
+    MODULE.clear_grads([*ps, sub])
+    assert all(t.grad is None for t in (*ps, sub))
+    with pytest.raises(TypeError, match="list of tensors"):
+        MODULE.clear_grads(tuple(ps))
