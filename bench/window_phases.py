@@ -163,6 +163,9 @@ def main(argv=None) -> int:
                     "Bucket.overwrite_first; also zeroes them at the boundary), 'no-lazy' (the "
                     "boundary zeroes the accumulators instead of leaving them dirty for the "
                     "next window's first gradients to overwrite: Bucket.lazy_zero), "
+                    "'python-walks' (the boundary's walks over the params in Python, not "
+                    "csrc/hooks.cpp's), 'flag-first' (the boundary reads its found-inf flag "
+                    "before launching the update: accumulator.py _READ_FLAG_LATE), "
                     "'ride'/'no-ride' (the clipping norm rides on "
                     "the last micro-batch's accumulations, or one norm pass: "
                     "Bucket.ride_norm); of the first backend, or of another one as "
@@ -211,6 +214,14 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
     if variant.startswith("flush="):
         with bench.hook_settings(flush_bytes=int(float(variant[6:]) * (1 << 20))):
             return bench.FusedContender(wl, backend)
+    if variant == "python-walks":  # the boundary's walks over the params in Python
+        c = bench.FusedContender(wl, backend)
+        c.opt._cxx = None
+        return c
+    if variant == "flag-first":  # read at each boundary: set around the contender's windows
+        c = bench.FusedContender(wl, backend)
+        c.accumulator_settings = {"_READ_FLAG_LATE": False}
+        return c
     if variant in ("no-overwrite", "no-lazy", "ride", "no-ride"):  # read at each use
         c = bench.FusedContender(wl, backend)
         for b in c.opt._all_buckets():
@@ -231,7 +242,7 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         c.triton_settings = {attr: value}
         return c
     raise SystemExit(f"unknown variant {variant!r}: python-hooks, python-flush, no-pre-hook, "
-                     "flush=<MiB>, "
+                     "python-walks, flag-first, flush=<MiB>, "
                      "batch-max=<elements>, no-overwrite, "
                      f"no-lazy, ride, no-ride, table={'|'.join(tri._TABLE_MODES)} or "
                      f"launch={'|'.join(tri._LAUNCH_MODES)}")
@@ -258,6 +269,8 @@ def _run(args, dev, backends, clock: Clock) -> None:
                     c = contenders[name]
                     for attr, value in defaults.items():
                         setattr(tri, attr, getattr(c, "triton_settings", {}).get(attr, value))
+                    acc_mod._READ_FLAG_LATE = getattr(c, "accumulator_settings", {}).get(
+                        "_READ_FLAG_LATE", True)
                     t0 = clock.now()
                     try:
                         (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
@@ -275,6 +288,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
     finally:
         for attr, value in defaults.items():
             setattr(tri, attr, value)
+        acc_mod._READ_FLAG_LATE = True
     print(f"# window phases: {args.model} ({wl.model.tensors} tensors, {wl.numel / 1e6:.1f}M "
           f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
           f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "

@@ -71,6 +71,10 @@ _TABLE_FLUSH = True
 # is made, set and cleared (nor copied, where autograd cannot hand the gradient over), and
 # no post-accumulate-grad hook runs. Read when a wrapper installs its hooks.
 _PRE_HOOK = True
+# Whether a boundary reads its found-inf flag after queuing the update's kernels (the host
+# waits for the norm while the device goes on; FusedAccumulator._boundary) rather than
+# before launching them (benchmarks compare; read at each boundary).
+_READ_FLAG_LATE = True
 
 
 def _batch_max_numel(ops) -> int:
@@ -1680,7 +1684,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             if hps is None:
                 hps = self._fused_prepare()
             pre = self.inner._optimizer_step_pre_hooks
-            if not pre and not self.inner._optimizer_step_post_hooks:
+            if _READ_FLAG_LATE and not pre and not self.inner._optimizer_step_post_hooks:
                 # The boundary's one host read, after the update is queued: with the flag
                 # set its kernels write nothing (those that leave the accumulators for the
                 # next window are followed by a zeroing), so they are queued before the

@@ -823,6 +823,8 @@ MODELS = {m.name: m for m in (
                "no embeddings"),
     ModelShape("gpt2-1.5b-2layers/4", 400, 2, 0, 0, "stand-in for the 1.5B list, scaled down",
                "2 GPT-2-XL-shaped blocks at width 1600/4, no embeddings"),
+    ModelShape("gpt2-124m-host", 16, 12, 256, 16, "GPT-2-124M's tensors at width 16",
+               "the same 148 tensors, tiny: host time per window only (window_phases.py)"),
     ModelShape("tiny", 32, 2, 64, 16, "tiny (tests)", "2 blocks of width 32"),
 )}
 

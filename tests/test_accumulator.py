@@ -489,6 +489,37 @@ def test_nonfinite_window_is_skipped(device, bad, dtype, skip_at):
         assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_found_inf_read_before_or_after_the_update_is_queued_alike(device, dtype, monkeypatch):
+    """The boundary reads its found-inf flag after queuing the update (the kernels write
+    nothing with it set; accumulators they leave for the next window are zeroed after a
+    skip) or, accumulator._READ_FLAG_LATE off, before launching it: the same bits either
+    way, over clean and skipped windows (the second and fourth hold an inf)."""
+    k = 2
+    windows = make_windows(5, k, dtype=dtype, device=device)
+    runs = []
+    for late in (True, False):
+        monkeypatch.setattr(accumulator, "_READ_FLAG_LATE", late)
+        model = make_model(dtype=dtype, device=device)
+        opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.5)
+        params = list(model.parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for w, window in enumerate(windows):
+                for i, (x, y) in enumerate(window):
+                    bad = w in (1, 3) and i == 1
+                    handle = params[0].register_hook(poison(INF)) if bad else None
+                    mse(model(x), y).backward()
+                    if handle is not None:
+                        handle.remove()
+                    opt.step()
+                    opt.zero_grad()
+        assert (opt.update_count, opt.skipped_steps) == (3, 2)
+        runs.append(snapshot(model, opt))
+    for a, b in zip(runs[0], runs[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_runtime_warning_once_per_wrapper(device):
     x, y = make_batches(1, device=device)[0]
     count = []

@@ -333,7 +333,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
                                          "--variants",
                                          f"python-hooks,flush=2,{backends[-1]}:flush=3,"
                                          "table=cached,launch=direct,launch=cxx,"
-                                         "python-flush,batch-max=64",
+                                         "python-flush,batch-max=64,python-walks,"
+                                         "flag-first",
                                          "--premade-grads", "--json", str(tmp_path / "p.json")])
     out = capsys.readouterr().out
     with open(tmp_path / "p.json") as f:  # the medians of the table, by contender and phase
@@ -341,7 +342,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     assert set(medians) == {f"fusedaccum[{b}]" for b in backends} | {
         f"fusedaccum[{backends[0]}] {v}" for v in ("python-hooks", "flush=2", "table=cached",
                                                    "launch=direct", "launch=cxx",
-                                                   "python-flush", "batch-max=64")} | {
+                                                   "python-flush", "batch-max=64",
+                                                   "python-walks", "flag-first")} | {
         f"fusedaccum[{backends[-1]}] flush=3", "recipe", "tutorial"}
     assert medians["recipe"]["window"] > 0 and "boundary" in medians["recipe"]
     assert f"{medians['tutorial']['window'] * 1e3:.2f} ms" in out
@@ -355,7 +357,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     assert f"| fusedaccum[{backends[0]}] launch=direct | window |" in out
     assert f"| fusedaccum[{backends[0]}] launch=cxx | window |" in out
     assert f"| fusedaccum[{backends[0]}] python-flush | window |" in out
-    assert accumulator._TABLE_FLUSH  # put back
+    assert f"| fusedaccum[{backends[0]}] flag-first | window |" in out
+    assert accumulator._TABLE_FLUSH and accumulator._READ_FLAG_LATE  # put back
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
     assert (triton_ops._TABLE_UPLOAD, triton_ops._LAUNCH) == (table, launch)  # put back
     assert (accumulator._BATCH_FLUSH_BYTES, accumulator._BATCH_FLUSH_BYTES_CPU) == flush
