@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call for a session that is lent a GPU: build the extension with CUDA
-# while the Triton tests run, then the cuda, auto and data-parallel suites side by side,
-# the host costs and window phases, and the benchmark (its windows with fresh gradients;
+# while the Triton tests run, then the cuda, auto and triton-with-C++-hook suites side by
+# side (stage dist: also the data-parallel suite), the host costs and window phases, and
+# the benchmark (its windows with fresh gradients;
 # stage premade: also with pre-made ones). Every stage has its own time limit, so one hang
 # cannot eat the lease.
 # The benchmark stages run with the Triton launch mode the window phases timed fastest

@@ -1020,12 +1020,16 @@ PyObject* bump_versions(PyObject*, PyObject* args) {
   Py_RETURN_TRUE;
 }
 
+// TypeError naming fn unless seq is a list (of tensors, looked at item by item)
+bool tensor_list(PyObject* seq, const char* fn) {
+  if (PyList_Check(seq)) return true;
+  PyErr_Format(PyExc_TypeError, "%s takes a list of tensors", fn);
+  return false;
+}
+
 // clear_grads(tensors): t.grad = None for each (as Python's setter, for a plain tensor)
 PyObject* clear_grads(PyObject*, PyObject* seq) {
-  if (!PyList_Check(seq)) {
-    PyErr_SetString(PyExc_TypeError, "clear_grads takes a list of tensors");
-    return nullptr;
-  }
+  if (!tensor_list(seq, "clear_grads")) return nullptr;
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(seq); ++i) {
     PyObject* obj = PyList_GET_ITEM(seq, i);
     if (plain(obj)) {
@@ -1041,10 +1045,7 @@ PyObject* clear_grads(PyObject*, PyObject* seq) {
 // any_grad(params) -> bool: some param has a .grad (None where one is not plain: look in
 // Python)
 PyObject* any_grad(PyObject*, PyObject* seq) {
-  if (!PyList_Check(seq)) {
-    PyErr_SetString(PyExc_TypeError, "any_grad takes a list of tensors");
-    return nullptr;
-  }
+  if (!tensor_list(seq, "any_grad")) return nullptr;
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(seq); ++i) {
     PyObject* obj = PyList_GET_ITEM(seq, i);
     if (!plain(obj)) Py_RETURN_NONE;
