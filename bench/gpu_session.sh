@@ -210,7 +210,7 @@ if has phases; then
   log "host time of a window of GPT-2's 148 tensors at width 16 (no device work to \
 speak of): the boundary's walks over the params in C++ or Python (python-walks), its \
 found-inf flag read after the update is queued or before (flag-first)"
-  timeout 40 python bench/window_phases.py --model gpt2-124m-host --rounds 50 \
+  timeout 40 python bench/window_phases.py --model gpt2-124m-host --rounds 30 \
       --backends cuda,triton --variants \
       python-walks,flag-first,triton:python-walks,triton:flag-first 2>&1 | tee -a "$LOG"
   log "window phases, host time, one process: the boundary's found-inf read after the \
