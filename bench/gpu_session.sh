@@ -210,9 +210,11 @@ if has phases; then
   log "host time of a window of GPT-2's 148 tensors at width 16 (no device work to \
 speak of): the boundary's walks over the params in C++ or Python (python-walks), its \
 found-inf flag read after the update is queued or before (flag-first)"
-  timeout 40 python bench/window_phases.py --model gpt2-124m-host --rounds 30 \
+  # (--profile: where this host spends a window's Python time, own time first)
+  timeout 50 python bench/window_phases.py --model gpt2-124m-host --rounds 30 \
       --backends cuda,triton --variants \
-      python-walks,flag-first,triton:python-walks,triton:flag-first 2>&1 | tee -a "$LOG"
+      python-walks,flag-first,triton:python-walks,triton:flag-first \
+      --profile "fusedaccum[cuda],fusedaccum[triton]" 2>&1 | tee -a "$LOG"
   log "window phases, host time, one process: the boundary's found-inf read after the \
 update is queued (default) or before (flag-first), its walks in Python (python-walks); \
 triton launched by Python (direct) instead of from C++ (auto)"

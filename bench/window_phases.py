@@ -18,8 +18,11 @@ kernels' time.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
+import io
 import json
+import pstats
 import random
 import statistics
 import sys
@@ -147,6 +150,11 @@ def main(argv=None) -> int:
                        "fusedaccum bench --help)")
     grads.add_argument("--premade-grads", action="store_true",
                        help="hand the pre-made gradients (python -m fusedaccum bench --help)")
+    ap.add_argument("--profile", default="", metavar="NAMES",
+                    help="after the tables, cProfile these contenders (comma-separated, as the "
+                    "table names them, e.g. 'fusedaccum[triton]') over --profile-windows "
+                    "windows each and print the functions with the most own time")
+    ap.add_argument("--profile-windows", type=int, default=10)
     ap.add_argument("--variants", default="",
                     help="extra contenders in the same rounds, comma-separated: "
                     "'python-hooks' (FUSEDACCUM_FAST_HOOKS=0), 'python-flush' (the "
@@ -182,11 +190,44 @@ def main(argv=None) -> int:
     flush = None if args.flush_mib is None else int(args.flush_mib * (1 << 20))
     try:
         with bench.hook_settings(flush_bytes=flush):
-            _run(args, dev, backends, clock)
+            contenders = _run(args, dev, backends, clock)
+        restore()  # (the profiles below without the phase timers)
+        _profile(args, contenders, dev)
     finally:
         bench._Deliver.fresh = True
         restore()
     return 0
+
+
+def _profile(args, contenders: dict, dev) -> None:
+    """--profile: each named contender's windows under cProfile, the top functions by own
+    time (host time, where the next GPU session can see what a slower host spends)."""
+    for name in filter(None, args.profile.split(",")):
+        c = contenders.get(name)
+        if c is None:
+            raise SystemExit(f"--profile: no contender {name!r}; the table names "
+                             f"{', '.join(contenders)}")
+        saved = {attr: getattr(tri, attr) for attr, _ in _TRITON_SETTINGS.values()}
+        for attr, value in getattr(c, "triton_settings", {}).items():
+            setattr(tri, attr, value)
+        acc_mod._READ_FLAG_LATE = getattr(c, "accumulator_settings", {}).get(
+            "_READ_FLAG_LATE", True)
+        prof = cProfile.Profile()
+        try:
+            with bench.gc_paused():
+                prof.enable()
+                for _ in range(args.profile_windows):
+                    c.window()
+                prof.disable()
+                bench.sync(dev)
+        finally:
+            acc_mod._READ_FLAG_LATE = True
+            for attr, value in saved.items():
+                setattr(tri, attr, value)
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+        print(f"\n#### cProfile of {name}, {args.profile_windows} windows (own time first)\n"
+              f"```\n{out.getvalue().strip()}\n```")
 
 
 # variant key -> (the ops/triton.py setting it sets, the tuple of its modes there)
@@ -329,6 +370,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
             mine = med.get(name + "\twindow")
             if name.startswith("fusedaccum") and mine:
                 print(f"| {name} | {recipe / mine:.2f}x |")
+    return contenders
 
 
 if __name__ == "__main__":

@@ -335,7 +335,9 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
                                          "table=cached,launch=direct,launch=cxx,"
                                          "python-flush,batch-max=64,python-walks,"
                                          "flag-first",
-                                         "--premade-grads", "--json", str(tmp_path / "p.json")])
+                                         "--premade-grads", "--json", str(tmp_path / "p.json"),
+                                         "--profile", f"fusedaccum[{backends[0]}] flag-first",
+                                         "--profile-windows", "1"])
     out = capsys.readouterr().out
     with open(tmp_path / "p.json") as f:  # the medians of the table, by contender and phase
         medians = json.load(f)
@@ -358,6 +360,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     assert f"| fusedaccum[{backends[0]}] launch=cxx | window |" in out
     assert f"| fusedaccum[{backends[0]}] python-flush | window |" in out
     assert f"| fusedaccum[{backends[0]}] flag-first | window |" in out
+    assert f"#### cProfile of fusedaccum[{backends[0]}] flag-first, 1 windows" in out
+    assert "function calls" in out.split("#### cProfile of")[1]  # (pstats header)
     assert accumulator._TABLE_FLUSH and accumulator._READ_FLAG_LATE  # put back
     assert os.environ.get("FUSEDACCUM_FAST_HOOKS") is None  # put back
     assert (triton_ops._TABLE_UPLOAD, triton_ops._LAUNCH) == (table, launch)  # put back
