@@ -208,10 +208,7 @@ def _profile(args, contenders: dict, dev) -> None:
             raise SystemExit(f"--profile: no contender {name!r}; the table names "
                              f"{', '.join(contenders)}")
         saved = {attr: getattr(tri, attr) for attr, _ in _TRITON_SETTINGS.values()}
-        for attr, value in getattr(c, "triton_settings", {}).items():
-            setattr(tri, attr, value)
-        acc_mod._READ_FLAG_LATE = getattr(c, "accumulator_settings", {}).get(
-            "_READ_FLAG_LATE", True)
+        _apply_settings(c, saved)
         prof = cProfile.Profile()
         try:
             with bench.gc_paused():
@@ -221,9 +218,7 @@ def _profile(args, contenders: dict, dev) -> None:
                 prof.disable()
                 bench.sync(dev)
         finally:
-            acc_mod._READ_FLAG_LATE = True
-            for attr, value in saved.items():
-                setattr(tri, attr, value)
+            _apply_settings(None, saved)
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
         print(f"\n#### cProfile of {name}, {args.profile_windows} windows (own time first)\n"
@@ -233,6 +228,16 @@ def _profile(args, contenders: dict, dev) -> None:
 # variant key -> (the ops/triton.py setting it sets, the tuple of its modes there)
 _TRITON_SETTINGS = {"table": ("_TABLE_UPLOAD", "_TABLE_MODES"),
                     "launch": ("_LAUNCH", "_LAUNCH_MODES")}
+
+
+def _apply_settings(c, triton_defaults: dict) -> None:
+    """The module settings contender ``c`` runs with: its variant's (``triton_settings``,
+    ``accumulator_settings``), else ``triton_defaults`` and the accumulator's defaults
+    (``c=None``: all defaults, to put them back)."""
+    for attr, value in triton_defaults.items():
+        setattr(tri, attr, getattr(c, "triton_settings", {}).get(attr, value))
+    acc_mod._READ_FLAG_LATE = getattr(c, "accumulator_settings", {}).get(
+        "_READ_FLAG_LATE", True)
 
 
 def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
@@ -308,10 +313,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
                 rng.shuffle(order)
                 for name in order:
                     c = contenders[name]
-                    for attr, value in defaults.items():
-                        setattr(tri, attr, getattr(c, "triton_settings", {}).get(attr, value))
-                    acc_mod._READ_FLAG_LATE = getattr(c, "accumulator_settings", {}).get(
-                        "_READ_FLAG_LATE", True)
+                    _apply_settings(c, defaults)
                     t0 = clock.now()
                     try:
                         (run_ours if isinstance(c, bench.FusedContender) else run_peer)(c, clock)
@@ -327,9 +329,7 @@ def _run(args, dev, backends, clock: Clock) -> None:
                     else:
                         clock.window.clear()
     finally:
-        for attr, value in defaults.items():
-            setattr(tri, attr, value)
-        acc_mod._READ_FLAG_LATE = True
+        _apply_settings(None, defaults)
     print(f"# window phases: {args.model} ({wl.model.tensors} tensors, {wl.numel / 1e6:.1f}M "
           f"params), {bench.device_name(dev)}, k={wl.k}, {args.rounds} rounds, "
           f"{'device synced after every phase' if args.sync else 'host time'}, batch flush "
