@@ -132,9 +132,10 @@ _TORCH_STEP_WRAPPER_CODE = getattr(
 
 
 def _caller_stacklevel() -> int:
-    """warnings.warn's stacklevel of the first frame outside fusedaccum and torch.optim/amp."""
-    inside = (os.path.dirname(__file__), os.path.dirname(torch.optim.__file__),
-              os.path.dirname(torch.amp.__file__), os.path.dirname(torch.utils.__file__))
+    """warnings.warn's stacklevel of the first frame outside fusedaccum and torch (its
+    optim, amp and utils callers, and the torch.compiler.disable wrapper that step() runs
+    through: _never_traced)."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1

@@ -538,6 +538,9 @@ def test_runtime_warning_once_per_wrapper(device):
             assert opt.skipped_steps == 2
             count.append(sum(issubclass(c.category, RuntimeWarning) for c in caught))
     assert count == [1, 2]
+    # it points at the user's step() line, not at torch's compiler.disable wrapper that
+    # step() runs through
+    assert [c.filename for c in caught] == [__file__] * 2
 
 
 # ------------------------------------------------------------------------- grad_norm
