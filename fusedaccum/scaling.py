@@ -34,13 +34,15 @@ class LossScaler:
     def update(self, skipped: bool) -> None:
         if not self.dynamic:
             return
+        # (a new tensor, not in place: a scale read before, ``opt.loss_scale``, keeps its
+        # value, as GradScaler.get_scale()'s does)
         if skipped:
-            self.scale.mul_(self.backoff_factor)
+            self.scale = self.scale * self.backoff_factor
             self.growth_tracker = 0
             return
         self.growth_tracker += 1
         if self.growth_tracker == self.growth_interval:
-            self.scale.mul_(self.growth_factor)
+            self.scale = self.scale * self.growth_factor
             self.growth_tracker = 0
 
     def state_dict(self) -> dict:
@@ -48,5 +50,6 @@ class LossScaler:
                 "growth_tracker": self.growth_tracker}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.scale.copy_(torch.as_tensor(sd["scale"], dtype=torch.float32))
+        self.scale = torch.as_tensor(sd["scale"], dtype=torch.float32).to(
+            self.scale.device, copy=True)
         self.growth_tracker = int(sd["growth_tracker"])

@@ -143,8 +143,10 @@ def test_dynamic_scale_halves_on_skip_and_doubles_after_2000_clean_updates():
 
     clean(1000)
     assert as_float(opt.loss_scale) == 2.0**16
+    before = opt.loss_scale
     skipped()
     assert as_float(opt.loss_scale) == 2.0**15 and opt.skipped_steps == 1
+    assert as_float(before) == 2.0**16  # a value read before is not the live scale
     clean(1999)  # 2999 clean in all: no growth, the skip restarted the count
     assert as_float(opt.loss_scale) == 2.0**15
     clean(1)
