@@ -372,8 +372,12 @@ def storage_bytes(tensors) -> int:
 class Progress:
     """tqdm on a terminal when importable; plain lines on stderr otherwise (verbose only)."""
 
+    # plain lines: at most one per this many seconds
+    INTERVAL_S = 1.0
+
     def __init__(self, total: int, enabled: bool = True, desc: str = "bench"):
         self._bar, self.enabled, self.n, self.total = None, enabled, 0, total
+        self.desc, self._last = desc, -math.inf
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
@@ -386,6 +390,10 @@ class Progress:
     def set(self, text: str) -> None:
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=True)
+        elif self.enabled and time.perf_counter() - self._last >= self.INTERVAL_S:
+            # (no tqdm, or stderr is not a terminal: a log, CI, `| tee`)
+            self._last = time.perf_counter()
+            print(f"{self.desc} [{self.n}/{self.total}] {text}", file=sys.stderr, flush=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n

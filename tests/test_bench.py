@@ -89,6 +89,21 @@ def test_triton_never_timed_on_cpu():
     assert "triton" in excluded
 
 
+def test_progress_prints_plain_lines_without_a_terminal(capsys, monkeypatch):
+    """Long runs show progress also where stderr is a log or a pipe (no tqdm bar there)."""
+    monkeypatch.setattr(B.Progress, "INTERVAL_S", 0.0)
+    progress = B.Progress(3)
+    progress.set("copy bandwidth")
+    progress.update()
+    progress.set("gpt2-124m recipe")
+    progress.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "bench [0/3] copy bandwidth", "bench [1/3] gpt2-124m recipe"]
+    quiet = B.Progress(3, enabled=False)  # --no-progress
+    quiet.set("copy bandwidth")
+    assert capsys.readouterr().err == ""
+
+
 def test_timing_and_rotation_helpers():
     seen = []
     t = B.time_calls(lambda i: seen.append(i % 3), CPU,
