@@ -500,9 +500,11 @@ class FusedAccumulator(torch.optim.Optimizer):
             _check_k(accumulation_steps, "accumulation_steps")
         self.accumulation_steps = accumulation_steps
         if max_grad_norm is not None:
+            # (inf as torch's clip_grad_norm_ takes it: the norm is computed, nothing is
+            # clipped)
             if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real) \
-                    or not max_grad_norm > 0 or not math.isfinite(max_grad_norm):
-                raise ValueError(f"max_grad_norm must be None or a finite number > 0, got "
+                    or not max_grad_norm > 0:
+                raise ValueError(f"max_grad_norm must be None or a number > 0, got "
                                  f"{max_grad_norm!r}")
             max_grad_norm = float(max_grad_norm)
         self.max_grad_norm = max_grad_norm
@@ -682,7 +684,7 @@ class FusedAccumulator(torch.optim.Optimizer):
     @property
     def accumulation_boundary(self) -> bool:
         """True iff the next ``step()`` call ends the window."""
-        return self.micro_step + 1 >= self._window_k
+        return self.micro_step + 1 >= self._k()
 
     @property
     def loss_scale(self):
@@ -702,6 +704,20 @@ class FusedAccumulator(torch.optim.Optimizer):
         return _check_k(self._k_fn(self.update_count + self.skipped_steps),
                         "accumulation_steps(windows_ended)")
 
+    def _start_k(self) -> None:
+        """The next window's length, asked at its start. Where the callable raises (or
+        gives a bad value) the length stays unknown (None) and the error propagates; the
+        next step() (or accumulation_boundary) asks again, and raises again, rather than
+        counting a micro-batch against the last window's length."""
+        self._window_k = None
+        self._window_k = self._next_k()
+
+    def _k(self) -> int:
+        """This window's length (see _start_k)."""
+        if self._window_k is None:
+            self._window_k = self._next_k()
+        return self._window_k
+
     def _all_buckets(self):
         for buckets in self._buckets:
             yield from buckets
@@ -717,11 +733,13 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._stale = False
         self._end_window()
         self.micro_step = 0
-        self._window_k = self._next_k()
+        self._start_k()
 
     def _ride_norm(self) -> bool:
         """Whether this micro-batch's accumulations should also produce norm statistics."""
-        return self._pg is None and self.micro_step + 1 >= self._window_k
+        # (no callable is asked here, inside a backward: an unknown length rides nothing)
+        return self._pg is None and self._window_k is not None \
+            and self.micro_step + 1 >= self._window_k
 
     def _end_window(self, defer_grads: bool = False, zeroed: bool = True, lazy: bool = False):
         """The window's per-param marks cleared, and the ``.grad`` views it gave; with
@@ -1126,7 +1144,9 @@ class FusedAccumulator(torch.optim.Optimizer):
             gi = next(g for g, bs in enumerate(self._buckets) if b in bs)
             name = self._param_name(self.inner.param_groups[gi], gi, b.indices[i], b.params[i])
             raise RuntimeError(f"{name} received a sparse gradient; fusedaccum accumulates "
-                               "dense gradients only (use a dense embedding, sparse=False)")
+                               "dense gradients only (use a dense embedding, sparse=False). "
+                               "The window holds the gradients this backward gave other "
+                               "params before it: drop it with opt.reset_accumulation()")
 
     # The hooks live on the params and must not keep their wrapper (which holds the params)
     # alive: a param -> hook -> wrapper -> param cycle runs through C++ and is never
@@ -1400,13 +1420,15 @@ class FusedAccumulator(torch.optim.Optimizer):
         Returns the closure's loss (the closure runs with grad enabled), or None.
         """
         if num_items is not None:
-            self._check_num_items(num_items)
+            # (with a process group each rank's local count: 0 on a rank is allowed,
+            # and the sum over the ranks is checked at the boundary, dp.merge_window)
+            self._check_num_items(num_items, local=self._pg is not None)
         self._flush_all()
         self._sync_groups()
         scaler_attrs = "grad_scale" in self.__dict__ or "found_inf" in self.__dict__
         if scaler_attrs:
             why = None
-            if self._k_fn is not None or self._window_k != 1:
+            if self._k_fn is not None or self._k() != 1:
                 why = ("torch.amp.GradScaler.step() needs accumulation_steps=1 (the scale could "
                        "change inside a window): accumulate with the tutorial loop and call "
                        "scaler.step(opt) at your own boundaries, or use loss_scale='dynamic'")
@@ -1437,7 +1459,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.micro_step + 1 < self._window_k:
+        if self.micro_step + 1 < self._k():
             self.micro_step += 1
             self.stepped = False
             return loss
@@ -1500,7 +1522,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         return "dynamic" if self._scaler.dynamic else float(self._scaler.scale)
 
     @staticmethod
-    def _check_num_items(num_items) -> None:
+    def _check_num_items(num_items, local: bool = False) -> None:
+        """ValueError unless ``num_items`` is a finite number > 0 (>= 0 where ``local``:
+        one rank's count, which may be 0 where the others' are not)."""
+        def ok(n) -> bool:
+            return (n >= 0 if local else n > 0) and math.isfinite(n)
+
+        want = "a finite number >= 0 (this rank's item count of the window)" if local \
+            else "a finite number > 0 (the window's item count)"
         if isinstance(num_items, torch.Tensor):
             if num_items.numel() != 1:
                 raise ValueError(f"num_items must be a single number, got shape "
@@ -1510,13 +1539,12 @@ class FusedAccumulator(torch.optim.Optimizer):
                                  "tensor")
             if num_items.device.type == "cpu":
                 n = num_items.item()
-                if not (n > 0 and math.isfinite(n)):
-                    raise ValueError(f"num_items must be a finite number > 0, got {n}")
+                if not ok(n):
+                    raise ValueError(f"num_items must be {want}, got {n}")
             return
         if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) \
-                or not (num_items > 0 and math.isfinite(num_items)):
-            raise ValueError(f"num_items must be a finite number > 0 (the window's item "
-                             f"count), got {num_items!r}")
+                or not ok(num_items):
+            raise ValueError(f"num_items must be {want}, got {num_items!r}")
 
     def _ridden_stat(self, b: Bucket) -> torch.Tensor | None:
         """The bucket's norm statistic, using what rode on its last accumulations.
@@ -1674,7 +1702,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         found_f = (norm - norm).ne_(0.0)
         if scaler_found_inf is not None:
             found_f = torch.where(scaler_found_inf.to(dev) > 0, 1.0, found_f)
-        if self.max_grad_norm is not None:
+        if self.max_grad_norm is not None and self.max_grad_norm != math.inf:
             mult = inv * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         else:
             mult = inv
@@ -1748,8 +1776,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                 self._clear_grads(grads)
             # the next window's length, asked at its start: after this update, so that a
             # callable may read opt.grad_norm or opt.update_count of the window that
-            # ended (a bad value raises here, with this window applied and counted)
-            self._window_k = self._next_k()
+            # ended (a bad value raises here, with this window applied and counted, and
+            # again at the next step(): _start_k)
+            self._start_k()
 
     def _read_later(self, flag: torch.Tensor):
         """A function returning ``bool(flag)`` (a 0-dim fp32 device tensor) as it is now,
@@ -2177,13 +2206,15 @@ class FusedAccumulator(torch.optim.Optimizer):
         # then this rank's own
         if self._pg is not None and (self._shard is not None or self.micro_step > 0):
             buckets = list(self._all_buckets())
-            dp.merge_window(buckets, None, self._pg, self._device, self._window_k)
+            dp.merge_window(buckets, None, self._pg, self._device,
+                            self._window_k if self._window_k is not None else 1)
             accumulators = {idx: dp.sum_across(b.main_grads[i].detach(), self._pg)
                             for idx, (b, i) in index.items() if b.touched[i]}
         sd["fusedaccum"] = {
             "version": _STATE_VERSION,
             "micro_step": self.micro_step,
-            "window_k": self._window_k,
+            # (unknown only at micro-batch 0, where a load asks the callable anew: _start_k)
+            "window_k": self._window_k if self._window_k is not None else 1,
             # a partial window is the sum of this many ranks' micro-batches
             "world_size": 1 if self._pg is None else torch.distributed.get_world_size(self._pg),
             "update_count": self.update_count,
@@ -2415,7 +2446,10 @@ class FusedAccumulator(torch.optim.Optimizer):
         # a window saved part-way keeps the length it started with; otherwise the next
         # window's length comes from this wrapper's accumulation_steps (it may differ,
         # e.g. when resuming on another number of ranks)
-        self._window_k = int(extra["window_k"]) if self.micro_step > 0 else self._next_k()
+        if self.micro_step > 0:
+            self._window_k = int(extra["window_k"])
+        else:
+            self._start_k()
         self._warned_skip = bool(extra.get("warned_skip", False))
         if extra.get("loss_scale") is not None and self._scaler is not None:
             self._scaler.load_state_dict(extra["loss_scale"])

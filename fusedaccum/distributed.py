@@ -92,11 +92,16 @@ def merge_window(buckets, num_items, group, device, k: int):
         vec = torch.tensor([float(items), *checks, *flags], dtype=torch.float64,
                            device=device)
     dist.all_reduce(vec, group=group)
-    with_items, k_sum, k_sq, world, *merged = vec[1:].cpu().tolist()
+    total, with_items, k_sum, k_sq, world, *merged = vec.cpu().tolist()
     if 0 < with_items < world:
         raise ValueError(
             f"step(num_items=...) was given on {with_items:.0f} of the {world:.0f} ranks at this "
             "boundary: give every rank its local item count, or none of them")
+    if with_items and not (total > 0 and math.isfinite(total)):
+        # (a rank's own count may be 0; the sum is the window's D)
+        raise ValueError(
+            f"num_items summed over the {world:.0f} ranks is {total:g} at this boundary: the "
+            "window's item count must be a finite number > 0")
     if k_sq * world != k_sum ** 2:  # (Cauchy-Schwarz: equal only when every k is the same)
         raise ValueError(
             "the ranks' accumulation windows have different lengths (accumulation_steps "

@@ -336,7 +336,10 @@ def _misuse_worker(rank, world, port, out_dir, case):
                     opt.step()
                     continue
                 torch.nn.functional.mse_loss(model(x * (i + rank)), y).backward()
-                num_items = MB if (case == "num_items on one rank" and rank == 0) else None
+                num_items = {"num_items on one rank": MB if rank == 0 else None,
+                             # (a rank whose items were all masked, say)
+                             "num_items 0 on one rank": 0 if rank == 0 else MB,
+                             "num_items 0 on every rank": 0}.get(case)
                 opt.step(num_items=num_items)
                 if case == "state dict on rank 0" and rank == 0 and opt.stepped:
                     out["sd"] = opt.state_dict()  # a boundary, unsharded: local
@@ -358,6 +361,8 @@ def _misuse_worker(rank, world, port, out_dir, case):
 
 @pytest.mark.parametrize("case,world,expected", [
     ("num_items on one rank", 2, "ValueError: step(num_items=...) was given on 1 of the 2"),
+    ("num_items 0 on one rank", 2, "no error"),
+    ("num_items 0 on every rank", 2, "ValueError: num_items summed over the 2 ranks is 0"),
     ("k differs", 2, "ValueError: the ranks' accumulation windows have different lengths"),
     ("gradscaler", 2, "RuntimeError: torch.amp.GradScaler with process_group"),
     ("non-member", 3, "ValueError: this process is not a member of process_group"),

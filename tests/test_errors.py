@@ -158,6 +158,49 @@ def test_callable_accumulation_steps_returning_bad_value_at_a_later_window(bad):
     ref = make_model()
     reference_big_batch(ref, adamw, [micro[:1]])
     assert_params_close(model, ref)
+    # the length stays unknown: the next window asks again (and raises again) rather than
+    # reusing the last window's length of 1
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        opt.accumulation_boundary  # noqa: B018
+    x, y = micro[1]
+    mse(model(x), y).backward()
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        opt.step()
+    assert opt.update_count == 1 and opt.micro_step == 0
+    assert_params_close(model, ref)
+
+
+def test_callable_accumulation_steps_asked_again_after_it_raised():
+    """A callable that fails once at a window's start (it raised, or gave a bad value) is
+    asked again at the next step(); the window then has the length it gives."""
+    model, inner = _model_opt()
+    asked, fail = [], {1}
+
+    def k_fn(n):
+        asked.append(n)
+        if n in fail:
+            fail.discard(n)
+            raise RuntimeError("not yet")
+        return 2 if n == 0 else 3
+
+    opt = wrap(inner, accumulation_steps=k_fn)
+    micro = make_batches(5)
+    lengths, count = [], 0
+    for i, (x, y) in enumerate(micro):
+        mse(model(x), y).backward()
+        try:
+            opt.step()
+        except RuntimeError:
+            assert i == 1  # the first window's boundary: applied, then the callable raised
+            assert opt.stepped and opt.update_count == 1
+        count += 1
+        if opt.stepped:
+            lengths.append(count)
+            count = 0
+    assert lengths == [2, 3] and asked == [0, 1, 1, 2]
+    ref = make_model()
+    reference_big_batch(ref, adamw, [micro[:2], micro[2:]])
+    assert_params_close(model, ref)
 
 
 def test_callable_accumulation_steps_reads_the_window_that_ended():
@@ -180,11 +223,27 @@ def test_callable_accumulation_steps_reads_the_window_that_ended():
     assert [(n, u) for n, u, _ in seen] == [(0, None), (1, 1), (2, 2)]
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5])
+@pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5, -INF, float("nan"), True, "1.0"])
 def test_bad_max_grad_norm(bad):
     _, inner = _model_opt()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_grad_norm"):
         wrap(inner, max_grad_norm=bad)
+
+
+def test_infinite_max_grad_norm_clips_nothing():
+    """As torch.nn.utils.clip_grad_norm_(params, inf): the norm is computed (opt.grad_norm),
+    the gradient is not scaled."""
+    windows = make_windows(2, 2)
+    runs = []
+    for clip in (INF, None):
+        model, inner = _model_opt()
+        opt = wrap(inner, accumulation_steps=2, max_grad_norm=clip)
+        assert opt.max_grad_norm == clip
+        runs.append((model, run_managed(model, opt, windows)))
+    (a, norms_a), (b, norms_b) = runs
+    assert len(norms_a) == 2 and all(n > 0 for n in norms_a)
+    assert all(torch.equal(n, m) for n, m in zip(norms_a, norms_b))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 @pytest.mark.parametrize("bad", [1, 1.0, 3, 0.5])
@@ -442,10 +501,15 @@ def test_sparse_gradient_is_rejected_naming_the_param(named):
     params = model.named_parameters() if named else model.parameters()
     opt = wrap(torch.optim.SGD(params, lr=0.1))
     idx = torch.tensor([[1, 2], [3, 1]], device=model.fc.weight.device)
-    with pytest.raises(RuntimeError, match="emb.weight" if named else "(?i)sparse"):
+    with pytest.raises(RuntimeError, match="emb.weight" if named else "(?i)sparse") as info:
         model(idx).sum().backward()
         opt.step()
     assert opt.update_count == 0
+    # autograd gave fc its gradient first: the message says how to drop it
+    assert "reset_accumulation" in str(info.value)
+    assert model.fc.weight.main_grad.abs().sum() > 0
+    opt.reset_accumulation()
+    assert model.fc.weight.main_grad.abs().sum() == 0
 
 
 @pytest.mark.parametrize("kind", ["complex", "integer"])
