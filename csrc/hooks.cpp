@@ -1054,6 +1054,44 @@ PyObject* any_grad(PyObject*, PyObject* seq) {
   Py_RETURN_FALSE;
 }
 
+// entries_edited(state, snaps) -> list of ids, or None (look in Python): the ids of the
+// keys of the optimizer's state dict that snaps (a dict: id -> (bucket, index, entry or
+// None, the entry's values)) knows and whose entry is another object than it says, or
+// holds other values (by identity, in order) (FusedAccumulator._edited_entries). The
+// state dict's items are walked, so no tensor key is hashed (Tensor.__hash__ is Python).
+PyObject* entries_edited(PyObject*, PyObject* args) {
+  PyObject *state, *snaps;
+  if (!PyArg_ParseTuple(args, "OO!", &state, &PyDict_Type, &snaps)) return nullptr;
+  if (!PyDict_Check(state)) Py_RETURN_NONE;
+  Ref out(PyList_New(0));
+  if (!out) return nullptr;
+  Py_ssize_t pos = 0;
+  PyObject *key, *entry;
+  // (nothing below runs Python code: int keys, identity tests)
+  while (PyDict_Next(state, &pos, &key, &entry)) {
+    Ref id(PyLong_FromVoidPtr(key));
+    if (!id) return nullptr;
+    PyObject* snap = PyDict_GetItemWithError(snaps, id.get());  // borrowed
+    if (snap == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      continue;
+    }
+    if (!PyTuple_Check(snap) || PyTuple_GET_SIZE(snap) != 4 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(snap, 3)))
+      Py_RETURN_NONE;
+    PyObject* values = PyTuple_GET_ITEM(snap, 3);
+    bool same = PyTuple_GET_ITEM(snap, 2) == entry && PyDict_Check(entry) &&
+                PyDict_Size(entry) == PyTuple_GET_SIZE(values);
+    Py_ssize_t at = 0, j = 0;
+    PyObject *k, *v;
+    while (same && PyDict_Next(entry, &at, &k, &v)) same = v == PyTuple_GET_ITEM(values, j++);
+    if (!same && PyList_Append(out.get(), id.get()) < 0) return nullptr;
+  }
+  PyObject* result = out.get();
+  Py_INCREF(result);
+  return result;
+}
+
 PyMethodDef methods[] = {
     {"install_batch_hook", install_batch_hook, METH_VARARGS,
      "Put the C++ batching hook in front of a param's Python post-accumulate-grad hooks."},
@@ -1087,6 +1125,9 @@ PyMethodDef methods[] = {
     {"clear_grads", clear_grads, METH_O, "t.grad = None for every tensor of a list."},
     {"any_grad", any_grad, METH_O,
      "True if some tensor of the list has a .grad; None where Python must look."},
+    {"entries_edited", entries_edited, METH_VARARGS,
+     "(state, snaps) -> the ids of the state entries that differ from their snapshot; "
+     "None where Python must look."},
     {nullptr, nullptr, 0, nullptr}};
 
 #define FA_STR2(x) #x

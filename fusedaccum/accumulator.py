@@ -577,6 +577,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._wants_callback = False
         # the state dict, and its size, _record_fused_steps last made or checked entries in
         self._recorded_in, self._recorded_len = None, -1
+        # the state entries as the last boundary left them (_sync_state); None: unknown
+        self._snaps = None
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
         # (device, pinned host tensor, CUDA event): the boundary's found-inf read
         # (_read_later), made on the first boundary on a CUDA device
@@ -1916,27 +1918,90 @@ class FusedAccumulator(torch.optim.Optimizer):
         params) reaches the model."""
         return lambda: self._masters_to_model_after(run)
 
-    def _forget_deleted_state(self) -> None:
-        """Params whose optimizer state was deleted (``del opt.state[p]``, ``opt.state =
-        {}``) start afresh, as torch would: their part of the flat state buffers is
-        zeroed and their step count and momentum history reset. Only looked for when the
-        state dict is another object or has another size than at the last update."""
+    def _sync_state(self) -> None:
+        """Fused path, before an update reads the optimizer state from the flat buffers:
+        what was written into ``opt.state`` since the last update, taken in as torch's
+        step would read it there. An entry cleared, emptied or deleted (``opt.state[p] =
+        {}``, ``.clear()``, ``del``, ``opt.state = defaultdict(dict)``) starts that param
+        afresh; values put in its place (``opt.state[p]["exp_avg"] = x``, a state dict
+        loaded into the inner optimizer directly, ``momentum_buffer = None``) are copied
+        into the buffers, and the entry views them again (``x`` itself is not updated
+        after); a step tensor changed in place gives the step count. In-place writes to
+        the entries' tensors need nothing: they view the buffers.
+
+        Host time: one look at each entry of the state dict per boundary (its values'
+        identity, against the snapshot of the last boundary: ``_snaps``; csrc/hooks.cpp
+        ``entries_edited`` where the wrapper runs the C++ hooks), and a walk over every
+        param only when the state dict is another object or has another size."""
         state = self.inner.state
-        if self._recorded_in is state and self._recorded_len == len(state):
-            return
         for b in self._all_buckets():
-            if b.sharded:  # (its entries are made by state_dict() only)
+            b.read_steps()
+        if self._snaps is not None and self._recorded_in is state \
+                and self._recorded_len == len(state):
+            edited = self._edited_entries(state)
+            if not edited:
+                return
+        else:
+            edited = [(b, i) for b in self._all_buckets() if not b.sharded
+                      for i in range(len(b))
+                      if not self._entry_is_ours(b, i, state.get(b.stepped[i]))]
+        for b, i in edited:
+            self._adopt_entry(b, i, state.get(b.stepped[i]))
+        for b in {id(b): b for b, _ in edited}.values():
+            b.write_steps()
+        self._snaps = self._snapshot()
+        self._recorded_in, self._recorded_len = state, len(state)
+
+    def _entry_is_ours(self, b: Bucket, i: int, entry) -> bool:
+        """Whether param ``i`` of ``b``'s state entry is what the fused path keeps: its
+        state tensors and step the views of the flat buffers (or no entry where the param
+        has no history)."""
+        if not entry:
+            return not (b.has_buf[i] or self._kind == "adam" and b.steps[i])
+        for key in (*_ADAM_KEYS, "momentum_buffer"):
+            value = entry.get(key)
+            if value is not None or key in entry:
+                views = b._state_views.get(key)
+                if views is None or value is not views[i]:
+                    return False
+        if self._kind == "adam":
+            return b._step_views is not None and entry.get("step") is b._step_views[i] \
+                and "exp_avg" in entry and "exp_avg_sq" in entry
+        return "momentum_buffer" in entry or not b.has_buf[i]
+
+    def _snapshot(self) -> dict:
+        """id(stepped tensor) -> (bucket, index, its state entry or None, the entry's
+        values): what _edited_entries compares with."""
+        state = self.inner.state
+        snaps = {}
+        for b in self._all_buckets():
+            if b.sharded:
                 continue
             for i, t in enumerate(b.stepped):
-                if (b.steps[i] or b.has_buf[i]) and not state.get(t):
-                    for buf in b.state_flat.values():
-                        self._copy_local(b, i, buf, torch.zeros(b.shapes[i], device=b.device))
-                    b.steps[i], b.has_buf[i], b.recorded[i] = 0, False, False
+                entry = state.get(t)
+                snaps[id(t)] = (b, i, entry, () if entry is None else tuple(entry.values()))
+        return snaps
+
+    def _edited_entries(self, state) -> list:
+        """The (bucket, index) of the params whose state entry is another object, or holds
+        other values, than at the last snapshot (``_snaps``)."""
+        snaps = self._snaps
+        if self._cxx is not None:
+            ids = self._cxx.entries_edited(state, snaps)
+            if ids is not None:
+                return [snaps[k][:2] for k in ids]
+        edited = []
+        for t, entry in state.items():  # (by the entries: no tensor is hashed)
+            snap = snaps.get(id(t))
+            if snap is not None and (snap[2] is not entry or len(entry) != len(snap[3])
+                                     or not all(map(operator.is_, entry.values(), snap[3]))):
+                edited.append(snap[:2])
+        return edited
 
     def _fused_prepare(self) -> list:
         """Before a fused update writes anything: the hyperparameters of each group (None
         for a group no param of which got a gradient) and the state buffers."""
-        self._forget_deleted_state()
+        self._sync_state()
         # Every group's hyperparameters are read (and refused, naming the group, if they
         # cannot be), and every state buffer this step needs exists, before the first
         # kernel runs: a bad value or out of memory making a buffer (the first boundary
@@ -2066,6 +2131,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         step_views = b.step_views() if self._kind == "adam" else None
         new_step_view = torch.get_default_dtype() == torch.float32
         steps, touched, recorded = b.steps, b.touched, b.recorded
+        snaps = self._snaps
         for i, t in enumerate(b.stepped):
             if not touched[i] or recorded[i]:
                 continue
@@ -2089,6 +2155,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if st.get(key) is not vs[i]:
                     st[key] = vs[i]
             recorded[i] = ok
+            if snaps is not None:  # (what _sync_state compares with at the next boundary)
+                snaps[id(t)] = (b, i, st, tuple(st.values()))
 
     # -- generic path --------------------------------------------------------------
     def _generic_update(self, mult: torch.Tensor):
@@ -2507,46 +2575,62 @@ class FusedAccumulator(torch.optim.Optimizer):
                         if st:
                             self.inner.state[t] = self._fp32_initial_state(st, t, group)
             return
-        state_keys = (*_ADAM_KEYS, "momentum_buffer")
         self._recorded_in = None  # entries replaced: _record_fused_steps checks them all
+        self._snaps = None
         for idx, (b, i) in self._index_map().items():
-            t = b.stepped[i]
             self.inner.state.pop(b.params[i], None)
-            src = loaded.get(idx, loaded.get(str(idx)))
-            # the values may view our own buffers (opt.load_state_dict(opt.state_dict())):
-            # copy them before the zeroing below
-            src = {k: v.to(device=b.device, dtype=torch.float32, copy=True)
-                   if k in state_keys and isinstance(v, torch.Tensor) else v
-                   for k, v in (src or {}).items()}
-            for key in state_keys:
-                if key in b.state_flat:
-                    self._copy_local(b, i, b.state_flat[key],
-                                     torch.zeros(b.shapes[i], device=b.device))
-            b.steps[i] = 0
-            b.has_buf[i] = False
-            new = {}
-            for key, value in src.items():
-                if key in state_keys and value is not None:
-                    self._copy_local(b, i, b.state_buffer(key),
-                                     value.to(device=b.device, dtype=torch.float32))
-                    if not b.sharded:
-                        new[key] = b.state_view(key, i)
-                    b.has_buf[i] = b.has_buf[i] or key == "momentum_buffer"
-                elif key == "step":
-                    b.steps[i] = int(_as_float(value))
-                    if self._kind == "adam" and not b.sharded:  # valued by write_steps below
-                        new[key] = b.step_views()[i]
-                    else:
-                        new[key] = torch.tensor(float(b.steps[i]), dtype=torch.float32)
-                elif key != "momentum_buffer":
-                    new[key] = value
-            if self._kind == "sgd" and not b.has_buf[i]:
-                b.steps[i] = 0
-            elif self._kind == "sgd":
-                b.steps[i] = max(b.steps[i], 1)
-            if new and not b.sharded:
-                self.inner.state[t] = new
-            else:
-                self.inner.state.pop(t, None)
+            self.inner.state.pop(b.stepped[i], None)
+            self._adopt_entry(b, i, loaded.get(idx, loaded.get(str(idx))))
         for b in self._all_buckets():  # after every read of the loaded values
             b.write_steps()
+
+    @torch.no_grad()
+    def _adopt_entry(self, b: Bucket, i: int, src: dict | None) -> None:
+        """Fused path: param ``i`` of ``b``'s state taken from ``src`` (an entry in torch's
+        format, or None: none) into the flat buffers. Its state tensors are copied in
+        (fp32), its step count and momentum history read, and what it lacks starts afresh
+        (zeros). Its entry in the state dict (the same dict object where there is one)
+        then views the buffers; the caller writes the step tensors (b.write_steps)."""
+        state_keys = (*_ADAM_KEYS, "momentum_buffer")
+        t = b.stepped[i]
+        # the values may view our own buffers (opt.load_state_dict(opt.state_dict()), an
+        # entry partly ours): copy them before the zeroing below
+        src = {k: v.to(device=b.device, dtype=torch.float32, copy=True)
+               if k in state_keys and isinstance(v, torch.Tensor) else v
+               for k, v in (src or {}).items()}
+        for key in state_keys:
+            if key in b.state_flat:
+                self._copy_local(b, i, b.state_flat[key],
+                                 torch.zeros(b.shapes[i], device=b.device))
+        b.steps[i] = 0
+        b.has_buf[i] = False
+        b.recorded[i] = False
+        new = {}
+        for key, value in src.items():
+            if key in state_keys and value is not None:
+                self._copy_local(b, i, b.state_buffer(key),
+                                 value.to(device=b.device, dtype=torch.float32))
+                if not b.sharded:
+                    new[key] = b.state_view(key, i)
+                b.has_buf[i] = b.has_buf[i] or key == "momentum_buffer"
+            elif key == "step":
+                b.steps[i] = int(_as_float(value))
+                if self._kind == "adam" and not b.sharded:  # valued by write_steps
+                    new[key] = b.step_views()[i]
+                else:
+                    new[key] = torch.tensor(float(b.steps[i]), dtype=torch.float32)
+            elif key != "momentum_buffer":
+                new[key] = value
+        if self._kind == "sgd" and not b.has_buf[i]:
+            b.steps[i] = 0
+        elif self._kind == "sgd":
+            b.steps[i] = max(b.steps[i], 1)
+        entry = self.inner.state.get(t)
+        if b.sharded or not new:
+            if entry:  # (emptied in place: torch's step would fill that very dict)
+                entry.clear()
+        elif isinstance(entry, dict):
+            entry.clear()
+            entry.update(new)
+        else:
+            self.inner.state[t] = new

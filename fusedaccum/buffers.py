@@ -180,6 +180,9 @@ class Bucket:
         self.has_buf = [False] * len(params)  # per-param momentum history (SGD)
         self.step_flat: torch.Tensor | None = None  # see step_views
         self._step_views: list[torch.Tensor] | None = None
+        # step_flat's version counter after our last write: another write (a step entry
+        # changed in place, state[p]["step"].fill_(0)) shows (FusedAccumulator._sync_state)
+        self.step_version = -1
         # params whose optimizer-state entries the last boundaries made or checked, for the
         # state keys ``recorded_keys`` (see FusedAccumulator._record_fused_steps)
         self.recorded = [False] * len(params)
@@ -282,6 +285,7 @@ class Bucket:
         if self._step_views is None:
             self.step_flat = torch.tensor(self.steps, dtype=torch.float32)
             self._step_views = [self.step_flat[k] for k in range(len(self.params))]
+            self.step_version = self.step_flat._version
         return self._step_views
 
     def write_steps(self) -> None:
@@ -289,6 +293,16 @@ class Bucket:
         if self.step_flat is not None:  # (via array: a third of torch.tensor(list)'s time)
             self.step_flat.copy_(torch.frombuffer(array.array("f", self.steps),
                                                   dtype=torch.float32))
+            self.step_version = self.step_flat._version
+
+    def read_steps(self) -> bool:
+        """``steps`` read back from the step tensors where something else wrote them since
+        write_steps (a step entry changed in place): True if so."""
+        if self.step_flat is None or self.step_flat._version == self.step_version:
+            return False
+        self.steps[:] = [int(v) for v in self.step_flat.tolist()]
+        self.step_version = self.step_flat._version
+        return True
 
     def runs(self, keys: list | None = None,
              which: list | None = None) -> list[tuple[slice, object]]:

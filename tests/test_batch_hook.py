@@ -12,6 +12,7 @@ triton backend the kernel with a table the C++ code builds (table flush).
 
 import gc
 import inspect
+import operator
 import weakref
 
 import pytest
@@ -721,3 +722,40 @@ def test_boundary_walks_answer_as_python_would(place):
     assert all(t.grad is None for t in (*ps, sub))
     with pytest.raises(TypeError, match="list of tensors"):
         MODULE.clear_grads(tuple(ps))
+
+
+def test_entries_edited_answers_as_python_would():
+    """entries_edited (the boundary's look at the optimizer state, _sync_state) against
+    FusedAccumulator._edited_entries's Python loop, over each kind of edit."""
+    from collections import defaultdict
+
+    ts = [torch.nn.Parameter(torch.zeros(3)) for _ in range(4)]
+    state = defaultdict(dict)
+    for t in ts[:3]:
+        state[t].update(step=torch.tensor(1.0), exp_avg=torch.zeros(3))
+    unknown = torch.zeros(1)
+    state[unknown]["x"] = 1  # (an entry of a tensor the wrapper does not step: ignored)
+
+    def snapshot():
+        return {id(t): ("b", i, state.get(t), tuple(state[t].values()) if t in state else ())
+                for i, t in enumerate(ts)}
+
+    def python(snaps):  # (the definition: accumulator.py _edited_entries)
+        return sorted(id(t) for t, e in state.items() if (s := snaps.get(id(t))) is not None
+                      and (s[2] is not e or len(e) != len(s[3])
+                           or not all(map(operator.is_, e.values(), s[3]))))
+
+    snaps = snapshot()
+    assert MODULE.entries_edited(state, snaps) == [] == python(snaps)
+    state[ts[0]]["exp_avg"] = torch.zeros(3)  # a value replaced
+    state[ts[1]] = {}  # an entry replaced
+    state[ts[2]]["extra"] = 0  # a key added
+    state[ts[3]]  # noqa: B018  (a new entry where there was none)
+    want = sorted(map(id, ts))
+    assert sorted(MODULE.entries_edited(state, snaps)) == want == python(snaps)
+    snaps = snapshot()
+    state[ts[2]].clear()
+    assert MODULE.entries_edited(state, snaps) == [id(ts[2])] == python(snaps)
+    assert MODULE.entries_edited(dict(state), {}) == []
+    assert MODULE.entries_edited(list(state.items()), snaps) is None  # not a dict: Python
+    assert MODULE.entries_edited(state, {id(ts[0]): ("malformed",)}) is None

@@ -583,3 +583,98 @@ def test_state_dict_hooks_on_the_wrapper_run_as_in_torch(device):
     assert calls == [("sd_pre", opt), ("sd_post", opt), ("load_pre", opt, "mine"),
                      ("load_post", opt)]
     assert opt.param_groups[0]["lr"] == 0.125
+
+
+# ------------------------------------------------------- edits of opt.state between steps
+
+def _replace(key, value_of):
+    def edit(state, t):
+        state[t][key] = value_of(t)
+    return edit
+
+
+def _delete_then_read(state, t):
+    del state[t]
+    state[t]  # noqa: B018  (a defaultdict read makes an empty entry)
+
+
+_STATE_EDITS = {
+    "entry replaced by {}": ("any", lambda state, t: state.__setitem__(t, {})),
+    "entry cleared": ("any", lambda state, t: state[t].clear()),
+    "entry deleted, then read": ("any", _delete_then_read),
+    "every entry cleared": ("any", lambda state, t: state.clear()),
+    "exp_avg replaced": ("adam", _replace("exp_avg", lambda t: torch.full_like(t, 0.03))),
+    "exp_avg_sq replaced": ("adam", _replace("exp_avg_sq", lambda t: torch.full_like(t, 1e-4))),
+    "step replaced": ("adam", _replace("step", lambda t: torch.tensor(1.0))),
+    "step written in place": ("adam", lambda state, t: state[t]["step"].fill_(1)),
+    "momentum_buffer replaced": ("sgd", _replace("momentum_buffer",
+                                                 lambda t: torch.full_like(t, -0.2))),
+    "momentum_buffer set to None": ("sgd", _replace("momentum_buffer", lambda t: None)),
+}
+
+
+@pytest.mark.parametrize("opt_name,edit", [
+    (o, e) for o in ("adamw_amsgrad", "sgd_momentum") for e, (kind, _) in _STATE_EDITS.items()
+    if kind == "any" or o.startswith(kind)])
+def test_edits_of_opt_state_are_read_as_torch_reads_them(device, opt_name, edit):
+    """What a user writes into opt.state between steps (a param's state reset, a value
+    put in place of another, a step count changed) is what the next update reads, as in
+    torch.optim; an in-place write to the entries' tensors needs nothing (they view the
+    flat buffers). Here the edit comes in the middle of a window."""
+    do_edit = _STATE_EDITS[edit][1]
+    k = 2
+    windows = make_windows(4, k, device=device)
+    make_opt = OPTIMIZERS[opt_name]
+    model = make_model(device=device)
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=k)
+    ref = make_model(device=device)
+    ref_opt = make_opt(ref.parameters())
+    for w, window in enumerate(windows):
+        for i, (x, y) in enumerate(window):
+            mse(model(x), y).backward()
+            if w == 2 and i == 1:
+                do_edit(opt.state, group_tensors(opt)[0])
+            opt.step()
+            opt.zero_grad()
+        if w == 2:
+            do_edit(ref_opt.state, group_tensors(ref_opt)[0])
+        big_batch_update(ref, ref_opt, window)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+    # and a checkpoint of it resumes on the same trajectory
+    model2 = make_model(device=device)
+    model2.load_state_dict(model.state_dict())
+    opt2 = wrap(make_opt(model2.parameters()), accumulation_steps=k)
+    opt2.load_state_dict(opt.state_dict())
+    more = make_windows(2, k, seed=7, device=device)
+    run_managed(model, opt, more)
+    run_managed(model2, opt2, more)
+    assert_params_close(model2, model, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+def test_inner_load_state_dict_after_wrapping_is_read(device, opt_name):
+    """``inner.load_state_dict(sd)`` on the optimizer that was wrapped (code that keeps
+    its own reference to it) is read by the next update, as the wrapper's own
+    load_state_dict is: the loaded moments and step counts, not the ones before."""
+    k = 2
+    make_opt = OPTIMIZERS[opt_name]
+    donor = make_model(seed=3, device=device)
+    donor_opt, _ = reference_big_batch(donor, make_opt, make_windows(3, 1, seed=5,
+                                                                     device=device))
+    sd = donor_opt.state_dict()
+    windows = make_windows(3, k, device=device)
+    model = make_model(device=device)
+    inner = make_opt(model.parameters())
+    opt = wrap(inner, accumulation_steps=k)
+    ref = make_model(device=device)
+    ref_opt = make_opt(ref.parameters())
+    for w, window in enumerate(windows):
+        if w == 1:
+            inner.load_state_dict(copy.deepcopy(sd))
+            ref_opt.load_state_dict(copy.deepcopy(sd))
+        run_managed(model, opt, [window])
+        big_batch_update(ref, ref_opt, window)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state
