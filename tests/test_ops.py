@@ -5,6 +5,7 @@ an element a backend forgot to write shows up, and found-inf both set and unset.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -484,6 +485,211 @@ def test_negative_inf_is_not_a_norm_type(backend_device):
                                               backend=backend)):
         with pytest.raises(ValueError, match="norm_type must be 2.0 or inf"):
             call()
+
+
+# ---- argument checks: every backend refuses the same bad input, as the reference does,
+# with the same error naming the argument, before writing anything
+
+_STEP_HP = {
+    "adamw_step_": dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=2,
+                        amsgrad=True),
+    "sgd_step_": dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False,
+                      maximize=False, first_step=False),
+}
+_STEP_ARGS = {
+    "adamw_step_": ["param", "acc", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "model_out"],
+    "sgd_step_": ["param", "acc", "momentum_buffer", "model_out"],
+}
+
+
+def _step_tensors(op_name, dev, n=33):
+    """Fresh positional tensors of adamw_step_ / sgd_step_ (every one given, model_out too)."""
+    param, acc = _rand(n, torch.float32, dev, 40), _rand(n, torch.float32, dev, 41, scale=3.0)
+    state = [_rand(n, torch.float32, dev, 42 + i).abs() for i in range(3)]
+    out = torch.zeros(n, dtype=torch.bfloat16, device=dev)
+    return [param, acc, *state[:len(_STEP_ARGS[op_name]) - 3], out]
+
+
+def _refused_everywhere(backend, op_name, args, kwargs, exc, match):
+    """``op_name`` raises ``exc`` matching ``match`` on ``backend`` and on the reference,
+    and changes none of the tensors in ``args`` (nested lists included)."""
+    flat = [t for a in args for t in (a if isinstance(a, list) else [a])
+            if isinstance(t, torch.Tensor)]
+    for name, call in ((backend, getattr(ops, op_name)),
+                       ("reference", getattr(reference, op_name))):
+        before = [t.detach().clone() for t in flat]
+        extra = dict(backend=backend) if name == backend else {}
+        with pytest.raises(exc, match=match):
+            call(*args, **kwargs, **extra)
+        for t, b in zip(flat, before):
+            assert torch.equal(t.detach(), b), f"{name}: a tensor changed although the call failed"
+
+
+@pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
+@pytest.mark.parametrize("arg", ["grad_mult", "found_inf"])
+@pytest.mark.parametrize("shape", [(33,), (2,), (1, 2)], ids=["param-shape", "2", "1x2"])
+def test_scalar_args_of_several_elements_are_refused(backend_device, op_name, arg, shape):
+    """grad_mult / found_inf hold one value: a tensor of the param's shape once made the
+    reference apply it element-wise, silently, where cpu and triton raised."""
+    backend, dev = backend_device
+    kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP[op_name])
+    kw[arg] = torch.full(shape, 0.5 if arg == "grad_mult" else 0.0, device=dev)
+    _refused_everywhere(backend, op_name, _step_tensors(op_name, dev), kw, ValueError,
+                        rf"^{arg} must hold exactly one value .*got a tensor of shape "
+                        rf"{re.escape(str(shape))}")
+
+
+@pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
+@pytest.mark.parametrize("arg", ["grad_mult", "found_inf"])
+@pytest.mark.parametrize("value", ["complex tensor", "real complex tensor", "python complex",
+                                   None, "0.5x"])
+def test_scalar_args_that_are_not_real_numbers_are_refused(backend_device, op_name, arg, value):
+    """A complex grad_mult: cpu dropped the imaginary part, the reference failed unclearly."""
+    backend, dev = backend_device
+    value = {"complex tensor": torch.tensor(0.5 + 1j, device=dev),
+             "real complex tensor": torch.tensor(0.5 + 0j, device=dev).reshape(1),
+             "python complex": 0.5 + 0j}.get(value, value)
+    kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP[op_name])
+    kw[arg] = value
+    _refused_everywhere(backend, op_name, _step_tensors(op_name, dev), kw, TypeError,
+                        rf"^{arg} must be a real number or a one-element real tensor, got ")
+
+
+@pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_scalar_args_in_every_accepted_form_agree(backend_device, op_name, skip):
+    """What every backend takes for grad_mult / found_inf: a one-element real tensor of any
+    shape, dtype (bool and int included) or device, or a Python number; all give what
+    0-dim fp32 tensors give (the reference once broadcast a (1, 1) tensor and failed)."""
+    backend, dev = backend_device
+    hp = _STEP_HP[op_name]
+    f = float(skip)
+    forms = [
+        (torch.full((1,), 0.5, device=dev), torch.full((1,), f, device=dev)),
+        (torch.full((1, 1), 0.5, device=dev), torch.full((1, 1, 1), f, device=dev)),
+        (torch.tensor(0.5, dtype=torch.float64, device=dev), torch.tensor(skip, device=dev)),
+        (torch.tensor(2, device=dev), torch.tensor(int(skip), device=dev)),
+        (torch.tensor(0.5), torch.tensor(f, dtype=torch.float16)),  # (host tensors)
+        (0.5, skip),
+        (2, f),
+    ]
+    for name, call in ((backend, getattr(ops, op_name)),
+                       ("reference", getattr(reference, op_name))):
+        extra = dict(backend=backend) if name == backend else {}
+        for grad_mult, found_inf in forms:
+            mult = float(grad_mult)
+            want = _step_tensors(op_name, dev)
+            call(*want, grad_mult=torch.tensor(mult, device=dev),
+                 found_inf=torch.tensor(f, device=dev), **hp, **extra)
+            got = _step_tensors(op_name, dev)
+            call(*got, grad_mult=grad_mult, found_inf=found_inf, **hp, **extra)
+            for arg, g, w in zip(_STEP_ARGS[op_name], got, want):
+                assert torch.equal(g, w), (name, arg, grad_mult, found_inf)
+
+
+def test_non_tensor_arguments_are_type_errors_naming_them(backend_device):
+    """A list where a tensor belongs once gave "'list' object has no attribute 'device'"."""
+    backend, dev = backend_device
+
+    def t(n=4):
+        return torch.ones(n, device=dev)
+
+    cases = [
+        ("accumulate_", [[0.0] * 4, t()], {}, r"^acc must be a tensor, got list"),
+        ("accumulate_", [t(), [0.0] * 4], {}, r"^grad must be a tensor, got list"),
+        ("accumulate_", [None, t()], {"norm_type": 2.0}, r"^acc must be a tensor, got NoneType"),
+        ("grad_norm", [[[1.0, 2.0]]], {}, r"^tensors\[0\] must be a tensor, got list"),
+        ("grad_norm", [[t(), [1.0]]], {}, r"^tensors\[1\] must be a tensor, got list"),
+        ("accumulate_many_", [[[0.0] * 4, t()], [t(), t()]], {},
+         r"^accs\[0\] must be a tensor, got list"),
+    ]
+    for op_name in ("adamw_step_", "sgd_step_"):
+        for i, arg in enumerate(_STEP_ARGS[op_name]):
+            args = _step_tensors(op_name, dev, 4)
+            args[i] = [0.0] * 4
+            cases.append((op_name, args, dict(grad_mult=1.0, found_inf=0.0, **_STEP_HP[op_name]),
+                          rf"^{arg} must be a tensor, got list"))
+    for op_name, args, kw, match in cases:
+        _refused_everywhere(backend, op_name, args, kw, TypeError, match)
+
+
+@pytest.mark.parametrize("norm_type", ["fro", "nuc", 1, 0.0, -math.inf, [2.0]])
+def test_bad_norm_type_is_an_error_naming_norm_type(backend_device, norm_type):
+    """norm_type='fro' once gave "could not convert string to float", a list a float()
+    TypeError."""
+    backend, dev = backend_device
+    acc, grad = _rand(10, torch.float32, dev, 1), _rand(10, torch.float32, dev, 2)
+    match = rf"^norm_type must be 2\.0 or inf, got {re.escape(repr(norm_type))}$"
+    for op_name, args in (("accumulate_", [acc, grad]), ("accumulate_many_", [[acc], [grad]]),
+                          ("grad_norm", [[acc]])):
+        _refused_everywhere(backend, op_name, args, dict(norm_type=norm_type), ValueError, match)
+
+
+def test_grad_norm_needs_a_norm_type(backend_device):
+    """None means "no statistic" to accumulate_; grad_norm has no such choice."""
+    backend, dev = backend_device
+    acc = _rand(10, torch.float32, dev, 1)
+    _refused_everywhere(backend, "grad_norm", [[acc], None], {}, ValueError,
+                        r"^norm_type must be 2\.0 or inf, got None$")
+    for norm_type in (2, "inf", float("inf")):  # what float() makes 2.0 or inf is fine
+        assert torch.equal(ops.grad_norm([acc], norm_type, backend=backend),
+                           reference.grad_norm([acc], norm_type))
+
+
+@pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
+def test_step_tensors_that_require_grad_are_refused_in_grad_mode(backend_device, op_name):
+    """The reference failed with autograd's in-place error, cpu and triton wrote silently;
+    under torch.no_grad() (how optimizers step) every backend writes them."""
+    backend, dev = backend_device
+    kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP[op_name])
+    for i, arg in enumerate(_STEP_ARGS[op_name]):
+        args = _step_tensors(op_name, dev)
+        args[i].requires_grad_(True)
+        _refused_everywhere(backend, op_name, args, kw, RuntimeError,
+                            rf"^{arg} is a leaf tensor that requires grad, and the op writes it")
+    args = _step_tensors(op_name, dev)
+    base = args[0].clone().requires_grad_(True)
+    args[0] = base[:]  # a view: not a leaf, still requires grad
+    _refused_everywhere(backend, op_name, args, kw, RuntimeError,
+                        r"^param is a tensor that requires grad")
+    for i in range(len(_STEP_ARGS[op_name])):
+        want = _step_tensors(op_name, dev)
+        reference_op = getattr(reference, op_name)
+        reference_op(*want, **kw)
+        got = _step_tensors(op_name, dev)
+        got[i].requires_grad_(True)
+        with torch.no_grad():
+            getattr(ops, op_name)(*got, backend=backend, **kw)
+        for g, w in zip(got, want):
+            tol = dict(rtol=1e-5, atol=1e-6)
+            if g.dtype in (torch.float16, torch.bfloat16):
+                tol = dict(rtol=1e-2, atol=1e-3)
+            torch.testing.assert_close(g.detach(), w, **tol)
+
+
+def test_accs_that_require_grad_are_refused_in_grad_mode(backend_device):
+    backend, dev = backend_device
+    grad = _rand(10, torch.bfloat16, dev, 2)
+    leaf = _rand(10, torch.float32, dev, 1).requires_grad_(True)
+    for norm_type in (None, 2.0):
+        _refused_everywhere(backend, "accumulate_", [leaf, grad], dict(norm_type=norm_type),
+                            RuntimeError, r"^acc is a leaf tensor that requires grad")
+    _refused_everywhere(backend, "accumulate_", [leaf * 1, grad], {}, RuntimeError,
+                        r"^acc is a tensor that requires grad")
+    plain = _rand(10, torch.float32, dev, 3)
+    for norm_type in (None, math.inf):
+        _refused_everywhere(backend, "accumulate_many_", [[plain, leaf], [grad, grad]],
+                            dict(norm_type=norm_type), RuntimeError,
+                            r"^accs\[1\] is a leaf tensor that requires grad")
+    with torch.no_grad():
+        want = leaf.detach().clone()
+        reference.accumulate_(want, grad, 0.5)
+        got = leaf.clone().requires_grad_(True)
+        ops.accumulate_(got, grad, 0.5, backend=backend)
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+        got_many = [plain.clone(), leaf.clone().requires_grad_(True)]
+        ops.accumulate_many_(got_many, [grad, grad], 0.5, backend=backend)
+        torch.testing.assert_close(got_many[1].detach(), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

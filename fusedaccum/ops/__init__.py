@@ -45,14 +45,22 @@ decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True) -> No
     ``param`` is fp32 (a master or an fp32 param) or fp16/bf16 (updated with fp32
     math, rounded to nearest even). ``model_out``, if given, receives the updated
     param rounded to its dtype (fp16/bf16). ``grad_mult`` and ``found_inf`` are 0-dim
-    fp32 tensors on the device: when ``found_inf != 0`` nothing but ``acc`` is
-    written. With ``zero_acc`` ``acc`` is zeroed in both cases.
+    fp32 tensors on the device (every backend also takes any one-element real tensor, or
+    a Python number: ``reference.check_scalar_arg``): when ``found_inf != 0`` nothing but
+    ``acc`` is written. With ``zero_acc`` ``acc`` is zeroed in both cases.
 
 ``sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
 lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, zero_acc=True)``
     torch.optim.SGD math with ``g = acc * grad_mult``; ``momentum_buffer`` is required
     when ``momentum != 0``; ``first_step`` says the buffer holds no history yet (torch
     then sets it to the gradient, without dampening). Otherwise as ``adamw_step_``.
+
+Every backend checks the arguments alike (the reference module's checks), before anything
+is written: TypeError or ValueError naming the argument for a wrong type, dtype, shape,
+size or device (``norm_type``: 2.0 or inf, or None where no statistic is asked for); and
+RuntimeError for a tensor the op writes (``acc``, ``accs[i]``, ``param``, the state
+buffers, ``model_out``) that requires grad while grad mode is on, as torch refuses in-place
+writes to such leaves: the ops write without autograd (under ``torch.no_grad()`` they may).
 """
 
 from __future__ import annotations
@@ -160,8 +168,16 @@ def get(backend: str | None, device: torch.device | str):
     return _module(name)
 
 
+def _device(name: str, t) -> torch.device:
+    """The device of tensor argument ``name`` (which picks the backend), or TypeError
+    naming it: the backends check everything else."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    return t.device
+
+
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None, backend="auto"):
-    return get(backend, acc.device).accumulate_(
+    return get(backend, _device("acc", acc)).accumulate_(
         acc, grad, scale, overwrite=overwrite, norm_type=norm_type
     )
 
@@ -186,18 +202,19 @@ def grad_norm(tensors, norm_type=2.0, *, backend="auto"):
     tensors = list(tensors)
     if not tensors:
         raise ValueError("grad_norm needs at least one tensor")
-    return get(backend, tensors[0].device).grad_norm(tensors, norm_type)
+    return get(backend, _device("tensors[0]", tensors[0])).grad_norm(tensors, norm_type)
 
 
 def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
                 backend="auto", **kwargs):
-    return get(backend, param.device).adamw_step_(
+    return get(backend, _device("param", param)).adamw_step_(
         param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, **kwargs
     )
 
 
 def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, backend="auto", **kwargs):
-    return get(backend, param.device).sgd_step_(param, acc, momentum_buffer, model_out, **kwargs)
+    return get(backend, _device("param", param)).sgd_step_(param, acc, momentum_buffer,
+                                                           model_out, **kwargs)
 
 
 __all__ = [

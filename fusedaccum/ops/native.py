@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
-import math
 import os
 import shutil
 import sys
@@ -43,8 +42,10 @@ from fusedaccum.ops.reference import (
     check_many_overwrite,
     check_norm_inputs,
     check_norm_type,
+    check_scalar_arg,
     check_sgd_inputs,
     many_stat,
+    norm_value,
 )
 
 _NS = "fusedaccum_native"
@@ -378,26 +379,27 @@ def _ops() -> dict:
 # segfault, while a one-function test extension raised fine. Cost: ~1 us per tensor.
 
 
+_FLOAT32 = torch.float32
+
+
 def _device_scalar(x, device: torch.device, name: str = "grad_mult") -> torch.Tensor:
-    """grad_mult / found_inf as a 0-dim fp32 tensor on ``device`` (no host sync)."""
+    """grad_mult / found_inf (reference.check_scalar_arg) as a one-element fp32 tensor on
+    ``device`` (no host sync)."""
+    if isinstance(x, torch.Tensor) and x.dtype is _FLOAT32 and x.numel() == 1:  # (the usual)
+        return x if x.device == device else x.to(device, non_blocking=True)
+    x = check_scalar_arg(name, x)
     if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name} must hold exactly one value, got shape {tuple(x.shape)}")
         if x.device != device or x.dtype != torch.float32:
             x = x.to(device=device, dtype=torch.float32, non_blocking=True)
         return x
-    return torch.full((), float(x), dtype=torch.float32, device=device)
+    return torch.full((), x, dtype=torch.float32, device=device)
 
 
-def _norm_type(norm_type) -> float:
-    nt = float(norm_type)
-    if nt != 2.0 and not (math.isinf(nt) and nt > 0):
-        raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
-    return nt
+_norm_type = norm_value  # 2.0 or inf, else ValueError naming norm_type
 
 
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
-    _check_flat("acc", acc, (torch.float32,))
+    _check_flat("acc", acc, (torch.float32,), None, None, True)  # (True: it is written)
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
     ops = _ops()
     if norm_type is None:

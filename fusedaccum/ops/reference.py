@@ -13,13 +13,15 @@ import torch
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float32, *HALF_DTYPES)
+_F32 = (torch.float32,)
 
 
 def unavailable_reason(name: str, device: torch.device | None) -> str | None:
     return None  # plain PyTorch runs wherever torch does
 
 
-def _check_flat(name: str, t: torch.Tensor, dtypes, numel: int | None = None, device=None):
+def _check_flat(name: str, t: torch.Tensor, dtypes, numel: int | None = None, device=None,
+                written: bool = False):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -31,6 +33,20 @@ def _check_flat(name: str, t: torch.Tensor, dtypes, numel: int | None = None, de
         raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if written and t.requires_grad and torch.is_grad_enabled():
+        _refuse_requires_grad(name, t)
+
+
+def _refuse_requires_grad(name: str, t: torch.Tensor):
+    """A tensor an op writes in place requires grad while grad mode is on: the ops write
+    without autograd (the cpu and triton kernels could not be recorded), so every backend
+    refuses, as torch refuses in-place writes to a leaf that requires grad. Under
+    ``torch.no_grad()`` (how optimizers step parameters) the write is allowed."""
+    what = "a leaf tensor" if t.is_leaf else "a tensor"
+    raise RuntimeError(
+        f"{name} is {what} that requires grad, and the op writes it in place, which autograd "
+        f"cannot record: pass one that does not require grad (e.g. {name}.detach()), or call "
+        "the op under torch.no_grad()")
 
 
 def _check_step_inputs(param, acc, extra: dict, model_out):
@@ -42,6 +58,16 @@ def _check_step_inputs(param, acc, extra: dict, model_out):
             _check_flat(name, t, (torch.float32,), n, dev)
     if model_out is not None:
         _check_flat("model_out", model_out, HALF_DTYPES, n, dev)
+    if torch.is_grad_enabled():  # (the wrapper steps under no_grad: one call there)
+        if param.requires_grad:
+            _refuse_requires_grad("param", param)
+        if acc.requires_grad:
+            _refuse_requires_grad("acc", acc)
+        for name, t in extra.items():
+            if t is not None and t.requires_grad:
+                _refuse_requires_grad(name, t)
+        if model_out is not None and model_out.requires_grad:
+            _refuse_requires_grad("model_out", model_out)
 
 
 def check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad,
@@ -62,14 +88,48 @@ def check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum) -> None:
         raise ValueError("momentum != 0 needs momentum_buffer")
 
 
+def norm_value(norm_type) -> float:
+    """``norm_type`` as a statistic's float: 2.0 or inf (anything ``float()`` turns into
+    one of them, e.g. 2 or "inf"); ValueError naming norm_type otherwise (None, 1, -inf,
+    "fro", ...)."""
+    try:
+        value = float(norm_type)
+    except (TypeError, ValueError):
+        value = None
+    if value != 2.0 and value != math.inf:
+        raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
+    return value
+
+
 def check_norm_type(norm_type) -> None:
-    """None (no statistic), 2.0 or inf; ValueError otherwise."""
-    if norm_type is not None and float(norm_type) not in (2.0, math.inf):
-        raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
+    """None (no statistic), 2.0 or inf; ValueError otherwise (see norm_value)."""
+    if norm_type is not None:
+        norm_value(norm_type)
+
+
+def check_scalar_arg(name: str, x):
+    """``grad_mult`` / ``found_inf`` as every backend takes them, checked before anything
+    is written: a one-element real tensor (any shape, dtype or device; returned as is) or
+    a real number (anything ``float()`` takes: float, int, bool, numpy scalar; returned as
+    a float). A tensor of more than one element is a ValueError, a complex or other value
+    a TypeError, both naming the argument. No device sync."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must hold exactly one value (a number or a one-element "
+                             f"tensor), got a tensor of shape {tuple(x.shape)}")
+        if x.is_complex():
+            raise TypeError(f"{name} must be a real number or a one-element real tensor, got "
+                            f"a {_dtype_name(x.dtype)} tensor")
+        return x
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number or a one-element real tensor, got "
+                        f"{type(x).__name__} {x!r:.40}") from None
 
 
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
-    _check_flat("acc", acc, (torch.float32,))
+    _check_flat("acc", acc, _F32, None, None, True)  # (True: it is written)
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
     check_norm_type(norm_type)
     g = grad.float()
@@ -112,7 +172,8 @@ def check_many_inputs(accs, grads) -> None:
     contiguous fp32 tensor, ``grads[i]`` a contiguous fp16/bf16/fp32 tensor with as many
     elements (any shapes: only the element count must agree); every grad has the dtype of
     ``grads[0]``; all are on the device of ``accs[0]``. Errors name the argument and the
-    index: TypeError for types and dtypes, ValueError otherwise.
+    index: TypeError for types and dtypes, ValueError otherwise; RuntimeError for an acc
+    that requires grad while grad mode is on (the ops write the accs in place).
     """
     for name, seq in (("accs", accs), ("grads", grads)):
         if not isinstance(seq, (list, tuple)):
@@ -129,14 +190,18 @@ def check_many_inputs(accs, grads) -> None:
     # One pass that only says whether everything is fine (the batched op exists to save
     # host time, ~1 us per pair here); when it is not, the loop below finds what is wrong.
     f32, tensor = torch.float32, torch.Tensor
+    grad_mode = torch.is_grad_enabled()
     if all(isinstance(a, tensor) and isinstance(g, tensor) and a.dtype is f32
            and g.dtype is grad_dtype and a.numel() == g.numel() and a.device == device
            and g.device == device and a.is_contiguous() and g.is_contiguous()
-           for a, g in zip(accs, grads)):
+           for a, g in zip(accs, grads)) \
+            and not (grad_mode and any([a.requires_grad for a in accs])):
         return
     f32 = (torch.float32,)
     for i, (acc, grad) in enumerate(zip(accs, grads)):
         _check_contiguous(f"accs[{i}]", acc, f32, device)
+        if grad_mode and acc.requires_grad:
+            _refuse_requires_grad(f"accs[{i}]", acc)
         if not isinstance(grad, torch.Tensor):
             raise TypeError(f"grads[{i}] must be a tensor, got {type(grad).__name__}")
         if grad.dtype != grad_dtype:
@@ -217,24 +282,38 @@ def check_norm_inputs(tensors) -> list:
     tensors = list(tensors)
     if not tensors:
         raise ValueError("grad_norm needs at least one tensor")
-    for i, t in enumerate(tensors):
-        _check_flat(f"tensors[{i}]", t, (torch.float32,), device=tensors[0].device)
+    _check_flat("tensors[0]", tensors[0], (torch.float32,))
+    device = tensors[0].device
+    for i in range(1, len(tensors)):
+        _check_flat(f"tensors[{i}]", tensors[i], (torch.float32,), device=device)
     return tensors
 
 
 def grad_norm(tensors, norm_type=2.0):
     tensors = check_norm_inputs(tensors)
-    norm_type = float(norm_type)
+    norm_type = norm_value(norm_type)
     stats = torch.stack([_norm_stat(t, norm_type) for t in tensors])
     if norm_type == 2.0:
         return stats.sum().sqrt()
     return stats.amax()
 
 
+def _scalar(name: str, x, device: torch.device):
+    """grad_mult / found_inf checked (check_scalar_arg): a float, or a 0-dim tensor on
+    ``device`` (a one-element tensor of another shape would broadcast the results)."""
+    x = check_scalar_arg(name, x)
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0:
+            x = x.reshape(())
+        if x.device != device:
+            x = x.to(device, non_blocking=True)
+    return x
+
+
 def _keep_mask(found_inf, device: torch.device) -> torch.Tensor:
     if isinstance(found_inf, torch.Tensor):
         return found_inf == 0
-    return torch.tensor(float(found_inf) == 0.0, device=device)  # (where takes no bool)
+    return torch.tensor(found_inf == 0.0, device=device)  # (where takes no bool)
 
 
 def _commit(dst: torch.Tensor, new: torch.Tensor, keep) -> None:
@@ -246,7 +325,8 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
                 grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
                 decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
     check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad, step)
-    keep = _keep_mask(found_inf, param.device)
+    grad_mult = _scalar("grad_mult", grad_mult, param.device)
+    keep = _keep_mask(_scalar("found_inf", found_inf, param.device), param.device)
     g = acc * grad_mult
     if maximize:
         g = -g
@@ -281,7 +361,8 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, fo
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
               zero_acc=True):
     check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
-    keep = _keep_mask(found_inf, param.device)
+    grad_mult = _scalar("grad_mult", grad_mult, param.device)
+    keep = _keep_mask(_scalar("found_inf", found_inf, param.device), param.device)
     g = acc * grad_mult
     if maximize:
         g = -g

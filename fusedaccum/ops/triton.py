@@ -49,8 +49,10 @@ from fusedaccum.ops.reference import (
     check_many_overwrite,
     check_norm_inputs,
     check_norm_type,
+    check_scalar_arg,
     check_sgd_inputs,
     many_stat,
+    norm_value,
 )
 
 try:
@@ -907,12 +909,7 @@ def unavailable_reason(name: str, device: torch.device | None) -> str | None:
 
 
 def _norm_code(norm_type) -> int:
-    norm_type = float(norm_type)
-    if norm_type == 2.0:
-        return _NORM_2
-    if math.isinf(norm_type) and norm_type > 0:
-        return _NORM_INF
-    raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
+    return _NORM_2 if norm_value(norm_type) == 2.0 else _NORM_INF  # (ValueError otherwise)
 
 
 def _use_triton_op() -> bool:
@@ -1022,15 +1019,18 @@ def _require_triton():
         raise RuntimeError(unavailable_reason("triton", None))
 
 
+_FLOAT32 = torch.float32
+
+
 def _device_scalar(name: str, x, device: torch.device) -> torch.Tensor:
-    """``grad_mult``/``found_inf`` as a one-element tensor on ``device``, without a sync."""
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name} must be a one-element tensor, got shape {tuple(x.shape)}")
-        if x.is_complex():
-            raise TypeError(f"{name} must be a real tensor, got {x.dtype}")
+    """``grad_mult``/``found_inf`` (reference.check_scalar_arg) as a one-element tensor on
+    ``device``, without a sync."""
+    if isinstance(x, torch.Tensor) and x.dtype is _FLOAT32 and x.numel() == 1:  # (the usual)
         return x if x.device == device else x.to(device, non_blocking=True)
-    return torch.full((), float(x), dtype=torch.float32, device=device)
+    x = check_scalar_arg(name, x)
+    if isinstance(x, torch.Tensor):
+        return x if x.device == device else x.to(device, non_blocking=True)
+    return torch.full((), x, dtype=torch.float32, device=device)
 
 
 # --------------------------------------------------------------------------------------
@@ -1047,7 +1047,7 @@ _bump = torch.autograd.graph.increment_version
 
 
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
-    _check_flat("acc", acc, (torch.float32,))
+    _check_flat("acc", acc, (torch.float32,), None, None, True)  # (True: it is written)
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
     _require_triton()
     norm = _NORM_NONE if norm_type is None else _norm_code(norm_type)  # fails before writes
