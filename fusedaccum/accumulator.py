@@ -590,6 +590,13 @@ class FusedAccumulator(torch.optim.Optimizer):
         # any_grad); None: those in Python
         self._cxx = None
         self._window_k = self._next_k()  # a bad callable fails here, before any hook
+        if backend != "auto" and not any(g["params"] for g in optimizer.param_groups):
+            # (no param yet, so no device to check the backend against, as wrapping does
+            # for each param's: one that runs on no device of this machine is refused now,
+            # not at a later add_param_group)
+            why = ops.unavailable_reason(backend)
+            if why is not None:
+                raise RuntimeError(f"fusedaccum backend {backend!r} cannot run here: {why}")
 
         with self._building(range(len(optimizer.param_groups))):
             if self._pg is not None:

@@ -459,6 +459,21 @@ def test_backend_that_cannot_run_here(backend):
         fusedaccum.FusedAccumulator(inner, backend=backend)
 
 
+def test_backend_that_runs_nowhere_here_is_refused_also_without_params():
+    """A wrapper of empty param groups (params come later, by add_param_group) has no
+    device to check its backend against: a backend that runs on no device of this machine
+    is refused when it is built, as with params; one that runs somewhere is taken."""
+    import fusedaccum
+
+    for name, why in fusedaccum.available_backends().items():
+        inner = torch.optim.SGD([{"params": []}], lr=0.1)
+        if why is None:
+            fusedaccum.FusedAccumulator(inner, backend=name)
+        else:
+            with pytest.raises(RuntimeError, match=f"backend '{name}' cannot run here"):
+                fusedaccum.FusedAccumulator(inner, backend=name)
+
+
 def test_backend_env_var_that_cannot_run_here(monkeypatch):
     import fusedaccum
 
