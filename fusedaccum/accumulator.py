@@ -1952,12 +1952,37 @@ class FusedAccumulator(torch.optim.Optimizer):
             edited = [(b, i) for b in self._all_buckets() if not b.sharded
                       for i in range(len(b))
                       if not self._entry_is_ours(b, i, state.get(b.stepped[i]))]
-        for b, i in edited:
-            self._adopt_entry(b, i, state.get(b.stepped[i]))
+        entries = [state.get(b.stepped[i]) for b, i in edited]
+        for (b, i), entry in zip(edited, entries):  # (all checked before any is taken in)
+            self._check_entry(b, i, entry)
+        for (b, i), entry in zip(edited, entries):
+            self._adopt_entry(b, i, entry)
         for b in {id(b): b for b, _ in edited}.values():
             b.write_steps()
         self._snaps = self._snapshot()
         self._recorded_in, self._recorded_len = state, len(state)
+
+    def _check_entry(self, b: Bucket, i: int, entry) -> None:
+        """ValueError naming the param and the key where a state tensor put into
+        ``opt.state`` does not have the param's shape (or is not a real tensor), as torch's
+        step would fail on it: before anything is taken in (_sync_state)."""
+        for key in (*_ADAM_KEYS, "momentum_buffer", "step"):
+            value = (entry or {}).get(key)
+            if value is None or isinstance(value, numbers.Real) and key == "step":
+                continue
+            want = () if key == "step" else tuple(b.shapes[i])
+            if not isinstance(value, torch.Tensor) or value.is_complex() \
+                    or (tuple(value.shape) != want and not (key == "step"
+                                                            and value.numel() == 1)):
+                gi = next(g for g, bs in enumerate(self._buckets) if b in bs)
+                name = self._param_name(self.inner.param_groups[gi], gi, b.indices[i],
+                                        b.params[i])
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+                raise ValueError(
+                    f"opt.state of {name} has {key!r} = "
+                    f"{type(value).__name__ if shape is None else f'a tensor of shape {shape}'}"
+                    f", where the optimizer needs a real tensor of shape {want}: no state "
+                    "was changed")
 
     def _entry_is_ours(self, b: Bucket, i: int, entry) -> bool:
         """Whether param ``i`` of ``b``'s state entry is what the fused path keeps: its

@@ -678,3 +678,29 @@ def test_inner_load_state_dict_after_wrapping_is_read(device, opt_name):
     assert_params_close(model, ref)
     assert_states_close(opt, ref_opt)
     assert opt.param_groups is inner.param_groups and opt.state is inner.state
+
+
+def test_a_state_value_of_the_wrong_shape_is_refused_naming_the_param(device):
+    """A tensor put into opt.state that the step cannot use (another shape) is refused at
+    the boundary, naming the param and the key, before anything changes; with a value
+    that fits, the retried step() goes on."""
+    k = 2
+    model = make_model(device=device)
+    opt = wrap(adamw(model.named_parameters()), accumulation_steps=k)
+    windows = make_windows(2, k, device=device)
+    run_managed(model, opt, windows[:1])
+    t = group_tensors(opt)[0]
+    opt.state[t]["exp_avg"] = torch.zeros(3, device=device)
+    x, y = windows[1][0]
+    mse(model(x), y).backward()
+    opt.step()
+    mse(model(*windows[1][1][:1]), windows[1][1][1]).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    sq = opt.state[t]["exp_avg_sq"].clone()
+    with pytest.raises(ValueError, match=r"'fc1.weight'.*'exp_avg' = a tensor of shape \(3,\)"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert torch.equal(opt.state[t]["exp_avg_sq"], sq) and opt.update_count == 1
+    opt.state[t]["exp_avg"] = torch.zeros_like(t)
+    opt.step()
+    assert opt.stepped and opt.update_count == 2
