@@ -601,10 +601,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         with self._building(range(len(optimizer.param_groups))):
             if self._pg is not None:
                 dp.check_replicas(list(self._all_buckets()), self._pg, self._device)
-            index = {id(p): idx for idx, (b, i) in self._index_map().items()
+            where = self._index_map()
+            index = {id(p): idx for idx, (b, i) in where.items()
                      for p in (b.params[i], b.stepped[i])}
-            self._adopt_state({index[id(t)]: st for t, st in optimizer.state.items()
-                               if id(t) in index})
+            existing = {index[id(t)]: st for t, st in optimizer.state.items() if id(t) in index}
+            if self._kind is not None:  # (copied into the flat buffers: checked first)
+                for idx, st in existing.items():
+                    self._check_entry(*where[idx], st)
+            self._adopt_state(existing)
 
     # -- the inner optimizer's objects, at all times ---------------------------------
     @property
@@ -1963,15 +1967,16 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._recorded_in, self._recorded_len = state, len(state)
 
     def _check_entry(self, b: Bucket, i: int, entry) -> None:
-        """ValueError naming the param and the key where a state tensor put into
-        ``opt.state`` does not have the param's shape (or is not a real tensor), as torch's
-        step would fail on it: before anything is taken in (_sync_state)."""
+        """ValueError naming the param and the key where a state tensor in ``opt.state``
+        (put there since the last boundary, or there when wrapping) does not have the
+        param's shape, or is not a real tensor with data, as torch's step would fail on it:
+        before anything is taken in (_sync_state, __init__)."""
         for key in (*_ADAM_KEYS, "momentum_buffer", "step"):
             value = (entry or {}).get(key)
             if value is None or isinstance(value, numbers.Real) and key == "step":
                 continue
             want = () if key == "step" else tuple(b.shapes[i])
-            if not isinstance(value, torch.Tensor) or value.is_complex() \
+            if not isinstance(value, torch.Tensor) or value.is_complex() or value.is_meta \
                     or (tuple(value.shape) != want and not (key == "step"
                                                             and value.numel() == 1)):
                 gi = next(g for g, bs in enumerate(self._buckets) if b in bs)

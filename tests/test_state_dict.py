@@ -704,3 +704,25 @@ def test_a_state_value_of_the_wrong_shape_is_refused_naming_the_param(device):
     opt.state[t]["exp_avg"] = torch.zeros_like(t)
     opt.step()
     assert opt.stepped and opt.update_count == 2
+
+
+@pytest.mark.parametrize("bad", ["string", "meta", "shape", "complex"])
+def test_wrapping_refuses_existing_state_it_cannot_use(device, bad):
+    """State the inner optimizer holds when wrapped is copied into the flat buffers: a
+    value torch's step could not use either (another shape, complex, no data, not a
+    tensor) is refused naming the param and the key, and wrapping changes nothing, where
+    it was cut or cast silently."""
+    model = make_model(dtype=torch.bfloat16, device=device)
+    inner = adamw(model.named_parameters())
+    w = model.fc1.weight
+    value = {"string": "x", "meta": torch.zeros(w.shape, device="meta"),
+             "shape": torch.ones(w.numel() + 1, device=device),
+             "complex": torch.ones(w.shape, dtype=torch.complex64, device=device)}[bad]
+    inner.state[w] = {"step": torch.tensor(1.0), "exp_avg": value,
+                      "exp_avg_sq": torch.zeros(w.shape, device=device)}
+    with pytest.raises(ValueError, match=r"'fc1.weight'.*'exp_avg'"):
+        wrap(inner)
+    assert inner.param_groups[0]["params"][0] is w and inner.state[w]["exp_avg"] is value
+    inner.state[w]["exp_avg"] = torch.zeros(w.shape, device=device)
+    opt = wrap(inner)
+    assert opt.param_groups is inner.param_groups
