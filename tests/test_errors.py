@@ -97,7 +97,7 @@ def test_failed_wrapping_loses_nothing(device, dtype, failure, monkeypatch):
     if failure == "bad state":
         inner.state[params[2]] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3),
                                   "exp_avg_sq": torch.zeros(3)}
-        expected = RuntimeError
+        expected = ValueError  # (naming the param and the key: _check_entry)
     else:
         built = []
 
