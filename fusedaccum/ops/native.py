@@ -42,8 +42,8 @@ from fusedaccum.ops.reference import (
     check_many_overwrite,
     check_norm_inputs,
     check_norm_type,
-    check_scalar_arg,
     check_sgd_inputs,
+    device_scalar,
     many_stat,
     norm_value,
 )
@@ -379,22 +379,6 @@ def _ops() -> dict:
 # segfault, while a one-function test extension raised fine. Cost: ~1 us per tensor.
 
 
-_FLOAT32 = torch.float32
-
-
-def _device_scalar(x, device: torch.device, name: str = "grad_mult") -> torch.Tensor:
-    """grad_mult / found_inf (reference.check_scalar_arg) as a one-element fp32 tensor on
-    ``device`` (no host sync)."""
-    if isinstance(x, torch.Tensor) and x.dtype is _FLOAT32 and x.numel() == 1:  # (the usual)
-        return x if x.device == device else x.to(device, non_blocking=True)
-    x = check_scalar_arg(name, x)
-    if isinstance(x, torch.Tensor):
-        if x.device != device or x.dtype != torch.float32:
-            x = x.to(device=device, dtype=torch.float32, non_blocking=True)
-        return x
-    return torch.full((), x, dtype=torch.float32, device=device)
-
-
 _norm_type = norm_value  # 2.0 or inf, else ValueError naming norm_type
 
 
@@ -445,7 +429,7 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
     dev = param.device
     ops["adamw_step_"](
         param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out,
-        _device_scalar(grad_mult, dev), _device_scalar(found_inf, dev, "found_inf"),
+        device_scalar("grad_mult", grad_mult, dev), device_scalar("found_inf", found_inf, dev),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
         bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), bool(zero_acc),
     )
@@ -459,7 +443,7 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, fo
     dev = param.device
     ops["sgd_step_"](
         param, acc, momentum_buffer, model_out,
-        _device_scalar(grad_mult, dev), _device_scalar(found_inf, dev, "found_inf"),
+        device_scalar("grad_mult", grad_mult, dev), device_scalar("found_inf", found_inf, dev),
         float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
         bool(maximize), bool(first_step), bool(zero_acc),
     )

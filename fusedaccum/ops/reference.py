@@ -128,6 +128,17 @@ def check_scalar_arg(name: str, x):
                         f"{type(x).__name__} {x!r:.40}") from None
 
 
+def device_scalar(name: str, x, device: torch.device) -> torch.Tensor:
+    """``grad_mult`` / ``found_inf`` (check_scalar_arg) as a one-element fp32 tensor on
+    ``device``, without a sync: how the cpu, cuda and triton backends pass them on."""
+    if isinstance(x, torch.Tensor) and x.dtype is torch.float32 and x.numel() == 1:  # usual
+        return x if x.device == device else x.to(device, non_blocking=True)
+    x = check_scalar_arg(name, x)
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32, non_blocking=True)
+    return torch.full((), x, dtype=torch.float32, device=device)
+
+
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
     _check_flat("acc", acc, _F32, None, None, True)  # (True: it is written)
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)

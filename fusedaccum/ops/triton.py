@@ -49,8 +49,8 @@ from fusedaccum.ops.reference import (
     check_many_overwrite,
     check_norm_inputs,
     check_norm_type,
-    check_scalar_arg,
     check_sgd_inputs,
+    device_scalar,
     many_stat,
     norm_value,
 )
@@ -1019,20 +1019,6 @@ def _require_triton():
         raise RuntimeError(unavailable_reason("triton", None))
 
 
-_FLOAT32 = torch.float32
-
-
-def _device_scalar(name: str, x, device: torch.device) -> torch.Tensor:
-    """``grad_mult``/``found_inf`` (reference.check_scalar_arg) as a one-element tensor on
-    ``device``, without a sync."""
-    if isinstance(x, torch.Tensor) and x.dtype is _FLOAT32 and x.numel() == 1:  # (the usual)
-        return x if x.device == device else x.to(device, non_blocking=True)
-    x = check_scalar_arg(name, x)
-    if isinstance(x, torch.Tensor):
-        return x if x.device == device else x.to(device, non_blocking=True)
-    return torch.full((), x, dtype=torch.float32, device=device)
-
-
 # --------------------------------------------------------------------------------------
 # public ops (same signatures as fusedaccum.ops.reference)
 # --------------------------------------------------------------------------------------
@@ -1099,7 +1085,7 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
     dev = param.device
     args = (
         param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, model_out,
-        _device_scalar("grad_mult", grad_mult, dev), _device_scalar("found_inf", found_inf, dev),
+        device_scalar("grad_mult", grad_mult, dev), device_scalar("found_inf", found_inf, dev),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
         bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), bool(zero_acc),
     )
@@ -1118,7 +1104,7 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, fo
     dev = param.device
     args = (
         param, acc, momentum_buffer if momentum != 0 else None, model_out,
-        _device_scalar("grad_mult", grad_mult, dev), _device_scalar("found_inf", found_inf, dev),
+        device_scalar("grad_mult", grad_mult, dev), device_scalar("found_inf", found_inf, dev),
         float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
         bool(maximize), bool(first_step), bool(zero_acc),
     )
