@@ -6,7 +6,10 @@
 //
 // The math follows fusedaccum/ops/reference.py operation by operation, in fp32, with the
 // host-side constants (decay factors, bias corrections) computed in double and rounded to
-// fp32 once, as torch does for Python scalars. Flags that choose between two formulas are
+// fp32 once, as torch does for Python scalars. Where torch's CPU kernels fuse a multiply-add
+// (add(x, y, alpha=a), lerp, on every x86 CPU with AVX2 and on CUDA) the math here calls
+// fma() (fmaf: one rounding), and everything else rounds each operation (the host build has
+// -ffp-contract=off): the CPU results are then bitwise torch.optim's (foreach=False). Flags that choose between two formulas are
 // passed as bit masks and applied with select(): no branches, so CPU loops vectorize and
 // GPU threads never diverge, and the result is bit-exact (no 0 * inf tricks).
 //
@@ -226,11 +229,13 @@ FA_HD float accumulate_value(float acc, float g, float scale, bool overwrite) {
 }
 
 // ---- torch.lerp -------------------------------------------------------------------------
-// torch computes start + w * (end - start) for |w| < 0.5, else end - (end - start) * (1 - w);
-// low_weight_mask = mask_of(|w| < 0.5) is decided once on the host.
+// torch computes start + w * (end - start) for |w| < 0.5, else end - (end - start) * (1 - w),
+// each a multiply-add rounded once (ATen's CPU lerp_vec: fmadd(w - 1, diff, end) for the
+// second: w - 1 is exactly -(1 - w)); low_weight_mask = mask_of(|w| < 0.5) is decided once
+// on the host.
 FA_HD float lerp(float start, float end, float weight, uint32_t low_weight_mask) {
   const float diff = end - start;
-  return select(low_weight_mask, start + weight * diff, end - diff * (1.0f - weight));
+  return select(low_weight_mask, fmaf(weight, diff, start), fmaf(weight - 1.0f, diff, end));
 }
 
 // ---- Adam / AdamW -----------------------------------------------------------------------
@@ -246,21 +251,21 @@ FA_HD float adam_update(float p, float g, float& m, float& v, float& vmax, const
   float new_p;
   if (PLAIN) {
     new_p = p * s.decay;
-    m = m + s.beta1_weight * (g - m);  // lerp's low-weight form
+    m = fmaf(s.beta1_weight, g - m, m);  // lerp's low-weight form
   } else {
     g = select(s.maximize, -g, g);
     new_p = select(s.decoupled, p * s.decay, p);
-    g = select(s.l2, g + s.weight_decay * p, g);
+    g = select(s.l2, fmaf(s.weight_decay, p, g), g);  // grad.add(param, alpha=wd)
     m = lerp(m, g, s.beta1_weight, s.lerp_low);
   }
-  v = v * s.beta2 + s.one_m_beta2 * g * g;
+  v = fmaf(s.one_m_beta2 * g, g, v * s.beta2);  // v.mul_(beta2).addcmul_(g, g, value=1-beta2)
   float vv = v;
   if (AMSGRAD) {
     vmax = nan_max(vmax, v);  // torch.maximum(max_exp_avg_sq, v)
     vv = vmax;
   }
   const float denom = sqrtf(vv) / s.bc2_sqrt + s.eps;
-  return new_p + s.neg_step_size * (m / denom);
+  return new_p + s.neg_step_size * m / denom;  // addcdiv: (value * m) / denom, two roundings
 }
 
 // Decoupled weight decay (AdamW, weight_decay != 0), no maximize, no L2 term, lerp weight
@@ -276,12 +281,13 @@ FA_HD bool adam_is_plain(const AdamScalars& s) {
 template <bool MOMENTUM>
 FA_HD float sgd_update(float p, float g, float& buf, const SgdScalars& s) {
   g = select(s.maximize, -g, g);
-  g = select(s.has_weight_decay, g + s.weight_decay * p, g);
+  // torch.optim.SGD's add(..., alpha=) forms, each one multiply-add
+  g = select(s.has_weight_decay, fmaf(s.weight_decay, p, g), g);
   if (MOMENTUM) {
-    buf = select(s.first_step, g, buf * s.momentum + s.one_m_dampening * g);
-    g = select(s.nesterov, g + s.momentum * buf, buf);
+    buf = select(s.first_step, g, fmaf(s.one_m_dampening, g, buf * s.momentum));
+    g = select(s.nesterov, fmaf(s.momentum, buf, g), buf);
   }
-  return p - s.lr * g;
+  return fmaf(-s.lr, g, p);  // param.add_(g, alpha=-lr)
 }
 
 }  // inline namespace FA_ISA

@@ -745,6 +745,109 @@ def test_reference_sgd_matches_torch():
     torch.testing.assert_close(p, p_t.detach(), rtol=1e-6, atol=1e-7)
 
 
+# torch.optim's CPU step (foreach=False, its default there) rounds add(x, y, alpha=a), lerp
+# and addcmul once each, as one multiply-add, where the CPU has FMA (torch's AVX2 and AVX-512
+# kernels); every backend does the same (csrc/math.h fmaf, triton _fma). Its CPU sqrt (SLEEF)
+# is not always correctly rounded while ours is, so Adam is exact for the reference only.
+_TORCH_CPU_FMA = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+SGD_TORCH_CASES = [
+    dict(),
+    dict(weight_decay=0.01),
+    dict(momentum=0.9),
+    dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
+    dict(momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True),
+]
+
+
+def _cpu_backend(backend):
+    why = ops.unavailable_reason(backend, "cpu")
+    if why is not None:
+        pytest.skip(f"backend {backend} not available on cpu: {why}")
+    if not _TORCH_CPU_FMA:
+        pytest.skip("hardware: torch's CPU kernels fuse no multiply-add on this CPU "
+                    f"({torch.backends.cpu.get_cpu_capability()})")
+
+
+@pytest.mark.parametrize("hp", SGD_TORCH_CASES, ids=lambda hp: ",".join(hp) or "plain")
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_sgd_step_is_torch_bitwise_on_cpu(backend, hp):
+    """Three SGD steps give bitwise torch.optim.SGD's param and momentum buffer on CPU (the
+    rounding of ``p - lr * g`` alone differed in a fifth of the elements)."""
+    _cpu_backend(backend)
+    n = 4097
+    p0 = torch.randn(n, generator=_gen(50))
+    grads = [torch.randn(n, generator=_gen(51 + k)) for k in range(3)]
+    p_t = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.SGD([p_t], lr=0.1, foreach=False, **hp)
+    p, acc, buf = p0.clone(), torch.zeros(n), torch.zeros(n)
+    momentum = hp.get("momentum", 0.0)
+    for k, g in enumerate(grads):
+        p_t.grad = g.clone()
+        opt.step()
+        acc.copy_(g)
+        ops.sgd_step_(p, acc, buf if momentum else None, grad_mult=torch.tensor(1.0),
+                      found_inf=torch.tensor(0.0), lr=0.1, momentum=momentum,
+                      dampening=hp.get("dampening", 0.0),
+                      weight_decay=hp.get("weight_decay", 0.0),
+                      nesterov=hp.get("nesterov", False), maximize=hp.get("maximize", False),
+                      first_step=k == 0, backend=backend)
+    assert torch.equal(p, p_t.detach())
+    if momentum:
+        assert torch.equal(buf, opt.state[p_t]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_adam_weight_decay_cancelling_gradient_is_torch(backend):
+    """Adam's coupled weight decay where ``g + wd * p`` cancels: torch forms it with one
+    rounding (``g.add(p, alpha=wd)``), leaving a tiny remainder that Adam's first step
+    normalizes to about ``lr / 100`` (with eps 1e-8); two roundings give exactly 0 and no
+    step. Every backend follows torch (it differed by ~1e-5 in every element before)."""
+    _cpu_backend(backend)
+    n, wd, lr = 4097, 0.01, 1e-3
+    p0 = torch.randn(n, generator=_gen(60))
+    g = -(p0 * wd)  # exactly the negated two-rounding product
+    p_t = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.Adam([p_t], lr=lr, weight_decay=wd, foreach=False)
+    p_t.grad = g.clone()
+    opt.step()
+    assert (p_t.detach() - p0).abs().max() > lr / 1000  # (the case this test is about)
+    p, m, v = p0.clone(), torch.zeros(n), torch.zeros(n)
+    ops.adamw_step_(p, g.clone(), m, v, grad_mult=torch.tensor(1.0),
+                    found_inf=torch.tensor(0.0), lr=lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                    weight_decay=wd, step=1, decoupled_weight_decay=False, backend=backend)
+    # (one ulp where torch's sqrt rounds otherwise; the reference calls torch's own)
+    tol = dict(rtol=0, atol=0) if backend == "reference" else dict(rtol=3e-7, atol=0)
+    torch.testing.assert_close(p, p_t.detach(), **tol)
+    torch.testing.assert_close(m, opt.state[p_t]["exp_avg"], rtol=0, atol=0)
+
+
+def test_reference_adam_is_torch_bitwise_on_cpu():
+    """The reference is torch.optim.Adam/AdamW's own CPU ops: bitwise the same, amsgrad,
+    coupled weight decay and a lerp weight above 0.5 included."""
+    if not _TORCH_CPU_FMA:
+        pytest.skip("hardware: torch's CPU kernels fuse no multiply-add on this CPU")
+    n = 4097
+    for cls, wd, betas, amsgrad in ((torch.optim.AdamW, 0.1, (0.9, 0.99), True),
+                                    (torch.optim.Adam, 0.01, (0.3, 0.999), False)):
+        p0 = torch.randn(n, generator=_gen(70))
+        p_t = torch.nn.Parameter(p0.clone())
+        opt = cls([p_t], lr=1e-2, betas=betas, weight_decay=wd, amsgrad=amsgrad, foreach=False)
+        p, m, v, vmax = p0.clone(), torch.zeros(n), torch.zeros(n), torch.zeros(n)
+        for step in range(1, 4):
+            g = torch.randn(n, generator=_gen(70 + step))
+            p_t.grad = g.clone()
+            opt.step()
+            reference.adamw_step_(p, g.clone(), m, v, vmax if amsgrad else None,
+                                  grad_mult=torch.tensor(1.0), found_inf=torch.tensor(0.0),
+                                  lr=1e-2, beta1=betas[0], beta2=betas[1], eps=1e-8,
+                                  weight_decay=wd, step=step,
+                                  decoupled_weight_decay=cls is torch.optim.AdamW,
+                                  amsgrad=amsgrad)
+        assert torch.equal(p, p_t.detach()), cls.__name__
+        assert torch.equal(m, opt.state[p_t]["exp_avg"]), cls.__name__
+        assert torch.equal(v, opt.state[p_t]["exp_avg_sq"]), cls.__name__
+
+
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(RuntimeError, match="unknown backend"):
         ops.accumulate_(torch.zeros(3), torch.zeros(3), backend="nope")

@@ -1109,3 +1109,47 @@ def test_ops_registered_as_triton_op_compute_the_same():
     r = subprocess.run([sys.executable, "-c", _TRITON_OP_SCRIPT], capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@triton.jit
+def _fma_probe(a_ptr, b_ptr, c_ptr, out_ptr, n, EMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    out = T._fma(tl.load(a_ptr + offs, mask=mask, other=0.0),
+                 tl.load(b_ptr + offs, mask=mask, other=0.0),
+                 tl.load(c_ptr + offs, mask=mask, other=0.0), EMULATE)
+    tl.store(out_ptr + offs, out, mask=mask)
+
+
+@pytest.mark.parametrize("emulate", [True, False] if DEV == "cuda" else [True])
+def test_fma_rounds_once(emulate):
+    """T._fma is a multiply-add rounded once, also where fp64 then fp32 would round twice
+    (the interpreter's path: two-sum and round-to-odd), with inf, NaN, overflow and exact
+    zeros as an FMA gives them; random cases against torch's own fused addcmul on CPU."""
+    u = 2.0 ** -23
+    cases = [  # (a, b, c, a * b + c rounded once)
+        # (1 + u)(1 - u) = 1 - 2^-46: the sum lies just below the fp32 midpoint 2^24 + 3,
+        # which fp64 rounds onto; ties-to-even would then give 2^24 + 4
+        (1 + u, 1 - u, 2.0 ** 24 + 2, 2.0 ** 24 + 2),
+        (-(1 + u), 1 - u, -(2.0 ** 24 + 2), -(2.0 ** 24 + 2)),
+        (1 + u, 1 + u, 2.0 ** 24 + 1 - 1, 2.0 ** 24 + 2),  # just above 2^24 + 1: up
+        (2.0, 3.0, -6.0, 0.0),
+        (float("inf"), 1.0, 1.0, float("inf")),
+        (float("inf"), 0.0, 1.0, float("nan")),
+        (1.0, 1.0, float("nan"), float("nan")),
+        (3e38, 2.0, 0.0, float("inf")),
+        (1e-30, 1e-10, 0.0, 1e-40),  # an fp32 subnormal result
+    ]
+    a, b, c, want = (torch.tensor([x[i] for x in cases], dtype=torch.float32)
+                     for i in range(4))
+    g = torch.Generator().manual_seed(80)
+    r = [torch.randn(4096, generator=g) for _ in range(3)]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        a, b, c = (torch.cat([x, y]) for x, y in zip((a, b, c), r))
+        want = torch.cat([want, torch.addcmul(r[2], r[0], r[1])])  # vec::fmadd there
+    out = torch.full_like(a, 7.0)
+    n = a.numel()
+    _fma_probe[(1,)](a.to(DEV), b.to(DEV), c.to(DEV), out_dev := out.to(DEV), n,
+                     EMULATE=emulate, BLOCK=triton.next_power_of_2(n))
+    got = out_dev.cpu()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

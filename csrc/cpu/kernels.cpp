@@ -28,7 +28,8 @@ int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 bool cpu_has_avx2() {
 #if defined(FA_CPU_HAVE_AVX2)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif

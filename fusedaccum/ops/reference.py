@@ -347,7 +347,7 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
         if decoupled_weight_decay:
             new_p = p * (1 - lr * weight_decay)
         else:
-            g = g + weight_decay * p
+            g = g.add(p, alpha=weight_decay)  # (torch's form: one multiply-add on CPU/CUDA)
     m = exp_avg.lerp(g, 1 - beta1)
     v = (exp_avg_sq * beta2).addcmul_(g, g, value=1 - beta2)
     bias_correction1 = 1 - beta1**step
@@ -378,13 +378,14 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, fo
     if maximize:
         g = -g
     p = param.float()
+    # torch.optim.SGD's own forms: add(..., alpha=) is one multiply-add on CPU and CUDA
     if weight_decay != 0:
-        g = g + weight_decay * p
+        g = g.add(p, alpha=weight_decay)
     if momentum != 0:
-        buf = g if first_step else momentum_buffer * momentum + (1 - dampening) * g
+        buf = g if first_step else (momentum_buffer * momentum).add_(g, alpha=1 - dampening)
         _commit(momentum_buffer, buf, keep)
-        g = g + momentum * buf if nesterov else buf
-    new_p = p - lr * g
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    new_p = p.add(g, alpha=-lr)
     _commit(param, new_p, keep)
     if model_out is not None:
         _commit(model_out, new_p, keep)

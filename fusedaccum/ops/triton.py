@@ -158,6 +158,34 @@ def _store_f32(ptr, offs, x, mask, KIND: tl.constexpr):
 
 
 @triton.jit
+def _fma(a, b, c, EMULATE: tl.constexpr):
+    """``a * b + c`` rounded once, where torch's kernels fuse a multiply-add (``add(x, y,
+    alpha=a)``, ``lerp``, ``addcmul``; csrc/math.h calls fmaf at the same places).
+
+    On a GPU that is ``tl.fma``. The interpreter of Triton 3.6 rounds its ``tl.fma``
+    twice, so with EMULATE (under the interpreter) it is done in fp64: the product of two
+    fp32 values is exact there, the sum's rounding error is recovered exactly (Knuth's
+    two-sum), and the sum is rounded to odd on its last bit where it was inexact, after
+    which one rounding to fp32 is the correctly rounded result (53 bits >= 24 + 2).
+    """
+    if EMULATE:
+        # (tl.cast: a Python float scalar argument becomes fp32 first, as on a GPU)
+        p = tl.cast(a, tl.float64) * tl.cast(b, tl.float64)
+        c64 = tl.cast(c, tl.float64)
+        s = p + c64
+        t = s - p
+        err = (p - (s - t)) + (c64 - t)
+        bits = s.to(tl.int64, bitcast=True)
+        # inexact and finite (inf and NaN make err NaN), on an even last bit: step to the
+        # odd neighbour on the exact value's side (further from zero when err has s's sign)
+        fix = (err != 0.0) & ((err - err) == 0.0) & ((bits & 1) == 0)
+        bits = tl.where(fix, tl.where((err > 0.0) == (s > 0.0), bits + 1, bits - 1), bits)
+        return bits.to(tl.float64, bitcast=True).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
 def _block_stat(x, NORM: tl.constexpr):
     """One block's norm statistic: sum of squares (NORM == 1) or max |x| (NORM == 2).
 
@@ -724,21 +752,25 @@ def _adamw_kernel(param_ptr, acc_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
                   eps, neg_step_size,
                   PARAM_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_OUT: tl.constexpr,
                   WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  LERP_FROM_START: tl.constexpr, ZERO_ACC: tl.constexpr, BLOCK: tl.constexpr):
+                  LERP_FROM_START: tl.constexpr, ZERO_ACC: tl.constexpr, FMA_F64: tl.constexpr,
+                  BLOCK: tl.constexpr):
     offs, mask, live, g, p = _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n,
                                           PARAM_KIND, MAXIMIZE, BLOCK)
     new_p = p
     if WD_MODE == 1:  # decoupled (AdamW): p * (1 - lr * weight_decay)
         new_p = p * decay
-    elif WD_MODE == 2:  # L2 (Adam): g + weight_decay * p
-        g = g + weight_decay * p
+    elif WD_MODE == 2:  # L2 (Adam): g.add(p, alpha=weight_decay)
+        g = _fma(weight_decay, p, g, FMA_F64)
     m = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
     # exp_avg.lerp(g, 1 - beta1), with torch's two formulas for small and large weights
+    # (w - 1 is exactly -(1 - w))
     if LERP_FROM_START:
-        m = m + lerp_weight * (g - m)
+        m = _fma(lerp_weight, g - m, m, FMA_F64)
     else:
-        m = g - (g - m) * (1.0 - lerp_weight)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0) * beta2 + one_minus_beta2 * g * g
+        m = _fma(lerp_weight - 1.0, g - m, g, FMA_F64)
+    # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    v = _fma(one_minus_beta2 * g, g, tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0) * beta2,
+             FMA_F64)
     if AMSGRAD:
         vmax = tl.maximum(tl.load(max_exp_avg_sq_ptr + offs, mask=live, other=0.0), v,
                           propagate_nan=tl.PropagateNan.ALL)
@@ -780,7 +812,7 @@ def _launch_adamw(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, gr
             OUT_KIND=_F32 if model_out is None else _KIND[model_out.dtype],
             HAS_OUT=model_out is not None, WD_MODE=wd_mode, AMSGRAD=amsgrad,
             MAXIMIZE=maximize, LERP_FROM_START=abs(lerp_weight) < 0.5, ZERO_ACC=zero_acc,
-            BLOCK=block, num_warps=warps,
+            FMA_F64=_INTERPRETED, BLOCK=block, num_warps=warps,
         )
 
 
@@ -795,23 +827,24 @@ def _sgd_kernel(param_ptr, acc_ptr, buf_ptr, out_ptr, grad_mult_ptr, found_inf_p
                 PARAM_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_OUT: tl.constexpr,
                 HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
                 NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ZERO_ACC: tl.constexpr,
-                BLOCK: tl.constexpr):
+                FMA_F64: tl.constexpr, BLOCK: tl.constexpr):
     offs, mask, live, g, p = _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n,
                                           PARAM_KIND, MAXIMIZE, BLOCK)
+    # torch.optim.SGD's add(..., alpha=) forms, each one multiply-add
     if HAS_WD:
-        g = g + weight_decay * p
+        g = _fma(weight_decay, p, g, FMA_F64)
     if HAS_MOMENTUM:
         if FIRST_STEP:  # torch: buf = clone(g), no dampening
             buf = g
         else:
-            buf = tl.load(buf_ptr + offs, mask=live, other=0.0) * momentum \
-                + one_minus_dampening * g
+            buf = _fma(one_minus_dampening, g,
+                       tl.load(buf_ptr + offs, mask=live, other=0.0) * momentum, FMA_F64)
         tl.store(buf_ptr + offs, buf, mask=live)
         if NESTEROV:
-            g = g + momentum * buf
+            g = _fma(momentum, buf, g, FMA_F64)
         else:
             g = buf
-    new_p = p - lr * g
+    new_p = _fma(-lr, g, p, FMA_F64)  # param.add_(g, alpha=-lr)
     _store_f32(param_ptr, offs, new_p, live, PARAM_KIND)
     if HAS_OUT:
         _store_f32(out_ptr, offs, new_p, live, OUT_KIND)
@@ -836,7 +869,8 @@ def _launch_sgd(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr
             OUT_KIND=_F32 if model_out is None else _KIND[model_out.dtype],
             HAS_OUT=model_out is not None, HAS_WD=weight_decay != 0,
             HAS_MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-            MAXIMIZE=maximize, ZERO_ACC=zero_acc, BLOCK=block, num_warps=warps,
+            MAXIMIZE=maximize, ZERO_ACC=zero_acc, FMA_F64=_INTERPRETED, BLOCK=block,
+            num_warps=warps,
         )
 
 
