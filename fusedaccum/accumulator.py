@@ -1710,9 +1710,10 @@ class FusedAccumulator(torch.optim.Optimizer):
             inv = (scale.to(device=dev, dtype=torch.float32) * denom).reciprocal()
         norm = self._total_norm(ridden_ok=grad_scale is not None or scaler_found_inf is None) \
             * inv
-        # 1.0 where the norm is inf or NaN (x - x is NaN exactly then), else 0.0: two small
-        # ops where ~isfinite(norm) and a cast are six (host time, on a GPU)
-        found_f = (norm - norm).ne_(0.0)
+        # NaN where the norm is inf or NaN (x - x is NaN exactly then), else 0.0: every
+        # backend's step skips on a found_inf that is not 0, NaN included, and bool(NaN) is
+        # True; one small op where ~isfinite(norm) and a cast are six (host time, on a GPU)
+        found_f = norm - norm
         if scaler_found_inf is not None:
             found_f = torch.where(scaler_found_inf.to(dev) > 0, 1.0, found_f)
         if self.max_grad_norm is not None and self.max_grad_norm != math.inf:
@@ -2111,7 +2112,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             b.ops.adamw_step_(cut(b.stepped_flat, s), cut(b.acc_local, s), cut(exp_avg, s),
                               cut(exp_avg_sq, s), cut(vmax, s), cut(b.model_out, s),
                               grad_mult=mult, found_inf=found, step=step + 1,
-                              zero_acc=zero_acc, **hp)
+                              zero_acc=zero_acc, trusted=True, **hp)
 
     def _sgd_bucket(self, b: Bucket, hp: dict, mult, found, zero_acc: bool) -> None:
         buf = b.state_buffer("momentum_buffer") if hp["momentum"] != 0 else None
@@ -2119,7 +2120,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         for s, had in b.runs(b.has_buf):
             b.ops.sgd_step_(cut(b.stepped_flat, s), cut(b.acc_local, s), cut(buf, s),
                             cut(b.model_out, s), grad_mult=mult, found_inf=found,
-                            first_step=not had, zero_acc=zero_acc, **hp)
+                            first_step=not had, zero_acc=zero_acc, trusted=True, **hp)
 
     def _record_fused_steps(self) -> None:
         """After an applied update: step counts, and the state entries (views) as torch keeps.
@@ -2142,6 +2143,9 @@ class FusedAccumulator(torch.optim.Optimizer):
             for b in buckets:
                 touched = b.touched
                 any_touched = any(touched)
+                # the step tensors hold b.steps (nothing wrote them since): one add_ below
+                # brings them up to date when every param stepped
+                in_step = b.step_flat is not None and b.step_flat._version == b.step_version
                 if any_touched:
                     b.steps[:] = map(operator.add, b.steps, touched)  # +1 where touched
                     if has_buf:  # (with momentum 0 torch keeps the buffer for later)
@@ -2159,7 +2163,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if not all(map(operator.or_, b.recorded, map(operator.not_, touched))):
                     self._record_entries(b, keys, state)
                 if adam:
-                    b.write_steps()
+                    b.write_steps(plus_one=in_step and all(touched))
         self._recorded_in, self._recorded_len = state, len(state)
 
     def _record_entries(self, b: Bucket, keys: tuple[str, ...], state) -> None:

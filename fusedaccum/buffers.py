@@ -288,12 +288,18 @@ class Bucket:
             self.step_version = self.step_flat._version
         return self._step_views
 
-    def write_steps(self) -> None:
-        """Copy ``steps`` into the step tensors, if made."""
-        if self.step_flat is not None:  # (via array: a third of torch.tensor(list)'s time)
+    def write_steps(self, plus_one: bool = False) -> None:
+        """Copy ``steps`` into the step tensors, if made; ``plus_one``: the caller knows
+        they held ``steps`` minus 1 each (every param stepped once since write_steps), so
+        one add_ does it (exact: counts stay far below 2**24)."""
+        if self.step_flat is None:
+            return
+        if plus_one:
+            self.step_flat.add_(1.0)
+        else:  # (via array: a third of torch.tensor(list)'s time)
             self.step_flat.copy_(torch.frombuffer(array.array("f", self.steps),
                                                   dtype=torch.float32))
-            self.step_version = self.step_flat._version
+        self.step_version = self.step_flat._version
 
     def read_steps(self) -> bool:
         """``steps`` read back from the step tensors where something else wrote them since

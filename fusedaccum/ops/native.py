@@ -423,8 +423,11 @@ def grad_norm(tensors, norm_type=2.0):
 
 def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
                 grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
-                decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
-    check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad, step)
+                decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True,
+                trusted=False):
+    if not trusted:  # (the wrapper's own flat buffers; the C++ binding checks them anyway)
+        check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out,
+                           amsgrad, step)
     ops = _ops()
     dev = param.device
     ops["adamw_step_"](
@@ -437,8 +440,9 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
 
 def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
-              zero_acc=True):
-    check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
+              zero_acc=True, trusted=False):
+    if not trusted:
+        check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
     ops = _ops()
     dev = param.device
     ops["sgd_step_"](

@@ -334,8 +334,11 @@ def _commit(dst: torch.Tensor, new: torch.Tensor, keep) -> None:
 
 def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=None, *,
                 grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
-                decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True):
-    check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad, step)
+                decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True,
+                trusted=False):
+    if not trusted:  # (the wrapper's own flat buffers: it guarantees what these check)
+        check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out,
+                           amsgrad, step)
     grad_mult = _scalar("grad_mult", grad_mult, param.device)
     keep = _keep_mask(_scalar("found_inf", found_inf, param.device), param.device)
     g = acc * grad_mult
@@ -370,8 +373,9 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
 
 def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, found_inf,
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
-              zero_acc=True):
-    check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
+              zero_acc=True, trusted=False):
+    if not trusted:
+        check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
     grad_mult = _scalar("grad_mult", grad_mult, param.device)
     keep = _keep_mask(_scalar("found_inf", found_inf, param.device), param.device)
     g = acc * grad_mult
