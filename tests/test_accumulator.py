@@ -185,6 +185,35 @@ def test_every_optimizer_equals_plain_torch(device, opt_name):
     assert _changed(model, device=device)
 
 
+@pytest.mark.parametrize("opt_name", ["sgd", "sgd_momentum", "sgd_nesterov", "sgd_maximize",
+                                      "adam", "adamw_amsgrad"])
+def test_one_micro_batch_windows_are_torch_bitwise_on_cpu(device, opt_name):
+    """With k=1 and no clipping the window's gradient is the backward's exactly (times
+    1/k = 1), so the update is torch's own formula on the same numbers: bitwise torch's
+    single-tensor step on CPU for SGD on every backend (the element math rounds where
+    torch's does: csrc/math.h), and for Adam/AdamW on the reference (the cpu and triton
+    backends' sqrt is correctly rounded, torch's CPU one not always: tests/test_ops.py)."""
+    if device != "cpu":
+        pytest.skip("torch's CUDA kernels fuse other multiply-adds (nvcc): compared within "
+                    "tolerances in test_every_optimizer_equals_plain_torch")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("hardware: torch's CPU kernels fuse no multiply-add on this CPU")
+    if opt_name.startswith("adam") and os.environ.get("FUSEDACCUM_TEST_BACKEND",
+                                                      "reference") != "reference":
+        pytest.skip("Adam: torch's CPU sqrt differs from this backend's in an ulp")
+    make_opt = OPTIMIZERS[opt_name]
+    windows = make_windows(3, 1, device=device)
+    model = make_model(device=device)
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=1)
+    assert opt._kind is not None  # (the fused path: the backend's own step)
+    run_managed(model, opt, windows)
+    ref = make_model(device=device)
+    reference_big_batch(ref, make_opt, windows)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.detach(), q.detach()), name
+    assert _changed(model, device=device)
+
+
 @pytest.mark.parametrize("opt_name", ["sgd_nesterov", "adam_amsgrad", "rmsprop", "adagrad"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_optimizers_on_half_params_equal_master_emulation(device, opt_name, dtype):
