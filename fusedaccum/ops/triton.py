@@ -158,6 +158,13 @@ def _store_f32(ptr, offs, x, mask, KIND: tl.constexpr):
 
 
 @triton.jit
+def _neg(x):
+    """-x for fp32 x, as torch negates: the sign bit flipped. Triton 3.6 computes -x as
+    0 - x, which gives +0.0 for +0.0."""
+    return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fma(a, b, c, EMULATE: tl.constexpr):
     """``a * b + c`` rounded once, where torch's kernels fuse a multiply-add (``add(x, y,
     alpha=a)``, ``lerp``, ``addcmul``; csrc/math.h calls fmaf at the same places).
@@ -740,7 +747,7 @@ def _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n, PARAM_KIND
     live = offs < tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, n, 0)
     g = tl.load(acc_ptr + offs, mask=live, other=0.0) * tl.load(grad_mult_ptr).to(tl.float32)
     if MAXIMIZE:
-        g = -g
+        g = _neg(g)
     p = _load_f32(param_ptr, offs, live, PARAM_KIND)
     return offs, mask, live, g, p
 
@@ -844,7 +851,10 @@ def _sgd_kernel(param_ptr, acc_ptr, buf_ptr, out_ptr, grad_mult_ptr, found_inf_p
             g = _fma(momentum, buf, g, FMA_F64)
         else:
             g = buf
-    new_p = _fma(-lr, g, p, FMA_F64)  # param.add_(g, alpha=-lr)
+    # param.add_(g, alpha=-lr): lr * (-g), the same product; not -lr, which Triton 3.6's
+    # interpreter would hand over as +0.0 for lr == 0 (it drops a float argument's sign
+    # of zero), so that a -0.0 param would become +0.0
+    new_p = _fma(lr, _neg(g), p, FMA_F64)
     _store_f32(param_ptr, offs, new_p, live, PARAM_KIND)
     if HAS_OUT:
         _store_f32(out_ptr, offs, new_p, live, OUT_KIND)
