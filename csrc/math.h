@@ -7,11 +7,13 @@
 // The math follows fusedaccum/ops/reference.py operation by operation, in fp32, with the
 // host-side constants (decay factors, bias corrections) computed in double and rounded to
 // fp32 once, as torch does for Python scalars. Where torch's CPU kernels fuse a multiply-add
-// (add(x, y, alpha=a), lerp, on every x86 CPU with AVX2 and on CUDA) the math here calls
-// fma() (fmaf: one rounding), and everything else rounds each operation (the host build has
-// -ffp-contract=off): the CPU results are then bitwise torch.optim's (foreach=False). Flags that choose between two formulas are
-// passed as bit masks and applied with select(): no branches, so CPU loops vectorize and
-// GPU threads never diverge, and the result is bit-exact (no 0 * inf tricks).
+// (add(x, y, alpha=a), lerp, addcmul: ATen's vec::fmadd on x86 CPUs with AVX2) the math
+// here calls fmaf (one rounding), and every other operation rounds once on its own (the
+// host build has -ffp-contract=off; nvcc fuses more, as it does for torch's CUDA kernels).
+// An SGD step is then bitwise torch.optim.SGD's on CPU (foreach=False); Adam's differs in
+// an ulp where torch's CPU sqrt (SLEEF) is not correctly rounded. Flags that choose between
+// two formulas are passed as bit masks and applied with select(): no branches, so CPU loops
+// vectorize and GPU threads never diverge, and the result is bit-exact (no 0 * inf tricks).
 //
 // Never put csrc/ itself on the include path: this file would then shadow the system
 // <math.h>. Our sources include each other by relative path ("../math.h").
