@@ -1092,6 +1092,36 @@ PyObject* entries_edited(PyObject*, PyObject* args) {
   return result;
 }
 
+// entries_unchanged(state, order) -> bool: True iff the optimizer's state dict holds, in
+// its iteration order, exactly the items of order (a tuple of (key, entry, entry's values)
+// per item, or (key, None, None) for a key the wrapper does not step), by identity: the
+// boundary's usual case, answered with no allocation (entries_edited makes an int and a
+// dict lookup per key). False: look with entries_edited.
+PyObject* entries_unchanged(PyObject*, PyObject* args) {
+  PyObject *state, *order;
+  if (!PyArg_ParseTuple(args, "OO!", &state, &PyTuple_Type, &order)) return nullptr;
+  if (!PyDict_Check(state) || PyDict_Size(state) != PyTuple_GET_SIZE(order)) Py_RETURN_FALSE;
+  Py_ssize_t pos = 0, j = 0;
+  PyObject *key, *entry;
+  // (nothing below runs Python code: identity tests)
+  while (PyDict_Next(state, &pos, &key, &entry)) {
+    PyObject* item = PyTuple_GET_ITEM(order, j++);
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || PyTuple_GET_ITEM(item, 0) != key)
+      Py_RETURN_FALSE;
+    PyObject* was = PyTuple_GET_ITEM(item, 1);
+    if (was == Py_None) continue;  // not a key the wrapper steps
+    PyObject* values = PyTuple_GET_ITEM(item, 2);
+    if (was != entry || !PyDict_Check(entry) || !PyTuple_Check(values) ||
+        PyDict_Size(entry) != PyTuple_GET_SIZE(values))
+      Py_RETURN_FALSE;
+    Py_ssize_t at = 0, k = 0;
+    PyObject *name, *value;
+    while (PyDict_Next(entry, &at, &name, &value))
+      if (value != PyTuple_GET_ITEM(values, k++)) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef methods[] = {
     {"install_batch_hook", install_batch_hook, METH_VARARGS,
      "Put the C++ batching hook in front of a param's Python post-accumulate-grad hooks."},
@@ -1128,6 +1158,9 @@ PyMethodDef methods[] = {
     {"entries_edited", entries_edited, METH_VARARGS,
      "(state, snaps) -> the ids of the state entries that differ from their snapshot; "
      "None where Python must look."},
+    {"entries_unchanged", entries_unchanged, METH_VARARGS,
+     "(state, order) -> True iff the state dict's items are those of order, in order, by "
+     "identity (entries and their values); False where entries_edited must look."},
     {nullptr, nullptr, 0, nullptr}};
 
 #define FA_STR2(x) #x

@@ -578,7 +578,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         # the state dict, and its size, _record_fused_steps last made or checked entries in
         self._recorded_in, self._recorded_len = None, -1
         # the state entries as the last boundary left them (_sync_state); None: unknown
-        self._snaps = None
+        self._set_snaps(None)
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
         # (device, pinned host tensor, CUDA event): the boundary's found-inf read
         # (_read_later), made on the first boundary on a CUDA device
@@ -1964,7 +1964,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             self._adopt_entry(b, i, entry)
         for b in {id(b): b for b, _ in edited}.values():
             b.write_steps()
-        self._snaps = self._snapshot()
+        self._set_snaps(self._snapshot())
         self._recorded_in, self._recorded_len = state, len(state)
 
     def _check_entry(self, b: Bucket, i: int, entry) -> None:
@@ -2020,13 +2020,31 @@ class FusedAccumulator(torch.optim.Optimizer):
                 snaps[id(t)] = (b, i, entry, () if entry is None else tuple(entry.values()))
         return snaps
 
+    def _set_snaps(self, snaps: dict | None) -> None:
+        """``_snaps`` replaced; its copy in the state dict's order (``_snap_order``, made
+        by _edited_entries) forgotten."""
+        self._snaps = snaps
+        self._snap_order = None
+
     def _edited_entries(self, state) -> list:
         """The (bucket, index) of the params whose state entry is another object, or holds
-        other values, than at the last snapshot (``_snaps``)."""
+        other values, than at the last snapshot (``_snaps``).
+
+        With the C++ hooks: first one pass over the state dict against ``_snap_order``,
+        the snapshot as (key, entry, values) in the dict's order, which tells the usual
+        "nothing changed" without an allocation; made after a boundary that found no edit,
+        and dropped whenever ``_snaps`` changes."""
         snaps = self._snaps
         if self._cxx is not None:
+            order = self._snap_order
+            if order is not None and self._cxx.entries_unchanged(state, order):
+                return []
             ids = self._cxx.entries_edited(state, snaps)
             if ids is not None:
+                if not ids:
+                    self._snap_order = tuple(
+                        (k, None, None) if (s := snaps.get(id(k))) is None else (k, s[2], s[3])
+                        for k in state)
                 return [snaps[k][:2] for k in ids]
         edited = []
         for t, entry in state.items():  # (by the entries: no tensor is hashed)
@@ -2173,6 +2191,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         new_step_view = torch.get_default_dtype() == torch.float32
         steps, touched, recorded = b.steps, b.touched, b.recorded
         snaps = self._snaps
+        self._snap_order = None  # (snaps change below)
         for i, t in enumerate(b.stepped):
             if not touched[i] or recorded[i]:
                 continue
@@ -2617,7 +2636,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                             self.inner.state[t] = self._fp32_initial_state(st, t, group)
             return
         self._recorded_in = None  # entries replaced: _record_fused_steps checks them all
-        self._snaps = None
+        self._set_snaps(None)
         for idx, (b, i) in self._index_map().items():
             self.inner.state.pop(b.params[i], None)
             self.inner.state.pop(b.stepped[i], None)

@@ -759,3 +759,47 @@ def test_entries_edited_answers_as_python_would():
     assert MODULE.entries_edited(dict(state), {}) == []
     assert MODULE.entries_edited(list(state.items()), snaps) is None  # not a dict: Python
     assert MODULE.entries_edited(state, {id(ts[0]): ("malformed",)}) is None
+
+
+def test_entries_unchanged_tells_only_an_identical_state():
+    """entries_unchanged (the boundary's first look, _edited_entries' _snap_order): True
+    only for the same keys in the same order with the same entries and values; any edit,
+    a reordering or a malformed order gives False (entries_edited then looks)."""
+    from collections import defaultdict
+
+    ts = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    state = defaultdict(dict)
+    for t in ts[:2]:
+        state[t].update(step=torch.tensor(1.0), exp_avg=torch.zeros(3))
+    state[ts[2]]["x"] = 1  # (not the wrapper's: only its key's place is compared)
+
+    def order():
+        return tuple((k, None, None) if k is ts[2] else (k, e, tuple(e.values()))
+                     for k, e in state.items())
+
+    o = order()
+    assert MODULE.entries_unchanged(state, o) is True
+    state[ts[2]]["x"] = 2  # (not the wrapper's)
+    assert MODULE.entries_unchanged(state, o) is True
+    old = state[ts[0]]["exp_avg"]
+    state[ts[0]]["exp_avg"] = torch.zeros(3)  # a value replaced
+    assert MODULE.entries_unchanged(state, o) is False
+    state[ts[0]]["exp_avg"] = old  # and put back: identical again
+    assert MODULE.entries_unchanged(state, o) is True
+    state[ts[1]]["extra"] = 0  # a key added
+    assert MODULE.entries_unchanged(state, o) is False
+    del state[ts[1]]["extra"]
+    state[ts[1]] = dict(state[ts[1]])  # an equal entry, another dict
+    assert MODULE.entries_unchanged(state, o) is False
+    o = order()
+    e = state.pop(ts[0])
+    state[ts[0]] = e  # the same items in another order
+    assert MODULE.entries_unchanged(state, o) is False
+    o = order()
+    assert MODULE.entries_unchanged(state, o) is True
+    assert MODULE.entries_unchanged(state, o[:-1]) is False
+    assert MODULE.entries_unchanged(dict(state), o) is True  # (a plain dict as well)
+    assert MODULE.entries_unchanged(list(state.items()), o) is False  # not a dict
+    assert MODULE.entries_unchanged(state, (("malformed",),) * len(o)) is False
+    with pytest.raises(TypeError):
+        MODULE.entries_unchanged(state, list(o))
