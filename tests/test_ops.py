@@ -824,8 +824,7 @@ def test_adam_weight_decay_cancelling_gradient_is_torch(backend):
 def test_reference_adam_is_torch_bitwise_on_cpu():
     """The reference is torch.optim.Adam/AdamW's own CPU ops: bitwise the same, amsgrad,
     coupled weight decay and a lerp weight above 0.5 included."""
-    if not _TORCH_CPU_FMA:
-        pytest.skip("hardware: torch's CPU kernels fuse no multiply-add on this CPU")
+    _cpu_backend("reference")
     n = 4097
     for cls, wd, betas, amsgrad in ((torch.optim.AdamW, 0.1, (0.9, 0.99), True),
                                     (torch.optim.Adam, 0.01, (0.3, 0.999), False)):
