@@ -42,7 +42,7 @@ if torch is not None and shutil.which(os.environ.get("CXX", "c++")) and os.envir
         cxx.append("-DFUSEDACCUM_WITH_CUDA")
     extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     ext_modules = [extension("fusedaccum._native", sources,
-                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
                              extra_link_args=["-fopenmp"] if openmp else [])]
 
     class BuildExtension(cpp_extension.BuildExtension):

@@ -98,8 +98,8 @@ def contenders(device: torch.device) -> dict:
         with tri._device_of(accs[0]):
             tri._accumulate_many_kernel[(grid,)](on_device, len(accs), 1.0,
                                                  LOG_T=(len(accs) - 1).bit_length(),
-                                                 GRAD_KIND=tri._BF16, BLOCK=block,
-                                                 num_warps=warps)
+                                                 GRAD_KIND=tri._BF16, INTERPRETED=False,
+                                                 BLOCK=block, num_warps=warps)
 
     out["triton: accumulate_many kernel launch only"] = kernel_only
 

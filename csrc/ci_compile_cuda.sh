@@ -28,7 +28,7 @@ for src in "${sources[@]}"; do
   name="$(basename "$src" .cu)"
   echo "nvcc $name.cu (sm_80, sm_90)"
   # no -I for csrc/: its math.h would shadow the system <math.h>; includes are relative
-  if ! "$nvcc" -c "$src" -o "$out/$name.o" -std=c++17 -O3 \
+  if ! "$nvcc" -c "$src" -o "$out/$name.o" -std=c++17 -O3 --fmad=false \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
       --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror; then
     echo "ci_compile_cuda: FAILED $src" >&2

@@ -8,9 +8,12 @@
 // host-side constants (decay factors, bias corrections) computed in double and rounded to
 // fp32 once, as torch does for Python scalars. Where torch's CPU kernels fuse a multiply-add
 // (add(x, y, alpha=a), lerp, addcmul: ATen's vec::fmadd on x86 CPUs with AVX2) the math
-// here calls fmaf (one rounding), and every other operation rounds once on its own (the
-// host build has -ffp-contract=off; nvcc fuses more, as it does for torch's CUDA kernels).
-// An SGD step is then bitwise torch.optim.SGD's on CPU (foreach=False); Adam's differs in
+// here calls fmaf (one rounding), and every other operation rounds once on its own: the
+// host build has -ffp-contract=off and nvcc --fmad=false (left to itself, nvcc fused the
+// norm's sum of squares, which the CPU loops round twice), so an element comes out of the
+// CPU loops and the CUDA kernels with the same bits, and out of the Triton kernels too
+// (launched with enable_fp_fusion=False).
+// An SGD step is bitwise torch.optim.SGD's on CPU (foreach=False); Adam's differs in
 // an ulp where torch's CPU sqrt (SLEEF) is not correctly rounded. Flags that choose between
 // two formulas are passed as bit masks and applied with select(): no branches, so CPU loops
 // vectorize and GPU threads never diverge, and the result is bit-exact (no 0 * inf tricks).
@@ -225,9 +228,10 @@ struct Reduce<kNormInf> {
 
 // ---- accumulate -------------------------------------------------------------------------
 
-// acc = (0 if overwrite else acc) + scale * g   (torch: mul(g, scale) / add_(g, alpha=scale))
+// acc = (0 if overwrite else acc) + scale * g   (torch: mul(g, scale) / add_(g, alpha=scale),
+// whose add is one multiply-add in torch's CPU (vec::fmadd) and CUDA kernels)
 FA_HD float accumulate_value(float acc, float g, float scale, bool overwrite) {
-  return overwrite ? g * scale : acc + scale * g;
+  return overwrite ? g * scale : fmaf(scale, g, acc);
 }
 
 // ---- torch.lerp -------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def _jit_build(with_cuda: bool) -> str:
         # at::parallel_for is inline: without OpenMP here it would run on one thread
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
-    cuda_flags = ["-O3"]
+    cuda_flags = ["-O3", "--fmad=false"]  # (as -ffp-contract=off: math.h's fmaf only)
     if with_cuda:
         sources += sorted(str(p) for p in _CSRC.glob("cuda/*.cu"))
         cflags.append("-DFUSEDACCUM_WITH_CUDA")

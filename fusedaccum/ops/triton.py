@@ -58,6 +58,7 @@ from fusedaccum.ops.reference import (
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     _TRITON_IMPORT_ERROR = None
 except ImportError as _exc:  # the module must still import; unavailable_reason says why
@@ -165,6 +166,21 @@ def _neg(x):
 
 
 @triton.jit
+def _mul_rn(a, b, INTERPRETED: tl.constexpr):
+    """``a * b`` rounded on its own, never fused into a following add. On a GPU Triton lets
+    the compiler contract a product and a sum into one multiply-add (its default, and
+    ptxas fuses a plain mul.f32 and add.f32 too), so ``acc * grad_mult - exp_avg`` and
+    ``p * decay + update`` were each rounded once there, and twice under the interpreter
+    and in torch; and one boundary of the wrapper (which multiplies the accumulators by
+    grad_mult first, before its pre-hooks) differed from the other in an ulp. libdevice's
+    mul_rn is PTX mul.rn.f32, which no compiler fuses. The interpreter fuses nothing."""
+    if INTERPRETED:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
+
+
+@triton.jit
 def _fma(a, b, c, EMULATE: tl.constexpr):
     """``a * b + c`` rounded once, where torch's kernels fuse a multiply-add (``add(x, y,
     alpha=a)``, ``lerp``, ``addcmul``; csrc/math.h calls fmaf at the same places).
@@ -258,14 +274,14 @@ def _finish(partials: torch.Tensor, norm: int, sqrt: bool, wrap=_raw) -> torch.T
 
 @triton.jit
 def _accumulate_block(acc_ptr, grad_ptr, offs, mask, scale, GRAD_KIND: tl.constexpr,
-                      OVERWRITE: tl.constexpr):
+                      OVERWRITE: tl.constexpr, INTERPRETED: tl.constexpr):
     """The updated accumulator of one block, stored and returned: the element math of
     accumulate_ and accumulate_many_ (one helper, so both give the same bits)."""
     g = _load_f32(grad_ptr, offs, mask, GRAD_KIND)
     if OVERWRITE:
         acc = g * scale  # the accumulator is not read at all
-    else:
-        acc = tl.load(acc_ptr + offs, mask=mask, other=0.0) + g * scale
+    else:  # acc.add_(g, alpha=scale): one multiply-add, as torch's CPU and CUDA kernels
+        acc = _fma(scale, g, tl.load(acc_ptr + offs, mask=mask, other=0.0), INTERPRETED)
     tl.store(acc_ptr + offs, acc, mask=mask)
     return acc
 
@@ -273,10 +289,11 @@ def _accumulate_block(acc_ptr, grad_ptr, offs, mask, scale, GRAD_KIND: tl.conste
 @triton.jit
 def _accumulate_kernel(acc_ptr, grad_ptr, partial_ptr, n, scale,
                        GRAD_KIND: tl.constexpr, OVERWRITE: tl.constexpr, NORM: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = _block_offsets(pid, BLOCK)
-    acc = _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, OVERWRITE)
+    acc = _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, OVERWRITE,
+                            INTERPRETED)
     if NORM != 0:  # this block's statistic of the updated accumulator
         tl.store(partial_ptr + pid, _block_stat(acc, NORM))
 
@@ -290,7 +307,8 @@ def _launch_accumulate(acc, grad, scale, overwrite, norm, wrap=_raw):
     partials = acc if norm == _NORM_NONE else acc.new_empty(grid[0])  # acc: never written
     with _device_of(acc):
         wrap(_accumulate_kernel)[grid](acc, grad, partials, n, scale, GRAD_KIND=_KIND[grad.dtype],
-                                 OVERWRITE=overwrite, NORM=norm, BLOCK=block, num_warps=warps)
+                                 OVERWRITE=overwrite, NORM=norm, INTERPRETED=_INTERPRETED,
+                                 BLOCK=block, num_warps=warps)
     if norm == _NORM_NONE:
         return None
     return _finish(partials, norm, sqrt=False, wrap=wrap)
@@ -304,7 +322,8 @@ def _launch_accumulate(acc, grad, scale, overwrite, norm, wrap=_raw):
 # (specialized on neither n_tensors' value nor the table's alignment: see _LAUNCH)
 @triton.jit(do_not_specialize=["n_tensors"], do_not_specialize_on_alignment=["table_ptr"])
 def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
-                            GRAD_KIND: tl.constexpr, BLOCK: tl.constexpr):
+                            GRAD_KIND: tl.constexpr, INTERPRETED: tl.constexpr,
+                            BLOCK: tl.constexpr):
     """accumulate_ (no norm) of T = n_tensors pairs in one launch.
 
     ``table_ptr`` is an int64 table [acc address x T, grad address x T, numel x T,
@@ -352,13 +371,13 @@ def _accumulate_many_kernel(table_ptr, n_tensors, scale, LOG_T: tl.constexpr,
         grad_ptr = tl.multiple_of(grad_ptr, 16)
         every = tl.full([BLOCK], 1, tl.int1)
         if signed_n < 0:
-            _accumulate_block(acc_ptr, grad_ptr, offs, every, scale, GRAD_KIND, True)
+            _accumulate_block(acc_ptr, grad_ptr, offs, every, scale, GRAD_KIND, True, INTERPRETED)
         else:
-            _accumulate_block(acc_ptr, grad_ptr, offs, every, scale, GRAD_KIND, False)
+            _accumulate_block(acc_ptr, grad_ptr, offs, every, scale, GRAD_KIND, False, INTERPRETED)
     elif signed_n < 0:
-        _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, True)
+        _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, True, INTERPRETED)
     else:
-        _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, False)
+        _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, False, INTERPRETED)
 
 
 def _many_table(accs, grads, block: int, overwrite=None) -> tuple[list[int], int, int]:
@@ -594,7 +613,7 @@ def _launch_many_kernel(blocks: int, table, n_tensors: int, scale: float, log_t:
     if compiled is not None:
         try:
             # a compiled kernel's runner reads all three grid dimensions
-            compiled[(blocks, 1, 1)](table, n_tensors, scale, log_t, kind, block)
+            compiled[(blocks, 1, 1)](table, n_tensors, scale, log_t, kind, False, block)
         except (TypeError, AttributeError, IndexError) as exc:
             _DIRECT_FAILED.append(exc)
             _MANY_COMPILED.clear()
@@ -604,8 +623,8 @@ def _launch_many_kernel(blocks: int, table, n_tensors: int, scale: float, log_t:
                           "Triton's launcher from now on", RuntimeWarning, stacklevel=2)
     if compiled is None:
         compiled = _accumulate_many_kernel[(blocks,)](table, n_tensors, scale, LOG_T=log_t,
-                                                      GRAD_KIND=kind, BLOCK=block,
-                                                      num_warps=warps)
+                                                      GRAD_KIND=kind, INTERPRETED=_INTERPRETED,
+                                                      BLOCK=block, num_warps=warps)
         if direct and not _INTERPRETED and hasattr(compiled, "__getitem__"):
             _MANY_COMPILED[key] = compiled
     # (Python launches the flushes the C++ hook does not: rare where it runs, and each
@@ -736,7 +755,7 @@ def _zero_acc(acc_ptr, offs, mask, BLOCK: tl.constexpr):
 
 @triton.jit
 def _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n, PARAM_KIND: tl.constexpr,
-                 MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+                 MAXIMIZE: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
     """What every step kernel starts from: offsets, the in-range mask, the live mask, the
     gradient ``acc * grad_mult`` (negated to maximize) and the param, both in fp32."""
     offs = _block_offsets(tl.program_id(0), BLOCK)
@@ -745,7 +764,8 @@ def _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n, PARAM_KIND
     # (A scalar bound rather than `mask & keep`: `&` of a block and a scalar bool fails
     # under the interpreter of triton 3.9.)
     live = offs < tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, n, 0)
-    g = tl.load(acc_ptr + offs, mask=live, other=0.0) * tl.load(grad_mult_ptr).to(tl.float32)
+    g = _mul_rn(tl.load(acc_ptr + offs, mask=live, other=0.0),
+                tl.load(grad_mult_ptr).to(tl.float32), INTERPRETED)
     if MAXIMIZE:
         g = _neg(g)
     p = _load_f32(param_ptr, offs, live, PARAM_KIND)
@@ -759,25 +779,25 @@ def _adamw_kernel(param_ptr, acc_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
                   eps, neg_step_size,
                   PARAM_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_OUT: tl.constexpr,
                   WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  LERP_FROM_START: tl.constexpr, ZERO_ACC: tl.constexpr, FMA_F64: tl.constexpr,
+                  LERP_FROM_START: tl.constexpr, ZERO_ACC: tl.constexpr, INTERPRETED: tl.constexpr,
                   BLOCK: tl.constexpr):
     offs, mask, live, g, p = _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n,
-                                          PARAM_KIND, MAXIMIZE, BLOCK)
+                                          PARAM_KIND, MAXIMIZE, INTERPRETED, BLOCK)
     new_p = p
     if WD_MODE == 1:  # decoupled (AdamW): p * (1 - lr * weight_decay)
-        new_p = p * decay
+        new_p = _mul_rn(p, decay, INTERPRETED)
     elif WD_MODE == 2:  # L2 (Adam): g.add(p, alpha=weight_decay)
-        g = _fma(weight_decay, p, g, FMA_F64)
+        g = _fma(weight_decay, p, g, INTERPRETED)
     m = tl.load(exp_avg_ptr + offs, mask=live, other=0.0)
     # exp_avg.lerp(g, 1 - beta1), with torch's two formulas for small and large weights
     # (w - 1 is exactly -(1 - w))
     if LERP_FROM_START:
-        m = _fma(lerp_weight, g - m, m, FMA_F64)
+        m = _fma(lerp_weight, g - m, m, INTERPRETED)
     else:
-        m = _fma(lerp_weight - 1.0, g - m, g, FMA_F64)
+        m = _fma(lerp_weight - 1.0, g - m, g, INTERPRETED)
     # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     v = _fma(one_minus_beta2 * g, g, tl.load(exp_avg_sq_ptr + offs, mask=live, other=0.0) * beta2,
-             FMA_F64)
+             INTERPRETED)
     if AMSGRAD:
         vmax = tl.maximum(tl.load(max_exp_avg_sq_ptr + offs, mask=live, other=0.0), v,
                           propagate_nan=tl.PropagateNan.ALL)
@@ -819,7 +839,7 @@ def _launch_adamw(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, gr
             OUT_KIND=_F32 if model_out is None else _KIND[model_out.dtype],
             HAS_OUT=model_out is not None, WD_MODE=wd_mode, AMSGRAD=amsgrad,
             MAXIMIZE=maximize, LERP_FROM_START=abs(lerp_weight) < 0.5, ZERO_ACC=zero_acc,
-            FMA_F64=_INTERPRETED, BLOCK=block, num_warps=warps,
+            INTERPRETED=_INTERPRETED, BLOCK=block, num_warps=warps,
         )
 
 
@@ -834,27 +854,27 @@ def _sgd_kernel(param_ptr, acc_ptr, buf_ptr, out_ptr, grad_mult_ptr, found_inf_p
                 PARAM_KIND: tl.constexpr, OUT_KIND: tl.constexpr, HAS_OUT: tl.constexpr,
                 HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
                 NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ZERO_ACC: tl.constexpr,
-                FMA_F64: tl.constexpr, BLOCK: tl.constexpr):
+                INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
     offs, mask, live, g, p = _step_inputs(param_ptr, acc_ptr, grad_mult_ptr, found_inf_ptr, n,
-                                          PARAM_KIND, MAXIMIZE, BLOCK)
+                                          PARAM_KIND, MAXIMIZE, INTERPRETED, BLOCK)
     # torch.optim.SGD's add(..., alpha=) forms, each one multiply-add
     if HAS_WD:
-        g = _fma(weight_decay, p, g, FMA_F64)
+        g = _fma(weight_decay, p, g, INTERPRETED)
     if HAS_MOMENTUM:
         if FIRST_STEP:  # torch: buf = clone(g), no dampening
             buf = g
         else:
             buf = _fma(one_minus_dampening, g,
-                       tl.load(buf_ptr + offs, mask=live, other=0.0) * momentum, FMA_F64)
+                       tl.load(buf_ptr + offs, mask=live, other=0.0) * momentum, INTERPRETED)
         tl.store(buf_ptr + offs, buf, mask=live)
         if NESTEROV:
-            g = _fma(momentum, buf, g, FMA_F64)
+            g = _fma(momentum, buf, g, INTERPRETED)
         else:
             g = buf
     # param.add_(g, alpha=-lr): lr * (-g), the same product; not -lr, which Triton 3.6's
     # interpreter would hand over as +0.0 for lr == 0 (it drops a float argument's sign
     # of zero), so that a -0.0 param would become +0.0
-    new_p = _fma(lr, _neg(g), p, FMA_F64)
+    new_p = _fma(lr, _neg(g), p, INTERPRETED)
     _store_f32(param_ptr, offs, new_p, live, PARAM_KIND)
     if HAS_OUT:
         _store_f32(out_ptr, offs, new_p, live, OUT_KIND)
@@ -879,7 +899,7 @@ def _launch_sgd(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr
             OUT_KIND=_F32 if model_out is None else _KIND[model_out.dtype],
             HAS_OUT=model_out is not None, HAS_WD=weight_decay != 0,
             HAS_MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-            MAXIMIZE=maximize, ZERO_ACC=zero_acc, FMA_F64=_INTERPRETED, BLOCK=block,
+            MAXIMIZE=maximize, ZERO_ACC=zero_acc, INTERPRETED=_INTERPRETED, BLOCK=block,
             num_warps=warps,
         )
 
@@ -909,14 +929,24 @@ _NO_SWITCH = nullcontext()  # (reusable: it holds no state)
 
 
 def _device_of(t: torch.Tensor):
-    """Launch on the tensor's GPU (triton launches on the current device). The switch is
-    skipped where that is the current device already, the common case (one GPU, or a rank
-    per GPU): entering and leaving torch.cuda.device took 4.3 us of host time per launch
-    on an H100 (bench/launch_costs.py)."""
+    """Where a launch runs: on the tensor's GPU (triton launches on the current device).
+    The switch is skipped where that is the current device already, the common case (one
+    GPU, or a rank per GPU): entering and leaving torch.cuda.device took 4.3 us of host
+    time per launch on an H100 (bench/launch_costs.py). Under the interpreter, on CPU
+    tensors, the kernels run as NumPy, which warns where a GPU computes in silence: an
+    inf or NaN input makes _fma's emulated error term inf - inf."""
     dev = t.device
-    if dev.type != "cuda" or dev.index == torch.cuda.current_device():
+    if dev.type != "cuda":
+        return _quiet_numpy() if _INTERPRETED else _NO_SWITCH
+    if dev.index == torch.cuda.current_device():
         return _NO_SWITCH
     return torch.cuda.device(dev)
+
+
+def _quiet_numpy():
+    import numpy  # (the interpreter's own dependency)
+
+    return numpy.errstate(invalid="ignore", over="ignore")
 
 
 def _env_interpret() -> bool:
