@@ -1399,6 +1399,21 @@ def run_windows(model: ModelShape, device: torch.device, dtype: torch.dtype,
     return results
 
 
+def paired_ratio(ours: WindowResult, peer: WindowResult) -> tuple[float, float, float] | None:
+    """(median, first quartile, third quartile) of ``peer / ours`` round by round, over the
+    rounds both ran (every round times each contender once, in a shuffled order, and a
+    contender that fails stops adding times). A change of the host's speed during the run
+    moves both windows of a round and cancels here, where it can pull the two medians of
+    window_ratios apart (an H100's host, 2026-11-27: one contender's windows ranged over a
+    third of their length)."""
+    n = min(len(ours.times), len(peer.times))
+    if n == 0:
+        return None
+    per_round = [p / o for o, p in zip(ours.times[:n], peer.times[:n])]
+    q = statistics.quantiles(per_round, n=4) if n >= 2 else [per_round[0]] * 3
+    return statistics.median(per_round), q[0], q[2]
+
+
 def window_ratios(results: list[WindowResult]) -> list[tuple[WindowResult, WindowResult, float]]:
     """(ours, peer, peer median / our median) for every pair measured in the same group."""
     out = []
@@ -1418,7 +1433,8 @@ def window_ratios(results: list[WindowResult]) -> list[tuple[WindowResult, Windo
 CSV_FIELDS = ["section", "name", "backend", "numel", "model", "model_label", "params",
               "tensors", "dtype", "bytes_per_elem", "bytes_moved", "median_s", "q1_s", "q3_s",
               "samples", "calls_per_sample", "buffer_sets", "gbps", "frac_copy_bw",
-              "ratio_peer_over_ours", "peak_mem_bytes", "persistent_bytes", "ops_per_window",
+              "ratio_peer_over_ours", "ratio_per_round_median", "ratio_per_round_q1",
+              "ratio_per_round_q3", "peak_mem_bytes", "persistent_bytes", "ops_per_window",
               "cuda_kernels_per_window", "max_param_diff_vs_ours", "compile_s", "note"]
 
 
@@ -1457,11 +1473,24 @@ def _csv_rows(copy: CopyBandwidth, ops_results, win_results, ratios):
                 row[key] = f"{val:.6g}" if isinstance(val, float) else val
         rows.append(row)
     for o, p, ratio in ratios:
-        rows.append(dict(section="window_ratio", name=f"{p.contender} / {o.contender}",
-                         backend=o.contender[len("fusedaccum["):-1], model=o.model,
-                         params=o.numel, tensors=o.tensors, dtype=o.dtype,
-                         ratio_peer_over_ours=f"{ratio:.4f}"))
+        row = dict(section="window_ratio", name=f"{p.contender} / {o.contender}",
+                   backend=o.contender[len("fusedaccum["):-1], model=o.model,
+                   params=o.numel, tensors=o.tensors, dtype=o.dtype,
+                   ratio_peer_over_ours=f"{ratio:.4f}")
+        paired = paired_ratio(o, p)
+        if paired is not None:
+            row.update(zip(("ratio_per_round_median", "ratio_per_round_q1",
+                            "ratio_per_round_q3"), (f"{x:.4f}" for x in paired)))
+        rows.append(row)
     return rows
+
+
+def _fmt_paired(ours: WindowResult, peer: WindowResult) -> str:
+    paired = paired_ratio(ours, peer)
+    if paired is None:
+        return "-"
+    med, q1, q3 = paired
+    return f"{med:.2f}x ({q1:.2f}-{q3:.2f})"
 
 
 def _fmt_frac(x: float) -> str:
@@ -1629,11 +1658,14 @@ def write_markdown(path, *, device, copy, ops_results, backends, excluded, win_r
         md.append("")
         if ratios:
             md.append("Speed ratios (peer time / our time per window, same run, alternated "
-                      "round by round; > 1 means fusedaccum is faster):")
+                      "round by round; > 1 means fusedaccum is faster): the ratio of the "
+                      "two medians, and the median and quartiles of the ratios of the "
+                      "windows each round timed (where the host's speed changed during "
+                      "the run, the two can differ):")
             md.append("")
-            md.append(format_table(["model", "ours", "peer", "ratio"], [
-                [o.model, o.contender, p.contender, f"{ratio:.2f}x"] for o, p, ratio in ratios],
-                markdown=True))
+            md.append(format_table(["model", "ours", "peer", "ratio", "per round (quartiles)"], [
+                [o.model, o.contender, p.contender, f"{ratio:.2f}x", _fmt_paired(o, p)]
+                for o, p, ratio in ratios], markdown=True))
             md.append("")
         md += _window_legend(device, k)
         md.append("")

@@ -248,6 +248,28 @@ def test_alternated_windows_and_ratios():
     assert all(math.isfinite(x) and x > 0 for _, _, x in ratios)
 
 
+def _timed(contender, times):
+    return B.WindowResult(model="tiny", model_label="", model_note="", numel=1, tensors=1,
+                          dtype="bf16", contender=contender,
+                          ours=contender.startswith("fusedaccum"), times=list(times))
+
+
+def test_per_round_ratio_follows_the_rounds():
+    """The host ran 3x slower in rounds 3 to 5 for the peer and in rounds 4 and 5 for ours
+    (a change between the two windows of round 3): each round's peer / ours is 1.5 but in
+    round 3, which the per-round ratio gives, while the two medians fell on either side of
+    the change (4.5 / 1)."""
+    ours = _timed("fusedaccum[cuda]", [1.0, 1.0, 1.0, 3.0, 3.0])
+    peer = _timed("recipe", [1.5, 1.5, 4.5, 4.5, 4.5, 9.0])  # (a round ours did not run)
+    assert B.window_ratios([ours, peer])[0][2] == 4.5
+    assert B.paired_ratio(ours, peer) == (1.5, 1.5, 3.0)
+    ours.times[2] = 3.0  # no change inside a round: both read 1.5
+    assert B.window_ratios([ours, peer])[0][2] == 1.5
+    assert B.paired_ratio(ours, peer) == (1.5, 1.5, 1.5)
+    assert B.paired_ratio(ours, _timed("recipe", [])) is None
+    assert B.paired_ratio(ours, _timed("recipe", [2.0])) == (2.0, 2.0, 2.0)
+
+
 def test_memory_plan_groups_what_fits_and_names_what_does_not(monkeypatch):
     """All contenders in one group when they fit together; else one group per (ours,
     peer) pair that fits, and a note for each pair that does not. GPT-2 XL's list on an
@@ -309,6 +331,10 @@ def test_quick_run_writes_markdown_and_csv(tmp_path, capsys, monkeypatch):
     assert any(r["section"] == "copy_bw" and r["note"] == "reference" for r in rows)
     ratios = [r for r in rows if r["section"] == "window_ratio"]
     assert {r["name"] for r in ratios} == {f"{p} / fusedaccum[reference]" for p in PEERS}
+    for r in ratios:
+        q1, med, q3 = (float(r[f"ratio_per_round_{s}"]) for s in ("q1", "median", "q3"))
+        assert 0 < q1 <= med <= q3, r
+    assert "per round (quartiles)" in text
     assert not any(p.endswith(".png") for p in os.listdir(tmp_path))  # --no-plot
 
 
