@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # One device-tool call for a session that is lent a GPU: build the extension with CUDA
-# while the Triton tests run, then the cuda, auto and triton-with-C++-hook suites side by
-# side (stage dist: also the data-parallel suite), the host costs and window phases, and
-# the benchmark (its windows with fresh gradients;
-# stage premade: also with pre-made ones). Every stage has its own time limit, so one hang
-# cannot eat the lease.
-# The benchmark stages run with the Triton launch mode the window phases timed fastest
-# (bench/pick_launch.py). Logs and reports land in $OUT (at most 8 files come back): copy
+# while the Triton tests run, then the cuda and triton-with-C++-hook suites side by side
+# (stage auto: also the wrapper suite with backend=auto; stage dist: the data-parallel
+# suite), the benchmark (its windows with fresh gradients; stage premade: also with
+# pre-made ones) and GPT-2 124M's window phases (stage phases-full: also the host costs,
+# the variants and the profile). Every stage has its own time limit, so one hang cannot
+# eat the lease.
+# With phases-full, the benchmark stages run with the Triton launch mode its window phases
+# timed fastest (bench/pick_launch.py). Logs and reports land in $OUT (at most 8 files come back): copy
 # the reports to bench/results/ and commit them with the card's name and date.
-#   run(command="bash bench/gpu_session.sh", timeout_s=580)   (about 9 minutes on an H100)
+#   run(command="bash bench/gpu_session.sh", timeout_s=480)
+# The default stages took 312 s on an H100 on 2026-11-27 (the stages build, triton, cuda,
+# tritonhook, bench and then phases as below): with a machine's start, about 6 of a
+# session's 15 minutes of device time, which leaves a second call for a fix. All stages
+# together ran past 580 s.
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedaccum-gpu}
@@ -21,7 +26,7 @@ OUT=${OUT:-/tmp/fusedaccum-gpu}
 # (dist: the data-parallel suite on CUDA tensors, 21 of 23 passed in its 280 s on
 # 2026-11-27; CI runs it on CPU. Off by default since: the benchmark after it was near the
 # call's 580 s)
-STAGES=${STAGES:-"build triton cuda auto tritonhook phases bench"}
+STAGES=${STAGES:-"build triton cuda tritonhook bench phases"}
 # windows only by default (the ops were measured on 2026-11-26: results/NVIDIA-H200_*,
 # results/NVIDIA-H100-80GB-HBM3_*);
 # with the ops: BENCH_ARGS="--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3
@@ -202,7 +207,7 @@ vector) and misaligned (masked, as before 2026-11-27) paths, the extension's"
   log "host cost of one batch flush, taken apart (triton against cuda)"
   timeout 60 python bench/launch_costs.py 2>&1 | tee -a "$LOG"
 fi
-if has phases; then
+if has phases-full; then
   log "host cost per param of the hooks (148 tiny bf16 params), cuda and triton backends"
   for b in cuda triton; do
     timeout 40 python bench/hook_costs.py --backend "$b" 2>&1 | tee -a "$LOG"
@@ -233,7 +238,7 @@ fi
 # the benchmark's triton windows run with the launch mode these phases timed fastest
 # (bench/pick_launch.py: by more than 2%, else the default); its report lists it
 LAUNCH_PICK=""
-if has phases && [[ -s /tmp/phases_124m.json ]]; then
+if has phases-full && [[ -s /tmp/phases_124m.json ]]; then
   LAUNCH_PICK=$(python bench/pick_launch.py /tmp/phases_124m.json 2>/tmp/pick.log) \
       || LAUNCH_PICK=""
   log "triton launch mode for the benchmark: ${LAUNCH_PICK:-the default} ($(cat /tmp/pick.log))"
@@ -260,6 +265,12 @@ if has premade; then
       timeout 150 python -m fusedaccum bench --no-progress --out /tmp/premade_bench --ops none \
       --window-budget 4 --compile off --backends triton,cuda,auto --premade-grads >>"$LOG" 2>&1
   log "bench (pre-made gradients) exit $?"
+fi
+if has phases; then
+  # (after the benchmark: 18 s on 2026-11-27; phases-full times the variants)
+  log "window phases, GPT-2 124M, host time, one process (20 rounds)"
+  timeout 90 python bench/window_phases.py --model gpt2-124m --rounds 20 \
+      --backends cuda,triton,auto 2>&1 | tee -a "$LOG"
 fi
 for f in tests_triton tests_cuda tests_auto; do
   [[ -f "$OUT/$f.log" ]] && { echo "--- $f failures"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" \
