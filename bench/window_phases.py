@@ -364,12 +364,19 @@ def _run(args, dev, backends, clock: Clock) -> None:
         with open(args.json, "w") as f:
             json.dump(table, f, indent=1)
     recipe = med.get("recipe\twindow")
-    if recipe:  # the ratio the benchmark reports, from these medians
-        print("\n| contender | recipe window / its window |\n|---|---|")
+    if recipe:  # the ratios the benchmark reports: of these medians, and round by round
+        print("\n| contender | recipe window / its window | per round (quartiles) |"
+              "\n|---|---|---|")
         for name in contenders:
             mine = med.get(name + "\twindow")
             if name.startswith("fusedaccum") and mine:
-                print(f"| {name} | {recipe / mine:.2f}x |")
+                # (every contender runs once per round: its window times line up)
+                per_round = [p / o for p, o in zip(clock.times["recipe\twindow"],
+                                                   clock.times[name + "\twindow"])]
+                q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 \
+                    else per_round * 3
+                print(f"| {name} | {recipe / mine:.2f}x | {statistics.median(per_round):.2f}x "
+                      f"({q[0]:.2f}-{q[2]:.2f}) |")
     return contenders
 
 

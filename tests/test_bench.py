@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -395,6 +396,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     assert B._Deliver.fresh  # put back (fresh gradients are the default)
     assert f"| fusedaccum[{backends[0]}] python-hooks | window |" in out
     assert f"| fusedaccum[{backends[0]}] flush=2 | " in out and "| recipe window / its" in out
+    assert re.search(rf"\| fusedaccum\[{backends[0]}\] \| [0-9.]+x \| [0-9.]+x "
+                     rf"\([0-9.]+-[0-9.]+\) \|", out)  # the per-round ratio
     assert f"| fusedaccum[{backends[-1]}] flush=3 | window |" in out
     assert f"| fusedaccum[{backends[0]}] table=cached | window |" in out
     assert f"| fusedaccum[{backends[0]}] launch=direct | window |" in out
