@@ -140,11 +140,13 @@ if has dist; then
 fi
 if has tritonhook; then
   # the triton stage ran without the extension: here the C++ hook flushes the triton
-  # backend's full batches itself (table flush, csrc/hooks.cpp)
+  # backend's full batches itself (table flush, csrc/hooks.cpp); and the triton kernels
+  # against the C++ CPU backend, bitwise (the cuda stage deselects triton tests)
   log "tritonhook: wrapper tests with backend=triton and the C++ hook (background)"
   # shellcheck disable=SC2046
   ( FUSEDACCUM_TEST_BACKEND=triton timeout 200 "${PYTEST[@]}" $(workers 3) \
-      tests/test_accumulator.py >/tmp/tests_tritonhook.log 2>&1; echo $? >/tmp/tritonhook.rc ) &
+      tests/test_accumulator.py "tests/test_ops.py::test_gpu_kernels_give_the_cpu_backends_bits" \
+      >/tmp/tests_tritonhook.log 2>&1; echo $? >/tmp/tritonhook.rc ) &
   TRITONHOOK_PID=$!
 fi
 if has cuda; then
