@@ -145,7 +145,7 @@ if has tritonhook; then
   log "tritonhook: wrapper tests with backend=triton and the C++ hook (background)"
   # shellcheck disable=SC2046
   ( FUSEDACCUM_TEST_BACKEND=triton timeout 200 "${PYTEST[@]}" $(workers 3) \
-      tests/test_accumulator.py "tests/test_ops.py::test_gpu_kernels_give_the_cpu_backends_bits" \
+      tests/test_accumulator.py "tests/test_ops.py::test_kernels_give_the_cpu_backends_bits" \
       >/tmp/tests_tritonhook.log 2>&1; echo $? >/tmp/tritonhook.rc ) &
   TRITONHOOK_PID=$!
 fi
