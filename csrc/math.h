@@ -12,7 +12,7 @@
 // host build has -ffp-contract=off and nvcc --fmad=false (left to itself, nvcc fused the
 // norm's sum of squares, which the CPU loops round twice), so an element comes out of the
 // CPU loops and the CUDA kernels with the same bits, and out of the Triton kernels too
-// (launched with enable_fp_fusion=False).
+// (which round the other products with libdevice's mul_rn, never fused).
 // An SGD step is bitwise torch.optim.SGD's on CPU (foreach=False); Adam's differs in
 // an ulp where torch's CPU sqrt (SLEEF) is not correctly rounded. Flags that choose between
 // two formulas are passed as bit masks and applied with select(): no branches, so CPU loops
