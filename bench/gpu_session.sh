@@ -270,9 +270,12 @@ if has premade; then
 fi
 if has phases; then
   # (after the benchmark: 18 s on 2026-11-27; phases-full times the variants)
+  # (triton:launch=cxx: Python's launches through Triton's launcher, the C++ hook's
+  # flushes from C++ as in "auto": what the direct launches of the step and norm kernels
+  # gain, since 2026-11-27's fifth session)
   log "window phases, GPT-2 124M, host time, one process (20 rounds)"
-  timeout 90 python bench/window_phases.py --model gpt2-124m --rounds 20 \
-      --backends cuda,triton,auto 2>&1 | tee -a "$LOG"
+  timeout 110 python bench/window_phases.py --model gpt2-124m --rounds 20 \
+      --backends cuda,triton,auto --variants triton:launch=cxx 2>&1 | tee -a "$LOG"
 fi
 for f in tests_triton tests_cuda tests_auto; do
   [[ -f "$OUT/$f.log" ]] && { echo "--- $f failures"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" \

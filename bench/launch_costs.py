@@ -121,7 +121,41 @@ def contenders(device: torch.device) -> dict:
         accs, grads, 1.0, trusted=True)
     out["triton: accumulate_ (1 pair, 2.4M)"] = lambda: tri.accumulate_(accs[10], grads[10],
                                                                          1.0)
+    out.update(_boundary_rows(device, accs[10], grads[10]))
     return out
+
+
+def _boundary_rows(device, acc, half) -> dict:
+    """The boundary's ops on one 2.4M-element buffer: the norm (two launches) and the
+    AdamW step, the triton backend's launched through Triton's launcher ("jit") and
+    directly (ops/triton.py _run), the extension's beside them."""
+    state = [torch.zeros_like(acc) for _ in range(3)]
+    one, zero = torch.ones((), device=device), torch.zeros((), device=device)
+
+    def adamw(module):
+        module.adamw_step_(state[0], acc, state[1], state[2], None, half, grad_mult=one,
+                           found_inf=zero, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8,
+                           weight_decay=0.1, step=10, zero_acc=False, trusted=True)
+
+    rows = {}
+    for mode in ("jit", "direct"):
+        rows[f"triton: grad_norm (1 tensor, 2.4M), {mode} launches"] = functools.partial(
+            _in_mode, mode, lambda: tri.grad_norm([acc]))
+        rows[f"triton: adamw_step_ (2.4M, bf16 copy), {mode} launch"] = functools.partial(
+            _in_mode, mode, lambda: adamw(tri))
+    if native.unavailable_reason("cuda", device) is None:
+        rows["native grad_norm (1 tensor, 2.4M)"] = lambda: native.grad_norm([acc])
+        rows["native adamw_step_ (2.4M, bf16 copy)"] = lambda: adamw(native)
+    return rows
+
+
+def _in_mode(mode: str, fn) -> None:
+    """``fn()`` with ops/triton.py's launch mode set to ``mode``."""
+    saved, tri._LAUNCH = tri._LAUNCH, mode
+    try:
+        fn()
+    finally:
+        tri._LAUNCH = saved
 
 
 def _flush_batch_rows(hooks, device, grads, launcher, block, kind, what) -> dict:

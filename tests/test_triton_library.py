@@ -243,11 +243,13 @@ def test_accumulate_many_binary_search_every_tensor_count(tiny_blocks, grad_dtyp
 
 
 class _RecordingKernel:
-    """Stands in for _accumulate_many_kernel: records each launch Triton's launcher would
-    make (kernel[grid](...)) and each direct one (the compiled kernel it returned)."""
+    """Stands in for a kernel (_accumulate_many_kernel unless ``like`` another): records
+    each launch Triton's launcher would make (kernel[grid](...)) and each direct one (the
+    compiled kernel it returned)."""
 
-    def __init__(self, direct_raises=None):
+    def __init__(self, direct_raises=None, like=None):
         self.calls = []
+        self.arg_names = list((like or T._accumulate_many_kernel).arg_names)
         outer = self
 
         class Compiled:
@@ -272,7 +274,7 @@ class _RecordingKernel:
 def _fresh_launch_state(monkeypatch, kernel=None):
     """No compiled kernel kept and direct launches allowed; with ``kernel``, it stands in
     for _accumulate_many_kernel as on a GPU (not interpreted)."""
-    monkeypatch.setattr(T, "_MANY_COMPILED", {})
+    monkeypatch.setattr(T, "_COMPILED", {})
     monkeypatch.setattr(T, "_DIRECT_FAILED", [])
     if kernel is not None:
         monkeypatch.setattr(T, "_accumulate_many_kernel", kernel)
@@ -309,7 +311,7 @@ def test_direct_launch_reuses_the_compiled_kernel_only_for_its_key(monkeypatch):
     _, grid, args, _ = kernel.calls[2]
     assert grid == (4, 1, 1) and args[1:] == (4, 0.5, 2, T._KIND[torch.bfloat16], False, block)
     assert args[0].dtype == torch.int64 and args[0].numel() == 4 * 4 + 1  # the table
-    assert len(T._MANY_COMPILED) == 3
+    assert len(T._COMPILED) == 3
     with pytest.raises(ValueError, match="launch mode"):
         flush(3, launch="nope")
 
@@ -325,7 +327,7 @@ def test_auto_launch_is_direct_from_python(monkeypatch):
     for _ in range(3):
         T._launch_accumulate_many(accs, grads, 0.5, launch="auto")
     assert [c[0] for c in kernel.calls] == ["jit", "direct", "direct"]
-    assert registered == [] and len(T._MANY_COMPILED) == 1
+    assert registered == [] and len(T._COMPILED) == 1
 
 
 @pytest.mark.parametrize("error", [TypeError("no such launcher"),
@@ -341,7 +343,7 @@ def test_direct_launch_a_triton_cannot_do_falls_back_to_its_launcher(monkeypatch
         T._launch_accumulate_many(accs, grads, 1.0, launch="direct")
     T._launch_accumulate_many(accs, grads, 1.0, launch="direct")
     assert [c[0] for c in kernel.calls] == ["jit", "jit", "jit"]
-    assert T._MANY_COMPILED == {} and len(T._DIRECT_FAILED) == 1
+    assert T._COMPILED == {} and len(T._DIRECT_FAILED) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels of a GPU")
@@ -362,7 +364,155 @@ def test_direct_launch_on_gpu_matches_the_reference(monkeypatch, grad_dtype):
         T._launch_accumulate_many(accs, grads, -0.37, flags, launch="direct")
         for i, (got, w) in enumerate(zip(accs, want)):
             assert torch.equal(got, w), f"call {call}, accs[{i}] of {sizes}"
-        assert len(T._MANY_COMPILED) == 1 and not T._DIRECT_FAILED
+        assert len(T._COMPILED) == 1 and not T._DIRECT_FAILED
+
+
+def _spec_corpus():
+    """Runtime arguments of every kind a launch passes, and their neighbours: tensors of
+    each dtype at every address modulo 16, empty ones, ints around each bound Triton
+    specializes on (1, multiples of 16, the i32/i64/u64 ranges), floats, bools."""
+    out = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64):
+        base = torch.zeros(64, dtype=dtype)
+        out += [base[i:] for i in range(16 // base.element_size() + 1)]
+        out.append(torch.zeros(0, dtype=dtype))
+    for edge in (0, 16, 1 << 31, 1 << 32, 1 << 63, -(1 << 31), -(1 << 63) + 16):
+        out += [edge + d for d in (-17, -16, -15, -1, 0, 1, 2, 15, 16, 17)]
+    out += [2**64 - 1, 2**64 - 16, 7, 48, 278011, 4097]
+    out = [v for v in out if not isinstance(v, int) or -(1 << 63) <= v < 1 << 64]
+    out += [0.0, -0.0, 1.0, 0.5, -0.37, 1e300, -1e-300, float("inf"), float("nan"), True, False]
+    return out
+
+
+def test_launch_key_is_at_least_as_fine_as_tritons_specialization():
+    """Two runtime arguments with the same _spec (the launch key of a direct launch, _run)
+    get the same specialization from Triton's launcher, so that a key never stands for
+    two compiled kernels: checked with the function Triton's launcher calls (Triton 3.6
+    and 3.9: native_specialize_impl) for the CUDA backend, specializing on value and
+    alignment (the kernels that ask for less get a coarser one)."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton.backends.compiler import GPUTarget
+
+    specialize = getattr(libtriton, "native_specialize_impl", None)
+    assert specialize is not None, "Triton's launcher specializes some other way: see _spec"
+    backend = nvidia.CUDABackend(GPUTarget("cuda", 90, 32))
+    seen = {}
+    for arg in _spec_corpus():
+        triton_spec = tuple(specialize(backend, arg, False, True, True))
+        key = T._spec(arg)
+        assert seen.setdefault(key, (triton_spec, arg))[0] == triton_spec, (
+            f"_spec {key!r}: {seen[key][1]!r} gets {seen[key][0]}, {arg!r} gets {triton_spec}")
+    # (and the key tells apart what Triton does: 1, multiples of 16, i32/i64/u64, alignment)
+    assert len({T._spec(v) for v in (1, 16, 17, 1 << 31, 1 << 63)}) == 5
+    assert T._spec(torch.zeros(8)[1:]) != T._spec(torch.zeros(8))
+
+
+def _launches(monkeypatch, name):
+    """A recording stand-in for kernel ``name`` as on a GPU (see _RecordingKernel)."""
+    kernel = _RecordingKernel(like=getattr(T, name))
+    monkeypatch.setattr(T, name, kernel)
+    monkeypatch.setattr(T, "_INTERPRETED", False)
+    monkeypatch.setattr(T, "_COMPILED", {})
+    monkeypatch.setattr(T, "_DIRECT_FAILED", [])
+    return kernel
+
+
+def _step_tensors(n, device):
+    """The tensors _step_launches' launches read: made once, so that every launch of a
+    test passes the same ones."""
+    g = torch.Generator().manual_seed(n)
+    half = torch.randn(n + 8, generator=g).to(torch.bfloat16).to(device)
+    f32 = [torch.rand(n + 8, generator=g).to(device) for _ in range(4)]
+    norm_blocks = 16 * T._config("norm")[0]  # a norm with 16 partials
+    return dict(p=half[:n], p_off=half[1:n + 1], f32=[t[:n] for t in f32],
+                f32_off=[t[1:n + 1] for t in f32],
+                out=torch.full((n,), float("nan"), dtype=torch.bfloat16, device=device),
+                out16=torch.full((n,), float("nan"), dtype=torch.float16, device=device),
+                small=half[:16], small_acc=f32[0][:16], wide=torch.rand(norm_blocks).to(device),
+                one=torch.ones((), device=device), zero=torch.zeros((), device=device))
+
+
+def _step_launches():
+    """(kernel name, launch(tensors, variant)) for every launcher but the table flush's;
+    ``variant``: the same launch with one argument that Triton specializes differently
+    (an address off 16 bytes, another dtype, a count that is a multiple of 16)."""
+
+    def adamw(t, variant):
+        T._launch_adamw(t["p_off"] if variant else t["p"], *t["f32"], t["out"], t["one"],
+                        t["zero"], 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, True, True, False, True)
+
+    def sgd(t, variant):
+        T._launch_sgd(t["p"], t["f32"][0], t["f32"][1], t["out16"] if variant else t["out"],
+                      t["one"], t["zero"], 0.1, 0.9, 0.0, 0.0, True, False, False, True)
+
+    def accumulate(t, variant):
+        if variant:
+            T._launch_accumulate(t["small_acc"], t["small"], 0.5, False, T._NORM_2)
+        else:
+            T._launch_accumulate(t["f32"][0], t["p"], 0.5, False, T._NORM_2)
+
+    def norm_partials(t, variant):
+        T._launch_grad_norm([t["f32_off" if variant else "f32"][0]], T._NORM_2)
+
+    def finish(t, variant):
+        T._launch_grad_norm([t["wide"] if variant else t["f32"][0]], T._NORM_2)
+
+    return [("_adamw_kernel", adamw), ("_sgd_kernel", sgd), ("_accumulate_kernel", accumulate),
+            ("_norm_partials_kernel", norm_partials), ("_finish_kernel", finish)]
+
+
+_STEP_IDS = [c[0] for c in _step_launches()]
+
+
+@pytest.mark.parametrize("name, launch", _step_launches(), ids=_STEP_IDS)
+def test_every_kernel_launches_directly_with_the_launchers_arguments(monkeypatch, name,
+                                                                      launch):
+    """Each launcher's second launch of a key is direct, with every argument Triton's
+    launcher got, in the kernel's parameter order; an argument Triton specializes
+    differently makes a new key (Triton's launcher first); "jit" never launches
+    directly."""
+    kernel = _launches(monkeypatch, name)
+    t = _step_tensors(3000, "cpu")
+    for variant in (False, False, True, True, False):
+        launch(t, variant)
+    monkeypatch.setattr(T, "_LAUNCH", "jit")
+    launch(t, False)
+    assert [c[0] for c in kernel.calls] == ["jit", "direct", "jit", "direct", "direct", "jit"]
+    for first, again in ((0, 1), (2, 3), (0, 4)):
+        _, grid, args, kwargs = kernel.calls[first]
+        _, dgrid, dargs, _ = kernel.calls[again]
+        kwargs = dict(kwargs)
+        assert isinstance(kwargs.pop("num_warps"), int)
+        bound = dict(zip(kernel.arg_names, args), **kwargs)
+        assert list(bound) == kernel.arg_names, (list(bound), kernel.arg_names)
+        assert dgrid == (grid[0], 1, 1) and len(dargs) == len(kernel.arg_names)
+        for arg_name, want, got in zip(kernel.arg_names, bound.values(), dargs):
+            if isinstance(want, torch.Tensor):  # (partials and norms: new buffers each time)
+                assert want is got or arg_name in ("partial_ptr", "out_ptr"), arg_name
+                assert (want.dtype, want.shape) == (got.dtype, got.shape), arg_name
+            else:
+                assert want == got and type(want) is type(got), (arg_name, want, got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels of a GPU")
+@pytest.mark.parametrize("name, launch", _step_launches(), ids=_STEP_IDS)
+def test_direct_launches_of_every_kernel_on_gpu_give_the_launchers_bits(monkeypatch, name,
+                                                                        launch):
+    """On a GPU: a launcher's first launch of a key (Triton's launcher) and its second
+    (the compiled kernel launched directly) write the same bits from the same inputs,
+    each variant."""
+    monkeypatch.setattr(T, "_COMPILED", {})
+    monkeypatch.setattr(T, "_DIRECT_FAILED", [])
+    monkeypatch.setattr(T, "_LAUNCH", "direct")
+    for variant in (False, True):
+        results = []
+        for _ in range(2):
+            t = _step_tensors(278011, DEV)
+            launch(t, variant)
+            results.append([t["p"], t["out"], t["out16"], *t["f32"], t["small_acc"]])
+        assert T._COMPILED and not T._DIRECT_FAILED
+        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0, equal_nan=True)
 
 
 # _accumulate_many_kernel compiled for a GPU by this Triton (no GPU needed: its NVIDIA

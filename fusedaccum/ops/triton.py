@@ -258,12 +258,92 @@ def _raw(kernel):
     return kernel
 
 
+# --------------------------------------------------------------------------------------
+# launching: through Triton's launcher, or its compiled kernel directly
+# --------------------------------------------------------------------------------------
+
+
+# Every eager launch on a GPU in the "direct" and "auto" modes (see _LAUNCH): the first
+# launch of a key goes through Triton's launcher (kernel[grid](...): it binds the
+# arguments, works out their specialization, looks the compiled kernel up, compiling it
+# the first time), which returns the CompiledKernel it ran; later launches with the same
+# key launch that one themselves (CompiledKernel[grid](*every argument in the kernel's
+# order)). The key: the kernel, the device, num_warps, the constexprs (names and values)
+# and _spec of each runtime argument, which is at least as fine as what Triton
+# specializes them on, so that one key never stands for two compiled kernels (checked
+# against Triton's own specialization: tests/test_triton_library.py
+# test_launch_key_is_at_least_as_fine_as_tritons_specialization). On an H100 (Triton 3.6,
+# 2026-11-27, bench/launch_costs.py) a table flush's launch took 16.4 us of host time
+# directly against 24.4 us through the launcher; its binder's cost grows with the
+# arguments (the AdamW kernel has 17 and 10 constexprs).
+_COMPILED: dict = {}  # launch key (see _run) -> Triton's CompiledKernel
+_DIRECT_FAILED: list = []  # the error that turned "direct" off, if any
+_I32_MIN, _I32_END, _U64_START = -(1 << 31), 1 << 31, 1 << 63
+
+
+def _spec(arg):
+    """What a launch key holds of one runtime argument: at least what Triton (3.6, 3.9:
+    native_specialize_impl) specializes it on. A tensor: its dtype (the pointer type) and
+    whether its address is a multiple of 16; an int: whether it is 1 (then a constexpr),
+    a multiple of 16, and its type (i32, i64, u64 by range); a bool (u1): its value; a
+    float: nothing (always fp32); anything else: its type and value."""
+    kind = type(arg)
+    if kind is float:
+        return float
+    if kind is int:
+        return (arg == 1, arg % 16 == 0, _I32_MIN <= arg < _I32_END, arg < _U64_START)
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    return kind, arg
+
+
+def _direct_failed(exc: BaseException) -> None:
+    """A compiled kernel's direct launch raised before launching (a Triton whose
+    CompiledKernel launches otherwise): every launch goes through Triton's launcher from
+    now on, with one warning."""
+    _DIRECT_FAILED.append(exc)
+    _COMPILED.clear()
+    warnings.warn(f"fusedaccum: launching Triton's compiled kernel directly failed "
+                  f"({type(exc).__name__}: {exc}); kernels are launched through Triton's "
+                  "launcher from now on", RuntimeWarning, stacklevel=3)
+
+
+def _run(kernel, grid: int, args: tuple, consts: dict, warps: int, wrap=_raw,
+         direct: bool | None = None):
+    """``wrap(kernel)[(grid,)](*args, **consts, num_warps=warps)``: ``args`` the runtime
+    arguments, ``consts`` the constexprs, together every parameter of the kernel in its
+    order. Eager launches (``wrap`` is _raw) on a GPU with ``direct`` (default: the
+    "direct" and "auto" modes) launch the compiled kernel of their key directly once
+    Triton's launcher returned it (see _COMPILED). Returns what the launch returned: the
+    compiled kernel (the interpreter's launches return None)."""
+    if direct is None:
+        direct = _LAUNCH in ("direct", "auto")
+    key = None
+    if direct and wrap is _raw and not _INTERPRETED and not _DIRECT_FAILED:
+        key = (kernel, args[0].device.index, warps, *consts.items(), *map(_spec, args))
+        compiled = _COMPILED.get(key)
+        if compiled is not None:
+            try:
+                # (a compiled kernel's runner reads all three grid dimensions)
+                compiled[(grid, 1, 1)](*args, *consts.values())
+                return compiled
+            except (TypeError, AttributeError, IndexError) as exc:
+                _direct_failed(exc)
+                key = None
+    compiled = wrap(kernel)[(grid,)](*args, **consts, num_warps=warps)
+    # (kept only where the positional launch passes every parameter in the kernel's order)
+    if key is not None and hasattr(compiled, "__getitem__") \
+            and list(consts) == list(getattr(kernel, "arg_names", ()))[len(args):]:
+        _COMPILED[key] = compiled
+    return compiled
+
+
 def _finish(partials: torch.Tensor, norm: int, sqrt: bool, wrap=_raw) -> torch.Tensor:
     out = torch.empty((), dtype=torch.float32, device=partials.device)
     block, warps = _config("finish")
     with _device_of(partials):
-        wrap(_finish_kernel)[(1,)](partials, out, partials.numel(), NORM=norm, SQRT=sqrt,
-                             BLOCK=block, num_warps=warps)
+        _run(_finish_kernel, 1, (partials, out, partials.numel()),
+             dict(NORM=norm, SQRT=sqrt, BLOCK=block), warps, wrap)
     return out
 
 
@@ -303,12 +383,12 @@ def _launch_accumulate(acc, grad, scale, overwrite, norm, wrap=_raw):
     if n == 0:
         return None if norm == _NORM_NONE else acc.new_zeros(())
     block, warps = _config("accumulate")
-    grid = (triton.cdiv(n, block),)
-    partials = acc if norm == _NORM_NONE else acc.new_empty(grid[0])  # acc: never written
+    grid = triton.cdiv(n, block)
+    partials = acc if norm == _NORM_NONE else acc.new_empty(grid)  # acc: never written
     with _device_of(acc):
-        wrap(_accumulate_kernel)[grid](acc, grad, partials, n, scale, GRAD_KIND=_KIND[grad.dtype],
-                                 OVERWRITE=overwrite, NORM=norm, INTERPRETED=_INTERPRETED,
-                                 BLOCK=block, num_warps=warps)
+        _run(_accumulate_kernel, grid, (acc, grad, partials, n, scale),
+             dict(GRAD_KIND=_KIND[grad.dtype], OVERWRITE=overwrite, NORM=norm,
+                  INTERPRETED=_INTERPRETED, BLOCK=block), warps, wrap)
     if norm == _NORM_NONE:
         return None
     return _finish(partials, norm, sqrt=False, wrap=wrap)
@@ -456,15 +536,13 @@ def _upload_table(entries: list[int], device: torch.device, mode: str) -> torch.
     return table.to(device, non_blocking=True)
 
 
-# How a flush launches _accumulate_many_kernel on a GPU: "jit" (kernel[grid](...), Triton's
-# launcher: it binds the arguments, works out their specialization and looks the
-# compiled kernel up on every call), "direct" (after the first such launch, the compiled
-# kernel it returned is kept per (device, LOG_T, GRAD_KIND, BLOCK, num_warps) and
-# launched itself, CompiledKernel[(blocks, 1, 1)](...)), "cxx" or "auto", the default.
-# Direct is sound because the kernel's compiled form depends on nothing else: n_tensors'
-# value and the table's alignment are not specialized, the table is always int64 and
-# scale a Python float (fp32). On an H100 (2026-11-27, bench/launch_costs.py, Triton 3.6)
-# a launch took 16.4 us of host time directly against 24.4 us through the launcher, a
+# How the kernels launch on a GPU: "jit" (kernel[grid](...), Triton's launcher: it binds
+# the arguments, works out their specialization and looks the compiled kernel up on every
+# call), "direct" (after the first such launch of a key, the compiled kernel it returned
+# is launched itself, CompiledKernel[(blocks, 1, 1)](...): see _run; until 2026-11-27's
+# fifth session only the table flushes did, now every eager launch), "cxx" or "auto",
+# the default. On an H100 (2026-11-27, bench/launch_costs.py, Triton 3.6) a table flush's
+# launch took 16.4 us of host time directly against 24.4 us through the launcher, a
 # whole Python flush 51.3 against 64.6 us, and its GPU tests passed there. A Triton whose
 # compiled kernels cannot be launched that way (the call raised before launching:
 # TypeError, AttributeError, IndexError) falls back to "jit" for good, with one warning.
@@ -505,8 +583,6 @@ def _launch_from_env() -> str:
 
 
 _LAUNCH = _launch_from_env()
-_MANY_COMPILED: dict = {}  # (device index, LOG_T, GRAD_KIND, BLOCK, num_warps) -> kernel
-_DIRECT_FAILED: list = []  # the error that turned "direct" off, if any
 # (device index, GRAD_KIND, LOG_T, BLOCK) -> the CompiledKernel registered with the C++
 # hook: kept here for good, since it owns the CUDA function the C++ side launches
 _CXX_KERNELS: dict = {}
@@ -607,26 +683,9 @@ def _launch_many_kernel(blocks: int, table, n_tensors: int, scale: float, log_t:
                         kind: int, block: int, warps: int, mode: str) -> None:
     if mode not in _LAUNCH_MODES:
         raise ValueError(f"launch mode must be one of {_LAUNCH_MODES}, got {mode!r}")
-    direct = mode in ("direct", "auto") and not _DIRECT_FAILED
-    key = (table.device.index, log_t, kind, block, warps)
-    compiled = _MANY_COMPILED.get(key) if direct else None
-    if compiled is not None:
-        try:
-            # a compiled kernel's runner reads all three grid dimensions
-            compiled[(blocks, 1, 1)](table, n_tensors, scale, log_t, kind, False, block)
-        except (TypeError, AttributeError, IndexError) as exc:
-            _DIRECT_FAILED.append(exc)
-            _MANY_COMPILED.clear()
-            compiled, direct = None, False
-            warnings.warn(f"fusedaccum: launching Triton's compiled kernel directly "
-                          f"failed ({type(exc).__name__}: {exc}); flushes go through "
-                          "Triton's launcher from now on", RuntimeWarning, stacklevel=2)
-    if compiled is None:
-        compiled = _accumulate_many_kernel[(blocks,)](table, n_tensors, scale, LOG_T=log_t,
-                                                      GRAD_KIND=kind, INTERPRETED=_INTERPRETED,
-                                                      BLOCK=block, num_warps=warps)
-        if direct and not _INTERPRETED and hasattr(compiled, "__getitem__"):
-            _MANY_COMPILED[key] = compiled
+    compiled = _run(_accumulate_many_kernel, blocks, (table, n_tensors, scale),
+                    dict(LOG_T=log_t, GRAD_KIND=kind, INTERPRETED=_INTERPRETED, BLOCK=block),
+                    warps, direct=mode in ("direct", "auto"))
     # (Python launches the flushes the C++ hook does not: rare where it runs, and each
     # is where a failed C++ launch gets reported)
     if mode in ("cxx", "auto") and table.device.type == "cuda" and not _CXX_REFUSED:
@@ -728,8 +787,8 @@ def _launch_grad_norm(tensors, norm, wrap=_raw):
     with _device_of(partials):
         for t, count in zip(tensors, counts):
             if count:
-                wrap(_norm_partials_kernel)[(count,)](t, partials, base, t.numel(), NORM=norm,
-                                                BLOCK=block, num_warps=warps)
+                _run(_norm_partials_kernel, count, (t, partials, base, t.numel()),
+                     dict(NORM=norm, BLOCK=block), warps, wrap)
                 base += count
     return _finish(partials, norm, sqrt=norm == _NORM_2, wrap=wrap)
 
@@ -828,19 +887,21 @@ def _launch_adamw(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, gr
     lerp_weight = 1 - beta1
     block, warps = _config("adamw")
     with _device_of(param):
-        wrap(_adamw_kernel)[(triton.cdiv(n, block),)](
+        _run(_adamw_kernel, triton.cdiv(n, block), (
             param, acc, exp_avg, exp_avg_sq,
             exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq,  # dummy: never touched
             param if model_out is None else model_out,  # dummy: never touched
             grad_mult, found_inf, n,
-            1 - lr * weight_decay, weight_decay, lerp_weight, beta2, 1 - beta2,
-            bias_correction2_sqrt, eps, -(lr / bias_correction1),
+            float(1 - lr * weight_decay), float(weight_decay), float(lerp_weight),
+            float(beta2), float(1 - beta2), float(bias_correction2_sqrt), float(eps),
+            float(-(lr / bias_correction1)),
+        ), dict(
             PARAM_KIND=_KIND[param.dtype],
             OUT_KIND=_F32 if model_out is None else _KIND[model_out.dtype],
-            HAS_OUT=model_out is not None, WD_MODE=wd_mode, AMSGRAD=amsgrad,
-            MAXIMIZE=maximize, LERP_FROM_START=abs(lerp_weight) < 0.5, ZERO_ACC=zero_acc,
-            INTERPRETED=_INTERPRETED, BLOCK=block, num_warps=warps,
-        )
+            HAS_OUT=model_out is not None, WD_MODE=wd_mode, AMSGRAD=bool(amsgrad),
+            MAXIMIZE=bool(maximize), LERP_FROM_START=abs(lerp_weight) < 0.5,
+            ZERO_ACC=bool(zero_acc), INTERPRETED=_INTERPRETED, BLOCK=block,
+        ), warps, wrap)
 
 
 # --------------------------------------------------------------------------------------
@@ -889,19 +950,20 @@ def _launch_sgd(param, acc, momentum_buffer, model_out, grad_mult, found_inf, lr
         return
     block, warps = _config("sgd")
     with _device_of(param):
-        wrap(_sgd_kernel)[(triton.cdiv(n, block),)](
+        _run(_sgd_kernel, triton.cdiv(n, block), (
             param, acc,
             acc if momentum_buffer is None else momentum_buffer,  # dummy: never touched
             param if model_out is None else model_out,  # dummy: never touched
             grad_mult, found_inf, n,
-            lr, momentum, 1 - dampening, weight_decay,
+            float(lr), float(momentum), float(1 - dampening), float(weight_decay),
+        ), dict(
             PARAM_KIND=_KIND[param.dtype],
             OUT_KIND=_F32 if model_out is None else _KIND[model_out.dtype],
             HAS_OUT=model_out is not None, HAS_WD=weight_decay != 0,
-            HAS_MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-            MAXIMIZE=maximize, ZERO_ACC=zero_acc, INTERPRETED=_INTERPRETED, BLOCK=block,
-            num_warps=warps,
-        )
+            HAS_MOMENTUM=momentum != 0, FIRST_STEP=bool(first_step), NESTEROV=bool(nesterov),
+            MAXIMIZE=bool(maximize), ZERO_ACC=bool(zero_acc), INTERPRETED=_INTERPRETED,
+            BLOCK=block,
+        ), warps, wrap)
 
 
 # --------------------------------------------------------------------------------------
