@@ -11,7 +11,8 @@
 # the reports to bench/results/ and commit them with the card's name and date.
 #   run(command="bash bench/gpu_session.sh", timeout_s=480)
 # The default stages took 312 s on an H100 on 2026-11-27 (the stages build, triton, cuda,
-# tritonhook, bench and then phases as below): with a machine's start, about 6 of a
+# tritonhook, bench and then phases as below; launch and phases' launch=cxx variant,
+# added later that day, add about a minute): with a machine's start, about 7 of a
 # session's 15 minutes of device time, which leaves a second call for a fix. All stages
 # together ran past 580 s.
 # Stages can be picked: STAGES="build cuda bench" bash bench/gpu_session.sh
@@ -26,7 +27,10 @@ OUT=${OUT:-/tmp/fusedaccum-gpu}
 # (dist: the data-parallel suite on CUDA tensors, 21 of 23 passed in its 280 s on
 # 2026-11-27; CI runs it on CPU. Off by default since: the benchmark after it was near the
 # call's 580 s)
-STAGES=${STAGES:-"build triton cuda tritonhook bench phases"}
+# (launch: bench/launch_costs.py alone, about 40 s: one flush's host cost taken apart and,
+# since 2026-11-27's fifth session, the boundary's norm and AdamW launches through
+# Triton's launcher and directly, beside the extension's)
+STAGES=${STAGES:-"build triton cuda tritonhook launch bench phases"}
 # windows only by default (the ops were measured on 2026-11-26: results/NVIDIA-H200_*,
 # results/NVIDIA-H100-80GB-HBM3_*);
 # with the ops: BENCH_ARGS="--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3
@@ -206,8 +210,11 @@ if has kernels; then
   log "device bandwidth of the batch kernels: the triton table kernel's aligned (16-byte \
 vector) and misaligned (masked, as before 2026-11-27) paths, the extension's"
   timeout 60 python bench/many_bandwidth.py 2>&1 | tee -a "$LOG"
-  log "host cost of one batch flush, taken apart (triton against cuda)"
-  timeout 60 python bench/launch_costs.py 2>&1 | tee -a "$LOG"
+fi
+if has kernels || has launch; then
+  log "host cost of one batch flush, taken apart (triton against cuda), and of the \
+boundary's norm and AdamW launches (triton jit and direct, cuda)"
+  timeout 60 python bench/launch_costs.py --rounds 11 --busy-cycles 0 2>&1 | tee -a "$LOG"
 fi
 if has phases-full; then
   log "host cost per param of the hooks (148 tiny bf16 params), cuda and triton backends"

@@ -27,6 +27,9 @@ The C++ batch flush (csrc/hooks.cpp flush_batch, since 2026-11-26 evening what t
 hook and FusedAccumulator._flush run for a batch without a norm statistic: the native op,
 or on the triton backend the kernel table built in C++ and one Python launcher) is timed
 on the same batch, each call refilling it first (a row times the refill alone).
+The boundary's norm and AdamW step on one of those buffers are timed too, the triton
+backend's through Triton's launcher ("jit") and launched directly (ops/triton.py _run,
+every eager launch since 2026-11-27's fifth session), the extension's beside them.
 Rows needing CUDA or Triton are left out where they cannot run (on a CPU only the
 extension's rows run, with real work in them).
 """
