@@ -493,8 +493,19 @@ def time_calls(fn, device: torch.device, tc: TimingConfig, n_sets: int = 1) -> T
                 calls += 1
             times.append(time.perf_counter() - t0)
     per = sorted(t / inner for t in times)
-    q = statistics.quantiles(per, n=4) if len(per) >= 2 else [per[0]] * 3
-    return Timing(statistics.median(per), q[0], q[2], samples, inner, n_sets)
+    q1, q3 = quartiles(per)
+    return Timing(statistics.median(per), q1, q3, samples, inner, n_sets)
+
+
+def quartiles(values) -> tuple[float, float]:
+    """First and third quartiles of the values measured, interpolated between them
+    (never beyond them: the default "exclusive" method extrapolates from a few samples,
+    and gave a negative quartile of a per-round ratio from two rounds); one value: it."""
+    values = list(values)
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 # =============================================================================== copy BW
@@ -1410,8 +1421,7 @@ def paired_ratio(ours: WindowResult, peer: WindowResult) -> tuple[float, float, 
     if n == 0:
         return None
     per_round = [p / o for o, p in zip(ours.times[:n], peer.times[:n])]
-    q = statistics.quantiles(per_round, n=4) if n >= 2 else [per_round[0]] * 3
-    return statistics.median(per_round), q[0], q[2]
+    return statistics.median(per_round), *quartiles(per_round)
 
 
 def window_ratios(results: list[WindowResult]) -> list[tuple[WindowResult, WindowResult, float]]:
@@ -1462,8 +1472,8 @@ def _csv_rows(copy: CopyBandwidth, ops_results, win_results, ratios):
         if r.ours:
             row["backend"] = r.contender[len("fusedaccum["):-1]
         if r.times:
-            q = statistics.quantiles(r.times, n=4) if len(r.times) >= 2 else [r.times[0]] * 3
-            row.update(median_s=f"{r.median_s:.9g}", q1_s=f"{q[0]:.9g}", q3_s=f"{q[2]:.9g}")
+            q1, q3 = quartiles(r.times)
+            row.update(median_s=f"{r.median_s:.9g}", q1_s=f"{q1:.9g}", q3_s=f"{q3:.9g}")
         for key, val in (("peak_mem_bytes", r.peak_bytes), ("persistent_bytes",
                          r.persistent_bytes), ("ops_per_window", r.ops_per_window),
                          ("cuda_kernels_per_window", r.kernels_per_window),

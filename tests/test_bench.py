@@ -263,12 +263,23 @@ def test_per_round_ratio_follows_the_rounds():
     ours = _timed("fusedaccum[cuda]", [1.0, 1.0, 1.0, 3.0, 3.0])
     peer = _timed("recipe", [1.5, 1.5, 4.5, 4.5, 4.5, 9.0])  # (a round ours did not run)
     assert B.window_ratios([ours, peer])[0][2] == 4.5
-    assert B.paired_ratio(ours, peer) == (1.5, 1.5, 3.0)
+    assert B.paired_ratio(ours, peer) == (1.5, 1.5, 1.5)  # (round 3's 4.5 beyond q3)
     ours.times[2] = 3.0  # no change inside a round: both read 1.5
     assert B.window_ratios([ours, peer])[0][2] == 1.5
     assert B.paired_ratio(ours, peer) == (1.5, 1.5, 1.5)
     assert B.paired_ratio(ours, _timed("recipe", [])) is None
     assert B.paired_ratio(ours, _timed("recipe", [2.0])) == (2.0, 2.0, 2.0)
+    assert B.paired_ratio(_timed("fusedaccum[cuda]", [1.0, 1.0]),
+                          _timed("recipe", [1.0, 3.0])) == (2.0, 1.5, 2.5)
+
+
+def test_quartiles_stay_within_the_values():
+    """Quartiles interpolate between the values measured, never beyond them: from two
+    rounds, statistics.quantiles' default extrapolated a per-round ratio's first quartile
+    below zero (window_phases printed "(-0.22-2.52)")."""
+    assert B.quartiles([0.5, 5.0]) == (1.625, 3.875)
+    assert B.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
+    assert B.quartiles([7.0]) == (7.0, 7.0)
 
 
 def test_memory_plan_groups_what_fits_and_names_what_does_not(monkeypatch):
