@@ -98,11 +98,40 @@ def _instrument(clock: Clock):
     return restore
 
 
+# what the C++ batching hook did inside the backward (csrc/hooks.cpp batch_hook_times, its
+# own host time) and how often, per window: counts are the rows whose phase starts with "#"
+_CXX_FLUSH_LABEL = " of which full batches flushed by the C++ hook"
+_CXX_DIRECT_LABEL = " of which large gradients added by the C++ hook"
+_CXX_COUNT_LABELS = ("# full batches flushed by the C++ hook", "# large gradients added by it")
+
+
+def _cxx_counters():
+    """(full-batch flush ns, direct add ns, full-batch flushes, direct adds) so far, or
+    None where the extension's hook module (with these counters) is not loaded."""
+    hooks = native.hooks_module(load=False)
+    if hooks is None or not hasattr(hooks, "batch_hook_times"):
+        return None
+    flush_ns, _, direct_ns, direct = hooks.batch_hook_times()
+    return flush_ns, direct_ns, hooks.batch_hook_flushes()[0], direct
+
+
+def _add_cxx(clock: Clock, before, after) -> None:
+    if before is None or after is None:
+        return
+    d = [a - b for a, b in zip(after, before)]
+    clock.add(_CXX_FLUSH_LABEL, d[0] * 1e-9)
+    clock.add(_CXX_DIRECT_LABEL, d[1] * 1e-9)
+    clock.add(_CXX_COUNT_LABELS[0], d[2])
+    clock.add(_CXX_COUNT_LABELS[1], d[3])
+
+
 def run_ours(c: bench.FusedContender, clock: Clock) -> None:
     k = c.wl.k
     for i in range(k):
         t0 = clock.now()
+        before = _cxx_counters()
         bench._backward(c.params, c.wl.grads)
+        _add_cxx(clock, before, _cxx_counters())
         t1 = clock.now()
         c.opt.step()
         t2 = clock.now()
@@ -339,7 +368,8 @@ def _run(args, dev, backends, clock: Clock) -> None:
     print("| contender | phase | median per window |")
     print("|---|---|---|")
     order = ["window", "backward x k (hooks, batches)", "backward x k (hooks)",
-             _FLUSH_LABEL, "step() between boundaries",
+             _FLUSH_LABEL, _CXX_FLUSH_LABEL, _CXX_DIRECT_LABEL, *_CXX_COUNT_LABELS,
+             "step() between boundaries",
              "zero_grad()", "boundary", "boundary (all)"]
 
     def rank(key):
@@ -353,7 +383,8 @@ def _run(args, dev, backends, clock: Clock) -> None:
             med[f"{name}\t boundary: rest"] = med[f"{name}\tboundary (all)"] - sum(parts)
     for key in sorted(med, key=rank):
         name, phase = key.split("\t")
-        print(f"| {name} | {phase} | {bench.fmt_time(med[key])} |")
+        value = f"{med[key]:g}" if phase.startswith("#") else bench.fmt_time(med[key])
+        print(f"| {name} | {phase} | {value} |")
     for name, why in failed.items():
         print(f"| {name} | failed, left out | {why[:300]} |")
     if args.json:
@@ -373,10 +404,9 @@ def _run(args, dev, backends, clock: Clock) -> None:
                 # (every contender runs once per round: its window times line up)
                 per_round = [p / o for p, o in zip(clock.times["recipe\twindow"],
                                                    clock.times[name + "\twindow"])]
-                q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 \
-                    else per_round * 3
+                q1, q3 = bench.quartiles(per_round)
                 print(f"| {name} | {recipe / mine:.2f}x | {statistics.median(per_round):.2f}x "
-                      f"({q[0]:.2f}-{q[2]:.2f}) |")
+                      f"({q1:.2f}-{q3:.2f}) |")
     return contenders
 
 

@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <map>
 #include <memory>
@@ -71,6 +72,17 @@ std::atomic<int64_t> g_pre_hits{0};
 thread_local c10::TensorImpl* t_pre_taken = nullptr;
 // batches accumulated by flush_batch called from Python, and their gradients
 std::atomic<int64_t> g_called_flushes{0}, g_called_grads{0};
+// host time (ns) of the hook's full-batch flushes, of flush_batch called from Python, and
+// of the hook's direct adds, with how many direct adds (bench/window_phases.py reads them
+// per window: where a backend's backward spends its time)
+std::atomic<int64_t> g_flush_ns{0}, g_called_ns{0}, g_direct_ns{0}, g_direct_adds{0};
+
+// nanoseconds since an arbitrary start (steady)
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 // interned attribute names
 PyObject *s_flush_queued, *s_hook_fields, *s_pg, *s_micro_step, *s_window_k, *s_acc,
@@ -623,6 +635,7 @@ struct BatchHook final : PostAccumulateGradHook {
     const bool overwrite = PyList_GET_ITEM(fresh.touched, index) == Py_False &&
                            (is_dirty || int_field(f, CLEAN_VERSION) == before);
     Held held(view, stepped_i, fresh.touched, fresh.exposed, fresh.dirty);  // finish()'s
+    const int64_t t0 = now_ns();
     if (launcher != nullptr) {  // the triton backend: a table of one pair, its launcher
       const FlushMode mode{launcher, block, grad_kind};
       at::Tensor table;
@@ -637,6 +650,8 @@ struct BatchHook final : PostAccumulateGradHook {
                            .typed<void(const at::Tensor&, const at::Tensor&, double, bool)>();
       without_gil([&] { op.call(acc_flat, grad_flat, 1.0, overwrite); });
     }
+    g_direct_ns.fetch_add(now_ns() - t0, std::memory_order_relaxed);
+    g_direct_adds.fetch_add(1, std::memory_order_relaxed);
     keep_version(f, CLEAN_VERSION, before, static_cast<int64_t>(acc_view._version()));
     finish(param, view, stepped_i, fresh);
     return true;
@@ -670,8 +685,10 @@ struct BatchHook final : PostAccumulateGradHook {
     const FlushMode mode{native_flush ? nullptr : launcher, block, grad_kind};
     const Extra extra{THPVariable_Unpack(view), grad, is_dirty};
     Held held(view, stepped_i, fresh.touched, fresh.exposed, fresh.dirty);  // finish()'s
+    const int64_t t0 = now_ns();
     const int64_t pairs = flush_batch(b, f, mode, &extra);
     if (pairs < 0) return false;
+    g_flush_ns.fetch_add(now_ns() - t0, std::memory_order_relaxed);
     g_flushes.fetch_add(1, std::memory_order_relaxed);
     g_flushed_grads.fetch_add(pairs, std::memory_order_relaxed);
     finish(param, view, stepped_i, fresh);
@@ -867,8 +884,10 @@ PyObject* flush_batch_py(PyObject*, PyObject* args) {
     return nullptr;
   }
   const FlushMode mode{launcher == Py_None ? nullptr : launcher, block, grad_kind};
+  const int64_t t0 = now_ns();
   const int64_t pairs = flush_batch(b, fields.get(), mode, nullptr);
   if (pairs > 0) {
+    g_called_ns.fetch_add(now_ns() - t0, std::memory_order_relaxed);
     g_called_flushes.fetch_add(1, std::memory_order_relaxed);
     g_called_grads.fetch_add(pairs, std::memory_order_relaxed);
   }
@@ -950,6 +969,13 @@ PyObject* batch_hook_hits(PyObject*, PyObject*) {
 
 PyObject* batch_prehook_hits(PyObject*, PyObject*) {
   return PyLong_FromLongLong(g_pre_hits.load(std::memory_order_relaxed));
+}
+
+PyObject* batch_hook_times(PyObject*, PyObject*) {
+  return Py_BuildValue("(LLLL)", static_cast<long long>(g_flush_ns.load(std::memory_order_relaxed)),
+                       static_cast<long long>(g_called_ns.load(std::memory_order_relaxed)),
+                       static_cast<long long>(g_direct_ns.load(std::memory_order_relaxed)),
+                       static_cast<long long>(g_direct_adds.load(std::memory_order_relaxed)));
 }
 
 PyObject* batch_hook_flushes(PyObject*, PyObject*) {
@@ -1143,6 +1169,9 @@ PyMethodDef methods[] = {
      "How many gradients the C++ batching hook has taken (all params, this process)."},
     {"batch_prehook_hits", batch_prehook_hits, METH_NOARGS,
      "How many of those gradients the tensor pre-hook took before AccumulateGrad."},
+    {"batch_hook_times", batch_hook_times, METH_NOARGS,
+     "(full-batch flush ns, flush_batch-from-Python ns, direct add ns, direct adds): the "
+     "host time the C++ batching hook and flush_batch spent accumulating (this process)."},
     {"batch_hook_flushes", batch_hook_flushes, METH_NOARGS,
      "(batches, gradients): how many full batches the C++ batching hook has accumulated "
      "(native flush, all params, this process) and how many gradients they held."},

@@ -219,14 +219,18 @@ def test_direct_accumulation_as_the_python_hook(place, clip, monkeypatch):
     buckets not in a window's last micro-batch, where the norm rides on the Python hook's
     accumulations)."""
     monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", 16)  # fc1.weight, fc2.weight direct
-    before = hits()
+    before, times = hits(), MODULE.batch_hook_times()
     got = train(torch.bfloat16, True, monkeypatch, place=place, max_grad_norm=clip)
-    taken = hits() - before
+    taken, timed = hits() - before, MODULE.batch_hook_times()
     want = train(torch.bfloat16, False, monkeypatch, place=place, max_grad_norm=clip)
+    assert MODULE.batch_hook_times() == timed  # (none in the Python run)
     # per backward: 2 direct params (not in the last micro-batch of a CPU window) and
     # 2 batched ones, the first of which queues the flush in Python
     direct = 2 * 3 * (2 if place[0] == "cpu" else 3)
     assert taken == direct + 3 * 3 * 1
+    # (bench/window_phases.py's C++ rows: the direct adds counted, and their host time)
+    assert timed[3] - times[3] == direct and timed[2] > times[2]
+    assert timed[0] == times[0]  # no full batch
     assert_same_runs(got, want)
 
 
@@ -239,11 +243,15 @@ def test_full_batches_flushed_in_cpp_as_in_python(place, clip, monkeypatch):
     last micro-batch), which Python's flush makes."""
     monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 1)  # every grad fills a batch
     before, (flushes, grads) = hits(), MODULE.batch_hook_flushes()
+    times = MODULE.batch_hook_times()
     got = train(torch.bfloat16, True, monkeypatch, place=place, max_grad_norm=clip)
     taken = hits() - before
-    flushed = MODULE.batch_hook_flushes()
+    flushed, timed = MODULE.batch_hook_flushes(), MODULE.batch_hook_times()
     want = train(torch.bfloat16, False, monkeypatch, place=place, max_grad_norm=clip)
     assert MODULE.batch_hook_flushes() == flushed  # none in the Python run
+    assert MODULE.batch_hook_times() == timed
+    # (bench/window_phases.py's C++ rows: the full batches' host time, no direct add)
+    assert timed[0] > times[0] and timed[3] == times[3]
     # per backward the 3 params after the first (which queues the end-of-backward flush),
     # but on CPU not in the last of the 3 micro-batches of each of the 3 windows; one
     # gradient in each batch
