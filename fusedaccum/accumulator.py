@@ -23,6 +23,7 @@ from collections import OrderedDict
 from itertools import chain, repeat
 
 import torch
+from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -202,6 +203,19 @@ def _check_norm_type(norm_type) -> float:
     if norm_type != 2.0 and norm_type != math.inf:
         raise ValueError(f"norm_type must be 2.0 or inf (math.inf), got {norm_type!r}")
     return norm_type
+
+
+def _check_capturable(gi: int, name: str, buckets) -> None:
+    """Param group ``gi`` asks for ``capturable=True``: as torch's Adam/AdamW step, refused
+    (ValueError, naming the group) for params on a device that torch does not capture on
+    (the CPU). The fused step itself needs no host value of ``step`` on any device."""
+    supported = getattr(_torch_optimizer, "_get_capturable_supported_devices", None)
+    devices = supported() if supported is not None else ["cuda", "xla"]
+    bad = sorted({b.device.type for b in buckets} - set(devices))
+    if bad:
+        raise ValueError(f"param group {gi}: capturable=True, but its params are on {bad[0]}; "
+                         f"torch.optim.{name} supports capturable=True only on "
+                         f"{', '.join(devices)} (set capturable=False)")
 
 
 def _fp32_state(st: dict) -> dict:
@@ -2063,9 +2077,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         # kernel runs: a bad value or out of memory making a buffer (the first boundary
         # allocates them) then changes nothing, and a retried step() finds the window as
         # it was; no bucket is updated while another fails.
-        hps = [self._hparams(gi, group) if any(any(b.touched) for b in buckets) else None
-               for gi, (group, buckets) in enumerate(zip(self.inner.param_groups,
-                                                         self._buckets))]
+        hps = [self._hparams(gi, group, buckets) if any(any(b.touched) for b in buckets)
+               else None for gi, (group, buckets) in enumerate(zip(self.inner.param_groups,
+                                                                   self._buckets))]
         for gi, buckets in enumerate(self._buckets):
             keys = self._state_keys(self.inner.param_groups[gi])
             for b in buckets:
@@ -2090,9 +2104,12 @@ class FusedAccumulator(torch.optim.Optimizer):
                 else:
                     self._sgd_bucket(b, hp, m, f, z)
 
-    def _hparams(self, gi: int, group: dict) -> dict:
+    def _hparams(self, gi: int, group: dict, buckets: list[Bucket]) -> dict:
         """Group ``gi``'s hyperparameters as the fused ops take them; ValueError naming
-        the group and the key when one cannot be read as a number."""
+        the group and the key when one cannot be read as a number, or when the group asks
+        for what torch's step refuses on its params' device (``capturable=True``)."""
+        if group.get("capturable", False):
+            _check_capturable(gi, type(self.inner).__name__, buckets)
         def num(key, value):
             try:
                 return _as_float(value)

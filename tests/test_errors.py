@@ -585,6 +585,49 @@ def test_bad_num_items_is_rejected_and_loses_nothing(bad):
     assert_params_close(model, ref)
 
 
+# ----------------------------------------------------------------- hyperparameters
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_capturable_is_refused_where_torch_refuses_it(device, cls, dtype):
+    """``capturable=True`` where torch's own step refuses it (CPU params): the boundary
+    raises naming the group, before anything changes, and the window is kept for a retry
+    with it off; where torch accepts it, it trains as without it."""
+    k = 2
+    windows = make_windows(1, k, dtype=dtype, device=device)
+    probe = nn.Parameter(torch.ones(3, device=device))
+    probe.grad = torch.ones(3, device=device)
+    try:
+        cls([probe], capturable=True).step()
+        torch_refuses = False
+    except (AssertionError, RuntimeError, ValueError):
+        torch_refuses = True
+
+    def run(capturable):
+        model = make_model(dtype=dtype, device=device)
+        opt = wrap(cls(model.parameters(), lr=1e-2, capturable=capturable),
+                   accumulation_steps=k)
+        for x, y in windows[0]:
+            mse(model(x), y).backward()
+            if capturable and torch_refuses and opt.accumulation_boundary:
+                snap = snapshot(model, opt)
+                held = [p.main_grad.clone() for p in model.parameters()]
+                with pytest.raises(ValueError, match="param group 0: capturable=True"):
+                    opt.step()
+                assert_unchanged(snap, model, opt)
+                assert all(torch.equal(p.main_grad, h) for p, h in zip(model.parameters(), held))
+                assert opt.update_count == 0 and not opt.stepped
+                opt.param_groups[0]["capturable"] = False
+            opt.step()
+            opt.zero_grad()
+        assert opt.update_count == 1
+        return [p.detach().clone() for p in model.parameters()]
+
+    want, got = run(False), run(True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_state_after_errors_still_trains_like_torch():
     """A wrapper that refused bad calls keeps training exactly like plain torch."""
     model = make_model()
