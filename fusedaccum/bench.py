@@ -1841,6 +1841,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of sampling per op measurement (default 0.5; --quick 0.08)")
     p.add_argument("--window-budget", type=float, default=None,
                    help="seconds of timed window rounds per model (default 30; --quick 3)")
+    p.add_argument("--window-rounds", type=int, default=WindowConfig.max_rounds,
+                   help="most timed window rounds per model, within --window-budget "
+                        f"(default {WindowConfig.max_rounds}; fast windows on a noisy host "
+                        "want more)")
     p.add_argument("--max-buffer-sets", type=int, default=None,
                    help="most input sets an op rotates through (default 4096; --quick 1024); "
                         "as many are used as needed to make one pass over them 8x the "
@@ -1915,6 +1919,10 @@ def _main(argv_or_namespace) -> int:
             print(f"bench: {flag} must be a finite number of seconds > 0, got {value}",
                   file=sys.stderr)
             return 2
+    if args.window_rounds < 1:
+        print(f"bench: --window-rounds must be at least 1, got {args.window_rounds}",
+              file=sys.stderr)
+        return 2
     _Deliver.fresh = not getattr(args, "premade_grads", False)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -1973,7 +1981,8 @@ def _main(argv_or_namespace) -> int:
     copy_numel = args.copy_size or (256 if device.type == "cuda" else 64) * KI**2
     wc = WindowConfig(budget_s=args.window_budget if args.window_budget is not None else
                       (3.0 if quick else 30.0),
-                      warmup_rounds=1, min_rounds=3 if quick else 5,
+                      warmup_rounds=1, min_rounds=min(3 if quick else 5, args.window_rounds),
+                      max_rounds=args.window_rounds,
                       profile=not args.no_profile)
     if args.compile == "auto":
         compile_mode = device.type == "cuda" and not quick

@@ -84,6 +84,19 @@ def test_backend_names_are_checked_and_auto_is_one(capsys):
     assert "unknown backend(s) 'nope'" in capsys.readouterr().err
 
 
+def test_window_rounds_caps_the_rounds_the_budget_allows(tmp_path, capsys):
+    """--window-rounds: the most timed rounds per model, however long the budget (the
+    GPU session asks for more than the default 30 on GPT-2 124M's fast windows)."""
+    assert B.main(_quick_args(tmp_path, "--window-rounds", "0")) == 2
+    assert "--window-rounds must be at least 1" in capsys.readouterr().err
+    args = _quick_args(tmp_path, "--no-plot", "--ops", "none", "--window-rounds", "4")
+    args[args.index("--window-budget") + 1] = "30"
+    assert B.main(args) == 0
+    with open(next(tmp_path.glob("*.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r["section"] == "window"]
+    assert rows and all(r["samples"] == "4" for r in rows), rows
+
+
 def test_triton_never_timed_on_cpu():
     backends, excluded = B.bench_backends(CPU)
     assert "reference" in backends and "triton" not in backends and "cuda" not in backends
