@@ -13,6 +13,13 @@ NVIDIA-H200_2026-11-26.md), per call, medians, inputs rotated past the L2 cache:
   size; accumulate_many_ is one launch per 64 tensors on cuda and needs no host-to-device
   table, so it stays there.
 
+An NVIDIA H100 (torch 2.11, Triton 3.6, 2026-11-26; bench/results/
+NVIDIA-H100-80GB-HBM3_2026-11-26.md, Triton launched through its launcher then) keeps
+every choice: the steps from 16M elements on 1-3% faster on Triton (96-99% of the copy
+bandwidth against 93-97%), accumulate_ of fp32 gradients even from 64M on (100% both;
+96% against 94% at 16M), the rest within 1% or faster on cuda, and below 16M cuda about
+3x faster per call.
+
 Below TRITON_FROM elements an op goes to cuda, from there on to Triton where the table
 says so. Re-measure with ``python -m fusedaccum bench`` on another GPU.
 """
