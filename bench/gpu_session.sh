@@ -30,7 +30,10 @@ OUT=${OUT:-/tmp/fusedaccum-gpu}
 # (launch: bench/launch_costs.py alone, about 40 s: one flush's host cost taken apart and,
 # since 2026-11-27's fifth session, the boundary's norm and AdamW launches through
 # Triton's launcher and directly, beside the extension's)
-STAGES=${STAGES:-"build triton cuda tritonhook launch bench phases"}
+# (kernels, default since 2026-11-27's sixth session: the batch kernels' device bandwidth,
+# about 15 s, for the extension's accumulate_many_ on misaligned pairs, rewritten blind that
+# session to coalesce their element-by-element accesses; then launch's launch_costs.py)
+STAGES=${STAGES:-"build triton cuda tritonhook kernels bench phases"}
 # windows only by default (the ops were measured on 2026-11-26: results/NVIDIA-H200_*,
 # results/NVIDIA-H100-80GB-HBM3_*);
 # with the ops: BENCH_ARGS="--sizes 64K,1M,16M,64M,256M --budget 0.1 --window-budget 3
