@@ -207,10 +207,13 @@ struct Extra {
 // The int64 table of the triton backend's _accumulate_many_kernel for these pairs, as
 // ops/triton.py's _many_table makes it: [acc address x T, grad address x T, numel x T
 // (negated where the pair overwrites its acc), 0, block starts x T] over the T non-empty
-// pairs, on the pairs' device (an ordinary CPU tensor uploaded with non_blocking, as
-// _upload_table's "pageable"). False, with nothing changed, for pairs it does not take
-// (the kernel reads fp32 accumulators and one gradient dtype, contiguous, all on one
-// device).
+// pairs, on the pairs' device. On a GPU it is written into a reused host buffer and
+// copied with one cudaMemcpyAsync on the current stream into a tensor of the caching
+// allocator, as _upload_table's "pageable" uploads (the driver stages pageable memory
+// before the call returns): not through a CPU tensor and ATen's to(), whose dispatch and
+// TensorIterator cost host time at every flush. False, with nothing changed, for pairs it
+// does not take (the kernel reads fp32 accumulators and one gradient dtype, contiguous,
+// all on one device), or where the upload failed (Python flushes).
 bool make_table(const FlushMode& mode, const std::vector<at::Tensor>& accs,
                 const std::vector<at::Tensor>& grads, const std::vector<int64_t>& flags,
                 at::Tensor& out, int64_t& n_tensors, int64_t& blocks) {
@@ -230,9 +233,18 @@ bool make_table(const FlushMode& mode, const std::vector<at::Tensor>& accs,
   n_tensors = t;
   blocks = 0;
   if (t == 0) return true;
+  const int64_t size = 4 * t + 1;
+  thread_local std::vector<int64_t> t_entries;  // (one autograd thread per device)
   try {
-    at::Tensor host = at::empty({4 * t + 1}, at::TensorOptions().dtype(at::kLong));
-    int64_t* e = host.data_ptr<int64_t>();
+    at::Tensor host;
+    int64_t* e;
+    if (device.is_cpu()) {
+      host = at::empty({size}, at::TensorOptions().dtype(at::kLong));
+      e = host.data_ptr<int64_t>();
+    } else {
+      t_entries.resize(static_cast<size_t>(size));
+      e = t_entries.data();
+    }
     e[3 * t] = 0;
     for (int64_t r = 0; r < t; ++r) {
       const at::Tensor &a = accs[rows[r]], &g = grads[rows[r]];
@@ -243,7 +255,24 @@ bool make_table(const FlushMode& mode, const std::vector<at::Tensor>& accs,
       blocks += (n + mode.block - 1) / mode.block;
       e[3 * t + 1 + r] = blocks;
     }
-    out = device.is_cpu() ? host : host.to(device, at::kLong, /*non_blocking=*/true);
+    if (device.is_cpu()) {
+      out = host;
+      return true;
+    }
+#ifdef FUSEDACCUM_WITH_CUDA
+    if (device.is_cuda()) {
+      c10::cuda::CUDAGuard guard(device);
+      at::Tensor table = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
+      if (fa::cuda::copy_to_device(table.data_ptr(), e, static_cast<size_t>(size) * sizeof(int64_t),
+                                   c10::cuda::getCurrentCUDAStream(device.index()).stream()) != 0)
+        return false;  // (nothing launched: Python flushes, and reports what fails there)
+      out = table;
+      return true;
+    }
+#endif
+    host = at::empty({size}, at::TensorOptions().dtype(at::kLong));
+    std::copy(e, e + size, host.data_ptr<int64_t>());
+    out = host.to(device, at::kLong, /*non_blocking=*/true);
   } catch (const std::exception&) {  // (out of memory): Python flushes
     return false;
   }

@@ -4,6 +4,8 @@
 // this without CUDA headers, the kernels are compiled without torch.
 #pragma once
 
+#include <cstddef>
+
 #include "../params.h"
 
 namespace fa {
@@ -22,6 +24,12 @@ const char* error_string(int err);
 constexpr int kNoDriverEntry = -1;
 int triton_many_launch(const TritonManyLaunch& p);
 const char* driver_error_string(int err);
+
+// `bytes` of host memory copied to device memory, queued on `stream` (a cudaStream_t):
+// cudaMemcpyAsync, without ATen's copy machinery around it. The host buffer may be reused
+// once this returns (pageable memory is staged by then). 0, or the cudaError_t value
+// (cleared, so that the next runtime call does not report it).
+int copy_to_device(void* dst, const void* src, size_t bytes, void* stream);
 
 }  // namespace cuda
 }  // namespace fa

@@ -2,7 +2,8 @@
 // handle from Triton's CompiledKernel) through the CUDA driver, for csrc/hooks.cpp's table
 // flushes: the launch Triton's own launcher makes, minus the Python around it (tens of
 // microseconds per flush inside a backward). The driver's entry points come from the
-// CUDA runtime (cudaGetDriverEntryPoint*), so the extension needs no -lcuda. No torch here.
+// CUDA runtime (cudaGetDriverEntryPoint*), so the extension needs no -lcuda. Also the
+// upload of those flushes' tables (copy_to_device). No torch here.
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -49,6 +50,13 @@ int triton_many_launch(const TritonManyLaunch& p) {
       static_cast<CUfunction>(p.function), static_cast<unsigned>(p.blocks), 1, 1,
       static_cast<unsigned>(32 * p.num_warps), 1, 1, static_cast<unsigned>(p.shared),
       static_cast<CUstream>(p.stream), args, nullptr);
+  return static_cast<int>(err);
+}
+
+int copy_to_device(void* dst, const void* src, size_t bytes, void* stream) {
+  const cudaError_t err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice,
+                                          static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) (void)cudaGetLastError();
   return static_cast<int>(err);
 }
 
