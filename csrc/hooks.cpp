@@ -234,16 +234,21 @@ bool make_table(const FlushMode& mode, const std::vector<at::Tensor>& accs,
   blocks = 0;
   if (t == 0) return true;
   const int64_t size = 4 * t + 1;
+#ifdef FUSEDACCUM_WITH_CUDA
+  const bool upload = device.is_cuda();  // one cudaMemcpyAsync from a reused host buffer
+#else
+  const bool upload = false;
+#endif
   thread_local std::vector<int64_t> t_entries;  // (one autograd thread per device)
   try {
     at::Tensor host;
     int64_t* e;
-    if (device.is_cpu()) {
-      host = at::empty({size}, at::TensorOptions().dtype(at::kLong));
-      e = host.data_ptr<int64_t>();
-    } else {
+    if (upload) {
       t_entries.resize(static_cast<size_t>(size));
       e = t_entries.data();
+    } else {
+      host = at::empty({size}, at::TensorOptions().dtype(at::kLong));
+      e = host.data_ptr<int64_t>();
     }
     e[3 * t] = 0;
     for (int64_t r = 0; r < t; ++r) {
@@ -255,24 +260,18 @@ bool make_table(const FlushMode& mode, const std::vector<at::Tensor>& accs,
       blocks += (n + mode.block - 1) / mode.block;
       e[3 * t + 1 + r] = blocks;
     }
-    if (device.is_cpu()) {
-      out = host;
+    if (!upload) {
+      out = device.is_cpu() ? host : host.to(device, at::kLong, /*non_blocking=*/true);
       return true;
     }
 #ifdef FUSEDACCUM_WITH_CUDA
-    if (device.is_cuda()) {
-      c10::cuda::CUDAGuard guard(device);
-      at::Tensor table = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
-      if (fa::cuda::copy_to_device(table.data_ptr(), e, static_cast<size_t>(size) * sizeof(int64_t),
-                                   c10::cuda::getCurrentCUDAStream(device.index()).stream()) != 0)
-        return false;  // (nothing launched: Python flushes, and reports what fails there)
-      out = table;
-      return true;
-    }
+    c10::cuda::CUDAGuard guard(device);
+    at::Tensor table = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
+    if (fa::cuda::copy_to_device(table.data_ptr(), e, static_cast<size_t>(size) * sizeof(int64_t),
+                                 c10::cuda::getCurrentCUDAStream(device.index()).stream()) != 0)
+      return false;  // (nothing launched: Python flushes, and reports what fails there)
+    out = table;
 #endif
-    host = at::empty({size}, at::TensorOptions().dtype(at::kLong));
-    std::copy(e, e + size, host.data_ptr<int64_t>());
-    out = host.to(device, at::kLong, /*non_blocking=*/true);
   } catch (const std::exception&) {  // (out of memory): Python flushes
     return false;
   }

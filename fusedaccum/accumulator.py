@@ -2110,6 +2110,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         for what torch's step refuses on its params' device (``capturable=True``)."""
         if group.get("capturable", False):
             _check_capturable(gi, type(self.inner).__name__, buckets)
+
         def num(key, value):
             try:
                 return _as_float(value)
