@@ -31,8 +31,9 @@ OUT=${OUT:-/tmp/fusedaccum-gpu}
 # since 2026-11-27's fifth session, the boundary's norm and AdamW launches through
 # Triton's launcher and directly, beside the extension's)
 # (kernels, default since 2026-11-27's sixth session: the batch kernels' device bandwidth,
-# about 15 s, for the extension's accumulate_many_ on misaligned pairs, rewritten blind that
-# session to coalesce their element-by-element accesses; then launch's launch_costs.py)
+# rows of 0.3 s each under a 60 s limit, for the extension's accumulate_many_ on misaligned
+# pairs, rewritten blind that session to coalesce their element-by-element accesses; then
+# launch's launch_costs.py)
 STAGES=${STAGES:-"build triton cuda tritonhook kernels bench phases"}
 # windows only by default (the ops were measured on 2026-11-26: results/NVIDIA-H200_*,
 # results/NVIDIA-H100-80GB-HBM3_*);
@@ -41,7 +42,8 @@ STAGES=${STAGES:-"build triton cuda tritonhook kernels bench phases"}
 # (--window-rounds 100: GPT-2 124M's windows take about 15 ms, so the default cap of 30
 # rounds, not the budget, ended its sampling; on the H100 of 2026-11-27 cuda's 124M ratio
 # read 1.45x and 1.19x in two calls, its windows' quartiles 12.1-17.2 ms in the second.
-# The budget of 6 s gives it about 60 rounds; GPT-2 XL stays at its 5 and more.)
+# At about 80 ms per round of its five contenders the budget of 6 s gives it about 75;
+# GPT-2 XL's groups get 2 s each, 5 rounds or a few more: about 10 s more in all.)
 BENCH_ARGS=${BENCH_ARGS:-"--ops none --window-budget 6 --window-rounds 100 --compile off --backends triton,cuda,auto"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
