@@ -1,7 +1,8 @@
 // acc = (0 if overwrite else acc) + scale * grad on the GPU, one launch per flat buffer;
 // with a norm, each block also reduces the updated acc (fixed order) into one partial and
 // a one-block second launch combines the partials: deterministic, no atomics, no sync.
-// Without a norm the grid covers the buffer (cover_blocks), one 8-element unit per thread.
+// Without a norm the grid covers the buffer (cover_blocks), one 8-element unit per thread,
+// block by block in chunks as accumulate_many (accumulate_chunk).
 //
 // accumulate_many: the same update (no norm; overwrite per pair) for many (acc, grad) pairs, one
 // launch per group of up to kManyMaxTensors pairs. The pointers, sizes and a prefix sum of
@@ -33,8 +34,8 @@ __device__ __forceinline__ void accumulate_unit(float* __restrict__ acc,
 }
 
 // The elements e0 + j * kThreads (j < kVec, those below n) of acc (+)= scale * grad, one by
-// one, with the element math of accumulate_unit: where the 16-byte path cannot run (a
-// misaligned pair, a pair's last chunk), consecutive threads then touch consecutive
+// one, with the element math of accumulate_unit: where the 16-byte path cannot run
+// (misaligned pointers, a buffer's last chunk), consecutive threads then touch consecutive
 // elements, so a warp's loads and stores coalesce. (Unit by unit, each thread walked its own
 // 8 elements: 57-65% of the copy bandwidth on misaligned pairs, an H100, 2026-11-27.)
 template <int GDT, bool OVERWRITE>
@@ -51,29 +52,47 @@ __device__ __forceinline__ void accumulate_strided(float* __restrict__ acc,
   }
 }
 
+// One chunk of kThreads units, from unit u0 on: 16-byte vectors where all of its units are
+// whole and aligned (full_units: 0 for misaligned pointers), else element by element,
+// coalesced.
+template <int GDT, bool OVERWRITE>
+__device__ __forceinline__ void accumulate_chunk(float* __restrict__ acc,
+                                                 const typename Cvt<GDT>::T* __restrict__ grad,
+                                                 int64_t u0, int64_t full_units, int64_t n,
+                                                 float scale) {
+  if (u0 + kThreads <= full_units) {
+    float a[kVec];
+    accumulate_unit<GDT, OVERWRITE>(acc, grad, u0 + threadIdx.x, n, true, scale, a);
+  } else {
+    accumulate_strided<GDT, OVERWRITE>(acc, grad, u0 * kVec + threadIdx.x, n, scale);
+  }
+}
+
 template <int GDT, int MODE, bool OVERWRITE>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(AccumulateParams p, bool aligned) {
   using GT = typename Cvt<GDT>::T;
-  using R = Reduce<MODE == kNoNorm ? kNormL2 : MODE>;
   const GT* __restrict__ grad = static_cast<const GT*>(p.grad);
   float* __restrict__ acc = p.acc;
   const int64_t n = p.n;
   const int64_t units = (n + kVec - 1) / kVec;
   const int64_t full_units = aligned ? n / kVec : 0;
-  typename R::T stat = R::zero();
-  for (int64_t u = first_unit(); u < units; u += unit_stride()) {
-    const bool full = u < full_units;
-    float a[kVec];
-    accumulate_unit<GDT, OVERWRITE>(acc, grad, u, n, full, p.scale, a);
-    if (MODE != kNoNorm) {
+  if constexpr (MODE == kNoNorm) {  // chunk by chunk (the norm's blocks keep their units)
+    for (int64_t c = blockIdx.x; c * kThreads < units; c += gridDim.x) {
+      accumulate_chunk<GDT, OVERWRITE>(acc, grad, c * kThreads, full_units, n, p.scale);
+    }
+  } else {
+    using R = Reduce<MODE>;
+    typename R::T stat = R::zero();
+    for (int64_t u = first_unit(); u < units; u += unit_stride()) {
+      const bool full = u < full_units;
+      float a[kVec];
+      accumulate_unit<GDT, OVERWRITE>(acc, grad, u, n, full, p.scale, a);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         if (full || u * kVec + j < n) stat = R::fold(stat, a[j]);  // skip padding past n
       }
     }
-  }
-  if (MODE != kNoNorm) {
-    stat = block_reduce<MODE == kNoNorm ? kNormL2 : MODE>(stat);
+    stat = block_reduce<MODE>(stat);
     if (threadIdx.x == 0) p.partials[blockIdx.x] = R::finish(stat);
   }
 }
@@ -118,21 +137,6 @@ struct ManyArgs {
 static_assert(sizeof(ManyArgs) < 4096, "kernel parameters must stay under 4 KB");
 static_assert(kManyMaxTensors <= 64, "the alignment mask is 64 bits");
 
-// One chunk of a pair, from unit u0 on: 16-byte vectors where all of its units are whole
-// and aligned (full_units: 0 for a misaligned pair), else element by element, coalesced.
-template <int GDT, bool OVERWRITE>
-__device__ __forceinline__ void many_chunk(float* __restrict__ acc,
-                                           const typename Cvt<GDT>::T* __restrict__ grad,
-                                           int64_t u0, int64_t full_units, int64_t n,
-                                           float scale) {
-  if (u0 + kThreads <= full_units) {
-    float a[kVec];
-    accumulate_unit<GDT, OVERWRITE>(acc, grad, u0 + threadIdx.x, n, true, scale, a);
-  } else {
-    accumulate_strided<GDT, OVERWRITE>(acc, grad, u0 * kVec + threadIdx.x, n, scale);
-  }
-}
-
 template <int GDT>
 __global__ void __launch_bounds__(kThreads) accumulate_many_kernel(const ManyArgs args) {
   using GT = typename Cvt<GDT>::T;
@@ -158,11 +162,11 @@ __global__ void __launch_bounds__(kThreads) accumulate_many_kernel(const ManyArg
   const int64_t first = b - args.block_start[t];  // runs once unless the pair was capped
   if ((args.overwrite >> t) & 1u) {  // (uniform across the block, as the chunk tests)
     for (int64_t c = first; c * kThreads < units; c += blocks) {
-      many_chunk<GDT, true>(acc, grad, c * kThreads, full_units, n, args.scale);
+      accumulate_chunk<GDT, true>(acc, grad, c * kThreads, full_units, n, args.scale);
     }
   } else {
     for (int64_t c = first; c * kThreads < units; c += blocks) {
-      many_chunk<GDT, false>(acc, grad, c * kThreads, full_units, n, args.scale);
+      accumulate_chunk<GDT, false>(acc, grad, c * kThreads, full_units, n, args.scale);
     }
   }
 }
