@@ -2,15 +2,15 @@
 
 Each seed draws a run: the param dtype, fp32 masters or none (``master_weights=False``),
 the inner optimizer (fused path and generic), one or two param groups, an LR scheduler,
-the window length (fixed or a callable), clipping, a static or dynamic loss scale,
-token-weighted windows (``num_items``), which of a model's branches each micro-batch
-reaches (so params miss micro-batches and whole windows), a user's gradient hook,
-``torch.autograd.grad`` calls beside the window, how ``.grad`` is cleared between
-micro-batches (also ``set_to_none=False``), windows poisoned with inf, dropped windows
-(``reset_accumulation``), a resume from a state dict (mid-window or after an update), the
-batching limits of the hooks and the C++ hook on or off. The same micro-batches train the
-plain-torch emulation of tests/_models.py (fp32 masters of the half params,
-``clip_grad_norm_``, the torch optimizer and scheduler), its loss scaled as torch's
+the window length (fixed or a callable), clipping, the norm (2 or inf), a static or
+dynamic loss scale, token-weighted windows (``num_items``), which of a model's branches
+each micro-batch reaches (so params miss micro-batches and whole windows), a user's
+gradient hook, ``torch.autograd.grad`` calls beside the window, how ``.grad`` is cleared
+between micro-batches (also ``set_to_none=False``), windows poisoned with inf, dropped
+windows (``reset_accumulation``), a resume from a state dict (mid-window or after an
+update), the batching limits of the hooks and the C++ hook on or off. The same
+micro-batches train the plain-torch emulation of tests/_models.py (fp32 masters of the half
+params, ``clip_grad_norm_``, the torch optimizer and scheduler), its loss scaled as torch's
 GradScaler would.
 
 Checked after every backward: ``p.main_grad`` is the window's sum so far, exactly; before
@@ -31,6 +31,7 @@ emulation trained on every rank's micro-batches (``FUSEDACCUM_FUZZ_DP_SEEDS``, d
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -112,6 +113,12 @@ class Run:
         self.flush_bytes = r.choice([None, 64])  # 64: batches flushed inside backward
         self.resume_at = r.randrange(self.windows) if r.random() < 0.3 else None
         self.cxx_hooks = r.random() < 0.75  # the C++ hook where it runs, or Python's only
+        # (drawn from a stream of their own, so that the draws above and the micro-batches
+        # each seed gives stay as they were)
+        extra = random.Random(f"{seed}/extra")
+        self.norm_type = extra.choice([2.0, 2.0, math.inf])
+        if extra.random() < 0.2:
+            self.opt_name = extra.choice(["adamw_amsgrad", "adam_decoupled"])
 
     def k(self, w: int) -> int:
         return self.ks[w % len(self.ks)]
@@ -145,7 +152,8 @@ def _inner(run: Run, params):
 def _wrapper(run: Run, model, **kwargs):
     k = run.ks[0] if len(run.ks) == 1 else run.k
     return wrap(_inner(run, model.parameters()), accumulation_steps=k,
-                max_grad_norm=run.max_grad_norm, loss_scale=run.loss_scale,
+                max_grad_norm=run.max_grad_norm, norm_type=run.norm_type,
+                loss_scale=run.loss_scale,
                 master_weights=run.master_weights, **kwargs)
 
 
@@ -235,7 +243,8 @@ def _drop_emulated_window(emu) -> None:
 
 def _end_emulated_window(run: Run, emu, emu_sched, divisor, scale: float):
     """The emulation's update (or skip): (norm, applied, the loss scale after it)."""
-    norm, applied = emu.step(divisor, max_grad_norm=run.max_grad_norm, loss_scale=scale)
+    norm, applied = emu.step(divisor, max_grad_norm=run.max_grad_norm,
+                             norm_type=run.norm_type, loss_scale=scale)
     if applied and emu_sched is not None:
         emu_sched.step()
     if not applied and run.loss_scale == "dynamic":  # (GradScaler's backoff)
@@ -360,7 +369,7 @@ def test_random_grad_scaler_runs_match_plain_torch(seed, device, monkeypatch):
     run.loss_scale = run.master_weights = None
     model = _model(run, device, seed)
     emu = MasterEmulation(_copy_of(model, run, device, seed), lambda ps: _inner(run, ps))
-    opt = wrap(_inner(run, model.parameters()),
+    opt = wrap(_inner(run, model.parameters()), norm_type=run.norm_type,
                max_grad_norm=run.max_grad_norm if clip == "wrapper" else None)
     sched, emu_sched = _scheduler(run, opt), _scheduler(run, emu.opt)
     scaler, emu_scaler = (torch.amp.GradScaler(device, init_scale=2.0 ** 10,
@@ -385,12 +394,13 @@ def test_random_grad_scaler_runs_match_plain_torch(seed, device, monkeypatch):
             emu_scaler.unscale_(emu.opt)
         if clip == "user":  # in place, on the window the wrapper then steps and measures
             torch.nn.utils.clip_grad_norm_(
-                [t for g in opt.param_groups for t in g["params"]], run.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm)
-        norm = torch.nn.utils.get_total_norm([m.grad for m in live]) / (
+                [t for g in opt.param_groups for t in g["params"]], run.max_grad_norm,
+                run.norm_type)
+            torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm, run.norm_type)
+        norm = torch.nn.utils.get_total_norm([m.grad for m in live], run.norm_type) / (
             1.0 if emu_unscaled else before)
         if clip == "wrapper":
-            torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm, run.norm_type)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()

@@ -44,7 +44,8 @@ def _through(sd, how):
         buf = io.BytesIO()
         torch.save(sd, buf)
         buf.seek(0)
-        return torch.load(buf)
+        # (torch's safe loader, its default since 2.6: a checkpoint must need no other)
+        return torch.load(buf, weights_only=True)
     assert how == "pickle"
     return pickle.loads(pickle.dumps(sd))
 
