@@ -56,9 +56,10 @@ class _Children:
     """The child pytests that can run here, started in order as slots free up, each one's
     output in a temporary file (a pipe nobody reads while others run could fill)."""
 
-    def __init__(self):
-        self.pending = [name for name in _children() if _why_not(name) is None]
-        self.slots = max(1, os.cpu_count() or 1)
+    def __init__(self, wanted: set[str]):
+        self.pending = [name for name in _children() if name in wanted and _why_not(name) is None]
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        self.slots = max(1, len(cores) if cores else os.cpu_count() or 1)
         self.running = {}  # name -> (Popen, output file, start time)
         self.done = {}  # name -> (return code, last lines of output)
 
@@ -103,9 +104,19 @@ class _Children:
             out.close()
 
 
+def _child_of(item) -> str:
+    """The child suite a test of this module waits for."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params["backend"] if callspec is not None else "cpu-unbatched"
+
+
 @pytest.fixture(scope="module")
-def children():
-    pool = _Children()
+def children(request):
+    """The pool of the child suites this session's selected tests of the module wait for
+    (``-k`` may select some): only those run."""
+    wanted = {_child_of(item) for item in request.session.items
+              if getattr(item, "module", None) is request.module}
+    pool = _Children(wanted)
     yield pool
     pool.stop()
 
