@@ -32,22 +32,22 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _children() -> dict:
-    """name -> (files, extra environment) of every child suite, longest first."""
-    suite = [str(HERE / f) for f in SUITE]
-    return {
-        "triton": (suite, {"FUSEDACCUM_TEST_BACKEND": "triton"}),
-        "cuda": (suite, {"FUSEDACCUM_TEST_BACKEND": "cuda"}),
-        "cpu": (suite + [str(HERE / "test_distributed.py")], {"FUSEDACCUM_TEST_BACKEND": "cpu"}),
-        # gradients of over 8 elements accumulated one param at a time (by the C++ hook's
-        # direct mode where it applies, else the Python hook)
-        "cpu-unbatched": (suite, {"FUSEDACCUM_TEST_BACKEND": "cpu",
-                                  "FUSEDACCUM_TEST_BATCH_MAX_NUMEL": "8"}),
-    }
+# name -> (test files, extra environment) of every child suite, longest first
+_SUITE_FILES = [str(HERE / f) for f in SUITE]
+CHILDREN = {
+    "triton": (_SUITE_FILES, {"FUSEDACCUM_TEST_BACKEND": "triton"}),
+    "cuda": (_SUITE_FILES, {"FUSEDACCUM_TEST_BACKEND": "cuda"}),
+    "cpu": (_SUITE_FILES + [str(HERE / "test_distributed.py")],
+            {"FUSEDACCUM_TEST_BACKEND": "cpu"}),
+    # gradients of over 8 elements accumulated one param at a time (by the C++ hook's
+    # direct mode where it applies, else the Python hook)
+    "cpu-unbatched": (_SUITE_FILES, {"FUSEDACCUM_TEST_BACKEND": "cpu",
+                                     "FUSEDACCUM_TEST_BATCH_MAX_NUMEL": "8"}),
+}
 
 
 def _why_not(name: str):
-    backend = _children()[name][1]["FUSEDACCUM_TEST_BACKEND"]
+    backend = CHILDREN[name][1]["FUSEDACCUM_TEST_BACKEND"]
     device = _device() if name != "cpu-unbatched" else "cpu"
     return ops.unavailable_reason(backend, device)
 
@@ -57,14 +57,14 @@ class _Children:
     output in a temporary file (a pipe nobody reads while others run could fill)."""
 
     def __init__(self, wanted: set[str]):
-        self.pending = [name for name in _children() if name in wanted and _why_not(name) is None]
+        self.pending = [name for name in CHILDREN if name in wanted and _why_not(name) is None]
         cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         self.slots = max(1, len(cores) if cores else os.cpu_count() or 1)
         self.running = {}  # name -> (Popen, output file, start time)
         self.done = {}  # name -> (return code, last lines of output)
 
     def _start(self, name: str) -> None:
-        files, extra = _children()[name]
+        files, extra = CHILDREN[name]
         out = tempfile.TemporaryFile(mode="w+")
         # (PASSIVE: an OpenMP worker of one child that waits for work sleeps instead of
         # spinning on the core another child needs; 265 s -> 241 s here)
