@@ -384,6 +384,13 @@ def _spec_corpus():
     return out
 
 
+def test_grid_sizes_are_tritons_cdiv():
+    """The launchers' _cdiv (plain ints, no decorator) gives triton.cdiv's grid sizes."""
+    for n in (0, 1, 1023, 1024, 1025, 4097, 278011, (1 << 31) + 5, 1 << 40):
+        for block in (1, 128, 1024, 4096):
+            assert T._cdiv(n, block) == triton.cdiv(n, block), (n, block)
+
+
 def test_launch_key_is_at_least_as_fine_as_tritons_specialization():
     """Two runtime arguments with the same _spec (the launch key of a direct launch, _run)
     get the same specialization from Triton's launcher, so that a key never stands for
