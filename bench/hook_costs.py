@@ -4,7 +4,7 @@ params costs with the C++ hook, with the Python hook, and with neither (plain au
     python bench/hook_costs.py [--device cuda] [--params 148] [--numel 64] [--rounds 30]
 
 Windows of many small tensors (GPT-2's 148) are bound by host time per param, not by
-bytes (README, the H200 section): this isolates that cost. Each contender runs
+bytes (README, "Where the targets stand"): this isolates that cost. Each contender runs
 micro-batches of one backward from one scalar root (the benchmark harness,
 ``fusedaccum.bench._backward``) plus ``opt.step()`` (never a boundary: the window is
 longer than the run), over ``--params`` bf16 params of ``--numel`` elements:
