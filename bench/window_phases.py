@@ -7,10 +7,14 @@ fusedaccum and for the plain peers, on the benchmark's harness (fusedaccum/bench
 Phases (medians over the rounds, per window): each contender's k backward passes (the
 hooks and, for fusedaccum, the batched accumulations run inside them: also shown on their
 own, "of which"), its per-micro-batch calls (`step()`/`zero_grad()`), and the boundary;
-fusedaccum's boundary is split into its parts (the norm, the fused step, the state
-bookkeeping, the end of the window; "rest" is the scalar math and the found-inf read).
-Host time: on a GPU the kernels run behind it, except where a phase waits for them (the
-found-inf read waits for everything queued before it).
+fusedaccum's boundary is split into its parts (the checks of the params and the buckets,
+the hyperparameters' read, the norm, the fused step, the wait for the found-inf flag, the
+state bookkeeping, the params' version counters, the inner optimizer's step counts and
+schedulers, the end of the window; "rest" is the scalar math and the rest of
+`_boundary`'s own code). Host time: on a GPU the kernels run behind it, except where a
+phase waits for them. The found-inf read waits for the work queued before the norm's flag
+(the backward's last accumulations and the norm), not for the update queued after it: its
+row is that wait, which a GPU that keeps up with the host makes short.
 `--sync` synchronizes the device after every phase, so each phase also carries its own
 kernels' time.
 """
@@ -36,7 +40,9 @@ from fusedaccum import bench
 from fusedaccum.ops import native
 from fusedaccum.ops import triton as tri
 
-_PARTS = ("_flush", "_total_norm", "_fused_update", "_record_fused_steps", "_end_window")
+_PARTS = ("_flush", "_check_buckets", "_fused_prepare", "_total_norm", "_fused_update",
+          "_record_fused_steps", "_bump_updated_params", "_inner_stepped", "_end_window")
+_READ_LABEL = " boundary: found-inf read (the wait)"
 
 
 # every batch flush in Python: at the end of a backward, and in the Python hook when a
@@ -50,6 +56,7 @@ class Clock:
         self.device, self.sync = device, sync
         self.times: dict[str, list[float]] = defaultdict(list)
         self.window: dict[str, float] = defaultdict(float)
+        self.in_boundary = False
 
     def now(self) -> float:
         if self.sync:
@@ -69,12 +76,14 @@ def _instrument(clock: Clock):
     """Time the wrapper's boundary parts (class-level wrappers, every instance); returns
     the function that puts the originals back."""
     F = acc_mod.FusedAccumulator
-    saved = {name: F.__dict__[name] for name in (*_PARTS, "_boundary")}
+    saved = {name: F.__dict__[name] for name in (*_PARTS, "_boundary", "_read_later")}
     for name in _PARTS:
         real = getattr(F, name)
 
         @functools.wraps(real)
         def timed(self, *args, _real=real, _name=name, **kwargs):
+            if _name != "_flush" and not clock.in_boundary:  # (a check outside one)
+                return _real(self, *args, **kwargs)
             t0 = clock.now()
             out = _real(self, *args, **kwargs)
             label = (_FLUSH_LABEL if _name == "_flush" else f" boundary: {_name}")
@@ -85,11 +94,28 @@ def _instrument(clock: Clock):
 
     def boundary(self, *args, _real=F._boundary, **kwargs):
         t0 = clock.now()
-        out = _real(self, *args, **kwargs)
+        clock.in_boundary = True
+        try:
+            out = _real(self, *args, **kwargs)
+        finally:
+            clock.in_boundary = False
         clock.add("boundary (all)", clock.now() - t0)
         return out
 
     F._boundary = boundary
+
+    def read_later(self, *args, _real=F._read_later, **kwargs):
+        read = _real(self, *args, **kwargs)
+
+        def timed_read():  # (not clock.now(): --sync would move the wait out of this row)
+            t0 = time.perf_counter()
+            out = read()
+            clock.add(_READ_LABEL, time.perf_counter() - t0)
+            return out
+
+        return timed_read
+
+    F._read_later = read_later
 
     def restore():
         for name, fn in saved.items():

@@ -387,8 +387,9 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     from fusedaccum import accumulator
     from fusedaccum.accumulator import FusedAccumulator
 
-    timed = ("_boundary", "_flush", "_total_norm", "_fused_update", "_record_fused_steps",
-             "_end_window")
+    timed = ("_boundary", "_flush", "_check_buckets", "_fused_prepare", "_total_norm",
+             "_fused_update", "_read_later", "_record_fused_steps", "_bump_updated_params",
+             "_inner_stepped", "_end_window")
     flush = accumulator._BATCH_FLUSH_BYTES, accumulator._BATCH_FLUSH_BYTES_CPU
     before = {name: vars(FusedAccumulator)[name] for name in timed}
     table, launch = triton_ops._TABLE_UPLOAD, triton_ops._LAUNCH
@@ -415,7 +416,17 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
         f"fusedaccum[{backends[-1]}] flush=3", "recipe", "tutorial"}
     assert medians["recipe"]["window"] > 0 and "boundary" in medians["recipe"]
     assert f"{medians['tutorial']['window'] * 1e3:.2f} ms" in out
-    assert "boundary: rest" in medians[f"fusedaccum[{backends[0]}]"]
+    parts = medians[f"fusedaccum[{backends[0]}]"]
+    assert "boundary: rest" in parts
+    # the read of the found-inf flag after the update is queued (not with flag-first),
+    # and the boundary's other parts
+    assert "boundary: found-inf read (the wait)" in parts
+    assert "boundary: found-inf read (the wait)" not in medians[
+        f"fusedaccum[{backends[0]}] flag-first"]
+    for part in ("_check_buckets", "_fused_prepare", "_total_norm", "_fused_update",
+                 "_record_fused_steps", "_bump_updated_params", "_inner_stepped",
+                 "_end_window"):
+        assert 0 < parts[f"boundary: {part}"] < parts["boundary (all)"], part
     assert "batch flush 1 MiB" in out and "pre-made gradients" in out
     assert B._Deliver.fresh  # put back (fresh gradients are the default)
     assert f"| fusedaccum[{backends[0]}] python-hooks | window |" in out
