@@ -289,9 +289,12 @@ if has phases; then
   # (triton:launch=cxx: Python's launches through Triton's launcher, the C++ hook's
   # flushes from C++ as in "auto": what the direct launches of the step and norm kernels
   # gain, since 2026-11-27's fifth session)
+  # (no-read, triton:no-read: the boundary not waiting for its found-inf flag, what the
+  # one host read per window costs; its "found-inf read (the wait)" row is that wait)
   log "window phases, GPT-2 124M, host time, one process (20 rounds)"
   timeout 110 python bench/window_phases.py --model gpt2-124m --rounds 20 \
-      --backends cuda,triton,auto --variants triton:launch=cxx 2>&1 | tee -a "$LOG"
+      --backends cuda,triton,auto --variants triton:launch=cxx,no-read,triton:no-read \
+      2>&1 | tee -a "$LOG"
 fi
 for f in tests_triton tests_cuda tests_auto; do
   [[ -f "$OUT/$f.log" ]] && { echo "--- $f failures"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" \

@@ -229,6 +229,10 @@ def main(argv=None) -> int:
                     "'python-walks' (the boundary's walks over the params in Python, not "
                     "csrc/hooks.cpp's), 'flag-first' (the boundary reads its found-inf flag "
                     "before launching the update: accumulator.py _READ_FLAG_LATE), "
+                    "'no-read' (the boundary does not wait for its found-inf flag and "
+                    "takes every window as finite, which the benchmark's are: how much "
+                    "the one host read per window costs, an upper bound on what reading "
+                    "it later would gain; not a mode of the wrapper), "
                     "'ride'/'no-ride' (the clipping norm rides on "
                     "the last micro-batch's accumulations, or one norm pass: "
                     "Bucket.ride_norm); of the first backend, or of another one as "
@@ -323,6 +327,10 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         c = bench.FusedContender(wl, backend)
         c.accumulator_settings = {"_READ_FLAG_LATE": False}
         return c
+    if variant == "no-read":  # (the instance's method hides the class's, and its timing)
+        c = bench.FusedContender(wl, backend)
+        c.opt._read_later = lambda flag: (lambda: False)
+        return c
     if variant in ("no-overwrite", "no-lazy", "ride", "no-ride"):  # read at each use
         c = bench.FusedContender(wl, backend)
         for b in c.opt._all_buckets():
@@ -343,7 +351,7 @@ def _variant(wl, backend: str, variant: str) -> bench.FusedContender:
         c.triton_settings = {attr: value}
         return c
     raise SystemExit(f"unknown variant {variant!r}: python-hooks, python-flush, no-pre-hook, "
-                     "python-walks, flag-first, flush=<MiB>, "
+                     "python-walks, flag-first, no-read, flush=<MiB>, "
                      "batch-max=<elements>, no-overwrite, "
                      f"no-lazy, ride, no-ride, table={'|'.join(tri._TABLE_MODES)} or "
                      f"launch={'|'.join(tri._LAUNCH_MODES)}")

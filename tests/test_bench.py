@@ -401,7 +401,7 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
                                          f"python-hooks,flush=2,{backends[-1]}:flush=3,"
                                          "table=cached,launch=direct,launch=cxx,"
                                          "python-flush,batch-max=64,python-walks,"
-                                         "flag-first",
+                                         "flag-first,no-read",
                                          "--premade-grads", "--json", str(tmp_path / "p.json"),
                                          "--profile", f"fusedaccum[{backends[0]}] flag-first",
                                          "--profile-windows", "1"])
@@ -412,7 +412,8 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
         f"fusedaccum[{backends[0]}] {v}" for v in ("python-hooks", "flush=2", "table=cached",
                                                    "launch=direct", "launch=cxx",
                                                    "python-flush", "batch-max=64",
-                                                   "python-walks", "flag-first")} | {
+                                                   "python-walks", "flag-first",
+                                                   "no-read")} | {
         f"fusedaccum[{backends[-1]}] flush=3", "recipe", "tutorial"}
     assert medians["recipe"]["window"] > 0 and "boundary" in medians["recipe"]
     assert f"{medians['tutorial']['window'] * 1e3:.2f} ms" in out
@@ -421,8 +422,9 @@ def test_window_phases_reports_every_contender_and_restores_the_wrapper(capsys, 
     # the read of the found-inf flag after the update is queued (not with flag-first),
     # and the boundary's other parts
     assert "boundary: found-inf read (the wait)" in parts
-    assert "boundary: found-inf read (the wait)" not in medians[
-        f"fusedaccum[{backends[0]}] flag-first"]
+    for variant in ("flag-first", "no-read"):
+        assert "boundary: found-inf read (the wait)" not in medians[
+            f"fusedaccum[{backends[0]}] {variant}"]
     for part in ("_check_buckets", "_fused_prepare", "_total_norm", "_fused_update",
                  "_record_fused_steps", "_bump_updated_params", "_inner_stepped",
                  "_end_window"):
