@@ -155,6 +155,15 @@ OPTIMIZERS = {
     "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, weight_decay=0.01,
                                               initial_accumulator_value=0.1),
     "adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-2, weight_decay=0.01),
+    # the rest of torch.optim, on the generic path: state that is not shaped like the
+    # params (Adafactor's row and column factors, ASGD's and NAdam's scalars)
+    "nadam": lambda ps: torch.optim.NAdam(ps, lr=1e-2, weight_decay=0.01,
+                                          decoupled_weight_decay=True),
+    "radam": lambda ps: torch.optim.RAdam(ps, lr=1e-2, weight_decay=0.01),
+    "adadelta": lambda ps: torch.optim.Adadelta(ps, lr=1.0, weight_decay=0.01),
+    "rprop": lambda ps: torch.optim.Rprop(ps, lr=1e-2),
+    "asgd": lambda ps: torch.optim.ASGD(ps, lr=1e-2, t0=1),
+    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
 }
 
 

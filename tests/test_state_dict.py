@@ -108,6 +108,43 @@ def test_resume_mid_window_gives_the_same_trajectory(device, dtype, how, cls):
     assert_states_close(opt_c, opt_a, **RESUME_TOL)
 
 
+@pytest.mark.parametrize("opt_name", ["adafactor", "asgd", "nadam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_resume_mid_window_on_the_generic_path_with_state_unlike_the_params(device, dtype,
+                                                                          opt_name):
+    """Optimizers whose state is not shaped like the params (Adafactor's row and column
+    factors, ASGD's eta and mu, NAdam's mu_product: the generic path keeps them as the
+    inner optimizer made them) resume a mid-window checkpoint on the same trajectory, and
+    the plain optimizer loads the same state dict."""
+    make = OPTIMIZERS[opt_name]
+    micro = make_batches(9, dtype=dtype, device=device)
+    cut = 5
+
+    def wrapped(seed):
+        model = make_model(seed, dtype=dtype, device=device)
+        return model, wrap(make(model.parameters()), accumulation_steps=3, max_grad_norm=0.5)
+
+    model_a, opt_a = wrapped(0)
+    for batch in micro:
+        _micro(model_a, opt_a, batch)
+    model_b, opt_b = wrapped(0)
+    for batch in micro[:cut]:
+        _micro(model_b, opt_b, batch)
+    saved_opt = _through(opt_b.state_dict(), "torch_save")
+    saved_model = _through(model_b.state_dict(), "torch_save")
+    del model_b, opt_b
+
+    make(make_model(device=device).parameters()).load_state_dict(copy.deepcopy(saved_opt))
+    model_c, opt_c = wrapped(123)
+    model_c.load_state_dict(saved_model)
+    opt_c.load_state_dict(saved_opt)
+    for batch in micro[cut:]:
+        _micro(model_c, opt_c, batch)
+    assert opt_c.update_count == 3 and opt_c.stepped
+    assert_params_close(model_c, model_a, **RESUME_TOL)
+    assert_states_close(opt_c, opt_a, **RESUME_TOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_resume_half_loading_optimizer_before_model(device, dtype):
     micro = make_batches(7, dtype=dtype, device=device)
