@@ -1,7 +1,8 @@
 """Loss scaling: a static or dynamic scale kept as a device tensor.
 
 The dynamic policy is torch.amp.GradScaler's: start at 2**16, halve on a skipped
-window, double after 2000 consecutive clean updates. The boundary already reads the
+window, double after 2000 consecutive clean updates (unless that overflows: the scale
+then stays, as GradScaler's does). The boundary already reads the
 found-inf flag to the host once, so the bookkeeping (growth tracker) is host-side;
 the scale itself stays a device tensor and is never read back.
 """
@@ -42,7 +43,11 @@ class LossScaler:
             return
         self.growth_tracker += 1
         if self.growth_tracker == self.growth_interval:
-            self.scale = self.scale * self.growth_factor
+            # a scale that would overflow stays as it is, as torch's _amp_update_scale_
+            # keeps it (an inf scale would skip every window after: inf * backoff is inf);
+            # chosen on the device, once per growth_interval windows
+            grown = self.scale * self.growth_factor
+            self.scale = torch.where(torch.isfinite(grown), grown, self.scale)
             self.growth_tracker = 0
 
     def state_dict(self) -> dict:

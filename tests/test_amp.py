@@ -159,6 +159,36 @@ def test_dynamic_scale_halves_on_skip_and_doubles_after_2000_clean_updates():
     torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
 
 
+def test_dynamic_scale_does_not_grow_past_the_largest_float(device):
+    """A growth that would overflow the scale leaves it as it is and restarts the count,
+    as torch.amp.GradScaler's update does; an infinite scale would make every later
+    window non-finite, skipped, and the halved scale still infinite. Only windows of tiny
+    gradients get there (111 growths from 2^16): the window's fp32 2-norm with the scale
+    in overflows above about 1.8e19, which skips the window and halves the scale first
+    (README, "Known differences in the numbers"), so these are about 1e-20."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -1.0], device=device))
+    c = torch.tensor([1e-20, 2e-20], device=device)
+    opt = wrap(torch.optim.SGD([p], lr=1e-4), loss_scale="dynamic")
+    sd = opt.state_dict()
+    sd["fusedaccum"]["loss_scale"]["scale"] = torch.tensor(2.0**127)
+    sd["fusedaccum"]["loss_scale"]["growth_tracker"] = 1999
+    opt.load_state_dict(sd)
+    # the reference: torch.amp.GradScaler's update op on the same scale and count
+    ref_scale = torch.tensor(2.0**127, device=device)
+    ref_tracker = torch.tensor(1999, dtype=torch.int32, device=device)
+    for _ in range(3):
+        opt.scale_loss((p * c).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        assert opt.stepped
+        assert torch.isfinite(p).all()
+        torch._amp_update_scale_(ref_scale, ref_tracker, torch.zeros((), device=device),
+                                 2.0, 0.5, 2000)  # (no inf found)
+        assert as_float(opt.loss_scale) == as_float(ref_scale) == 2.0**127
+    assert opt.update_count == 3 and opt.skipped_steps == 0
+    assert opt.state_dict()["fusedaccum"]["loss_scale"]["growth_tracker"] == 2
+
+
 def test_dynamic_scale_skip_discards_window_and_halves(device):
     k = 2
     windows = make_windows(3, k, device=device)
