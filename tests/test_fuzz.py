@@ -56,9 +56,11 @@ from fusedaccum import accumulator
 SEEDS = int(os.environ.get("FUSEDACCUM_FUZZ_SEEDS", "40"))
 FIRST = int(os.environ.get("FUSEDACCUM_FUZZ_FIRST", "0"))
 
-# the fused path's optimizers, and one of the generic path
+# the fused path's optimizers, and one of the generic path (the rest: _GENERIC)
 _OPTIMIZERS = ["adamw", "adam", "adam_amsgrad", "adam_maximize", "sgd", "sgd_momentum",
                "sgd_nesterov", "sgd_maximize", "rmsprop"]
+# the other torch optimizers, drawn from the extra stream (Run)
+_GENERIC = ["adagrad", "adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor"]
 _DIM = 6
 
 
@@ -119,6 +121,8 @@ class Run:
         self.norm_type = extra.choice([2.0, 2.0, math.inf])
         if extra.random() < 0.2:
             self.opt_name = extra.choice(["adamw_amsgrad", "adam_decoupled"])
+        elif extra.random() < 0.15:  # the rest of torch.optim, on the generic path
+            self.opt_name = extra.choice(_GENERIC)
 
     def k(self, w: int) -> int:
         return self.ks[w % len(self.ks)]
@@ -446,7 +450,8 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
     r = run.r  # (decisions every rank takes alike)
     _hook_settings(run, monkeypatch)
     run.master_weights = None  # (not with ZeRO-1's shards of masters; the local fuzz has it)
-    shard = run.opt_name != "rmsprop" and r.random() < 0.5
+    # (ZeRO-1 needs the fused path)
+    shard = run.opt_name not in ("rmsprop", *_GENERIC) and r.random() < 0.5
     kw = dict(process_group=group, shard_optimizer_state=shard)
     model = _model(run, device, seed)
     emu = MasterEmulation(_copy_of(model, run, device, seed), lambda ps: _inner(run, ps))
