@@ -2529,6 +2529,17 @@ class FusedAccumulator(torch.optim.Optimizer):
                 isinstance(scale, dict) and "scale" in scale and "growth_tracker" in scale):
             raise ValueError("the state dict's 'fusedaccum' entry has a loss_scale without "
                              "'scale' and 'growth_tracker'")
+        if extra.get("accumulators") and (scale is None) != (self._scaler is None):
+            # (a partial window holds its gradients as backward gave them: scaled by the
+            # saving wrapper's loss scale, or not at all; the boundary removes this one's)
+            saved = "scaled by its loss_scale" if scale is not None else "without a loss scale"
+            ours = (f"loss_scale={self._scaler_spec()!r}" if self._scaler is not None
+                    else "no loss_scale")
+            raise ValueError(
+                f"the state dict holds a partial window ({len(extra['accumulators'])} params' "
+                f"gradients) summed {saved}, and this wrapper has {ours}: its update would "
+                "be off by the scale. Resume with loss_scale set as when it was saved, or save "
+                "at a boundary (after the step() that applies an update)")
         saved_world = extra.get("world_size")
         world = 1 if self._pg is None else torch.distributed.get_world_size(self._pg)
         if int(extra["micro_step"]) > 0 and saved_world is not None and saved_world != world:

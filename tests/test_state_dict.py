@@ -396,7 +396,8 @@ def test_cpu_mapped_checkpoint_loads_onto_cuda_params(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bad", ["other model", "master shape", "window shape", "no counters",
-                                 "group sizes", "no window length", "step not a number"])
+                                 "group sizes", "no window length", "step not a number",
+                                 "scaled window"])
 def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, dtype, bad):
     """Everything is checked before anything is loaded: the error names what does not fit,
     and the wrapper (hyperparameters, state, masters, window, counters) is as before."""
@@ -435,6 +436,11 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, d
         other = copy.deepcopy(sd)
         other["state"][1]["step"] = "3"
         match = r"\['step'\] is '3', not a number"
+    elif bad == "scaled window":  # saved by a wrapper with a loss scale; this one has none
+        other = copy.deepcopy(sd)
+        other["fusedaccum"]["loss_scale"] = {"dynamic": True, "scale": torch.tensor(2.0**16),
+                                             "growth_tracker": 0}
+        match = r"partial window \(\d+ params' gradients\) summed scaled by its loss_scale"
     else:
         other = copy.deepcopy(sd)
         other["param_groups"][0]["params"] = other["param_groups"][0]["params"][:-1]
@@ -450,6 +456,52 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, d
         assert all(torch.equal(got[i], want[i]) for i in want)
     assert {k: v for k, v in after["fusedaccum"].items() if k not in ("masters", "accumulators")} \
         == {k: v for k, v in sd["fusedaccum"].items() if k not in ("masters", "accumulators")}
+
+
+@pytest.mark.parametrize("saved,loading", [("dynamic", None), (None, "dynamic"),
+                                           (128.0, None)])
+def test_a_partial_window_resumes_only_where_it_is_scaled_alike(device, saved, loading):
+    """A partial window's accumulators hold the gradients as backward gave them: scaled
+    by the saving wrapper's loss scale, or not. A wrapper that scales otherwise (one
+    with a loss scale against one without) would apply them off by the scale (once by
+    65536): refused, naming the mismatch, with nothing changed. Saved at a boundary,
+    there is no window, and the state loads."""
+    dtype = torch.bfloat16
+    micro = make_batches(4, dtype=dtype, device=device)
+
+    def wrapped(scale, seed=0):
+        model = make_model(seed, dtype=dtype, device=device)
+        return model, wrap(adamw(model.parameters()), accumulation_steps=2, loss_scale=scale)
+
+    def micro_batch(model, opt, batch):
+        x, y = batch
+        opt.scale_loss(mse(model(x), y)).backward()
+        opt.step()
+        opt.zero_grad()
+
+    model_a, opt_a = wrapped(saved)
+    for batch in micro[:3]:
+        micro_batch(model_a, opt_a, batch)
+    mid = opt_a.state_dict()  # after 1 of window 2's 2 micro-batches
+    model_b, opt_b = wrapped(loading, seed=5)
+    before = opt_b.state_dict()
+    with pytest.raises(ValueError, match="partial window .* summed .*loss.scale.* Resume "
+                                         "with loss_scale set as when it was saved"):
+        opt_b.load_state_dict(mid)
+    after = opt_b.state_dict()
+    assert after["fusedaccum"]["micro_step"] == 0 and not after["fusedaccum"]["accumulators"]
+    assert after["state"] == before["state"] == {}
+    assert all(torch.equal(after["fusedaccum"]["masters"][i], before["fusedaccum"]["masters"][i])
+               for i in before["fusedaccum"]["masters"])
+
+    micro_batch(model_a, opt_a, micro[3])  # the window's end: an update, no window left
+    at_boundary = opt_a.state_dict()
+    assert not at_boundary["fusedaccum"]["accumulators"]
+    opt_b.load_state_dict(at_boundary)
+    model_b.load_state_dict(model_a.state_dict())
+    for batch in micro[:2]:
+        micro_batch(model_b, opt_b, batch)
+    assert opt_b.update_count == 3 and opt_b.stepped
 
 
 @pytest.mark.parametrize("zero_grad", ["opt", "model", None])
