@@ -2532,14 +2532,15 @@ class FusedAccumulator(torch.optim.Optimizer):
         if extra.get("accumulators") and (scale is None) != (self._scaler is None):
             # (a partial window holds its gradients as backward gave them: scaled by the
             # saving wrapper's loss scale, or not at all; the boundary removes this one's)
-            saved = "scaled by its loss_scale" if scale is not None else "without a loss scale"
+            saved = ("scaled by the loss scale of the wrapper that saved it" if scale is not None
+                     else "not scaled (the wrapper that saved it had no loss_scale)")
             ours = (f"loss_scale={self._scaler_spec()!r}" if self._scaler is not None
                     else "no loss_scale")
             raise ValueError(
                 f"the state dict holds a partial window ({len(extra['accumulators'])} params' "
-                f"gradients) summed {saved}, and this wrapper has {ours}: its update would "
-                "be off by the scale. Resume with loss_scale set as when it was saved, or save "
-                "at a boundary (after the step() that applies an update)")
+                f"gradients), {saved}, and this wrapper has {ours}: its update would be off "
+                "by the scale. Resume with loss_scale set as when it was saved, or save at a "
+                "boundary (after the step() that applies an update)")
         saved_world = extra.get("world_size")
         world = 1 if self._pg is None else torch.distributed.get_world_size(self._pg)
         if int(extra["micro_step"]) > 0 and saved_world is not None and saved_world != world:
