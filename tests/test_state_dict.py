@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 import warnings
 
@@ -539,17 +540,44 @@ def test_resume_mid_window_keeps_which_grads_zero_grad_cleared(device, zero_grad
         assert torch.equal(a, b)
 
 
-def test_a_malformed_loss_scale_entry_is_refused_and_changes_nothing(device):
+@pytest.mark.parametrize("bad,match", [
+    ("no tracker", "loss_scale without"),
+    ("inf", r"loss scale is tensor\(inf\): not a positive finite"),
+    ("nan", "loss scale is nan: not a positive finite"),
+    ("zero", r"loss scale is tensor\(0\.\): not a positive finite"),
+    ("negative", "loss scale is -8.0: not a positive finite"),
+    ("two values", "loss scale is tensor.*: not a positive finite"),
+    ("tracker -1", "growth_tracker=-1: not a count"),
+    ("tracker 1.5", "growth_tracker=1.5: not a count"),
+])
+def test_a_malformed_loss_scale_entry_is_refused_and_changes_nothing(device, bad, match):
+    """Also a scale no window could be applied with: inf (a dynamic scale that grew past
+    the largest float before 2026-11-27 was saved so), 0 or NaN would skip every window
+    after the load, and halving never brings them back."""
     model = make_model(device=device)
     opt = wrap(adamw(model.parameters()), accumulation_steps=1, loss_scale="dynamic")
     run_managed(model, opt, make_windows(1, 1, device=device))
     sd = opt.state_dict()
     other = copy.deepcopy(sd)
-    del other["fusedaccum"]["loss_scale"]["growth_tracker"]
+    entry = other["fusedaccum"]["loss_scale"]
+    if bad == "no tracker":
+        del entry["growth_tracker"]
+    elif bad.startswith("tracker"):
+        entry["growth_tracker"] = float(bad.split()[1]) if "." in bad else int(bad.split()[1])
+    else:
+        entry["scale"] = {"inf": torch.tensor(math.inf), "nan": math.nan,
+                          "zero": torch.tensor(0.0), "negative": -8.0,
+                          "two values": torch.ones(2)}[bad]
     other["param_groups"][0]["lr"] = 0.5
-    with pytest.raises(ValueError, match="loss_scale without"):
+    with pytest.raises(ValueError, match=match):
         opt.load_state_dict(other)
     assert opt.param_groups[0]["lr"] == sd["param_groups"][0]["lr"]
+    assert as_float(opt.loss_scale) == 2.0**16
+    # a 0-dim integer tensor as the count (a checkpoint tool may make one) loads
+    entry.update(scale=torch.tensor(1024.0), growth_tracker=torch.tensor(7))
+    opt.load_state_dict(other)
+    assert as_float(opt.loss_scale) == 1024.0 and opt.param_groups[0]["lr"] == 0.5
+    assert opt.state_dict()["fusedaccum"]["loss_scale"]["growth_tracker"] == 7
 
 
 def _renamed(sd, ids):
