@@ -465,29 +465,6 @@ def _run_step(func, self, args, kwargs):
     return out
 
 
-def _check_loss_scale_entry(entry: dict) -> None:
-    """ValueError unless a saved loss scale is a positive finite number and its growth
-    tracker a count: a scale of inf (or 0, or NaN) would skip every window after the load,
-    and halving it never brings it back (read once, at the load)."""
-    try:
-        value = float(entry["scale"])
-    except (TypeError, ValueError, RuntimeError):
-        value = None
-    if value is None or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"the state dict's loss scale is {entry['scale']!r}: not a positive "
-                         "finite number (a window with it would never be applied); set "
-                         "sd['fusedaccum']['loss_scale']['scale'] to one, e.g. 65536.0, the "
-                         "dynamic scale's start")
-    tracker = entry["growth_tracker"]
-    try:  # (an int, or a 0-dim integer tensor where a checkpoint tool made one)
-        count = None if isinstance(tracker, bool) else operator.index(tracker)
-    except TypeError:
-        count = None
-    if count is None or count < 0:
-        raise ValueError(f"the state dict's loss scale has growth_tracker={tracker!r}: not a "
-                         "count")
-
-
 def _fused_kind(opt: torch.optim.Optimizer) -> str | None:
     """'adam' or 'sgd' when ``opt`` runs on the fused path, else None (generic)."""
     if type(opt) in (torch.optim.Adam, torch.optim.AdamW):
@@ -2553,7 +2530,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             raise ValueError("the state dict's 'fusedaccum' entry has a loss_scale without "
                              "'scale' and 'growth_tracker'")
         if scale is not None and self._scaler is not None:
-            _check_loss_scale_entry(scale)
+            LossScaler.check_state_dict(scale)
         if extra.get("accumulators") and (scale is None) != (self._scaler is None):
             # (a partial window holds its gradients as backward gave them: scaled by the
             # saving wrapper's loss scale, or not at all; the boundary removes this one's)

@@ -10,6 +10,7 @@ the scale itself stays a device tensor and is never read back.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -53,6 +54,29 @@ class LossScaler:
     def state_dict(self) -> dict:
         return {"dynamic": self.dynamic, "scale": self.scale.detach().clone(),
                 "growth_tracker": self.growth_tracker}
+
+    @staticmethod
+    def check_state_dict(entry: dict) -> None:
+        """ValueError unless a saved loss scale is a positive finite number and its growth
+        tracker a count: a scale of inf (or 0, or NaN) would skip every window after the load,
+        and halving it never brings it back (read once, at the load)."""
+        try:
+            value = float(entry["scale"])
+        except (TypeError, ValueError, RuntimeError):
+            value = None
+        if value is None or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"the state dict's loss scale is {entry['scale']!r}: not a positive "
+                             "finite number (a window with it would never be applied); set "
+                             "sd['fusedaccum']['loss_scale']['scale'] to one, e.g. 65536.0, the "
+                             "dynamic scale's start")
+        tracker = entry["growth_tracker"]
+        try:  # (an int, or a 0-dim integer tensor where a checkpoint tool made one)
+            count = None if isinstance(tracker, bool) else operator.index(tracker)
+        except TypeError:
+            count = None
+        if count is None or count < 0:
+            raise ValueError(f"the state dict's loss scale has growth_tracker={tracker!r}: not a "
+                             "count")
 
     def load_state_dict(self, sd: dict) -> None:
         self.scale = torch.as_tensor(sd["scale"], dtype=torch.float32).to(
