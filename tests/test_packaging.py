@@ -75,6 +75,59 @@ def test_a_failed_build_falls_back_and_says_so_once(tmp_path):
     assert "no C++ compiler found" in proc.stdout and "no-such-c++" in proc.stdout
 
 
+def _lock_of(name: str) -> Path:
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(name, False)) / "lock"
+
+
+def test_a_build_lock_is_removed_when_stale_and_waited_for_when_not(tmp_path, monkeypatch,
+                                                                    capsys):
+    """torch's first-use build waits, forever and silently, for the lock file of a build
+    running elsewhere, and an interrupted build (Ctrl-C) leaves its lock: one older than
+    any build is removed with a warning; a younger one stays, and stderr says whose it
+    is."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    name = "fusedaccum_native_cpu_locktest"
+    native._check_build_lock(name)  # no lock: nothing to say
+    assert capsys.readouterr().err == ""
+    lock = _lock_of(name)
+    lock.touch()
+    native._check_build_lock(name)
+    assert lock.exists() and "waiting for another process's build" in capsys.readouterr().err
+    old = lock.stat().st_mtime - native._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="interrupted first-use build"):
+        native._check_build_lock(name)
+    assert not lock.exists()
+
+
+def test_a_build_after_an_interrupted_one_compiles(tmp_path):
+    """End to end: with the lock of an interrupted build in the cache (where torch's own
+    build looks for it), the first-use build removes it and compiles, where it waited
+    forever before."""
+    # (no GPU visible: the CPU build only, whose name the script knows)
+    env = dict(os.environ, FUSEDACCUM_NATIVE="jit", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"),
+               CUDA_VISIBLE_DEVICES="")
+    script = """
+import os, sys, time
+from pathlib import Path
+from torch.utils import cpp_extension
+from fusedaccum.ops import native
+lock = Path(cpp_extension._get_build_directory(native._build_name(False), False)) / "lock"
+lock.touch()
+old = time.time() - native._STALE_LOCK_S - 60
+os.utime(lock, (old, old))
+import fusedaccum
+print(fusedaccum.available_backends()["cpu"])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)  # (it waited forever)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "None", proc.stdout  # the cpu backend runs
+    assert "interrupted first-use build" in proc.stderr
+
+
 def test_first_use_build_finds_the_ninja_of_this_environment(tmp_path, monkeypatch):
     """A virtual environment's python run by its path (not activated) has the ninja that
     pip installed beside it, off PATH: the first-use build puts that folder on PATH."""

@@ -10,7 +10,10 @@ query:
 2. else a just-in-time build of ``csrc/`` with ``torch.utils.cpp_extension.load`` and
    ninja (cached across processes in ``$TORCH_EXTENSIONS_DIR``, default
    ``~/.cache/torch_extensions``): CPU sources always, the CUDA sources too when torch has
-   CUDA, nvcc is found and a GPU is visible;
+   CUDA, nvcc is found and a GPU is visible. torch holds a lock file in the build folder
+   while it compiles, and a build waits for another's lock: one left by an interrupted
+   build (Ctrl-C) is removed once it is 15 minutes old, and until then a line on stderr
+   names it;
 3. else the backends report why they cannot run, and ``"auto"`` falls back to the
    Triton/reference backends.
 
@@ -29,6 +32,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -138,6 +142,43 @@ def _missing_compiler() -> str | None:
     return None
 
 
+# torch's first-use build holds a file "lock" in its build directory while it compiles; a
+# lock older than this was left by a build that was interrupted (one of these sources takes
+# 20 s to a few minutes)
+_STALE_LOCK_S = 15 * 60
+
+
+def _check_build_lock(name: str) -> None:
+    """Before ``cpp_extension.load``: a later build waits for the lock to go, forever and
+    silently, and an interrupted build (Ctrl-C, a killed job) leaves it. One older than any
+    build is removed, with a warning; a younger one is another process's build, and a line
+    on stderr says that this one waits for it."""
+    from torch.utils import cpp_extension
+
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, AttributeError):  # no lock (the common case), or torch moved its helper
+        return
+    if age > _STALE_LOCK_S:
+        warnings.warn(f"fusedaccum: removing {lock}, left {age / 60:.0f} minutes ago by an "
+                      "interrupted first-use build of the C++ extension (a build waits for "
+                      "it to go); compiling again", RuntimeWarning, stacklevel=2)
+        lock.unlink(missing_ok=True)
+    else:
+        print(f"fusedaccum: waiting for another process's build of the C++ extension to "
+              f"finish (its lock {lock} is {age:.0f} s old); if no build is running, delete "
+              "that file", file=sys.stderr)
+
+
+def _build_name(with_cuda: bool) -> str:
+    """The first-use build's name (and its folder's, in torch's extension cache): one per
+    checkout, since checkouts sharing that cache would otherwise rebuild it each time
+    another one had built there."""
+    tag = hashlib.sha1(str(_CSRC).encode()).hexdigest()[:8]
+    return f"fusedaccum_native_{'cuda' if with_cuda else 'cpu'}_{tag}"
+
+
 def _jit_build(with_cuda: bool) -> str:
     from torch.utils import cpp_extension
 
@@ -153,10 +194,8 @@ def _jit_build(with_cuda: bool) -> str:
     if with_cuda:
         sources += sorted(str(p) for p in _CSRC.glob("cuda/*.cu"))
         cflags.append("-DFUSEDACCUM_WITH_CUDA")
-    # one build directory per checkout: checkouts sharing torch's extension cache would
-    # otherwise rebuild it each time another one had built there
-    tag = hashlib.sha1(str(_CSRC).encode()).hexdigest()[:8]
-    name = f"fusedaccum_native_{'cuda' if with_cuda else 'cpu'}_{tag}"
+    name = _build_name(with_cuda)
+    _check_build_lock(name)
     return cpp_extension.load(
         name=name,
         sources=sources,
