@@ -126,6 +126,8 @@ print(fusedaccum.available_backends()["cpu"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "None", proc.stdout  # the cpu backend runs
     assert "interrupted first-use build" in proc.stderr
+    # the build says it runs (a silent minute looks like a hang, and invites a Ctrl-C)
+    assert "compiling the C++ extension on first use" in proc.stderr
 
 
 def test_first_use_build_finds_the_ninja_of_this_environment(tmp_path, monkeypatch):

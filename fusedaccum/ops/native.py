@@ -13,7 +13,7 @@ query:
    CUDA, nvcc is found and a GPU is visible. torch holds a lock file in the build folder
    while it compiles, and a build waits for another's lock: one left by an interrupted
    build (Ctrl-C) is removed once it is 15 minutes old, and until then a line on stderr
-   names it;
+   names it. A build that starts from nothing says so on stderr;
 3. else the backends report why they cannot run, and ``"auto"`` falls back to the
    Triton/reference backends.
 
@@ -196,6 +196,10 @@ def _jit_build(with_cuda: bool) -> str:
         cflags.append("-DFUSEDACCUM_WITH_CUDA")
     name = _build_name(with_cuda)
     _check_build_lock(name)
+    folder = Path(cpp_extension._get_build_directory(name, False))
+    if not (folder / f"{name}.so").exists():  # (a silent minute looks like a hang)
+        print(f"fusedaccum: compiling the C++ extension{' with CUDA' if with_cuda else ''} on "
+              f"first use (about a minute, once; cached in {folder})", file=sys.stderr)
     return cpp_extension.load(
         name=name,
         sources=sources,
