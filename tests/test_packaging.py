@@ -75,12 +75,6 @@ def test_a_failed_build_falls_back_and_says_so_once(tmp_path):
     assert "no C++ compiler found" in proc.stdout and "no-such-c++" in proc.stdout
 
 
-def _lock_of(name: str) -> Path:
-    from torch.utils import cpp_extension
-
-    return Path(cpp_extension._get_build_directory(name, False)) / "lock"
-
-
 def test_a_build_lock_is_removed_when_stale_and_waited_for_when_not(tmp_path, monkeypatch,
                                                                     capsys):
     """torch's first-use build waits, forever and silently, for the lock file of a build
@@ -88,17 +82,18 @@ def test_a_build_lock_is_removed_when_stale_and_waited_for_when_not(tmp_path, mo
     any build is removed with a warning; a younger one stays, and stderr says whose it
     is."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    name = "fusedaccum_native_cpu_locktest"
-    native._check_build_lock(name)  # no lock: nothing to say
+    folder = native._build_folder("fusedaccum_native_cpu_locktest")
+    assert folder.parent == tmp_path / "ext"  # (torch's folder, under TORCH_EXTENSIONS_DIR)
+    native._check_build_lock(folder)  # no lock: nothing to say
     assert capsys.readouterr().err == ""
-    lock = _lock_of(name)
+    lock = folder / "lock"
     lock.touch()
-    native._check_build_lock(name)
+    native._check_build_lock(folder)
     assert lock.exists() and "waiting for another process's build" in capsys.readouterr().err
     old = lock.stat().st_mtime - native._STALE_LOCK_S - 60
     os.utime(lock, (old, old))
     with pytest.warns(RuntimeWarning, match="interrupted first-use build"):
-        native._check_build_lock(name)
+        native._check_build_lock(folder)
     assert not lock.exists()
 
 
@@ -111,10 +106,8 @@ def test_a_build_after_an_interrupted_one_compiles(tmp_path):
                CUDA_VISIBLE_DEVICES="")
     script = """
 import os, sys, time
-from pathlib import Path
-from torch.utils import cpp_extension
 from fusedaccum.ops import native
-lock = Path(cpp_extension._get_build_directory(native._build_name(False), False)) / "lock"
+lock = native._build_folder(native._build_name(False)) / "lock"
 lock.touch()
 old = time.time() - native._STALE_LOCK_S - 60
 os.utime(lock, (old, old))

@@ -148,17 +148,24 @@ def _missing_compiler() -> str | None:
 _STALE_LOCK_S = 15 * 60
 
 
-def _check_build_lock(name: str) -> None:
+def _build_folder(name: str) -> Path | None:
+    """torch's build folder for ``name`` (where ``cpp_extension.load`` compiles, caches and
+    keeps its lock), or None where torch no longer has the private helper that names it."""
+    from torch.utils import cpp_extension
+
+    get = getattr(cpp_extension, "_get_build_directory", None)
+    return None if get is None else Path(get(name, False))
+
+
+def _check_build_lock(folder: Path) -> None:
     """Before ``cpp_extension.load``: a later build waits for the lock to go, forever and
     silently, and an interrupted build (Ctrl-C, a killed job) leaves it. One older than any
     build is removed, with a warning; a younger one is another process's build, and a line
     on stderr says that this one waits for it."""
-    from torch.utils import cpp_extension
-
+    lock = folder / "lock"
     try:
-        lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
         age = time.time() - lock.stat().st_mtime
-    except (OSError, AttributeError):  # no lock (the common case), or torch moved its helper
+    except OSError:  # no lock: the common case
         return
     if age > _STALE_LOCK_S:
         warnings.warn(f"fusedaccum: removing {lock}, left {age / 60:.0f} minutes ago by an "
@@ -195,11 +202,12 @@ def _jit_build(with_cuda: bool) -> str:
         sources += sorted(str(p) for p in _CSRC.glob("cuda/*.cu"))
         cflags.append("-DFUSEDACCUM_WITH_CUDA")
     name = _build_name(with_cuda)
-    _check_build_lock(name)
-    folder = Path(cpp_extension._get_build_directory(name, False))
-    if not (folder / f"{name}.so").exists():  # (a silent minute looks like a hang)
-        print(f"fusedaccum: compiling the C++ extension{' with CUDA' if with_cuda else ''} on "
-              f"first use (about a minute, once; cached in {folder})", file=sys.stderr)
+    folder = _build_folder(name)
+    if folder is not None:
+        _check_build_lock(folder)
+        if not (folder / f"{name}.so").exists():  # (a silent minute looks like a hang)
+            print(f"fusedaccum: compiling the C++ extension{' with CUDA' if with_cuda else ''} "
+                  f"on first use (about a minute, once; cached in {folder})", file=sys.stderr)
     return cpp_extension.load(
         name=name,
         sources=sources,
