@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -75,26 +77,34 @@ def test_a_failed_build_falls_back_and_says_so_once(tmp_path):
     assert "no C++ compiler found" in proc.stdout and "no-such-c++" in proc.stdout
 
 
-def test_a_build_lock_is_removed_when_stale_and_waited_for_when_not(tmp_path, monkeypatch,
-                                                                    capsys):
+def test_a_build_lock_is_waited_for_and_removed_when_stale(tmp_path, monkeypatch, capsys):
     """torch's first-use build waits, forever and silently, for the lock file of a build
-    running elsewhere, and an interrupted build (Ctrl-C) leaves its lock: one older than
-    any build is removed with a warning; a younger one stays, and stderr says whose it
-    is."""
+    running elsewhere, and an interrupted build (Ctrl-C) leaves its lock. The wait is
+    ours instead: a line on stderr names the lock; a lock that goes (the other build
+    finished) ends it; one older than any build is removed with a warning."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     folder = native._build_folder("fusedaccum_native_cpu_locktest")
     assert folder.parent == tmp_path / "ext"  # (torch's folder, under TORCH_EXTENSIONS_DIR)
     native._check_build_lock(folder)  # no lock: nothing to say
     assert capsys.readouterr().err == ""
     lock = folder / "lock"
-    lock.touch()
-    native._check_build_lock(folder)
-    assert lock.exists() and "waiting for another process's build" in capsys.readouterr().err
-    old = lock.stat().st_mtime - native._STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
+    lock.touch()  # another build, which finishes in 0.3 s
+    threading.Timer(0.3, lock.unlink).start()
+    native._check_build_lock(folder, poll_s=0.05)
+    assert not lock.exists() and "waiting for another process's build" in \
+        capsys.readouterr().err
+    lock.touch()  # left by an interrupted build: removed once older than any build
+    monkeypatch.setattr(native, "_STALE_LOCK_S", 0.3)
     with pytest.warns(RuntimeWarning, match="interrupted first-use build"):
-        native._check_build_lock(folder)
+        native._check_build_lock(folder, poll_s=0.05)
     assert not lock.exists()
+    old = time.time() - 3600  # (an hour old: removed at once, with nothing on stderr)
+    lock.touch()
+    os.utime(lock, (old, old))
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="60 minutes ago"):
+        native._check_build_lock(folder, poll_s=0.05)
+    assert not lock.exists() and capsys.readouterr().err == ""
 
 
 def test_a_build_after_an_interrupted_one_compiles(tmp_path):

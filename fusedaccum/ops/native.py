@@ -11,9 +11,9 @@ query:
    ninja (cached across processes in ``$TORCH_EXTENSIONS_DIR``, default
    ``~/.cache/torch_extensions``): CPU sources always, the CUDA sources too when torch has
    CUDA, nvcc is found and a GPU is visible. torch holds a lock file in the build folder
-   while it compiles, and a build waits for another's lock: one left by an interrupted
-   build (Ctrl-C) is removed once it is 15 minutes old, and until then a line on stderr
-   names it. A build that starts from nothing says so on stderr;
+   while it compiles, and a build waits for another's lock (saying so on stderr): one left
+   by an interrupted build (Ctrl-C) is removed once it is 15 minutes old. A build that
+   starts from nothing says so on stderr;
 3. else the backends report why they cannot run, and ``"auto"`` falls back to the
    Triton/reference backends.
 
@@ -157,25 +157,31 @@ def _build_folder(name: str) -> Path | None:
     return None if get is None else Path(get(name, False))
 
 
-def _check_build_lock(folder: Path) -> None:
-    """Before ``cpp_extension.load``: a later build waits for the lock to go, forever and
-    silently, and an interrupted build (Ctrl-C, a killed job) leaves it. One older than any
-    build is removed, with a warning; a younger one is another process's build, and a line
-    on stderr says that this one waits for it."""
+def _check_build_lock(folder: Path, poll_s: float = 0.5) -> None:
+    """Before ``cpp_extension.load``, which waits for the lock to go forever and silently:
+    an interrupted build (Ctrl-C, a killed job) leaves it. A lock is waited for here
+    instead, with a line on stderr naming it, until it goes (another process's build
+    finished) or is older than any build; then it is removed, with a warning."""
     lock = folder / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except OSError:  # no lock: the common case
-        return
-    if age > _STALE_LOCK_S:
-        warnings.warn(f"fusedaccum: removing {lock}, left {age / 60:.0f} minutes ago by an "
-                      "interrupted first-use build of the C++ extension (a build waits for "
-                      "it to go); compiling again", RuntimeWarning, stacklevel=2)
-        lock.unlink(missing_ok=True)
-    else:
-        print(f"fusedaccum: waiting for another process's build of the C++ extension to "
-              f"finish (its lock {lock} is {age:.0f} s old); if no build is running, delete "
-              "that file", file=sys.stderr)
+    said = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:  # no lock (the common case), or it went
+            return
+        if age > _STALE_LOCK_S:
+            warnings.warn(f"fusedaccum: removing {lock}, left {age / 60:.0f} minutes ago by "
+                          "an interrupted first-use build of the C++ extension (a build "
+                          "waits for it to go); compiling again", RuntimeWarning, stacklevel=2)
+            lock.unlink(missing_ok=True)
+            return
+        if not said:
+            print(f"fusedaccum: waiting for another process's build of the C++ extension to "
+                  f"finish (its lock {lock} is {age:.0f} s old; one left by an interrupted "
+                  f"build is removed at {_STALE_LOCK_S // 60} minutes, or delete it)",
+                  file=sys.stderr)
+            said = True
+        time.sleep(poll_s)
 
 
 def _build_name(with_cuda: bool) -> str:
