@@ -53,7 +53,7 @@ def _through(sd, how):
 
 def _micro(model, opt, batch):
     x, y = batch
-    mse(model(x), y).backward()
+    opt.scale_loss(mse(model(x), y)).backward()  # (the loss itself without a loss scale)
     opt.step()
     opt.zero_grad()
 
@@ -474,15 +474,9 @@ def test_a_partial_window_resumes_only_where_it_is_scaled_alike(device, saved, l
         model = make_model(seed, dtype=dtype, device=device)
         return model, wrap(adamw(model.parameters()), accumulation_steps=2, loss_scale=scale)
 
-    def micro_batch(model, opt, batch):
-        x, y = batch
-        opt.scale_loss(mse(model(x), y)).backward()
-        opt.step()
-        opt.zero_grad()
-
     model_a, opt_a = wrapped(saved)
     for batch in micro[:3]:
-        micro_batch(model_a, opt_a, batch)
+        _micro(model_a, opt_a, batch)
     mid = opt_a.state_dict()  # after 1 of window 2's 2 micro-batches
     model_b, opt_b = wrapped(loading, seed=5)
     before = opt_b.state_dict()
@@ -496,13 +490,13 @@ def test_a_partial_window_resumes_only_where_it_is_scaled_alike(device, saved, l
     assert all(torch.equal(after["fusedaccum"]["masters"][i], before["fusedaccum"]["masters"][i])
                for i in before["fusedaccum"]["masters"])
 
-    micro_batch(model_a, opt_a, micro[3])  # the window's end: an update, no window left
+    _micro(model_a, opt_a, micro[3])  # the window's end: an update, no window left
     at_boundary = opt_a.state_dict()
     assert not at_boundary["fusedaccum"]["accumulators"]
     opt_b.load_state_dict(at_boundary)
     model_b.load_state_dict(model_a.state_dict())
     for batch in micro[:2]:
-        micro_batch(model_b, opt_b, batch)
+        _micro(model_b, opt_b, batch)
     assert opt_b.update_count == 3 and opt_b.stepped
 
 
