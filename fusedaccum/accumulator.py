@@ -579,6 +579,9 @@ class FusedAccumulator(torch.optim.Optimizer):
         self.stepped = False
         self._warned_skip = False
         self._ddp_checked = False
+        # a boundary saw half params with a .grad set by hand and found no DDP behind them
+        # (_check_late_ddp)
+        self._strays_searched = False
         # the autograd graph task (backward) whose end flushes the batches, or None: a
         # backward that raised never runs its callbacks, and the next one queues again
         self._flush_queued = None
@@ -1074,6 +1077,26 @@ class FusedAccumulator(torch.optim.Optimizer):
                 "wrap the model in DDP; pass process_group= to FusedAccumulator instead, which "
                 "averages the fp32 accumulators once per window")
 
+    def _check_late_ddp(self) -> None:
+        """Refuse a DistributedDataParallel wrapped around the model after the first
+        step() (the constructor and that step look for one): its reducer writes a .grad
+        into each half param at the end of every backward, after the hooks released it,
+        and all-reduces zeros for it, so the ranks' windows would drift apart unseen. Such
+        .grads are the sign, read at each boundary while torch.distributed is initialized;
+        only then are the process's objects searched, once while they keep appearing.
+        Raised before the update, so nothing is changed."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        cxx = self._cxx
+        strays = [p for b in self._all_buckets() if b.is_half
+                  and (cxx is None or cxx.any_grad(b.params) is not False)
+                  for p, r in zip(b.params, b.released) if not r and p.grad is not None]
+        if not strays:
+            self._strays_searched = False
+        elif not self._strays_searched:
+            self._check_not_ddp(strays)
+            self._strays_searched = True  # (set by hand: not searched every window)
+
     def _backend_module(self, device):
         return ops.get(self.backend, device)
 
@@ -1490,6 +1513,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             self.micro_step += 1
             self.stepped = False
             return loss
+        self._check_late_ddp()
         grad_scale = self.__dict__.get("grad_scale") if scaler_attrs else None
         found_inf = self.__dict__.get("found_inf") if scaler_attrs else None
         if scaler_attrs and grad_scale is None:

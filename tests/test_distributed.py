@@ -250,6 +250,70 @@ def test_ddp_wrapped_model_is_refused(tmp_path):
     assert "process_group" in msg
 
 
+def _late_ddp_worker(rank, world, port, out_dir, case):
+    """A bf16 model trains one window under the wrapper (process_group= set), then the
+    second window's backwards run through a DistributedDataParallel wrapped around it
+    ("late_ddp"), or with a .grad set by hand on each param ("by_hand"). Rank 0 saves what
+    the second boundary's step() did and whether params, masters and state changed."""
+    with _rank(rank, world, port):
+        model = _model(torch.bfloat16)
+        opt = fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                          accumulation_steps=K, backend=BACKEND,
+                                          process_group=dist.group.WORLD)
+        x, y = _data(world)
+        cfg = {"dtype": torch.bfloat16, "num_items": False}
+        _train(cfg, model, opt, x, y, world, rank, [0])
+        run = torch.nn.parallel.DistributedDataParallel(model) if case == "late_ddp" else model
+        def held():  # the params, masters and optimizer state
+            return [copy.deepcopy(opt.inner.state_dict()["state"]),
+                    [p.detach().clone() for g in opt.inner.param_groups for p in g["params"]],
+                    [p.detach().clone() for p in model.parameters()]]
+
+        before = held()
+        for x_mb, y_mb in _micro_batches(x, y, 1, world, rank):
+            loss = _loss(run, x_mb, y_mb, cfg)
+            loss.backward()
+            if case == "by_hand":
+                for p in model.parameters():
+                    p.grad = torch.ones_like(p)
+            try:
+                opt.step()
+                msg = "no error"
+            except RuntimeError as exc:
+                msg = f"RuntimeError: {exc}"
+        after = held()
+        if rank == 0:
+            torch.save({"msg": msg, "updates": opt.update_count,
+                        "changed": _differs(before, after)}, os.path.join(out_dir, "late.pt"))
+
+
+def _differs(a, b) -> bool:
+    """Whether two nests of dicts, lists and tensors differ anywhere."""
+    if isinstance(a, dict):
+        return a.keys() != b.keys() or any(_differs(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) != len(b) or any(_differs(u, v) for u, v in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return not torch.equal(a, b)
+    return a != b
+
+
+@pytest.mark.parametrize("case", ["late_ddp", "by_hand"])
+def test_ddp_wrapped_after_the_first_step_is_refused_at_the_boundary(tmp_path, case):
+    """DDP's reducer writes a .grad into each half param after the hooks released it (and
+    all-reduces zeros for it): the ranks' windows would drift apart unseen. A .grad set
+    by hand is no DDP, and steps as before (the boundary drops it)."""
+    mp.spawn(_late_ddp_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2,
+             join=True)
+    got = torch.load(tmp_path / "late.pt")
+    if case == "late_ddp":
+        assert got["msg"].startswith("RuntimeError") and "DistributedDataParallel" in got["msg"]
+        assert "process_group" in got["msg"]
+        assert got["updates"] == 1 and not got["changed"]
+    else:
+        assert got["msg"] == "no error" and got["updates"] == 2 and got["changed"]
+
+
 def test_params_that_differ_across_ranks_are_refused(tmp_path):
     msg = _refusal(tmp_path, "mismatch")
     assert msg.startswith("ValueError") and "differ across the ranks" in msg
