@@ -286,6 +286,58 @@ def test_activation_checkpointing_fp32_equals_plain_torch(device, cls):
     assert_states_close(opt, ref_opt)
 
 
+# --------------------------------------------------------------------------- autocast
+
+
+class _Autocast(TinyMLP):
+    """TinyMLP run under torch.autocast: fp32 params whose matmuls run in half precision,
+    so each micro-batch's gradient was rounded to fp16/bf16 before it reached fp32."""
+
+    dtype = torch.bfloat16
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+            return super().forward(x).float()
+
+
+class _AutocastFp16(_Autocast):
+    dtype = torch.float16
+
+
+@pytest.mark.parametrize("cls", [_Autocast, _AutocastFp16], ids=["bf16", "fp16"])
+def test_autocast_fp32_params_equal_the_tutorial_loop(device, cls):
+    """DESIGN.md section 1's fp32 params with autocast, against torch's documented loop:
+    the loss divided by k, scaled by GradScaler (fp16), .grad accumulated by autograd,
+    unscale_, clip_grad_norm_, step at every k-th micro-batch. With k a power of two and
+    the scale 2^16 on both sides, dividing before or after the half-precision backward
+    rounds alike: only the order of the fp32 sums differs."""
+    k, clip = 4, 0.05
+    fp16 = cls.dtype == torch.float16
+    windows = make_windows(3, k, device=device)
+    model = make_model(device=device, cls=cls)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=clip,
+               loss_scale=2.0 ** 16 if fp16 else None)
+    ref = make_model(device=device, cls=cls)
+    ref_opt = adamw(ref.parameters())
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 16, enabled=fp16)
+    for window in windows:
+        for x, y in window:
+            opt.scale_loss(mse(model(x), y)).backward()
+            opt.step()
+            opt.zero_grad()
+            scaler.scale(mse(ref(x), y) / k).backward()
+        scaler.unscale_(ref_opt)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        scaler.step(ref_opt)
+        scaler.update()
+        ref_opt.zero_grad()
+        assert opt.stepped and scaler.get_scale() == opt.loss_scale  # (no window skipped)
+    assert opt.update_count == len(windows)
+    assert_params_close(model, ref, rtol=1e-5, atol=1e-6)
+    assert_states_close(opt, ref_opt, rtol=1e-5, atol=1e-6)
+    assert _changed(model, device=device, cls=cls)
+
+
 # ---------------------------------------------------------------- token-weighted windows
 
 
