@@ -914,6 +914,14 @@ class FusedAccumulator(torch.optim.Optimizer):
                     raise ValueError(f"{name}(group {gi}, index {pi}) is uninitialized (a lazy "
                                      "module's): run one forward pass before wrapping")
                 name = self._param_name(group, gi, pi, p)
+                if type(p).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+                    raise TypeError(
+                        f"{name} is a {type(p).__name__}, a tensor subclass that dispatches "
+                        "its own operations (as FSDP2's fully_shard and tensor parallel make "
+                        "DTensor params, or a quantized weight): fusedaccum moves each param "
+                        "into a flat buffer of plain memory and supports plain tensors only. "
+                        "For data parallel wrap the unsharded model and pass process_group= "
+                        "(shard_optimizer_state=True shards the optimizer state, ZeRO-1)")
                 if p.is_complex():
                     raise TypeError(f"{name} is complex; fusedaccum supports fp32, fp16 and "
                                     "bf16 params")

@@ -226,6 +226,10 @@ def _refusal_worker(rank, world, port, out_dir, case):
         model = _model(torch.float32)
         if case == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
+        elif case == "fsdp2":  # (its params become DTensors, sharded over the ranks)
+            from torch.distributed.fsdp import fully_shard
+            model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Linear(10, 3))
+            fully_shard(model)  # (contiguous params only)
         elif rank == 1:  # case "mismatch": rank 1 starts from other values
             with torch.no_grad():
                 model[0].weight.add_(1.0)
@@ -233,7 +237,7 @@ def _refusal_worker(rank, world, port, out_dir, case):
             fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
                                         process_group=dist.group.WORLD)
             msg = "no error"
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, TypeError) as exc:
             msg = f"{type(exc).__name__}: {exc}"
         if rank == 0:
             torch.save(msg, os.path.join(out_dir, "msg.pt"))
@@ -312,6 +316,16 @@ def test_ddp_wrapped_after_the_first_step_is_refused_at_the_boundary(tmp_path, c
         assert got["updates"] == 1 and not got["changed"]
     else:
         assert got["msg"] == "no error" and got["updates"] == 2 and got["changed"]
+
+
+def test_fsdp2_sharded_params_are_refused(tmp_path):
+    """fully_shard's DTensor params: refused as tensor subclasses, saying what to use
+    (they were refused as tied weights, which they are not). On CPU tensors only: with
+    a GPU fully_shard's mesh would be a CUDA one, which Gloo's group does not serve."""
+    if DEVICE != "cpu":
+        pytest.skip("fully_shard on CPU tensors, with Gloo")
+    msg = _refusal(tmp_path, "fsdp2")
+    assert msg.startswith("TypeError") and "DTensor" in msg and "process_group" in msg
 
 
 def test_params_that_differ_across_ranks_are_refused(tmp_path):

@@ -543,6 +543,27 @@ def test_complex_or_integer_param_is_rejected_naming_it(kind):
         wrap(torch.optim.AdamW([model.fc2.weight, odd]))
 
 
+def test_tensor_subclass_param_is_rejected_naming_it():
+    """A param of a tensor subclass that dispatches its own operations (FSDP2's DTensor,
+    a quantized weight; here torch's test subclass TwoTensor) is refused by name before
+    anything is touched: the wrapper built over one and moved its "data" into a flat
+    buffer, and FSDP2's DTensors were refused as tied weights."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    model = make_model()
+    odd = nn.Parameter(TwoTensor(torch.randn(3), torch.randn(3)))
+    inner = torch.optim.AdamW([("fc1.weight", model.fc1.weight), ("two", odd)])
+    with pytest.raises(TypeError, match=r"'two'.*TwoTensor.*subclass.*process_group="):
+        wrap(inner)
+    assert not hasattr(model.fc1.weight, "main_grad") and not hasattr(odd, "main_grad")
+    # a subclass of Parameter that leaves dispatch to torch is a plain param
+    plain = type("MyParam", (nn.Parameter,), {})(torch.randn(3))
+    opt = wrap(torch.optim.AdamW([plain]))
+    (plain * 2).sum().backward()
+    opt.step()
+    assert opt.update_count == 1
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_meta_device_param_is_rejected_naming_it(backend):
     """A param still on the meta device (deferred init) is refused by name, with what to
