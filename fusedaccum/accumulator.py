@@ -922,6 +922,12 @@ class FusedAccumulator(torch.optim.Optimizer):
                         "into a flat buffer of plain memory and supports plain tensors only. "
                         "For data parallel wrap the unsharded model and pass process_group= "
                         "(shard_optimizer_state=True shards the optimizer state, ZeRO-1)")
+                if getattr(p, "_is_flat_param", False):  # (FlatParameter's own mark)
+                    raise TypeError(
+                        f"{name} is a FlatParameter of FullyShardedDataParallel: FSDP "
+                        "reduces each backward's gradient itself, from the .grad fusedaccum "
+                        "releases. Wrap the unsharded model and pass process_group= "
+                        "(shard_optimizer_state=True shards the optimizer state, ZeRO-1)")
                 if p.is_complex():
                     raise TypeError(f"{name} is complex; fusedaccum supports fp32, fp16 and "
                                     "bf16 params")

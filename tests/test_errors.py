@@ -547,7 +547,8 @@ def test_tensor_subclass_param_is_rejected_naming_it():
     """A param of a tensor subclass that dispatches its own operations (FSDP2's DTensor,
     a quantized weight; here torch's test subclass TwoTensor) is refused by name before
     anything is touched: the wrapper built over one and moved its "data" into a flat
-    buffer, and FSDP2's DTensors were refused as tied weights."""
+    buffer, and FSDP2's DTensors were refused as tied weights. So is FSDP1's
+    FlatParameter, whose gradient FSDP reduces from the .grad the wrapper releases."""
     from torch.testing._internal.two_tensor import TwoTensor
 
     model = make_model()
@@ -556,6 +557,13 @@ def test_tensor_subclass_param_is_rejected_naming_it():
     with pytest.raises(TypeError, match=r"'two'.*TwoTensor.*subclass.*process_group="):
         wrap(inner)
     assert not hasattr(model.fc1.weight, "main_grad") and not hasattr(odd, "main_grad")
+    # FSDP1's FlatParameter (a Parameter marked as one; FSDP itself needs a GPU)
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    flat = FlatParameter(torch.randn(5), requires_grad=True)
+    with pytest.raises(TypeError, match=r"'flat'.*FlatParameter.*process_group="):
+        wrap(torch.optim.AdamW([("fc1.weight", model.fc1.weight), ("flat", flat)]))
+    assert not hasattr(model.fc1.weight, "main_grad")
     # a subclass of Parameter that leaves dispatch to torch is a plain param
     plain = type("MyParam", (nn.Parameter,), {})(torch.randn(3))
     opt = wrap(torch.optim.AdamW([plain]))
