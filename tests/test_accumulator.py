@@ -1852,13 +1852,21 @@ def test_params_keep_their_memory_layout(device, dtype, opt_name):
         for key, value in opt.state[t].items():
             if isinstance(value, torch.Tensor) and value.dim():
                 assert value.stride() == stride, key
+    # Clipped, over three windows that are not kept in lockstep: the clip coefficient
+    # comes from norms summed in other orders (an ulp apart), and the big batch's conv
+    # gradients from other sums. On an Intel Xeon (2026-11-28; the AMD EPYC of earlier CI
+    # runs passed tighter bounds) that ulp rounded an fp16 weight the other way after the
+    # second window, so the third window's fp16 gradients differed (main_grad by 1.2e-4)
+    # and centered RMSprop moved its master by 1e-4 more; and the fp32 big batch's
+    # momentum buffer differed by 3.8e-5 relative. The half params' tolerance bounds both
+    # the masters and the params there (the memory layout is what this test is for).
     if dtype == torch.float32:
         ref = make_model(device=device, cls=ChannelsLast)
         ref_opt, _ = reference_big_batch(ref, OPTIMIZERS[opt_name], windows, max_grad_norm=0.5)
-        assert_params_close(model, ref)
-        assert_states_close(opt, ref_opt)
+        assert_params_close(model, ref, **MASTER_TOL_CLIPPED)
+        assert_states_close(opt, ref_opt, **MASTER_TOL_CLIPPED)
     else:
-        assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL_CLIPPED)
+        assert_params_close(group_tensors(opt), emu.masters, **HALF_TOL[dtype])
         assert_params_close(model, emu.model, **HALF_TOL[dtype])
     assert _changed(model, dtype=dtype, device=device, cls=ChannelsLast)
 
