@@ -1236,6 +1236,61 @@ def test_adaptive_accumulation_counts_skipped_windows(device):
 # ---------------------------------------------------------------- counters and reset
 
 
+class _FailInBackward(torch.autograd.Function):
+    """The identity, whose backward raises out of memory while armed: autograd has then
+    handed the layers after it their gradients, and not the layers before it."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if _FailInBackward.armed:
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return g
+
+
+class _FailsMidBackward(TinyMLP):
+    def forward(self, x):
+        return self.fc2(_FailInBackward.apply(torch.tanh(self.fc1(x))))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_a_backward_that_failed_part_way_is_dropped_with_reset_accumulation(device, dtype):
+    """The usual out-of-memory recovery: a backward raised after some params got their
+    gradients (fc2's are in the window, fc1's are not); opt.reset_accumulation() drops
+    the window (zero_grad() keeps it), and training goes on exactly as a run that never
+    saw that window's micro-batches (2, and 3 that failed)."""
+    micro = make_batches(7, dtype=dtype, device=device)
+    runs = []
+    for fail_at in (3, None):
+        model = make_model(dtype=dtype, device=device, cls=_FailsMidBackward)
+        opt = wrap(adamw(model.parameters()), accumulation_steps=2, max_grad_norm=1.0)
+        for t, (x, y) in enumerate(micro):
+            _FailInBackward.armed = t == fail_at
+            if t == fail_at:
+                with pytest.raises(torch.OutOfMemoryError):
+                    mse(model(x), y).backward()
+                assert model.fc2.weight.main_grad.abs().sum() > 0  # (part of it arrived)
+                opt.reset_accumulation()
+                opt.zero_grad()
+                continue
+            if fail_at is None and t in (2, 3):  # (the run without that window)
+                continue
+            mse(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        _FailInBackward.armed = False
+        assert opt.update_count == 2 and opt.micro_step == 1
+        runs.append([p.detach().clone() for p in group_tensors(opt) + list(model.parameters())])
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+    assert _changed(model, dtype=dtype, device=device, cls=_FailsMidBackward)
+
+
 def test_counters_along_a_run_and_reset_accumulation(device):
     k = 3
     micro = make_batches(8, device=device)
