@@ -1108,6 +1108,20 @@ PyObject* any_grad(PyObject*, PyObject* seq) {
   Py_RETURN_FALSE;
 }
 
+// node_hooked(params) -> bool: some param's AccumulateGrad node holds a post hook
+// (DistributedDataParallel's reducer hooks every param there: FusedAccumulator's
+// _check_late_ddp); None where one is not plain (Python cannot see a node's hooks)
+PyObject* node_hooked(PyObject*, PyObject* seq) {
+  if (!tensor_list(seq, "node_hooked")) return nullptr;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(seq); ++i) {
+    PyObject* obj = PyList_GET_ITEM(seq, i);
+    if (!plain(obj)) Py_RETURN_NONE;
+    const auto node = torch::autograd::impl::try_get_grad_accumulator(THPVariable_Unpack(obj));
+    if (node != nullptr && !node->post_hooks().empty()) Py_RETURN_TRUE;
+  }
+  Py_RETURN_FALSE;
+}
+
 // entries_edited(state, snaps) -> list of ids, or None (look in Python): the ids of the
 // keys of the optimizer's state dict that snaps (a dict: id -> (bucket, index, entry or
 // None, the entry's values)) knows and whose entry is another object than it says, or
@@ -1212,6 +1226,9 @@ PyMethodDef methods[] = {
     {"clear_grads", clear_grads, METH_O, "t.grad = None for every tensor of a list."},
     {"any_grad", any_grad, METH_O,
      "True if some tensor of the list has a .grad; None where Python must look."},
+    {"node_hooked", node_hooked, METH_O,
+     "True if some param's AccumulateGrad node holds a post hook (DDP's); None where "
+     "Python must decide without it."},
     {"entries_edited", entries_edited, METH_VARARGS,
      "(state, snaps) -> the ids of the state entries that differ from their snapshot; "
      "None where Python must look."},

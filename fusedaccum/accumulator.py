@@ -1093,23 +1093,30 @@ class FusedAccumulator(torch.optim.Optimizer):
 
     def _check_late_ddp(self) -> None:
         """Refuse a DistributedDataParallel wrapped around the model after the first
-        step() (the constructor and that step look for one): its reducer writes a .grad
-        into each half param at the end of every backward, after the hooks released it,
-        and all-reduces zeros for it, so the ranks' windows would drift apart unseen. Such
-        .grads are the sign, read at each boundary while torch.distributed is initialized;
-        only then are the process's objects searched, once while they keep appearing.
-        Raised before the update, so nothing is changed."""
+        step() (the constructor and that step look for one): it all-reduces zeros for the
+        half params, whose .grad the hooks released, so the ranks' windows would drift
+        apart unseen. The signs, read at each boundary while torch.distributed is
+        initialized: the .grad its reducer then writes into each half param at the end of
+        a backward, or (with static_graph=True, which writes none) its hooks on their
+        AccumulateGrad nodes, which only the C++ extension can see. Only then are the
+        process's objects searched, once while the signs keep appearing. Raised before
+        the update, so nothing is changed."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         cxx = self._cxx
-        strays = [p for b in self._all_buckets() if b.is_half
-                  and (cxx is None or cxx.any_grad(b.params) is not False)
-                  for p, r in zip(b.params, b.released) if not r and p.grad is not None]
-        if not strays:
+        halves = [[p for p, r in zip(b.params, b.released) if not r]
+                  for b in self._all_buckets() if b.is_half]
+        suspects = [p for params in halves
+                    if cxx is None or cxx.any_grad(params) is not False
+                    for p in params if p.grad is not None]
+        if not suspects and cxx is not None and hasattr(cxx, "node_hooked"):
+            suspects = next((params for params in halves if cxx.node_hooked(params)), [])
+        if not suspects:
             self._strays_searched = False
         elif not self._strays_searched:
-            self._check_not_ddp(strays)
-            self._strays_searched = True  # (set by hand: not searched every window)
+            self._check_not_ddp(suspects)
+            # (a .grad set by hand, a hook of the user's: not searched every window)
+            self._strays_searched = True
 
     def _backend_module(self, device):
         return ops.get(self.backend, device)

@@ -257,17 +257,27 @@ def test_ddp_wrapped_model_is_refused(tmp_path):
 def _late_ddp_worker(rank, world, port, out_dir, case):
     """A bf16 model trains one window under the wrapper (process_group= set), then the
     second window's backwards run through a DistributedDataParallel wrapped around it
-    ("late_ddp"), or with a .grad set by hand on each param ("by_hand"). Rank 0 saves what
-    the second boundary's step() did and whether params, masters and state changed."""
+    ("late_ddp"; "late_ddp_static": static_graph=True, whose reducer writes no .grad, with
+    the C++ hooks, which see its hooks), or with a .grad set by hand on each param
+    ("by_hand"). Rank 0 saves what the second boundary's step() did and whether params,
+    masters and state changed."""
     with _rank(rank, world, port):
         model = _model(torch.bfloat16)
+        static = case == "late_ddp_static"
+        backend = "cpu" if static and DEVICE == "cpu" else BACKEND
         opt = fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                          accumulation_steps=K, backend=BACKEND,
+                                          accumulation_steps=K, backend=backend,
                                           process_group=dist.group.WORLD)
+        if static and opt._cxx is None:
+            if rank == 0:
+                torch.save({"msg": "no C++ hooks"}, os.path.join(out_dir, "late.pt"))
+            return
         x, y = _data(world)
         cfg = {"dtype": torch.bfloat16, "num_items": False}
         _train(cfg, model, opt, x, y, world, rank, [0])
-        run = torch.nn.parallel.DistributedDataParallel(model) if case == "late_ddp" else model
+        run = model
+        if case != "by_hand":
+            run = torch.nn.parallel.DistributedDataParallel(model, static_graph=static)
         def held():  # the params, masters and optimizer state
             return [copy.deepcopy(opt.inner.state_dict()["state"]),
                     [p.detach().clone() for g in opt.inner.param_groups for p in g["params"]],
@@ -302,15 +312,18 @@ def _differs(a, b) -> bool:
     return a != b
 
 
-@pytest.mark.parametrize("case", ["late_ddp", "by_hand"])
+@pytest.mark.parametrize("case", ["late_ddp", "late_ddp_static", "by_hand"])
 def test_ddp_wrapped_after_the_first_step_is_refused_at_the_boundary(tmp_path, case):
-    """DDP's reducer writes a .grad into each half param after the hooks released it (and
-    all-reduces zeros for it): the ranks' windows would drift apart unseen. A .grad set
-    by hand is no DDP, and steps as before (the boundary drops it)."""
+    """DDP all-reduces zeros for the half params, whose .grad the hooks released: the
+    ranks' windows would drift apart unseen. Its reducer writes a .grad into each after
+    the hooks (none with static_graph=True, where the C++ hooks see its node hooks). A
+    .grad set by hand is no DDP, and steps as before (the boundary drops it)."""
     mp.spawn(_late_ddp_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2,
              join=True)
     got = torch.load(tmp_path / "late.pt")
-    if case == "late_ddp":
+    if got["msg"] == "no C++ hooks":
+        pytest.skip("the C++ extension's hooks do not run here")
+    if case != "by_hand":
         assert got["msg"].startswith("RuntimeError") and "DistributedDataParallel" in got["msg"]
         assert "process_group" in got["msg"]
         assert got["updates"] == 1 and not got["changed"]
