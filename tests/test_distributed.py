@@ -336,7 +336,7 @@ def test_fsdp2_sharded_params_are_refused(tmp_path):
     (they were refused as tied weights, which they are not). On CPU tensors only: with
     a GPU fully_shard's mesh would be a CUDA one, which Gloo's group does not serve."""
     if DEVICE != "cpu":
-        pytest.skip("fully_shard on CPU tensors, with Gloo")
+        pytest.skip("fully_shard with Gloo runs on CPU tensors; the test device is a GPU")
     msg = _refusal(tmp_path, "fsdp2")
     assert msg.startswith("TypeError") and "DTensor" in msg and "process_group" in msg
 
