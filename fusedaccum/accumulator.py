@@ -579,8 +579,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         self.stepped = False
         self._warned_skip = False
         self._ddp_checked = False
-        # a boundary saw half params with a .grad set by hand and found no DDP behind them
-        # (_check_late_ddp)
+        # a boundary saw signs of a DDP (half params with a .grad, hooks on their nodes) and
+        # found none behind them (_check_late_ddp)
         self._strays_searched = False
         # the autograd graph task (backward) whose end flushes the batches, or None: a
         # backward that raised never runs its callbacks, and the next one queues again
