@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _models import DEFAULT_DEVICE, _backend_runs_on
+from _models import DEFAULT_DEVICE, _backend_runs_on, assert_unchanged, snapshot
 
 import fusedaccum
 
@@ -278,12 +278,7 @@ def _late_ddp_worker(rank, world, port, out_dir, case):
         run = model
         if case != "by_hand":
             run = torch.nn.parallel.DistributedDataParallel(model, static_graph=static)
-        def held():  # the params, masters and optimizer state
-            return [copy.deepcopy(opt.inner.state_dict()["state"]),
-                    [p.detach().clone() for g in opt.inner.param_groups for p in g["params"]],
-                    [p.detach().clone() for p in model.parameters()]]
-
-        before = held()
+        snap = snapshot(model, opt)  # the params, masters and optimizer state
         for x_mb, y_mb in _micro_batches(x, y, 1, world, rank):
             loss = _loss(run, x_mb, y_mb, cfg)
             loss.backward()
@@ -295,21 +290,14 @@ def _late_ddp_worker(rank, world, port, out_dir, case):
                 msg = "no error"
             except RuntimeError as exc:
                 msg = f"RuntimeError: {exc}"
-        after = held()
+        try:
+            assert_unchanged(snap, model, opt)
+            changed = False
+        except AssertionError:
+            changed = True
         if rank == 0:
-            torch.save({"msg": msg, "updates": opt.update_count,
-                        "changed": _differs(before, after)}, os.path.join(out_dir, "late.pt"))
-
-
-def _differs(a, b) -> bool:
-    """Whether two nests of dicts, lists and tensors differ anywhere."""
-    if isinstance(a, dict):
-        return a.keys() != b.keys() or any(_differs(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) != len(b) or any(_differs(u, v) for u, v in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return not torch.equal(a, b)
-    return a != b
+            torch.save({"msg": msg, "updates": opt.update_count, "changed": changed},
+                       os.path.join(out_dir, "late.pt"))
 
 
 @pytest.mark.parametrize("case", ["late_ddp", "late_ddp_static", "by_hand"])
