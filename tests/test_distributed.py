@@ -257,18 +257,19 @@ def test_ddp_wrapped_model_is_refused(tmp_path):
 def _late_ddp_worker(rank, world, port, out_dir, case):
     """A bf16 model trains one window under the wrapper (process_group= set), then the
     second window's backwards run through a DistributedDataParallel wrapped around it
-    ("late_ddp"; "late_ddp_static": static_graph=True, whose reducer writes no .grad, with
-    the C++ hooks, which see its hooks), or with a .grad set by hand on each param
-    ("by_hand"). Rank 0 saves what the second boundary's step() did and whether params,
-    masters and state changed."""
+    ("late_ddp"; "late_ddp_static" with static_graph=True and "late_ddp_unused" with
+    find_unused_parameters=True, whose reducers write no .grad: with the C++ hooks, which
+    see their hooks), or with a .grad set by hand on each param ("by_hand"). Rank 0 saves
+    what the second boundary's step() did and whether params, masters and state
+    changed."""
     with _rank(rank, world, port):
         model = _model(torch.bfloat16)
-        static = case == "late_ddp_static"
-        backend = "cpu" if static and DEVICE == "cpu" else BACKEND
+        static, unused = case == "late_ddp_static", case == "late_ddp_unused"
+        backend = "cpu" if (static or unused) and DEVICE == "cpu" else BACKEND
         opt = fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters(), lr=1e-2),
                                           accumulation_steps=K, backend=backend,
                                           process_group=dist.group.WORLD)
-        if static and opt._cxx is None:
+        if (static or unused) and opt._cxx is None:
             if rank == 0:
                 torch.save({"msg": "no C++ hooks"}, os.path.join(out_dir, "late.pt"))
             return
@@ -277,7 +278,8 @@ def _late_ddp_worker(rank, world, port, out_dir, case):
         _train(cfg, model, opt, x, y, world, rank, [0])
         run = model
         if case != "by_hand":
-            run = torch.nn.parallel.DistributedDataParallel(model, static_graph=static)
+            run = torch.nn.parallel.DistributedDataParallel(
+                model, static_graph=static, find_unused_parameters=unused)
         snap = snapshot(model, opt)  # the params, masters and optimizer state
         for x_mb, y_mb in _micro_batches(x, y, 1, world, rank):
             loss = _loss(run, x_mb, y_mb, cfg)
@@ -300,11 +302,13 @@ def _late_ddp_worker(rank, world, port, out_dir, case):
                        os.path.join(out_dir, "late.pt"))
 
 
-@pytest.mark.parametrize("case", ["late_ddp", "late_ddp_static", "by_hand"])
+@pytest.mark.parametrize("case", ["late_ddp", "late_ddp_static", "late_ddp_unused",
+                                  "by_hand"])
 def test_ddp_wrapped_after_the_first_step_is_refused_at_the_boundary(tmp_path, case):
     """DDP all-reduces zeros for the half params, whose .grad the hooks released: the
     ranks' windows would drift apart unseen. Its reducer writes a .grad into each after
-    the hooks (none with static_graph=True, where the C++ hooks see its node hooks). A
+    the hooks (none with static_graph=True or find_unused_parameters=True, where the C++
+    hooks see its node hooks). A
     .grad set by hand is no DDP, and steps as before (the boundary drops it)."""
     mp.spawn(_late_ddp_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2,
              join=True)
