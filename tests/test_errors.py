@@ -565,7 +565,7 @@ def test_tensor_subclass_param_is_rejected_naming_it():
         wrap(torch.optim.AdamW([("fc1.weight", model.fc1.weight), ("flat", flat)]))
     assert not hasattr(model.fc1.weight, "main_grad")
     # a subclass of Parameter that leaves dispatch to torch is a plain param
-    plain = type("MyParam", (nn.Parameter,), {})(torch.randn(3))
+    plain = type("MyParam", (nn.Parameter,), {})(torch.randn(3, device=DEFAULT_DEVICE))
     opt = wrap(torch.optim.AdamW([plain]))
     (plain * 2).sum().backward()
     opt.step()
