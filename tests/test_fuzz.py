@@ -18,6 +18,11 @@ each one the loss scale. After every window: ``opt.stepped``, ``skipped_steps``,
 ``grad_norm``, the stepped fp32 tensors, the model's params and every optimizer state
 entry. The emulation then takes the wrapper's values (lockstep), so each window is
 compared from the same start and one window's rounding does not grow into the next.
+Each element may differ by one window's rounding (MASTER_TOL) plus how far the emulation's
+update moves when every gradient element changes by 2^-20 relative (``_sensitivity``): the
+wrapper's gradient is the emulation's up to a few ulps, and an update that amplifies that
+(a gradient nearly cancelling an L2 decay term, then normalized by RMSprop) is told apart
+from a wrong one.
 
 The same runs through torch.amp.GradScaler's accumulation loop (accumulation_steps=1,
 the user's boundaries) are compared with GradScaler on the emulation (half as many seeds).
@@ -31,6 +36,7 @@ emulation trained on every rank's micro-batches (``FUSEDACCUM_FUZZ_DP_SEEDS``, d
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -41,7 +47,6 @@ import torch.nn as nn
 from _models import (
     HALF_TOL,
     MASTER_TOL,
-    MASTER_TOL_CLIPPED,
     OPTIMIZERS,
     MasterEmulation,
     _backend_runs_on,
@@ -174,11 +179,31 @@ def _local_view(run: Run, opt):
     return masters, [opt.state.get(t, {}) for t in stepped]
 
 
+def _assert_close(got, want, tol: dict, spread, where: str) -> None:
+    """``assert_close(got, want, **tol)`` in fp32, each element also allowed its
+    ``spread`` (the emulation's sensitivity there: _sensitivity; None: none)."""
+    got, want = got.detach().float(), want.detach().float()
+    if spread is None:
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{where}: {m}")
+        return
+    assert got.shape == want.shape, (where, got.shape, want.shape)
+    allowed = tol["atol"] + tol["rtol"] * want.abs() + spread
+    excess = ((got - want).abs() - allowed).nan_to_num(math.inf)  # (NaN: never close)
+    if excess.numel() and bool((excess > 0).any()):
+        i = int(excess.flatten().argmax())
+        raise AssertionError(
+            f"{where}: {int((excess > 0).sum())} of {want.numel()} elements differ by more "
+            f"than atol + rtol * |want| + the emulation's spread; the worst, flat index {i}: "
+            f"got {got.flatten()[i].item()!r}, want {want.flatten()[i].item()!r}, allowed "
+            f"{allowed.flatten()[i].item():.3g} (spread {spread.flatten()[i].item():.3g})")
+
+
 def _check_window(run: Run, model, opt, emu, applied: bool, norm, w: int, fresh: bool,
-                  masters, states):
+                  masters, states, spread=None):
     """One window's outcome against the emulation's. ``masters``/``states``: per param the
     wrapper's stepped fp32 tensor (None: not compared) and its state entries. ``fresh``:
-    ``opt`` was made after the window's update (its step() made none)."""
+    ``opt`` was made after the window's update (its step() made none). ``spread``: the
+    emulation's sensitivity (_sensitivity), added to the tolerance element by element."""
     where = f"window {w}"
     if not fresh:
         assert opt.stepped == applied, where
@@ -188,13 +213,16 @@ def _check_window(run: Run, model, opt, emu, applied: bool, norm, w: int, fresh:
                                        msg=lambda m: f"{where} grad_norm: {m}")
         else:
             assert not torch.isfinite(opt.grad_norm).all(), (where, opt.grad_norm)
-    tol = MASTER_TOL if run.max_grad_norm is None else MASTER_TOL_CLIPPED
-    assert len(masters) == len(states) == len(emu.masters)
-    for i, (a, sa, b) in enumerate(zip(masters, states, emu.masters)):
+    # (one window's rounding, clipped or not: what the update's conditioning adds to it is
+    # in the spread. None: a skipped window, which leaves both sides as they were)
+    tol = MASTER_TOL
+    if spread is None:
+        spread = [(None, {}, None)] * len(emu.masters)
+    assert len(masters) == len(states) == len(emu.masters) == len(spread)
+    for i, (a, sa, b, (sm, ss, _)) in enumerate(zip(masters, states, emu.masters, spread)):
         if a is not None:
             assert a.dtype == torch.float32, (where, i, a.dtype)
-            torch.testing.assert_close(a.detach(), b.detach(), **tol,
-                                       msg=lambda m, i=i: f"{where}, stepped tensor {i}: {m}")
+            _assert_close(a, b, tol, sm, f"{where}, stepped tensor {i}")
         sa = {key: v for key, v in sa.items() if v is not None}
         sb = {key: v for key, v in emu.opt.state.get(b, {}).items() if v is not None}
         assert sa.keys() == sb.keys(), (where, i, sorted(sa), sorted(sb))
@@ -203,17 +231,12 @@ def _check_window(run: Run, model, opt, emu, applied: bool, norm, w: int, fresh:
             if key == "step":
                 assert float(va) == float(vb), (where, i, va, vb)
             elif isinstance(vb, torch.Tensor):
-                torch.testing.assert_close(
-                    va.detach().float(), vb.detach().float(), **tol,
-                    msg=lambda m, i=i, key=key: f"{where}, state {i}.{key}: {m}")
-    # (fp32 params are the stepped tensors: the same tolerance. Seed 612538, Adam with
-    # L2 weight decay, clipped: one element's gradient nearly cancelled its decay term
-    # (2.56e-3 each, 3.3e-8 left, about eps), so the ulp by which the clipped gradients
-    # differ moved its update by 0.3%, within MASTER_TOL_CLIPPED but not FP32_TOL)
+                _assert_close(va, vb, tol, ss.get(key), f"{where}, state {i}.{key}")
+    # (fp32 params are the stepped tensors: the same tolerance)
     param_tol = tol if run.dtype == torch.float32 else HALF_TOL[run.dtype]
-    for i, (p, q) in enumerate(zip(model.parameters(), emu.model.parameters())):
-        torch.testing.assert_close(p.detach().float(), q.detach().float(), **param_tol,
-                                   msg=lambda m, i=i: f"{where}, model param {i}: {m}")
+    for i, (p, q, (_, _, sp)) in enumerate(zip(model.parameters(), emu.model.parameters(),
+                                               spread)):
+        _assert_close(p, q, param_tol, sp, f"{where}, model param {i}")
 
 
 @torch.no_grad()
@@ -249,15 +272,127 @@ def _drop_emulated_window(emu) -> None:
     emu.got = [False] * len(emu.got)
 
 
+# The relative change of every gradient element by which the emulation's update is probed.
+# The wrapper's gradient is the emulation's up to a few ulps (2^-24 each: 1/(D*scale) applied
+# as a product, a clip coefficient from a norm summed in another order): 2^-20 covers 16.
+_PROBE = 2.0 ** -20
+
+
+def _emulated_outcome(emu) -> list:
+    """Per param: its master, its optimizer state's tensors and the half param, cloned."""
+    return [(m.detach().clone(),
+             {key: v.detach().clone() for key, v in emu.opt.state.get(m, {}).items()
+              if isinstance(v, torch.Tensor)},
+             p.detach().clone())
+            for m, p in zip(emu.masters, emu.params)]
+
+
+@torch.no_grad()
+def _sensitivity(emu, end_window) -> list | None:
+    """How far the emulation's update moves each element when every gradient element the
+    optimizer reads changes by the relative ``_PROBE``, either way: per param, (master,
+    {state key: tensor}, half param) of elementwise spreads. None where the window is
+    skipped. ``end_window()`` ends the emulation's window and returns whether it updated.
+    An ill-conditioned element (a gradient that nearly cancels an L2 weight-decay
+    term, then normalized by RMSprop's or Adam's denominator: fuzz seeds 20845, 26003,
+    612538) turns the wrapper's one-ulp gradient difference into 1e-4 relative; its spread
+    says so, and a well-conditioned element's spread is ~1e-6 of its update. The
+    emulation's masters, state, accumulators and half params are put back after each
+    probe."""
+    saved = ([a.clone() for a in emu.acc], list(emu.got), _emulated_outcome(emu),
+             {m: {key: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                  for key, v in st.items()} for m, st in emu.opt.state.items()})
+    outcomes = []
+    for factor in (1 + _PROBE, 1 - _PROBE):
+        def perturb(opt, args, kwargs, factor=factor):
+            for group in opt.param_groups:
+                for t in group["params"]:
+                    if t.grad is not None:
+                        t.grad.mul_(factor)
+
+        handle = emu.opt.register_step_pre_hook(perturb)
+        try:
+            applied = end_window()
+            outcomes.append(_emulated_outcome(emu))
+        finally:
+            handle.remove()
+            acc, got, values, state = saved
+            for a, b in zip(emu.acc, acc):
+                a.copy_(b)
+            emu.got = list(got)
+            emu.opt.state.clear()
+            for m, st in state.items():
+                emu.opt.state[m] = {key: v.clone() if isinstance(v, torch.Tensor)
+                                    else copy.deepcopy(v) for key, v in st.items()}
+            for m, p, (m0, _, p0) in zip(emu.masters, emu.params, values):
+                m.copy_(m0)
+                m.grad = None
+                p.copy_(p0)
+        if not applied:
+            return None
+    plus, minus = outcomes
+    return [((ma - mb).abs(), {key: (sa[key] - sb[key]).abs() for key in sa},
+             (pa.float() - pb.float()).abs())
+            for (ma, sa, pa), (mb, sb, pb) in zip(plus, minus)]
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "rmsprop", "adam"])
+def test_the_sensitivity_probe_leaves_the_emulation_as_it_was(opt_name):
+    """_sensitivity widens the fuzz's tolerance, so it is tested itself: the emulation's
+    update after a probe is bitwise the one without it (masters, state, half params), and
+    for plain SGD (update = -lr * g) the master's spread is 2 * _PROBE * lr * |g|."""
+    run = Run(0)
+    run.dtype, run.opt_name, run.max_grad_norm, run.groups = \
+        torch.bfloat16, opt_name, 0.05, False
+    emus = []
+    for _ in range(2):
+        model = _model(run, "cpu", 0)
+        emu = MasterEmulation(model, lambda ps: _inner(run, ps))
+        for w in range(2):  # (the second window has optimizer state to put back)
+            for i in range(3):
+                x, y, trunk, heads = _micro_batch(random.Random(f"{w}/{i}"), run.dtype,
+                                                  "cpu", False)
+                emu.backward(mse(model(x, trunk, heads), y))
+            grads = [a / 3 for a in emu.acc]
+            spread = _sensitivity(emu, lambda emu=emu: emu.step(
+                3, max_grad_norm=run.max_grad_norm)[1]) if emus else None
+            emu.step(3, max_grad_norm=run.max_grad_norm)
+        emus.append((emu, spread, grads))
+    (plain, _, _), (probed, spread, grads) = emus
+    for a, b in zip(_emulated_outcome(probed), _emulated_outcome(plain)):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+        torch.testing.assert_close(a[2], b[2], rtol=0, atol=0)
+    assert spread is not None and len(spread) == len(grads)
+    if opt_name == "sgd":
+        coef = min(1.0, run.max_grad_norm / (float(torch.cat([g.flatten() for g in grads])
+                                                      .norm()) + 1e-6))
+        for (sm, _, _), g, m in zip(spread, grads, plain.masters):
+            want = 2 * _PROBE * 0.1 * coef * g.abs()
+            # (each probe's master is rounded to fp32: up to an ulp of it each)
+            slack = 0.05 * want + 2 * torch.finfo(torch.float32).eps * m.abs()
+            assert bool(((sm - want).abs() <= slack).all()), (sm, want)
+        assert any(bool((sm > 0).any()) for sm, _, _ in spread)
+    else:  # (Adam's update barely moves when every g scales alike; its moments do)
+        for _, ss, _ in spread:
+            assert ss.keys() - {"step"}
+            assert all(bool((st > 0).any()) for key, st in ss.items() if key != "step")
+
+
 def _end_emulated_window(run: Run, emu, emu_sched, divisor, scale: float):
-    """The emulation's update (or skip): (norm, applied, the loss scale after it)."""
-    norm, applied = emu.step(divisor, max_grad_norm=run.max_grad_norm,
-                             norm_type=run.norm_type, loss_scale=scale)
+    """The emulation's update (or skip): (norm, applied, the loss scale after it, the
+    update's sensitivity: _sensitivity)."""
+    def end_window():
+        return emu.step(divisor, max_grad_norm=run.max_grad_norm, norm_type=run.norm_type,
+                        loss_scale=scale)
+
+    spread = _sensitivity(emu, lambda: end_window()[1])
+    norm, applied = end_window()
     if applied and emu_sched is not None:
         emu_sched.step()
     if not applied and run.loss_scale == "dynamic":  # (GradScaler's backoff)
         scale /= 2
-    return norm, applied, scale
+    return norm, applied, scale, spread
 
 
 def _check_main_grads(model, emu, where):
@@ -346,11 +481,12 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
                 assert opt.micro_step == (i + 1) % k, where
                 resume_after, resumed = None, i
             i += 1
-        norm, applied, scale = _end_emulated_window(
+        norm, applied, scale, spread = _end_emulated_window(
             run, emu, emu_sched, items if items is not None else k, scale)
         skipped += not applied
         view = _local_view(run, opt)
-        _check_window(run, model, opt, emu, applied, norm, w, resumed == k - 1, *view)
+        _check_window(run, model, opt, emu, applied, norm, w, resumed == k - 1, *view,
+                      spread=spread)
         assert opt.skipped_steps == skipped
         _lockstep(model, emu, *view)
 
@@ -394,34 +530,47 @@ def test_random_grad_scaler_runs_match_plain_torch(seed, device, monkeypatch):
             if i < k - 1 and r.random() < 0.5:  # (the window stays; not after the last)
                 (opt if r.random() < 0.5 else model).zero_grad()
         before = scaler.get_scale()
-        live = emu.prepare()  # the masters' .grad: the scaled window, as the wrapper's
         if unscale:
             scaler.unscale_(opt)
-        emu_unscaled = unscale or clip is not None  # (clipping acts on the unscaled one)
-        if emu_unscaled:
-            emu_scaler.unscale_(emu.opt)
         if clip == "user":  # in place, on the window the wrapper then steps and measures
             torch.nn.utils.clip_grad_norm_(
                 [t for g in opt.param_groups for t in g["params"]], run.max_grad_norm,
                 run.norm_type)
-            torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm, run.norm_type)
-        norm = torch.nn.utils.get_total_norm([m.grad for m in live], run.norm_type) / (
-            1.0 if emu_unscaled else before)
-        if clip == "wrapper":
-            torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm, run.norm_type)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
-        emu_scaler.step(emu.opt)
-        emu_scaler.update()
-        emu.finish()
-        applied = emu_scaler.get_scale() >= before  # (it backs off only on inf/NaN)
+
+        def end_window(emu_scaler, before=before):
+            """The same on the emulation: (norm, applied)."""
+            live = emu.prepare()  # the masters' .grad: the scaled window, as the wrapper's
+            emu_unscaled = unscale or clip is not None  # (clipping acts on the unscaled one)
+            if emu_unscaled:
+                emu_scaler.unscale_(emu.opt)
+            if clip == "user":
+                torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm, run.norm_type)
+            norm = torch.nn.utils.get_total_norm([m.grad for m in live], run.norm_type) / (
+                1.0 if emu_unscaled else before)
+            if clip == "wrapper":
+                torch.nn.utils.clip_grad_norm_(live, run.max_grad_norm, run.norm_type)
+            emu_scaler.step(emu.opt)
+            emu_scaler.update()
+            emu.finish()
+            return norm, emu_scaler.get_scale() >= before  # (it backs off only on inf/NaN)
+
+        def scaler_copy():
+            # (a GradScaler copies without its scale tensors, re-made by its first scale())
+            copied = copy.deepcopy(emu_scaler)
+            copied.scale(torch.zeros((), device=device))
+            return copied
+
+        spread = _sensitivity(emu, lambda: end_window(scaler_copy())[1])
+        norm, applied = end_window(emu_scaler)
         assert scaler.get_scale() == emu_scaler.get_scale(), where
         if applied and sched is not None:
             sched.step()
             emu_sched.step()
         view = _local_view(run, opt)
-        _check_window(run, model, opt, emu, applied, norm, w, False, *view)
+        _check_window(run, model, opt, emu, applied, norm, w, False, *view, spread=spread)
         _lockstep(model, emu, *view)
 
 
@@ -501,7 +650,7 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
                 model, opt, sched = _resume(run, model, opt, sched, device, seed, **kw)
                 resume_after, resumed = None, i
             i += 1
-        norm, applied, scale = _end_emulated_window(
+        norm, applied, scale, spread = _end_emulated_window(
             run, emu, emu_sched, sum(items) if items is not None else k * world, scale)
         skipped += not applied
         # (state_dict(): a collective with ZeRO-1, so every rank, every window)
@@ -509,7 +658,7 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
         if failure is None:
             try:
                 _check_window(run, model, opt, emu, applied, norm, w, resumed == k - 1,
-                              *view)
+                              *view, spread=spread)
                 assert opt.skipped_steps == skipped, (opt.skipped_steps, skipped)
             except AssertionError as exc:
                 failure = f"{where}: {exc}"
