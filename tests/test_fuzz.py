@@ -19,10 +19,11 @@ each one the loss scale. After every window: ``opt.stepped``, ``skipped_steps``,
 entry. The emulation then takes the wrapper's values (lockstep), so each window is
 compared from the same start and one window's rounding does not grow into the next.
 Each element may differ by one window's rounding (MASTER_TOL) plus how far the emulation's
-update moves when every gradient element changes by 2^-20 relative (``_sensitivity``): the
-wrapper's gradient is the emulation's up to a few ulps, and an update that amplifies that
-(a gradient nearly cancelling an L2 decay term, then normalized by RMSprop) is told apart
-from a wrong one.
+update moves when every gradient element changes by 2^-20 of the magnitude of the terms it
+sums, or by the two clip norms' relative difference if larger (``_sensitivity``): the
+wrapper's gradient is the emulation's up to a few ulps of that, and an update that
+amplifies them (a gradient nearly cancelling an L2 decay term, then normalized by RMSprop)
+is told apart from a wrong one. One seed in five has a wider model (``_WIDTHS``).
 
 The same runs through torch.amp.GradScaler's accumulation loop (accumulation_steps=1,
 the user's boundaries) are compared with GradScaler on the emulation (half as many seeds).
@@ -30,8 +31,9 @@ The same runs on 2 Gloo ranks, with and without ZeRO-1, are compared with the
 emulation trained on every rank's micro-batches (``FUSEDACCUM_FUZZ_DP_SEEDS``, default
 10: about 10 s).
 
-``FUSEDACCUM_FUZZ_SEEDS`` sets the number of seeds (default 40: about 2 s on the 2-core CPU,
-10 s with the Triton interpreter), ``FUSEDACCUM_FUZZ_FIRST`` the first one.
+``FUSEDACCUM_FUZZ_SEEDS`` sets the number of seeds, ``FUSEDACCUM_FUZZ_FIRST`` the first one
+(the defaults, the whole file: about 10 s on the 2-core CPU, 30 s with the Triton
+interpreter).
 """
 
 from __future__ import annotations
@@ -66,17 +68,19 @@ _OPTIMIZERS = ["adamw", "adam", "adam_amsgrad", "adam_maximize", "sgd", "sgd_mom
                "sgd_nesterov", "sgd_maximize", "rmsprop"]
 # the other torch optimizers, drawn from the extra stream (Run)
 _GENERIC = ["adagrad", "adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor"]
-_DIM = 6
+# the model's width: 6, or in some seeds wider, so that the kernels' tensors span many
+# blocks, vector lanes and threads (the trunk: 67^2 = 4489 and 300^2 = 90000 elements)
+_WIDTHS = [6] * 8 + [67, 300]
 
 
 class Branches(nn.Module):
     """A trunk and three heads: each micro-batch's loss goes through a chosen subset."""
 
-    def __init__(self):
+    def __init__(self, width: int):
         super().__init__()
-        self.trunk = nn.Linear(_DIM, _DIM)
-        self.heads = nn.ModuleList([nn.Linear(_DIM, 3), nn.Linear(_DIM, 3, bias=False),
-                                    nn.Linear(_DIM, 3)])
+        self.trunk = nn.Linear(width, width)
+        self.heads = nn.ModuleList([nn.Linear(width, 3), nn.Linear(width, 3, bias=False),
+                                    nn.Linear(width, 3)])
 
     def forward(self, x, trunk: bool, heads: list[int]):
         h = torch.tanh(self.trunk(x)) if trunk else x
@@ -85,7 +89,7 @@ class Branches(nn.Module):
 
 def _model(run, device, seed):
     torch.manual_seed(1000 + seed)
-    model = Branches().to(device=device, dtype=run.dtype)
+    model = Branches(run.width).to(device=device, dtype=run.dtype)
     if run.grad_hook:  # a user's tensor hook that changes the gradient (before wrapping)
         model.heads[0].weight.register_hook(lambda g: g * 0.5)
     return model
@@ -95,6 +99,34 @@ def _copy_of(model, run, device, seed):
     m = _model(run, device, seed)
     m.load_state_dict(model.state_dict())
     return m
+
+
+class _Emulation(MasterEmulation):
+    """The master emulation, also summing each accumulator's terms' magnitudes (``mag``):
+    what an fp32 sum of them may be off by in another order scales with that, not with the
+    sum (the data-parallel runs sum the ranks' windows in another order)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mag = [torch.zeros_like(a) for a in self.acc]
+
+    def take_grads(self):
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                self.mag[i] += p.grad.float().abs()
+        super().take_grads()
+
+    def drop(self):
+        """reset_accumulation() on the emulation: its partial window forgotten."""
+        for a, m in zip(self.acc, self.mag):
+            a.zero_()
+            m.zero_()
+        self.got = [False] * len(self.got)
+
+    def finish(self):
+        super().finish()
+        for m in self.mag:
+            m.zero_()
 
 
 class Run:
@@ -128,6 +160,7 @@ class Run:
             self.opt_name = extra.choice(["adamw_amsgrad", "adam_decoupled"])
         elif extra.random() < 0.15:  # the rest of torch.optim, on the generic path
             self.opt_name = extra.choice(_GENERIC)
+        self.width = random.Random(f"{seed}/width").choice(_WIDTHS)
 
     def k(self, w: int) -> int:
         return self.ks[w % len(self.ks)]
@@ -136,11 +169,12 @@ class Run:
         return ", ".join(f"{k}={v}" for k, v in vars(self).items() if k != "r")
 
 
-def _micro_batch(r: random.Random, dtype, device, poisoned: bool):
-    x = torch.randn(3, _DIM, generator=torch.Generator().manual_seed(r.randrange(1 << 30)))
+def _micro_batch(r: random.Random, run: Run, device, poisoned: bool):
+    dtype, width = run.dtype, run.width
+    x = torch.randn(3, width, generator=torch.Generator().manual_seed(r.randrange(1 << 30)))
     y = torch.randn(3, 3, generator=torch.Generator().manual_seed(r.randrange(1 << 30)))
     if poisoned:
-        x[r.randrange(3), r.randrange(_DIM)] = float("inf")
+        x[r.randrange(3), r.randrange(width)] = float("inf")
     heads = r.sample(range(3), r.randint(1, 3))
     return x.to(device, dtype), y.to(device, dtype), r.random() < 0.75, heads
 
@@ -265,17 +299,33 @@ def _resume(run: Run, model, opt, sched, device, seed, **kwargs):
     return model, opt, sched
 
 
-def _drop_emulated_window(emu) -> None:
-    """reset_accumulation() on the emulation: its partial window forgotten."""
-    for a in emu.acc:
-        a.zero_()
-    emu.got = [False] * len(emu.got)
-
-
-# The relative change of every gradient element by which the emulation's update is probed.
-# The wrapper's gradient is the emulation's up to a few ulps (2^-24 each: 1/(D*scale) applied
-# as a product, a clip coefficient from a norm summed in another order): 2^-20 covers 16.
+# The change of every gradient element by which the emulation's update is probed, relative
+# to the magnitude of the terms it sums (_Emulation.mag, scaled as the gradient is). The
+# wrapper's gradient is the emulation's up to a few ulps of that (2^-24 each: 1/(D*scale)
+# applied as a product, a clip coefficient from a norm summed in another order, the ranks'
+# windows summed in another order): 2^-20 covers 16. Clipped windows add the difference of
+# the two norms the clip coefficients come from (_probe_size).
 _PROBE = 2.0 ** -20
+
+
+def _probe_size(run: Run, got_norm, want_norm) -> float:
+    """_PROBE, or where the window is clipped twice the relative difference of the
+    wrapper's norm ``got_norm`` (None: not known) and the emulation's ``want_norm``, if that
+    is larger: the clipped gradients differ by as much. (_check_window checks the norms
+    within 1e-5 of each other; over 90000 elements they were 2.2e-6 apart, the sums of
+    squares taken in another order.)"""
+    if run.max_grad_norm is None or got_norm is None:
+        return _PROBE
+    got, want = float(got_norm), float(want_norm)
+    if not (math.isfinite(got) and math.isfinite(want) and want > 0):
+        return _PROBE
+    return max(_PROBE, 2 * abs(got - want) / want)
+
+
+def _emulated_norm(emu, divisor, scale: float, norm_type):
+    """The norm the emulation's step() is about to clip with (as it computes it)."""
+    return torch.nn.utils.get_total_norm(
+        [a / (divisor * scale) for a, got in zip(emu.acc, emu.got) if got], norm_type)
 
 
 def _emulated_outcome(emu) -> list:
@@ -288,9 +338,10 @@ def _emulated_outcome(emu) -> list:
 
 
 @torch.no_grad()
-def _sensitivity(emu, end_window) -> list | None:
+def _sensitivity(emu, end_window, size: float = _PROBE) -> list | None:
     """How far the emulation's update moves each element when every gradient element the
-    optimizer reads changes by the relative ``_PROBE``, either way: per param, (master,
+    optimizer reads changes by ``size`` times its terms' magnitude, either way (an
+    ``_Emulation``: the gradients are its accumulators times one factor): per param, (master,
     {state key: tensor}, half param) of elementwise spreads. None where the window is
     skipped. ``end_window()`` ends the emulation's window and returns whether it updated.
     An ill-conditioned element (a gradient that nearly cancels an L2 weight-decay
@@ -299,16 +350,17 @@ def _sensitivity(emu, end_window) -> list | None:
     says so, and a well-conditioned element's spread is ~1e-6 of its update. The
     emulation's masters, state, accumulators and half params are put back after each
     probe."""
-    saved = ([a.clone() for a in emu.acc], list(emu.got), _emulated_outcome(emu),
+    saved = ([a.clone() for a in emu.acc + emu.mag], list(emu.got), _emulated_outcome(emu),
              {m: {key: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                   for key, v in st.items()} for m, st in emu.opt.state.items()})
     outcomes = []
-    for factor in (1 + _PROBE, 1 - _PROBE):
-        def perturb(opt, args, kwargs, factor=factor):
-            for group in opt.param_groups:
-                for t in group["params"]:
-                    if t.grad is not None:
-                        t.grad.mul_(factor)
+    for sign in (1.0, -1.0):
+        def perturb(opt, args, kwargs, sign=sign):
+            for m, a, mag in zip(emu.masters, emu.acc, emu.mag):
+                if m.grad is not None:
+                    norm = float(a.norm())  # (grad = acc * (1 / (D * scale), clipped))
+                    mult = float(m.grad.norm()) / norm if norm > 0 else 0.0
+                    m.grad.add_(mag, alpha=sign * size * mult)
 
         handle = emu.opt.register_step_pre_hook(perturb)
         try:
@@ -317,7 +369,7 @@ def _sensitivity(emu, end_window) -> list | None:
         finally:
             handle.remove()
             acc, got, values, state = saved
-            for a, b in zip(emu.acc, acc):
+            for a, b in zip(emu.acc + emu.mag, acc):
                 a.copy_(b)
             emu.got = list(got)
             emu.opt.state.clear()
@@ -336,57 +388,66 @@ def _sensitivity(emu, end_window) -> list | None:
             for (ma, sa, pa), (mb, sb, pb) in zip(plus, minus)]
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "rmsprop", "adam"])
+@pytest.mark.parametrize("opt_name", ["sgd_momentum", "rmsprop", "adam"])
 def test_the_sensitivity_probe_leaves_the_emulation_as_it_was(opt_name):
     """_sensitivity widens the fuzz's tolerance, so it is tested itself: the emulation's
     update after a probe is bitwise the one without it (masters, state, half params), and
-    for plain SGD (update = -lr * g) the master's spread is 2 * _PROBE * lr * |g|."""
+    SGD's momentum buffer, linear in the gradient (buf = 0.9 buf + 0.7 g in the second
+    window), spreads by 0.7 * 2 * _PROBE * mag * (the clip coefficient / D)."""
     run = Run(0)
     run.dtype, run.opt_name, run.max_grad_norm, run.groups = \
         torch.bfloat16, opt_name, 0.05, False
+    run.width = 6
     emus = []
     for _ in range(2):
         model = _model(run, "cpu", 0)
-        emu = MasterEmulation(model, lambda ps: _inner(run, ps))
+        emu = _Emulation(model, lambda ps: _inner(run, ps))
         for w in range(2):  # (the second window has optimizer state to put back)
             for i in range(3):
-                x, y, trunk, heads = _micro_batch(random.Random(f"{w}/{i}"), run.dtype,
-                                                  "cpu", False)
+                x, y, trunk, heads = _micro_batch(random.Random(f"{w}/{i}"), run, "cpu",
+                                                  False)
                 emu.backward(mse(model(x, trunk, heads), y))
-            grads = [a / 3 for a in emu.acc]
+            grads, mags = [a / 3 for a in emu.acc], [m.clone() for m in emu.mag]
             spread = _sensitivity(emu, lambda emu=emu: emu.step(
                 3, max_grad_norm=run.max_grad_norm)[1]) if emus else None
             emu.step(3, max_grad_norm=run.max_grad_norm)
-        emus.append((emu, spread, grads))
-    (plain, _, _), (probed, spread, grads) = emus
+        emus.append((emu, spread))
+    (plain, _), (probed, spread) = emus
     for a, b in zip(_emulated_outcome(probed), _emulated_outcome(plain)):
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
         torch.testing.assert_close(a[2], b[2], rtol=0, atol=0)
     assert spread is not None and len(spread) == len(grads)
-    if opt_name == "sgd":
+    if opt_name == "sgd_momentum":
         coef = min(1.0, run.max_grad_norm / (float(torch.cat([g.flatten() for g in grads])
                                                       .norm()) + 1e-6))
-        for (sm, _, _), g, m in zip(spread, grads, plain.masters):
-            want = 2 * _PROBE * 0.1 * coef * g.abs()
-            # (each probe's master is rounded to fp32: up to an ulp of it each)
-            slack = 0.05 * want + 2 * torch.finfo(torch.float32).eps * m.abs()
-            assert bool(((sm - want).abs() <= slack).all()), (sm, want)
-        assert any(bool((sm > 0).any()) for sm, _, _ in spread)
+        assert coef < 1  # (clipped: the probe comes after clipping)
+        for (_, ss, _), mag, g, m in zip(spread, mags, grads, plain.masters):
+            want = 0.7 * 2 * _PROBE * mag * coef / 3
+            buf = plain.opt.state[m]["momentum_buffer"]
+            # (each probe rounds g + 0.01 p, its 0.7 times and the buffer to fp32: up to
+            # half an ulp of each)
+            slack = 0.01 * want + torch.finfo(torch.float32).eps * (
+                buf.abs() + 2 * (coef * g + 0.01 * m).abs())
+            assert bool(((ss["momentum_buffer"] - want).abs() <= slack).all()), \
+                (ss["momentum_buffer"], want)
+            assert bool((want > 4 * slack).any())  # (the check sees the probe's size)
     else:  # (Adam's update barely moves when every g scales alike; its moments do)
         for _, ss, _ in spread:
             assert ss.keys() - {"step"}
             assert all(bool((st > 0).any()) for key, st in ss.items() if key != "step")
 
 
-def _end_emulated_window(run: Run, emu, emu_sched, divisor, scale: float):
+def _end_emulated_window(run: Run, emu, emu_sched, divisor, scale: float, got_norm):
     """The emulation's update (or skip): (norm, applied, the loss scale after it, the
-    update's sensitivity: _sensitivity)."""
+    update's sensitivity: _sensitivity). ``got_norm``: the wrapper's norm of the window
+    (None: not known)."""
     def end_window():
         return emu.step(divisor, max_grad_norm=run.max_grad_norm, norm_type=run.norm_type,
                         loss_scale=scale)
 
-    spread = _sensitivity(emu, lambda: end_window()[1])
+    size = _probe_size(run, got_norm, _emulated_norm(emu, divisor, scale, run.norm_type))
+    spread = _sensitivity(emu, lambda: end_window()[1], size)
     norm, applied = end_window()
     if applied and emu_sched is not None:
         emu_sched.step()
@@ -421,7 +482,7 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
     r = run.r
     _hook_settings(run, monkeypatch)
     model = _model(run, device, seed)
-    emu = MasterEmulation(_copy_of(model, run, device, seed),
+    emu = _Emulation(_copy_of(model, run, device, seed),
                           lambda ps: _inner(run, ps),
                           master_weights=run.master_weights is None)
     opt = _wrapper(run, model)
@@ -441,7 +502,7 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
         i = 0
         while i < k:
             where = f"seed {seed} ({run.describe()}), window {w}, micro-batch {i}"
-            x, y, trunk, heads = _micro_batch(r, run.dtype, device, poisoned and i == 0)
+            x, y, trunk, heads = _micro_batch(r, run, device, poisoned and i == 0)
             loss_fn = sum_loss if run.token_weighted else mse
             loss = loss_fn(model(x, trunk, heads), y)
             assert float(opt.loss_scale) == scale, where
@@ -455,10 +516,12 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
             _check_main_grads(model, emu, where)
             if reset_after == i:  # the partial window dropped, on both sides
                 opt.reset_accumulation()
-                _drop_emulated_window(emu)
+                emu.drop()
                 reset_after, poisoned, i = None, False, 0
                 continue
             opt.step(num_items=items)
+            if i == k - 1:  # (the boundary: a resume below makes another wrapper)
+                got_norm = opt.grad_norm.detach().clone()
             if opt.stepped and sched is not None:  # (DESIGN.md section 1's loop)
                 sched.step()
             choice = r.randrange(4)
@@ -472,7 +535,7 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
                 # params hold no .grad then, nor any param after the window's update
                 model.zero_grad(set_to_none=False)
                 if run.dtype == torch.float32 and i < k - 1:
-                    for a in emu.acc:
+                    for a in emu.acc + emu.mag:
                         a.zero_()
             if resume_after == i:
                 # resume from a state dict (mid-window: with the partial window it saved):
@@ -482,7 +545,7 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
                 resume_after, resumed = None, i
             i += 1
         norm, applied, scale, spread = _end_emulated_window(
-            run, emu, emu_sched, items if items is not None else k, scale)
+            run, emu, emu_sched, items if items is not None else k, scale, got_norm)
         skipped += not applied
         view = _local_view(run, opt)
         _check_window(run, model, opt, emu, applied, norm, w, resumed == k - 1, *view,
@@ -512,7 +575,7 @@ def test_random_grad_scaler_runs_match_plain_torch(seed, device, monkeypatch):
     unscale = clip == "user" or r.random() < 0.3
     run.loss_scale = run.master_weights = None
     model = _model(run, device, seed)
-    emu = MasterEmulation(_copy_of(model, run, device, seed), lambda ps: _inner(run, ps))
+    emu = _Emulation(_copy_of(model, run, device, seed), lambda ps: _inner(run, ps))
     opt = wrap(_inner(run, model.parameters()), norm_type=run.norm_type,
                max_grad_norm=run.max_grad_norm if clip == "wrapper" else None)
     sched, emu_sched = _scheduler(run, opt), _scheduler(run, emu.opt)
@@ -523,7 +586,7 @@ def test_random_grad_scaler_runs_match_plain_torch(seed, device, monkeypatch):
         poisoned = r.random() < 0.15
         for i in range(k):
             where = f"seed {seed} ({run.describe()}, clip={clip}), window {w}, micro-batch {i}"
-            x, y, trunk, heads = _micro_batch(r, run.dtype, device, poisoned and i == 0)
+            x, y, trunk, heads = _micro_batch(r, run, device, poisoned and i == 0)
             scaler.scale(mse(model(x, trunk, heads), y) / k).backward()
             emu.backward(emu_scaler.scale(mse(emu.model(x, trunk, heads), y) / k))
             _check_main_grads(model, emu, where)
@@ -563,7 +626,9 @@ def test_random_grad_scaler_runs_match_plain_torch(seed, device, monkeypatch):
             copied.scale(torch.zeros((), device=device))
             return copied
 
-        spread = _sensitivity(emu, lambda: end_window(scaler_copy())[1])
+        size = _probe_size(run, opt.grad_norm if clip == "wrapper" else None,
+                           _emulated_norm(emu, 1.0, before, run.norm_type))
+        spread = _sensitivity(emu, lambda: end_window(scaler_copy())[1], size)
         norm, applied = end_window(emu_scaler)
         assert scaler.get_scale() == emu_scaler.get_scale(), where
         if applied and sched is not None:
@@ -580,11 +645,11 @@ DP_SEEDS = int(os.environ.get("FUSEDACCUM_FUZZ_DP_SEEDS", "10"))
 _DP_WORLD = 2
 
 
-def _dp_data(seed: int, w: int, i: int, rank: int, attempt: int, dtype, device, poisoned):
+def _dp_data(seed: int, w: int, i: int, rank: int, attempt: int, run: Run, device, poisoned):
     """Rank ``rank``'s micro-batch ``i`` of window ``w``: every rank makes every rank's (the
     emulation trains on all of them)."""
     r = random.Random(f"{seed}/{w}/{i}/{rank}/{attempt}")
-    return _micro_batch(r, dtype, device, poisoned)
+    return _micro_batch(r, run, device, poisoned)
 
 
 def _dp_view(model, sd):
@@ -607,7 +672,7 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
     shard = run.opt_name not in ("rmsprop", *_GENERIC) and r.random() < 0.5
     kw = dict(process_group=group, shard_optimizer_state=shard)
     model = _model(run, device, seed)
-    emu = MasterEmulation(_copy_of(model, run, device, seed), lambda ps: _inner(run, ps))
+    emu = _Emulation(_copy_of(model, run, device, seed), lambda ps: _inner(run, ps))
     opt = _wrapper(run, model, **kw)
     sched, emu_sched = _scheduler(run, opt), _scheduler(run, emu.opt)
     scale = {None: 1.0, "dynamic": 2.0 ** 16}.get(run.loss_scale, run.loss_scale)
@@ -626,7 +691,7 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
                     f"window {w}, micro-batch {i}"
             loss_fn = sum_loss if run.token_weighted else mse
             for rr in range(world):
-                x, y, trunk, heads = _dp_data(seed, w, i, rr, attempt, run.dtype, device,
+                x, y, trunk, heads = _dp_data(seed, w, i, rr, attempt, run, device,
                                               poisoned_rank == rr and i == 0)
                 emu.backward(opt.scale_loss(loss_fn(emu.model(x, trunk, heads), y)))
                 if rr == rank:
@@ -635,11 +700,13 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
                 failure = f"{where}: loss scale {float(opt.loss_scale)}, expected {scale}"
             if reset_after == i:
                 opt.reset_accumulation()
-                _drop_emulated_window(emu)
+                emu.drop()
                 reset_after, poisoned_rank, i = None, None, 0
                 attempt += 1
                 continue
             opt.step(num_items=None if items is None else items[rank])
+            if i == k - 1:
+                got_norm = opt.grad_norm.detach().clone()
             if opt.stepped and sched is not None:
                 sched.step()
             if random.Random(f"{seed}/{w}/{i}/{rank}/zero").random() < 0.5:  # (per rank)
@@ -651,7 +718,8 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
                 resume_after, resumed = None, i
             i += 1
         norm, applied, scale, spread = _end_emulated_window(
-            run, emu, emu_sched, sum(items) if items is not None else k * world, scale)
+            run, emu, emu_sched, sum(items) if items is not None else k * world, scale,
+            got_norm)
         skipped += not applied
         # (state_dict(): a collective with ZeRO-1, so every rank, every window)
         view = _dp_view(model, opt.state_dict())
