@@ -23,7 +23,8 @@ update moves when every gradient element changes by 2^-20 of the magnitude of th
 sums, or by the two clip norms' relative difference if larger (``_sensitivity``): the
 wrapper's gradient is the emulation's up to a few ulps of that, and an update that
 amplifies them (a gradient nearly cancelling an L2 decay term, then normalized by RMSprop)
-is told apart from a wrong one. One seed in five has a wider model (``_WIDTHS``).
+is told apart from a wrong one. One seed in five has a wider model (``_WIDTHS``), and one
+half model in five keeps a layer in fp32 (``fp32_head``).
 
 The same runs through torch.amp.GradScaler's accumulation loop (accumulation_steps=1,
 the user's boundaries) are compared with GradScaler on the emulation (half as many seeds).
@@ -84,12 +85,16 @@ class Branches(nn.Module):
 
     def forward(self, x, trunk: bool, heads: list[int]):
         h = torch.tanh(self.trunk(x)) if trunk else x
-        return sum(self.heads[i](h) for i in heads)
+        # (a head kept in fp32 in a half model: its input and output cast, as autocast would)
+        return sum(self.heads[i](h.to(self.heads[i].weight.dtype)).to(x.dtype)
+                   for i in heads)
 
 
 def _model(run, device, seed):
     torch.manual_seed(1000 + seed)
     model = Branches(run.width).to(device=device, dtype=run.dtype)
+    if run.fp32_head:  # (a half model with one fp32 layer, as norms often stay)
+        model.heads[2].float()
     if run.grad_hook:  # a user's tensor hook that changes the gradient (before wrapping)
         model.heads[0].weight.register_hook(lambda g: g * 0.5)
     return model
@@ -161,6 +166,8 @@ class Run:
         elif extra.random() < 0.15:  # the rest of torch.optim, on the generic path
             self.opt_name = extra.choice(_GENERIC)
         self.width = random.Random(f"{seed}/width").choice(_WIDTHS)
+        self.fp32_head = self.dtype != torch.float32 and \
+            random.Random(f"{seed}/fp32_head").random() < 0.2
 
     def k(self, w: int) -> int:
         return self.ks[w % len(self.ks)]
@@ -267,9 +274,9 @@ def _check_window(run: Run, model, opt, emu, applied: bool, norm, w: int, fresh:
             elif isinstance(vb, torch.Tensor):
                 _assert_close(va, vb, tol, ss.get(key), f"{where}, state {i}.{key}")
     # (fp32 params are the stepped tensors: the same tolerance)
-    param_tol = tol if run.dtype == torch.float32 else HALF_TOL[run.dtype]
     for i, (p, q, (_, _, sp)) in enumerate(zip(model.parameters(), emu.model.parameters(),
                                                spread)):
+        param_tol = tol if p.dtype == torch.float32 else HALF_TOL[p.dtype]
         _assert_close(p, q, param_tol, sp, f"{where}, model param {i}")
 
 
@@ -534,9 +541,11 @@ def test_random_run_matches_plain_torch(seed, device, monkeypatch):
                 # as in plain torch (they stay in the update, with what comes next); half
                 # params hold no .grad then, nor any param after the window's update
                 model.zero_grad(set_to_none=False)
-                if run.dtype == torch.float32 and i < k - 1:
-                    for a in emu.acc + emu.mag:
-                        a.zero_()
+                if i < k - 1:
+                    for p, a, m in zip(model.parameters(), emu.acc, emu.mag):
+                        if p.dtype == torch.float32:
+                            a.zero_()
+                            m.zero_()
             if resume_after == i:
                 # resume from a state dict (mid-window: with the partial window it saved):
                 # a new model, optimizer and wrapper
