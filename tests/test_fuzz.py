@@ -357,9 +357,13 @@ def _sensitivity(emu, end_window, size: float = _PROBE) -> list | None:
     says so, and a well-conditioned element's spread is ~1e-6 of its update. The
     emulation's masters, state, accumulators and half params are put back after each
     probe."""
-    saved = ([a.clone() for a in emu.acc + emu.mag], list(emu.got), _emulated_outcome(emu),
-             {m: {key: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                  for key, v in st.items()} for m, st in emu.opt.state.items()})
+    def copied(st: dict) -> dict:
+        return {key: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                for key, v in st.items()}
+
+    saved = ([a.clone() for a in emu.acc + emu.mag], list(emu.got),
+             [(m.detach().clone(), p.detach().clone()) for m, p in zip(emu.masters, emu.params)],
+             {m: copied(st) for m, st in emu.opt.state.items()})
     outcomes = []
     for sign in (1.0, -1.0):
         def perturb(opt, args, kwargs, sign=sign):
@@ -381,9 +385,8 @@ def _sensitivity(emu, end_window, size: float = _PROBE) -> list | None:
             emu.got = list(got)
             emu.opt.state.clear()
             for m, st in state.items():
-                emu.opt.state[m] = {key: v.clone() if isinstance(v, torch.Tensor)
-                                    else copy.deepcopy(v) for key, v in st.items()}
-            for m, p, (m0, _, p0) in zip(emu.masters, emu.params, values):
+                emu.opt.state[m] = copied(st)
+            for m, p, (m0, p0) in zip(emu.masters, emu.params, values):
                 m.copy_(m0)
                 m.grad = None
                 p.copy_(p0)
