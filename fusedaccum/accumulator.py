@@ -1809,7 +1809,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                     for b in self._all_buckets():
                         b.acc_local.mul_(mult)
                     try:
-                        self._inner_step_hooks(pre)
+                        if pre:
+                            hps = self._inner_pre_hooks(pre)
                     except BaseException:
                         for b in self._all_buckets():
                             b.acc_local.div_(mult)
@@ -1928,6 +1929,51 @@ class FusedAccumulator(torch.optim.Optimizer):
         ``inner.step()``, as the generic path's call of it does; they get no arguments."""
         for hook in list(hooks.values()):
             hook(self.inner, (), {})
+
+    def _inner_pre_hooks(self, hooks) -> list:
+        """The inner optimizer's step pre-hooks before a fused update, which then uses what
+        torch's step would read after them: the groups' hyperparameters and the state
+        (``_fused_prepare`` again: a warmup hook that sets ``lr``, a hook that replaces a
+        state entry), and each stepped tensor's ``.grad``. A ``.grad`` the hooks edited in
+        place is the prepared gradient itself; one they replaced is copied into it; one
+        they set to None leaves its param out of the update, as torch's step leaves a
+        param without a gradient (no weight decay, no state change, its count kept), and
+        its window is dropped (not with ZeRO-1, below). Returns the hyperparameters. Where
+        a hook or a check raises, each ``.grad`` is put back and nothing else has changed
+        (the caller undoes the prepared gradient)."""
+        # (with ZeRO-1 the update reads the rank's reduced shard, which no .grad views:
+        # there the hooks see no gradient, and what they set is not read)
+        held = [(b, i, b.stepped[i].grad) for b in self._all_buckets() if not b.sharded
+                for i, t in enumerate(b.touched) if t]
+        try:
+            self._inner_step_hooks(hooks)
+            changed = [(b, i, before, b.stepped[i].grad) for b, i, before in held
+                       if b.stepped[i].grad is not before]
+            # (torch itself refuses a .grad of another shape, dtype or device)
+            for b, i, _, g in changed:
+                if g is not None and g.layout != torch.strided:
+                    gi = next(gi for gi, bs in enumerate(self._buckets) if b in bs)
+                    name = self._param_name(self.inner.param_groups[gi], gi, b.indices[i],
+                                            b.params[i])
+                    raise RuntimeError(
+                        f"an inner optimizer step pre-hook set the .grad of {name} to a "
+                        f"{g.layout} tensor; the fused update takes a dense (strided) "
+                        "gradient, or None to leave the param out")
+            hps = self._fused_prepare()
+        except BaseException:
+            for b, i, before in held:
+                b.stepped[i].grad = before
+            raise
+        with torch.no_grad():
+            for b, i, before, g in changed:
+                view = b.main_grads[i]
+                if g is None:
+                    view.zero_()
+                    b.touched[i] = False
+                else:
+                    view.copy_(g)
+                    b.stepped[i].grad = before
+        return hps
 
     def _inner_step(self) -> None:
         """``inner.step()`` for the generic path, without the global optimizer hooks
