@@ -1934,21 +1934,29 @@ class FusedAccumulator(torch.optim.Optimizer):
         """The inner optimizer's step pre-hooks before a fused update, which then uses what
         torch's step would read after them: the groups' hyperparameters and the state
         (``_fused_prepare`` again: a warmup hook that sets ``lr``, a hook that replaces a
-        state entry), and each stepped tensor's ``.grad``. A ``.grad`` the hooks edited in
-        place is the prepared gradient itself; one they replaced is copied into it; one
-        they set to None leaves its param out of the update, as torch's step leaves a
-        param without a gradient (no weight decay, no state change, its count kept), and
-        its window is dropped (not with ZeRO-1, below). Returns the hyperparameters. Where
-        a hook or a check raises, each ``.grad`` is put back and nothing else has changed
-        (the caller undoes the prepared gradient)."""
+        state entry), and each stepped tensor's ``.grad``. The hooks find every param of
+        the window with its ``.grad`` (also one a zero_grad() cleared since its last
+        backward, and, with a process group, one another rank's backward reached). A
+        ``.grad`` they edit in place is the prepared gradient itself; one they replace is
+        copied into it; one they set to None leaves its param out of the update, as torch's
+        step leaves a param without a gradient (no weight decay, no state change, its count
+        kept), and its window is dropped (not with ZeRO-1, below). Returns the
+        hyperparameters. Where a hook or a check raises, each ``.grad`` is put back and
+        nothing else has changed (the caller undoes the prepared gradient)."""
         # (with ZeRO-1 the update reads the rank's reduced shard, which no .grad views:
         # there the hooks see no gradient, and what they set is not read)
         held = [(b, i, b.stepped[i].grad) for b in self._all_buckets() if not b.sharded
                 for i, t in enumerate(b.touched) if t]
+        shown = []
         try:
+            for b, i, before in held:
+                t = b.stepped[i]
+                if before is None and t.dtype == torch.float32:
+                    t.grad = b.main_grads[i]
+                shown.append(t.grad)
             self._inner_step_hooks(hooks)
-            changed = [(b, i, before, b.stepped[i].grad) for b, i, before in held
-                       if b.stepped[i].grad is not before]
+            changed = [(b, i, g, b.stepped[i].grad) for (b, i, _), g in zip(held, shown)
+                       if b.stepped[i].grad is not g]
             # (torch itself refuses a .grad of another shape, dtype or device)
             for b, i, _, g in changed:
                 if g is not None and g.layout != torch.strided:
@@ -1965,14 +1973,14 @@ class FusedAccumulator(torch.optim.Optimizer):
                 b.stepped[i].grad = before
             raise
         with torch.no_grad():
-            for b, i, before, g in changed:
+            for b, i, was, g in changed:
                 view = b.main_grads[i]
                 if g is None:
                     view.zero_()
                     b.touched[i] = False
                 else:
                     view.copy_(g)
-                    b.stepped[i].grad = before
+                    b.stepped[i].grad = was
         return hps
 
     def _inner_step(self) -> None:

@@ -23,8 +23,10 @@ update moves when every gradient element changes by 2^-20 of the magnitude of th
 sums, or by the two clip norms' relative difference if larger (``_sensitivity``): the
 wrapper's gradient is the emulation's up to a few ulps of that, and an update that
 amplifies them (a gradient nearly cancelling an L2 decay term, then normalized by RMSprop)
-is told apart from a wrong one. One seed in five has a wider model (``_WIDTHS``), and one
-half model in five keeps a layer in fp32 (``fp32_head``).
+is told apart from a wrong one. One seed in five has a wider model (``_WIDTHS``), one
+half model in five keeps a layer in fp32 (``fp32_head``), and one run in five with masters
+has a step pre-hook on its torch optimizer that rewrites ``.grad`` (``_INNER_HOOKS``: every
+one scaled out of place, or the first set to None).
 
 The same runs through torch.amp.GradScaler's accumulation loop (accumulation_steps=1,
 the user's boundaries) are compared with GradScaler on the emulation (half as many seeds).
@@ -168,6 +170,10 @@ class Run:
         self.width = random.Random(f"{seed}/width").choice(_WIDTHS)
         self.fp32_head = self.dtype != torch.float32 and \
             random.Random(f"{seed}/fp32_head").random() < 0.2
+        # an inner optimizer step pre-hook that rewrites .grad (_INNER_HOOKS); its hooks see
+        # no .grad on half params without masters (README), so not there
+        self.inner_hook = random.Random(f"{seed}/inner_hook").choice(
+            [None] * 8 + sorted(_INNER_HOOKS)) if self.master_weights is None else None
 
     def k(self, w: int) -> int:
         return self.ks[w % len(self.ks)]
@@ -186,16 +192,38 @@ def _micro_batch(r: random.Random, run: Run, device, poisoned: bool):
     return x.to(device, dtype), y.to(device, dtype), r.random() < 0.75, heads
 
 
+def _scale_grads(o, args, kwargs):
+    """A user's gradient transform in a step pre-hook: every .grad replaced out of place."""
+    for group in o.param_groups:
+        for t in group["params"]:
+            if t.grad is not None:
+                t.grad = t.grad * 0.75
+
+
+def _drop_first_grad(o, args, kwargs):
+    """A step pre-hook that leaves the first param with a .grad out of the update."""
+    t = next((t for group in o.param_groups for t in group["params"] if t.grad is not None),
+             None)
+    if t is not None:
+        t.grad = None
+
+
+_INNER_HOOKS = {"scale_grads": _scale_grads, "drop_first_grad": _drop_first_grad}
+
+
 def _inner(run: Run, params):
     """The run's torch optimizer over ``params`` (the model's order): one group, or the
     last four tensors (heads 1 and 2) in a second group with their own lr and no weight
-    decay."""
+    decay; with the run's step pre-hook, if any (stateless: the probe re-runs updates)."""
     params = list(params)
     if not run.groups:
-        return OPTIMIZERS[run.opt_name](params)
-    opt = OPTIMIZERS[run.opt_name]([{"params": params[:-4]},
-                                    {"params": params[-4:], "weight_decay": 0.0}])
-    opt.param_groups[1]["lr"] *= 0.5
+        opt = OPTIMIZERS[run.opt_name](params)
+    else:
+        opt = OPTIMIZERS[run.opt_name]([{"params": params[:-4]},
+                                        {"params": params[-4:], "weight_decay": 0.0}])
+        opt.param_groups[1]["lr"] *= 0.5
+    if run.inner_hook is not None:
+        opt.register_step_pre_hook(_INNER_HOOKS[run.inner_hook])
     return opt
 
 
@@ -682,6 +710,8 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
     run.master_weights = None  # (not with ZeRO-1's shards of masters; the local fuzz has it)
     # (ZeRO-1 needs the fused path)
     shard = run.opt_name not in ("rmsprop", *_GENERIC) and r.random() < 0.5
+    if shard:  # (with ZeRO-1 the inner hooks see no .grad: README)
+        run.inner_hook = None
     kw = dict(process_group=group, shard_optimizer_state=shard)
     model = _model(run, device, seed)
     emu = _Emulation(_copy_of(model, run, device, seed), lambda ps: _inner(run, ps))
