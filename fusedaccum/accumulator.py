@@ -1775,10 +1775,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         found_f = norm - norm
         if scaler_found_inf is not None:
             found_f = torch.where(scaler_found_inf.to(dev) > 0, 1.0, found_f)
-        if self.max_grad_norm is not None and self.max_grad_norm != math.inf:
-            mult = inv * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-        else:
-            mult = inv
+        mult = self._clip_mult(inv, norm)
         self.grad_norm = norm
         if self._kind is not None:
             # hyperparameters read and state buffers made before anything is written: a
@@ -1797,10 +1794,23 @@ class FusedAccumulator(torch.optim.Optimizer):
                 read = self._read_later(found_f)
                 self._fused_update(hps, mult, found_f, zero_acc=True, lazy=True)
                 skipped = read()
+                # (an overflowed norm: the update queued with the flag set wrote nothing
+                # where every bucket leaves its accumulators, so it can be queued again)
+                if skipped and all(self._leaves_acc(b) for b in self._all_buckets()):
+                    retry = self._overflow_retry(norm, inv, scaler_found_inf)
+                    if retry is not None:
+                        norm, found_f, mult = retry
+                        skipped = bool(found_f.item())
+                        if not skipped:
+                            self._fused_update(hps, mult, found_f, zero_acc=True, lazy=True)
                 if skipped:  # (a skipped window is discarded, DESIGN.md section 2)
                     self._zero_left_accs()
             else:
                 skipped = bool(found_f.item())
+                if skipped and (retry := self._overflow_retry(norm, inv,
+                                                              scaler_found_inf)) is not None:
+                    norm, found_f, mult = retry
+                    skipped = bool(found_f.item())
                 keep_grad = not skipped and bool(self.inner._optimizer_step_post_hooks)
                 if not skipped:
                     # the prepared gradient for the hooks: one more pass, and with
@@ -1828,6 +1838,10 @@ class FusedAccumulator(torch.optim.Optimizer):
                 post_hooks = self._inner_stepped()
         else:
             skipped = bool(found_f.item())
+            if skipped and (retry := self._overflow_retry(norm, inv,
+                                                          scaler_found_inf)) is not None:
+                norm, found_f, mult = retry
+                skipped = bool(found_f.item())
             keep_grad = True  # (the generic path zeroes acc after the step)
             if not skipped:
                 post_hooks = self._generic_update(mult)
@@ -1853,6 +1867,40 @@ class FusedAccumulator(torch.optim.Optimizer):
             # ended (a bad value raises here, with this window applied and counted, and
             # again at the next step(): _start_k)
             self._start_k()
+
+    def _clip_mult(self, inv: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """What the accumulators are multiplied by: ``inv`` (1/D and the loss scale's
+        inverse), and the clip coefficient of ``norm`` (clip_grad_norm_'s) if clipping."""
+        if self.max_grad_norm is not None and self.max_grad_norm != math.inf:
+            return inv * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        return inv
+
+    def _overflow_retry(self, norm: torch.Tensor, inv: torch.Tensor, scaler_found_inf):
+        """For a window the flag says to skip: where every accumulated value is finite and
+        only the fp32 2-norm overflowed, with the loss scale still in (its sum of squares
+        passes 3.4e38 once the scaled norm passes about 1.8e19), ``(norm, found, mult)``
+        again from the norm taken in float64; else None (a real inf/NaN).
+
+        torch removes the scale before any norm (GradScaler's unscale_), so there such a
+        window is applied. Skipping it instead stopped training for good under a
+        torch.amp.GradScaler stepped without unscale_: its own inf check sees finite values,
+        so its scale kept growing, and every window from there on was skipped. Host reads
+        and the passes over the accumulators happen only for windows flagged to skip.
+        Not with ZeRO-1 (each rank holds a shard of the window, and its update zeroed it)."""
+        if self.norm_type == math.inf or self._shard is not None:
+            return None  # (the largest |value| of finite values is finite)
+        if not math.isinf(float(norm)):
+            return None  # (NaN: a NaN in the window)
+        if scaler_found_inf is not None and float(scaler_found_inf) > 0:
+            return None
+        accs = [b.acc_local for b in self._all_buckets() if any(b.touched)]
+        if not all(bool(torch.isfinite(a).all()) for a in accs):
+            return None
+        squares = torch.stack([torch.linalg.vector_norm(a, dtype=torch.float64)
+                               .to(self._device).square() for a in accs])
+        norm = (squares.sum().sqrt() * inv.double()).float()
+        self.grad_norm = norm
+        return norm, norm - norm, self._clip_mult(inv, norm)
 
     def _read_later(self, flag: torch.Tensor):
         """A function returning ``bool(flag)`` (a 0-dim fp32 device tensor) as it is now,

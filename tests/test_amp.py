@@ -16,6 +16,7 @@ from _models import (
     HALF_TOL,
     INF,
     MASTER_TOL,
+    OPTIMIZERS,
     MasterEmulation,
     adamw,
     as_float,
@@ -88,6 +89,60 @@ def test_loss_scale_equals_unscaled_training_fp32(device, scale):
     ref = make_model(device=device)
     reference_big_batch(ref, adamw, windows, max_grad_norm=0.5)
     assert_params_close(a_model, ref)
+
+
+def _overflows_fp32(model) -> bool:
+    """Whether the fp32 sum of squares of the model's accumulators is inf while every
+    accumulated value is finite (the scaled 2-norm past about 1.8e19)."""
+    accs = [p.main_grad for p in model.parameters()]
+    return all(bool(torch.isfinite(a).all()) for a in accs) and \
+        bool(torch.isinf(torch.stack([a.square().sum() for a in accs]).sum()))
+
+
+@pytest.mark.parametrize("path", ["fused", "hooked", "generic"])
+def test_a_window_whose_scaled_norm_overflows_fp32_is_applied(device, path):
+    """loss_scale=2^70: every accumulated value stays finite, but their fp32 sum of
+    squares overflows. torch removes the scale before any norm, so the window is applied,
+    clipped by its true norm, as without a scale; on each way the boundary goes (the
+    flag read after the update is queued, inner step hooks, the generic path). A window
+    with an inf in it is still skipped, and changes nothing."""
+    k, clip, bad_window = 2, 0.5, 1
+    windows = make_windows(3, k, device=device)
+    make = OPTIMIZERS["rmsprop"] if path == "generic" else adamw
+    a_model, b_model = make_model(device=device), make_model(device=device)
+    a_inner = make(a_model.parameters())
+    if path == "hooked":
+        a_inner.register_step_pre_hook(lambda o, args, kwargs: None)
+    a = wrap(a_inner, accumulation_steps=k, max_grad_norm=clip, loss_scale=2.0**70)
+    b = wrap(make(b_model.parameters()), accumulation_steps=k, max_grad_norm=clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the skip's)
+        for w, window in enumerate(windows):
+            for i, (x, y) in enumerate(window):
+                bad = (w, i) == (bad_window, 0)
+                for m, o in ((a_model, a), (b_model, b)):
+                    handle = m.fc1.weight.register_hook(poison(INF)) if bad else None
+                    o.scale_loss(mse(m(x), y)).backward()
+                    if handle is not None:
+                        handle.remove()
+                if w == bad_window and i == k - 1:
+                    snap = snapshot(a_model, a)
+                elif i == k - 1:
+                    assert _overflows_fp32(a_model)  # (else this test tests nothing)
+                a.step()
+                b.step()
+                a.zero_grad()
+                b.zero_grad()
+            if w == bad_window:
+                assert not a.stepped and not b.stepped and a.skipped_steps == 1
+                assert_unchanged(snap, a_model, a)
+            else:
+                assert a.stepped and b.stepped
+                assert 0 < float(a.grad_norm) < INF
+                torch.testing.assert_close(a.grad_norm, b.grad_norm, rtol=1e-6, atol=0)
+    assert a.update_count == b.update_count == 2
+    assert_params_close(a_model, b_model, rtol=1e-6, atol=1e-8)
+    assert_states_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -245,14 +300,24 @@ def test_wrapper_declares_amp_scaling_support():
     assert getattr(opt, "_step_supports_amp_scaling", False) is True
 
 
-@pytest.mark.parametrize("unscale_and_clip", [False, True], ids=["plain", "unscale_clip"])
-def test_gradscaler_fp32_params_documented_accumulation_pattern(device, unscale_and_clip):
+@pytest.mark.parametrize("init_scale", [2.0**16, 2.0**70], ids=["scale16", "scale70"])
+@pytest.mark.parametrize("mode", ["plain", "unscale_clip", "wrapper_clip"])
+def test_gradscaler_fp32_params_documented_accumulation_pattern(device, mode, init_scale):
+    """The tutorial loop under GradScaler (accumulation_steps=1), against the same loop on
+    plain torch, with an inf in one micro-batch: clipped by the user after unscale_, or by
+    the wrapper (the scale still in: torch's loop unscales and clips). At 2^70 the scaled
+    window's fp32 sum of squares overflows with every value finite: GradScaler sees no inf
+    and keeps its scale, and the window must be applied (skipping it stopped training for
+    good once a growing scale got there)."""
     k, clip, bad_window = 2, 0.05, 2
+    unscale_and_clip = mode == "unscale_clip"
     windows = make_windows(4, k, device=device)
     model, ref = make_model(device=device), make_model(device=device)
-    opt = wrap(adamw(model.parameters()))  # accumulation_steps=1
+    # accumulation_steps=1
+    opt = wrap(adamw(model.parameters()), max_grad_norm=clip if mode == "wrapper_clip" else None)
     ref_opt = adamw(ref.parameters())
-    scaler, ref_scaler = torch.amp.GradScaler(device), torch.amp.GradScaler(device)
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale)
+    ref_scaler = torch.amp.GradScaler(device, init_scale=init_scale)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for w, window in enumerate(windows):
@@ -267,8 +332,10 @@ def test_gradscaler_fp32_params_documented_accumulation_pattern(device, unscale_
             scale_before = scaler.get_scale()
             if w == bad_window:
                 snap = snapshot(model, opt)
+            if init_scale > 2.0**64 and w != bad_window and not unscale_and_clip:
+                assert _overflows_fp32(model)  # (else the 2^70 case tests nothing)
             for m, o, s in ((model, opt, scaler), (ref, ref_opt, ref_scaler)):
-                if unscale_and_clip:
+                if unscale_and_clip or (o is ref_opt and mode == "wrapper_clip"):
                     s.unscale_(o)
                     torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
                 s.step(o)
