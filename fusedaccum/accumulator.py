@@ -194,6 +194,17 @@ def _as_float(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
+def _hyper(gi: int, key: str, value) -> float:
+    """Group ``gi``'s hyperparameter ``key`` as a float; ValueError naming both where it is
+    not a number (a string too: torch's math refuses "0.1", and float() read "nan")."""
+    try:
+        if isinstance(value, str | bytes):
+            raise TypeError("a string")
+        return _as_float(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"param group {gi}: {key}={value!r} is not a number ({exc})") from None
+
+
 def _check_norm_type(norm_type) -> float:
     if isinstance(norm_type, str) and norm_type.lower() == "inf":
         norm_type = math.inf
@@ -507,23 +518,11 @@ class FusedAccumulator(torch.optim.Optimizer):
         if isinstance(optimizer, torch.optim.SparseAdam):
             raise ValueError("SparseAdam steps sparse gradients only, and FusedAccumulator "
                              "accumulates dense ones; use torch.optim.Adam or AdamW")
-        if callable(accumulation_steps):
-            self._k_fn = accumulation_steps
-        else:
-            self._k_fn = None
-            _check_k(accumulation_steps, "accumulation_steps")
-        self.accumulation_steps = accumulation_steps
-        if max_grad_norm is not None:
-            # (inf as torch's clip_grad_norm_ takes it: the norm is computed, nothing is
-            # clipped)
-            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real) \
-                    or not max_grad_norm > 0:
-                raise ValueError(f"max_grad_norm must be None or a number > 0, got "
-                                 f"{max_grad_norm!r}")
-            max_grad_norm = float(max_grad_norm)
+        self.accumulation_steps = accumulation_steps  # (checked: the property's setter)
         self.max_grad_norm = max_grad_norm
         self.norm_type = _check_norm_type(norm_type)
-        if master_weights not in (None, True, False):
+        # (`is`, not `in`: 0 == False, and 0 or numpy's False_ kept the masters)
+        if not (master_weights is None or master_weights is True or master_weights is False):
             raise ValueError(f"master_weights must be None, True or False, got "
                              f"{master_weights!r}")
         self.master_weights = master_weights is not False
@@ -727,6 +726,42 @@ class FusedAccumulator(torch.optim.Optimizer):
         if self._scaler is None:
             return loss
         return loss * self._scaler.scale.to(loss.device)
+
+    @property
+    def accumulation_steps(self):
+        """Micro-batches per window: an int >= 1, or a callable(windows_ended) -> int.
+        Set after construction: a window under way keeps its length; set between windows
+        (no micro-batch of the next one counted yet), the next window takes it."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, value) -> None:
+        if not callable(value):
+            _check_k(value, "accumulation_steps")
+        self._k_fn = value if callable(value) else None
+        self._accumulation_steps = value
+        if getattr(self, "micro_step", None) == 0:  # (asked again at the next step())
+            self._window_k = None
+
+    @property
+    def max_grad_norm(self):
+        """The clipping threshold (None: no clipping; inf: the norm is computed, nothing is
+        clipped, as clip_grad_norm_ takes it). Set after construction, it applies from the
+        next boundary."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        if value is not None:
+            # (> 0 in fp32, where the clip coefficient is computed: 1e-300 was 0 there, a
+            # zero multiplier whose undo, after an inner pre-hook raised, divided by 0)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not value > 0 \
+                    or not torch.tensor(float(value), dtype=torch.float32).item() > 0:
+                raise ValueError(f"max_grad_norm must be None or a number > 0 (in float32), "
+                                 f"got {value!r}")
+            value = float(value)
+        self._max_grad_norm = value
 
     def _next_k(self) -> int:
         if self._k_fn is None:
@@ -2259,16 +2294,13 @@ class FusedAccumulator(torch.optim.Optimizer):
             _check_capturable(gi, type(self.inner).__name__, buckets)
 
         def num(key, value):
-            try:
-                return _as_float(value)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise ValueError(f"param group {gi}: {key}={value!r} is not a number "
-                                 f"({exc})") from None
+            return _hyper(gi, key, value)
 
         try:
             if self._kind == "adam":
                 betas = group["betas"]
-                if isinstance(betas, torch.Tensor) or len(betas) != 2:
+                if isinstance(betas, torch.Tensor) or not hasattr(betas, "__len__") \
+                        or len(betas) != 2:
                     raise ValueError(f"param group {gi}: betas={betas!r} is not a pair")
                 decoupled = group.get("decoupled_weight_decay",
                                       type(self.inner) is torch.optim.AdamW)
@@ -2399,6 +2431,13 @@ class FusedAccumulator(torch.optim.Optimizer):
         copies are rounded back, the masters into the half params). Returns the runner of
         the inner optimizer's post-hooks (see _inner_step).
         """
+        # every torch optimizer reads lr: one that cannot be read is refused naming its
+        # group before the prepared gradient is made (the others are the optimizer's own)
+        for gi, (group, buckets) in enumerate(zip(self.inner.param_groups, self._buckets)):
+            lr = group.get("lr")
+            if any(any(b.touched) for b in buckets) and not (
+                    isinstance(lr, torch.Tensor) and lr.numel() == 1):
+                _hyper(gi, "lr", lr)
         swapped = []  # (the group's params list, position, half param, its fp32 copy)
         state = self.inner.state
         scaled = []
@@ -2637,22 +2676,42 @@ class FusedAccumulator(torch.optim.Optimizer):
                 for i, pi in enumerate(b.indices):
                     where[id(b), i] = (gi, pi)
 
-        def check(what: str, idx, value) -> None:
+        def check(what: str, idx, value, need: bool = False) -> None:
+            """A value the load copies into the flat buffers: None (absent, unless
+            ``need``), or a real floating-point tensor of its param's shape (else the copy
+            would fail half way through the load, or broadcast silently)."""
             b, i = index.get(int(idx), (None, 0))
             if b is None:
                 raise ValueError(f"{what}: there is no param {idx} (the optimizer has "
                                  f"{len(index)})")
-            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(b.shapes[i]):
+            if value is None and not need:
+                return
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() \
+                    or value.is_meta:
+                kind = type(value).__name__ if not isinstance(value, torch.Tensor) else \
+                    f"a {'meta' if value.is_meta else value.dtype} tensor"
+                raise ValueError(f"{what} is {kind}, not a floating-point tensor with data")
+            if tuple(value.shape) != tuple(b.shapes[i]):
                 gi, pi = where[id(b), i]
                 name = self._param_name(mine[gi], gi, pi, b.params[i])
                 raise ValueError(f"{what} has shape {tuple(value.shape)}, but belongs to {name}")
 
+        if self._kind is not None:
+            self._check_loaded_groups(sd["param_groups"])
         for idx, st in sd["state"].items():
+            if idx in index and not isinstance(st, dict):
+                raise ValueError(f"state_dict['state'][{idx!r}] is {type(st).__name__}, not "
+                                 "a dict")
             step = st.get("step") if isinstance(st, dict) else None
-            if step is not None and not (isinstance(step, numbers.Real) or (
-                    isinstance(step, torch.Tensor) and step.numel() == 1)):
+            if step is not None and not (
+                    (isinstance(step, numbers.Real) and not isinstance(step, bool)) or (
+                        isinstance(step, torch.Tensor) and step.numel() == 1
+                        and not step.is_meta and not step.is_complex())):
                 raise ValueError(f"state_dict['state'][{idx!r}]['step'] is {step!r}, not a "
                                  "number")
+            if step is not None and not _as_float(step) >= 0:  # (a load reads it anyway)
+                raise ValueError(f"state_dict['state'][{idx!r}]['step'] is {step!r}, not a "
+                                 "count of steps (>= 0)")
             if self._kind is not None and idx in index and isinstance(st, dict):
                 for key in (*_ADAM_KEYS, "momentum_buffer"):
                     check(f"state_dict['state'][{idx!r}][{key!r}]", idx, st.get(key))
@@ -2700,9 +2759,33 @@ class FusedAccumulator(torch.optim.Optimizer):
                 f"{saved_world} process(es), or save at a boundary (after the step() that "
                 "applies an update) to change the number of processes")
         for part in ("masters", "accumulators"):
-            for idx, value in extra.get(part, {}).items():
-                check(f"state_dict['fusedaccum'][{part!r}][{idx!r}]", idx, value)
+            entries = extra.get(part, {})
+            if not isinstance(entries, dict):
+                raise ValueError(f"the state dict's 'fusedaccum' entry has {part} of type "
+                                 f"{type(entries).__name__}, not a dict")
+            for idx, value in entries.items():
+                check(f"state_dict['fusedaccum'][{part!r}][{idx!r}]", idx, value, need=True)
         return sd, extra
+
+    def _check_loaded_groups(self, groups: list) -> None:
+        """Fused path: ValueError (changing nothing) where a saved group, as torch's load
+        makes it (its ``__setstate__`` fills in the keys newer than the checkpoint), has a
+        hyperparameter the update cannot read: a state dict of another optimizer (SGD's
+        into AdamW has no betas) loaded, and failed only at the next boundary."""
+        cls = type(self.inner)
+        try:
+            probe = cls.__new__(cls)
+            probe.__setstate__({"state": {}, "param_groups": [dict(g) for g in groups],
+                                "defaults": dict(self.inner.defaults)})
+            loaded = probe.param_groups
+        except Exception:  # (an optimizer whose __setstate__ needs more: torch's checks only)
+            return
+        for gi, (group, buckets) in enumerate(zip(loaded, self._buckets)):
+            try:
+                self._hparams(gi, group, buckets)
+            except ValueError as exc:
+                raise ValueError(f"the state dict's {exc} (a state dict of another optimizer "
+                                 f"than {cls.__name__}?)") from None
 
     def _load_state_dict(self, state_dict: dict) -> None:
         self._sync_groups()
@@ -2710,6 +2793,13 @@ class FusedAccumulator(torch.optim.Optimizer):
         sd = dict(state_dict)
         extra = sd.pop("fusedaccum", None)
         sd, extra = self._check_loadable(sd, extra)
+        # the next window's length, where the load ends at a boundary: asked before
+        # anything changes, so that a callable that raises leaves the wrapper as it was
+        next_k = None
+        if extra is not None and int(extra["micro_step"]) == 0 and self._k_fn is not None:
+            next_k = _check_k(self._k_fn(int(extra["update_count"]) +
+                                         int(extra["skipped_steps"])),
+                              "accumulation_steps(windows_ended)")
         self._drop_pending()
         if self._kind is not None:
             # torch would cast the state to the stepped tensors' dtype (half, without
@@ -2756,7 +2846,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         if self.micro_step > 0:
             self._window_k = int(extra["window_k"])
         else:
-            self._start_k()
+            self._window_k = next_k if next_k is not None else self._next_k()
         self._warned_skip = bool(extra.get("warned_skip", False))
         if extra.get("loss_scale") is not None and self._scaler is not None:
             self._scaler.load_state_dict(extra["loss_scale"])

@@ -24,8 +24,12 @@ class LossScaler:
             if isinstance(spec, bool) or not isinstance(spec, (int, float)):
                 raise ValueError(
                     f"loss_scale must be None, 'dynamic' or a positive float, got {spec!r}")
-            if not (math.isfinite(spec) and spec > 0):
-                raise ValueError(f"loss_scale must be a positive finite float, got {spec!r}")
+            # (in float32, where the scale is kept: 1e39 was inf there, 1e-46 was 0, and
+            # every window was then skipped)
+            if not (math.isfinite(spec) and spec > 0) or not (
+                    0 < torch.tensor(float(spec), dtype=torch.float32).item() < math.inf):
+                raise ValueError(f"loss_scale must be a positive finite float (in float32: "
+                                 f"about 1.2e-38 to 3.4e38), got {spec!r}")
         self.scale = torch.tensor(float(init_scale if self.dynamic else spec),
                                   dtype=torch.float32, device=device)
         self.growth_factor = growth_factor

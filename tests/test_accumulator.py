@@ -1105,6 +1105,9 @@ def test_an_inner_pre_hook_that_sets_a_sparse_grad_is_refused_and_changes_nothin
 @pytest.mark.parametrize("opt_name,bad", [
     ("adamw", None), ("sgd_momentum", None), ("adamw", (0.9,)),
     ("adamw", torch.tensor([1e-2, 1e-2])), ("sgd_momentum", torch.tensor([1e-2, 1e-2])),
+    # (a string: float() read "0.01", and "nan"; the generic path: torch's own error, after
+    # RMSprop had written its state)
+    ("adamw", "0.01"), ("sgd_momentum", "nan"), ("rmsprop", None), ("rmsprop", "0.01"),
 ], ids=repr)
 def test_a_group_whose_hyperparameters_cannot_be_read_fails_before_any_update(
         device, opt_name, bad, hook):

@@ -223,11 +223,74 @@ def test_callable_accumulation_steps_reads_the_window_that_ended():
     assert [(n, u) for n, u, _ in seen] == [(0, None), (1, 1), (2, 2)]
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5, -INF, float("nan"), True, "1.0"])
+@pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5, -INF, float("nan"), True, "1.0", 1e-300])
 def test_bad_max_grad_norm(bad):
+    """(1e-300 is 0 in float32, where the clip coefficient is computed.)"""
     _, inner = _model_opt()
     with pytest.raises(ValueError, match="max_grad_norm"):
         wrap(inner, max_grad_norm=bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, -2.0, INF, float("nan"), "static", True, 1e39, 1e-46])
+def test_bad_loss_scale(bad):
+    """(1e39 is inf in float32, where the scale is kept, and 1e-46 is 0: every window
+    was skipped.)"""
+    _, inner = _model_opt()
+    with pytest.raises(ValueError, match="loss_scale"):
+        wrap(inner, loss_scale=bad)
+
+
+@pytest.mark.parametrize("bad", [0, 1, "no", 0.0])
+def test_bad_master_weights(bad):
+    """(0 == False: it passed the check and kept the masters.)"""
+    _, inner = _model_opt()
+    with pytest.raises(ValueError, match="master_weights must be None, True or False"):
+        wrap(inner, master_weights=bad)
+
+
+def test_max_grad_norm_and_accumulation_steps_set_later_are_checked_and_used():
+    """Set on the wrapper after construction (a clipping schedule, a longer window): a bad
+    value is refused as the constructor refuses it, keeping the old one (-1 was taken, a
+    negative multiplier: gradient ascent); a good one applies from the next boundary, and
+    to the next window (the one under way keeps its length)."""
+    model = make_model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2,
+               max_grad_norm=1.0)
+    for bad in (-1, 0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            opt.max_grad_norm = bad
+        assert opt.max_grad_norm == 1.0
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="accumulation_steps"):
+            opt.accumulation_steps = bad
+        assert opt.accumulation_steps == 2
+    batches = make_batches(7)
+    x, y = batches[0]
+    mse(model(x), y).backward()
+    opt.step()
+    opt.accumulation_steps = 3  # (mid-window: this window stays 2 long)
+    opt.max_grad_norm = 1e-3
+    x, y = batches[1]
+    mse(model(x), y).backward()
+    opt.step()
+    assert opt.stepped and opt.update_count == 1
+    assert float(opt.grad_norm) > 1e-2  # (so that 1e-3 clips)
+    before = [p.detach().clone() for p in model.parameters()]
+    ends = []
+    for x, y in batches[2:5]:
+        mse(model(x), y).backward()
+        ends.append(opt.accumulation_boundary)
+        opt.step()
+    assert ends == [False, False, True] and opt.stepped
+    # plain SGD moves by lr times the clipped gradient, whose norm is the threshold
+    moved = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before)])
+    torch.testing.assert_close(moved.norm(), torch.tensor(0.1 * 1e-3), rtol=1e-4, atol=0)
+    opt.accumulation_steps = lambda n: 1  # (between windows: the next one takes it)
+    x, y = batches[5]
+    mse(model(x), y).backward()
+    assert opt.accumulation_boundary
+    opt.step()
+    assert opt.stepped and opt.update_count == 3
 
 
 def test_infinite_max_grad_norm_clips_nothing():

@@ -25,6 +25,7 @@ from _models import (
     as_float,
     assert_params_close,
     assert_states_close,
+    assert_unchanged,
     big_batch_update,
     group_tensors,
     make_batches,
@@ -34,6 +35,7 @@ from _models import (
     poison,
     reference_big_batch,
     run_managed,
+    snapshot,
     wrap,
 )
 
@@ -398,7 +400,10 @@ def test_cpu_mapped_checkpoint_loads_onto_cuda_params(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bad", ["other model", "master shape", "window shape", "no counters",
                                  "group sizes", "no window length", "step not a number",
-                                 "scaled window"])
+                                 "scaled window", "state not a dict", "state a list",
+                                 "state a meta tensor", "state an int tensor", "master a string",
+                                 "window a string", "window None", "masters a list",
+                                 "negative step", "SGD's groups", "lr None"])
 def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, dtype, bad):
     """Everything is checked before anything is loaded: the error names what does not fit,
     and the wrapper (hyperparameters, state, masters, window, counters) is as before."""
@@ -442,6 +447,46 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, d
         other["fusedaccum"]["loss_scale"] = {"dynamic": True, "scale": torch.tensor(2.0**16),
                                              "growth_tracker": 0}
         match = r"partial window \(\d+ params' gradients\), scaled by the loss scale of"
+    # (values of other types than the load copies: they failed half way through the load,
+    # with the state already emptied or partly replaced)
+    elif bad in ("state not a dict", "state a list", "state a meta tensor",
+                 "state an int tensor"):
+        other = copy.deepcopy(sd)
+        value = other["state"][0]["exp_avg"]
+        if bad == "state not a dict":
+            other["state"][0] = [1]
+            match = r"\['state'\]\[0\] is list, not a dict"
+        else:
+            other["state"][0]["exp_avg"] = {
+                "state a list": [0.0], "state a meta tensor": value.to("meta"),
+                "state an int tensor": value.long()}[bad]
+            match = r"\['exp_avg'\] is (list|a meta tensor|a torch.int64 tensor), not a"
+    elif bad in ("master a string", "window a string", "window None", "masters a list"):
+        other = copy.deepcopy(sd)
+        extra = other["fusedaccum"]
+        if bad == "master a string":
+            extra["masters"] = {0: "x"}
+            match = r"\['masters'\]\[0\] is str, not a floating-point tensor"
+        elif bad == "masters a list":
+            extra["masters"] = [1]
+            match = "has masters of type list, not a dict"
+        else:
+            extra["accumulators"][0] = "x" if bad == "window a string" else None
+            match = r"\['accumulators'\]\[0\] is (str|NoneType), not a floating-point"
+    elif bad == "negative step":
+        other = copy.deepcopy(sd)
+        other["state"][1]["step"] = torch.tensor(-3.0)
+        match = r"\['step'\] is tensor\(-3\.\), not a count of steps"
+    elif bad == "SGD's groups":  # a state dict of another optimizer, loaded by torch
+        other = copy.deepcopy(sd)
+        other["param_groups"] = [dict(torch.optim.SGD(model.parameters(), lr=0.1)
+                                      .state_dict()["param_groups"][0],
+                                      params=g["params"]) for g in sd["param_groups"]]
+        match = "param group 0 has no 'betas' entry .*another optimizer than AdamW"
+    elif bad == "lr None":
+        other = copy.deepcopy(sd)
+        other["param_groups"][0]["lr"] = None
+        match = "param group 0: lr=None is not a number"
     else:
         other = copy.deepcopy(sd)
         other["param_groups"][0]["params"] = other["param_groups"][0]["params"][:-1]
@@ -457,6 +502,31 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, d
         assert all(torch.equal(got[i], want[i]) for i in want)
     assert {k: v for k, v in after["fusedaccum"].items() if k not in ("masters", "accumulators")} \
         == {k: v for k, v in sd["fusedaccum"].items() if k not in ("masters", "accumulators")}
+
+
+def test_a_load_whose_window_length_callable_raises_changes_nothing(device):
+    """Loaded at a boundary, the next window's length is asked of the loading wrapper's
+    callable: where it raises (here an index past its list), before anything is loaded
+    (it raised after the whole load, with the counters already the checkpoint's)."""
+    k = 2
+    windows = make_windows(3, k, device=device)
+    model, opt = _wrapped(torch.float32, device, accumulation_steps=lambda n: k)
+    run_managed(model, opt, windows[:2])
+    sd = opt.state_dict()
+    other, other_opt = _wrapped(torch.float32, device, seed=5,
+                                accumulation_steps=lambda n: [k, k][n])
+    snap = snapshot(other, other_opt)
+    with pytest.raises(IndexError):
+        other_opt.load_state_dict(sd)
+    assert_unchanged(snap, other, other_opt)
+    assert other_opt.update_count == 0 and other_opt.accumulation_boundary is False
+    other_opt.accumulation_steps = lambda n: k
+    other.load_state_dict(model.state_dict())
+    other_opt.load_state_dict(sd)
+    assert other_opt.update_count == 2
+    run_managed(model, opt, windows[2:])
+    run_managed(other, other_opt, windows[2:])
+    assert_params_close(other, model, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("saved,loading", [("dynamic", None), (None, "dynamic"),
