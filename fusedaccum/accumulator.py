@@ -1632,8 +1632,12 @@ class FusedAccumulator(torch.optim.Optimizer):
     def _check_num_items(num_items, local: bool = False) -> None:
         """ValueError unless ``num_items`` is a finite number > 0 (>= 0 where ``local``:
         one rank's count, which may be 0 where the others' are not)."""
-        def ok(n) -> bool:
-            return (n >= 0 if local else n > 0) and math.isfinite(n)
+        def ok(n) -> bool:  # (finite in float32, where the boundary divides by it)
+            try:
+                f = float(n)
+            except OverflowError:  # (an int past float's range)
+                return False
+            return (f >= 0 if local else f > 0) and f <= torch.finfo(torch.float32).max
 
         want = "a finite number >= 0 (this rank's item count of the window)" if local \
             else "a finite number > 0 (the window's item count)"
@@ -1644,6 +1648,8 @@ class FusedAccumulator(torch.optim.Optimizer):
             if num_items.dtype == torch.bool or num_items.is_complex():
                 raise ValueError(f"num_items must be a real number, got a {num_items.dtype} "
                                  "tensor")
+            if num_items.is_meta:
+                raise ValueError("num_items must be a number, got a meta tensor (no value)")
             if num_items.device.type == "cpu":
                 n = num_items.item()
                 if not ok(n):

@@ -652,7 +652,8 @@ def test_meta_device_param_is_rejected_naming_it(backend):
 
 
 @pytest.mark.parametrize("bad", [0, -5, float("inf"), torch.tensor(float("inf")),
-                                 torch.tensor(True)], ids=repr)
+                                 torch.tensor(True), 10**40, 1e39,
+                                 torch.tensor(1.0, device="meta")], ids=repr)
 def test_bad_num_items_is_rejected_and_loses_nothing(bad):
     k = 2
     sizes = [3, 5]
