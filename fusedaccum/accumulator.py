@@ -2790,8 +2790,9 @@ class FusedAccumulator(torch.optim.Optimizer):
             try:
                 self._hparams(gi, group, buckets)
             except ValueError as exc:
-                raise ValueError(f"the state dict's {exc} (a state dict of another optimizer "
-                                 f"than {cls.__name__}?)") from None
+                why = f" (a state dict of another optimizer than {cls.__name__}?)" \
+                    if "has no" in str(exc) else ""
+                raise ValueError(f"the state dict's {exc}{why}") from None
 
     def _load_state_dict(self, state_dict: dict) -> None:
         self._sync_groups()
