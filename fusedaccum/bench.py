@@ -1919,10 +1919,11 @@ def _main(argv_or_namespace) -> int:
             print(f"bench: {flag} must be a finite number of seconds > 0, got {value}",
                   file=sys.stderr)
             return 2
-    if args.window_rounds < 1:
-        print(f"bench: --window-rounds must be at least 1, got {args.window_rounds}",
-              file=sys.stderr)
-        return 2
+    for flag, value in (("--window-rounds", args.window_rounds),
+                        ("--max-buffer-sets", args.max_buffer_sets)):
+        if value is not None and value < 1:  # (0 sets would have meant the default)
+            print(f"bench: {flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     _Deliver.fresh = not getattr(args, "premade_grads", False)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -89,6 +89,21 @@ def test_demo_and_bench_refuse_bad_arguments_cleanly(tmp_path):
         assert "Traceback" not in proc.stderr and proc.stderr.strip(), _explain(proc)
 
 
+def test_bench_refuses_a_max_buffer_sets_below_one(tmp_path):
+    """--max-buffer-sets 0 meant the default (4096 sets) and -1 started timing; both exit
+    with status 2 before anything is timed, as the other bad flags do. (The flags around
+    it keep the run tiny, should it ever start.)"""
+    for value in ("0", "-1"):
+        out = tmp_path / value
+        proc = _run("bench", "--quick", "--ops", "none", "--no-windows", "--copy-size", "1K",
+                    "--no-plot", "--no-progress", "--device", "cpu", "--out", str(out),
+                    "--max-buffer-sets", value, timeout=300)
+        assert proc.returncode == 2, _explain(proc)
+        assert f"bench: --max-buffer-sets must be at least 1, got {value}" in proc.stderr, \
+            _explain(proc)
+        assert "Traceback" not in proc.stderr and not out.exists(), _explain(proc)
+
+
 def test_bench_keeps_an_earlier_report_of_the_same_day(tmp_path):
     """A second run on the same day writes its own report (named with the time) instead
     of overwriting the first one, which the README may cite."""

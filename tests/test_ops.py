@@ -522,7 +522,13 @@ def _refused_everywhere(backend, op_name, args, kwargs, exc, match):
         with pytest.raises(exc, match=match):
             call(*args, **kwargs, **extra)
         for t, b in zip(flat, before):
-            assert torch.equal(t.detach(), b), f"{name}: a tensor changed although the call failed"
+            assert _same_bits(t.detach(), b), f"{name}: a tensor changed although the call failed"
+
+
+def _same_bits(a, b):
+    """Bitwise equal (NaN payloads and the sign of zero included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
@@ -690,6 +696,297 @@ def test_accs_that_require_grad_are_refused_in_grad_mode(backend_device):
         got_many = [plain.clone(), leaf.clone().requires_grad_(True)]
         ops.accumulate_many_(got_many, [grad, grad], 0.5, backend=backend)
         torch.testing.assert_close(got_many[1].detach(), want, rtol=1e-6, atol=1e-6)
+
+
+def _overlap_cases(dev, n=33):
+    """(op name, args, kwargs, the two arguments the error names) of calls in which a tensor
+    the op writes shares memory with another argument."""
+    def buf(k=3):
+        return _rand(k * n, torch.float32, dev, 50)
+
+    def grad(dtype=torch.bfloat16):
+        return _rand(n, dtype, dev, 51)
+
+    cases = []
+    b = buf()
+    cases.append(("accumulate_", [b[:n], b[2:n + 2]], {}, ("acc", "grad")))  # grad after acc
+    b = buf()
+    cases.append(("accumulate_", [b[2:n + 2], b[:n]], {}, ("acc", "grad")))  # grad before acc
+    a = buf(1)
+    cases.append(("accumulate_", [a, a], dict(norm_type=2.0), ("acc", "grad")))
+    b = buf()
+    cases.append(("accumulate_", [b[:n], b.view(torch.bfloat16)[n - 1:2 * n - 1]], {},
+                  ("acc", "grad")))  # another dtype over the same bytes
+    a = buf(1)
+    cases.append(("accumulate_many_", [[a, a], [grad(), grad()]], {}, ("accs[0]", "accs[1]")))
+    b = buf()
+    cases.append(("accumulate_many_", [[b[:n], b[n - 1:2 * n - 1]], [grad(), grad()]], {},
+                  ("accs[0]", "accs[1]")))
+    b = buf()
+    cases.append(("accumulate_many_", [[_rand(n, torch.float32, dev, 52), b[:n]],
+                                       [b[n // 2:n // 2 + n], grad(torch.float32)]], {},
+                  ("accs[1]", "grads[0]")))
+    for op_name in ("adamw_step_", "sgd_step_"):
+        names = _STEP_ARGS[op_name][:-1]  # (model_out is half: checked on its own below)
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                args = _step_tensors(op_name, dev, n)
+                args[j] = args[i]  # the same tensor twice
+                cases.append((op_name, args, {}, (names[i], names[j])))
+        args = _step_tensors(op_name, dev, n)
+        b = buf()
+        args[0], args[1] = b[:n], b[n // 2:n // 2 + n]  # param and acc overlap
+        cases.append((op_name, args, {}, ("param", "acc")))
+        args = _step_tensors(op_name, dev, n)
+        args[-1] = args[0].view(torch.bfloat16)[:n]  # model_out over param's bytes
+        cases.append((op_name, args, {}, ("param", "model_out")))
+        args = _step_tensors(op_name, dev, n)  # acc only read: still refused (param written)
+        args[0] = args[1]
+        cases.append((op_name, args, dict(zero_acc=False), ("param", "acc")))
+        args = _step_tensors(op_name, dev, n)
+        cases.append((op_name, args, dict(grad_mult=args[1][5:6]), ("acc", "grad_mult")))
+        args = _step_tensors(op_name, dev, n)
+        cases.append((op_name, args, dict(found_inf=args[0][:1].view(1, 1)),
+                      ("param", "found_inf")))
+    return cases
+
+
+def test_overlapping_arguments_are_refused(backend_device):
+    """Aliased or overlapping tensors where the op writes one of them: the cpu and triton
+    kernels wrote silently (each in its own order), the reference sometimes too and
+    sometimes failed with autograd's in-place error. Every backend refuses them, naming
+    both arguments, before writing anything."""
+    backend, dev = backend_device
+    for op_name, args, extra, (a, b) in _overlap_cases(dev):
+        kw = dict(extra)
+        if op_name in _STEP_HP:
+            kw = {"grad_mult": 0.5, "found_inf": 0.0, **_STEP_HP[op_name], **extra}
+        _refused_everywhere(backend, op_name, args, kw, ValueError,
+                            rf"^{re.escape(a)} and {re.escape(b)} share memory, and the op "
+                            "writes ")
+
+
+def test_arguments_that_are_only_read_may_share_memory(backend_device):
+    """What no write reaches may alias: the same grad for two accs, zero-element views at
+    one address, an unused state buffer (amsgrad=False, momentum=0), accs side by side."""
+    backend, dev = backend_device
+    n = 33
+    g = _rand(n, torch.bfloat16, dev, 60)
+    flat = _rand(3 * n, torch.float32, dev, 61)
+    e = flat[n:n]
+    for call in (
+        lambda mod, **kw: mod.accumulate_many_([flat[:n], flat[n:2 * n], e, flat[n:n]],
+                                               [g, g, g[:0], g[:0]], 0.5, **kw),
+        lambda mod, **kw: mod.accumulate_(e, flat[n:n], **kw),
+    ):
+        before = flat.clone()
+        call(ops, backend=backend)
+        got = flat.clone()
+        flat.copy_(before)
+        call(reference)
+        assert _same_bits(got, flat)
+    hp = dict(grad_mult=0.5, found_inf=0.0)
+    cases = [("adamw_step_", dict(_STEP_HP["adamw_step_"], amsgrad=False), 4, 2),
+             ("sgd_step_", dict(_STEP_HP["sgd_step_"], momentum=0.0), 2, 1)]
+    for op_name, op_hp, unused, alias in cases:
+        outs = {}
+        for name, call in ((backend, getattr(ops, op_name)),
+                           ("reference", getattr(reference, op_name))):
+            args = _step_tensors(op_name, dev, n)
+            args[unused] = args[alias]  # never read or written
+            extra = dict(backend=backend) if name == backend else {}
+            call(*args, **hp, **op_hp, **extra)
+            outs[name] = args
+        for got, want in zip(outs[backend], outs["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("arg, value", [
+    ("lr", -1e-3), ("lr", float("nan")), ("eps", -1e-8), ("beta1", 1.0), ("beta1", -0.1),
+    ("beta1", 1.5), ("beta2", 1.0), ("beta2", -1e-3), ("beta2", float("nan")),
+    ("weight_decay", -0.01),
+])
+def test_adamw_hyperparameters_torch_refuses_are_refused(backend_device, arg, value):
+    """beta1=1.0 divided by zero in the reference and triton and gave non-finite params on
+    cpu; negative lr/eps/weight_decay were taken. torch.optim.AdamW refuses all of these
+    at construction: every backend refuses them, naming the argument."""
+    backend, dev = backend_device
+    betas = {"beta1": (value, 0.999), "beta2": (0.9, value)}.get(arg, (0.9, 0.999))
+    with pytest.raises(ValueError):
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], betas=betas,
+                          **{k: value for k in (arg,) if not k.startswith("beta")})
+    kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP["adamw_step_"])
+    kw[arg] = value
+    what = "in \\[0, 1\\)" if arg.startswith("beta") else ">= 0"
+    _refused_everywhere(backend, "adamw_step_", _step_tensors("adamw_step_", dev), kw,
+                        ValueError, rf"^{arg} must be {what}, got {re.escape(str(value))} "
+                        r"\(torch\.optim\.AdamW refuses it too")
+
+
+@pytest.mark.parametrize("hp, match", [
+    (dict(lr=-0.1), r"^lr must be >= 0, got -0\.1"),
+    (dict(momentum=-0.5), r"^momentum must be >= 0, got -0\.5"),
+    (dict(weight_decay=-1e-4), r"^weight_decay must be >= 0, got -0\.0001"),
+    (dict(nesterov=True, momentum=0.0), r"^nesterov=True needs momentum > 0 and dampening "
+                                        r"== 0, got momentum=0\.0 and dampening=0\.0"),
+    (dict(nesterov=True, dampening=0.5), r"^nesterov=True needs momentum > 0 and dampening "
+                                         r"== 0, got momentum=0\.9 and dampening=0\.5"),
+    (dict(nesterov=True, momentum=-0.9), r"^momentum must be >= 0, got -0\.9"),
+])
+def test_sgd_hyperparameters_torch_refuses_are_refused(backend_device, hp, match):
+    """Taken silently by every backend; torch.optim.SGD refuses them at construction."""
+    backend, dev = backend_device
+    with pytest.raises(ValueError):
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], **hp)
+    kw = dict(grad_mult=0.5, found_inf=0.0, **{**_STEP_HP["sgd_step_"], **hp})
+    _refused_everywhere(backend, "sgd_step_", _step_tensors("sgd_step_", dev), kw, ValueError,
+                        match)
+
+
+def test_hyperparameters_at_the_edge_of_torch_ranges_are_taken(backend_device):
+    """What torch.optim takes (zeros, SGD's negative dampening) still runs, and agrees
+    with the reference."""
+    backend, dev = backend_device
+    cases = [("adamw_step_", dict(lr=0.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0)),
+             ("adamw_step_", dict(beta1=0.0, beta2=0.0)),
+             ("sgd_step_", dict(lr=0.0, momentum=0.0, weight_decay=0.0)),
+             ("sgd_step_", dict(momentum=0.5, dampening=-1.0))]
+    for op_name, hp in cases:
+        kw = dict(grad_mult=0.5, found_inf=0.0, **{**_STEP_HP[op_name], **hp})
+        want = _step_tensors(op_name, dev)
+        getattr(reference, op_name)(*want, **kw)
+        got = _step_tensors(op_name, dev)
+        getattr(ops, op_name)(*got, backend=backend, **kw)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-3, equal_nan=True)
+
+
+@pytest.mark.parametrize("step, exc, match", [
+    (2.5, ValueError, r"^step must be an integer \(the step number after this update\), "
+                      r"got 2\.5$"),
+    (float("inf"), ValueError, r"^step must be an integer"),
+    (float("nan"), ValueError, r"^step must be an integer"),
+    (0, ValueError, r"^step must be >= 1 \(the step number after this update\), got 0$"),
+    (0.0, ValueError, r"^step must be >= 1 .*got 0$"),
+    (-3, ValueError, r"^step must be >= 1 .*got -3$"),
+    (2**63, ValueError, r"^step must be < 2\*\*63 .*got 9223372036854775808$"),
+    (1e300, ValueError, r"^step must be < 2\*\*63 .*got 1000000"),
+    ("3", TypeError, r"^step must be an integer \(int, or an integral float\), got str '3'$"),
+    (None, TypeError, r"^step must be an integer .*got NoneType None$"),
+    (True, TypeError, r"^step must be an integer .*got bool True$"),
+    (3 + 0j, TypeError, r"^step must be a real number"),
+])
+def test_step_must_be_an_integer_of_at_least_one(backend_device, step, exc, match):
+    """step=2.5 was taken everywhere, cpu truncating it to 2 where the reference used 2.5;
+    "3" failed with a raw comparison TypeError."""
+    backend, dev = backend_device
+    kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP["adamw_step_"])
+    kw["step"] = step
+    _refused_everywhere(backend, "adamw_step_", _step_tensors("adamw_step_", dev), kw, exc,
+                        match)
+
+
+def test_step_in_every_accepted_form_agrees(backend_device):
+    """An int, an integral float (what torch's float step tensors hold) or a one-element
+    tensor holding one: the bits of step=3."""
+    backend, dev = backend_device
+    kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP["adamw_step_"])
+    for name, call in ((backend, ops.adamw_step_), ("reference", reference.adamw_step_)):
+        extra = dict(backend=backend) if name == backend else {}
+        want = _step_tensors("adamw_step_", dev)
+        call(*want, **{**kw, "step": 3}, **extra)
+        for step in (3.0, torch.tensor(3.0), torch.tensor([3], device=dev)):
+            got = _step_tensors("adamw_step_", dev)
+            call(*got, **{**kw, "step": step}, **extra)
+            for arg, g, w in zip(_STEP_ARGS["adamw_step_"], got, want):
+                assert _same_bits(g, w), (name, arg, step)
+
+
+def _wrong_type_cases(dev, n=33):
+    """(op name, args, kwargs, exception, message) with a number argument of the wrong
+    type or holding several values."""
+    acc, grad = _rand(n, torch.float32, dev, 70), _rand(n, torch.bfloat16, dev, 71)
+    many = [[acc, _rand(5, torch.float32, dev, 72)], [grad, _rand(5, torch.bfloat16, dev, 73)]]
+    cases = []
+    for op_name, args in (("accumulate_", [acc, grad]), ("accumulate_many_", many)):
+        for norm_type in (None, 2.0):
+            for value in ("2", None, [2.0], 2 + 0j, torch.tensor(2 + 1j, device=dev)):
+                cases.append((op_name, args + [value], dict(norm_type=norm_type), TypeError,
+                              r"^scale must be a real number or a one-element real tensor, "
+                              "got "))
+            cases.append((op_name, args + [torch.tensor([2.0, 3.0], device=dev)],
+                          dict(norm_type=norm_type), ValueError,
+                          r"^scale must hold exactly one value .*got a tensor of shape \(2,\)"))
+    cases.append(("accumulate_many_", [[], [], "2"], {}, TypeError, r"^scale must be a real"))
+    for op_name, names in (("adamw_step_", ["lr", "beta1", "beta2", "eps", "weight_decay"]),
+                           ("sgd_step_", ["lr", "momentum", "dampening", "weight_decay"])):
+        for name in [*names, "grad_mult", "found_inf"]:
+            for value in (None, "0.1", [0.1]):
+                kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP[op_name])
+                kw[name] = value
+                cases.append((op_name, _step_tensors(op_name, dev, n), kw, TypeError,
+                              rf"^{name} must be a real number or a one-element real tensor, "
+                              rf"got {type(value).__name__}"))
+            kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP[op_name])
+            kw[name] = torch.zeros(2, device=dev)
+            cases.append((op_name, _step_tensors(op_name, dev, n), kw, ValueError,
+                          rf"^{name} must hold exactly one value"))
+    return cases
+
+
+def test_number_arguments_of_the_wrong_type_are_refused(backend_device):
+    """scale="2" was taken by cpu and triton (float("2")) and a raw add_ error on the
+    reference; lr=None or "0.1" failed with raw errors, differently per backend."""
+    backend, dev = backend_device
+    for op_name, args, kw, exc, match in _wrong_type_cases(dev):
+        _refused_everywhere(backend, op_name, args, kw, exc, match)
+
+
+def test_scale_in_every_accepted_form_agrees(backend_device):
+    """A real number or a one-element real tensor of any shape: the bits of the float
+    (a (1,)-shaped tensor failed on the reference)."""
+    backend, dev = backend_device
+    n = 33
+    acc0, grad = _rand(n, torch.float32, dev, 80), _rand(n, torch.bfloat16, dev, 81)
+    for name in (backend, "reference"):
+        mod, extra = (ops, dict(backend=backend)) if name == backend else (reference, {})
+        for overwrite in (False, True, 0, 1):
+            want = acc0.clone()
+            mod.accumulate_(want, grad, 2.0, overwrite=bool(overwrite), **extra)
+            for scale in (2, torch.tensor(2.0), torch.tensor([2.0], device=dev),
+                          torch.tensor([[2]], device=dev)):
+                got = acc0.clone()
+                mod.accumulate_(got, grad, scale, overwrite=overwrite, **extra)
+                assert _same_bits(got, want), (name, scale, overwrite)
+                got_many = [acc0.clone()]
+                mod.accumulate_many_(got_many, [grad], scale,
+                                     overwrite=[overwrite] if overwrite else None, **extra)
+                assert _same_bits(got_many[0], want), (name, scale, overwrite)
+
+
+def test_flags_must_be_bools(backend_device):
+    """overwrite="no" (truthy) overwrote the accumulator on every backend; the step ops'
+    flags took any value alike."""
+    backend, dev = backend_device
+    acc, grad = _rand(33, torch.float32, dev, 90), _rand(33, torch.bfloat16, dev, 91)
+    cases = []
+    for value in ("no", None, 2, 1.0, [True]):
+        for norm_type in (None, 2.0):
+            cases.append(("accumulate_", [acc, grad], dict(overwrite=value,
+                                                           norm_type=norm_type), "overwrite",
+                          value))
+    flags = {"adamw_step_": ["decoupled_weight_decay", "amsgrad", "maximize", "zero_acc"],
+             "sgd_step_": ["nesterov", "maximize", "first_step", "zero_acc"]}
+    for op_name, names in flags.items():
+        for name in names:
+            for value in ("no", None):
+                kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP[op_name])
+                kw[name] = value
+                cases.append((op_name, _step_tensors(op_name, dev), kw, name, value))
+    for op_name, args, kw, name, value in cases:
+        _refused_everywhere(backend, op_name, args, kw, TypeError,
+                            rf"^{name} must be a bool, got {type(value).__name__} "
+                            rf"{re.escape(repr(value))}$")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1308,7 +1308,7 @@ _TRITON_OP_SCRIPT = textwrap.dedent("""
                            True)
         R.sgd_step_(*want, None, grad_mult=gm, found_inf=fi, lr=0.1, momentum=0.9,
                     dampening=0.1, weight_decay=0.01, nesterov=True, maximize=False,
-                    first_step=False)
+                    first_step=False, trusted=True)  # (nesterov with dampening: unchecked)
         for got, w in zip((p, acc, buf), want):
             torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
     print("ok")

@@ -30,7 +30,7 @@ Signatures (identical for every backend; the reference module is the definition)
     ``grads[i].numel() == accs[i].numel()``; all contiguous (any shape: only element
     counts must agree), on one device. An empty list does nothing; zero-element tensors
     are allowed. Everything is checked before anything is written
-    (``reference.check_many_inputs``: ValueError/TypeError naming the argument and index).
+    (``reference.check_many_args``: ValueError/TypeError naming the argument and index).
 
 ``grad_norm(tensors, norm_type=2.0) -> Tensor``
     0-dim fp32 tensor: the total 2-norm or inf-norm over all elements of the fp32
@@ -57,10 +57,18 @@ lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, zero_acc=
 
 Every backend checks the arguments alike (the reference module's checks), before anything
 is written: TypeError or ValueError naming the argument for a wrong type, dtype, shape,
-size or device (``norm_type``: 2.0 or inf, or None where no statistic is asked for); and
+size or device (``norm_type``: 2.0 or inf, or None where no statistic is asked for; the
+numbers ``scale``, ``lr``, ``beta1``, ...: a real number or a one-element real tensor, not
+a string; the flags ``overwrite``, ``amsgrad``, ...: bools; ``step``: an integer >= 1,
+3.0 included); ValueError for hyperparameters torch.optim.AdamW / SGD refuse at
+construction (``beta1``/``beta2`` outside [0, 1), a negative ``lr``, ``eps``,
+``weight_decay`` or ``momentum``, ``nesterov`` without momentum or with dampening);
+ValueError naming both arguments where a tensor the op writes shares memory with another
+tensor argument (``reference.check_no_overlap``: tensors only read may alias); and
 RuntimeError for a tensor the op writes (``acc``, ``accs[i]``, ``param``, the state
 buffers, ``model_out``) that requires grad while grad mode is on, as torch refuses in-place
 writes to such leaves: the ops write without autograd (under ``torch.no_grad()`` they may).
+The step ops' ``trusted=True`` (the wrapper's own buffers) skips these checks.
 """
 
 from __future__ import annotations
@@ -71,8 +79,7 @@ import os
 import torch
 
 from fusedaccum.ops.reference import (
-    check_many_inputs,
-    check_many_overwrite,
+    check_many_args,
     check_norm_type,
     many_stat,
 )
@@ -190,8 +197,7 @@ def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None,
         grads = list(grads)
     check_norm_type(norm_type)
     if not isinstance(accs, (list, tuple)) or not accs or not isinstance(accs[0], torch.Tensor):
-        check_many_inputs(accs, grads)  # raises unless both lists are empty
-        check_many_overwrite(overwrite, 0)
+        check_many_args(accs, grads, scale, overwrite)  # raises unless both lists are empty
         return None if norm_type is None else many_stat([], norm_type)
     return get(backend, accs[0].device).accumulate_many_(accs, grads, scale,
                                                          overwrite=overwrite,

@@ -41,9 +41,9 @@ import torch
 from fusedaccum.ops.reference import (
     FLOAT_DTYPES,
     _check_flat,
+    check_accumulate_args,
     check_adamw_inputs,
-    check_many_inputs,
-    check_many_overwrite,
+    check_many_args,
     check_norm_inputs,
     check_norm_type,
     check_sgd_inputs,
@@ -442,12 +442,13 @@ _norm_type = norm_value  # 2.0 or inf, else ValueError naming norm_type
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
     _check_flat("acc", acc, (torch.float32,), None, None, True)  # (True: it is written)
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
+    norm = None if norm_type is None else _norm_type(norm_type)
+    scale, overwrite = check_accumulate_args(acc, grad, scale, overwrite)
     ops = _ops()
-    if norm_type is None:
-        ops["accumulate_"](acc, grad, float(scale), bool(overwrite))
+    if norm is None:
+        ops["accumulate_"](acc, grad, scale, overwrite)
         return None
-    return ops["accumulate_norm_"](acc, grad, float(scale), bool(overwrite),
-                                   _norm_type(norm_type))
+    return ops["accumulate_norm_"](acc, grad, scale, overwrite, norm)
 
 
 def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None,
@@ -455,14 +456,13 @@ def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None,
     """``accs[i] = (0 if overwrite[i] else accs[i]) + scale * grads[i]`` for every i
     (accumulate_, bitwise the same), in one op call: one C++ loop on CPU, one kernel
     launch per 64 pairs on CUDA. Lists (or tuples) of contiguous tensors of equal numel.
-    ``trusted``: the caller guarantees what check_many_inputs checks (the wrapper's
+    ``trusted``: the caller guarantees what check_many_args checks (the wrapper's
     batches do), and gives ``overwrite`` as None or 0/1 ints. With ``norm_type`` also the
     statistic of all updated accs (reference.accumulate_many_): in the same loop on CPU;
     on CUDA by a separate pass."""
     check_norm_type(norm_type)
     if not trusted:
-        check_many_inputs(accs, grads)
-        overwrite = check_many_overwrite(overwrite, len(accs))
+        scale, overwrite = check_many_args(accs, grads, scale, overwrite)
     if not accs:
         return None if norm_type is None else many_stat(accs, norm_type)
     ops = _ops()
@@ -483,8 +483,11 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
                 decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True,
                 trusted=False):
     if not trusted:  # (the wrapper's own flat buffers; the C++ binding checks them anyway)
-        check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out,
-                           amsgrad, step)
+        lr, beta1, beta2, eps, weight_decay, step = check_adamw_inputs(
+            param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult=grad_mult,
+            found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, step=step, decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad, maximize=maximize, zero_acc=zero_acc)
     ops = _ops()
     dev = param.device
     ops["adamw_step_"](
@@ -499,7 +502,10 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, fo
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
               zero_acc=True, trusted=False):
     if not trusted:
-        check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
+        lr, momentum, dampening, weight_decay = check_sgd_inputs(
+            param, acc, momentum_buffer, model_out, grad_mult=grad_mult, found_inf=found_inf,
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, first_step=first_step, zero_acc=zero_acc)
     ops = _ops()
     dev = param.device
     ops["sgd_step_"](

@@ -70,22 +70,171 @@ def _check_step_inputs(param, acc, extra: dict, model_out):
             _refuse_requires_grad("model_out", model_out)
 
 
-def check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, amsgrad,
-                       step) -> None:
-    """The argument checks every backend's adamw_step_ makes before touching anything."""
+def check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, *,
+                       grad_mult, found_inf, lr, beta1, beta2, eps, weight_decay, step,
+                       decoupled_weight_decay, amsgrad, maximize, zero_acc) -> tuple:
+    """The argument checks every backend's adamw_step_ makes before touching anything:
+    the tensors (_check_step_inputs), ``grad_mult`` and ``found_inf`` (check_scalar_arg),
+    the flags (bools), the hyperparameters (real numbers, in the ranges torch.optim.AdamW
+    accepts), ``step`` (an integer >= 1) and no tensor the op writes sharing memory with
+    another argument (check_no_overlap). Returns ``(lr, beta1, beta2, eps, weight_decay,
+    step)`` as floats and an int, how the backends use them."""
     _check_step_inputs(param, acc, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
                                     "max_exp_avg_sq": max_exp_avg_sq}, model_out)
+    check_scalar_arg("grad_mult", grad_mult)
+    check_scalar_arg("found_inf", found_inf)
+    for name, flag in (("decoupled_weight_decay", decoupled_weight_decay),
+                       ("amsgrad", amsgrad), ("maximize", maximize), ("zero_acc", zero_acc)):
+        check_flag(name, flag)
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sq")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the step number after this update), got {step}")
+    step = check_step(step)
+    lr, beta1, beta2, eps, weight_decay = (check_number(name, x) for name, x in (
+        ("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps),
+        ("weight_decay", weight_decay)))
+    # torch.optim.Adam(W)'s own conditions (`not 0.0 <= x`: NaN is refused too)
+    for name, x, torch_says in (("lr", lr, "Invalid learning rate"),
+                                ("eps", eps, "Invalid epsilon value"),
+                                ("weight_decay", weight_decay, "Invalid weight_decay value")):
+        if not 0.0 <= x:
+            raise ValueError(f"{name} must be >= 0, got {x} (torch.optim.AdamW refuses it "
+                             f"too: {torch_says})")
+    for i, (name, x) in enumerate((("beta1", beta1), ("beta2", beta2))):
+        if not 0.0 <= x < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {x} (torch.optim.AdamW refuses "
+                             f"it too: Invalid beta parameter at index {i})")
+    check_no_overlap(("param", param, True), ("acc", acc, bool(zero_acc)),
+                     ("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, True),
+                     ("max_exp_avg_sq", max_exp_avg_sq if amsgrad else None, True),
+                     ("model_out", model_out, True),
+                     ("grad_mult", grad_mult, False), ("found_inf", found_inf, False))
+    return lr, beta1, beta2, eps, weight_decay, step
 
 
-def check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum) -> None:
-    """The argument checks every backend's sgd_step_ makes before touching anything."""
+def check_sgd_inputs(param, acc, momentum_buffer, model_out, *, grad_mult, found_inf, lr,
+                     momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                     zero_acc) -> tuple:
+    """The argument checks every backend's sgd_step_ makes before touching anything (as
+    check_adamw_inputs, in the ranges torch.optim.SGD accepts). Returns ``(lr, momentum,
+    dampening, weight_decay)`` as floats."""
     _check_step_inputs(param, acc, {"momentum_buffer": momentum_buffer}, model_out)
+    check_scalar_arg("grad_mult", grad_mult)
+    check_scalar_arg("found_inf", found_inf)
+    for name, flag in (("nesterov", nesterov), ("maximize", maximize),
+                       ("first_step", first_step), ("zero_acc", zero_acc)):
+        check_flag(name, flag)
+    lr, momentum, dampening, weight_decay = (check_number(name, x) for name, x in (
+        ("lr", lr), ("momentum", momentum), ("dampening", dampening),
+        ("weight_decay", weight_decay)))
+    # torch.optim.SGD's own conditions (`x < 0.0`: NaN passes, as there)
+    for name, x, torch_says in (("lr", lr, "Invalid learning rate"),
+                                ("momentum", momentum, "Invalid momentum value"),
+                                ("weight_decay", weight_decay, "Invalid weight_decay value")):
+        if x < 0.0:
+            raise ValueError(f"{name} must be >= 0, got {x} (torch.optim.SGD refuses it "
+                             f"too: {torch_says})")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"nesterov=True needs momentum > 0 and dampening == 0, got momentum="
+                         f"{momentum} and dampening={dampening} (torch.optim.SGD refuses it "
+                         "too: Nesterov momentum requires a momentum and zero dampening)")
     if momentum != 0 and momentum_buffer is None:
         raise ValueError("momentum != 0 needs momentum_buffer")
+    check_no_overlap(("param", param, True), ("acc", acc, bool(zero_acc)),
+                     ("momentum_buffer", momentum_buffer if momentum != 0 else None, True),
+                     ("model_out", model_out, True),
+                     ("grad_mult", grad_mult, False), ("found_inf", found_inf, False))
+    return lr, momentum, dampening, weight_decay
+
+
+_compiling = torch.compiler.is_compiling
+
+
+def check_no_overlap(*args) -> None:
+    """ValueError naming both arguments where a tensor the op writes shares memory with
+    another tensor argument: the kernels read and write in parallel, in no set order, so
+    the backends would disagree with one another (and a GPU with itself). ``args``:
+    ``(name, value, written)`` triples, the value a tensor, a list or tuple of tensors
+    (``name[i]``) or anything else (None, a number: no memory); tensors that are only read
+    may share memory. Compares the data_ptr ranges of the (contiguous) tensors: no device
+    sync. Skipped while torch.compile traces, where tensors have no data pointers."""
+    if _compiling():
+        return
+    spans = []  # (start, bytes, position in args, index in its list or -1)
+    for k, (_, ts, _) in enumerate(args):
+        if isinstance(ts, torch.Tensor):
+            spans.append((ts.data_ptr(), ts.nbytes, k, -1))
+        elif isinstance(ts, (list, tuple)):
+            spans += [(t.data_ptr(), t.nbytes, k, i) for i, t in enumerate(ts)]
+    spans.sort()
+    # a span overlaps an earlier one (in address order) iff one of those reaches past its
+    # start: the one reaching furthest, of all of them (where it is written) or of those
+    # written. Empty spans and null pointers (meta tensors) share nothing.
+    written = [w for _, _, w in args]
+    end_all = end_written = 0  # (the spans reaching furthest: far_all, far_written)
+    far_all = far_written = None
+    for span in spans:
+        start, size, k, _ = span
+        if not size or not start:
+            continue
+        if (end_all if written[k] else end_written) > start:
+            _overlap_error(args, span, far_all if written[k] else far_written)
+        end = start + size
+        if end > end_all:
+            end_all, far_all = end, span
+        if written[k] and end > end_written:
+            end_written, far_written = end, span
+
+
+def _overlap_error(args, a, b):
+    a, b = sorted([a[2:], b[2:]])  # (k, i): in argument order
+    names = [args[k][0] if i < 0 else f"{args[k][0]}[{i}]" for k, i in (a, b)]
+    what = " and ".join(name for name, (k, _) in zip(names, (a, b)) if args[k][2])
+    raise ValueError(f"{names[0]} and {names[1]} share memory, and the op writes {what} (its "
+                     "kernels read and write in no set order): pass tensors that do not "
+                     "overlap (e.g. a .clone())")
+
+
+def check_flag(name: str, x) -> bool:
+    """A flag argument (``overwrite``, ``amsgrad``, ...): a bool (or the int 0 or 1);
+    TypeError naming it otherwise (a string such as "no" is truthy)."""
+    if x is True or x is False:
+        return x
+    if isinstance(x, int) and x in (0, 1):
+        return bool(x)
+    raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r:.40}")
+
+
+def check_number(name: str, x) -> float:
+    """A hyperparameter (``scale``, ``lr``, ``beta1``, ...) as a Python float: a real
+    number or a one-element real tensor (check_scalar_arg; a tensor's value is read on the
+    host, as float() reads it)."""
+    if type(x) is float:
+        return x
+    return float(check_scalar_arg(name, x))
+
+
+_MAX_STEP = 2**63 - 1  # (the C++ ops take an int64)
+
+
+def check_step(step) -> int:
+    """adamw_step_'s ``step`` (the step number after this update) as an int: an integer
+    >= 1, given as an int, an integral float (3.0, what torch's float step tensors hold) or
+    a one-element tensor holding one (read on the host). TypeError for other types,
+    ValueError for other values, both naming step."""
+    if type(step) is not int:
+        if isinstance(step, (bool, str, bytes)) or step is None:
+            raise TypeError(f"step must be an integer (int, or an integral float), got "
+                            f"{type(step).__name__} {step!r:.40}")
+        value = check_number("step", step)
+        if not value.is_integer():
+            raise ValueError(f"step must be an integer (the step number after this update), "
+                             f"got {step!r:.40}")
+        step = int(value)
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the step number after this update), got {step}")
+    if step > _MAX_STEP:
+        raise ValueError(f"step must be < 2**63 (the C++ ops take an int64), got {step}")
+    return step
 
 
 def norm_value(norm_type) -> float:
@@ -110,9 +259,9 @@ def check_norm_type(norm_type) -> None:
 def check_scalar_arg(name: str, x):
     """``grad_mult`` / ``found_inf`` as every backend takes them, checked before anything
     is written: a one-element real tensor (any shape, dtype or device; returned as is) or
-    a real number (anything ``float()`` takes: float, int, bool, numpy scalar; returned as
-    a float). A tensor of more than one element is a ValueError, a complex or other value
-    a TypeError, both naming the argument. No device sync."""
+    a real number (anything ``float()`` takes but a string: float, int, bool, numpy scalar;
+    returned as a float). A tensor of more than one element is a ValueError, a complex or
+    other value (a string too) a TypeError, both naming the argument. No device sync."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"{name} must hold exactly one value (a number or a one-element "
@@ -121,11 +270,13 @@ def check_scalar_arg(name: str, x):
             raise TypeError(f"{name} must be a real number or a one-element real tensor, got "
                             f"a {_dtype_name(x.dtype)} tensor")
         return x
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number or a one-element real tensor, got "
-                        f"{type(x).__name__} {x!r:.40}") from None
+    if not isinstance(x, (str, bytes, bytearray)):  # (float() would parse "2")
+        try:
+            return float(x)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"{name} must be a real number or a one-element real tensor, got "
+                    f"{type(x).__name__} {x!r:.40}")
 
 
 def device_scalar(name: str, x, device: torch.device) -> torch.Tensor:
@@ -139,18 +290,38 @@ def device_scalar(name: str, x, device: torch.device) -> torch.Tensor:
     return torch.full((), x, dtype=torch.float32, device=device)
 
 
+def check_accumulate_args(acc, grad, scale, overwrite) -> tuple[float, bool]:
+    """accumulate_'s checks after those of its tensors and norm_type: ``scale`` a real
+    number (check_number), ``overwrite`` a bool (check_flag), and ``acc`` sharing no memory
+    with ``grad``. Returns ``(scale, overwrite)`` as a float and a bool."""
+    if type(scale) is not float:
+        scale = check_number("scale", scale)
+    if overwrite is not False and overwrite is not True:
+        overwrite = check_flag("overwrite", overwrite)
+    if not _compiling():  # (check_no_overlap's test for two tensors, inline: the hot path)
+        a, g = acc.data_ptr(), grad.data_ptr()
+        if a < g + grad.nbytes and g < a + acc.nbytes:
+            check_no_overlap(("acc", acc, True), ("grad", grad, False))
+    return scale, overwrite
+
+
 def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
     _check_flat("acc", acc, _F32, None, None, True)  # (True: it is written)
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
     check_norm_type(norm_type)
+    scale, overwrite = check_accumulate_args(acc, grad, scale, overwrite)
+    _accumulate(acc, grad, scale, overwrite)
+    if norm_type is None:
+        return None
+    return _norm_stat(acc, float(norm_type))
+
+
+def _accumulate(acc, grad, scale, overwrite) -> None:
     g = grad.float()
     if overwrite:
         torch.mul(g, scale, out=acc)
     else:
         acc.add_(g, alpha=scale)
-    if norm_type is None:
-        return None
-    return _norm_stat(acc, float(norm_type))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -243,6 +414,19 @@ def check_many_overwrite(overwrite, n: int) -> list[int] | None:
     return flags if any(flags) else None
 
 
+def check_many_args(accs, grads, scale, overwrite) -> tuple:
+    """Every check of accumulate_many_ but norm_type's: check_many_inputs,
+    check_many_overwrite, ``scale`` a real number (check_number) and no acc sharing memory
+    with another acc or a grad (check_no_overlap). Returns ``(scale, overwrite)`` as the
+    backends take them: a float, and None or 0/1 ints."""
+    check_many_inputs(accs, grads)
+    overwrite = check_many_overwrite(overwrite, len(accs))
+    if type(scale) is not float:
+        scale = check_number("scale", scale)
+    check_no_overlap(("accs", accs, True), ("grads", grads, False))
+    return scale, overwrite
+
+
 def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None, trusted=False):
     """``accumulate_(accs[i], grads[i], scale, overwrite=overwrite[i])`` for every i.
 
@@ -250,10 +434,10 @@ def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None, 
     * float32(grads[i])`` in place, bitwise what the per-pair calls give (``overwrite``:
     None, no pair overwrites, or one bool per pair). Arguments as
     :func:`check_many_inputs` and :func:`check_many_overwrite` check them, all before
-    anything is written; the accs must not overlap one another. An empty list does
-    nothing. ``trusted=True`` skips those checks: the caller guarantees them, and passes
-    ``overwrite`` as None or 0/1 ints (the wrapper's batches do by construction; the host
-    time matters there).
+    anything is written; the accs must not overlap one another or a grad
+    (:func:`check_many_args`). An empty list does nothing. ``trusted=True`` skips those
+    checks: the caller guarantees them, and passes ``overwrite`` as None or 0/1 ints (the
+    wrapper's batches do by construction; the host time matters there).
 
     With ``norm_type`` (2.0 or inf) returns the statistic of all updated accs together,
     as accumulate_ does for one: a 0-dim fp32 tensor holding the sum of squares, or the
@@ -261,11 +445,10 @@ def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None, 
     """
     check_norm_type(norm_type)
     if not trusted:
-        check_many_inputs(accs, grads)
-        overwrite = check_many_overwrite(overwrite, len(accs))
+        scale, overwrite = check_many_args(accs, grads, scale, overwrite)
     flags = overwrite or (0,) * len(accs)
     for acc, grad, ow in zip(accs, grads, flags):
-        accumulate_(acc.view(-1), grad.view(-1), scale, overwrite=bool(ow))
+        _accumulate(acc.view(-1), grad.view(-1), scale, ow)
     return None if norm_type is None else many_stat(accs, norm_type)
 
 
@@ -337,8 +520,11 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
                 decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True,
                 trusted=False):
     if not trusted:  # (the wrapper's own flat buffers: it guarantees what these check)
-        check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out,
-                           amsgrad, step)
+        lr, beta1, beta2, eps, weight_decay, step = check_adamw_inputs(
+            param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult=grad_mult,
+            found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, step=step, decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad, maximize=maximize, zero_acc=zero_acc)
     grad_mult = _scalar("grad_mult", grad_mult, param.device)
     keep = _keep_mask(_scalar("found_inf", found_inf, param.device), param.device)
     g = acc * grad_mult
@@ -375,7 +561,10 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, fo
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
               zero_acc=True, trusted=False):
     if not trusted:
-        check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
+        lr, momentum, dampening, weight_decay = check_sgd_inputs(
+            param, acc, momentum_buffer, model_out, grad_mult=grad_mult, found_inf=found_inf,
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, first_step=first_step, zero_acc=zero_acc)
     grad_mult = _scalar("grad_mult", grad_mult, param.device)
     keep = _keep_mask(_scalar("found_inf", found_inf, param.device), param.device)
     g = acc * grad_mult

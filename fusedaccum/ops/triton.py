@@ -44,9 +44,9 @@ import torch
 from fusedaccum.ops.reference import (
     FLOAT_DTYPES,
     _check_flat,
+    check_accumulate_args,
     check_adamw_inputs,
-    check_many_inputs,
-    check_many_overwrite,
+    check_many_args,
     check_norm_inputs,
     check_norm_type,
     check_sgd_inputs,
@@ -1182,15 +1182,16 @@ def accumulate_(acc, grad, scale=1.0, *, overwrite=False, norm_type=None):
     _check_flat("grad", grad, FLOAT_DTYPES, acc.numel(), acc.device)
     _require_triton()
     norm = _NORM_NONE if norm_type is None else _norm_code(norm_type)  # fails before writes
+    scale, overwrite = check_accumulate_args(acc, grad, scale, overwrite)
     if not _compiling():
-        out = _launch_accumulate(acc, grad, float(scale), bool(overwrite), norm)
+        out = _launch_accumulate(acc, grad, scale, overwrite, norm)
         _bump(acc)
         return out
     if norm_type is None:
-        torch.ops.fusedaccum.triton_accumulate_(acc, grad, float(scale), bool(overwrite))
+        torch.ops.fusedaccum.triton_accumulate_(acc, grad, scale, overwrite)
         return None
-    return torch.ops.fusedaccum.triton_accumulate_norm_(acc, grad, float(scale),
-                                                        bool(overwrite), float(norm_type))
+    return torch.ops.fusedaccum.triton_accumulate_norm_(acc, grad, scale, overwrite,
+                                                        float(norm_type))
 
 
 def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None,
@@ -1199,9 +1200,8 @@ def accumulate_many_(accs, grads, scale=1.0, *, overwrite=None, norm_type=None,
         check_norm_type(norm_type)
         accumulate_many_(accs, grads, scale, overwrite=overwrite, trusted=trusted)
         return many_stat(accs, norm_type)
-    if not trusted:  # the caller guarantees what check_many_inputs checks
-        check_many_inputs(accs, grads)
-        overwrite = check_many_overwrite(overwrite, len(accs))
+    if not trusted:  # the caller guarantees what check_many_args checks
+        scale, overwrite = check_many_args(accs, grads, scale, overwrite)
     if not accs:
         return None
     _require_triton()
@@ -1227,8 +1227,11 @@ def adamw_step_(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq=None, model_out=
                 decoupled_weight_decay=True, amsgrad=False, maximize=False, zero_acc=True,
                 trusted=False):
     if not trusted:  # (the wrapper's own flat buffers: it guarantees what these check)
-        check_adamw_inputs(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out,
-                           amsgrad, step)
+        lr, beta1, beta2, eps, weight_decay, step = check_adamw_inputs(
+            param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, model_out, grad_mult=grad_mult,
+            found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, step=step, decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad, maximize=maximize, zero_acc=zero_acc)
     _require_triton()
     dev = param.device
     args = (
@@ -1248,7 +1251,10 @@ def sgd_step_(param, acc, momentum_buffer=None, model_out=None, *, grad_mult, fo
               lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
               zero_acc=True, trusted=False):
     if not trusted:
-        check_sgd_inputs(param, acc, momentum_buffer, model_out, momentum)
+        lr, momentum, dampening, weight_decay = check_sgd_inputs(
+            param, acc, momentum_buffer, model_out, grad_mult=grad_mult, found_inf=found_inf,
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, first_step=first_step, zero_acc=zero_acc)
     _require_triton()
     dev = param.device
     args = (
