@@ -798,6 +798,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._stale = False
         self._end_window()
         self.micro_step = 0
+        if self._scaler is not None:
+            self._scaler.window_ended()
         self._start_k()
 
     def _ride_norm(self) -> bool:
@@ -2856,7 +2858,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             self._window_k = next_k if next_k is not None else self._next_k()
         self._warned_skip = bool(extra.get("warned_skip", False))
         if extra.get("loss_scale") is not None and self._scaler is not None:
-            self._scaler.load_state_dict(extra["loss_scale"])
+            self._scaler.load_state_dict(extra["loss_scale"], window_open=self.micro_step > 0)
 
     @staticmethod
     def _copy_local(b: Bucket, i: int, local_flat: torch.Tensor, value: torch.Tensor) -> None:

@@ -36,9 +36,22 @@ class LossScaler:
         self.backoff_factor = backoff_factor
         self.growth_interval = growth_interval
         self.growth_tracker = 0
+        # a static scale set by a loaded partial window (see load_state_dict), until it ends
+        self._static = None if self.dynamic else float(spec)
+        self._loaded_for_window = False
+
+    def window_ended(self) -> None:
+        """A static scale that a loaded partial window set (load_state_dict) goes back to
+        the wrapper's own once that window is over: applied, skipped or dropped."""
+        if self._loaded_for_window:
+            self._loaded_for_window = False
+            self.scale = torch.full((), self._static, dtype=torch.float32,
+                                    device=self.scale.device)
 
     def update(self, skipped: bool) -> None:
+        """At each window's end, applied or skipped."""
         if not self.dynamic:
+            self.window_ended()
             return
         # (a new tensor, not in place: a scale read before, ``opt.loss_scale``, keeps its
         # value, as GradScaler.get_scale()'s does)
@@ -82,7 +95,17 @@ class LossScaler:
             raise ValueError(f"the state dict's loss scale has growth_tracker={tracker!r}: not a "
                              "count")
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, window_open: bool) -> None:
+        """A saved scale. A static one (the wrapper was built with ``loss_scale=<float>``)
+        keeps its own value, as it was asked for, except for a partial window
+        (``window_open``): its saved gradients hold the saved scale, and so must the rest
+        of that window's; the window's end brings back the static value (update)."""
+        if not self.dynamic:
+            value = torch.as_tensor(sd["scale"], dtype=torch.float32)
+            self._loaded_for_window = window_open and float(value) != self._static
+            if self._loaded_for_window:
+                self.scale = value.to(self.scale.device, copy=True)
+            return
         self.scale = torch.as_tensor(sd["scale"], dtype=torch.float32).to(
             self.scale.device, copy=True)
         self.growth_tracker = int(sd["growth_tracker"])

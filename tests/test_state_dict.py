@@ -570,6 +570,41 @@ def test_a_partial_window_resumes_only_where_it_is_scaled_alike(device, saved, l
     assert opt_b.update_count == 3 and opt_b.stepped
 
 
+@pytest.mark.parametrize("mid_window", [False, True], ids=["boundary", "mid_window"])
+def test_a_static_loss_scale_keeps_its_value_through_a_load(device, mid_window):
+    """A wrapper built with loss_scale=128.0 that loads a state dict saved with another
+    scale (a dynamic one at 2^16) keeps 128, as asked: at a boundary at once; a partial
+    window resumes with the saved scale, which its saved gradients hold (its update is the
+    one the saving run makes), and 128 comes back when that window ends. (It took the
+    saved scale for good.)"""
+    dtype = torch.bfloat16
+    micro = make_batches(6, dtype=dtype, device=device)
+
+    def wrapped(scale, seed=0):
+        model = make_model(seed, dtype=dtype, device=device)
+        return model, wrap(adamw(model.parameters()), accumulation_steps=2, loss_scale=scale)
+
+    model_a, opt_a = wrapped("dynamic")
+    cut = 3 if mid_window else 2
+    for batch in micro[:cut]:
+        _micro(model_a, opt_a, batch)
+    saved = copy.deepcopy(opt_a.state_dict())
+    model_b, opt_b = wrapped(128.0, seed=5)
+    model_b.load_state_dict(model_a.state_dict())
+    opt_b.load_state_dict(saved)
+    assert opt_b.loss_scale == (2.0**16 if mid_window else 128.0)
+    for batch in micro[cut:4]:
+        _micro(model_a, opt_a, batch)
+        _micro(model_b, opt_b, batch)
+    assert opt_a.stepped and opt_b.stepped and opt_b.update_count == 2
+    # (the same update: the scale is a power of two, removed exactly either way)
+    assert_params_close(model_b, model_a, rtol=0, atol=0)
+    assert opt_b.loss_scale == 128.0
+    for batch in micro[4:]:
+        _micro(model_b, opt_b, batch)
+    assert opt_b.stepped and opt_b.loss_scale == 128.0
+
+
 @pytest.mark.parametrize("zero_grad", ["opt", "model", None])
 def test_resume_mid_window_keeps_which_grads_zero_grad_cleared(device, zero_grad):
     """fp32 params: after zero_grad() mid-window p.grad is None (the window stays); a
