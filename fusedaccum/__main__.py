@@ -515,11 +515,17 @@ def _cmd_bench(bench_args: list[str]) -> int:
 
 
 def _positive_float_or_none(text: str):
-    if text.lower() in ("none", "off", "0"):
+    """--max-grad-norm: a number > 0 (as the wrapper takes it), or 'none'/'off'. (0 was
+    read as 'off' while 0.0 was refused, and the wrapper refuses 0.)"""
+    if text.lower() in ("none", "off"):
         return None
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0, or 'none' for no clipping")
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, or 'none' for no clipping, "
+                                         f"got {text!r}")
     return value
 
 

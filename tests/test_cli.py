@@ -78,6 +78,8 @@ def test_demo_and_bench_refuse_bad_arguments_cleanly(tmp_path):
     not_a_folder.write_text("")
     bad = [("demo", "--device", "xpu"), ("demo", "--device", "nonsense"),
            ("demo", "--threads", "0"), ("demo", "--lr", "nan"), ("demo", "--classes", "0"),
+           # (0 was read as no clipping, 0.0 refused; the wrapper refuses 0)
+           ("demo", "--max-grad-norm", "0"), ("demo", "--max-grad-norm", "abc"),
            ("bench", "--quick", "--backends", "nope"), ("bench", "--quick", "--device", "foo"),
            ("bench", "--quick", "--ops", "nope"), ("bench", "--quick", "--budget", "nan"),
            ("bench", "--quick", "--out", str(not_a_folder / "reports"))]
