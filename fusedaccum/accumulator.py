@@ -578,6 +578,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         self.stepped = False
         self._warned_skip = False
         self._ddp_checked = False
+        self._resets = 0  # reset_accumulation() calls (compared across ranks: merge_window)
         # a boundary saw signs of a DDP (half params with a .grad, hooks on their nodes) and
         # found none behind them (_check_late_ddp)
         self._strays_searched = False
@@ -798,6 +799,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         self._stale = False
         self._end_window()
         self.micro_step = 0
+        self._resets += 1
         if self._scaler is not None:
             self._scaler.window_ended()
         self._start_k()
@@ -1506,7 +1508,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         try:
             self._check_params([self.inner.param_groups[gi]], start=gi)
             with self._building([gi]):
-                pass
+                self._check_new_replicas([gi])
         except BaseException:
             self.inner.param_groups.pop()  # as if it had never been added
             raise
@@ -1624,8 +1626,15 @@ class FusedAccumulator(torch.optim.Optimizer):
                 "a group was removed from param_groups; groups cannot be removed")
         self._check_params(groups[start:], start=start)
         with self._building(range(start, len(groups))):
-            pass
+            self._check_new_replicas(range(start, len(groups)))
         self._ddp_checked = False
+
+    def _check_new_replicas(self, gis) -> None:
+        """With a process group, the params of groups added after wrapping must be the same
+        on every rank, as the wrapper's first ones (a collective: every rank adds them)."""
+        if self._pg is not None:
+            dp.check_replicas([b for gi in gis for b in self._buckets[gi]], self._pg,
+                              self._device)
 
     def _scaler_spec(self):
         return "dynamic" if self._scaler.dynamic else float(self._scaler.scale)
@@ -1783,7 +1792,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         if self._pg is not None:
             buckets = list(self._all_buckets())
             if self._reduced is _MISSING:
-                items = dp.merge_window(buckets, num_items, self._pg, dev, self._window_k)
+                items = dp.merge_window(buckets, num_items, self._pg, dev, self._window_k,
+                                        self.update_count + self.skipped_steps, self._resets)
                 if self._kind is not None:  # (a refusal here: before the exchange)
                     hps = self._fused_prepare()
                 dp.reduce_gradients(buckets, self._pg)
@@ -2547,7 +2557,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         if self._pg is not None and (self._shard is not None or self.micro_step > 0):
             buckets = list(self._all_buckets())
             dp.merge_window(buckets, None, self._pg, self._device,
-                            self._window_k if self._window_k is not None else 1)
+                            self._window_k if self._window_k is not None else 1,
+                            self.update_count + self.skipped_steps, self._resets)
             accumulators = {idx: dp.sum_across(b.main_grads[i].detach(), self._pg)
                             for idx, (b, i) in index.items() if b.touched[i]}
         sd["fusedaccum"] = {
@@ -2847,6 +2858,7 @@ class FusedAccumulator(torch.optim.Optimizer):
             for b in self._all_buckets():  # (the copies went to touched params)
                 _mark_clean(b)
         self.micro_step = int(extra["micro_step"])
+        self._resets = 0  # (every rank loads: they agree again)
         self.update_count = int(extra["update_count"])
         self.skipped_steps = int(extra["skipped_steps"])
         # a window saved part-way keeps the length it started with; otherwise the next

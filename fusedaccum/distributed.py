@@ -76,15 +76,20 @@ def check_replicas(buckets, group, device) -> None:
             "wrapping it")
 
 
-def merge_window(buckets, num_items, group, device, k: int):
+def merge_window(buckets, num_items, group, device, k: int, windows: int = 0,
+                 resets: int = 0):
     """Union of the params touched on any rank, and the global item count (or None).
 
     One small all-reduce for both, which also checks that the ranks agree: every rank
-    or none passes ``num_items`` (this rank's local count), and every rank's window has
-    the same length ``k`` (each sees the same sums, so all raise together)."""
+    or none passes ``num_items`` (this rank's local count), every rank's window has the
+    same length ``k``, has ended as many windows before (``windows``) and dropped as many
+    partial windows (``resets``, reset_accumulation calls): each sees the same sums, so
+    all raise together. (A rank that dropped a window alone would pair its micro-batches
+    with the others' next ones, and at the end wait for a boundary they never reach.)"""
     flags = [float(t) for b in buckets for t in b.touched]
     items = 0.0 if num_items is None else num_items
-    checks = [float(num_items is not None), float(k), float(k) ** 2, 1.0]
+    checks = [float(num_items is not None), float(k), float(k) ** 2, 1.0, float(windows),
+              float(windows) ** 2, float(resets), float(resets) ** 2]
     if isinstance(items, torch.Tensor):
         vec = torch.cat([items.detach().reshape(1).to(device=device, dtype=torch.float64),
                          torch.tensor(checks + flags, dtype=torch.float64, device=device)])
@@ -92,7 +97,8 @@ def merge_window(buckets, num_items, group, device, k: int):
         vec = torch.tensor([float(items), *checks, *flags], dtype=torch.float64,
                            device=device)
     dist.all_reduce(vec, group=group)
-    total, with_items, k_sum, k_sq, world, *merged = vec.cpu().tolist()
+    total, with_items, k_sum, k_sq, world, w_sum, w_sq, r_sum, r_sq, *merged = \
+        vec.cpu().tolist()
     if 0 < with_items < world:
         raise ValueError(
             f"step(num_items=...) was given on {with_items:.0f} of the {world:.0f} ranks at this "
@@ -102,11 +108,22 @@ def merge_window(buckets, num_items, group, device, k: int):
         raise ValueError(
             f"num_items summed over the {world:.0f} ranks is {total:g} at this boundary: the "
             "window's item count must be a finite number > 0")
-    if k_sq * world != k_sum ** 2:  # (Cauchy-Schwarz: equal only when every k is the same)
+    if r_sq * world != r_sum ** 2:  # (Cauchy-Schwarz: equal only when all are the same)
+        raise ValueError(
+            "reset_accumulation() was called on some ranks of process_group and not on "
+            "others: a rank that drops its partial window alone pairs its next micro-batches "
+            "with the other ranks' current window. Call it on every rank at the same point "
+            "(e.g. after a backward that failed on one rank, agree on it across the ranks)")
+    if w_sq * world != w_sum ** 2:
+        raise ValueError(
+            "the ranks of process_group have ended different numbers of windows (a rank "
+            "resumed from another checkpoint, or ran windows alone): every rank must run "
+            "the same windows")
+    if k_sq * world != k_sum ** 2:
         raise ValueError(
             "the ranks' accumulation windows have different lengths (accumulation_steps "
-            "differs across ranks, or a rank called step() more often): every rank must "
-            "run the same number of micro-batches per window")
+            "differs across ranks): every rank must run the same number of micro-batches "
+            "per window")
     k = 0
     for b in buckets:
         for i in range(len(b)):

@@ -410,7 +410,17 @@ def _misuse_worker(rank, world, port, out_dir, case):
                 scaler = torch.amp.GradScaler(torch.device(DEVICE).type, init_scale=1024.0)
                 scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
                 scaler.step(opt)
+            if case == "add_param_group differs":  # (a new head, seeded per rank)
+                torch.manual_seed(rank)
+                head = torch.nn.Linear(3, 2).to(DEVICE)
+                opt.add_param_group({"params": list(head.parameters())})
             for i in range(2 * K):
+                if case == "reset on one rank":  # (one rank drops its partial window)
+                    torch.nn.functional.mse_loss(model(x * (i + rank)), y).backward()
+                    opt.step()
+                    if rank == 1 and i == 0:
+                        opt.reset_accumulation()
+                    continue
                 if case == "state dict after a backward on one rank":
                     if rank == 0 or i % K:
                         torch.nn.functional.mse_loss(model(x * (i + rank)), y).backward()
@@ -447,6 +457,11 @@ def _misuse_worker(rank, world, port, out_dir, case):
     ("num_items 0 on one rank", 2, "no error"),
     ("num_items 0 on every rank", 2, "ValueError: num_items summed over the 2 ranks is 0"),
     ("k differs", 2, "ValueError: the ranks' accumulation windows have different lengths"),
+    # (it paired one rank's micro-batches with the other's next window, and then waited
+    # for a boundary the other never reached)
+    ("reset on one rank", 2, "ValueError: reset_accumulation() was called on some ranks"),
+    # (taken as it was: the replicas then differed for good)
+    ("add_param_group differs", 2, "ValueError: the params differ across the ranks"),
     ("gradscaler", 2, "RuntimeError: torch.amp.GradScaler with process_group"),
     ("non-member", 3, "ValueError: this process is not a member of process_group"),
     ("state dict on rank 0", 2, "no error"),
