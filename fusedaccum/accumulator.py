@@ -197,10 +197,8 @@ def _as_float(x) -> float:
 def _hyper(gi: int, key: str, value) -> float:
     """Group ``gi``'s hyperparameter ``key`` as a float; ValueError naming both where it is
     not a number (a string too: torch's math refuses "0.1", and float() read "nan")."""
-    try:
-        if isinstance(value, str | bytes):
-            raise TypeError("a string")
-        return _as_float(value)
+    try:  # (the ops' own check: a string too is refused, not parsed)
+        return ops.reference.check_number(key, value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"param group {gi}: {key}={value!r} is not a number ({exc})") from None
 
@@ -1850,20 +1848,17 @@ class FusedAccumulator(torch.optim.Optimizer):
                 # (an overflowed norm: the update queued with the flag set wrote nothing
                 # where every bucket leaves its accumulators, so it can be queued again)
                 if skipped and all(self._leaves_acc(b) for b in self._all_buckets()):
-                    retry = self._overflow_retry(norm, inv, scaler_found_inf)
-                    if retry is not None:
-                        norm, found_f, mult = retry
-                        skipped = bool(found_f.item())
-                        if not skipped:
-                            self._fused_update(hps, mult, found_f, zero_acc=True, lazy=True)
+                    found_f, mult, skipped = self._overflow_retry(norm, inv, scaler_found_inf,
+                                                                  found_f, mult)
+                    if not skipped:
+                        self._fused_update(hps, mult, found_f, zero_acc=True, lazy=True)
                 if skipped:  # (a skipped window is discarded, DESIGN.md section 2)
                     self._zero_left_accs()
             else:
                 skipped = bool(found_f.item())
-                if skipped and (retry := self._overflow_retry(norm, inv,
-                                                              scaler_found_inf)) is not None:
-                    norm, found_f, mult = retry
-                    skipped = bool(found_f.item())
+                if skipped:
+                    found_f, mult, skipped = self._overflow_retry(norm, inv, scaler_found_inf,
+                                                                  found_f, mult)
                 keep_grad = not skipped and bool(self.inner._optimizer_step_post_hooks)
                 if not skipped:
                     # the prepared gradient for the hooks: one more pass, and with
@@ -1891,10 +1886,9 @@ class FusedAccumulator(torch.optim.Optimizer):
                 post_hooks = self._inner_stepped()
         else:
             skipped = bool(found_f.item())
-            if skipped and (retry := self._overflow_retry(norm, inv,
-                                                          scaler_found_inf)) is not None:
-                norm, found_f, mult = retry
-                skipped = bool(found_f.item())
+            if skipped:
+                found_f, mult, skipped = self._overflow_retry(norm, inv, scaler_found_inf,
+                                                              found_f, mult)
             keep_grad = True  # (the generic path zeroes acc after the step)
             if not skipped:
                 post_hooks = self._generic_update(mult)
@@ -1928,11 +1922,13 @@ class FusedAccumulator(torch.optim.Optimizer):
             return inv * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         return inv
 
-    def _overflow_retry(self, norm: torch.Tensor, inv: torch.Tensor, scaler_found_inf):
-        """For a window the flag says to skip: where every accumulated value is finite and
-        only the fp32 2-norm overflowed, with the loss scale still in (its sum of squares
-        passes 3.4e38 once the scaled norm passes about 1.8e19), ``(norm, found, mult)``
-        again from the norm taken in float64; else None (a real inf/NaN).
+    def _overflow_retry(self, norm: torch.Tensor, inv: torch.Tensor, scaler_found_inf,
+                        found: torch.Tensor, mult: torch.Tensor):
+        """For a window the flag says to skip, ``(found, mult, skipped)``: where every
+        accumulated value is finite and only the fp32 2-norm overflowed, with the loss
+        scale still in (its sum of squares passes 3.4e38 once the scaled norm passes about
+        1.8e19), again from the norm taken in float64 (``opt.grad_norm`` too); else as
+        given, skipped (a real inf/NaN).
 
         torch removes the scale before any norm (GradScaler's unscale_), so there such a
         window is applied. Skipping it instead stopped training for good under a
@@ -1940,20 +1936,22 @@ class FusedAccumulator(torch.optim.Optimizer):
         so its scale kept growing, and every window from there on was skipped. Host reads
         and the passes over the accumulators happen only for windows flagged to skip.
         Not with ZeRO-1 (each rank holds a shard of the window, and its update zeroed it)."""
+        skip = (found, mult, True)
         if self.norm_type == math.inf or self._shard is not None:
-            return None  # (the largest |value| of finite values is finite)
+            return skip  # (the largest |value| of finite values is finite)
         if not math.isinf(float(norm)):
-            return None  # (NaN: a NaN in the window)
+            return skip  # (NaN: a NaN in the window)
         if scaler_found_inf is not None and float(scaler_found_inf) > 0:
-            return None
+            return skip
         accs = [b.acc_local for b in self._all_buckets() if any(b.touched)]
         if not all(bool(torch.isfinite(a).all()) for a in accs):
-            return None
+            return skip
         squares = torch.stack([torch.linalg.vector_norm(a, dtype=torch.float64)
                                .to(self._device).square() for a in accs])
         norm = (squares.sum().sqrt() * inv.double()).float()
         self.grad_norm = norm
-        return norm, norm - norm, self._clip_mult(inv, norm)
+        found = norm - norm
+        return found, self._clip_mult(inv, norm), bool(found.item())
 
     def _read_later(self, flag: torch.Tensor):
         """A function returning ``bool(flag)`` (a 0-dim fp32 device tensor) as it is now,
