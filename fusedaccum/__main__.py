@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("info", help="versions, devices and which backends run here")
-    p.set_defaults(func=_cmd_info)
+    p.set_defaults(func=_cmd_info, parser=p)
 
     p = sub.add_parser(
         "demo",
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: 1 on CPU, where the model is too small "
                         "to gain from more; torch's default otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, parser=p)
 
     # `bench` is dispatched in main() before parsing: everything after it, options
     # included, goes to fusedaccum.bench.main unchanged. Listed here for --help only.
@@ -584,7 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return _cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # named by the subcommand's own usage, not the top level's
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.func(args)
 
 

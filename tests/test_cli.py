@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fusedaccum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +91,15 @@ def test_demo_and_bench_refuse_bad_arguments_cleanly(tmp_path):
         proc = _run(*args, "--no-progress", timeout=120)
         assert proc.returncode == 2, (args, _explain(proc))
         assert "Traceback" not in proc.stderr and proc.stderr.strip(), _explain(proc)
+
+
+@pytest.mark.parametrize("command", ["info", "demo"])
+def test_unknown_option_is_named_with_its_subcommand_usage(command):
+    """`info --bogus` printed the top-level usage, as if `info` were not understood."""
+    proc = _run(command, "--bogus", timeout=120)
+    assert proc.returncode == 2, _explain(proc)
+    assert f"usage: python -m fusedaccum {command}" in proc.stderr, _explain(proc)
+    assert "unrecognized arguments: --bogus" in proc.stderr, _explain(proc)
 
 
 def test_bench_refuses_a_max_buffer_sets_below_one(tmp_path):
