@@ -263,10 +263,14 @@ def test_full_batches_flushed_in_cpp_as_in_python(place, clip, monkeypatch):
 
 
 @pytest.mark.parametrize("place", [("cpu", "cpu")] + TABLE_CPU, ids=place_id)
-def test_batch_full_with_waiting_grads_flushes_them_all(place, monkeypatch):
+@pytest.mark.parametrize("flush_bytes", [3 * 2 * 16, 2 * (3 + 18 + 6 + 24)],
+                         ids=["past-the-limit", "exactly-the-limit"])
+def test_batch_full_with_waiting_grads_flushes_them_all(place, flush_bytes, monkeypatch):
     """Grads waiting in a batch go with the one that fills it (one op call, every element
-    written once): the same as the Python hook with the batch filling on the 3rd grad."""
-    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 3 * 2 * 16)  # bf16 bytes
+    written once): the same as the Python hook with the batch filling on the 3rd grad.
+    A batch whose bytes reach the limit exactly is full too, as in Python's hook
+    (``pending_bytes >= flush_bytes``; the 4 bf16 params hold 3 + 18 + 6 + 24 elements)."""
+    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", flush_bytes)  # bf16 bytes
     (flushes, grads) = MODULE.batch_hook_flushes()
     got = train(torch.bfloat16, True, monkeypatch, k=2, windows=2, place=place)
     now = MODULE.batch_hook_flushes()

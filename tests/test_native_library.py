@@ -204,6 +204,33 @@ def test_half_rounding_matches_torch_bitwise(device, dtype):
     _same_bits_or_both_nan(half_param, x.to(dtype))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nan_of_any_payload_rounds_to_nan(device, dtype):
+    """Every fp32 NaN stays NaN in fp16/bf16 (model_out, half params), whatever its payload
+    and sign: rounding a NaN's bits as a number's carries a small payload down to inf
+    (0x7f800001) and a full one past the sign bit (0x7fffffff to -0 in bf16)."""
+    pats = [0x7F800001, 0x7F807FFF, 0x7F808000, 0x7F80FFFF, 0x7FBFFFFF, 0x7FC00000, 0x7FC00001,
+            0x7FFF8000, 0x7FFFFFFF]
+    pats += [p | 0x80000000 for p in pats]
+    g = torch.Generator().manual_seed(1)
+    rnd = torch.randint(1, 1 << 23, (4093,), generator=g, dtype=torch.int64) | 0x7F800000
+    bits = torch.cat([torch.tensor(pats, dtype=torch.int64), rnd, rnd | 0x80000000])
+    x = bits.to(torch.uint32).view(torch.int32).view(torch.float32).to(device)
+    assert torch.isnan(x).all()
+    out = torch.empty(x.numel(), dtype=dtype, device=device)
+    param = x.clone()
+    native.sgd_step_(param, torch.zeros_like(x), None, out, grad_mult=1.0, found_inf=0.0,
+                     lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                     maximize=False, first_step=False)
+    assert torch.isnan(out.float()).all()
+    half_param = torch.zeros(x.numel(), dtype=dtype, device=device)
+    native.sgd_step_(half_param, x.clone(), None, None, grad_mult=1.0, found_inf=0.0,
+                     lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                     maximize=False, first_step=False)
+    assert torch.isnan(half_param.float()).all()
+
+
 # ---- determinism ------------------------------------------------------------------------
 
 def _norm_results(device):
@@ -267,6 +294,36 @@ _ISA_SCRIPT = textwrap.dedent("""
                      maximize=True, first_step=False, trusted=True)  # (torch refuses nesterov
     # with dampening, and so do the checks: the kernels' every term, all the same)
     res.update(p2=p, buf=buf, ob=ob)
+    # every other loop variant too: accumulate without a statistic (each grad dtype, adding
+    # and overwriting, one pair and many), the plain and general AdamW loops without
+    # amsgrad, half params and model copies, SGD without momentum
+    a2 = torch.randn(n, generator=g)
+    for name, gd in (("f16", grad), ("bf16", grad.bfloat16()), ("f32", grad.float())):
+        for ow in (False, True):
+            t = a2.clone()
+            native.accumulate_(t, gd, -0.7, overwrite=ow)
+            res[f"add_{name}_{ow}"] = t
+        many = [a2.clone()[:k] for k in (9000, 0, 16, 80_001, 5)]
+        native.accumulate_many_(many, [gd[:t.numel()] for t in many], 0.3)
+        res[f"many_{name}"] = torch.cat(many)
+    for k, (pd, od, ams, maxi, dec, b1) in enumerate((
+            (torch.float32, None, False, False, True, 0.9),
+            (torch.bfloat16, torch.bfloat16, False, False, True, 0.9),
+            (torch.float16, torch.float16, False, True, False, 0.3),
+            (torch.bfloat16, None, True, True, True, 0.9))):
+        p = torch.randn(n, generator=g).to(pd); a = torch.randn(n, generator=g)
+        m, v, vm = (torch.rand(n, generator=g) for _ in range(3))
+        out = None if od is None else torch.empty(n, dtype=od)
+        native.adamw_step_(p, a, m, v, vm if ams else None, out, grad_mult=0.3, found_inf=0.0,
+                           lr=1e-2, beta1=b1, beta2=0.99, eps=1e-8, weight_decay=0.1, step=5,
+                           decoupled_weight_decay=dec, amsgrad=ams, maximize=maxi)
+        res.update({f"adam{k}_{i}": t for i, t in enumerate((p, a, m, v, vm, out))
+                    if t is not None})
+    p = torch.randn(n, generator=g).half(); ob = torch.empty(n, dtype=torch.float16)
+    native.sgd_step_(p, torch.randn(n, generator=g), None, ob, grad_mult=0.5, found_inf=0.0,
+                     lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.01, nesterov=False,
+                     maximize=True, first_step=False)
+    res.update(p3=p, ob3=ob)
     res["isa"] = torch.ops.fusedaccum_native.build_info().split("cpu-isa=")[1].split(",")[0]
     torch.save(res, sys.argv[1])
 """)
@@ -317,6 +374,23 @@ def test_skipped_step_writes_only_acc(device, found_inf):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("found_inf", [1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("op", ["adamw_step_", "sgd_step_"])
+def test_skipped_step_with_zero_acc_false_writes_nothing(device, found_inf, op):
+    """A skipped step with zero_acc=False leaves acc too, as every other buffer."""
+    n = 4099
+    args = list(_adam_args(n, device) if op == "adamw_step_" else _sgd_args(n, device))
+    found = 7 if op == "adamw_step_" else 5
+    args[found] = _scalar(found_inf, device)
+    args[-1] = False
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    getattr(ops, op)(*args)
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor) and a.dtype.is_floating_point and a.numel() > 1:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("param_dtype,out_dtype", [(torch.float32, None),
                                                    (torch.float32, torch.bfloat16),
                                                    (torch.bfloat16, None)])
@@ -345,6 +419,52 @@ def test_zero_acc_false_keeps_acc(device):
     acc = args[1].clone()
     ops.adamw_step_(*args)
     assert torch.equal(args[1], acc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("flag", [False, True], ids=["plain", "amsgrad-or-momentum"])
+def test_zero_acc_false_keeps_acc_in_every_loop(device, param_dtype, out_dtype, flag):
+    """zero_acc=False leaves acc bitwise as it was, and changes nothing else, in every loop
+    the step ops dispatch to (param dtype x model_out dtype x amsgrad / momentum)."""
+    n = 4099
+    for op, make in ((ops.adamw_step_, lambda: _adam_args(n, device, param_dtype, out_dtype,
+                                                           amsgrad=flag)),
+                     (ops.sgd_step_, lambda: _sgd_args(n, device, param_dtype, out_dtype,
+                                                        momentum=0.9 if flag else 0.0))):
+        results = []
+        for zero_acc in (True, False):
+            args = list(make())
+            acc = args[1].clone()
+            args[-1] = zero_acc
+            op(*args)
+            if zero_acc:
+                assert torch.count_nonzero(args[1]) == 0
+            else:
+                assert torch.equal(args[1], acc), op
+            results.append([a for i, a in enumerate(args)
+                            if i != 1 and isinstance(a, torch.Tensor) and a.numel() == n])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param_dtype,out_dtype", [(torch.float16, torch.bfloat16),
+                                                   (torch.bfloat16, torch.float16),
+                                                   (torch.float16, torch.float16)])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_model_out_rounds_the_fp32_result_once(device, param_dtype, out_dtype, amsgrad):
+    """model_out is the step's fp32 result rounded once to its dtype, whatever the param's
+    dtype: a half param gives the model_out of an fp32 param of the same values (the math
+    is fp32 either way), not the half param's value rounded a second time."""
+    outs = []
+    for pd in (param_dtype, torch.float32):
+        args = list(_adam_args(70_001, device, param_dtype, out_dtype, amsgrad=amsgrad))
+        args[0] = args[0].to(pd)
+        ops.adamw_step_(*args)
+        outs.append(args[5])
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -431,6 +551,43 @@ def test_binding_checks_too(device):
         args = list(_adam_args(10, device))
         args[4] = None
         ops.adamw_step_(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_binding_checks_every_size_and_norm_type(device):
+    """The C++ binding checks every buffer's size against the param (acc) and refuses a
+    norm_type of -inf on its own, called without native.py's checks (a grad or state
+    buffer one element short would be read or written past its end)."""
+    acc = torch.zeros(10, device=device)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        short = torch.zeros(12, dtype=dtype, device=device)[:9]
+        with pytest.raises(ValueError, match="grad has 9 elements, expected 10"):
+            ops.accumulate_(acc, short, 1.0, False)
+        with pytest.raises(ValueError, match="grad has 9 elements, expected 10"):
+            ops.accumulate_norm_(acc, short, 1.0, False, 2.0)
+    assert torch.count_nonzero(acc) == 0
+    adam_names = {1: "acc", 2: "exp_avg", 3: "exp_avg_sq", 4: "max_exp_avg_sq", 5: "model_out"}
+    for i, name in adam_names.items():
+        args = list(_adam_args(10, device))
+        args[i] = torch.zeros(12, dtype=args[i].dtype, device=device)[:9]
+        before = args[0].clone()
+        with pytest.raises(ValueError, match=f"^{name} has 9 elements, expected 10"):
+            ops.adamw_step_(*args)
+        assert torch.equal(args[0], before)
+    for i, name in {1: "acc", 2: "momentum_buffer", 3: "model_out"}.items():
+        args = list(_sgd_args(10, device))
+        args[i] = torch.zeros(12, dtype=args[i].dtype, device=device)[:9]
+        before = args[0].clone()
+        with pytest.raises(ValueError, match=f"^{name} has 9 elements, expected 10"):
+            ops.sgd_step_(*args)
+        assert torch.equal(args[0], before)
+    grad = _rand(10, torch.float32, device, 1)
+    for call in (lambda: ops.accumulate_norm_(acc, grad, 1.0, False, -math.inf),
+                 lambda: ops.grad_norm([acc], -math.inf),
+                 lambda: ops.accumulate_many_norm_([acc], [grad], 1.0, -math.inf, [])):
+        with pytest.raises(ValueError, match="norm_type must be 2.0 or inf, got -inf"):
+            call()
+    assert torch.count_nonzero(acc) == 0
 
 
 def test_cuda_tensors_on_cpu_only_build_fail_clearly():

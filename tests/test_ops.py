@@ -451,6 +451,63 @@ def test_sgd_step(backend_device, n, case, skip):
     assert torch.count_nonzero(got[1]) == 0
 
 
+ADAM_MOMENT_CASES = [
+    # (beta1, decoupled, weight_decay, maximize, amsgrad): the lerp weight 1 - beta1 above,
+    # at and below 0.5 (torch's two lerp forms), the plain AdamW loop and the general one
+    (0.9, True, 0.1, False, False),
+    (0.5, True, 0.1, False, True),
+    (0.3, True, 0.1, False, False),
+    (0.3, False, 0.01, True, True),
+    (0.0, True, 0.0, False, False),
+]
+
+
+@pytest.mark.parametrize("n", [1023, 4097])
+@pytest.mark.parametrize("case", ADAM_MOMENT_CASES)
+def test_adam_moments_are_the_references_bitwise(backend_device, n, case):
+    """exp_avg, exp_avg_sq and max_exp_avg_sq hold bitwise the reference's (torch's own
+    ops: lerp, mul + addcmul, maximum): no sqrt enters them, so no ulp of excuse. A beta1 of
+    0.5 or less (the lerp weight 1 - beta1 at or above 0.5) takes torch's second lerp
+    form, end - (end - start) * (1 - w), rounded once."""
+    backend, dev = backend_device
+    beta1, decoupled, wd, maximize, amsgrad = case
+    param, acc, (m, v, vmax), _ = _step_inputs(n, torch.float32, dev, None)
+    if not amsgrad:
+        vmax = None
+    kw = dict(grad_mult=torch.tensor(0.25, device=dev), found_inf=torch.tensor(0.0, device=dev),
+              lr=1e-2, beta1=beta1, beta2=0.99, eps=1e-8, weight_decay=wd, step=3,
+              decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=maximize)
+    want = _clone([param, acc, m, v, vmax])
+    reference.adamw_step_(*want, **kw)
+    got = _clone([param, acc, m, v, vmax])
+    ops.adamw_step_(*got, backend=backend, **kw)
+    for name, i in (("exp_avg", 2), ("exp_avg_sq", 3), ("max_exp_avg_sq", 4)):
+        if got[i] is not None:
+            assert torch.equal(got[i], want[i]), name
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("where", ["max_exp_avg_sq", "exp_avg_sq"])
+def test_amsgrad_keeps_a_nan_maximum(backend_device, where):
+    """torch.maximum propagates NaN from either side: a NaN in max_exp_avg_sq (or in the
+    new exp_avg_sq) stays in max_exp_avg_sq and reaches the param, as in torch."""
+    backend, dev = backend_device
+    n = 4097
+    param, acc, (m, v, vmax), _ = _step_inputs(n, torch.float32, dev, None)
+    state = {"max_exp_avg_sq": vmax, "exp_avg_sq": v}[where]
+    idx = [0, 17, 1000, n - 1]
+    state[idx] = float("nan")
+    kw = dict(grad_mult=torch.tensor(0.25, device=dev), found_inf=torch.tensor(0.0, device=dev),
+              lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=3, amsgrad=True)
+    want = _clone([param, acc, m, v, vmax])
+    reference.adamw_step_(*want, **kw)
+    got = _clone([param, acc, m, v, vmax])
+    ops.adamw_step_(*got, backend=backend, **kw)
+    assert torch.isnan(want[4][idx]).all() and torch.isnan(want[0][idx]).all()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_steps_take_python_numbers_for_grad_mult_and_found_inf(backend_device, skip):
     """The same result as with one-element tensors (the reference once failed on them)."""
