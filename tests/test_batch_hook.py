@@ -66,8 +66,9 @@ def one_window(model, opt, k=2):
 
 
 def train(dtype, fast: bool, monkeypatch, *, k=3, windows=3, extra_hook=None,
-          place=("cpu", "cpu"), **kw):
-    """Windows of k micro-batches; the params, masters, their .grad and optimizer state."""
+          place=("cpu", "cpu"), between=None, **kw):
+    """Windows of k micro-batches; the params, masters, their .grad and optimizer state.
+    ``between(model)`` runs after each window's boundary."""
     monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
     device, backend = place
     model = make_model(dtype=dtype, device=device)
@@ -84,6 +85,8 @@ def train(dtype, fast: bool, monkeypatch, *, k=3, windows=3, extra_hook=None,
                 seen.append([None if m.grad is None else m.grad.clone()
                              for m in opt.param_groups[0]["params"]])
             opt.step()
+        if between is not None:
+            between(model)
     state = [{k2: v.clone() for k2, v in s.items() if torch.is_tensor(v)}
              for s in opt.inner.state.values()]
     return [p.detach().clone() for p in model.parameters()], seen, state, opt
@@ -232,6 +235,75 @@ def test_direct_accumulation_as_the_python_hook(place, clip, monkeypatch):
     assert timed[3] - times[3] == direct and timed[2] > times[2]
     assert timed[0] == times[0]  # no full batch
     assert_same_runs(got, want)
+
+
+@pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
+def test_direct_first_gradient_overwrites_a_dirty_accumulator_written_since(place,
+                                                                            monkeypatch):
+    """The boundary leaves the stepped accumulators dirty (the window just applied); a
+    write to the buffer before the next backward (``p.main_grad.add_``: not kept, README)
+    moves its version off clean_version. A dirty param's first gradient of the window is
+    still written over its accumulator, by the C++ direct add as by the Python hook (not
+    added to the old window and the write)."""
+    monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", 16)  # fc1.weight, fc2.weight direct
+
+    def write(model):
+        with torch.no_grad():
+            for p in (model.fc1.weight, model.fc2.weight):
+                p.main_grad.add_(1.0)
+
+    before, adds = hits(), MODULE.batch_hook_times()[3]
+    got = train(torch.bfloat16, True, monkeypatch, place=place, between=write)
+    # both direct params of the windows' first backwards after a boundary (not the last
+    # micro-batch: no statistic) went through the C++ add
+    assert hits() > before and MODULE.batch_hook_times()[3] - adds >= 2 * 2
+    want = train(torch.bfloat16, False, monkeypatch, place=place, between=write)
+    assert_same_runs(got, want)
+    assert_same_runs(got, train(torch.bfloat16, True, monkeypatch, place=place))
+
+
+def _train_two_backwards_in_last(fast, monkeypatch, place, windows=2):
+    """Windows of 2 micro-batches; the last one is two backward passes: the first reaches
+    s1 only (its statistic rides on the end-of-backward flush), the second s0 (a param
+    without a statistic: its hook, the backward's first, queues the flush in Python) then
+    s1 again. The params and their masters, each window's norm, and the norm of the
+    window's sum (clipped: the norm scales the update)."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    device, backend = place
+    g = torch.Generator().manual_seed(0)
+    s0, s1 = (torch.nn.Parameter(torch.randn(8, generator=g).bfloat16().to(device))
+              for _ in range(2))
+    opt = FusedAccumulator(torch.optim.SGD([s0, s1], lr=0.1), accumulation_steps=2,
+                           backend=backend, max_grad_norm=0.01)
+    norms, sums = [], []
+    for _ in range(windows):
+        xs = [torch.randn(8, generator=g).bfloat16().to(device) for _ in range(4)]
+        ((s0 * xs[0]).float().square().sum() + (s1 * xs[1]).float().square().sum()).backward()
+        opt.step()
+        (s1 * xs[2]).float().square().sum().backward()
+        # (s1's part built first: autograd reaches s0's AccumulateGrad first)
+        ((s1 * xs[3]).float().square().sum() + (s0 * xs[0]).float().square().sum()).backward()
+        sums.append(torch.cat([s0.main_grad, s1.main_grad]).norm() / 2)
+        opt.step()
+        norms.append(opt.grad_norm)
+    masters = [m.detach().clone() for m in opt.param_groups[0]["params"]]
+    return [s0.detach().clone(), s1.detach().clone(), *masters], norms, sums
+
+
+@pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
+def test_second_gradient_after_its_statistic_rode_stales_it(place, monkeypatch):
+    """On CPU the norm's statistics ride on the last micro-batch's flushes; a param whose
+    batch statistic was made gets a second gradient in the same micro-batch (a second
+    backward): that statistic is stale, so the C++ hook leaves the gradient to Python
+    (which marks it so) and the clipping norm is the window's, as the Python hook's."""
+    got, got_norms, sums = _train_two_backwards_in_last(True, monkeypatch, place)
+    want, want_norms, _ = _train_two_backwards_in_last(False, monkeypatch, place)
+    for a, b in zip(got, want):  # the params and their masters
+        assert torch.equal(a, b)
+    for a, b in zip(got_norms, want_norms):
+        assert torch.equal(a, b)
+    for n, s in zip(got_norms, sums):
+        torch.testing.assert_close(n, s, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
