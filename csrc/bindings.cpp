@@ -133,6 +133,16 @@ void cuda_check(int err, const char* what) {
   } while (0)
 #endif
 
+// Every tensor an op may write gets its version counter bumped, once its checks have
+// passed and before it is written, as torch's in-place ops (and the other backends) do:
+// autograd then refuses a backward through a tensor saved before the write instead of
+// reading the new values. Here in the entry points, not as ADInplaceOrView kernels: a
+// boxed fallback there would box every call of the C++ autograd hook.
+void bump(const Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
+void bump(const std::optional<Tensor>& t) {
+  if (t.has_value() && t->defined()) bump(*t);
+}
+
 fa::AccumulateParams accumulate_params(const Tensor& acc, const Tensor& grad, double scale,
                                        bool overwrite) {
   check_flat("acc", acc, true, false);
@@ -151,6 +161,7 @@ fa::AccumulateParams accumulate_params(const Tensor& acc, const Tensor& grad, do
 void accumulate_op(const Tensor& acc, const Tensor& grad, double scale, bool overwrite) {
   fa::AccumulateParams p = accumulate_params(acc, grad, scale, overwrite);
   c10::DeviceGuard guard(acc.device());
+  bump(acc);
   FA_RUN("accumulate_", accumulate, p, acc);
 }
 
@@ -238,6 +249,7 @@ void accumulate_many_op(at::TensorList accs, at::TensorList grads, double scale,
   fill_many(m, accs, grads, scale, overwrite);
   if (m.p.num_tensors == 0) return;
   c10::DeviceGuard guard(accs[0].device());
+  for (const Tensor& acc : accs) bump(acc);
   FA_RUN("accumulate_many_", accumulate_many, m.p, accs[0]);
 }
 
@@ -255,6 +267,7 @@ Tensor accumulate_many_norm_op(at::TensorList accs, at::TensorList grads, double
                     dev(accs[0].device()));
   Tensor out = at::empty({}, f32);
   m.p.out = out.data_ptr<float>();
+  for (const Tensor& acc : accs) bump(acc);
   fa::cpu::accumulate_many(m.p);
   return out;
 }
@@ -271,6 +284,7 @@ Tensor accumulate_norm_op(const Tensor& acc, const Tensor& grad, double scale, b
     partials = at::empty({fa::norm_partials(p.n)}, acc.options());
     p.partials = partials.data_ptr<float>();
   }
+  bump(acc);
   FA_RUN("accumulate_norm_", accumulate, p, acc);
   return out;
 }
@@ -374,6 +388,9 @@ void adamw_step_op(const Tensor& param, const Tensor& acc, const Tensor& exp_avg
   s.lerp_low = fa::mask_of(std::abs(s.beta1_weight) < 0.5f);
   p.amsgrad = amsgrad;
   c10::DeviceGuard guard(param.device());
+  for (const Tensor* t : {&param, &acc, &exp_avg, &exp_avg_sq}) bump(*t);
+  bump(max_exp_avg_sq);
+  bump(model_out);
   FA_RUN("adamw_step_", adam_step, p, param);
 }
 
@@ -399,6 +416,10 @@ void sgd_step_op(const Tensor& param, const Tensor& acc,
   s.first_step = fa::mask_of(first_step);
   p.has_momentum = momentum != 0.0;
   c10::DeviceGuard guard(param.device());
+  bump(param);
+  bump(acc);
+  bump(momentum_buffer);
+  bump(model_out);
   FA_RUN("sgd_step_", sgd_step, p, param);
 }
 

@@ -1046,6 +1046,80 @@ def test_flags_must_be_bools(backend_device):
                             rf"{re.escape(repr(value))}$")
 
 
+# ---- every op writes only its own elements: its tensors are views into larger buffers
+# (as the wrapper's flat buffers are) with poisoned neighbours on both sides
+
+_PAD = 5
+
+
+def _padded(t, fill):
+    """A copy of ``t`` inside a buffer with ``_PAD`` elements of ``fill`` on each side:
+    (the buffer, the view of ``t``)."""
+    buf = torch.full((t.numel() + 2 * _PAD,), fill, dtype=t.dtype, device=t.device)
+    view = buf[_PAD:_PAD + t.numel()]
+    view.copy_(t)
+    return buf, view
+
+
+@pytest.mark.parametrize("n", [1, 1023, 4097, 278011])
+@pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_steps_write_nothing_outside_their_tensors(backend_device, n, op_name, skip):
+    """A step (zeroing acc included) leaves the elements next to each of its tensors
+    bitwise as they were: a tail mask one element too long would step (or zero) the
+    first element of the next tensor in a flat buffer, which no test of standalone
+    tensors sees. The neighbours are finite, so a step would change them."""
+    backend, dev = backend_device
+    tensors = _step_tensors(op_name, dev, n)
+    fills = [3.0, 7.0, 0.5, 0.25, 0.125][:len(tensors) - 1] + [11.0]
+    bufs, views = zip(*(_padded(t, f) for t, f in zip(tensors, fills)))
+    before = [b.clone() for b in bufs]
+    hp = dict(_STEP_HP[op_name], grad_mult=torch.tensor(0.5, device=dev),
+              found_inf=torch.tensor(float(skip), device=dev))
+    getattr(ops, op_name)(*views, backend=backend, **hp)
+    for name, buf, b0 in zip(_STEP_ARGS[op_name], bufs, before):
+        for side in (slice(0, _PAD), slice(_PAD + n, None)):
+            assert _same_bits(buf[side], b0[side]), f"{name}: a neighbour was written"
+    assert torch.count_nonzero(views[1]) == 0, "acc must be zeroed"
+
+
+def _written_by(op_name, dev, n):
+    """(the positional tensors of a call of ``op_name``, the names of those it writes)."""
+    if op_name in _STEP_ARGS:
+        return _step_tensors(op_name, dev, n), _STEP_ARGS[op_name]
+    grad = _rand(n, torch.bfloat16, dev, 43)
+    if op_name == "accumulate_":
+        return [_rand(n, torch.float32, dev, 44), grad], ["acc"]
+    return [[_rand(n, torch.float32, dev, 44), _rand(5, torch.float32, dev, 45)],
+            [grad, _rand(5, torch.bfloat16, dev, 46)]], ["accs"]
+
+
+@pytest.mark.parametrize("op_name", ["accumulate_", "accumulate_many_", "adamw_step_",
+                                     "sgd_step_"])
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+@pytest.mark.parametrize("dev", _devices())
+def test_every_written_tensor_gets_a_version_bump(backend, dev, op_name):
+    """As torch's in-place ops: every tensor an op writes gets its version counter bumped,
+    so a backward through a tensor saved before the write is refused, not computed with
+    the new values. (The C++ backends bumped none.)"""
+    why = ops.unavailable_reason(backend, dev)
+    if why is not None:
+        pytest.skip(why)
+    args, names = _written_by(op_name, dev, 33)
+    hp = {}
+    if op_name in _STEP_HP:
+        hp = dict(_STEP_HP[op_name], grad_mult=0.5, found_inf=0.0)
+    written = [t for a, _ in zip(args, names) for t in (a if isinstance(a, list) else [a])]
+    before = [t._version for t in written]
+    x = torch.ones(33, device=dev, requires_grad=True)
+    saved = (x * written[0]).sum()  # (mul saves written[0] for the backward)
+    getattr(ops, op_name)(*args, backend=backend, **hp)
+    for t, v in zip(written, before):
+        assert t._version > v, "written in place without a version bump"
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_rounding_is_nearest_even(backend_device, dtype):
     """model_out must be the fp32 result rounded to nearest even, as torch's .to() does."""
@@ -1193,6 +1267,25 @@ def test_adam_weight_decay_cancelling_gradient_is_torch(backend):
     torch.testing.assert_close(p, p_t.detach(), **tol)
     torch.testing.assert_close(m, opt.state[p_t]["exp_avg"], rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("beta1", [0.5, 0.3, 0.7])
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_adam_exp_avg_is_torch_lerp_bitwise_on_cpu(backend, beta1):
+    """exp_avg is bitwise ``exp_avg.lerp(g, 1 - beta1)``: torch's lerp has two formulas,
+    from exp_avg for a weight below 0.5 and from g for 0.5 and above, which round
+    differently; a weight of exactly 0.5 (beta1 = 0.5) must take the second, as torch's.
+    (The tolerance of test_adamw_both_lerp_formulas_match_reference hides the choice.)"""
+    _cpu_backend(backend)
+    n = 4097
+    m0 = torch.randn(n, generator=_gen(90))
+    g = torch.randn(n, generator=_gen(91)) * 3.0
+    want = m0.lerp(g, 1 - beta1)
+    p, m = torch.randn(n, generator=_gen(92)), m0.clone()
+    v = torch.rand(n, generator=_gen(93))
+    ops.adamw_step_(p, g.clone(), m, v, grad_mult=torch.tensor(1.0),
+                    found_inf=torch.tensor(0.0), lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8,
+                    weight_decay=0.0, step=2, backend=backend)
+    assert torch.equal(m, want)
 
 
 @pytest.mark.parametrize("backend, device", [("cuda", "cuda"), ("triton", "cuda"),

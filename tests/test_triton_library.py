@@ -522,6 +522,40 @@ def test_direct_launches_of_every_kernel_on_gpu_give_the_launchers_bits(monkeypa
         torch.testing.assert_close(results[0], results[1], rtol=0, atol=0, equal_nan=True)
 
 
+def test_direct_launch_key_holds_num_warps(monkeypatch):
+    """A launch with the same constexprs and arguments but another num_warps (what
+    bench/tune_triton.py sweeps in one process: one BLOCK with several warp counts) goes
+    through Triton's launcher with its own num_warps, not to the compiled kernel of the
+    other."""
+    kernel = _launches(monkeypatch, "_accumulate_kernel")
+    acc, grad = torch.zeros(3000), torch.ones(3000, dtype=torch.bfloat16)
+    block, warps = T._config("accumulate")
+    for w in (warps, warps, 2 * warps, 2 * warps, warps):
+        monkeypatch.setitem(T._GPU_CONFIG, "accumulate", (block, w))
+        T._launch_accumulate(acc, grad, 0.5, False, T._NORM_NONE)
+    assert [c[0] for c in kernel.calls] == ["jit", "direct", "jit", "direct", "direct"]
+    assert [c[3]["num_warps"] for c in kernel.calls if c[0] == "jit"] == [warps, 2 * warps]
+
+
+def test_direct_launch_key_holds_the_device(monkeypatch):
+    """A compiled kernel is loaded on one GPU: the same launch on another device goes
+    through Triton's launcher, never to the kernel the first device's launch returned.
+    (No second GPU needed: the key takes the device of the first argument, which here
+    stands in for a tensor on cuda:0, then cuda:1.)"""
+    kernel = _launches(monkeypatch, "_finish_kernel")
+    monkeypatch.setattr(T, "_LAUNCH", "direct")
+
+    class OnDevice:
+        device = torch.device("cuda", 0)
+
+    partials, out = OnDevice(), torch.zeros(())
+    for index in (0, 0, 1, 1, 0):
+        partials.device = torch.device("cuda", index)
+        T._run(kernel, 1, (partials, out, 7), dict(NORM=1, SQRT=False, BLOCK=16), 1)
+    assert [c[0] for c in kernel.calls] == ["jit", "direct", "jit", "direct", "direct"]
+    assert len(T._COMPILED) == 2
+
+
 # _accumulate_many_kernel compiled for a GPU by this Triton (no GPU needed: its NVIDIA
 # backend and ptxas), in a process without the interpreter (_run_python)
 _COMPILE_MANY = """
@@ -885,6 +919,57 @@ def test_reductions_over_many_blocks(tiny_blocks, norm_type):
     bad[4900] = math.nan
     assert torch.isnan(T.grad_norm([bad], norm_type))
     assert torch.isnan(T.accumulate_(bad.clone(), torch.zeros_like(bad), norm_type=norm_type))
+
+
+@pytest.fixture
+def distinct_blocks(monkeypatch):
+    """Another BLOCK for each kernel (under the interpreter every kernel but the finishing
+    one has the same, as tiny_blocks gives them), so that a launcher that sizes its grid or
+    its partials by another kernel's block, or launches with another's, shows."""
+    blocks = dict(accumulate=64, norm=128, finish=16, adamw=32, sgd=256)
+    if T._INTERPRETED:
+        monkeypatch.setattr(T, "_config", lambda kernel: (blocks[kernel], 4))
+    else:
+        monkeypatch.setattr(T, "_GPU_CONFIG", {k: (b, 1) for k, b in blocks.items()})
+    return blocks
+
+
+def test_each_kernel_is_sized_by_its_own_block(distinct_blocks):
+    """Every op against the reference with a different BLOCK per kernel, sizes that end
+    inside a block and more partials than the finishing program's block."""
+    sizes = (5000, 63, 0, 1, 129)
+    ts = [_rand(n, seed=110 + i, scale=2.0) for i, n in enumerate(sizes)]
+    for norm_type in (2.0, math.inf):
+        torch.testing.assert_close(T.grad_norm(ts, norm_type),
+                                   reference.grad_norm(ts, norm_type), rtol=1e-5, atol=1e-6)
+        grad = _rand(5000, torch.bfloat16, seed=120)
+        want_acc, got_acc = ts[0].clone(), ts[0].clone()
+        want = reference.accumulate_(want_acc, grad, -0.3, norm_type=norm_type)
+        got = T.accumulate_(got_acc, grad, -0.3, norm_type=norm_type)
+        torch.testing.assert_close(got_acc, want_acc, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grads = [_rand(n, torch.float16, seed=130 + i) for i, n in enumerate(sizes)]
+    want = [t.clone() for t in ts]
+    reference.accumulate_many_(want, grads, 0.25)
+    got = [t.clone() for t in ts]
+    T.accumulate_many_(got, grads, 0.25)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    n = 5000
+    param, acc = _rand(n, seed=140), _rand(n, seed=141)
+    state = [_rand(n, seed=142 + i).abs() for i in range(3)]
+    kw = dict(grad_mult=_scalar(0.5), found_inf=_scalar(0.0))
+    for op, hp, k in ((T.adamw_step_, dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                                           weight_decay=0.1, step=2, amsgrad=True), 3),
+                      (T.sgd_step_, dict(lr=0.1, momentum=0.9, dampening=0.0,
+                                         weight_decay=0.01, nesterov=True, maximize=False,
+                                         first_step=False), 1)):
+        want = [t.clone() for t in (param, acc, *state[:k])]
+        getattr(reference, op.__name__)(*want, **kw, **hp)
+        got = [t.clone() for t in (param, acc, *state[:k])]
+        op(*got, **kw, **hp)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
