@@ -611,3 +611,184 @@ def test_pick_launch_takes_the_fastest_launch_mode_past_the_margin(tmp_path, cap
     assert pick.main([str(path)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "no fusedaccum[triton] window" in err
+
+
+# --------------------------------------------------------------------------- numbers
+# (a mutation audit of bench.py found these computed numbers checked only for being > 0)
+
+
+def test_time_calls_is_the_median_per_call_of_the_timed_samples(monkeypatch):
+    """A fake clock that only the calls advance: two warm-up calls of 0.25 s, then five
+    samples of 3 calls (target 0.75 s / 0.25 s per call) costing 1, 2, 3, 4 and 100 s per
+    call. The result is the median per call (3: not the mean, 22; not a sample's total,
+    9), with the quartiles of the samples, and the warm-up calls are not among them."""
+    clock = [0.0]
+    per_sample = [1.0, 2.0, 3.0, 4.0, 100.0]
+
+    def call(i):
+        clock[0] += 0.25 if i < 2 else per_sample[(i - 2) // 3]
+
+    monkeypatch.setattr(B, "time", type("Clock", (), {"perf_counter": lambda: clock[0]}))
+    t = B.time_calls(call, CPU, B.TimingConfig(budget_s=0.0, warmup_s=0.0, min_samples=5,
+                                              target_sample_s=0.75))
+    assert (t.samples, t.calls_per_sample) == (5, 3)
+    assert (t.median_s, t.q1_s, t.q3_s) == (3.0, 2.0, 4.0)
+
+
+def _fixed_timings(monkeypatch, medians):
+    """B.time_calls replaced: each call runs ``fn`` over a few call numbers and returns
+    the next of ``medians`` (seconds per call); returns the call numbers given."""
+    it, seen = iter(medians), []
+
+    def time_calls(fn, device, tc, n_sets=1):
+        for i in range(3 * n_sets):
+            fn(i)
+            seen.append(i)
+        return B.Timing(next(it), 0.0, 0.0, 1, 1, n_sets)
+
+    monkeypatch.setattr(B, "time_calls", time_calls)
+    return seen
+
+
+def test_copy_bandwidth_counts_a_read_and_a_write_and_takes_the_faster_method(monkeypatch):
+    n = 1000
+    _fixed_timings(monkeypatch, [2e-3, 1e-3])  # copy_, then mul_ (twice as fast)
+    bw = B.measure_copy_bandwidth(CPU, n, B.TimingConfig())
+    moved = 2 * n * torch.empty((), dtype=torch.float32).element_size()  # read + write
+    assert bw.results == pytest.approx({"copy_": moved / 2e-3 / 1e9, "mul_": moved / 1e-3 / 1e9})
+    assert (bw.method, bw.gbps, bw.numel) == ("mul_", bw.results["mul_"], n)
+
+
+def test_combined_copy_bandwidth_is_the_best_measurement():
+    ms = [B.CopyBandwidth(g, "copy_", 64, {"copy_": g, "mul_": g / 2}) for g in (10.0, 30.0, 20.0)]
+    best = B.combine_copy_bandwidth(ms)
+    assert (best.gbps, best.method) == (30.0, "copy_ #2")
+    assert best.results == {"copy_ #1": 10.0, "mul_ #1": 5.0, "copy_ #2": 30.0,
+                            "mul_ #2": 15.0, "copy_ #3": 20.0, "mul_ #3": 10.0}
+
+
+# which input tensors each op must read and write (DESIGN.md section 3): the bytes are
+# counted from the tensors themselves here, not from bench.byte_breakdown
+_READS = {"accumulate_": ("grad", "acc"), "grad_norm": ("acc",),
+          "adamw_step_": ("acc", "param", "exp_avg", "exp_avg_sq"),
+          "sgd_step_": ("acc", "param", "momentum_buffer")}
+_WRITES = {"accumulate_": ("acc",), "grad_norm": (),
+           "adamw_step_": ("param", "exp_avg", "exp_avg_sq", "model_out", "acc"),
+           "sgd_step_": ("param", "momentum_buffer", "model_out", "acc")}
+
+
+def test_op_gbps_counts_the_bytes_of_the_tensors_and_rotates_every_set(monkeypatch):
+    """GB/s = the bytes of the tensors the op reads and writes / the median time per call,
+    as a fraction of the copy bandwidth given; every call set of the rotation is used."""
+    n, median, copy_bw = 1024, 2e-6, 50.0
+    specs = list(B.OP_SPECS.values())
+    _fixed_timings(monkeypatch, [median] * len(specs))
+    monkeypatch.setattr(B, "last_level_cache_bytes", lambda device: 64 * 1024)
+    ref, used = B._ops.get("reference", CPU), set()
+
+    class Recording:  # the reference backend, noting the first tensor of each call
+        def __getattr__(self, name):
+            def call(first, *args, **kwargs):
+                used.add((first[0] if isinstance(first, list) else first).data_ptr())
+                return getattr(ref, name)(first, *args, **kwargs)
+            return call
+
+    monkeypatch.setattr(B._ops, "get", lambda name, device: Recording())
+    for spec in specs:
+        used.clear()
+        (r,) = B.run_op_benchmarks([spec], [n], ["reference"], CPU, B.TimingConfig(), copy_bw,
+                                   B.Progress(1, enabled=False))
+        assert r.op == spec.key and not r.note, r
+        x = B.make_op_inputs(spec, n, CPU)
+        moved = sum(x[k].numel() * x[k].element_size()
+                    for k in _READS[spec.op] + _WRITES[spec.op])
+        assert r.gbps == pytest.approx(moved / median / 1e9), spec.key
+        assert r.frac == pytest.approx(r.gbps / copy_bw), spec.key
+        set_bytes = sum(t.numel() * t.element_size() for t in x.values() if t.dim() == 1)
+        want_sets = math.ceil(B.ROTATION_CACHE_MULTIPLE * 64 * 1024 / set_bytes)
+        assert r.timing.n_sets == want_sets > 1, spec.key
+        assert len(used) == want_sets, spec.key  # every set is called (the sets rotate)
+
+
+def _op_result(backend, median, gbps, frac):
+    return B.OpResult(op="accumulate_bf16", label="", backend=backend, numel=1024,
+                      bytes_per_elem=10, timing=B.Timing(median, median, median, 1, 1),
+                      gbps=gbps, frac=frac)
+
+
+def test_ops_table_columns_and_the_ratio_against_torch():
+    """Per backend: time, GB/s, %copy; `<backend> vs torch` = torch's time / the backend's."""
+    headers, rows = B._ops_table_rows([_op_result("reference", 2e-6, 5.12, 0.5),
+                                       _op_result(B.PEER, 6e-6, 1.71, 0.25)],
+                                      ["reference", B.PEER])
+    (row,) = rows
+    cell = dict(zip(headers, row))
+    assert (cell["size"], cell["B/elt"]) == ("1K", "10")
+    assert (cell["reference time"], cell["reference GB/s"], cell["reference %copy"]) == \
+        ("2.0 us", "5.12", "50%")
+    assert (cell["torch GB/s"], cell["torch %copy"]) == ("1.71", "25%")
+    assert cell["reference vs torch"] == "3.00x"  # > 1: the backend is faster
+
+
+def test_window_floor_fraction_counts_bf16_gradients():
+    """floor %copy of ours: per param per window with k=4 bf16 gradients, 4 x (the
+    backward's fresh copy: read 2 + write 2; accumulate: read grad 2, read acc 4, write acc
+    4) - 4 (the first accumulation overwrites) + norm (read acc 4) + AdamW (read acc,
+    master, m, v 16, write master, m, v 12, bf16 model 2) = 86 B; 86 MB in 1 ms against
+    172 GB/s is 50%."""
+    ours = _timed("fusedaccum[cpu]", [1e-3])
+    ours.numel = 1_000_000
+    headers, rows = B._window_table_rows([ours], [], 172.0, 4)
+    assert dict(zip(headers, rows[0]))["floor %copy"] == "50%"
+
+
+def test_every_contender_runs_k_micro_batches_of_the_same_gradients(monkeypatch):
+    """The window benchmark compares like with like: each contender's window is k
+    backward passes of the workload's gradients; the recipe's fp32 main grads hold their
+    mean, the tutorial's p.grad the sum of grads / k."""
+    wl = B.Workload(B.MODELS["tiny"], CPU, torch.float32)
+    passes = []
+    real = B._backward
+
+    def counting(params, grads):
+        passes.append(len(params))
+        real(params, grads)
+
+    monkeypatch.setattr(B, "_backward", counting)
+    for c in (B.FusedContender(wl, _window_backends()[0]), B.TutorialContender(wl),
+              B.RecipeContender(wl)):
+        passes.clear()
+        c.window()
+        assert passes == [len(wl.shapes)] * wl.k, c.name
+        c.close()
+    recipe, tutorial = B.RecipeContender(wl), B.TutorialContender(wl)
+    for _ in range(wl.k):
+        real(recipe.params, wl.grads)
+        real(tutorial.params, tutorial.grads)
+    for g, main_grad, p in zip(wl.grads, recipe.main_grads, tutorial.params):
+        torch.testing.assert_close(main_grad, g, rtol=1e-6, atol=0)
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=0)
+    recipe.close()
+
+
+def test_reported_fractions_are_against_the_best_copy_measurement(tmp_path, monkeypatch):
+    """The copy bandwidth is measured before the run, before each op but the first and at
+    the end; every %copy in the CSV is against the best of them, the one marked reference."""
+    gbps = iter([10.0, 40.0, 20.0])
+
+    def measure(device, numel, tc):
+        g = next(gbps)
+        return B.CopyBandwidth(g, "copy_", numel, {"copy_": g, "mul_": g / 2})
+
+    monkeypatch.setattr(B, "measure_copy_bandwidth", measure)
+    assert B.main(_quick_args(tmp_path, "--ops", "accumulate_", "--no-windows",
+                              "--no-plot")) == 0
+    with open(next(tmp_path.glob("*.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    copies = {r["name"]: r for r in rows if r["section"] == "copy_bw"}
+    assert [n for n, r in copies.items() if r["note"] == "reference"] == ["copy_ #2"]
+    assert float(copies["copy_ #3"]["frac_copy_bw"]) == 0.5
+    ops_rows = [r for r in rows if r["section"] == "op"]
+    assert len(ops_rows) == 2 * 2 * 2  # 2 ops x 2 sizes x (reference, torch)
+    for r in ops_rows:
+        assert float(r["frac_copy_bw"]) == pytest.approx(float(r["gbps"]) / 40.0, abs=1e-4)

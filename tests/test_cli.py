@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -152,3 +153,58 @@ def test_bench_dispatch():
     else:
         # argparse's --help exits 0; anything but a traceback is acceptable here
         assert "Traceback" not in proc.stderr, _explain(proc)
+
+
+# the demo's verdict on made-up curves (its training runs replaced), in-process
+_LOSS, _NORM = [2.3, 2.0, 1.7, 1.5], [3.0, 2.5, 2.0, 1.8]
+
+
+def _demo_verdict(monkeypatch, capsys, loss=None, norm=None, errors=None):
+    """Exit status and stdout of `demo` whose plain run gives _LOSS and _NORM and whose
+    fused runs give those, but for ``loss``/``norm``/``errors`` keyed by dtype name."""
+    import torch
+
+    from fusedaccum import __main__ as cli
+
+    def run(kind, args, device, data, progress, dtype_name="float32"):
+        fused = kind != "plain"
+        return {"loss": list((loss or {}).get(dtype_name, _LOSS) if fused else _LOSS),
+                "norm": list((norm or {}).get(dtype_name, _NORM) if fused else _NORM),
+                "ms": 1.0, "peak": None,
+                "errors": list((errors or {}).get(dtype_name, [])) if fused else []}
+
+    monkeypatch.setattr(cli, "_run", run)
+    monkeypatch.setattr(cli, "_cpu_peak", lambda *a: None)
+    rc = cli.main(["demo", "--steps", str(len(_LOSS)), "-k", "2", "-b", "2", "--device", "cpu",
+                   "--half", "bf16", "--threads", str(torch.get_num_threads()),
+                   "--no-progress"])
+    return rc, capsys.readouterr().out
+
+
+def _off(values, i, by):
+    return [v + by if j == i else v for j, v in enumerate(values)]
+
+
+def test_demo_exits_1_when_the_curves_disagree(monkeypatch, capsys):
+    """The demo's verdict, not only its agreeing case: a fused fp32 loss 1e-3 relative off
+    at one update (the size of a lost micro-batch or a wrong divisor, per _demo_tolerance),
+    a grad norm 1e-3 relative off, a bf16 loss 0.2 off (tolerance 0.05 x 2.0 there), a
+    NaN, or a wrapper protocol error each make it exit 1; differences within the
+    tolerances (1e-6 relative in fp32, 0.05 in bf16) exit 0."""
+    rc, out = _demo_verdict(monkeypatch, capsys)
+    assert rc == 0 and "RESULT: the loss curves agree" in out and "MISMATCH" not in out, out
+    for ok in (dict(loss={"float32": _off(_LOSS, 2, 1.7e-6)}),
+               dict(norm={"float32": _off(_NORM, 1, 2.5e-6)}),
+               dict(loss={"bfloat16": _off(_LOSS, 1, 0.05)})):
+        rc, out = _demo_verdict(monkeypatch, capsys, **ok)
+        assert rc == 0 and "MISMATCH" not in out, (ok, out)
+    for bad in (dict(loss={"float32": _off(_LOSS, 2, 1.7e-3)}),
+                dict(norm={"float32": _off(_NORM, 1, 2.5e-3)}),
+                dict(loss={"bfloat16": _off(_LOSS, 1, 0.2)}),
+                dict(loss={"float32": _off(_LOSS, 3, math.nan)}),
+                dict(norm={"float32": _off(_NORM, 2, math.nan)}),  # (not the first)
+                dict(errors={"float32": ["update 0 micro-batch 1: stepped=False"]})):
+        rc, out = _demo_verdict(monkeypatch, capsys, **bad)
+        assert rc == 1, (bad, out)
+        assert "RESULT: the loss curves do NOT agree" in out, (bad, out)
+        assert "MISMATCH" in out or "wrapper protocol: update 0" in out, (bad, out)
