@@ -2568,7 +2568,6 @@ class FusedAccumulator(torch.optim.Optimizer):
             "world_size": 1 if self._pg is None else torch.distributed.get_world_size(self._pg),
             "update_count": self.update_count,
             "skipped_steps": self.skipped_steps,
-            "warned_skip": self._warned_skip,
             "loss_scale": None if self._scaler is None else self._scaler.state_dict(),
             "masters": masters,
             "accumulators": accumulators,
@@ -2866,7 +2865,8 @@ class FusedAccumulator(torch.optim.Optimizer):
             self._window_k = int(extra["window_k"])
         else:
             self._window_k = next_k if next_k is not None else self._next_k()
-        self._warned_skip = bool(extra.get("warned_skip", False))
+        # (the skip warning is not restored: DESIGN gives one to the first skipped step()
+        # of each wrapper, so a run resumed in a new process warns once again)
         if extra.get("loss_scale") is not None and self._scaler is not None:
             self._scaler.load_state_dict(extra["loss_scale"], window_open=self.micro_step > 0)
 

@@ -655,6 +655,32 @@ def test_grad_norm_attribute(device, norm_type, clip):
     assert_states_close(opt, ref_opt)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
+def test_grad_norm_over_several_param_groups_of_half_params(device, dtype, norm_type):
+    """Two param groups: two flat buffers whose norms (each riding on its last
+    accumulation, on the CPU) are combined into the window's one total norm, as
+    clip_grad_norm_ takes it over every param: the root of the summed squares, or the
+    largest of the maxima. The clipped updates equal the master emulation's."""
+    k, clip = 2, 0.05
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    groups = [{"params": model.fc1.parameters()}, {"params": model.fc2.parameters()}]
+    opt = wrap(adamw(groups), accumulation_steps=k, max_grad_norm=clip, norm_type=norm_type)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), adamw)
+    for window in windows:
+        for x, y in window:
+            mse(model(x), y).backward()
+            emu.backward(mse(emu.model(x), y))
+            opt.step()
+            opt.zero_grad()
+        norm, applied = emu.step(k, max_grad_norm=clip, norm_type=norm_type)
+        assert applied and opt.stepped and float(norm) > 2 * clip
+        torch.testing.assert_close(opt.grad_norm, norm, rtol=1e-5, atol=1e-7)
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL_CLIPPED)
+    assert_states_close(opt, emu.opt, **MASTER_TOL_CLIPPED)
+
+
 # ---------------------------------------------------------------------- LR schedulers
 
 SCHEDULERS = {
@@ -1428,6 +1454,37 @@ def test_counters_along_a_run_and_reset_accumulation(device):
     assert_states_close(opt, ref_opt)
 
 
+@pytest.mark.parametrize("new_k", [1, 3, "callable"])
+def test_reset_accumulation_starts_a_window_of_the_length_set_mid_window(device, new_k):
+    """accumulation_steps set while a window is under way applies from the next window;
+    reset_accumulation() drops the window under way, so the window right after it has the
+    new length (it kept the dropped window's: 2 here), and its update is plain torch's on
+    that window's big batch."""
+    k = 3 if new_k == "callable" else new_k
+    micro = make_batches(1 + k, device=device)
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+    x, y = micro[0]
+    mse(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    opt.accumulation_steps = (lambda n: k) if new_k == "callable" else k
+    assert opt.accumulation_boundary  # (the window under way keeps its length, 2)
+    opt.reset_accumulation()
+    ends = []
+    for x, y in micro[1:]:
+        mse(model(x), y).backward()
+        ends.append(opt.accumulation_boundary)
+        opt.step()
+        opt.zero_grad()
+    assert ends == [False] * (k - 1) + [True]
+    assert opt.stepped and (opt.update_count, opt.micro_step) == (1, 0)
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, adamw, [micro[1:]])
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
 # ------------------------------------------------------------------------- zero_grad
 
 
@@ -1553,6 +1610,41 @@ def test_per_group_hyperparameters(device):
     ref_opt = make_opt(None, ref)
     for window in windows:
         big_batch_update(ref, ref_opt, window, max_grad_norm=0.5)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
+PER_GROUP_OPTIONS = {
+    # (group 0's options, group 1's options): every hyperparameter the fused step reads
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, eps=1e-3, amsgrad=True, weight_decay=0.1),
+              dict(lr=3e-2, eps=1e-8, betas=(0.5, 0.9), maximize=True, weight_decay=0.0)),
+    "adam": (torch.optim.Adam, dict(lr=1e-2, eps=1e-8, weight_decay=0.05),
+             dict(lr=1e-2, eps=5e-2, betas=(0.7, 0.99), amsgrad=True,
+                  decoupled_weight_decay=True, weight_decay=0.2)),
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.01),
+            dict(lr=0.05, momentum=0.5, nesterov=True, maximize=True)),
+}
+
+
+@pytest.mark.parametrize("opt_name", sorted(PER_GROUP_OPTIONS))
+def test_every_hyperparameter_is_read_from_its_own_group(device, opt_name):
+    """Each param group's own eps, betas, amsgrad, maximize, momentum, dampening, nesterov
+    and weight decay (not the optimizer's defaults, not the other group's): the same
+    updates and state as plain torch on the big batch."""
+    cls, first, second = PER_GROUP_OPTIONS[opt_name]
+    k = 2
+    windows = make_windows(3, k, device=device)
+
+    def make_opt(model):
+        return cls([{"params": model.fc1.parameters(), **first},
+                    {"params": model.fc2.parameters(), **second}], lr=1e-3)
+
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(make_opt(model), accumulation_steps=k)
+    run_managed(model, opt, windows)
+    ref_opt = make_opt(ref)
+    for window in windows:
+        big_batch_update(ref, ref_opt, window)
     assert_params_close(model, ref)
     assert_states_close(opt, ref_opt)
 

@@ -531,3 +531,136 @@ def test_a_boundary_retried_after_the_exchange_is_not_exchanged_again(tmp_path, 
     mp.spawn(_retry_worker, args=(2, _free_port(), str(tmp_path), shard), nprocs=2,
              join=True)
     assert torch.load(tmp_path / "same.pt")
+
+
+class _TwoHeads(torch.nn.Module):
+    """A trunk and two heads; a micro-batch goes through one head."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(6, 10)
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(10, 3), torch.nn.Linear(10, 3)])
+
+    def forward(self, x, head):
+        return self.heads[head](torch.tanh(self.trunk(x)))
+
+
+def _two_heads(shard, dtype, world, out_dir, rank=None):
+    """Train _TwoHeads with the micro-batches of rank r going through head r % 2: on
+    ``rank`` of a process group (saving its params), or in one process over every rank's
+    micro-batches (``rank`` None; returns the params). fp32 params with AdamW, half params
+    with SGD (whose update is proportional to the clip coefficient)."""
+    x, y = _data(world)
+    torch.manual_seed(11)
+    model = _TwoHeads().to(device=DEVICE, dtype=dtype)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1) \
+        if dtype == torch.float32 else torch.optim.SGD(model.parameters(), lr=0.5)
+    kw = dict(accumulation_steps=K, process_group=dist.group.WORLD,
+              shard_optimizer_state=shard) if rank is not None else \
+        dict(accumulation_steps=world * K)
+    opt = fusedaccum.FusedAccumulator(inner, max_grad_norm=0.05, backend=BACKEND, **kw)
+    for w in range(WINDOWS):
+        for r in range(world) if rank is None else [rank]:
+            for x_mb, y_mb in _micro_batches(x, y, w, world, r):
+                torch.nn.functional.mse_loss(model(x_mb.to(dtype), r % 2).float(), y_mb).backward()
+                opt.step()
+                opt.zero_grad()
+    assert opt.update_count == WINDOWS
+    params = [p.detach().clone() for p in model.parameters()]
+    if rank is None:
+        return params
+    opt.state_dict()  # (a collective with ZeRO-1: every rank)
+    torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
+    return None
+
+
+def _two_heads_worker(rank, world, port, shard, dtype, out_dir):
+    with _rank(rank, world, port):
+        _two_heads(shard, dtype, world, out_dir, rank)
+
+
+@pytest.mark.parametrize("shard,dtype", [(False, torch.float32), (True, torch.float32),
+                                         (False, torch.bfloat16)],
+                         ids=["allreduce-fp32", "zero1-fp32", "allreduce-bf16"])
+def test_a_param_only_another_rank_gave_a_gradient_is_updated_on_every_rank(tmp_path, shard,
+                                                                             dtype):
+    """Each rank's micro-batches reach one head only (rank r: head r % 2): every param got a
+    gradient somewhere in the window, so every rank updates every param (which params
+    take part is merged over the ranks at the boundary), the replicas stay equal, and
+    they equal one process over all the micro-batches, clipped by the norm of the summed
+    gradient (half params: not by a norm of this rank's own part, taken while it was
+    accumulated)."""
+    world = 2
+    mp.spawn(_two_heads_worker, args=(world, _free_port(), shard, dtype, str(tmp_path)),
+             nprocs=world, join=True)
+    want = _two_heads(shard, dtype, world, str(tmp_path))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for i, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b, **tol,
+                                       msg=lambda m, i=i, rank=rank: f"rank {rank}, param {i}: {m}")
+
+
+def _resume_at_shard_edge_worker(rank, world, port, out_dir):
+    """ZeRO-1 with params that fill their shards to the last element (no alignment padding
+    at the shard edge: elements 95 and 96 of the flat buffers are both fc1.weight's): a
+    run that saves a state dict part-way through window 1 and resumes from it in a new
+    model and wrapper, against one that does not stop."""
+    with _rank(rank, world, port):
+        x, y = _data(world)
+
+        def build():
+            torch.manual_seed(5)
+            model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                                        torch.nn.Linear(16, 3)).to(DEVICE)
+            inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+            return model, fusedaccum.FusedAccumulator(
+                inner, accumulation_steps=K, max_grad_norm=0.05, backend=BACKEND,
+                process_group=dist.group.WORLD, shard_optimizer_state=True)
+
+        def micro(model, opt, w, j):
+            x_mb, y_mb = list(_micro_batches(x, y, w, world, rank))[j]
+            torch.nn.functional.mse_loss(model(x_mb), y_mb).backward()
+            opt.step()
+            opt.zero_grad()
+
+        model, opt = build()
+        for w in range(WINDOWS):
+            for j in range(K):
+                micro(model, opt, w, j)
+        want = [p.detach().clone() for p in model.parameters()]
+        want_state = opt.state_dict()["state"]
+        model, opt = build()
+        for w, j in [(0, j) for j in range(K)] + [(1, 0)]:
+            micro(model, opt, w, j)
+        sd, msd = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+        model, opt = build()
+        model.load_state_dict(msd)
+        opt.load_state_dict(sd)
+        for w, j in [(1, j) for j in range(1, K)] + [(w, j) for w in range(2, WINDOWS)
+                                                     for j in range(K)]:
+            micro(model, opt, w, j)
+        got = [p.detach().clone() for p in model.parameters()]
+        torch.save({"want": want, "got": got, "want_state": want_state,
+                    "got_state": opt.state_dict()["state"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_sharded_resume_with_params_filling_the_shard_edge(tmp_path):
+    """Resuming a ZeRO-1 run loads every element of each rank's shard of the masters and
+    the optimizer state, the shard's last one too (the cases above have alignment padding
+    there, which a load that missed the last element would not show)."""
+    world = 2
+    mp.spawn(_resume_at_shard_edge_worker, args=(world, _free_port(), str(tmp_path)),
+             nprocs=world, join=True)
+    for rank in range(world):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        for i, (a, b) in enumerate(zip(out["got"], out["want"])):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8,
+                                       msg=lambda m, i=i, rank=rank: f"rank {rank}, param {i}: {m}")
+        assert out["got_state"].keys() == out["want_state"].keys()
+        for idx, st in out["want_state"].items():
+            for key, value in st.items():
+                torch.testing.assert_close(out["got_state"][idx][key], value, rtol=1e-6,
+                                           atol=1e-8)

@@ -195,6 +195,74 @@ def test_resume_keeps_loss_scale_and_counters(device):
     assert_params_close(model2, model, **RESUME_TOL)
 
 
+@pytest.mark.parametrize("loading_k", [2, 4, "callable"])
+def test_a_window_resumed_mid_way_keeps_the_length_it_started_with(device, loading_k):
+    """A state dict saved part-way through a window of 3 and loaded into a wrapper with
+    another accumulation_steps (a run resumed with a new setting): that window still ends
+    after its 3 micro-batches, as it would have without stopping, and the windows after
+    it take the loading wrapper's length."""
+    k_new = 2 if loading_k == "callable" else loading_k
+    micro = make_batches(6 + k_new, device=device)  # windows of 3, 3 (cut after 4), k_new
+    model_a, opt_a = _wrapped(torch.float32, device)
+    for batch in micro[:6]:
+        _micro(model_a, opt_a, batch)
+    assert opt_a.update_count == 2
+    opt_a.accumulation_steps = k_new  # (between windows: the next one takes it)
+    for batch in micro[6:]:
+        _micro(model_a, opt_a, batch)
+    assert opt_a.stepped and opt_a.update_count == 3
+
+    model_b, opt_b = _wrapped(torch.float32, device)
+    for batch in micro[:4]:
+        _micro(model_b, opt_b, batch)
+    saved, saved_model = copy.deepcopy(opt_b.state_dict()), copy.deepcopy(model_b.state_dict())
+    model_c, opt_c = _wrapped(torch.float32, device, seed=7, accumulation_steps=(
+        (lambda n: k_new) if loading_k == "callable" else k_new))
+    model_c.load_state_dict(saved_model)
+    opt_c.load_state_dict(saved)
+    assert (opt_c.micro_step, opt_c.update_count, opt_c.accumulation_boundary) == (1, 1, False)
+    stepped = []
+    for batch in micro[4:]:
+        _micro(model_c, opt_c, batch)
+        stepped.append(opt_c.stepped)
+    assert stepped == [False, True] + [False] * (k_new - 1) + [True]
+    assert_params_close(model_c, model_a, **RESUME_TOL)
+    assert_states_close(opt_c, opt_a, **RESUME_TOL)
+
+
+@pytest.mark.parametrize("skipped_before_saving", [True, False])
+def test_each_wrapper_warns_at_its_first_skipped_step_loaded_or_not(device,
+                                                                    skipped_before_saving):
+    """DESIGN: the first skipped step() of each wrapper raises one RuntimeWarning
+    (opt.skipped_steps counts the rest). A wrapper that loaded a state dict is a wrapper of
+    its own: it warns at its first skip whether or not the saved run had warned, and only
+    once (the load does not reset its own flag either)."""
+    micro = make_batches(2, device=device)
+
+    def skip(model, opt):
+        handle = model.fc1.weight.register_hook(poison(INF))
+        _micro(model, opt, micro[1])
+        handle.remove()
+        assert not opt.stepped
+
+    model, opt = _wrapped(torch.float32, device, accumulation_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _micro(model, opt, micro[0])
+        if skipped_before_saving:
+            skip(model, opt)
+        saved = _through(opt.state_dict(), "torch_save")
+        model2, opt2 = _wrapped(torch.float32, device, seed=3, accumulation_steps=1)
+        model2.load_state_dict(model.state_dict())
+        opt2.load_state_dict(saved)
+        skip(model2, opt2)
+        opt2.load_state_dict(saved)
+        skip(model2, opt2)
+    assert sum(issubclass(c.category, RuntimeWarning) for c in caught) == (
+        2 if skipped_before_saving else 1)
+    assert opt2.skipped_steps == (2 if skipped_before_saving else 1)
+
+
 @MODELS
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_state_dict_without_fusedaccum_entry_loads_into_plain_adamw(device, dtype, cls):
