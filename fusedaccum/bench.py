@@ -118,18 +118,26 @@ def bytes_per_element(op: str, **kwargs) -> int:
     return sum(b for _, b in byte_breakdown(op, **kwargs))
 
 
-def window_floor_bytes_per_param(k: int = K_WINDOW, grad_itemsize: int = 2) -> int:
+def window_floor_bytes_per_param(k: int = K_WINDOW, grad_itemsize: int = 2,
+                                 norm_pass: bool = True) -> int:
     """Bytes per param element the fused path must move in one window of our harness.
 
     Per micro-batch: the backward's fresh gradient, the harness's copy of the pre-made one
     (read + write, ``2 * grad_itemsize``; with ``--premade-grads`` AccumulateGrad's copy
     into ``p.grad`` for the peers, which ours skips) and ``accumulate_`` (``grad_itemsize`` + 8,
     but the window's first one overwrites the accumulator the last boundary left: 4
-    less); at the boundary the norm (4) and the AdamW step with half copy, without
-    zeroing the accumulator (30).
+    less); at the boundary the norm (4, where it makes a pass of its own: ``norm_pass``)
+    and the AdamW step with half copy, without zeroing the accumulator (30).
     """
-    return (k * (3 * grad_itemsize + 8) - 4 + 4
+    return (k * (3 * grad_itemsize + 8) - 4 + (4 if norm_pass else 0)
             + bytes_per_element("adamw_step_", zero_acc=False))
+
+
+def norm_makes_a_pass(device: torch.device, grad_itemsize: int) -> bool:
+    """Whether the window's clipping norm reads the accumulators in a pass of its own: on a
+    CPU, for half gradients in one process, it rides on the last micro-batch's
+    accumulations instead (DESIGN.md section 4: 34 B at the boundary, 38 when it cannot)."""
+    return not (device.type == "cpu" and grad_itemsize == 2)
 
 
 @dataclass(frozen=True)
@@ -1539,14 +1547,16 @@ def _ops_table_rows(ops_results, backends):
     return headers, rows
 
 
-def _window_table_rows(win_results, ratios, copy_bw: float, k: int):
+def _window_table_rows(win_results, ratios, copy_bw: float, k: int,
+                       device: torch.device):
     rows = []
     ratio_of = {}
     for o, p, ratio in ratios:
         ratio_of.setdefault((o.model, o.contender), []).append(f"{p.contender} {ratio:.2f}x")
     for r in win_results:
         grad_item = 2 if r.dtype in ("bf16", "fp16") else 4
-        floor = window_floor_bytes_per_param(k, grad_item) * r.numel
+        floor = window_floor_bytes_per_param(
+            k, grad_item, norm_makes_a_pass(device, grad_item)) * r.numel
         eff = ""
         if r.ours and r.times:
             eff = _fmt_frac(floor / r.median_s / 1e9 / copy_bw)
@@ -1663,7 +1673,7 @@ def write_markdown(path, *, device, copy, ops_results, backends, excluded, win_r
             md.append(f"- `{name}`: {m.label}{note}: {m.numel / 1e6:.2f}M params in "
                       f"{m.tensors} tensors")
         md.append("")
-        headers, rows = _window_table_rows(win_results, ratios, copy.gbps, k)
+        headers, rows = _window_table_rows(win_results, ratios, copy.gbps, k, device)
         md.append(format_table(headers, rows, markdown=True))
         md.append("")
         if ratios:
@@ -1713,7 +1723,8 @@ def _communication_lines(win_results, k):
 
 
 def _window_legend(device, k):
-    floor = window_floor_bytes_per_param(k)
+    norm_pass = norm_makes_a_pass(device, 2)
+    floor = window_floor_bytes_per_param(k, 2, norm_pass)
     mem = ("`torch.cuda.max_memory_allocated` during one window minus the allocation at its "
            "start" if device.type == "cuda" else
            "high-water of CPU tensor allocations made during one window, above the "
@@ -1743,9 +1754,12 @@ def _window_legend(device, k):
         "does not check for inf/NaN (ours does, with one host read per window).",
         "- recipe+compile: the same recipe with its boundary function under `torch.compile` "
         "(compile time excluded from the timings, shown in the CSV).",
-        f"- floor %copy (ours): {floor} B per param per window (k x (the backward's fresh "
-        "gradient 4 + accumulate 10) - 4 (the window's first accumulation "
-        "overwrites) + norm 4 + AdamW 30 (the boundary leaves the accumulator for the next "
+        f"- floor %copy (ours): {floor} B per param per window of bf16 gradients (k x (the "
+        "backward's fresh gradient 4 + accumulate 10) - 4 (the window's first accumulation "
+        "overwrites) + "
+        + ("norm 4 + " if norm_pass else "no norm pass (on a CPU the norm rides on the last "
+           "micro-batch's accumulations) + ")
+        + "AdamW 30 (the boundary leaves the accumulator for the next "
         "window to overwrite)) / median time, as a fraction of the copy bandwidth"
         + ("." if _Deliver.fresh else " (with --premade-grads ours makes no copy of the "
            "gradient: the floor counts 4 B per micro-batch it does not move)."),
@@ -2096,7 +2110,8 @@ def _main(argv_or_namespace) -> int:
             gc.collect()
         ratios = window_ratios(win_results)
         if win_results:
-            headers, rows = _window_table_rows(win_results, ratios, copy.gbps, K_WINDOW)
+            headers, rows = _window_table_rows(win_results, ratios, copy.gbps, K_WINDOW,
+                                               device)
             progress.write("")
             progress.write(format_table(headers, rows))
     finally:
