@@ -1104,7 +1104,7 @@ def test_every_written_tensor_gets_a_version_bump(backend, dev, op_name):
     the new values. (The C++ backends bumped none.)"""
     why = ops.unavailable_reason(backend, dev)
     if why is not None:
-        pytest.skip(why)
+        pytest.skip(f"backend {backend} not available on {dev}: {why}")
     args, names = _written_by(op_name, dev, 33)
     hp = {}
     if op_name in _STEP_HP:
