@@ -566,21 +566,17 @@ def test_binding_checks_every_size_and_norm_type(device):
         with pytest.raises(ValueError, match="grad has 9 elements, expected 10"):
             ops.accumulate_norm_(acc, short, 1.0, False, 2.0)
     assert torch.count_nonzero(acc) == 0
-    adam_names = {1: "acc", 2: "exp_avg", 3: "exp_avg_sq", 4: "max_exp_avg_sq", 5: "model_out"}
-    for i, name in adam_names.items():
-        args = list(_adam_args(10, device))
-        args[i] = torch.zeros(12, dtype=args[i].dtype, device=device)[:9]
-        before = args[0].clone()
-        with pytest.raises(ValueError, match=f"^{name} has 9 elements, expected 10"):
-            ops.adamw_step_(*args)
-        assert torch.equal(args[0], before)
-    for i, name in {1: "acc", 2: "momentum_buffer", 3: "model_out"}.items():
-        args = list(_sgd_args(10, device))
-        args[i] = torch.zeros(12, dtype=args[i].dtype, device=device)[:9]
-        before = args[0].clone()
-        with pytest.raises(ValueError, match=f"^{name} has 9 elements, expected 10"):
-            ops.sgd_step_(*args)
-        assert torch.equal(args[0], before)
+    for op, make, names in (
+            (ops.adamw_step_, _adam_args,
+             {1: "acc", 2: "exp_avg", 3: "exp_avg_sq", 4: "max_exp_avg_sq", 5: "model_out"}),
+            (ops.sgd_step_, _sgd_args, {1: "acc", 2: "momentum_buffer", 3: "model_out"})):
+        for i, name in names.items():
+            args = list(make(10, device))
+            args[i] = torch.zeros(12, dtype=args[i].dtype, device=device)[:9]
+            before = args[0].clone()
+            with pytest.raises(ValueError, match=f"^{name} has 9 elements, expected 10"):
+                op(*args)
+            assert torch.equal(args[0], before)
     grad = _rand(10, torch.float32, device, 1)
     for call in (lambda: ops.accumulate_norm_(acc, grad, 1.0, False, -math.inf),
                  lambda: ops.grad_norm([acc], -math.inf),

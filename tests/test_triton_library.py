@@ -902,8 +902,10 @@ def tiny_blocks(monkeypatch):
         monkeypatch.setattr(T, "_GPU_CONFIG", cfg)
 
 
+@pytest.mark.parametrize("blocks", ["tiny_blocks", "distinct_blocks"])
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
-def test_reductions_over_many_blocks(tiny_blocks, norm_type):
+def test_reductions_over_many_blocks(blocks, norm_type, request):
+    request.getfixturevalue(blocks)
     ts = [_rand(n, seed=30 + i, scale=2.0) for i, n in enumerate((5000, 63, 0, 1, 129))]
     torch.testing.assert_close(T.grad_norm(ts, norm_type), reference.grad_norm(ts, norm_type),
                                rtol=1e-5, atol=1e-6)
@@ -935,19 +937,12 @@ def distinct_blocks(monkeypatch):
 
 
 def test_each_kernel_is_sized_by_its_own_block(distinct_blocks):
-    """Every op against the reference with a different BLOCK per kernel, sizes that end
-    inside a block and more partials than the finishing program's block."""
+    """accumulate_many_ and the steps against the reference with a different BLOCK per
+    kernel and sizes that end inside a block."""
     sizes = (5000, 63, 0, 1, 129)
     ts = [_rand(n, seed=110 + i, scale=2.0) for i, n in enumerate(sizes)]
-    for norm_type in (2.0, math.inf):
-        torch.testing.assert_close(T.grad_norm(ts, norm_type),
-                                   reference.grad_norm(ts, norm_type), rtol=1e-5, atol=1e-6)
-        grad = _rand(5000, torch.bfloat16, seed=120)
-        want_acc, got_acc = ts[0].clone(), ts[0].clone()
-        want = reference.accumulate_(want_acc, grad, -0.3, norm_type=norm_type)
-        got = T.accumulate_(got_acc, grad, -0.3, norm_type=norm_type)
-        torch.testing.assert_close(got_acc, want_acc, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # (the norms and accumulate_'s statistic: test_reductions_over_many_blocks, with these
+    # blocks too)
     grads = [_rand(n, torch.float16, seed=130 + i) for i, n in enumerate(sizes)]
     want = [t.clone() for t in ts]
     reference.accumulate_many_(want, grads, 0.25)
