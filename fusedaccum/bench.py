@@ -127,10 +127,11 @@ def window_floor_bytes_per_param(k: int = K_WINDOW, grad_itemsize: int = 2,
     into ``p.grad`` for the peers, which ours skips) and ``accumulate_`` (``grad_itemsize`` + 8,
     but the window's first one overwrites the accumulator the last boundary left: 4
     less); at the boundary the norm (4, where it makes a pass of its own: ``norm_pass``)
-    and the AdamW step with half copy, without zeroing the accumulator (30).
+    and the AdamW step without zeroing the accumulator: 30 with the half copy of fp16/bf16
+    params, 28 for fp32 params (``grad_itemsize`` 4), which are themselves the master.
     """
     return (k * (3 * grad_itemsize + 8) - 4 + (4 if norm_pass else 0)
-            + bytes_per_element("adamw_step_", zero_acc=False))
+            + bytes_per_element("adamw_step_", zero_acc=False, half_copy=grad_itemsize != 4))
 
 
 def norm_makes_a_pass(device: torch.device, grad_itemsize: int) -> bool:

@@ -57,6 +57,8 @@ def test_op_specs_bytes_and_labels():
     assert B.window_floor_bytes_per_param(4, 2) == 4 * 14 - 4 + 4 + 30
     # on a CPU the norm of half gradients rides on the last accumulations: no pass of its own
     assert B.window_floor_bytes_per_param(4, 2, norm_pass=False) == 4 * 14 - 4 + 30
+    # fp32 params are their own master: their step writes no half copy (28, not 30)
+    assert B.window_floor_bytes_per_param(4, 4) == 4 * 20 - 4 + 4 + 28
     assert not B.norm_makes_a_pass(CPU, 2) and B.norm_makes_a_pass(CPU, 4)
     assert B.norm_makes_a_pass(torch.device("cuda"), 2)
 
