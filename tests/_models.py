@@ -141,7 +141,8 @@ OPTIMIZERS = {
         ps, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
     "sgd_nesterov": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "sgd_maximize": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, maximize=True),
+    "sgd_maximize": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, maximize=True,
+                                                weight_decay=0.01),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.01),
     "adam_amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
     "adam_maximize": lambda ps: torch.optim.Adam(ps, lr=1e-2, maximize=True, weight_decay=0.01),
