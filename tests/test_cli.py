@@ -51,7 +51,14 @@ def test_info_lists_every_backend():
     assert "runs here" in ref_line and "does not" not in ref_line, ref_line
     assert "\nC++ gradient hook: o" in out, out
     assert "\ntriton batch flushes on a GPU: '" in out, out
-    assert "cpu  tensors ->" in out and "cuda tensors ->" in out
+    # what "auto" picks, as the registry resolves it in this process (where the same
+    # backends run; see above)
+    runs = {ln.split()[0] for ln in lines if ln.split(None, 1)[1].startswith("runs here")}
+    if runs == {name for name, why in backends.items() if why is None}:
+        for dev in ("cpu", "cuda"):
+            want = fusedaccum.ops.resolve("auto", dev)
+            line = next(ln for ln in out.splitlines() if ln.startswith(f"  {dev:<4} tensors -> "))
+            assert line.split(" -> ", 1)[1].startswith(want), (dev, want, line)
 
 
 def test_info_survives_a_bad_backend_override():
@@ -92,6 +99,42 @@ def test_demo_and_bench_refuse_bad_arguments_cleanly(tmp_path):
         proc = _run(*args, "--no-progress", timeout=120)
         assert proc.returncode == 2, (args, _explain(proc))
         assert "Traceback" not in proc.stderr and proc.stderr.strip(), _explain(proc)
+
+
+def test_no_command_or_a_bad_max_grad_norm_is_a_usage_error(capsys):
+    """Bad usage exits 2 with argparse's message, in-process: no subcommand at all, and
+    a --max-grad-norm the wrapper would refuse (0, negative, NaN, not a number)."""
+    from fusedaccum import __main__ as cli
+
+    for argv in ([], ["demo", "--max-grad-norm", "nan"], ["demo", "--max-grad-norm", "-1"],
+                 ["demo", "--max-grad-norm", "0.0"], ["demo", "--max-grad-norm", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2, argv
+        assert "usage: python -m fusedaccum" in capsys.readouterr().err, argv
+    assert cli.build_parser().parse_args(["demo", "--max-grad-norm", "off"]).max_grad_norm is None
+    assert cli.build_parser().parse_args(["demo", "--max-grad-norm", "inf"]).max_grad_norm \
+        == math.inf
+
+
+def test_bench_import_errors_other_than_its_own_absence_propagate(monkeypatch, capsys):
+    """`bench` without fusedaccum/bench.py says so and exits 2; a dependency of the
+    benchmarks that is missing is raised as it is, not taken for a build without them."""
+    import importlib
+
+    from fusedaccum import __main__ as cli
+
+    def missing(name):
+        def import_module(module, *args):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return import_module
+
+    monkeypatch.setattr(importlib, "import_module", missing("fusedaccum.bench"))
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "not part of this build" in capsys.readouterr().err
+    monkeypatch.setattr(importlib, "import_module", missing("matplotlib"))
+    with pytest.raises(ModuleNotFoundError, match="matplotlib"):
+        cli.main(["bench", "--quick"])
 
 
 @pytest.mark.parametrize("command", ["info", "demo"])

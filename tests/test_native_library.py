@@ -116,6 +116,30 @@ def test_build_info_and_reasons():
     assert isinstance(native.build_info(), str)
 
 
+def test_build_info_says_which_kernels_and_loops_were_loaded():
+    """`python -m fusedaccum info`'s line on the extension: how it was loaded, whether it
+    has the CUDA kernels, and the instruction set of its CPU loops, as the library says."""
+    fields = ops.build_info().split(",")
+    isa = next(f.split("=", 1)[1] for f in fields if f.startswith("cpu-isa="))
+    info = native.build_info()
+    assert info.startswith(("ahead-of-time build ", "JIT build ")), info
+    kernels = "CPU and CUDA" if "cuda" in fields else "CPU only"
+    assert info.endswith(f"({kernels} kernels; CPU loops: {isa})"), info
+
+
+def test_cuda_backend_refused_where_the_extension_has_no_cuda_kernels(monkeypatch):
+    """On a CUDA machine with an extension built without CUDA (no nvcc at build time), the
+    cuda backend does not run, and says why; the machine stubbed (torch a CUDA build, a
+    device visible) so that the check runs everywhere."""
+    if "cuda" in ops.build_info().split(","):
+        pytest.skip("the extension here has CUDA kernels")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device in (None, torch.device("cuda")):
+        why = native.unavailable_reason("cuda", device)
+        assert why is not None and "without CUDA" in why, why
+
+
 # ---- misaligned views: every offset mod 16 bytes, sizes around the 8-element unit -------
 
 @pytest.mark.parametrize("device", DEVICES)

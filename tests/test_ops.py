@@ -1388,6 +1388,62 @@ def test_env_var_overrides_auto(monkeypatch):
             ops.resolve("cuda", "cpu")
 
 
+def test_env_var_empty_means_auto_and_never_overrides_an_explicit_backend(monkeypatch):
+    """FUSEDACCUM_BACKEND overrides "auto" only: an empty value is unset, and an explicit
+    backend= is used as named whatever the variable says."""
+    monkeypatch.delenv("FUSEDACCUM_BACKEND", raising=False)
+    unset = ops.resolve("auto", "cpu")
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "")
+    assert ops.resolve("auto", "cpu") == ops.resolve(None, "cpu") == unset
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "nope")
+    assert ops.resolve("reference", "cpu") == "reference"
+    assert ops.get("reference", "cpu") is ops._module("reference")
+
+
+def _runs_only(monkeypatch, runs):
+    """ops' registry sees exactly the backends in ``runs`` as runnable, on any device."""
+    monkeypatch.delenv("FUSEDACCUM_BACKEND", raising=False)
+    monkeypatch.setattr(ops, "unavailable_reason", lambda name, device=None: (
+        None if name in runs else f"{name} made unavailable by the test"))
+
+
+@pytest.mark.parametrize("runs,cpu,cuda", [
+    ({"reference", "triton", "cuda", "cpu"}, "cpu", "cuda"),
+    ({"reference", "triton", "cpu"}, "cpu", "triton"),
+    ({"reference", "cuda"}, "reference", "cuda"),
+    ({"reference"}, "reference", "reference"),
+])
+def test_auto_picks_the_first_backend_that_runs(monkeypatch, runs, cpu, cuda):
+    """DESIGN.md section 3: "auto" is cuda, else triton, else reference for CUDA tensors,
+    and cpu, else reference for CPU tensors. The registry's choice alone (the backends'
+    availability stubbed), so that it runs without a GPU."""
+    _runs_only(monkeypatch, runs)
+    assert ops.resolve("auto", "cpu") == cpu
+    assert ops.resolve("auto", "cuda") == cuda
+
+
+def test_only_auto_on_cuda_with_both_gpu_backends_gets_the_router(monkeypatch):
+    """The measured cuda/triton split (ops/auto.py) is what "auto" means; an explicit
+    backend="cuda", FUSEDACCUM_BACKEND=cuda, or a machine where Triton cannot run gets the
+    cuda backend itself. Module loading and availability stubbed: no GPU needed."""
+    from fusedaccum.ops import auto
+
+    mods = {name: object() for name in ops.BACKENDS}
+    monkeypatch.setattr(ops, "_module", mods.__getitem__)
+    monkeypatch.setattr(ops, "_router", None)
+    _runs_only(monkeypatch, set(ops.BACKENDS))
+    router = ops.get("auto", "cuda")
+    assert isinstance(router, auto.Router)
+    assert (router.cuda, router.triton) == (mods["cuda"], mods["triton"])
+    assert ops.get(None, "cuda") is router
+    assert ops.get("cuda", "cuda") is mods["cuda"]
+    assert ops.get("auto", "cpu") is mods["cpu"]
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "cuda")
+    assert ops.get("auto", "cuda") is mods["cuda"]
+    _runs_only(monkeypatch, set(ops.BACKENDS) - {"triton"})
+    assert ops.get("auto", "cuda") is mods["cuda"]
+
+
 def test_auto_router_sends_each_op_to_the_measured_faster_backend():
     """backend="auto" on CUDA with cuda and triton both available (fusedaccum.ops.auto):
     small calls and norms to cuda, big AdamW/SGD steps and fp32-grad accumulation to
@@ -1424,6 +1480,39 @@ def test_auto_router_sends_each_op_to_the_measured_faster_backend():
         ("sgd_step_", "triton"),
         ("accumulate_many_", "cuda"), ("grad_norm", "cuda"),
     ]
+
+
+def test_auto_router_passes_every_argument_through():
+    """Each op the router forwards gets the caller's arguments unchanged, whichever backend
+    it picks (the wrapper's batches give overwrite flags and trusted=True)."""
+    from fusedaccum.ops import auto
+
+    class Recorder:
+        def __init__(self, name, log):
+            self.name, self.log = name, log
+
+        def __getattr__(self, op):
+            return lambda *a, **kw: self.log.append((op, self.name, a, kw))
+
+    log = []
+    r = auto.Router(Recorder("cuda", log), Recorder("triton", log))
+    acc, grad, t = torch.zeros(3), torch.ones(3), [torch.ones(2)]
+    r.accumulate_(acc, grad, 0.5, overwrite=True, norm_type=None)
+    r.accumulate_(acc, grad, 0.5, overwrite=True, norm_type=math.inf)
+    r.accumulate_many_([acc], [grad], 0.25, overwrite=[1], norm_type=2.0, trusted=True)
+    r.grad_norm(t, math.inf)
+    r.adamw_step_(acc, grad, 1, 2, lr=0.1, step=3)
+    r.sgd_step_(acc, grad, 4, lr=0.2, first_step=True)
+    assert [(op, a[2:], kw) for op, _, a, kw in log] == [
+        ("accumulate_", (0.5,), dict(overwrite=True, norm_type=None)),
+        ("accumulate_", (0.5,), dict(overwrite=True, norm_type=math.inf)),
+        ("accumulate_many_", (0.25,), dict(overwrite=[1], norm_type=2.0, trusted=True)),
+        ("grad_norm", (), {}),
+        ("adamw_step_", (1, 2), dict(lr=0.1, step=3)),
+        ("sgd_step_", (4,), dict(lr=0.2, first_step=True)),
+    ]
+    assert all(a[0] is acc for op, _, a, _ in log if op not in ("accumulate_many_", "grad_norm"))
+    assert log[2][2][:2] == ([acc], [grad]) and log[3][2] == (t, math.inf)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

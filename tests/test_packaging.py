@@ -91,8 +91,8 @@ def test_a_build_lock_is_waited_for_and_removed_when_stale(tmp_path, monkeypatch
     lock.touch()  # another build, which finishes in 0.3 s
     threading.Timer(0.3, lock.unlink).start()
     native._check_build_lock(folder, poll_s=0.05)
-    assert not lock.exists() and "waiting for another process's build" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert not lock.exists() and err.count("waiting for another process's build") == 1, err
     lock.touch()  # left by an interrupted build: removed once older than any build
     monkeypatch.setattr(native, "_STALE_LOCK_S", 0.3)
     with pytest.warns(RuntimeWarning, match="interrupted first-use build"):
@@ -162,3 +162,107 @@ def test_unknown_environment_values_are_named_in_a_warning(monkeypatch, var, val
     monkeypatch.setenv(var, value)
     with pytest.warns(RuntimeWarning, match=says):
         native._load_uncached()
+
+
+def _no_first_use_build(monkeypatch, tmp_path):
+    """native._load_uncached() in this process without compiling anything: no compiler, no
+    GPU (the CUDA build would start before the compiler is checked), a cache of its own;
+    PATH, which it may extend, put back after."""
+    import torch
+
+    monkeypatch.setenv("PATH", os.environ.get("PATH", os.defpath))
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("mode", ["", "1", "on", "true", "yes", "jit", "0", "off", "false", "no",
+                                  " JIT ", "Off"])
+def test_every_documented_native_mode_is_taken_without_a_warning(tmp_path, monkeypatch, mode):
+    """FUSEDACCUM_NATIVE's documented values (any case, spaces around) warn of nothing; a
+    missing compiler keeps the first-use build of "jit" from starting."""
+    import warnings
+
+    _no_first_use_build(monkeypatch, tmp_path)
+    monkeypatch.setenv("FUSEDACCUM_NATIVE", mode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        native._load_uncached()
+    assert [str(w.message) for w in caught if "FUSEDACCUM_NATIVE" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("mode", ["0", "off", "False", " no "])
+def test_native_off_disables_the_extension_quietly(monkeypatch, mode):
+    """FUSEDACCUM_NATIVE=0 (off, false, no): the cpu and cuda backends say that it turned them
+    off, "auto" takes the reference backend on CPU tensors, and no warning says the
+    extension is unavailable (the user asked for that)."""
+    import warnings
+
+    from fusedaccum import ops
+
+    monkeypatch.setattr(native, "_state", None)  # (the loaded state comes back after)
+    monkeypatch.setenv("FUSEDACCUM_NATIVE", mode)
+    monkeypatch.delenv("FUSEDACCUM_BACKEND", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        why = native.unavailable_reason("cpu", None)
+        assert ops.resolve("auto", "cpu") == "reference"
+    assert why is not None and "disabled by FUSEDACCUM_NATIVE" in why, why
+    assert [str(w.message) for w in caught] == []
+
+
+def test_a_build_that_fails_to_load_is_named_in_the_reason(tmp_path, monkeypatch):
+    """An ahead-of-time build that does not load (built against another torch) and no
+    compiler for the first-use build: the reason names both, the broken file first."""
+    import importlib.machinery
+
+    pkg = tmp_path / "fusedaccum"
+    pkg.mkdir()
+    bad = pkg / f"_native{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    bad.write_bytes(b"not a shared library")
+    monkeypatch.setattr(native, "_PKG_DIR", pkg)
+    _no_first_use_build(monkeypatch, tmp_path)
+    monkeypatch.delenv("FUSEDACCUM_NATIVE", raising=False)
+    why = native._load_uncached().error
+    assert why is not None and str(bad) in why and "failed to load" in why, why
+    assert "no C++ compiler found" in why and why.index(str(bad)) < why.index("compiler"), why
+
+
+def test_a_compiler_given_with_flags_or_a_launcher_is_found(monkeypatch):
+    """CXX may hold a command line ("ccache g++", "c++ -fuse-ld=gold"), as torch's build
+    takes it: the check for a compiler looks for its first word."""
+    cxx = shutil.which("c++")
+    if cxx is None or shutil.which("ninja") is None:
+        pytest.skip("needs c++ and ninja on PATH")
+    for value in (f"{cxx} -fdiagnostics-color=never", "c++", "  "):
+        monkeypatch.setenv("CXX", value)
+        assert native._missing_compiler() is None, value
+    monkeypatch.setenv("CXX", "/nonexistent/c++ -O2")
+    assert "/nonexistent/c++" in native._missing_compiler()
+
+
+def test_a_failed_build_is_told_by_its_error_lines():
+    """The reason for a first-use build that failed quotes the compiler's errors, not the
+    compile commands and ninja's lines around them."""
+    exc = RuntimeError("Error building extension 'fusedaccum_native_cpu_0'\n"
+                       "[1/2] c++ -MMD -MF bindings.o.d -O3 -c bindings.cpp -o bindings.o\n"
+                       "FAILED: bindings.o\n"
+                       "c++ -MMD -MF bindings.o.d -O3 -c bindings.cpp -o bindings.o\n"
+                       "bindings.cpp:12:3: error: 'foo' was not declared in this scope\n"
+                       "ninja: build stopped: subcommand failed.\n")
+    assert native._first_lines(exc) == \
+        "bindings.cpp:12:3: error: 'foo' was not declared in this scope"
+
+
+def test_hook_module_never_builds_the_extension_when_not_asked_to(monkeypatch):
+    """hooks_module(load=False) (python -m fusedaccum info, the wrapper's hook choice) gives
+    None where the extension is neither loaded nor built ahead of time: it does not
+    compile it just for the hook."""
+    def no_load():
+        raise AssertionError("hooks_module(load=False) loaded (or compiled) the extension")
+
+    monkeypatch.delenv("FUSEDACCUM_FAST_HOOKS", raising=False)
+    monkeypatch.setattr(native, "_state", None)
+    monkeypatch.setattr(native, "_aot_library", lambda: None)
+    monkeypatch.setattr(native, "_load", no_load)
+    assert native.hooks_module(load=False) is None
