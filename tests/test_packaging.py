@@ -266,3 +266,19 @@ def test_hook_module_never_builds_the_extension_when_not_asked_to(monkeypatch):
     monkeypatch.setattr(native, "_aot_library", lambda: None)
     monkeypatch.setattr(native, "_load", no_load)
     assert native.hooks_module(load=False) is None
+
+
+def test_hook_module_does_not_build_for_the_hook_under_native_jit(monkeypatch):
+    """FUSEDACCUM_NATIVE=jit skips the ahead-of-time build, so with it set an extension not
+    loaded yet would be compiled: hooks_module(load=False) (wrapping with backend="triton",
+    `info`) gives None then, as where no ahead-of-time build exists, instead of starting
+    the first-use build just for the hook."""
+    def no_load():
+        raise AssertionError("hooks_module(load=False) loaded (or compiled) the extension")
+
+    monkeypatch.delenv("FUSEDACCUM_FAST_HOOKS", raising=False)
+    monkeypatch.setenv("FUSEDACCUM_NATIVE", "jit")
+    monkeypatch.setattr(native, "_state", None)
+    monkeypatch.setattr(native, "_aot_library", lambda: native._PKG_DIR / "_native.so")
+    monkeypatch.setattr(native, "_load", no_load)
+    assert native.hooks_module(load=False) is None

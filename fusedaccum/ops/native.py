@@ -355,7 +355,9 @@ def hooks_module(load: bool = True):
         return None
     state = _state
     if state is None:
-        if not load and _aot_library() is None:
+        # (FUSEDACCUM_NATIVE=jit: an ahead-of-time build is skipped, so loading compiles)
+        jit = os.environ.get("FUSEDACCUM_NATIVE", "").strip().lower() == "jit"
+        if not load and (jit or _aot_library() is None):
             return None
         state = _load()
     if state.error is not None or state.path is None:
