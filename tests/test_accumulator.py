@@ -1417,6 +1417,28 @@ def test_a_backward_that_failed_part_way_is_dropped_with_reset_accumulation(devi
     assert _changed(model, dtype=dtype, device=device, cls=_FailsMidBackward)
 
 
+def test_a_backward_that_failed_in_the_last_micro_batch_and_is_kept_gives_its_norm(device):
+    """A backward raised part way in the window's last micro-batch (fc2's gradients
+    arrived, fc1's did not) and, not dropped, is followed by a full one: the window holds
+    fc2's gradients twice, and the norm the boundary clips with is that window's (the
+    statistic riding on the batch of small gradients counts each of them once)."""
+    dtype = torch.bfloat16
+    model = make_model(dtype=dtype, device=device, cls=_FailsMidBackward)
+    opt = wrap(adamw(model.parameters()), max_grad_norm=1e-3)
+    (x, y), = make_batches(1, dtype=dtype, device=device)
+    _FailInBackward.armed = True
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            mse(model(x), y).backward()
+    finally:
+        _FailInBackward.armed = False
+    mse(model(x), y).backward()
+    want = _expected_norm(model, 1, 2.0)
+    opt.step()
+    assert opt.stepped
+    torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
+
+
 def test_counters_along_a_run_and_reset_accumulation(device):
     k = 3
     micro = make_batches(8, device=device)
@@ -2590,6 +2612,32 @@ def test_fp32_grad_assigned_before_the_first_backward_is_part_of_the_window(devi
         assert p.grad is p.main_grad
 
 
+def test_fp32_grad_assigned_mid_window_is_added_to_the_window(device):
+    """A .grad assigned by hand after a zero_grad() in the middle of a window counts, as
+    in plain torch (backward adds to it), and so does what the window held before: the
+    zero_grad() dropped nothing (DESIGN.md section 2)."""
+    model = make_model(device=device)
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2)
+    (x, y), (x2, y2) = make_batches(2, device=device)
+
+    def grads(x, y):  # each param's gradient of one micro-batch, by plain autograd
+        ref = make_model(device=device)
+        mse(ref(x), y).backward()
+        return [q.grad for q in ref.parameters()]
+
+    g1, g2 = grads(x, y), grads(x2, y2)
+    mse(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    extra = [torch.full_like(p, 0.5) for p in model.parameters()]
+    for p, e in zip(model.parameters(), extra):
+        p.grad = e.clone()
+    mse(model(x2), y2).backward()
+    for p, a, b, e in zip(model.parameters(), g1, g2, extra):
+        torch.testing.assert_close(p.main_grad, a + e + b, rtol=1e-5, atol=1e-6)
+        assert p.grad is p.main_grad
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
 def test_empty_window_after_a_boundary_reads_no_old_gradient(monkeypatch, device, fast):
     """A window no backward reached (step() alone) after an applied one: the norm is 0
@@ -2757,6 +2805,39 @@ def test_small_half_grads_are_accumulated_in_batches(monkeypatch, device, dtype,
         emu.step(k, max_grad_norm=0.5)
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
     assert_states_close(opt, emu.opt, **MASTER_TOL)
+
+
+def test_a_batch_that_reaches_its_flush_size_exactly_is_flushed(monkeypatch, device):
+    """The Python hook's batch is full once its gradients' bytes reach the flush size
+    (``pending_bytes >= flush_bytes``, as the C++ hook's): with a flush size of exactly
+    one gradient, each gradient is accumulated as it arrives, alone."""
+    import fusedaccum.accumulator as acc_mod
+
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "0")  # (test_batch_hook: the C++ hook's)
+    monkeypatch.setattr(acc_mod, "_BATCH_FLUSH_BYTES", 8 * 2)  # one bf16 gradient of 8
+    gen = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(8, generator=gen).to(device, torch.bfloat16))
+          for _ in range(3)]
+    opt = wrap(torch.optim.SGD(ps, lr=0.1), accumulation_steps=2)
+    (b,) = opt._all_buckets()
+    calls = []
+    real = b.ops.accumulate_many_
+
+    class Counting:  # the backend module, counting its accumulate_many_ calls
+        def __getattr__(self, name):
+            return getattr(real_ops, name)
+
+        @staticmethod
+        def accumulate_many_(accs, grads, scale, **kwargs):
+            calls.append(len(grads))
+            return real(accs, grads, scale, **kwargs)
+
+    real_ops, b.ops = b.ops, Counting()
+    x = torch.randn(8, generator=gen).to(device, torch.bfloat16)
+    sum((p * (n + 1) * x).sum() for n, p in enumerate(ps)).backward()
+    assert calls == [1, 1, 1]
+    for n, p in enumerate(ps):
+        torch.testing.assert_close(p.main_grad, ((n + 1) * x).float())
 
 
 def test_each_backend_batches_half_grads_up_to_its_own_limit(monkeypatch, device):

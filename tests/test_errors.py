@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from _models import (
+    ALL_DTYPES,
     BACKEND,
     DEFAULT_DEVICE,
     DEVICES,
@@ -573,9 +574,12 @@ class _Emb(nn.Module):
         return self.fc(self.emb(idx))
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
-def test_sparse_gradient_is_rejected_naming_the_param(named):
-    model = make_model(cls=_Emb)
+def test_sparse_gradient_is_rejected_naming_the_param(named, dtype):
+    """fp32 params (their .grad views the window) and fp16/bf16 params (their gradients
+    are added to it, batched or not) alike."""
+    model = make_model(cls=_Emb, dtype=dtype)
     params = model.named_parameters() if named else model.parameters()
     opt = wrap(torch.optim.SGD(params, lr=0.1))
     idx = torch.tensor([[1, 2], [3, 1]], device=model.fc.weight.device)
@@ -585,7 +589,8 @@ def test_sparse_gradient_is_rejected_naming_the_param(named):
     assert opt.update_count == 0
     # autograd gave fc its gradient first: the message says how to drop it
     assert "reset_accumulation" in str(info.value)
-    assert model.fc.weight.main_grad.abs().sum() > 0
+    window = opt.state_dict()["fusedaccum"]["accumulators"]  # (a half batch: flushed here)
+    assert sorted(window) == [1, 2] and all(a.abs().sum() > 0 for a in window.values())
     opt.reset_accumulation()
     assert model.fc.weight.main_grad.abs().sum() == 0
 

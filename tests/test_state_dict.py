@@ -169,6 +169,62 @@ def test_resume_half_loading_optimizer_before_model(device, dtype):
     assert_params_close(model_c, model_a, **RESUME_TOL)
 
 
+class _OutOfMemoryInBackward(torch.autograd.Function):
+    """The identity, whose backward raises out of memory while armed (the layers after it
+    have their gradients then, the layers before it not)."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if _OutOfMemoryInBackward.armed:
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return g
+
+
+class _FailsMidBackward(TinyMLP):
+    def forward(self, x):
+        return self.fc2(_OutOfMemoryInBackward.apply(torch.tanh(self.fc1(x))))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_loading_a_checkpoint_after_a_backward_that_failed_resumes_it(device, dtype):
+    """Out-of-memory recovery by reloading the last checkpoint: the backward that raised
+    (the first of a window: fc2's gradients arrived, fc1's did not) left nothing behind
+    that reaches the resumed window, which ends as the run that never failed."""
+    micro = make_batches(7, dtype=dtype, device=device)
+    model_a, opt_a = _wrapped(dtype, device, cls=_FailsMidBackward)
+    for batch in micro[:6]:
+        _micro(model_a, opt_a, batch)
+    model_b, opt_b = _wrapped(dtype, device, cls=_FailsMidBackward)
+    for batch in micro[:4]:
+        _micro(model_b, opt_b, batch)
+    saved_opt = copy.deepcopy(opt_b.state_dict())
+    saved_model = copy.deepcopy(model_b.state_dict())
+    for batch in micro[4:6]:
+        _micro(model_b, opt_b, batch)
+    x, y = micro[6]
+    _OutOfMemoryInBackward.armed = True
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            mse(model_b(x), y).backward()
+    finally:
+        _OutOfMemoryInBackward.armed = False
+    model_b.load_state_dict(saved_model)
+    opt_b.load_state_dict(saved_opt)
+    for batch in micro[4:6]:
+        _micro(model_b, opt_b, batch)
+    assert opt_b.update_count == opt_a.update_count == 2 and opt_b.stepped
+    torch.testing.assert_close(opt_b.grad_norm, opt_a.grad_norm, **RESUME_TOL)
+    assert_params_close(group_tensors(opt_b), group_tensors(opt_a), **RESUME_TOL)
+    assert_params_close(model_b, model_a, **RESUME_TOL)
+    assert_states_close(opt_b, opt_a, **RESUME_TOL)
+
+
 def test_resume_keeps_loss_scale_and_counters(device):
     micro = make_batches(3, device=device)
     model, opt = _wrapped(torch.float32, device, accumulation_steps=1, loss_scale="dynamic")
