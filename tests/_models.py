@@ -76,6 +76,43 @@ class TinyMLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+class FailInBackward(torch.autograd.Function):
+    """The identity, whose backward raises out of memory while armed: autograd has then
+    handed the layers after it their gradients, and not the layers before it."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if FailInBackward.armed:
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return g
+
+
+class FailsMidBackward(TinyMLP):
+    """TinyMLP whose backward fails between fc2 and fc1 while FailInBackward is armed."""
+
+    def forward(self, x):
+        return self.fc2(FailInBackward.apply(torch.tanh(self.fc1(x))))
+
+
+def backward_failing_part_way(loss) -> None:
+    """``loss.backward()`` of a FailsMidBackward with FailInBackward armed: it must raise
+    torch.OutOfMemoryError once fc2 has its gradients and fc1 not."""
+    FailInBackward.armed = True
+    try:
+        loss.backward()
+    except torch.OutOfMemoryError:
+        return
+    finally:
+        FailInBackward.armed = False
+    raise AssertionError("the backward did not fail")
+
+
 class ChannelsLast(nn.Module):
     """A conv net in channels_last (torch's memory format for fast convolutions) and a
     transposed matrix: params that are dense but not row-major."""

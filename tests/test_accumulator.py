@@ -28,12 +28,15 @@ from _models import (
     OPTIMIZERS,
     OUT,
     ChannelsLast,
+    FailInBackward,
+    FailsMidBackward,
     MasterEmulation,
     TinyMLP,
     adamw,
     assert_params_close,
     assert_states_close,
     assert_unchanged,
+    backward_failing_part_way,
     big_batch_update,
     group_tensors,
     main_grad_is_clear,
@@ -1362,28 +1365,6 @@ def test_adaptive_accumulation_counts_skipped_windows(device):
 # ---------------------------------------------------------------- counters and reset
 
 
-class _FailInBackward(torch.autograd.Function):
-    """The identity, whose backward raises out of memory while armed: autograd has then
-    handed the layers after it their gradients, and not the layers before it."""
-
-    armed = False
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        if _FailInBackward.armed:
-            raise torch.OutOfMemoryError("out of memory (injected)")
-        return g
-
-
-class _FailsMidBackward(TinyMLP):
-    def forward(self, x):
-        return self.fc2(_FailInBackward.apply(torch.tanh(self.fc1(x))))
-
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_a_backward_that_failed_part_way_is_dropped_with_reset_accumulation(device, dtype):
     """The usual out-of-memory recovery: a backward raised after some params got their
@@ -1393,10 +1374,10 @@ def test_a_backward_that_failed_part_way_is_dropped_with_reset_accumulation(devi
     micro = make_batches(7, dtype=dtype, device=device)
     runs = []
     for fail_at in (3, None):
-        model = make_model(dtype=dtype, device=device, cls=_FailsMidBackward)
+        model = make_model(dtype=dtype, device=device, cls=FailsMidBackward)
         opt = wrap(adamw(model.parameters()), accumulation_steps=2, max_grad_norm=1.0)
         for t, (x, y) in enumerate(micro):
-            _FailInBackward.armed = t == fail_at
+            FailInBackward.armed = t == fail_at
             if t == fail_at:
                 with pytest.raises(torch.OutOfMemoryError):
                     mse(model(x), y).backward()
@@ -1409,12 +1390,12 @@ def test_a_backward_that_failed_part_way_is_dropped_with_reset_accumulation(devi
             mse(model(x), y).backward()
             opt.step()
             opt.zero_grad()
-        _FailInBackward.armed = False
+        FailInBackward.armed = False
         assert opt.update_count == 2 and opt.micro_step == 1
         runs.append([p.detach().clone() for p in group_tensors(opt) + list(model.parameters())])
     for got, want in zip(*runs):
         assert torch.equal(got, want)
-    assert _changed(model, dtype=dtype, device=device, cls=_FailsMidBackward)
+    assert _changed(model, dtype=dtype, device=device, cls=FailsMidBackward)
 
 
 def test_a_backward_that_failed_in_the_last_micro_batch_and_is_kept_gives_its_norm(device):
@@ -1423,15 +1404,10 @@ def test_a_backward_that_failed_in_the_last_micro_batch_and_is_kept_gives_its_no
     fc2's gradients twice, and the norm the boundary clips with is that window's (the
     statistic riding on the batch of small gradients counts each of them once)."""
     dtype = torch.bfloat16
-    model = make_model(dtype=dtype, device=device, cls=_FailsMidBackward)
+    model = make_model(dtype=dtype, device=device, cls=FailsMidBackward)
     opt = wrap(adamw(model.parameters()), max_grad_norm=1e-3)
     (x, y), = make_batches(1, dtype=dtype, device=device)
-    _FailInBackward.armed = True
-    try:
-        with pytest.raises(torch.OutOfMemoryError):
-            mse(model(x), y).backward()
-    finally:
-        _FailInBackward.armed = False
+    backward_failing_part_way(mse(model(x), y))
     mse(model(x), y).backward()
     want = _expected_norm(model, 1, 2.0)
     opt.step()
