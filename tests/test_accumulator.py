@@ -2719,6 +2719,25 @@ class _ManySmall(nn.Module):
         return self.head(self.big(x))
 
 
+def _count_accumulate_many(b, check=lambda accs, grads: None) -> list:
+    """Gives bucket ``b`` a backend module that records each accumulate_many_ call's number
+    of gradients (after ``check(accs, grads)``); returns that list."""
+    calls, real_ops = [], b.ops
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real_ops, name)
+
+        @staticmethod
+        def accumulate_many_(accs, grads, scale, **kwargs):
+            check(accs, grads)
+            calls.append(len(grads))
+            return real_ops.accumulate_many_(accs, grads, scale, **kwargs)
+
+    b.ops = Counting()
+    return calls
+
+
 @pytest.mark.parametrize("flush_bytes", [1, 200, 1 << 30], ids=["each", "some", "end"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_small_half_grads_are_accumulated_in_batches(monkeypatch, device, dtype, flush_bytes):
@@ -2733,20 +2752,11 @@ def test_small_half_grads_are_accumulated_in_batches(monkeypatch, device, dtype,
     opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.5)
     emu = MasterEmulation(make_model(dtype=dtype, device=device, cls=_ManySmall), adamw)
     b = opt._buckets[0][0]
-    calls = []
-    real = b.ops.accumulate_many_
 
-    class Counting:  # the backend module, counting its accumulate_many_ calls
-        def __getattr__(self, name):
-            return getattr(real_ops, name)
+    def small(accs, grads):
+        assert len(accs) == len(grads) and all(g.numel() <= 100 for g in grads)
 
-        @staticmethod
-        def accumulate_many_(accs, grads, scale, **kwargs):
-            assert len(accs) == len(grads) and all(g.numel() <= 100 for g in grads)
-            calls.append(len(grads))
-            return real(accs, grads, scale, **kwargs)
-
-    real_ops, b.ops = b.ops, Counting()
+    calls = _count_accumulate_many(b, small)
     # the C++ hook (csrc/hooks.cpp) flushes full batches of the extension's backends itself,
     # and _flush calls its flush_batch for a batch that needs no statistic
     hooks = native.hooks_module(load=False) if opt.backend != "reference" else None
@@ -2796,19 +2806,7 @@ def test_a_batch_that_reaches_its_flush_size_exactly_is_flushed(monkeypatch, dev
           for _ in range(3)]
     opt = wrap(torch.optim.SGD(ps, lr=0.1), accumulation_steps=2)
     (b,) = opt._all_buckets()
-    calls = []
-    real = b.ops.accumulate_many_
-
-    class Counting:  # the backend module, counting its accumulate_many_ calls
-        def __getattr__(self, name):
-            return getattr(real_ops, name)
-
-        @staticmethod
-        def accumulate_many_(accs, grads, scale, **kwargs):
-            calls.append(len(grads))
-            return real(accs, grads, scale, **kwargs)
-
-    real_ops, b.ops = b.ops, Counting()
+    calls = _count_accumulate_many(b)
     x = torch.randn(8, generator=gen).to(device, torch.bfloat16)
     sum((p * (n + 1) * x).sum() for n, p in enumerate(ps)).backward()
     assert calls == [1, 1, 1]
