@@ -1847,7 +1847,8 @@ class FusedAccumulator(torch.optim.Optimizer):
                 skipped = read()
                 # (an overflowed norm: the update queued with the flag set wrote nothing
                 # where every bucket leaves its accumulators, so it can be queued again)
-                if skipped and all(self._leaves_acc(b) for b in self._all_buckets()):
+                if skipped and all(self._leaves_acc(b) or b.sharded
+                                   for b in self._all_buckets()):
                     found_f, mult, skipped = self._overflow_retry(norm, inv, scaler_found_inf,
                                                                   found_f, mult)
                     if not skipped:
@@ -1935,20 +1936,28 @@ class FusedAccumulator(torch.optim.Optimizer):
         torch.amp.GradScaler stepped without unscale_: its own inf check sees finite values,
         so its scale kept growing, and every window from there on was skipped. Host reads
         and the passes over the accumulators happen only for windows flagged to skip.
-        Not with ZeRO-1 (each rank holds a shard of the window, and its update zeroed it)."""
+        With ZeRO-1 each rank holds a shard of the window (which its update leaves, see
+        _fused_update): the sum of squares and the finite check are summed over the ranks
+        (every rank comes here alike: the norm it read is the global one)."""
         skip = (found, mult, True)
-        if self.norm_type == math.inf or self._shard is not None:
+        if self.norm_type == math.inf:
             return skip  # (the largest |value| of finite values is finite)
         if not math.isinf(float(norm)):
             return skip  # (NaN: a NaN in the window)
         if scaler_found_inf is not None and float(scaler_found_inf) > 0:
             return skip
         accs = [b.acc_local for b in self._all_buckets() if any(b.touched)]
-        if not all(bool(torch.isfinite(a).all()) for a in accs):
+        finite = all(bool(torch.isfinite(a).all()) for a in accs)
+        if self._shard is None and not finite:
             return skip
-        squares = torch.stack([torch.linalg.vector_norm(a, dtype=torch.float64)
-                               .to(self._device).square() for a in accs])
-        norm = (squares.sum().sqrt() * inv.double()).float()
+        sq = torch.zeros((), dtype=torch.float64, device=self._device)
+        for a in accs:
+            sq = sq + torch.linalg.vector_norm(a, dtype=torch.float64).to(self._device).square()
+        if self._shard is not None:
+            sq, finite = dp.sum_squares_if_finite(sq, finite, self._pg)
+            if not finite:
+                return skip
+        norm = (sq.sqrt() * inv.double()).float()
         self.grad_norm = norm
         found = norm - norm
         return found, self._clip_mult(inv, norm), bool(found.item())
@@ -2295,8 +2304,10 @@ class FusedAccumulator(torch.optim.Optimizer):
                 m = mult if mult.device == b.device else mult.to(b.device)
                 f = found if found.device == b.device else found.to(b.device)
                 # the buckets that leave their accumulators dirty (Bucket.dirty) do not
-                # zero them: the next window's first gradients overwrite them
-                z = zero_acc and not (lazy and self._leaves_acc(b))
+                # zero them: the next window's first gradients overwrite them; nor do
+                # ZeRO-1's (acc_local is the reduce-scatter's output, written anew at each
+                # boundary; an overflow retry reads it again, _overflow_retry)
+                z = zero_acc and not b.sharded and not (lazy and self._leaves_acc(b))
                 if self._kind == "adam":
                     self._adam_bucket(b, hp, m, f, z)
                 else:

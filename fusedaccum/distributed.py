@@ -167,6 +167,15 @@ def any_rank(flag: torch.Tensor, group) -> torch.Tensor:
     return flag
 
 
+def sum_squares_if_finite(sq: torch.Tensor, finite: bool, group):
+    """ZeRO-1's overflow retry: (the float64 sum of squares over the ranks, whether every
+    rank's shard is finite)."""
+    vec = torch.stack([sq.to(torch.float64), torch.tensor(0.0 if finite else 1.0,
+                                                         dtype=torch.float64, device=sq.device)])
+    dist.all_reduce(vec, group=group)
+    return vec[0], bool(vec[1] == 0)
+
+
 def gather_params(buckets, group) -> None:
     """After a sharded step, every rank's model buffer gets every shard."""
     all_gather = _collective("all_gather_single", "all_gather_into_tensor")

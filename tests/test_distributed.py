@@ -664,3 +664,55 @@ def test_sharded_resume_with_params_filling_the_shard_edge(tmp_path):
             for key, value in st.items():
                 torch.testing.assert_close(out["got_state"][idx][key], value, rtol=1e-6,
                                            atol=1e-8)
+
+
+def _overflow_run(shard, hooked, world, out_dir, rank=None):
+    """AdamW with loss_scale=2^70, clipped: on ``rank`` of a process group (saving what it
+    got), or in one process over every rank's micro-batches (``rank`` None; returns it).
+    Every accumulated value is finite, but their fp32 sum of squares overflows."""
+    x, y = _data(world)
+    model = _model(torch.float32)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if hooked:  # (the boundary then reads the skip flag before the update)
+        inner.register_step_pre_hook(lambda o, args, kwargs: None)
+    kw = dict(accumulation_steps=K, process_group=dist.group.WORLD,
+              shard_optimizer_state=shard) if rank is not None else \
+        dict(accumulation_steps=world * K)
+    opt = fusedaccum.FusedAccumulator(inner, max_grad_norm=0.5, loss_scale=2.0 ** 70,
+                                      backend=BACKEND, **kw)
+    for w in range(WINDOWS):
+        for r in range(world) if rank is None else [rank]:
+            for x_mb, y_mb in _micro_batches(x, y, w, world, r):
+                opt.scale_loss(torch.nn.functional.mse_loss(model(x_mb), y_mb)).backward()
+                opt.step()
+    got = {"params": [p.detach().clone() for p in model.parameters()],
+           "counts": (opt.update_count, opt.skipped_steps), "norm": opt.grad_norm.clone()}
+    if rank is None:
+        return got
+    torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
+    return None
+
+
+def _overflow_worker(rank, world, port, shard, hooked, out_dir):
+    with _rank(rank, world, port):
+        _overflow_run(shard, hooked, world, out_dir, rank)
+
+
+@pytest.mark.parametrize("shard,hooked", [(False, False), (True, False), (True, True)],
+                         ids=["allreduce", "zero1", "zero1-hooked"])
+def test_a_window_whose_scaled_norm_overflows_fp32_is_applied(tmp_path, shard, hooked):
+    """As in one process (test_amp.py): torch removes the scale before any norm, so a window
+    whose values are finite is applied, clipped by its true norm, also when its scaled
+    fp32 sum of squares overflows; with ZeRO-1 too, where each rank holds a shard of the
+    window (with a fixed loss scale it was skipped, every window, for good)."""
+    world = 2
+    mp.spawn(_overflow_worker, args=(world, _free_port(), shard, hooked, str(tmp_path)),
+             nprocs=world, join=True)
+    want = _overflow_run(shard, hooked, world, str(tmp_path))
+    assert want["counts"] == (WINDOWS, 0)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["counts"] == want["counts"], f"rank {rank}"
+        torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-5, atol=0)
+        for a, b in zip(got["params"], want["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
