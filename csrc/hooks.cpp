@@ -714,7 +714,22 @@ struct BatchHook final : PostAccumulateGradHook {
     const Extra extra{THPVariable_Unpack(view), grad, is_dirty};
     Held held(view, stepped_i, fresh.touched, fresh.exposed, fresh.dirty);  // finish()'s
     const int64_t t0 = now_ns();
-    const int64_t pairs = flush_batch(b, f, mode, &extra);
+    // (the batch's lists, which flush_batch replaces: checked by take())
+    PyObject *pending = PyList_GET_ITEM(f, PENDING), *ows = PyList_GET_ITEM(f, PENDING_OW);
+    Held batch(pending, ows, b, owner, view);
+    int64_t pairs;
+    try {
+      pairs = flush_batch(b, f, mode, &extra);
+    } catch (...) {
+      // the batch is gone: its params as Python's _flush leaves them when it raises
+      // (FusedAccumulator._flush_failed; the gradient filling it never joined it)
+      PyObject *type, *value, *trace;
+      PyErr_Fetch(&type, &value, &trace);
+      Ref done(PyObject_CallMethod(owner, "_flush_failed", "OOO", b, pending, ows));
+      PyErr_Clear();
+      PyErr_Restore(type, value, trace);
+      throw;
+    }
     if (pairs < 0) return false;
     g_flush_ns.fetch_add(now_ns() - t0, std::memory_order_relaxed);
     g_flushes.fetch_add(1, std::memory_order_relaxed);

@@ -1429,8 +1429,14 @@ class FusedAccumulator(torch.optim.Optimizer):
         # same steps as below, without their host time in Python (the end-of-backward
         # flush runs after the backward's memory traffic evicted the caches)
         fast = b.cxx_flush
-        if fast and not ride and fast[0](b, *fast[1:]):
-            return
+        if fast and not ride:
+            pending, ows = b.pending, b.pending_ow  # (C++ puts new lists in their place)
+            try:
+                if fast[0](b, *fast[1:]):
+                    return
+            except BaseException:
+                self._flush_failed(b, pending, ows)
+                raise
         pending, accs, grads, ows = b.pending, b.pending_accs, b.pending_grads, b.pending_ow
         b.pending, b.pending_accs, b.pending_grads, b.pending_bytes = [], [], [], 0
         b.pending_ow = []
@@ -1443,8 +1449,13 @@ class FusedAccumulator(torch.optim.Optimizer):
                 is_pending[i] = False
         before = b.acc._version
         # one device, one grad dtype, contiguous, equal numels: trusted
-        stat = b.ops.accumulate_many_(accs, grads, 1.0, overwrite=ows if 1 in ows else None,
-                                      norm_type=self.norm_type if ride else None, trusted=True)
+        try:
+            stat = b.ops.accumulate_many_(accs, grads, 1.0, overwrite=ows if 1 in ows else None,
+                                          norm_type=self.norm_type if ride else None,
+                                          trusted=True)
+        except BaseException:
+            self._flush_failed(b, pending, ows)
+            raise
         if stat is not None:
             b.batch_stats.append(stat)
             stats = b.stats
@@ -1454,6 +1465,22 @@ class FusedAccumulator(torch.optim.Optimizer):
                 for i in pending:
                     stats[i] = IN_BATCH
         _note_write(b, before, stat is not None)
+
+    def _flush_failed(self, b: Bucket, pending: list, ows: list) -> None:
+        """A flush that raised (its batch is gone; also the C++ hook's): a param whose
+        window's first gradient was in it is as if that gradient had never come. Its
+        accumulator still holds the window applied last (the gradient was to be written
+        over it): dirty again, so that its next gradient overwrites it and anything that
+        reads it first zeroes it (_zero_stale), untouched and without the .grad view."""
+        for i, o in zip(pending, ows):
+            if o:
+                b.dirty[i] = True
+                b.touched[i] = False
+                if b.exposed[i]:
+                    b.exposed[i] = False
+                    if b.stepped[i].grad is b.main_grads[i]:
+                        b.stepped[i].grad = None
+                self._stale = self._wants_callback = True
 
     def _flush_all(self) -> None:
         """Accumulate every waiting gradient (end of backward, and before any read)."""

@@ -13,6 +13,7 @@ triton backend the kernel with a table the C++ code builds (table flush).
 import gc
 import inspect
 import operator
+import warnings
 import weakref
 
 import pytest
@@ -600,6 +601,106 @@ def test_table_flush_error_reaches_backward(place, monkeypatch):
     with pytest.raises(RuntimeError, match="launch failed: boom"):
         mse(model(x), y).backward()
     assert failed == [True] and opt.update_count == 0  # (opt: the hooks hold it weakly)
+
+
+@pytest.fixture
+def failing_full_flush(monkeypatch):
+    """``fail(place)``: from then until ``fail(None)``, a flush of 4 gradients (a full
+    batch of make_model's params) raises "flush failed: boom", in C++ or in Python: the
+    triton backend's launch, or the extension's accumulate_many_ kernel (a CPU kernel
+    registered over it)."""
+    real = triton_ops._launch_many_kernel
+    libs = []
+
+    def launch(blocks, table, n_tensors, *args):
+        if n_tensors == 4:
+            raise RuntimeError("flush failed: boom")
+        return real(blocks, table, n_tensors, *args)
+
+    def kernel(*args):
+        raise RuntimeError("flush failed: boom")
+
+    def fail(place):
+        if place is None:
+            monkeypatch.setattr(triton_ops, "_launch_many_kernel", real)
+            while libs:
+                libs.pop()._destroy()  # (the extension's kernel again)
+        elif place[1] == "triton":
+            monkeypatch.setattr(triton_ops, "_LAUNCH", "direct")
+            monkeypatch.setattr(triton_ops, "_launch_many_kernel", launch)
+        else:
+            libs.append(torch.library.Library("fusedaccum_native", "IMPL"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (overriding a kernel: warned)
+                libs[-1].impl("accumulate_many_", kernel, "CPU")
+
+    yield fail
+    fail(None)
+
+
+@pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
+def test_a_failed_flush_leaves_no_batch_behind(place, failing_full_flush, monkeypatch):
+    """An accumulation that fails while the C++ hook flushes a full batch (3 gradients
+    waiting, the 4th fills it) raises out of backward with the batch gone, as Python's
+    flush leaves it (the batch is emptied before the op): nothing stays pending, and the
+    next backward's window holds only its own gradients."""
+    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 3 * 2 * 16)  # bf16 bytes
+    results = []
+    for fast in (True, False):
+        monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+        model = make_model(dtype=torch.bfloat16, device=place[0])
+        opt = FusedAccumulator(torch.optim.SGD(model.parameters(), lr=0.1),
+                               accumulation_steps=4, backend=place[1])
+        (b,) = [b for bs in opt._buckets for b in bs]
+        (x, y), (x2, y2) = make_windows(1, 2, dtype=torch.bfloat16, device=place[0])[0]
+        before = MODULE.batch_hook_flushes()
+        failing_full_flush(place)
+        with pytest.raises(RuntimeError, match="flush failed: boom"):
+            mse(model(x), y).backward()
+        failing_full_flush(None)
+        assert b.pending == [] and b.pending_bytes == 0 and not any(b.is_pending)
+        opt.reset_accumulation()
+        for p in model.parameters():
+            p.grad = None
+        mse(model(x2), y2).backward()
+        # (the fast run's second backward flushes its full batch in C++)
+        assert MODULE.batch_hook_flushes()[0] - before[0] == (1 if fast else 0)
+        results.append([p.main_grad.clone() for p in model.parameters()])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("place", PLACES + TRITON_PLACES, ids=place_id)
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp-hook", "python-hook"])
+def test_a_failed_flush_after_a_boundary_leaves_no_stale_window(place, fast,
+                                                                 failing_full_flush,
+                                                                 monkeypatch):
+    """After a boundary the accumulators hold the window just applied (dirty): each
+    param's first gradient of the next window is written over its accumulator. A flush of
+    such first gradients that fails (the batch is gone) must leave them to be overwritten
+    (or zeroed) still: a backward after the error makes p.main_grad that backward's
+    gradient, not the last window's sum plus it."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", 3 * 2 * 16)  # bf16 bytes
+    model, twin = (make_model(dtype=torch.bfloat16, device=place[0]) for _ in range(2))
+    opt = FusedAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2,
+                           backend=place[1])
+    windows = make_windows(2, 2, dtype=torch.bfloat16, device=place[0])
+    for x, y in windows[0]:
+        mse(model(x), y).backward()
+        opt.step()
+    twin.load_state_dict(model.state_dict())
+    x, y = windows[1][0]
+    failing_full_flush(place)
+    with pytest.raises(RuntimeError, match="flush failed: boom"):
+        mse(model(x), y).backward()
+    failing_full_flush(None)
+    for p in model.parameters():
+        p.grad = None  # (a .grad the failed backward left behind)
+    mse(model(x), y).backward()
+    mse(twin(x), y).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.main_grad, q.grad.float())
 
 
 def test_install_checks_the_launcher():
