@@ -176,6 +176,27 @@ def test_a_new_wrapper_takes_the_params_over(monkeypatch):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_failed_wrapping_gives_the_cpp_hooks_back(monkeypatch):
+    """A wrapper whose construction fails after it hooked some params (its second param
+    group's state entry has the wrong shape) gives them back to the wrapper that holds
+    them, C++ hooks included: that one's backwards go through the C++ hook as before."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
+    model = make_model(dtype=torch.bfloat16, device="cpu")
+    opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
+                           backend="cpu")
+    params = list(model.parameters())
+    inner = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}])
+    inner.state[params[2]] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3),
+                              "exp_avg_sq": torch.zeros(3)}
+    with pytest.raises(ValueError):
+        FusedAccumulator(inner, accumulation_steps=2, backend="cpu")
+    gc.collect()
+    before = hits()
+    one_window(model, opt)
+    assert hits() - before == 2 * 3  # (all but the first hook of each backward)
+    assert opt.update_count == 1
+
+
 def test_dropped_wrapper_is_freed_and_grads_stay_with_the_param(monkeypatch):
     model = make_model(dtype=torch.bfloat16, device="cpu")
     opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=2,
@@ -208,6 +229,10 @@ def test_install_checks_its_arguments():
         module.install_batch_hook(p, p._post_accumulate_grad_hooks, h.id + 1, o, o, 0, 4, 8)
     with pytest.raises(ValueError, match="bad index"):
         module.install_batch_hook(p, p._post_accumulate_grad_hooks, h.id, o, o, -1, 4, 8)
+    for nbytes, flush_bytes in ((-1, 8), (4, 0), (4, -8)):  # (a batch never full, or always)
+        with pytest.raises(ValueError, match="bad index, nbytes or flush_bytes"):
+            module.install_batch_hook(p, p._post_accumulate_grad_hooks, h.id, o, o, 0, nbytes,
+                                      flush_bytes)
     with pytest.raises(ValueError, match="key is not in"):  # not the param's dict
         module.install_batch_hook(p, {h.id: None}, h.id, o, o, 0, 4, 8)
     with pytest.raises(TypeError):
@@ -261,6 +286,73 @@ def test_direct_first_gradient_overwrites_a_dirty_accumulator_written_since(plac
     want = train(torch.bfloat16, False, monkeypatch, place=place, between=write)
     assert_same_runs(got, want)
     assert_same_runs(got, train(torch.bfloat16, True, monkeypatch, place=place))
+
+
+@pytest.mark.parametrize("why", ["dirty", "fp32"])
+def test_direct_gradient_queues_the_callback_the_wrapper_wants(why, monkeypatch):
+    """Direct mode (gradients above the batching limit) skips the end-of-backward callback
+    only where the wrapper needs none: with dirty accumulators (after a boundary) the
+    backward's first gradient goes to Python, which queues it, so a param this backward
+    gave no gradient reads zeros after it; with fp32 params the .grad a zero_grad()
+    cleared comes back (the window's view) although this backward gave it nothing."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
+    monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", 4)  # every half param direct
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8, generator=g).bfloat16())
+    b = torch.nn.Parameter(torch.randn(8, generator=g).to(
+        torch.bfloat16 if why == "dirty" else torch.float32))
+    opt = FusedAccumulator(torch.optim.SGD([a, b], lr=0.1), accumulation_steps=3,
+                           backend="cpu")
+    for _ in range(3 if why == "dirty" else 1):  # (dirty: a whole window, its boundary)
+        x = [torch.randn(8, generator=g).to(p.dtype) for p in (a, b)]
+        ((a * x[0]).float().sum() + (b * x[1]).float().sum()).backward()
+        opt.step()
+    if why == "fp32":
+        opt.zero_grad()
+        assert b.grad is None
+    window = a.main_grad.clone() if why == "fp32" else torch.zeros(8)
+    x = torch.randn(8, generator=g).bfloat16()
+    (a * x).float().sum().backward()  # (not the window's last micro-batch: no statistic)
+    assert torch.equal(a.main_grad, window + x.float())
+    if why == "dirty":
+        assert torch.count_nonzero(b.main_grad) == 0
+    else:
+        assert b.grad is b.main_grad
+
+
+def _write_then_train(fast, monkeypatch):
+    """k=3, every half param direct: b's accumulator written by hand before the window's
+    first gradient; a gets a gradient in every micro-batch, b only in the second. b's
+    accumulator after that backward, and the params after the boundary."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", 4)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(8, generator=g).bfloat16()) for _ in range(2))
+    opt = FusedAccumulator(torch.optim.SGD([a, b], lr=0.1), accumulation_steps=3,
+                           backend="cpu")
+    with torch.no_grad():
+        b.main_grad.add_(1.0)  # (its version counter tells the wrapper)
+    for j in range(3):
+        loss = (a * torch.randn(8, generator=g).bfloat16()).float().sum()
+        if j == 1:
+            loss = loss + (b * torch.randn(8, generator=g).bfloat16()).float().sum()
+        loss.backward()
+        if j == 1:
+            seen = b.main_grad.clone()
+        opt.step()
+    return [seen, a.detach().clone(), b.detach().clone()]
+
+
+def test_a_write_by_hand_is_not_forgotten_by_a_later_direct_add(monkeypatch):
+    """After something else wrote the buffer (p.main_grad.add_ on a param without a
+    gradient yet), the wrapper no longer knows that the untouched accumulators hold zeros,
+    and the C++ hook's own direct adds to other params must not make it believe so again:
+    b's first gradient is added to what was written, not written over it, as with the
+    Python hook."""
+    got = _write_then_train(True, monkeypatch)
+    want = _write_then_train(False, monkeypatch)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
 
 
 def _train_two_backwards_in_last(fast, monkeypatch, place, windows=2):
@@ -338,12 +430,16 @@ def test_full_batches_flushed_in_cpp_as_in_python(place, clip, monkeypatch):
 @pytest.mark.parametrize("place", [("cpu", "cpu")] + TABLE_CPU, ids=place_id)
 @pytest.mark.parametrize("flush_bytes", [3 * 2 * 16, 2 * (3 + 18 + 6 + 24)],
                          ids=["past-the-limit", "exactly-the-limit"])
-def test_batch_full_with_waiting_grads_flushes_them_all(place, flush_bytes, monkeypatch):
+@pytest.mark.parametrize("setting", ["_BATCH_FLUSH_BYTES", "_BATCH_FLUSH_BYTES_CPU"])
+def test_batch_full_with_waiting_grads_flushes_them_all(place, flush_bytes, setting,
+                                                        monkeypatch):
     """Grads waiting in a batch go with the one that fills it (one op call, every element
     written once): the same as the Python hook with the batch filling on the 3rd grad.
     A batch whose bytes reach the limit exactly is full too, as in Python's hook
-    (``pending_bytes >= flush_bytes``; the 4 bf16 params hold 3 + 18 + 6 + 24 elements)."""
-    monkeypatch.setattr(accumulator, "_BATCH_FLUSH_BYTES", flush_bytes)  # bf16 bytes
+    (``pending_bytes >= flush_bytes``; the 4 bf16 params hold 3 + 18 + 6 + 24 elements).
+    A CPU bucket's limit is the smaller of the GPUs' and the CPUs' settings, for the C++
+    hook as for Python's (accumulator._flush_bytes)."""
+    monkeypatch.setattr(accumulator, setting, flush_bytes)  # bf16 bytes
     (flushes, grads) = MODULE.batch_hook_flushes()
     got = train(torch.bfloat16, True, monkeypatch, k=2, windows=2, place=place)
     now = MODULE.batch_hook_flushes()
@@ -360,6 +456,19 @@ def test_the_build_reads_the_fields_buffers_keeps():
     from fusedaccum.buffers import HOOK_FIELDS
 
     assert MODULE.HOOK_FIELDS == HOOK_FIELDS
+
+
+def test_a_build_reading_other_fields_is_not_used(monkeypatch):
+    """native.hooks_module refuses a build of hooks.cpp that reads Bucket.hook_fields in
+    another order than buffers.py keeps them (a stale build): the wrappers then run the
+    Python hooks only, instead of the C++ hook misreading the fields."""
+    from fusedaccum import buffers
+
+    state = native._load()
+    monkeypatch.setattr(state, "hooks", None)  # (put back after: the module found before)
+    monkeypatch.setattr(buffers, "HOOK_FIELDS", tuple(reversed(buffers.HOOK_FIELDS)))
+    assert native.hooks_module() is None
+    assert state.hooks is False
 
 
 class _RaiseInBackward(torch.autograd.Function):
@@ -395,6 +504,43 @@ def test_a_backward_that_raised_does_not_stop_later_flushes(fast, monkeypatch):
         assert torch.equal(b.main_grad, (n + 1) * x.float()), n
         # the first hook of each backward queues the flush (Python), the second is C++'s
         assert hits() - before == (1 if fast else 0)
+
+
+def _train_after_a_raised_backward(fast, monkeypatch):
+    """A window of 2 micro-batches whose last one has a backward that raises after b's
+    gradient joined b's batch, then a clean one giving b and c gradients (a none): b's
+    C++ hook finds it still pending. Clipped; the norm and the params."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(8, generator=g).bfloat16()) for _ in range(2))
+    c = torch.nn.Parameter(torch.randn(8, generator=g).half())  # (another bucket)
+    opt = FusedAccumulator(torch.optim.SGD([a, b, c], lr=0.1), accumulation_steps=2,
+                           backend="cpu", max_grad_norm=0.01)
+    xs = [torch.randn(8, generator=g) for _ in range(4)]
+
+    def sq(p, x):
+        return (p.float() * x).square().sum()
+
+    (sq(a, xs[0]) + sq(b, xs[1]) + sq(c, xs[2])).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="boom"):
+        (_RaiseInBackward.apply(sq(c, xs[3])) + sq(b, xs[0])).backward()
+    (sq(b, xs[2]) + sq(c, xs[1])).backward()
+    opt.step()
+    assert opt.stepped
+    return opt.grad_norm, [p.detach().clone() for p in (a, b, c)]
+
+
+def test_a_gradient_still_pending_after_a_raised_backward_is_flushed_first(monkeypatch):
+    """A param whose gradient of a backward that raised still waits in its batch (the
+    end-of-backward flush never ran) gets its next gradient: the C++ hook leaves it to
+    Python, which flushes the batch first (a param is pending once at most), so the
+    clipping norm's statistics of the window's last micro-batch are the Python hook's."""
+    got_norm, got = _train_after_a_raised_backward(True, monkeypatch)
+    want_norm, want = _train_after_a_raised_backward(False, monkeypatch)
+    assert torch.equal(got_norm, want_norm)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["cpp-hook", "python-hook"])
@@ -461,10 +607,11 @@ def _run_beside_autograd(scenario, fast, monkeypatch):
     opt = FusedAccumulator(torch.optim.AdamW(params, lr=1e-2), accumulation_steps=3,
                            backend="cpu")
     for p in params:
-        if scenario == "node-hooks":  # as DistributedDataParallel's, which keeps the nodes
+        if scenario.startswith("node-"):  # as DistributedDataParallel's, which keeps the nodes
             node = p.view_as(p).grad_fn.next_functions[0][0]
             node.register_prehook(lambda go: seen.append(go[0] is not None))
-            node.register_hook(lambda gi, go: seen.append(go[0] is not None))
+            if scenario == "node-hooks":  # ("node-prehook": a pre-hook alone)
+                node.register_hook(lambda gi, go: seen.append(go[0] is not None))
             nodes.append(node)
         elif scenario == "tensor-hook":  # registered after the wrapper's
             p.register_hook(lambda g: seen.append(g.clone()))
@@ -482,16 +629,16 @@ def _run_beside_autograd(scenario, fast, monkeypatch):
     return [p.detach().clone() for p in params], seen, MODULE.batch_prehook_hits() - before
 
 
-@pytest.mark.parametrize("scenario", ["inputs", "node-hooks", "tensor-hook", "grad-by-hand",
-                                      "tensor-hook-first"])
+@pytest.mark.parametrize("scenario", ["inputs", "node-hooks", "node-prehook", "tensor-hook",
+                                      "grad-by-hand", "tensor-hook-first"])
 def test_pre_hook_steps_aside_where_accumulate_grad_must_see_the_gradient(scenario,
                                                                         monkeypatch):
     """backward(inputs=...) (the engine runs only some AccumulateGrad nodes), hooks on the
-    AccumulateGrad node, a tensor hook registered later (it replaces the param's C++
-    tensor hooks: the pre-hook is gone), a .grad assigned by hand: the gradient goes
-    through AccumulateGrad, every user hook sees it, and the result is the Python
-    hook's. A tensor hook registered before the wrapper runs before the pre-hook, which
-    then takes the gradient as usual."""
+    AccumulateGrad node (a pre-hook alone too), a tensor hook registered later (it
+    replaces the param's C++ tensor hooks: the pre-hook is gone), a .grad assigned by
+    hand: the gradient goes through AccumulateGrad, every user hook sees it, and the
+    result is the Python hook's. A tensor hook registered before the wrapper runs before
+    the pre-hook, which then takes the gradient as usual."""
     got, seen, taken = _run_beside_autograd(scenario, True, monkeypatch)
     want, want_seen, _ = _run_beside_autograd(scenario, False, monkeypatch)
     for a, b in zip(got, want):
@@ -502,8 +649,8 @@ def test_pre_hook_steps_aside_where_accumulate_grad_must_see_the_gradient(scenar
         assert taken == 3 * 9
     else:
         assert taken == 0
-    if scenario == "node-hooks":
-        assert seen == want_seen == [True] * (2 * 4 * 9)
+    if scenario.startswith("node-"):
+        assert seen == want_seen == [True] * ((2 if scenario == "node-hooks" else 1) * 4 * 9)
     elif scenario.startswith("tensor-hook"):
         assert len(seen) == len(want_seen) == 4 * 9
         assert all(torch.equal(a, b) for a, b in zip(seen, want_seen))
@@ -526,6 +673,81 @@ def test_pre_hook_leaves_the_gradient_it_takes_as_it_was(monkeypatch):
     for p, g in zip(ps, held):
         assert p.grad is None
         assert torch.equal(p.main_grad, 2 * g.float())
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["batched", "direct"])
+def test_a_non_contiguous_gradient_waits_for_accumulate_grad(direct, monkeypatch):
+    """A gradient handed over non-contiguous (here a transposed one given to
+    torch.autograd.backward): the pre-hook steps aside, AccumulateGrad makes a .grad of the
+    param's layout and the C++ hook takes that (batched or direct), as the Python hook
+    makes the gradient contiguous; the window holds it bitwise."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
+    if direct:
+        monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", 4)
+    ps = [torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.bfloat16)) for _ in range(3)]
+    opt = FusedAccumulator(torch.optim.SGD(ps, lr=1.0), accumulation_steps=4, backend="cpu")
+    g = torch.Generator().manual_seed(0)
+    held = [torch.randn(4, 3, generator=g).bfloat16().t() for _ in ps]
+    assert not any(h.is_contiguous() for h in held)
+    before, pre_before = hits(), MODULE.batch_prehook_hits()
+    for _ in range(2):
+        torch.autograd.backward(ps, held)
+        opt.step()
+    # (direct: every gradient, none queues the end-of-backward callback; batched: all but
+    # the first of each backward)
+    assert (hits() - before, MODULE.batch_prehook_hits() - pre_before) == (6 if direct else 4, 0)
+    for p, h in zip(ps, held):
+        assert p.grad is None
+        assert torch.equal(p.main_grad, 2 * h.float())
+
+
+def test_params_that_are_not_row_major_keep_the_python_hook(monkeypatch):
+    """A param that is not row-major (transposed, channels_last) is accumulated in its own
+    memory order (Bucket.flat_of): it gets no C++ hook, so a row-major gradient handed to
+    it (torch.autograd.backward) goes through the Python hook, which lays it out as the
+    accumulator, and the window holds it bitwise."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4, 3, generator=g).bfloat16().t()) for _ in range(3)]
+    ps.append(torch.nn.Parameter(torch.randn(2, 3, 4, 4, generator=g).bfloat16().to(
+        memory_format=torch.channels_last)))
+    opt = FusedAccumulator(torch.optim.SGD(ps, lr=1.0), accumulation_steps=4, backend="cpu")
+    held = [torch.randn(p.shape, generator=g).bfloat16() for p in ps]
+    assert all(h.is_contiguous() and not p.is_contiguous() for p, h in zip(ps, held))
+    before, pre_before = hits(), MODULE.batch_prehook_hits()
+    for _ in range(2):
+        torch.autograd.backward(ps, held)
+        opt.step()
+    assert (hits(), MODULE.batch_prehook_hits()) == (before, pre_before)
+    for p, h in zip(ps, held):
+        assert p.grad is None
+        assert torch.equal(p.main_grad, 2 * h.float())
+
+
+def test_a_resumed_window_exposes_the_masters_grads_again(monkeypatch):
+    """A window saved part-way after its masters' .grad views were cleared (here by hand)
+    resumes with them cleared; the next backward gives every master its .grad view of the
+    window again (DESIGN.md section 2), the C++ hook's params as the Python hook's."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1")
+    model = make_model(dtype=torch.bfloat16, device="cpu")
+    opt = FusedAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=3,
+                           backend="cpu")
+    (x, y), (x2, y2), _ = make_windows(1, 3, dtype=torch.bfloat16, device="cpu")[0]
+    mse(model(x), y).backward()
+    opt.step()
+    for m in opt.param_groups[0]["params"]:
+        m.grad = None
+    sd = opt.state_dict()
+    twin = make_model(dtype=torch.bfloat16, device="cpu")
+    twin.load_state_dict(model.state_dict())
+    resumed = FusedAccumulator(torch.optim.AdamW(twin.parameters()), accumulation_steps=3,
+                               backend="cpu")
+    resumed.load_state_dict(sd)
+    before = hits()
+    mse(twin(x2), y2).backward()
+    assert hits() - before == 3  # (all but the first hook of the backward)
+    for m, p in zip(resumed.param_groups[0]["params"], twin.parameters()):
+        assert m.grad is p.main_grad
 
 
 def _params_with_empty(dtype):
@@ -735,6 +957,9 @@ def test_flush_batch_leaves_what_it_cannot_take_to_python(place, monkeypatch):
     assert len(waiting) == 4
     with pytest.raises(ValueError, match="a launcher needs"):
         MODULE.flush_batch(b, "not callable", 1024, 2)
+    for block, kind in ((0, 2), (-1024, 2), (1024, 3), (1024, -1)):
+        with pytest.raises(ValueError, match="a launcher needs"):
+            MODULE.flush_batch(b, print, block, kind)
     with pytest.raises(AttributeError):
         MODULE.flush_batch(object())
     launcher, block, _ = triton_ops.table_flush(torch.device(device), torch.bfloat16) or (
@@ -881,6 +1106,7 @@ def test_boundary_walks_answer_as_python_would(place):
     assert MODULE.params_in_place(ps, ptrs, torch.float32, None) is True
     assert MODULE.params_in_place(ps, ptrs, torch.float16, None) is False
     assert MODULE.params_in_place(ps, ptrs[:2], torch.float32, None) is False
+    assert MODULE.params_in_place(ps, ptrs, torch.float32, versions[:2]) is False
     with torch.no_grad():
         ps[2].mul_(2.0)  # a write: the version moves, the pointer stays
     assert MODULE.params_in_place(ps, ptrs, torch.float32, None) is True
