@@ -3206,3 +3206,80 @@ def test_deleted_optimizer_state_starts_afresh_as_in_torch(device, how):
         big_batch_update(ref, ref_opt, window)
     assert_params_close(model, ref)
     assert_states_close(opt, ref_opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_zero_grad_adopts_a_group_added_to_the_inner_optimizer(device, dtype):
+    """zero_grad() clears the .grad of every param of the groups, also of a group added to
+    the inner optimizer since the last step() (torch's loop: zero_grad(), backward, step):
+    it adopts the group first, so the gradient its params held joins the window, as when
+    wrapping, and the zero_grad() drops none of it."""
+    model = make_model(dtype=dtype, device=device)
+    inner = adamw(model.fc1.parameters())
+    opt = wrap(inner, accumulation_steps=2)
+    (x, y), = make_batches(1, dtype=dtype, device=device)
+    mse(model(x), y).backward()
+    held = [p.grad.float() for p in model.fc2.parameters()]
+    inner.add_param_group({"params": list(model.fc2.parameters())})
+    opt.zero_grad()
+    for p, g in zip(model.fc2.parameters(), held):
+        assert p.grad is None
+        assert torch.equal(p.main_grad, g)
+
+
+def test_wrapping_part_of_a_model_again_mid_window(device):
+    """A new wrapper takes fc2 over in the middle of the old one's window: fc2's part of
+    that window stays behind and is dropped; the old wrapper goes on with fc1 alone (its
+    boundary clips with fc1's norm only, and leaves fc2, its .grad and its state alone),
+    and the new one's window starts empty. Plain torch: one optimizer per layer, fc2's
+    gradient of the micro-batch before the takeover dropped."""
+    k, clip = 2, 0.05
+    m0, m1, m2 = make_batches(3, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    old = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=clip)
+    ref1, ref2 = adamw(ref.fc1.parameters()), adamw(ref.fc2.parameters())
+    for m, (x, y) in ((model, m0), (ref, m0)):
+        (mse(m(x), y) / (1 if m is model else k)).backward()
+    old.step()
+    ref2.zero_grad()
+    new = wrap(adamw(model.fc2.parameters()), accumulation_steps=k, max_grad_norm=clip)
+    for m, (x, y) in ((model, m1), (ref, m1)):
+        (mse(m(x), y) / (1 if m is model else k)).backward()
+    old.step()
+    assert old.stepped
+    for p in model.fc2.parameters():
+        assert p.grad is p.main_grad  # (the new wrapper's window)
+        assert not old.state.get(p)
+    norm = torch.nn.utils.clip_grad_norm_(ref.fc1.parameters(), clip)
+    ref1.step()
+    torch.testing.assert_close(old.grad_norm, norm, rtol=1e-5, atol=1e-6)
+    new.step()
+    for m, (x, y) in ((model, m2), (ref, m2)):
+        (mse(m(x), y) / (1 if m is model else k)).backward()
+    new.step()
+    assert new.stepped
+    norm = torch.nn.utils.clip_grad_norm_(ref.fc2.parameters(), clip)
+    ref2.step()
+    torch.testing.assert_close(new.grad_norm, norm, rtol=1e-5, atol=1e-6)
+    assert_params_close(model, ref)
+
+
+def test_ridden_norm_is_not_used_after_an_in_place_change_between_backwards(monkeypatch, device):
+    """An in-place change of the window's gradient (through the groups' .grad views)
+    between two backward passes of the last micro-batch: the statistics of the params
+    the second backward does not reach stay stale, also though that backward's own
+    accumulations make fresh ones for the others (every gradient rides on its own); the
+    norm is the window's."""
+    _ride_above(monkeypatch, 0)
+    model = make_model(dtype=torch.bfloat16, device=device)
+    opt = wrap(adamw(model.parameters()), max_grad_norm=1e-3)
+    (x, y), = make_batches(1, dtype=torch.bfloat16, device=device)
+    mse(model(x), y).backward()
+    torch._foreach_mul_([t.grad for t in group_tensors(opt)], 0.25)
+    model.fc1.requires_grad_(False)  # the second backward reaches fc2 only
+    mse(model(x), y).backward()
+    model.fc1.requires_grad_(True)
+    want = _expected_norm(model, 1, 2.0)
+    opt.step()
+    assert opt.stepped
+    torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)

@@ -1043,3 +1043,35 @@ def test_wrapping_refuses_existing_state_it_cannot_use(device, bad):
     inner.state[w]["exp_avg"] = torch.zeros(w.shape, device=device)
     opt = wrap(inner)
     assert opt.param_groups is inner.param_groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_resume_mid_window_keeps_which_masters_grads_were_cleared(device, dtype):
+    """Half params: the fp32 masters in the groups have a .grad viewing the window; the
+    inner optimizer's own zero_grad() clears it (the window stays); a resume from a state
+    dict taken there leaves it cleared too, as the run without stopping has it."""
+    def run(resume):
+        model = make_model(dtype=dtype, device=device)
+        inner = adamw(model.parameters())
+        opt = wrap(inner, accumulation_steps=2)
+        (x, y), (x2, y2) = make_windows(1, 2, dtype=dtype, device=device)[0]
+        mse(model(x), y).backward()
+        opt.step()
+        inner.zero_grad()
+        if resume:
+            sd = copy.deepcopy(opt.state_dict())
+            msd = copy.deepcopy(model.state_dict())
+            model = make_model(seed=4, dtype=dtype, device=device)
+            model.load_state_dict(msd)
+            opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+            opt.load_state_dict(sd)
+        grads = [t.grad is None for t in group_tensors(opt)]
+        mse(model(x2), y2).backward()
+        opt.step()
+        assert opt.stepped
+        return grads, [p.detach().clone() for p in model.parameters()]
+
+    (grads, want), (got_grads, got) = run(False), run(True)
+    assert got_grads == grads == [True] * len(grads)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
