@@ -3227,6 +3227,21 @@ def test_zero_grad_adopts_a_group_added_to_the_inner_optimizer(device, dtype):
         assert torch.equal(p.main_grad, g)
 
 
+def test_zero_grad_of_an_old_wrapper_leaves_the_params_another_took(device):
+    """fp32 params: a wrapper that took fc2 over from an older one holds fc2's window and
+    its .grad view; the old wrapper's zero_grad() clears fc1's .grad only, as a torch
+    optimizer clears the .grad of its own params only."""
+    model = make_model(device=device)
+    old = wrap(adamw(model.parameters()), accumulation_steps=2)
+    new = wrap(adamw(model.fc2.parameters()), accumulation_steps=2)
+    (x, y), = make_batches(1, device=device)
+    mse(model(x), y).backward()
+    old.zero_grad()
+    assert all(p.grad is None for p in model.fc1.parameters())
+    for p in new.param_groups[0]["params"]:  # (fc2's, the stepped tensors)
+        assert p.grad is p.main_grad and torch.count_nonzero(p.grad) > 0
+
+
 def test_wrapping_part_of_a_model_again_mid_window(device):
     """A new wrapper takes fc2 over in the middle of the old one's window: fc2's part of
     that window stays behind and is dropped; the old wrapper goes on with fc1 alone (its
