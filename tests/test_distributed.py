@@ -12,6 +12,7 @@ all-reduces of GPU buffers, as with NCCL, which needs a GPU per rank).
 
 import contextlib
 import copy
+import math
 import os
 import socket
 import sys
@@ -90,7 +91,8 @@ def _opt(cfg, model, **kw):
         inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     else:
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    return fusedaccum.FusedAccumulator(inner, max_grad_norm=cfg["clip"], backend=BACKEND, **kw)
+    return fusedaccum.FusedAccumulator(inner, max_grad_norm=cfg["clip"],
+                                       norm_type=cfg.get("norm_type", 2.0), backend=BACKEND, **kw)
 
 
 def _micro_batches(x, y, window, world, rank):
@@ -108,37 +110,62 @@ def _loss(model, x, y, cfg):
     return torch.nn.functional.mse_loss(out, y)
 
 
+def _backward(cfg, model, loss, poisoned):
+    """``loss.backward()``; a poisoned micro-batch has an inf in its loss, or with
+    ``poison_fc1`` in the first layer's weight gradient only (with ZeRO-1 on 2 ranks, the
+    first half of the flat buffers, rank 0's shard: the other rank's is finite)."""
+    handle = None
+    if poisoned and cfg.get("poison_fc1"):
+        handle = model[0].weight.register_hook(lambda g: torch.full_like(g, math.inf))
+    elif poisoned:
+        loss = loss * float("inf")
+    loss.backward()
+    if handle is not None:
+        handle.remove()
+
+
 def _train(cfg, model, opt, x, y, world, rank, windows, poison_window=None):
     for w in windows:
         for x_mb, y_mb in _micro_batches(x, y, w, world, rank):
-            loss = _loss(model, x_mb, y_mb, cfg)
-            if poison_window == w and rank == world - 1:
-                loss = loss * float("inf")
-            loss.backward()
+            _backward(cfg, model, _loss(model, x_mb, y_mb, cfg),
+                      poison_window == w and rank == world - 1)
             opt.step(num_items=K * MB if cfg["num_items"] else None)
 
 
 def _worker(rank, world, port, cfg, out_dir):
-    with _rank(rank, world, port):
+    idle = int(cfg.get("idle_rank", False))
+    with _rank(rank, world + idle, port):
         group = dist.group.WORLD
+        if idle:  # the group is global ranks 1..world; global rank 0 is not in it
+            group = dist.new_group(list(range(1, world + 1)))  # (every process calls it)
+            if rank == 0:
+                return
+            rank -= 1  # (the rank in the group)
         x, y = _data(world)
         model = _model(cfg["dtype"])
         kw = dict(accumulation_steps=K, process_group=group,
                   shard_optimizer_state=cfg["shard"])
         opt = _opt(cfg, model, **kw)
         poison = cfg.get("poison")
-        if cfg.get("resume_mid_window"):
+        checkpoint = [k for k in ("resume_mid_window", "resume_before_step",
+                                  "state_dict_mid_window") if cfg.get(k)]
+        if checkpoint:
             _train(cfg, model, opt, x, y, world, rank, range(1), poison)
-            # one micro-batch of window 1, then checkpoint, rebuild and resume
+            # one micro-batch of window 1, then checkpoint, rebuild and resume (or, before
+            # its step(), at micro-batch 0, or only take the state dict and go on)
             x_mb, y_mb = next(_micro_batches(x, y, 1, world, rank))
             _loss(model, x_mb, y_mb, cfg).backward()
-            opt.step(num_items=K * MB if cfg["num_items"] else None)
+            if checkpoint != ["resume_before_step"]:
+                opt.step(num_items=K * MB if cfg["num_items"] else None)
             sd = copy.deepcopy(opt.state_dict())  # a collective: every rank calls it
-            msd = copy.deepcopy(model.state_dict())
-            model = _model(cfg["dtype"])
-            model.load_state_dict(msd)
-            opt = _opt(cfg, model, **kw)
-            opt.load_state_dict(sd)
+            if checkpoint != ["state_dict_mid_window"]:
+                msd = copy.deepcopy(model.state_dict())
+                model = _model(cfg["dtype"])
+                model.load_state_dict(msd)
+                opt = _opt(cfg, model, **kw)
+                opt.load_state_dict(sd)
+            if checkpoint == ["resume_before_step"]:
+                opt.step(num_items=K * MB if cfg["num_items"] else None)
             x_mb, y_mb = list(_micro_batches(x, y, 1, world, rank))[1]
             _loss(model, x_mb, y_mb, cfg).backward()
             opt.step(num_items=K * MB if cfg["num_items"] else None)
@@ -164,10 +191,8 @@ def _single(cfg, world, windows=WINDOWS, model=None, opt=None, start=0):
     for w in range(start, windows):
         for r in range(world):
             for x_mb, y_mb in _micro_batches(x, y, w, world, r):
-                loss = _loss(model, x_mb, y_mb, cfg)
-                if cfg.get("poison") == w and r == world - 1:
-                    loss = loss * float("inf")
-                loss.backward()
+                _backward(cfg, model, _loss(model, x_mb, y_mb, cfg),
+                          cfg.get("poison") == w and r == world - 1)
                 opt.step(num_items=world * K * MB if cfg["num_items"] else None)
     return model, opt
 
@@ -183,21 +208,39 @@ CASES = [
          resume_mid_window=True),
     dict(world=2, shard=True, dtype=torch.float32, opt="adamw", clip=None, num_items=False,
          poison=1),
+    # process_group a subgroup (global ranks 1 and 2 of 3): its own ranks and size, not the
+    # default group's, for the shards, the window's D and the state dict's world_size; a
+    # mid-window state_dict() taken and training going on leaves the window as it was
+    dict(world=2, shard=False, dtype=torch.float32, opt="sgd", clip=None, num_items=False,
+         idle_rank=True, state_dict_mid_window=True),
+    dict(world=2, shard=True, dtype=torch.float32, opt="adamw", clip=0.05, num_items=False,
+         idle_rank=True, resume_mid_window=True),
+    # inf-norm clipping over ZeRO-1 shards, and an inf in rank 0's shard only: every rank
+    # skips the window (the global inf-norm is the largest of the ranks', NaN if any is)
+    dict(world=2, shard=True, dtype=torch.float32, opt="sgd", clip=0.05, num_items=False,
+         norm_type=math.inf, poison=1, poison_fc1=True),
+    # ZeRO-1, a checkpoint after the backward of a window's first micro-batch and before
+    # its step(): the consolidated state dict holds every rank's gradients
+    dict(world=2, shard=True, dtype=torch.float32, opt="sgd", clip=None, num_items=False,
+         resume_before_step=True),
 ]
 
 
 def _case_id(c):
     parts = [f"w{c['world']}", "zero1" if c["shard"] else "allreduce",
              str(c["dtype"]).split(".")[-1], c["opt"]]
-    parts += [k for k in ("resume_mid_window", "poison", "num_items") if c.get(k) is not None
-              and c.get(k) is not False]
+    parts += [k for k in ("resume_mid_window", "resume_before_step", "state_dict_mid_window",
+                          "poison", "poison_fc1", "num_items", "idle_rank")
+              if c.get(k) is not None and c.get(k) is not False]
+    parts += ["inf_norm"] if c.get("norm_type") == math.inf else []
     return "-".join(parts)
 
 
 @pytest.mark.parametrize("cfg", CASES, ids=[_case_id(c) for c in CASES])
 def test_data_parallel_equals_single_process(cfg, tmp_path):
     world = cfg["world"]
-    mp.spawn(_worker, args=(world, _free_port(), cfg, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _free_port(), cfg, str(tmp_path)),
+             nprocs=world + cfg.get("idle_rank", False), join=True)
     got = torch.load(tmp_path / "result.pt")
     model, opt = _single(cfg, world)
     half = cfg["dtype"] != torch.float32
@@ -226,19 +269,28 @@ def _refusal_worker(rank, world, port, out_dir, case):
         model = _model(torch.float32)
         if case == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
+        elif case == "other ddp":  # (a DDP around another module of this process)
+            other = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2).to(DEVICE))
         elif case == "fsdp2":  # (its params become DTensors, sharded over the ranks)
             from torch.distributed.fsdp import fully_shard
             model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Linear(10, 3))
             fully_shard(model)  # (contiguous params only)
-        elif rank == 1:  # case "mismatch": rank 1 starts from other values
+        elif case == "mismatch" and rank == 1:  # rank 1 starts from other values
             with torch.no_grad():
                 model[0].weight.add_(1.0)
         try:
-            fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
-                                        process_group=dist.group.WORLD)
+            opt = fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
+                                              process_group=dist.group.WORLD)
+            if case == "ddp after wrapping":  # (fp32 params: the first step() looks for it)
+                ddp = torch.nn.parallel.DistributedDataParallel(model)
+                x, y = torch.randn(MB, 6, device=DEVICE), torch.randn(MB, 3, device=DEVICE)
+                torch.nn.functional.mse_loss(ddp(x), y).backward()
+                opt.step()
             msg = "no error"
         except (RuntimeError, ValueError, TypeError) as exc:
             msg = f"{type(exc).__name__}: {exc}"
+        if case == "other ddp":
+            del other
         if rank == 0:
             torch.save(msg, os.path.join(out_dir, "msg.pt"))
 
@@ -248,10 +300,19 @@ def _refusal(tmp_path, case) -> str:
     return torch.load(tmp_path / "msg.pt")
 
 
-def test_ddp_wrapped_model_is_refused(tmp_path):
-    msg = _refusal(tmp_path, "ddp")
+@pytest.mark.parametrize("case", ["ddp", "ddp after wrapping"])
+def test_ddp_wrapped_model_is_refused(tmp_path, case):
+    """A DDP around the model, wrapped before the wrapper (its constructor refuses it) or
+    after it, before the first step() (which refuses it before anything changes)."""
+    msg = _refusal(tmp_path, case)
     assert msg.startswith("RuntimeError") and "DistributedDataParallel" in msg
     assert "process_group" in msg
+
+
+def test_a_ddp_around_another_module_is_not_refused(tmp_path):
+    """Only a DDP that holds the wrapper's params is refused, not one around another model
+    of the same process."""
+    assert _refusal(tmp_path, "other ddp") == "no error"
 
 
 def _late_ddp_worker(rank, world, port, out_dir, case):
@@ -276,12 +337,21 @@ def _late_ddp_worker(rank, world, port, out_dir, case):
         x, y = _data(world)
         cfg = {"dtype": torch.bfloat16, "num_items": False}
         _train(cfg, model, opt, x, y, world, rank, [0])
+        window = 1
+        if case == "by_hand_then_ddp":  # a window with a .grad set by hand, a clean one
+            for x_mb, y_mb in _micro_batches(x, y, 1, world, rank):
+                _loss(model, x_mb, y_mb, cfg).backward()
+                for p in model.parameters():
+                    p.grad = torch.ones_like(p)
+                opt.step()
+            _train(cfg, model, opt, x, y, world, rank, [2])
+            window = 3
         run = model
         if case != "by_hand":
             run = torch.nn.parallel.DistributedDataParallel(
                 model, static_graph=static, find_unused_parameters=unused)
         snap = snapshot(model, opt)  # the params, masters and optimizer state
-        for x_mb, y_mb in _micro_batches(x, y, 1, world, rank):
+        for x_mb, y_mb in _micro_batches(x, y, window, world, rank):
             loss = _loss(run, x_mb, y_mb, cfg)
             loss.backward()
             if case == "by_hand":
@@ -303,13 +373,14 @@ def _late_ddp_worker(rank, world, port, out_dir, case):
 
 
 @pytest.mark.parametrize("case", ["late_ddp", "late_ddp_static", "late_ddp_unused",
-                                  "by_hand"])
+                                  "by_hand", "by_hand_then_ddp"])
 def test_ddp_wrapped_after_the_first_step_is_refused_at_the_boundary(tmp_path, case):
     """DDP all-reduces zeros for the half params, whose .grad the hooks released: the
     ranks' windows would drift apart unseen. Its reducer writes a .grad into each after
     the hooks (none with static_graph=True or find_unused_parameters=True, where the C++
     hooks see its node hooks). A
-    .grad set by hand is no DDP, and steps as before (the boundary drops it)."""
+    .grad set by hand is no DDP, and steps as before (the boundary drops it); a DDP wrapped
+    after such a window and a window without any is refused as well."""
     mp.spawn(_late_ddp_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2,
              join=True)
     got = torch.load(tmp_path / "late.pt")
@@ -318,7 +389,8 @@ def test_ddp_wrapped_after_the_first_step_is_refused_at_the_boundary(tmp_path, c
     if case != "by_hand":
         assert got["msg"].startswith("RuntimeError") and "DistributedDataParallel" in got["msg"]
         assert "process_group" in got["msg"]
-        assert got["updates"] == 1 and not got["changed"]
+        assert got["updates"] == (3 if case == "by_hand_then_ddp" else 1)
+        assert not got["changed"]
     else:
         assert got["msg"] == "no error" and got["updates"] == 2 and got["changed"]
 
@@ -414,11 +486,30 @@ def _misuse_worker(rank, world, port, out_dir, case):
                 torch.manual_seed(rank)
                 head = torch.nn.Linear(3, 2).to(DEVICE)
                 opt.add_param_group({"params": list(head.parameters())})
+            if case == "reset on one rank, then every rank loads a checkpoint":
+                sd0 = copy.deepcopy(opt.state_dict())  # (at a boundary: this rank's own)
+                try:  # as "reset on one rank": the boundary raises on every rank
+                    for i in range(2 * K):
+                        torch.nn.functional.mse_loss(model(x * (i + rank)), y).backward()
+                        opt.step()
+                        if rank == 1 and i == 0:
+                            opt.reset_accumulation()
+                except ValueError:
+                    out["refused"] = True
+                opt.load_state_dict(sd0)  # every rank: they agree again, and train on
+            if case == "windows differ":
+                sd0 = copy.deepcopy(opt.state_dict())  # (before the first window)
             for i in range(2 * K):
                 if case == "reset on one rank":  # (one rank drops its partial window)
                     torch.nn.functional.mse_loss(model(x * (i + rank)), y).backward()
                     opt.step()
                     if rank == 1 and i == 0:
+                        opt.reset_accumulation()
+                    continue
+                if case == "reset on every rank twice":  # (after micro-batches 0 and 1)
+                    torch.nn.functional.mse_loss(model(x * (i + rank)), y).backward()
+                    opt.step()
+                    if i < 2:
                         opt.reset_accumulation()
                     continue
                 if case == "state dict after a backward on one rank":
@@ -434,6 +525,8 @@ def _misuse_worker(rank, world, port, out_dir, case):
                              "num_items 0 on one rank": 0 if rank == 0 else MB,
                              "num_items 0 on every rank": 0}.get(case)
                 opt.step(num_items=num_items)
+                if case == "windows differ" and rank == 1 and i == K - 1:
+                    opt.load_state_dict(sd0)  # (rank 1 resumes from a window back)
                 if case == "state dict on rank 0" and rank == 0 and opt.stepped:
                     out["sd"] = opt.state_dict()  # a boundary, unsharded: local
                 if case == "mid-window state dict" and i == 0:
@@ -460,6 +553,11 @@ def _misuse_worker(rank, world, port, out_dir, case):
     # (it paired one rank's micro-batches with the other's next window, and then waited
     # for a boundary the other never reached)
     ("reset on one rank", 2, "ValueError: reset_accumulation() was called on some ranks"),
+    ("reset on every rank twice", 2, "no error"),
+    # (the ranks that disagreed are refused until they agree again: a load on every rank)
+    ("reset on one rank, then every rank loads a checkpoint", 2, "no error"),
+    ("windows differ", 2, "ValueError: the ranks of process_group have ended different "
+                          "numbers of windows"),
     # (taken as it was: the replicas then differed for good)
     ("add_param_group differs", 2, "ValueError: the params differ across the ranks"),
     ("gradscaler", 2, "RuntimeError: torch.amp.GradScaler with process_group"),
@@ -486,12 +584,16 @@ def test_data_parallel_misuse_is_refused_on_every_rank(tmp_path, case, world, ex
         assert opt.micro_step == 0 and opt.update_count == 0
     if case == "state dict on rank 0":
         assert out["sd"]["fusedaccum"]["world_size"] == 2
+    if case == "reset on one rank, then every rank loads a checkpoint":
+        assert out["refused"]
 
 
-def _retry_worker(rank, world, port, out_dir, shard):
-    """A boundary whose inner pre-hook raises after the gradients were exchanged, then
-    retried: the same update as without the failure, bitwise (the window is not exchanged
-    twice, nor lost under ZeRO-1)."""
+def _retry_worker(rank, world, port, out_dir, shard, how):
+    """A boundary that raises, then retried: an inner pre-hook that raises after the
+    gradients were exchanged ("hook"), or a group's betas the update cannot read, refused
+    before the exchange ("betas", set right for the retry). The same update as without
+    the failure, bitwise (the window is not exchanged twice, nor lost under ZeRO-1, nor
+    left unexchanged)."""
     with _rank(rank, world, port):
         def train(fail):
             torch.manual_seed(0)
@@ -500,7 +602,7 @@ def _retry_worker(rank, world, port, out_dir, shard):
             failed = []
 
             def pre(o, args, kwargs):
-                if fail and not failed:
+                if fail and how == "hook" and not failed:
                     failed.append(True)
                     raise RuntimeError("a pre-hook failed")
 
@@ -513,9 +615,14 @@ def _retry_worker(rank, world, port, out_dir, shard):
                 x = torch.randn(MB, 6, generator=g).to(DEVICE)
                 y = torch.randn(MB, 3, generator=g).to(DEVICE)
                 torch.nn.functional.mse_loss(model(x), y).backward()
+                if fail and how == "betas" and not failed and opt.accumulation_boundary:
+                    inner.param_groups[0]["betas"] = (0.9,)
                 try:
                     opt.step()
-                except RuntimeError:
+                except (RuntimeError, ValueError):
+                    if how == "betas":
+                        failed.append(True)
+                        inner.param_groups[0]["betas"] = (0.9, 0.999)
                     opt.step()  # the retry
                 opt.zero_grad()
             assert opt.update_count == 2 and failed == ([True] if fail else [])
@@ -526,20 +633,22 @@ def _retry_worker(rank, world, port, out_dir, shard):
             torch.save(same, os.path.join(out_dir, "same.pt"))
 
 
-@pytest.mark.parametrize("shard", [False, True], ids=["allreduce", "zero1"])
-def test_a_boundary_retried_after_the_exchange_is_not_exchanged_again(tmp_path, shard):
-    mp.spawn(_retry_worker, args=(2, _free_port(), str(tmp_path), shard), nprocs=2,
+@pytest.mark.parametrize("shard,how", [(False, "hook"), (True, "hook"), (True, "betas")],
+                         ids=["allreduce", "zero1", "zero1-refused_before_the_exchange"])
+def test_a_boundary_retried_after_the_exchange_is_not_exchanged_again(tmp_path, shard, how):
+    mp.spawn(_retry_worker, args=(2, _free_port(), str(tmp_path), shard, how), nprocs=2,
              join=True)
     assert torch.load(tmp_path / "same.pt")
 
 
 class _TwoHeads(torch.nn.Module):
-    """A trunk and two heads; a micro-batch goes through one head."""
+    """A trunk and two heads; a micro-batch goes through one head. (A third head no
+    micro-batch reaches: no state entry for its params, as in torch.optim.)"""
 
     def __init__(self):
         super().__init__()
         self.trunk = torch.nn.Linear(6, 10)
-        self.heads = torch.nn.ModuleList([torch.nn.Linear(10, 3), torch.nn.Linear(10, 3)])
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(10, 3) for _ in range(3)])
 
     def forward(self, x, head):
         return self.heads[head](torch.tanh(self.trunk(x)))
@@ -567,10 +676,10 @@ def _two_heads(shard, dtype, world, out_dir, rank=None):
                 opt.zero_grad()
     assert opt.update_count == WINDOWS
     params = [p.detach().clone() for p in model.parameters()]
+    keys = sorted(opt.state_dict()["state"])  # (a collective with ZeRO-1: every rank)
     if rank is None:
-        return params
-    opt.state_dict()  # (a collective with ZeRO-1: every rank)
-    torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
+        return params, keys
+    torch.save((params, keys), os.path.join(out_dir, f"rank{rank}.pt"))
     return None
 
 
@@ -589,14 +698,17 @@ def test_a_param_only_another_rank_gave_a_gradient_is_updated_on_every_rank(tmp_
     take part is merged over the ranks at the boundary), the replicas stay equal, and
     they equal one process over all the micro-batches, clipped by the norm of the summed
     gradient (half params: not by a norm of this rank's own part, taken while it was
-    accumulated)."""
+    accumulated). The state dict, consolidated with ZeRO-1, has an entry for each param
+    that was stepped, as one process's, and none for a head no rank reached."""
     world = 2
     mp.spawn(_two_heads_worker, args=(world, _free_port(), shard, dtype, str(tmp_path)),
              nprocs=world, join=True)
-    want = _two_heads(shard, dtype, world, str(tmp_path))
+    want, want_keys = _two_heads(shard, dtype, world, str(tmp_path))
+    assert not {6, 7} & set(want_keys)  # (the third head's params)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
     for rank in range(world):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got, keys = torch.load(tmp_path / f"rank{rank}.pt")
+        assert keys == want_keys, f"rank {rank}"
         for i, (a, b) in enumerate(zip(got, want)):
             torch.testing.assert_close(a, b, **tol,
                                        msg=lambda m, i=i, rank=rank: f"rank {rank}, param {i}: {m}")
