@@ -67,7 +67,7 @@ def one_window(model, opt, k=2):
 
 
 def train(dtype, fast: bool, monkeypatch, *, k=3, windows=3, extra_hook=None,
-          place=("cpu", "cpu"), between=None, **kw):
+          place=("cpu", "cpu"), between=None, create_graph=False, **kw):
     """Windows of k micro-batches; the params, masters, their .grad and optimizer state.
     ``between(model)`` runs after each window's boundary."""
     monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
@@ -81,7 +81,7 @@ def train(dtype, fast: bool, monkeypatch, *, k=3, windows=3, extra_hook=None,
     seen = []
     for window in make_windows(windows, k, dtype=dtype, device=device):
         for j, (x, y) in enumerate(window):
-            mse(model(x), y).backward()
+            mse(model(x), y).backward(create_graph=create_graph)
             if j == k - 2:  # mid-window: what the masters expose as .grad
                 seen.append([None if m.grad is None else m.grad.clone()
                              for m in opt.param_groups[0]["params"]])
@@ -195,6 +195,20 @@ def test_a_failed_wrapping_gives_the_cpp_hooks_back(monkeypatch):
     one_window(model, opt)
     assert hits() - before == 2 * 3  # (all but the first hook of each backward)
     assert opt.update_count == 1
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+@pytest.mark.parametrize("path", ["batched", "direct"])
+def test_create_graph_gradients_are_left_to_the_python_hook(path, monkeypatch):
+    """backward(create_graph=True) gives the half params gradients that require grad (they
+    hold the graph): the C++ hooks leave them to the Python hook, which detaches them
+    before they join a batch or the accumulator; the windows are the Python hook's."""
+    if path == "direct":
+        monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", 16)  # fc1.weight, fc2.weight
+    before = hits()
+    got = train(torch.bfloat16, True, monkeypatch, create_graph=True)
+    assert hits() == before  # (every gradient required grad: none taken in C++)
+    assert_same_runs(got, train(torch.bfloat16, False, monkeypatch, create_graph=True))
 
 
 def test_dropped_wrapper_is_freed_and_grads_stay_with_the_param(monkeypatch):

@@ -610,6 +610,101 @@ def test_binding_checks_every_size_and_norm_type(device):
     assert torch.count_nonzero(acc) == 0
 
 
+def _binding_refusal(case, device):
+    """(op, args, error type, message) of one direct op call the C++ binding must refuse."""
+    acc = _rand(10, device=device, seed=1)
+    grad = _rand(10, torch.bfloat16, device, 2)
+    strided = _rand(20, device=device, seed=3)[::2]
+    pairs = ([acc, _rand(10, device=device, seed=4)], [grad, _rand(10, torch.bfloat16, device, 5)])
+    if case == "strided-acc":
+        return ops.accumulate_, (strided, grad, 1.0, False), ValueError, \
+            r"^acc must be a contiguous 1-D tensor"
+    if case == "strided-grad":
+        return ops.accumulate_norm_, (acc, strided, 1.0, False, 2.0), ValueError, \
+            r"^grad must be a contiguous 1-D tensor"
+    if case == "strided-param":
+        args = list(_adam_args(10, device))
+        args[0] = strided
+        return ops.adamw_step_, tuple(args), ValueError, r"^param must be a contiguous 1-D tensor"
+    if case == "strided-norm-input":
+        return ops.grad_norm, ([acc, strided], 2.0), ValueError, \
+            r"^tensors\[1\] must be a contiguous 1-D tensor"
+    if case == "half-norm-input":
+        return ops.grad_norm, ([acc, grad], 2.0), TypeError, \
+            r"^tensors\[1\] must have dtype float32, got BFloat16"
+    if case == "fp64-grad-mult":
+        args = list(_adam_args(10, device))
+        args[6] = args[6].double()
+        return ops.adamw_step_, tuple(args), TypeError, \
+            r"^grad_mult must be a float32 tensor, got Double"
+    if case == "fp16-found-inf":
+        args = list(_sgd_args(10, device))
+        args[5] = args[5].half()
+        return ops.sgd_step_, tuple(args), TypeError, \
+            r"^found_inf must be a float32 tensor, got Half"
+    if case == "overwrite-flag-2":
+        return ops.accumulate_many_, (*pairs, 1.0, [0, 2]), ValueError, \
+            r"^overwrite\[1\] must be 0 or 1, got 2"
+    if case == "overwrite-too-short":
+        return ops.accumulate_many_, (*pairs, 1.0, [1]), ValueError, \
+            r"^overwrite must be empty or have one flag per pair, got 1 flags for 2 pairs"
+    if case == "mixed-grad-dtypes":
+        return ops.accumulate_many_, (pairs[0], [grad, pairs[1][1].half()], 1.0, []), TypeError, \
+            r"^grads\[1\] has dtype float16, but grads\[0\] has bfloat16"
+    assert case == "strided-accs", case
+    return ops.accumulate_many_, ([acc, strided], pairs[1], 1.0, []), ValueError, \
+        r"^accs\[1\] must be contiguous, got shape \[10\] and strides \[2\]"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["strided-acc", "strided-grad", "strided-param",
+                                  "strided-norm-input", "half-norm-input", "fp64-grad-mult",
+                                  "fp16-found-inf", "overwrite-flag-2", "overwrite-too-short",
+                                  "mixed-grad-dtypes", "strided-accs"])
+def test_binding_refuses_what_its_kernels_would_misread(device, case):
+    """Called directly (no native.py checks in front: torch.compile graphs, users of
+    torch.ops), the C++ binding refuses each input its kernels would misread -- a strided
+    buffer read as contiguous, a grad_mult/found_inf or norm input of another dtype read as
+    fp32, overwrite flags other than one 0/1 per pair, grads read as grads[0]'s dtype --
+    with an error naming it, and leaves every tensor's values and version as they were
+    (checks before any write or version bump)."""
+    op, args, exc, match = _binding_refusal(case, device)
+    tensors = [t for a in args for t in (a if isinstance(a, list) else [a])
+               if isinstance(t, torch.Tensor)]
+    before = [(t.clone(), t._version) for t in tensors]
+    with pytest.raises(exc, match=match):
+        op(*args)
+    for i, (t, (value, version)) in enumerate(zip(tensors, before)):
+        torch.testing.assert_close(t, value, rtol=0, atol=0, equal_nan=True,
+                                   msg=f"tensor {i} of the refused call was written")
+        assert t._version == version, f"tensor {i} of the refused call had its version bumped"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op_name", ["accumulate_norm_", "accumulate_many_norm_"])
+def test_norm_variants_bump_the_versions_they_write(device, op_name):
+    """The accumulate ops that also return the norm statistic bump the version of every
+    acc they write, as the plain ones do (tests/test_ops.py), so that a backward through a
+    tensor saved before the write is refused instead of reading the new values."""
+    if op_name == "accumulate_many_norm_" and device != "cpu":
+        pytest.skip("accumulate_many_norm_ runs on CPU tensors only")
+    accs = [_rand(33, device=device, seed=1), _rand(5, device=device, seed=2)]
+    grads = [_rand(33, torch.bfloat16, device, 3), _rand(5, torch.bfloat16, device, 4)]
+    if op_name == "accumulate_norm_":
+        accs = accs[:1]
+    before = [a._version for a in accs]
+    x = torch.ones(33, device=device, requires_grad=True)
+    saved = (x * accs[0]).sum()  # (mul saves accs[0] for the backward)
+    if op_name == "accumulate_norm_":
+        ops.accumulate_norm_(accs[0], grads[0], 0.5, False, 2.0)
+    else:
+        ops.accumulate_many_norm_(accs, grads, 0.5, 2.0, [])
+    for a, v in zip(accs, before):
+        assert a._version > v, "written in place without a version bump"
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
 def test_cuda_tensors_on_cpu_only_build_fail_clearly():
     if not torch.cuda.is_available() or "cuda" in ops.build_info().split(","):
         pytest.skip("needs a GPU and a CPU-only build of the extension")
