@@ -141,6 +141,62 @@ def test_failed_wrapping_loses_nothing(device, dtype, failure, monkeypatch):
     assert not any(bk.touched[i] for bs in a._buckets for bk in bs for i in range(len(bk)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("failure", ["bad state", "out of memory", "out of memory in state"])
+def test_failed_wrapping_keeps_held_grads_and_the_inner_state(device, dtype, failure,
+                                                              monkeypatch):
+    """A model trained by plain AdamW (its state made) holds the gradients of a backward
+    when a wrapper fails: in its second param group (a state entry of the wrong shape; out
+    of memory), or taking the state over, after two of the four entries. Each param keeps
+    its .grad, and the inner optimizer its state, entry for entry, with the values it
+    had."""
+    from fusedaccum import accumulator
+
+    model = make_model(dtype=dtype, device=device)
+    params = list(model.parameters())
+    inner = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}])
+    (x, y), (x2, y2) = make_batches(2, dtype=dtype, device=device)
+    mse(model(x), y).backward()
+    inner.step()
+    inner.zero_grad()
+    mse(model(x2), y2).backward()  # (held when wrapping: it would join the window)
+    if failure == "bad state":
+        inner.state[params[2]]["exp_avg"] = torch.zeros(3, dtype=dtype, device=device)
+        expected = ValueError
+    elif failure == "out of memory in state":
+        real_adopt, adopted = fusedaccum.FusedAccumulator._adopt_entry, []
+
+        def adopt(self, *args):
+            if len(adopted) == 2:
+                raise torch.OutOfMemoryError("no memory for the third entry")
+            adopted.append(real_adopt(self, *args))
+
+        monkeypatch.setattr(fusedaccum.FusedAccumulator, "_adopt_entry", adopt)
+        expected = torch.OutOfMemoryError
+    else:
+        real_bucket, built = accumulator.Bucket, []
+
+        def bucket(*args, **kwargs):
+            if built:
+                raise torch.OutOfMemoryError("no memory for the second group")
+            built.append(real_bucket(*args, **kwargs))
+            return built[-1]
+
+        monkeypatch.setattr(accumulator, "Bucket", bucket)
+        expected = torch.OutOfMemoryError
+    grads = [p.grad for p in params]
+    state = {p: {k: v.clone() for k, v in st.items()} for p, st in inner.state.items()}
+    entries = dict(inner.state)
+    with pytest.raises(expected):
+        wrap(inner, accumulation_steps=2)
+    assert all(p.grad is g for p, g in zip(params, grads))
+    assert dict(inner.state) == entries and list(inner.state) == list(state)
+    for p, st in state.items():
+        assert inner.state[p].keys() == st.keys()
+        for key, value in st.items():
+            torch.testing.assert_close(inner.state[p][key], value, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_callable_accumulation_steps_returning_bad_value_at_a_later_window(bad):
     model, inner = _model_opt()
