@@ -78,6 +78,11 @@ def test_is_an_optimizer_sharing_the_inner_structures(device):
     assert opt.defaults is inner.defaults
     # fp32 params: the groups hold the params themselves (no masters needed)
     assert all(a is b for a, b in zip(group_tensors(opt), model.parameters()))
+    # set through the wrapper, as on a torch optimizer: the very objects, on both
+    groups, state = list(inner.param_groups), inner.state.copy()
+    opt.param_groups, opt.state = groups, state
+    assert opt.param_groups is groups and inner.param_groups is groups
+    assert opt.state is state and inner.state is state
     assert opt.micro_step == 0 and opt.accumulation_boundary  # default k=1
     assert opt.update_count == 0 and opt.skipped_steps == 0 and not opt.stepped
 
