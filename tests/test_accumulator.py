@@ -2251,7 +2251,10 @@ def test_wrapping_again_releases_each_previous_owners_params_in_one_pass(device,
 # -------------------------------------------------------------------------- closure
 
 
-def test_step_closure_returns_its_loss_with_grad_enabled(device):
+@pytest.mark.parametrize("returns", ["loss", "None"])
+def test_step_closure_returns_its_loss_with_grad_enabled(device, returns):
+    """step(closure) runs the closure once, before the step, with grad enabled, and returns
+    what it returns (a closure may return None, as torch.optim allows)."""
     k = 2
     windows = make_windows(2, k, device=device)
     model = make_model(device=device)
@@ -2266,11 +2269,11 @@ def test_step_closure_returns_its_loss_with_grad_enabled(device):
                 loss = mse(model(x), y)
                 loss.backward()
                 made.append(loss)
-                return loss
+                return loss if returns == "loss" else None
 
             with torch.no_grad():
                 ret = opt.step(closure)
-            assert ret is made[0]
+            assert ret is (made[0] if returns == "loss" else None) and len(made) == 1
             opt.zero_grad()
         assert opt.stepped
     assert modes == [True] * 4
