@@ -460,7 +460,8 @@ def test_gradscaler_after_zero_grad_past_the_last_backward(device, mixed):
     Without unscale_ the wrapper still gets the scale and steps the window it kept; after
     unscale_ those params' windows are still scaled (the bf16 params' masters were
     unscaled): refused with an error naming one, nothing changed, and a later step()
-    without the scaler is not refused."""
+    without the scaler is not refused, nor skipped by the found_inf of the refused one
+    (fp32_and_bf16: an inf in the window GradScaler saw)."""
     for unscale in (False, True):
         model, ref = make_model(device=device), make_model(device=device)
         if mixed:
@@ -478,6 +479,9 @@ def test_gradscaler_after_zero_grad_past_the_last_backward(device, mixed):
         loss(ref).backward()
         opt.zero_grad()
         if unscale:
+            if mixed:  # (an inf in a master's window: GradScaler's found_inf is set)
+                with torch.no_grad():
+                    group_tensors(opt)[-1].grad[0] = float("inf")
             scaler.unscale_(opt)
             snap = snapshot(model, opt)
             with pytest.raises(RuntimeError, match=r"could not see the window of parameter"):
@@ -486,8 +490,10 @@ def test_gradscaler_after_zero_grad_past_the_last_backward(device, mixed):
             assert opt.update_count == 0
             opt.reset_accumulation()
             loss(model).backward()
-            opt.step()  # (no GradScaler attributes left behind)
+            opt.step()  # (no GradScaler attributes left behind: not unscaled again)
+            ref_opt.step()
             assert opt.stepped
+            assert_params_close(model, ref, rtol=1e-5, atol=1e-5)
         else:
             scaler.step(opt)
             ref_opt.step()

@@ -366,10 +366,12 @@ def test_infinite_max_grad_norm_clips_nothing():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("bad", [1, 1.0, 3, 0.5])
+@pytest.mark.parametrize("bad", [1, 1.0, 3, 0.5, -INF, "-inf", True])
 def test_bad_norm_type(bad):
+    """Only the 2-norm and the inf-norm are taken (torch's -inf, the smallest |value|, too
+    is refused)."""
     _, inner = _model_opt()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="norm_type must be 2.0 or inf"):
         wrap(inner, norm_type=bad)
 
 
