@@ -385,10 +385,16 @@ def test_good_norm_types_are_accepted(norm_type):
     assert opt.stepped
 
 
-def test_lbfgs_is_rejected():
+class _MyLBFGS(torch.optim.LBFGS):
+    pass
+
+
+@pytest.mark.parametrize("cls", [torch.optim.LBFGS, _MyLBFGS], ids=["LBFGS", "subclass"])
+def test_lbfgs_is_rejected(cls):
+    """LBFGS re-evaluates the loss inside step(): refused, a subclass of it too."""
     model = make_model()
-    with pytest.raises(ValueError):
-        wrap(torch.optim.LBFGS(model.parameters()))
+    with pytest.raises(ValueError, match="LBFGS re-evaluates the loss"):
+        wrap(cls(model.parameters()))
 
 
 def test_wrapping_an_already_wrapped_optimizer_of_half_params_is_refused():
