@@ -408,6 +408,11 @@ def test_wrapping_an_already_wrapped_optimizer_of_half_params_is_refused():
     with pytest.raises(ValueError, match="master weight"):  # rebuilt from its groups
         wrap(torch.optim.SGD(inner.param_groups, lr=0.1))
     wrap(torch.optim.AdamW(model.parameters()))  # the model's params: ownership moves
+    bias = torch.nn.Parameter(torch.zeros(5, dtype=torch.bfloat16))  # (a 1-D master too)
+    inner = torch.optim.SGD([bias], lr=0.1)
+    wrap(inner)
+    with pytest.raises(ValueError, match="master weight"):
+        wrap(inner)
 
 
 @pytest.mark.parametrize("case", ["expand", "as_strided", "as_strided beside another"])
@@ -466,6 +471,30 @@ def test_params_sharing_memory_with_each_other_are_refused_naming_both(case):
         wrap(inner)
 
 
+@pytest.mark.parametrize("case", ["past a shorter range", "part of an element"])
+def test_strided_params_sharing_an_element_are_refused(case):
+    """a: every other element of a buffer; b lies in a's gaps; c shares memory with a:
+    its last element (after b, whose byte range ends before it), or, as bf16, half of
+    a's third element (an element address a does not have)."""
+    base = torch.zeros(8, device=DEFAULT_DEVICE)
+    a, b = nn.Parameter(base[0::2]), nn.Parameter(base[1:2])
+    c = nn.Parameter(base[6:7] if case == "past a shorter range"
+                     else base.view(torch.bfloat16)[9:10])
+    with pytest.raises(ValueError, match="'a'.*and.*'c'.* share memory"):
+        wrap(torch.optim.SGD([("a", a), ("b", b), ("c", c)], lr=0.1))
+
+
+def test_a_new_group_sharing_memory_with_a_wrapped_param_is_refused():
+    """A param added later that views a wrapped param's memory (now the wrapper's flat
+    buffer) would be untied from it: refused, before anything is touched."""
+    model, inner = _model_opt()
+    opt = wrap(inner)
+    view = nn.Parameter(model.fc1.weight.detach()[0])
+    with pytest.raises(ValueError, match="a param the wrapper holds.* share memory"):
+        opt.add_param_group({"params": [view]})
+    assert len(opt.param_groups) == 1 and not hasattr(view, "main_grad")
+
+
 def test_interleaved_views_sharing_no_element_are_accepted():
     """Views with gaps whose byte ranges meet but whose elements differ are independent
     params, as for torch."""
@@ -512,8 +541,25 @@ def test_duplicate_param_is_rejected():
     p = model.fc1.weight
     with pytest.warns(UserWarning):  # torch itself only warns
         inner = torch.optim.AdamW([p, model.fc1.bias, p])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"index 2, .* appears more than once"):
         wrap(inner)
+
+
+def test_a_group_appended_by_hand_with_a_param_already_wrapped_is_rejected():
+    """A group appended to the groups by hand (torch's add_param_group checks skipped)
+    holding a param the wrapper holds: refused, naming it, when the wrapper adopts the
+    group (the next step()), before anything changes."""
+    model, inner = _model_opt()
+    opt = wrap(inner, accumulation_steps=1)
+    x, y = make_batches(1)[0]
+    mse(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups.append(dict(opt.param_groups[0], params=[model.fc2.bias]))
+    with pytest.raises(ValueError, match=r"group 1, index 0, .* appears more than once"):
+        opt.step()
+    assert opt.update_count == 0
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
 
 
 def test_add_param_group_with_a_param_already_present_is_rejected():
