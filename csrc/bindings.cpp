@@ -166,7 +166,12 @@ void accumulate_op(const Tensor& acc, const Tensor& grad, double scale, bool ove
 }
 
 // Python's name of a dtype ("float16", "int32").
-std::string_view dtype_name(const Tensor& t) { return c10::getDtypeNames(t.scalar_type()).first; }
+// (a copy: torch 2.11's getDtypeNames returns its pair of strings by value, and a view of
+// that temporary dangled -- "grads[0] has float16" for a bf16 grads[0]; 2.13's views static
+// names)
+std::string dtype_name(const Tensor& t) {
+  return std::string(c10::getDtypeNames(t.scalar_type()).first);
+}
 
 // The checked arguments of accumulate_many_ and the pointer arrays its params point to.
 struct ManyArgs {
