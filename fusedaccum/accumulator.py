@@ -2931,16 +2931,19 @@ class FusedAccumulator(torch.optim.Optimizer):
                            for k, v in src.items() if k != "step"
                            and isinstance(v, torch.Tensor) and v.is_floating_point()})
 
-    def _fp32_initial_state(self, st: dict, t: torch.Tensor, group: dict) -> dict:
+    def _fp32_initial_state(self, st: dict, t: torch.Tensor) -> dict:
         """A half param's state, in fp32 for the fp32 tensor ``t`` that is stepped in its
-        place. State that Adagrad's ``__init__`` made (step 0, ``sum`` full of
-        ``initial_accumulator_value``) is made again in fp32: upcast, its value would be
-        the half-rounded one (bf16(0.1) = 0.10009765625), where torch over fp32 params
-        starts from fp32(0.1)."""
-        if isinstance(self.inner, torch.optim.Adagrad) and isinstance(st.get("sum"), torch.Tensor) \
-                and _as_float(st.get("step", 1)) == 0:
-            st = dict(st, sum=torch.full_like(t, group["initial_accumulator_value"],
-                                              dtype=torch.float32))
+        place. State that Adagrad's ``__init__`` made (step 0, ``sum`` full of the
+        constructor's ``initial_accumulator_value``: torch fills every param's from it, a
+        group's own value notwithstanding) is made again in fp32: upcast, its value would
+        be the half-rounded one (bf16(0.1) = 0.10009765625), where torch over fp32 params
+        starts from fp32(0.1). A ``sum`` set otherwise is upcast as it is."""
+        init = self.inner.defaults.get("initial_accumulator_value")
+        made = st.get("sum")
+        if isinstance(self.inner, torch.optim.Adagrad) and isinstance(made, torch.Tensor) \
+                and isinstance(init, numbers.Real) and _as_float(st.get("step", 1)) == 0 \
+                and bool((made == torch.tensor(init, dtype=made.dtype)).all()):
+            st = dict(st, sum=torch.full_like(t, init, dtype=torch.float32))
         return _fp32_state(st)
 
     @torch.no_grad()
@@ -2949,17 +2952,15 @@ class FusedAccumulator(torch.optim.Optimizer):
         if self._kind is None:
             # generic path (called by __init__ only): the inner optimizer keeps its own
             # state; only re-key it
-            for gi, buckets in enumerate(self._buckets):
-                group = self.inner.param_groups[gi]
-                for b in buckets:
-                    for i, t in enumerate(b.stepped):
-                        if not b.is_half:
-                            continue
-                        # state made for the half param (Adagrad makes it in __init__)
-                        # belongs to its fp32 master, or stays fp32 without one
-                        st = self.inner.state.pop(b.params[i], None)
-                        if st:
-                            self.inner.state[t] = self._fp32_initial_state(st, t, group)
+            for b in self._all_buckets():
+                for i, t in enumerate(b.stepped):
+                    if not b.is_half:
+                        continue
+                    # state made for the half param (Adagrad makes it in __init__)
+                    # belongs to its fp32 master, or stays fp32 without one
+                    st = self.inner.state.pop(b.params[i], None)
+                    if st:
+                        self.inner.state[t] = self._fp32_initial_state(st, t)
             return
         self._recorded_in = None  # entries replaced: _record_fused_steps checks them all
         self._set_snaps(None)

@@ -500,6 +500,57 @@ def test_half_params_without_master_weights(device, dtype, make_opt, cls):
     assert _changed(model, dtype=dtype, device=device, cls=cls)
 
 
+@pytest.mark.parametrize("master_weights", [True, False], ids=["masters", "no_masters"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
+def test_adagrad_state_of_half_params_starts_from_the_fp32_value(device, dtype,
+                                                                 master_weights):
+    """Adagrad makes its state in ``__init__``, in the half params' dtype: the fp32 state
+    that is stepped starts from initial_accumulator_value in fp32 (0.3, not the
+    half-rounded value), as torch's over fp32 params, and it is the stepped tensors' only
+    state (a state_dict can be taken). torch fills every param's from the constructor's
+    value, a group's own notwithstanding; a sum set by hand before wrapping is kept."""
+    def make(model):
+        opt = torch.optim.Adagrad([{"params": model.fc1.parameters()},
+                                   {"params": model.fc2.parameters(), "lr": 0.1,
+                                    "initial_accumulator_value": 0.7}],
+                                  lr=0.05, initial_accumulator_value=0.3)
+        opt.state[model.fc2.bias]["sum"].fill_(0.5)  # (exact in half precision)
+        return opt
+
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(make(model), master_weights=master_weights)
+    plain = make(make_model(device=device))
+    assert_states_close(opt, plain, rtol=0, atol=0)
+    assert len(opt.state) == len(group_tensors(opt))
+    assert len(opt.state_dict()["state"]) == len(group_tensors(opt))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
+def test_half_state_loaded_into_the_inner_optimizer_is_stepped_in_fp32(device, dtype):
+    """master_weights=False, generic path: ``inner.load_state_dict`` (code holding the
+    wrapped optimizer) casts the state to the half params' dtype, as torch does; the next
+    update steps it in fp32 (upcast, as the state Adagrad makes in ``__init__``): fp32
+    again after it, and as the fp32 emulation from the same (half-rounded) values."""
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    inner = _rmsprop(model.parameters())
+    opt = wrap(inner, accumulation_steps=k, master_weights=False)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), _rmsprop,
+                          master_weights=False)
+    run_with_emulation(model, opt, emu, windows[:1])
+    inner.load_state_dict(copy.deepcopy(inner.state_dict()))
+    sd = copy.deepcopy(inner.state_dict())
+    assert {v.dtype for st in sd["state"].values() for v in st.values() if v.dim() > 0} == {dtype}
+    for st in sd["state"].values():  # (the emulation's masters are fp32: so is its state)
+        st.update({key: v.float() for key, v in st.items() if key != "step"})
+    emu.opt.load_state_dict(sd)
+    run_with_emulation(model, opt, emu, windows[1:])
+    assert {v.dtype for st in opt.state.values() for v in st.values() if v.dim() > 0} == \
+        {torch.float32}
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
+
 def test_fp32_grad_shares_storage_with_main_grad(device):
     """p.grad views the accumulator: scaling it in place scales the window's gradient."""
     k = 3
@@ -948,6 +999,23 @@ def test_train_and_eval_reach_an_inner_optimizer_that_has_them(device, dtype):
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_generic_step_reads_the_window_in_the_accumulators_themselves(device, dtype):
+    """The generic path gives the inner optimizer the prepared gradient as the window's
+    accumulators, scaled in place (no copy: no second set of fp32 gradients at the
+    boundary): during its step each stepped tensor's .grad shares memory with its
+    param's main_grad."""
+    k = 2
+    model = make_model(dtype=dtype, device=device)
+    inner = OPTIMIZERS["rmsprop"](model.parameters())
+    opt = wrap(inner, accumulation_steps=k)
+    seen = []
+    inner.register_step_pre_hook(lambda o, args, kwargs: seen.append(
+        [t.grad.data_ptr() for t in group_tensors(o)]))
+    run_managed(model, opt, make_windows(1, k, dtype=dtype, device=device))
+    assert seen == [[p.main_grad.data_ptr() for p in model.parameters()]]
+
 @pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_inner_step_hooks_see_and_change_what_inner_step_would(device, dtype, opt_name):
@@ -1137,15 +1205,16 @@ def test_an_inner_pre_hook_that_sets_a_sparse_grad_is_refused_and_changes_nothin
 
 @pytest.mark.parametrize("hook", [None, "pre", "post"])
 @pytest.mark.parametrize("opt_name,bad", [
-    ("adamw", None), ("sgd_momentum", None), ("adamw", (0.9,)),
+    ("adamw", None), ("sgd_momentum", None), ("adamw", (0.9,)), ("adamw", (0.9, 0.999, 0.5)),
     ("adamw", torch.tensor([1e-2, 1e-2])), ("sgd_momentum", torch.tensor([1e-2, 1e-2])),
     # (a string: float() read "0.01", and "nan"; the generic path: torch's own error, after
     # RMSprop had written its state)
     ("adamw", "0.01"), ("sgd_momentum", "nan"), ("rmsprop", None), ("rmsprop", "0.01"),
+    ("rmsprop", torch.tensor([1e-2, 1e-2])),
 ], ids=repr)
 def test_a_group_whose_hyperparameters_cannot_be_read_fails_before_any_update(
         device, opt_name, bad, hook):
-    """A later group's unreadable hyperparameter (lr=None, a single beta, a 2-element lr)
+    """A later group's unreadable hyperparameter (lr=None, one or three betas, a 2-element lr)
     raises naming the group before the first bucket is stepped, or the prepared gradient
     is made for the inner optimizer's hooks: nothing changed, and once fixed, the retried
     step() gives the update of no failure, bitwise."""
@@ -1183,6 +1252,38 @@ def test_a_group_whose_hyperparameters_cannot_be_read_fails_before_any_update(
     got = run(True)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum", "rmsprop"])
+def test_a_group_without_gradients_in_the_window_is_not_read_as_in_torch(device, opt_name):
+    """torch's step reads a group's hyperparameters only for its params with a gradient:
+    a group that got none in the window (here fc2, with lr=None as a placeholder) does
+    not stop the update of the others, which is plain torch's on the big batch."""
+    k = 2
+    windows = make_windows(2, k, device=device)
+
+    def loss(m, x, y):  # (through fc1 only)
+        return mse(torch.tanh(m.fc1(x))[:, :OUT], y)
+
+    def make_opt(m):
+        opt = OPTIMIZERS[opt_name]([{"params": m.fc1.parameters()},
+                                    {"params": m.fc2.parameters()}])
+        opt.param_groups[1]["lr"] = None
+        return opt
+
+    model, ref = make_model(device=device), make_model(device=device)
+    opt, ref_opt = wrap(make_opt(model), accumulation_steps=k), make_opt(ref)
+    for window in windows:
+        for x, y in window:
+            loss(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        assert opt.stepped
+        loss(ref, torch.cat([x for x, _ in window]), torch.cat([y for _, y in window])).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
 
 @pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
