@@ -551,6 +551,7 @@ def test_half_state_loaded_into_the_inner_optimizer_is_stepped_in_fp32(device, d
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
     assert_states_close(opt, emu.opt, **MASTER_TOL)
 
+
 def test_fp32_grad_shares_storage_with_main_grad(device):
     """p.grad views the accumulator: scaling it in place scales the window's gradient."""
     k = 3
@@ -999,7 +1000,6 @@ def test_train_and_eval_reach_an_inner_optimizer_that_has_them(device, dtype):
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_generic_step_reads_the_window_in_the_accumulators_themselves(device, dtype):
     """The generic path gives the inner optimizer the prepared gradient as the window's
@@ -1015,6 +1015,7 @@ def test_generic_step_reads_the_window_in_the_accumulators_themselves(device, dt
         [t.grad.data_ptr() for t in group_tensors(o)]))
     run_managed(model, opt, make_windows(1, k, dtype=dtype, device=device))
     assert seen == [[p.main_grad.data_ptr() for p in model.parameters()]]
+
 
 @pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -1253,7 +1254,6 @@ def test_a_group_whose_hyperparameters_cannot_be_read_fails_before_any_update(
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum", "rmsprop"])
 def test_a_group_without_gradients_in_the_window_is_not_read_as_in_torch(device, opt_name):
     """torch's step reads a group's hyperparameters only for its params with a gradient:
@@ -1284,6 +1284,7 @@ def test_a_group_without_gradients_in_the_window_is_not_read_as_in_torch(device,
         ref_opt.zero_grad()
     assert_params_close(model, ref)
     assert_states_close(opt, ref_opt)
+
 
 @pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -200,6 +200,88 @@ def test_loading_a_checkpoint_after_a_backward_that_failed_resumes_it(device, dt
     assert_states_close(opt_b, opt_a, **RESUME_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_loading_a_checkpoint_drops_the_loaders_own_partial_window(device, dtype):
+    """Rolling back mid-window to a checkpoint saved at a boundary: the loader's partial
+    window (a micro-batch that gave every param a gradient) is gone, its gradients and
+    which params it touched. The next window, where fc1 gets no gradient, updates as in a
+    wrapper that loaded the checkpoint fresh: fc1 untouched (no weight decay either)."""
+    k = 2
+    micro = make_batches(5, dtype=dtype, device=device)
+    model, opt = _wrapped(dtype, device, accumulation_steps=k)
+    for batch in micro[:2]:
+        _micro(model, opt, batch)
+    saved, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    _micro(model, opt, micro[2])
+    assert opt.micro_step == 1
+    fresh, fresh_opt = _wrapped(dtype, device, seed=5, accumulation_steps=k)
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        m.load_state_dict(saved_model)
+        o.load_state_dict(saved)
+        for x, y in micro[3:]:
+            mse(m.fc2(torch.tanh(m.fc1(x)).detach()), y).backward()
+            o.step()
+            o.zero_grad()
+        assert o.stepped and o.update_count == 2
+    assert torch.equal(model.fc1.weight, saved_model["fc1.weight"])
+    assert_params_close(model, fresh, rtol=0, atol=0)
+    assert_states_close(opt, fresh_opt, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_checkpoint_after_a_backward_that_failed_part_way_holds_its_gradients(device,
+                                                                                 dtype):
+    """A backward raised part way (fc2's gradients arrived, fc1's did not) and is kept,
+    followed by a full one: a state dict taken between them holds fc2's gradients in its
+    partial window (also those still waiting to be added in a batch), and the resumed
+    window ends as the run that did not stop."""
+    k = 2
+    micro = make_batches(4, dtype=dtype, device=device)
+    model, opt = _wrapped(dtype, device, cls=FailsMidBackward, accumulation_steps=k)
+    for batch in micro[:3]:
+        _micro(model, opt, batch)
+    x, y = micro[3]
+    backward_failing_part_way(mse(model(x), y))
+    saved, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    model2, opt2 = _wrapped(dtype, device, seed=5, cls=FailsMidBackward, accumulation_steps=k)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved)
+    for m, o in ((model, opt), (model2, opt2)):
+        _micro(m, o, micro[3])
+        assert o.stepped and o.update_count == 2
+    torch.testing.assert_close(opt2.grad_norm, opt.grad_norm, **RESUME_TOL)
+    assert_params_close(model2, model, **RESUME_TOL)
+    assert_states_close(opt2, opt, **RESUME_TOL)
+
+
+@pytest.mark.parametrize("first", ["state_dict", "load_state_dict"])
+def test_a_group_added_to_the_inner_optimizer_is_built_by_the_state_dict_methods(device,
+                                                                                 first):
+    """A param group added to the wrapped optimizer directly (``inner.add_param_group``),
+    then a checkpoint saved or loaded before any step(): the group is built first, as
+    step() builds it (its bf16 params get fp32 masters), and the state dict holds, or
+    loads, its masters and state."""
+    dtype = torch.bfloat16
+    model = make_model(dtype=dtype, device=device)
+    inner = adamw(model.fc1.parameters())
+    opt = wrap(inner, accumulation_steps=2)
+    inner.add_param_group({"params": list(model.fc2.parameters())})
+    if first == "state_dict":
+        masters = opt.state_dict()["fusedaccum"]["masters"]
+        assert sorted(masters) == [0, 1, 2, 3]
+        assert all(torch.equal(masters[i], p.float()) for i, p in enumerate(model.parameters()))
+    else:
+        donor = make_model(5, dtype=dtype, device=device)
+        donor_opt = wrap(adamw([{"params": donor.fc1.parameters()},
+                                {"params": donor.fc2.parameters()}]), accumulation_steps=2)
+        run_managed(donor, donor_opt, make_windows(1, 2, dtype=dtype, device=device))
+        model.load_state_dict(donor.state_dict())
+        opt.load_state_dict(copy.deepcopy(donor_opt.state_dict()))
+        assert_params_close(group_tensors(opt), group_tensors(donor_opt), rtol=0, atol=0)
+        assert_states_close(opt, donor_opt, rtol=0, atol=0)
+    assert [t.dtype for t in group_tensors(opt)] == [torch.float32] * 4
+
+
 def test_resume_keeps_loss_scale_and_counters(device):
     micro = make_batches(3, device=device)
     model, opt = _wrapped(torch.float32, device, accumulation_steps=1, loss_scale="dynamic")
@@ -345,6 +427,31 @@ def test_loading_state_that_requires_grad_keeps_the_state_plain(device):
     assert opt.update_count == 2
 
 
+@pytest.mark.parametrize("opt_name", ["adamw_amsgrad", "sgd_momentum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_loading_its_own_state_dict_mid_window_changes_nothing(device, dtype, opt_name):
+    """``opt.load_state_dict(opt.state_dict())`` with no copy in between (the returned
+    state and window may share memory with what the load writes): the run goes on bitwise
+    as without it, with the partial window, the moments and the step counts kept."""
+    make = OPTIMIZERS[opt_name]
+    micro = make_batches(7, dtype=dtype, device=device)  # windows of 3: reload after 2 of 3
+
+    def run(reload):
+        model = make_model(dtype=dtype, device=device)
+        opt = wrap(make(model.parameters()), accumulation_steps=3)
+        for t, batch in enumerate(micro):
+            _micro(model, opt, batch)
+            if reload and t == 4:
+                assert opt.micro_step == 2
+                opt.load_state_dict(opt.state_dict())
+        assert opt.update_count == 2
+        return model, opt
+
+    (model_a, opt_a), (model_b, opt_b) = run(False), run(True)
+    assert_params_close(group_tensors(opt_b), group_tensors(opt_a), rtol=0, atol=0)
+    assert_params_close(model_b, model_a, rtol=0, atol=0)
+    assert_states_close(opt_b, opt_a, rtol=0, atol=0)
+
 @MODELS
 def test_plain_adamw_state_dict_loads_into_wrapper(device, cls):
     k = 2
@@ -367,6 +474,34 @@ def test_plain_adamw_state_dict_loads_into_wrapper(device, cls):
         big_batch_update(ref, ref_opt, window)
     assert_params_close(model, ref)
     assert_states_close(opt, ref_opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_steps_saved_as_plain_numbers_are_read_as_torch_reads_them(device, dtype):
+    """torch before 1.12 (and some checkpoint tools) saved Adam's step as a Python number:
+    torch's load reads it as the same count, and so does the wrapper, which then goes on
+    as plain AdamW (bias corrections of step 3, 4, ...)."""
+    windows = make_windows(4, 1, device=device)
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, adamw, windows[:3])
+    sd = copy.deepcopy(ref_opt.state_dict())
+    for st in sd["state"].values():
+        st["step"] = int(st["step"])
+    plain = make_model(device=device)
+    plain.load_state_dict(ref.state_dict())
+    plain_opt = adamw(plain.parameters())
+    plain_opt.load_state_dict(copy.deepcopy(sd))
+    model = make_model(seed=3, dtype=dtype, device=device)
+    model.load_state_dict(ref.state_dict())
+    opt = wrap(adamw(model.parameters()))
+    opt.load_state_dict(sd)
+    assert_states_close(opt, plain_opt, rtol=0, atol=0)
+    run_managed(model, opt, [[(x.to(dtype), y.to(dtype)) for x, y in windows[3]]])
+    big_batch_update(plain, plain_opt, windows[3])
+    assert [float(opt.state[t]["step"]) for t in group_tensors(opt)] == [4.0] * 4
+    if dtype == torch.float32:
+        assert_params_close(model, plain)
+        assert_states_close(opt, plain_opt)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -502,7 +637,9 @@ def test_cpu_mapped_checkpoint_loads_onto_cuda_params(dtype):
                                  "scaled window", "state not a dict", "state a list",
                                  "state a meta tensor", "state an int tensor", "master a string",
                                  "window a string", "window None", "masters a list",
-                                 "negative step", "SGD's groups", "lr None"])
+                                 "negative step", "SGD's groups", "lr None",
+                                 "window length reached", "negative count", "count a bool",
+                                 "cleared grad of no param"])
 def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, dtype, bad):
     """Everything is checked before anything is loaded: the error names what does not fit,
     and the wrapper (hyperparameters, state, masters, window, counters) is as before."""
@@ -586,6 +723,18 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, d
         other = copy.deepcopy(sd)
         other["param_groups"][0]["lr"] = None
         match = "param group 0: lr=None is not a number"
+    elif bad == "window length reached":  # a window of 1 saved after its 1st micro-batch
+        other = copy.deepcopy(sd)
+        other["fusedaccum"]["window_k"] = other["fusedaccum"]["micro_step"]
+        match = "window's length"
+    elif bad == "cleared grad of no param":
+        other = copy.deepcopy(sd)
+        other["fusedaccum"]["cleared_grads"] = [0, 99]
+        match = r"cleared_grads=\[0, 99\]: not a list of the saved params' ids"
+    elif bad in ("negative count", "count a bool"):
+        other = copy.deepcopy(sd)
+        other["fusedaccum"]["skipped_steps"] = -1 if bad == "negative count" else True
+        match = r"skipped_steps=(-1|True): not a count"
     else:
         other = copy.deepcopy(sd)
         other["param_groups"][0]["params"] = other["param_groups"][0]["params"][:-1]
@@ -601,6 +750,58 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(device, d
         assert all(torch.equal(got[i], want[i]) for i in want)
     assert {k: v for k, v in after["fusedaccum"].items() if k not in ("masters", "accumulators")} \
         == {k: v for k, v in sd["fusedaccum"].items() if k not in ("masters", "accumulators")}
+
+
+@pytest.mark.parametrize("opt_name,key", [("sgd_momentum", "momentum_buffer"),
+                                          ("adamw_amsgrad", "max_exp_avg_sq")])
+def test_every_loaded_state_key_is_checked_against_its_params_shape(device, opt_name, key):
+    """Also SGD's momentum_buffer and amsgrad's max_exp_avg_sq are copied into the flat
+    buffers: one of another shape (here fc1.weight's transposed) is refused naming the key
+    before anything is loaded, and the state is as a plain optimizer loads it from the
+    state dict before."""
+    make = OPTIMIZERS[opt_name]
+    k = 2
+    model = make_model(device=device)
+    opt = wrap(make(model.parameters()), accumulation_steps=k)
+    run_managed(model, opt, make_windows(1, k, device=device))
+    sd = copy.deepcopy(opt.state_dict())
+    other = copy.deepcopy(sd)
+    other["state"][0][key] = other["state"][0][key].t().contiguous()
+    other["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(ValueError, match=rf"\['{key}'\] has shape \(4, 6\)"):
+        opt.load_state_dict(other)
+    assert opt.param_groups[0]["lr"] == sd["param_groups"][0]["lr"]
+    plain = make([t.detach().clone() for t in group_tensors(opt)])
+    plain.load_state_dict({n: v for n, v in sd.items() if n != "fusedaccum"})
+    assert_states_close(opt, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loading_k", [2, "callable"])
+def test_a_state_dict_saved_at_a_boundary_takes_the_loaders_window_length(device, loading_k):
+    """Saved at a boundary, no window is left to finish: the next window has the loading
+    wrapper's length, and a callable is asked with the number of windows the saved run
+    ended, the skipped one included (one applied, one skipped: 2 here; the saving run's
+    next window had length 1)."""
+    micro = make_batches(4, device=device)
+    model, opt = _wrapped(torch.float32, device, accumulation_steps=1)
+    _micro(model, opt, micro[0])
+    handle = model.fc1.weight.register_hook(poison(INF))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _micro(model, opt, micro[1])
+    handle.remove()
+    assert (opt.update_count, opt.skipped_steps, opt.micro_step) == (1, 1, 0)
+    saved = _through(opt.state_dict(), "torch_save")
+    model2, opt2 = _wrapped(torch.float32, device, seed=3, accumulation_steps=(
+        (lambda n: 2 if n >= 2 else 1) if loading_k == "callable" else loading_k))
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(saved)
+    assert not opt2.accumulation_boundary
+    stepped = []
+    for batch in micro[2:]:
+        _micro(model2, opt2, batch)
+        stepped.append(opt2.stepped)
+    assert stepped == [False, True] and opt2.update_count == 2
 
 
 def test_a_load_whose_window_length_callable_raises_changes_nothing(device):
@@ -851,6 +1052,27 @@ def test_the_fusedaccum_entry_is_paired_by_the_same_ids(device):
         assert torch.equal(new[j].weight.main_grad, sd["fusedaccum"]["accumulators"][saved])
 
 
+def test_state_keys_made_strings_by_a_json_round_trip_find_their_params(device):
+    """A checkpoint format that keys its dicts by strings (a JSON round trip) gives the
+    state and the "fusedaccum" entry's masters and partial window under "0", "1", ...:
+    each is found under the integer id its group lists, as before the round trip."""
+    k, dtype = 2, torch.bfloat16
+    model, opt = _wrapped(dtype, device, accumulation_steps=k)
+    for batch in make_batches(3, dtype=dtype, device=device):
+        _micro(model, opt, batch)
+    sd = copy.deepcopy(opt.state_dict())
+    strs = copy.deepcopy(sd)
+    strs["state"] = {str(i): st for i, st in strs["state"].items()}
+    for part in ("masters", "accumulators"):
+        strs["fusedaccum"][part] = {str(i): v for i, v in strs["fusedaccum"][part].items()}
+    want, got = _loaded(dtype, device, sd, k), _loaded(dtype, device, strs, k)
+    assert_states_close(got, want, rtol=0, atol=0)
+    assert_params_close(group_tensors(got), group_tensors(want), rtol=0, atol=0)
+    windows = [o.state_dict()["fusedaccum"]["accumulators"] for o in (got, want)]
+    assert windows[0].keys() == windows[1].keys() == set(range(4))
+    assert all(torch.equal(windows[0][i], windows[1][i]) for i in range(4))
+
+
 def test_an_id_listed_twice_pairs_as_in_torch(device):
     """Saved ids [5, 5, 7]: torch gives id 5's state to the last param listed with it."""
     model = make_model(device=device)
@@ -903,6 +1125,7 @@ def test_state_dict_hooks_on_the_wrapper_run_as_in_torch(device):
 
 
 # ------------------------------------------------------- edits of opt.state between steps
+
 
 def _replace(key, value_of):
     def edit(state, t):
@@ -1019,6 +1242,34 @@ def test_a_state_value_of_the_wrong_shape_is_refused_naming_the_param(device):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert torch.equal(opt.state[t]["exp_avg_sq"], sq) and opt.update_count == 1
     opt.state[t]["exp_avg"] = torch.zeros_like(t)
+    opt.step()
+    assert opt.stepped and opt.update_count == 2
+
+
+@pytest.mark.parametrize("opt_name,key", [("adamw_amsgrad", "max_exp_avg_sq"),
+                                          ("sgd_momentum", "momentum_buffer"), ("adamw", "step")])
+def test_every_state_key_put_into_opt_state_is_checked_naming_it(device, opt_name, key):
+    """As exp_avg: amsgrad's max_exp_avg_sq and SGD's momentum_buffer of another shape, or
+    a step of 3 elements, put into opt.state mid-window are refused at the boundary,
+    naming the param and the key, before anything changes; with a value that fits, the
+    retried step() goes on."""
+    k = 2
+    model = make_model(device=device)
+    opt = wrap(OPTIMIZERS[opt_name](model.named_parameters()), accumulation_steps=k)
+    windows = make_windows(2, k, device=device)
+    run_managed(model, opt, windows[:1])
+    t = group_tensors(opt)[0]
+    opt.state[t][key] = torch.zeros(3, device=device)
+    (x, y), (x2, y2) = windows[1]
+    mse(model(x), y).backward()
+    opt.step()
+    mse(model(x2), y2).backward()
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=rf"'fc1.weight'.*'{key}' = a tensor of shape \(3,\)"):
+        opt.step()
+    assert_unchanged(snap, model, opt)
+    assert opt.update_count == 1
+    opt.state[t][key] = torch.tensor(1.0) if key == "step" else torch.zeros_like(t)
     opt.step()
     assert opt.stepped and opt.update_count == 2
 
