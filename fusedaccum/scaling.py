@@ -101,6 +101,7 @@ class LossScaler:
         (``window_open``): its saved gradients hold the saved scale, and so must the rest
         of that window's; the window's end brings back the static value (update)."""
         if not self.dynamic:
+            self.window_ended()  # (a partial window an earlier load set is dropped by this one)
             value = torch.as_tensor(sd["scale"], dtype=torch.float32)
             self._loaded_for_window = window_open and float(value) != self._static
             if self._loaded_for_window:

@@ -905,6 +905,41 @@ def test_a_static_loss_scale_keeps_its_value_through_a_load(device, mid_window):
     assert opt_b.stepped and opt_b.loss_scale == 128.0
 
 
+@pytest.mark.parametrize("second", ["boundary", "mid_window_at_128"])
+def test_a_static_loss_scale_comes_back_when_another_load_ends_a_loaded_window(device,
+                                                                               second):
+    """loss_scale=128.0 resumed a partial window saved at another scale (2^16, which the
+    rest of that window takes), then loads another state dict before that window ended:
+    one saved at a boundary, or a partial window saved at 128. Either brings 128 back (the
+    loaded window is over, dropped), and it stays. (The 2^16 stayed for good: the second
+    load only forgot that the static scale was to come back.)"""
+    dtype = torch.bfloat16
+    micro = make_batches(4, dtype=dtype, device=device)
+
+    def wrapped(scale, seed=0):
+        model = make_model(seed, dtype=dtype, device=device)
+        return model, wrap(adamw(model.parameters()), accumulation_steps=2, loss_scale=scale)
+
+    model_a, opt_a = wrapped("dynamic")
+    _micro(model_a, opt_a, micro[0])
+    model_b, opt_b = wrapped(128.0, seed=5)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    assert opt_b.micro_step == 1 and opt_b.loss_scale == 2.0**16
+    if second == "boundary":
+        _micro(model_a, opt_a, micro[1])
+        other = copy.deepcopy(opt_a.state_dict())
+    else:
+        model_c, opt_c = wrapped(128.0, seed=7)
+        _micro(model_c, opt_c, micro[0])
+        other = copy.deepcopy(opt_c.state_dict())
+    opt_b.load_state_dict(other)
+    assert opt_b.micro_step == (0 if second == "boundary" else 1)
+    assert opt_b.loss_scale == 128.0
+    for batch in micro[1:]:
+        _micro(model_b, opt_b, batch)
+    assert opt_b.update_count == 2 and opt_b.loss_scale == 128.0
+
+
 @pytest.mark.parametrize("zero_grad", ["opt", "model", None])
 def test_resume_mid_window_keeps_which_grads_zero_grad_cleared(device, zero_grad):
     """fp32 params: after zero_grad() mid-window p.grad is None (the window stays); a
@@ -948,6 +983,7 @@ def test_resume_mid_window_keeps_which_grads_zero_grad_cleared(device, zero_grad
     ("two values", "loss scale is tensor.*: not a positive finite"),
     ("tracker -1", "growth_tracker=-1: not a count"),
     ("tracker 1.5", "growth_tracker=1.5: not a count"),
+    ("tracker True", "growth_tracker=True: not a count"),
 ])
 def test_a_malformed_loss_scale_entry_is_refused_and_changes_nothing(device, bad, match):
     """Also a scale no window could be applied with: inf (a dynamic scale that grew past
@@ -962,7 +998,7 @@ def test_a_malformed_loss_scale_entry_is_refused_and_changes_nothing(device, bad
     if bad == "no tracker":
         del entry["growth_tracker"]
     elif bad.startswith("tracker"):
-        entry["growth_tracker"] = float(bad.split()[1]) if "." in bad else int(bad.split()[1])
+        entry["growth_tracker"] = {"-1": -1, "1.5": 1.5, "True": True}[bad.split()[1]]
     else:
         entry["scale"] = {"inf": torch.tensor(math.inf), "nan": math.nan,
                           "zero": torch.tensor(0.0), "negative": -8.0,
@@ -977,6 +1013,23 @@ def test_a_malformed_loss_scale_entry_is_refused_and_changes_nothing(device, bad
     opt.load_state_dict(other)
     assert as_float(opt.loss_scale) == 1024.0 and opt.param_groups[0]["lr"] == 0.5
     assert opt.state_dict()["fusedaccum"]["loss_scale"]["growth_tracker"] == 7
+
+
+def test_the_loss_scale_is_copied_into_and_out_of_a_state_dict(device):
+    """state_dict()'s loss scale is a copy of the live one, and load_state_dict copies the
+    saved one in: writing either tensor in place afterwards (a checkpoint tool editing the
+    dict, a later load into it) leaves the wrapper's scale as it was."""
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=1, loss_scale="dynamic")
+    sd = opt.state_dict()
+    sd["fusedaccum"]["loss_scale"]["scale"].fill_(3.0)
+    assert as_float(opt.loss_scale) == 2.0**16
+    saved = torch.tensor(1024.0, device=device)
+    sd["fusedaccum"]["loss_scale"]["scale"] = saved
+    opt.load_state_dict(sd)
+    saved.fill_(5.0)
+    assert as_float(opt.loss_scale) == 1024.0
+    assert as_float(opt.state_dict()["fusedaccum"]["loss_scale"]["scale"]) == 1024.0
 
 
 def _renamed(sd, ids):
