@@ -2174,6 +2174,23 @@ def test_non_contiguous_param(device, dtype):
     assert _changed(model, dtype=dtype, device=device, cls=Transposed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_each_param_starts_64_bytes_aligned_with_the_least_padding(device, dtype):
+    """buffers.ALIGN: each param's elements start at a multiple of 16 elements of the flat
+    buffers (64 bytes of the fp32 ones: the vector loops' and Triton's aligned loads), after
+    the padding that takes the one before to the next multiple of 16, and no more: a param
+    of 16 elements is followed by none, one of 17 by 15."""
+    sizes = [16, 1, 17, 32, 3]
+    params = [nn.Parameter(torch.randn(n, device=device).to(dtype)) for n in sizes]
+    opt = wrap(adamw(params))
+    b = opt._buckets[0][0]
+    offsets = [0, 16, 32, 64, 96]
+    assert b.acc.numel() == b.model.numel() == 112
+    for p, o in zip(params, offsets):
+        assert p.main_grad.data_ptr() - b.acc.data_ptr() == 4 * o
+        assert p.data_ptr() - b.model.data_ptr() == o * p.element_size()
+
+
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum", "rmsprop"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_params_keep_their_memory_layout(device, dtype, opt_name):

@@ -244,6 +244,38 @@ def test_dynamic_scale_does_not_grow_past_the_largest_float(device):
     assert opt.state_dict()["fusedaccum"]["loss_scale"]["growth_tracker"] == 2
 
 
+def test_loss_scaler_with_its_own_factors_follows_torchs_update_op():
+    """fusedaccum.scaling.LossScaler with a growth factor, backoff factor and interval of
+    its own (the wrapper uses GradScaler's defaults, which a factor hard-coded to 2 or 0.5
+    would pass) against the op torch.amp.GradScaler.update runs: the same scale and growth
+    tracker after every window; then from a loaded tracker past the interval, which torch
+    never grows from (it grows when the count reaches the interval exactly)."""
+    from fusedaccum.scaling import LossScaler
+
+    factors = dict(growth_factor=3.0, backoff_factor=0.25, growth_interval=3)
+    scaler = LossScaler("dynamic", torch.device("cpu"), init_scale=8.0, **factors)
+    ref_scale, ref_tracker = torch.tensor(8.0), torch.tensor(0, dtype=torch.int32)
+
+    def both(skipped, where):
+        scaler.update(skipped)
+        torch._amp_update_scale_(ref_scale, ref_tracker, torch.tensor(float(skipped)),
+                                 factors["growth_factor"], factors["backoff_factor"],
+                                 factors["growth_interval"])
+        assert as_float(scaler.scale) == as_float(ref_scale), where
+        assert scaler.growth_tracker == int(ref_tracker), where
+
+    for w, skipped in enumerate([0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]):
+        both(bool(skipped), f"window {w}")
+    assert as_float(ref_scale) == 8.0 * 3**3 * 0.25**2  # (three growths, two backoffs)
+    scaler.load_state_dict({"dynamic": True, "scale": torch.tensor(8.0), "growth_tracker": 5},
+                           window_open=False)
+    ref_scale.fill_(8.0)
+    ref_tracker.fill_(5)
+    for w in range(3):
+        both(False, f"window {w} after the load")
+    assert as_float(ref_scale) == 8.0
+
+
 def test_dynamic_scale_skip_discards_window_and_halves(device):
     k = 2
     windows = make_windows(3, k, device=device)

@@ -244,6 +244,23 @@ def test_accumulate_many_takes_any_contiguous_shape(backend_device):
     assert torch.equal(flat, want)
 
 
+def test_ops_taking_lists_take_any_iterable(backend_device):
+    """accumulate_many_'s accs and grads, and grad_norm's tensors, may be any iterable (a
+    generator, a map): the same bits as the lists."""
+    backend, dev = backend_device
+    accs = [_rand(n, torch.float32, dev, 63 + n) for n in (7, 0, 33)]
+    grads = [_rand(a.numel(), torch.bfloat16, dev, 66 + i) for i, a in enumerate(accs)]
+    want = [a.clone() for a in accs]
+    ops.accumulate_many_(want, grads, 0.5, backend=backend)
+    got = [a.clone() for a in accs]
+    ops.accumulate_many_(iter(got), (g for g in grads), 0.5, backend=backend)
+    assert all(_same_bits(g, w) for g, w in zip(got, want))
+    assert torch.equal(ops.grad_norm((a for a in want), backend=backend),
+                       ops.grad_norm(want, backend=backend))
+    with pytest.raises(ValueError, match=r"^grad_norm needs at least one tensor$"):
+        ops.grad_norm(iter([]), backend=backend)
+
+
 def test_accumulate_many_empty_and_zero_element(backend_device):
     backend, dev = backend_device
     assert ops.accumulate_many_([], [], 2.0, backend=backend) is None
@@ -308,6 +325,7 @@ def test_accumulate_many_errors_change_nothing(backend_device):
     ([True, False, True], ValueError, r"overwrite has 3 flags for 2 pairs"),
     ([True, 2], TypeError, r"overwrite\[1\] must be a bool, got 2"),
     ([True, "yes"], TypeError, r"overwrite\[1\] must be a bool"),
+    ([True, 1.0], TypeError, r"overwrite\[1\] must be a bool, got 1\.0"),
     (True, TypeError, r"overwrite must be None or a list of bools"),
 ])
 def test_accumulate_many_bad_overwrite_changes_nothing(backend_device, overwrite, exc, match):
@@ -533,6 +551,75 @@ def test_steps_take_python_numbers_for_grad_mult_and_found_inf(backend_device, s
                 assert torch.equal(g, w), b
 
 
+@pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
+def test_any_nonzero_found_inf_skips_the_step(backend_device, op_name):
+    """found_inf != 0 writes nothing but acc (GradScaler's found_inf is 0 or 1, but the ops
+    say "!= 0"): negative, fractional and NaN values skip as 1.0 does, as a tensor or a
+    Python number, on every backend."""
+    backend, dev = backend_device
+    hp = dict(_STEP_HP[op_name], grad_mult=0.5)
+    for name, call in ((backend, getattr(ops, op_name)),
+                       ("reference", getattr(reference, op_name))):
+        extra = dict(backend=backend) if name == backend else {}
+        want = _step_tensors(op_name, dev)
+        call(*want, found_inf=1.0, **hp, **extra)
+        for value in (-1.0, 0.5, 1e-30, float("nan")):
+            for found_inf in (value, torch.tensor(value, device=dev)):
+                got = _step_tensors(op_name, dev)
+                call(*got, found_inf=found_inf, **hp, **extra)
+                for arg, g, w in zip(_STEP_ARGS[op_name], got, want):
+                    assert _same_bits(g, w), (name, arg, found_inf)
+    fresh = _step_tensors(op_name, dev)
+    assert _same_bits(want[0], fresh[0]), "a skipped step changed param"
+
+
+@pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_skipped_step_leaves_half_tensors_bitwise_as_they_were(backend_device, op_name,
+                                                                 dtype):
+    """found_inf set: a half param, and a model_out, keep every bit, those of NaNs with a
+    payload too (a round trip through fp32 makes them the default NaN)."""
+    backend, dev = backend_device
+    nan_bits = {torch.float16: [0x7E01, 0x7C01, 0xFE01 - 2**16],
+                torch.bfloat16: [0x7FC1, 0x7F81, 0xFFC1 - 2**16]}[dtype]
+    idx = [0, 5, 32]
+    hp = dict(_STEP_HP[op_name], grad_mult=0.5, found_inf=1.0)
+    for name, call in ((backend, getattr(ops, op_name)),
+                       ("reference", getattr(reference, op_name))):
+        extra = dict(backend=backend) if name == backend else {}
+        for half in (0, -1):  # the param, model_out (of an fp32 param)
+            args = _step_tensors(op_name, dev)
+            args[half] = args[half].to(dtype)
+            args[half].view(torch.int16)[idx] = torch.tensor(nan_bits, dtype=torch.int16,
+                                                             device=dev)
+            if half == 0:
+                args[-1] = None
+            before = args[half].clone()
+            call(*args, **hp, **extra)
+            assert _same_bits(args[half], before), (name, _STEP_ARGS[op_name][half])
+
+
+@pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_zero_acc_false_leaves_acc_as_it_was(backend_device, op_name, skip):
+    """zero_acc=False: acc is only read (its bits stay), and every other tensor gets what
+    zero_acc=True gives it."""
+    backend, dev = backend_device
+    hp = dict(_STEP_HP[op_name], grad_mult=0.5, found_inf=float(skip))
+    for name, call in ((backend, getattr(ops, op_name)),
+                       ("reference", getattr(reference, op_name))):
+        extra = dict(backend=backend) if name == backend else {}
+        want = _step_tensors(op_name, dev)
+        call(*want, **hp, **extra)
+        got = _step_tensors(op_name, dev)
+        acc = got[1].clone()
+        call(*got, zero_acc=False, **hp, **extra)
+        assert _same_bits(got[1], acc), (name, "acc")
+        for arg, g, w in zip(_STEP_ARGS[op_name], got, want):
+            if arg != "acc":
+                assert _same_bits(g, w), (name, arg)
+
+
 def test_negative_inf_is_not_a_norm_type(backend_device):
     backend, dev = backend_device
     acc, grad = _rand(10, torch.float32, dev, 1), _rand(10, torch.float32, dev, 2)
@@ -569,9 +656,10 @@ def _step_tensors(op_name, dev, n=33):
 
 def _refused_everywhere(backend, op_name, args, kwargs, exc, match):
     """``op_name`` raises ``exc`` matching ``match`` on ``backend`` and on the reference,
-    and changes none of the tensors in ``args`` (nested lists included)."""
+    and changes none of the tensors in ``args`` (nested lists included; meta tensors have
+    no data)."""
     flat = [t for a in args for t in (a if isinstance(a, list) else [a])
-            if isinstance(t, torch.Tensor)]
+            if isinstance(t, torch.Tensor) and not t.is_meta]
     for name, call in ((backend, getattr(ops, op_name)),
                        ("reference", getattr(reference, op_name))):
         before = [t.detach().clone() for t in flat]
@@ -585,12 +673,13 @@ def _refused_everywhere(backend, op_name, args, kwargs, exc, match):
 def _same_bits(a, b):
     """Bitwise equal (NaN payloads and the sign of zero included)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
 @pytest.mark.parametrize("arg", ["grad_mult", "found_inf"])
-@pytest.mark.parametrize("shape", [(33,), (2,), (1, 2)], ids=["param-shape", "2", "1x2"])
+@pytest.mark.parametrize("shape", [(33,), (2,), (1, 2), (0,)],
+                         ids=["param-shape", "2", "1x2", "empty"])
 def test_scalar_args_of_several_elements_are_refused(backend_device, op_name, arg, shape):
     """grad_mult / found_inf hold one value: a tensor of the param's shape once made the
     reference apply it element-wise, silently, where cpu and triton raised."""
@@ -605,7 +694,7 @@ def test_scalar_args_of_several_elements_are_refused(backend_device, op_name, ar
 @pytest.mark.parametrize("op_name", ["adamw_step_", "sgd_step_"])
 @pytest.mark.parametrize("arg", ["grad_mult", "found_inf"])
 @pytest.mark.parametrize("value", ["complex tensor", "real complex tensor", "python complex",
-                                   None, "0.5x"])
+                                   None, "0.5x", b"0.5"])
 def test_scalar_args_that_are_not_real_numbers_are_refused(backend_device, op_name, arg, value):
     """A complex grad_mult: cpu dropped the imaginary part, the reference failed unclearly."""
     backend, dev = backend_device
@@ -676,6 +765,62 @@ def test_non_tensor_arguments_are_type_errors_naming_them(backend_device):
         _refused_everywhere(backend, op_name, args, kw, TypeError, match)
 
 
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def _bad_layout_cases(dev, n=33):
+    """(op name, args, exception, message) with a tensor argument of a wrong dtype, strided,
+    of the wrong size or on another device (the meta device: no second device needed)."""
+    acc, grad = _rand(n, torch.float32, dev, 95), _rand(n, torch.bfloat16, dev, 96)
+    strided = _rand(2 * n, torch.float32, dev, 97)[::2]
+    meta = torch.empty(n, dtype=torch.bfloat16, device="meta")
+    cases = [
+        ("accumulate_", [strided, grad], ValueError,
+         rf"^acc must be a contiguous 1-D tensor, got shape \({n},\)$"),
+        ("accumulate_", [acc, grad[:n - 1]], ValueError,
+         rf"^grad has {n - 1} elements, expected {n}$"),
+        ("accumulate_", [acc, grad[:1]], ValueError,  # (would broadcast)
+         rf"^grad has 1 elements, expected {n}$"),
+        ("accumulate_", [acc, meta], ValueError, rf"^grad is on meta, expected {dev}$"),
+        ("grad_norm", [[acc, strided]], ValueError,
+         r"^tensors\[1\] must be a contiguous 1-D tensor"),
+    ]
+    for op_name in ("adamw_step_", "sgd_step_"):
+        names = _STEP_ARGS[op_name]
+        for i in range(1, len(names)):  # (the sizes and device are param's)
+            args = _step_tensors(op_name, dev, n)
+            args[i] = args[i][:1]
+            cases.append((op_name, args, ValueError,
+                          rf"^{names[i]} has 1 elements, expected {n}$"))
+            args = _step_tensors(op_name, dev, n)
+            args[i] = torch.empty(n, dtype=args[i].dtype, device="meta")
+            cases.append((op_name, args, ValueError, rf"^{names[i]} is on meta, expected {dev}$"))
+        args = _step_tensors(op_name, dev, n)
+        args[1] = strided
+        cases.append((op_name, args, ValueError, r"^acc must be a contiguous 1-D tensor"))
+        for i, dtype, allowed in ((1, torch.float16, "float32"), (2, torch.bfloat16, "float32"),
+                                  (-1, torch.float32, "float16 or bfloat16")):
+            args = _step_tensors(op_name, dev, n)
+            args[i] = args[i].to(dtype)
+            cases.append((op_name, args, TypeError,
+                          rf"^{names[i]} must have dtype {allowed}, got {_dtype_name(dtype)}$"))
+    return cases
+
+
+def test_tensors_of_a_wrong_dtype_layout_size_or_device_are_refused(backend_device):
+    """The flat tensors of one call are contiguous, of one size, on one device, the
+    accumulator and state fp32, model_out half: a tensor of another dtype (an fp32
+    model_out too), a strided view, a shorter tensor (one element of it would broadcast on
+    the reference) or one on another device is refused, naming it, before anything is
+    written."""
+    backend, dev = backend_device
+    for op_name, args, exc, match in _bad_layout_cases(dev):
+        kw = {} if op_name not in _STEP_HP else dict(grad_mult=0.5, found_inf=0.0,
+                                                      **_STEP_HP[op_name])
+        _refused_everywhere(backend, op_name, args, kw, exc, match)
+
+
 @pytest.mark.parametrize("norm_type", ["fro", "nuc", 1, 0.0, -math.inf, [2.0]])
 def test_bad_norm_type_is_an_error_naming_norm_type(backend_device, norm_type):
     """norm_type='fro' once gave "could not convert string to float", a list a float()
@@ -684,7 +829,7 @@ def test_bad_norm_type_is_an_error_naming_norm_type(backend_device, norm_type):
     acc, grad = _rand(10, torch.float32, dev, 1), _rand(10, torch.float32, dev, 2)
     match = rf"^norm_type must be 2\.0 or inf, got {re.escape(repr(norm_type))}$"
     for op_name, args in (("accumulate_", [acc, grad]), ("accumulate_many_", [[acc], [grad]]),
-                          ("grad_norm", [[acc]])):
+                          ("accumulate_many_", [[], []]), ("grad_norm", [[acc]])):
         _refused_everywhere(backend, op_name, args, dict(norm_type=norm_type), ValueError, match)
 
 
@@ -783,6 +928,13 @@ def _overlap_cases(dev, n=33):
     cases.append(("accumulate_many_", [[_rand(n, torch.float32, dev, 52), b[:n]],
                                        [b[n // 2:n // 2 + n], grad(torch.float32)]], {},
                   ("accs[1]", "grads[0]")))
+    b = buf()  # a bf16 grad over the second half of acc's bytes (past the grad's own size)
+    cases.append(("accumulate_", [b[:n], b.view(torch.bfloat16)[n + 1:2 * n + 1]], {},
+                  ("acc", "grad")))
+    b, m = buf(), n // 2  # grads[1] inside grads[0] (both only read), then accs[1] inside
+    cases.append(("accumulate_many_",  # grads[0] past grads[1]'s end: the furthest reach
+                  [[_rand(2 * n, torch.float32, dev, 53), b[n + 1:n + 1 + m]],
+                   [b[:2 * n], b[1:1 + m]]], {}, ("accs[1]", "grads[0]")))
     for op_name in ("adamw_step_", "sgd_step_"):
         names = _STEP_ARGS[op_name][:-1]  # (model_out is half: checked on its own below)
         for i in range(len(names)):
@@ -856,6 +1008,29 @@ def test_arguments_that_are_only_read_may_share_memory(backend_device):
             outs[name] = args
         for got, want in zip(outs[backend], outs["reference"]):
             torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+    for op_name in ("adamw_step_", "sgd_step_"):  # zero_acc=False: acc is only read
+        outs = {}
+        for name, call in ((backend, getattr(ops, op_name)),
+                           ("reference", getattr(reference, op_name))):
+            args = _step_tensors(op_name, dev, n)
+            extra = dict(backend=backend) if name == backend else {}
+            call(*args, grad_mult=args[1][5:6], found_inf=0.0, zero_acc=False,
+                 **_STEP_HP[op_name], **extra)
+            outs[name] = args
+        for got, want in zip(outs[backend], outs["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+
+
+def test_a_missing_state_buffer_is_refused(backend_device):
+    """amsgrad=True without max_exp_avg_sq, momentum without momentum_buffer: a ValueError
+    saying so on every backend (not an error from deep inside one), nothing written."""
+    backend, dev = backend_device
+    for op_name, i, match in (("adamw_step_", 4, r"^amsgrad=True needs max_exp_avg_sq$"),
+                              ("sgd_step_", 2, r"^momentum != 0 needs momentum_buffer$")):
+        args = _step_tensors(op_name, dev)
+        args[i] = None
+        kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP[op_name])  # (amsgrad, momentum)
+        _refused_everywhere(backend, op_name, args, kw, ValueError, match)
 
 
 @pytest.mark.parametrize("arg, value", [
@@ -889,6 +1064,8 @@ def test_adamw_hyperparameters_torch_refuses_are_refused(backend_device, arg, va
     (dict(nesterov=True, dampening=0.5), r"^nesterov=True needs momentum > 0 and dampening "
                                          r"== 0, got momentum=0\.9 and dampening=0\.5"),
     (dict(nesterov=True, momentum=-0.9), r"^momentum must be >= 0, got -0\.9"),
+    (dict(nesterov=True, dampening=-0.5), r"^nesterov=True needs momentum > 0 and dampening "
+                                          r"== 0, got momentum=0\.9 and dampening=-0\.5"),
 ])
 def test_sgd_hyperparameters_torch_refuses_are_refused(backend_device, hp, match):
     """Taken silently by every backend; torch.optim.SGD refuses them at construction."""
@@ -957,6 +1134,21 @@ def test_step_in_every_accepted_form_agrees(backend_device):
             call(*got, **{**kw, "step": step}, **extra)
             for arg, g, w in zip(_STEP_ARGS["adamw_step_"], got, want):
                 assert _same_bits(g, w), (name, arg, step)
+
+
+def test_the_largest_step_is_taken(backend_device):
+    """step must be < 2**63 (an int64): 2**63 - 1 itself is taken, and gives the bits of
+    any step past which beta**step is 0 for both betas (bias corrections of 1)."""
+    backend, dev = backend_device
+    kw = dict(grad_mult=0.5, found_inf=0.0, **_STEP_HP["adamw_step_"])
+    for name, call in ((backend, ops.adamw_step_), ("reference", reference.adamw_step_)):
+        extra = dict(backend=backend) if name == backend else {}
+        want = _step_tensors("adamw_step_", dev)
+        call(*want, **{**kw, "step": 10**6}, **extra)
+        got = _step_tensors("adamw_step_", dev)
+        call(*got, **{**kw, "step": 2**63 - 1}, **extra)
+        for arg, g, w in zip(_STEP_ARGS["adamw_step_"], got, want):
+            assert _same_bits(g, w), (name, arg)
 
 
 def _wrong_type_cases(dev, n=33):
@@ -1438,6 +1630,8 @@ def test_only_auto_on_cuda_with_both_gpu_backends_gets_the_router(monkeypatch):
     assert ops.get(None, "cuda") is router
     assert ops.get("cuda", "cuda") is mods["cuda"]
     assert ops.get("auto", "cpu") is mods["cpu"]
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "")  # (empty: unset, "auto")
+    assert ops.get("auto", "cuda") is router
     monkeypatch.setenv("FUSEDACCUM_BACKEND", "cuda")
     assert ops.get("auto", "cuda") is mods["cuda"]
     _runs_only(monkeypatch, set(ops.BACKENDS) - {"triton"})
