@@ -262,6 +262,7 @@ def test_alternated_windows_and_ratios():
         assert r.max_param_diff is not None
     recipe = next(r for r in res if r.contender == "recipe")
     assert recipe.max_param_diff < 1e-2  # same math after the same 4 windows
+    assert res[0].max_param_diff == 0.0  # (the differences are from ours, the first)
     ratios = B.window_ratios(res)
     assert {(o.contender, p.contender) for o, p, _ in ratios} == {
         ("fusedaccum[reference]", p) for p in PEERS}
@@ -801,3 +802,191 @@ def test_reported_fractions_are_against_the_best_copy_measurement(tmp_path, monk
     assert len(ops_rows) == 2 * 2 * 2  # 2 ops x 2 sizes x (reference, torch)
     for r in ops_rows:
         assert float(r["frac_copy_bw"]) == pytest.approx(float(r["gbps"]) / 40.0, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- second audit
+# (a second mutation audit of bench.py: arguments, report columns and pairings that a
+# wrong line left passing)
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "1.0001K", "-4"])
+def test_parse_size_refuses_zero_fractions_and_negatives(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="bad size"):
+        B.parse_size(text)
+
+
+def test_fmt_size_uses_a_unit_only_for_whole_multiples():
+    assert [B.fmt_size(n) for n in (1536, (1 << 20) + 1024, 3 << 30)] == ["1536", "1025K", "3G"]
+
+
+def test_time_calls_caps_the_samples_at_max_samples(monkeypatch):
+    """A budget that allows 100 samples of one 1 s call takes max_samples (4) of them."""
+    clock = [0.0]
+
+    def call(i):
+        clock[0] += 1.0
+
+    monkeypatch.setattr(B, "time", type("Clock", (), {"perf_counter": lambda: clock[0]}))
+    t = B.time_calls(call, CPU, B.TimingConfig(budget_s=100.0, warmup_s=0.0, min_samples=2,
+                                              max_samples=4, target_sample_s=1.0))
+    assert (t.samples, t.calls_per_sample, t.median_s) == (4, 1, 1.0)
+
+
+@pytest.mark.parametrize("key", list(B.OP_SPECS))
+def test_op_results_carry_the_op_bytes_and_at_most_max_sets_buffer_sets(monkeypatch, key):
+    """bytes_per_elem (the CSV's bytes columns) is what the op must move per element, not
+    what one input set holds; --max-buffer-sets caps the rotation however small the op."""
+    spec = B.OP_SPECS[key]
+    _fixed_timings(monkeypatch, [1e-6])
+    monkeypatch.setattr(B, "last_level_cache_bytes", lambda device: 1 << 20)
+    (r,) = B.run_op_benchmarks([spec], [256], ["reference"], CPU, B.TimingConfig(), 10.0,
+                               B.Progress(1, enabled=False), max_sets=3)
+    assert r.bytes_per_elem == spec.bytes_per_element
+    assert r.timing.n_sets == 3  # (8 MiB / one set of a few KiB: hundreds wanted)
+    (row,) = B._csv_rows(B.CopyBandwidth(10.0, "copy_", 64), [r], [], [])
+    assert row["bytes_moved"] == spec.bytes_per_element * 256 and row["buffer_sets"] == 3
+
+
+def _window(contender, times, model="tiny", group=0):
+    r = _timed(contender, times)
+    r.model, r.group = model, group
+    return r
+
+
+def test_window_ratios_pair_ours_with_peers_of_its_own_model_and_group():
+    """A peer is compared with ours only where both were timed in the same alternated
+    group on the same param list; a peer that never completed a window gets no ratio."""
+    res = [_window("fusedaccum[cpu]", [1.0], group=0), _window("tutorial", [2.0], group=0),
+           _window("fusedaccum[cpu]", [1.0], group=1), _window("recipe", [3.0], group=1),
+           _window("recipe+DeepSpeedCPUAdam", [], group=1),
+           _window("fusedaccum[cpu]", [2.0], model="gpt2-124m/8"),
+           _window("tutorial", [8.0], model="gpt2-124m/8")]
+    got = [(o.model, o.group, p.contender, ratio) for o, p, ratio in B.window_ratios(res)]
+    assert got == [("tiny", 0, "tutorial", 2.0), ("tiny", 1, "recipe", 3.0),
+                   ("gpt2-124m/8", 0, "tutorial", 4.0)]
+
+
+def test_window_reports_median_ratio_and_floor_on_the_right_rows():
+    """The CSV's window median is the median of the timed windows (2 s of 1, 2, 9: not the
+    mean, 4), ratio_peer_over_ours = peer median / ours (> 1: ours faster); the table puts
+    the ratios on our row and a floor %copy on ours only (the peers' floors differ)."""
+    ours = _timed("fusedaccum[cpu]", [1.0, 2.0, 9.0])
+    peer = _timed("recipe", [3.0, 5.0, 30.0])
+    ours.numel = peer.numel = 1_000_000_000
+    ratios = B.window_ratios([ours, peer])
+    rows = B._csv_rows(B.CopyBandwidth(10.0, "copy_", 64), [], [ours, peer], ratios)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["fusedaccum[cpu]"]["median_s"] == "2" and by_name["recipe"]["median_s"] == "5"
+    assert by_name["recipe / fusedaccum[cpu]"]["ratio_peer_over_ours"] == "2.5000"
+    headers, table = B._window_table_rows([ours, peer], ratios, 41.0, 4, CPU)
+    cells = {row[1]: dict(zip(headers, row)) for row in table}
+    assert cells["fusedaccum[cpu]"]["floor %copy"] == "100%"  # 82 B x 1e9 / 2 s / 41 GB/s
+    assert cells["recipe"]["floor %copy"] == ""
+    assert cells["fusedaccum[cpu]"]["speed ratio peer/ours (or note)"] == "recipe 2.50x"
+    assert cells["recipe"]["speed ratio peer/ours (or note)"] == ""
+
+
+def test_op_reports_median_and_quartiles_in_their_own_columns():
+    r = B.OpResult(op="grad_norm", label="grad_norm", backend="reference", numel=4096,
+                   bytes_per_elem=4, timing=B.Timing(2e-6, 1e-6, 5e-6, 9, 1), gbps=8.192,
+                   frac=0.5)
+    (row,) = B._csv_rows(B.CopyBandwidth(10.0, "copy_", 64), [r], [], [])
+    assert (row["median_s"], row["q1_s"], row["q3_s"]) == ("2e-06", "1e-06", "5e-06")
+    headers, rows = B._ops_table_rows([r], ["reference"])
+    assert dict(zip(headers, rows[0]))["reference time"] == "2.0 us"
+
+
+def test_largest_size_rows_are_the_largest_timed_size_per_op():
+    def result(op, n, timed=True):
+        timing = B.Timing(1e-6, 1e-6, 1e-6, 1, 1) if timed else None
+        return B.OpResult(op=op, label=op, backend="reference", numel=n, bytes_per_elem=4,
+                          timing=timing)
+
+    rows = B._largest_rows([result("grad_norm", 1024), result("grad_norm", 4096),
+                            result("grad_norm", 16384, timed=False),  # (skipped: no memory)
+                            result("accumulate_bf16", 2048), result("accumulate_bf16", 1024)])
+    assert [(r.op, r.numel) for r in rows] == [("grad_norm", 4096), ("accumulate_bf16", 2048)]
+
+
+def test_profiled_window_counts_outermost_ops_only():
+    """`op calls` counts what Python launched: torch.zeros is one call, though it runs
+    aten::empty and aten::zero_ (and fill_) inside."""
+    class Zeros(B.Contender):
+        def window(self):
+            torch.zeros(64).mul_(2.0)
+
+        model_params = fp32_weights = persistent_tensors = lambda self: []
+
+    _peak, n_ops, n_kernels = B._profile_window(Zeros(None), CPU)
+    assert (n_ops, n_kernels) == (2, None)
+
+
+def _fast_main(monkeypatch, tmp_path, *extra):
+    """B.main on fixed copy bandwidths (20 GB/s) and op timings (1 us per call): exit
+    status and the CSV's rows."""
+    monkeypatch.setattr(B, "measure_copy_bandwidth", lambda device, numel, tc: B.CopyBandwidth(
+        20.0, "copy_", numel, {"copy_": 20.0}))
+
+    def time_calls(fn, device, tc, n_sets=1):
+        fn(0)
+        return B.Timing(1e-6, 1e-6, 1e-6, 1, 1, n_sets)
+
+    monkeypatch.setattr(B, "time_calls", time_calls)
+    rc = B.main(_quick_args(tmp_path, "--no-plot", *extra))
+    paths = list(tmp_path.glob("*.csv"))
+    if not paths:
+        return rc, []
+    with open(paths[0]) as f:
+        return rc, list(csv.DictReader(f))
+
+
+def test_max_size_keeps_the_sizes_up_to_and_including_it(tmp_path, monkeypatch):
+    rc, rows = _fast_main(monkeypatch, tmp_path, "--ops", "grad_norm", "--no-windows",
+                          "--sizes", "1K,4K,16K", "--max-size", "4K")
+    assert rc == 0
+    assert sorted({int(r["numel"]) for r in rows if r["section"] == "op"}) == [1024, 4096]
+
+
+@pytest.mark.parametrize("flag", ["--budget", "--window-budget"])
+@pytest.mark.parametrize("value", ["0", "-1", "inf"])
+def test_budgets_must_be_positive_and_finite(tmp_path, capsys, flag, value):
+    assert B.main(_quick_args(tmp_path, flag, value)) == 2
+    assert f"bench: {flag} must be a finite number of seconds > 0" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.md"))
+
+
+def test_window_rounds_below_the_quick_minimum_is_the_number_of_rounds(tmp_path, monkeypatch):
+    """--window-rounds 1 under --quick (whose minimum is 3 rounds) times one round."""
+    rc, rows = _fast_main(monkeypatch, tmp_path, "--ops", "none", "--window-rounds", "1",
+                          "--no-profile")
+    assert rc == 0
+    windows = [r for r in rows if r["section"] == "window"]
+    assert windows and all(r["samples"] == "1" for r in windows), windows
+
+
+@pytest.mark.parametrize("flag, fresh", [("--premade-grads", False), ("--fresh-grads", True),
+                                         (None, True)])
+def test_premade_grads_flag_reaches_the_windows(tmp_path, monkeypatch, flag, fresh):
+    seen = []
+
+    def run_windows(*args, **kwargs):
+        seen.append(B._Deliver.fresh)
+        return []
+
+    monkeypatch.setattr(B, "run_windows", run_windows)
+    rc, _ = _fast_main(monkeypatch, tmp_path, "--ops", "none", *([flag] if flag else []))
+    assert rc == 0 and seen == [fresh]
+    assert B._Deliver.fresh  # put back for whatever runs next
+
+
+def test_cpu_peak_is_the_largest_cpu_total_of_the_memory_events():
+    """Peak extra memory on a CPU: the largest 'Total Allocated' of the profiler's CPU
+    memory events (Device Type 0); CUDA events (1) and other events do not count."""
+    def mem(total, device_type=0):
+        return {"name": "[memory]", "args": {"Total Allocated": total,
+                                             "Device Type": device_type}}
+
+    events = [mem(100), mem(4096), mem(1 << 30, device_type=1), mem(512),
+              {"name": "aten::add_", "args": {"Total Allocated": 1 << 20}}]
+    assert B.cpu_peak_allocated(None, events) == 4096
+    assert B.cpu_peak_allocated(None, [mem(-8)]) == 0  # (below the start: no extra)

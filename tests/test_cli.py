@@ -202,24 +202,28 @@ def test_bench_dispatch():
 _LOSS, _NORM = [2.3, 2.0, 1.7, 1.5], [3.0, 2.5, 2.0, 1.8]
 
 
-def _demo_verdict(monkeypatch, capsys, loss=None, norm=None, errors=None):
-    """Exit status and stdout of `demo` whose plain run gives _LOSS and _NORM and whose
-    fused runs give those, but for ``loss``/``norm``/``errors`` keyed by dtype name."""
+def _demo_verdict(monkeypatch, capsys, loss=None, norm=None, errors=None, plain=None,
+                  half="bf16"):
+    """Exit status and stdout of `demo` whose plain run gives _LOSS and _NORM (or ``plain``:
+    a (loss, norm) pair) and whose fused runs give those, but for ``loss``/``norm``/``errors``
+    keyed by dtype name."""
     import torch
 
     from fusedaccum import __main__ as cli
 
+    base_loss, base_norm = plain or (_LOSS, _NORM)
+
     def run(kind, args, device, data, progress, dtype_name="float32"):
         fused = kind != "plain"
-        return {"loss": list((loss or {}).get(dtype_name, _LOSS) if fused else _LOSS),
-                "norm": list((norm or {}).get(dtype_name, _NORM) if fused else _NORM),
+        return {"loss": list((loss or {}).get(dtype_name, base_loss) if fused else base_loss),
+                "norm": list((norm or {}).get(dtype_name, base_norm) if fused else base_norm),
                 "ms": 1.0, "peak": None,
                 "errors": list((errors or {}).get(dtype_name, [])) if fused else []}
 
     monkeypatch.setattr(cli, "_run", run)
     monkeypatch.setattr(cli, "_cpu_peak", lambda *a: None)
-    rc = cli.main(["demo", "--steps", str(len(_LOSS)), "-k", "2", "-b", "2", "--device", "cpu",
-                   "--half", "bf16", "--threads", str(torch.get_num_threads()),
+    rc = cli.main(["demo", "--steps", str(len(base_loss)), "-k", "2", "-b", "2", "--device",
+                   "cpu", "--half", half, "--threads", str(torch.get_num_threads()),
                    "--no-progress"])
     return rc, capsys.readouterr().out
 
@@ -251,3 +255,129 @@ def test_demo_exits_1_when_the_curves_disagree(monkeypatch, capsys):
         assert rc == 1, (bad, out)
         assert "RESULT: the loss curves do NOT agree" in out, (bad, out)
         assert "MISMATCH" in out or "wrapper protocol: update 0" in out, (bad, out)
+
+
+# (a second mutation audit of __main__.py: the tolerances' other terms, the usage checks,
+# the reported time per update and the wrapper protocol checks)
+
+
+def test_demo_tolerances_at_small_losses_large_norms_and_in_fp16(monkeypatch, capsys):
+    """fp32: 1e-5 + 1e-4 x |loss|, so at a loss of 0.01 a difference of 5e-5 is a mismatch;
+    bf16: 5% of max(1, |loss|), so 0.04 at a loss of 0.5 agrees; the grad norm is compared
+    relatively (5e-5 of 1000 agrees); fp16 (--half fp16): 2%, so 0.035 at 1.5 is a mismatch
+    and 0.025 agrees."""
+    small = ([0.5, 0.3, 0.1, 0.01], [1000.0, 800.0, 600.0, 500.0])
+    for kw, want in ((dict(loss={"float32": _off(small[0], 3, 5e-5)}), 1),
+                     (dict(loss={"bfloat16": _off(small[0], 0, 0.04)}), 0),
+                     (dict(norm={"float32": _off(small[1], 1, 0.04)}), 0),
+                     (dict(norm={"float32": _off(small[1], 1, 0.4)}), 1)):
+        rc, out = _demo_verdict(monkeypatch, capsys, plain=small, **kw)
+        assert rc == want, (kw, out)
+    for off, want in ((0.035, 1), (0.025, 0)):
+        rc, out = _demo_verdict(monkeypatch, capsys, half="fp16",
+                                loss={"float16": _off(_LOSS, 3, off)})
+        assert "Fused fp16+master vs plain" in out and rc == want, (off, out)
+    rc, out = _demo_verdict(monkeypatch, capsys, norm={"float32": _off(_NORM, 0, 1.5e-3)})
+    assert rc == 1, out  # (5e-4 relative)
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["-k", "0"], ["-b", "0"], ["--hidden", "0"],
+                                  ["--features", "0"], ["--classes", "1"], ["--lr", "0"],
+                                  ["--lr=-1e-3"], ["--lr", "inf"], ["--weight-decay=-0.1"],
+                                  ["--weight-decay", "nan"]])
+def test_demo_refuses_sizes_and_hyperparameters_that_prove_nothing(argv, capsys):
+    """Exit 2 before any training: no update, micro-batch or class to compare, or an lr of
+    0 (the curves would agree without a single update)."""
+    from fusedaccum import __main__ as cli
+
+    assert cli.main(["demo", "--device", "cpu", "--no-progress", *argv]) == 2
+    assert "error: --" in capsys.readouterr().err
+
+
+def test_demo_time_per_update_is_the_median_after_the_first_update(monkeypatch):
+    """The first update (warm-up: 100 s on the fake clock) is left out and the median of
+    the others is taken: 1, 2 and 9 s give 2000 ms (4000 is their mean, 5500 the median
+    with the warm-up)."""
+    import itertools
+
+    import torch
+
+    from fusedaccum import __main__ as cli
+
+    ends = itertools.chain.from_iterable((t, t + d) for t, d in
+                                         ((0.0, 100.0), (200.0, 1.0), (300.0, 2.0), (400.0, 9.0)))
+    monkeypatch.setattr(cli, "time", type("Clock", (), {"perf_counter": lambda: next(ends)}))
+    args = cli.build_parser().parse_args(["demo", "--steps", "4", "-k", "2", "-b", "2",
+                                          "--hidden", "8", "--features", "4", "--classes", "2",
+                                          "--backend", "reference"])
+    res = cli._run("plain", args, torch.device("cpu"), cli._make_data(args), cli._NoProgress())
+    assert res["ms"] == 2000.0 and len(res["loss"]) == 4
+
+
+class _ProtocolWrapper:
+    """The wrapper protocol the demo checks, done plainly (the loss divided by k into the
+    params' .grad, clip and step at the k-th step()), with one thing broken by ``fault``."""
+
+    fault = None
+
+    def __init__(self, inner, accumulation_steps, max_grad_norm=None, **_kwargs):
+        import torch
+
+        self.inner, self.k, self.max_grad_norm = inner, accumulation_steps, max_grad_norm
+        self.micro_step = self.update_count = self.skipped_steps = 0
+        self.stepped, self.grad_norm = False, torch.zeros(())
+
+    @property
+    def accumulation_boundary(self):
+        return self.fault != "boundary" and self.micro_step + 1 == self.k
+
+    def scale_loss(self, loss):
+        return loss / self.k
+
+    def zero_grad(self):
+        pass
+
+    def step(self):
+        import torch
+
+        self.micro_step, self.stepped = self.micro_step + 1, False
+        if self.micro_step < self.k:
+            return
+        self.micro_step = 0
+        params = [p for g in self.inner.param_groups for p in g["params"]]
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
+        self.inner.step()
+        self.inner.zero_grad()
+        if self.fault == "skip":  # (a window skipped as non-finite, in fp32)
+            self.skipped_steps += 1
+            return
+        self.stepped = self.fault != "stepped"
+        self.update_count += self.fault != "count"
+
+
+@pytest.mark.parametrize("fault, error", [
+    (None, None), ("boundary", "micro-batch 1: micro_step=1, accumulation_boundary=False"),
+    ("stepped", "micro-batch 1: stepped=False"),
+    ("count", "update_count=0 + skipped_steps=0, expected 3 windows"),
+    ("skip", "skipped_steps=3, expected 0")])
+def test_demo_run_reports_each_wrapper_protocol_error(monkeypatch, fault, error):
+    """A wrapper that gets the math right but misreports its window (the boundary flag,
+    `stepped`, the update count, or skips in fp32) is a protocol error of the run, which
+    makes the demo exit 1 (test_demo_exits_1_when_the_curves_disagree)."""
+    import torch
+
+    import fusedaccum
+    from fusedaccum import __main__ as cli
+
+    monkeypatch.setattr(_ProtocolWrapper, "fault", fault)
+    monkeypatch.setattr(fusedaccum, "FusedAccumulator", _ProtocolWrapper)
+    args = cli.build_parser().parse_args(["demo", "--steps", "3", "-k", "2", "-b", "2",
+                                          "--hidden", "8", "--features", "4", "--classes", "2"])
+    res = cli._run("fused", args, torch.device("cpu"), cli._make_data(args), cli._NoProgress())
+    if error is None:
+        assert res["errors"] == []
+        plain = cli._run("plain", args, torch.device("cpu"), cli._make_data(args),
+                         cli._NoProgress())
+        torch.testing.assert_close(res["loss"], plain["loss"], rtol=1e-4, atol=1e-5)
+    else:
+        assert any(error in e for e in res["errors"]), res["errors"]
