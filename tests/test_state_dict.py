@@ -829,6 +829,13 @@ def test_a_load_whose_window_length_callable_raises_changes_nothing(device):
     assert_params_close(other, model, rtol=0, atol=0)
 
 
+def _bf16_k2(device, loss_scale, seed=0):
+    """A bf16 model and its wrapper (AdamW, accumulation_steps=2, this loss_scale), for the
+    tests of loading across loss scales."""
+    model = make_model(seed, dtype=torch.bfloat16, device=device)
+    return model, wrap(adamw(model.parameters()), accumulation_steps=2, loss_scale=loss_scale)
+
+
 @pytest.mark.parametrize("saved,loading", [("dynamic", None), (None, "dynamic"),
                                            (128.0, None)])
 def test_a_partial_window_resumes_only_where_it_is_scaled_alike(device, saved, loading):
@@ -840,15 +847,11 @@ def test_a_partial_window_resumes_only_where_it_is_scaled_alike(device, saved, l
     dtype = torch.bfloat16
     micro = make_batches(4, dtype=dtype, device=device)
 
-    def wrapped(scale, seed=0):
-        model = make_model(seed, dtype=dtype, device=device)
-        return model, wrap(adamw(model.parameters()), accumulation_steps=2, loss_scale=scale)
-
-    model_a, opt_a = wrapped(saved)
+    model_a, opt_a = _bf16_k2(device, saved)
     for batch in micro[:3]:
         _micro(model_a, opt_a, batch)
     mid = opt_a.state_dict()  # after 1 of window 2's 2 micro-batches
-    model_b, opt_b = wrapped(loading, seed=5)
+    model_b, opt_b = _bf16_k2(device, loading, seed=5)
     before = opt_b.state_dict()
     with pytest.raises(ValueError, match=r"partial window \(\d+ params' gradients\), "
                                          r"(scaled|not scaled).* Resume with loss_scale set "
@@ -880,16 +883,12 @@ def test_a_static_loss_scale_keeps_its_value_through_a_load(device, mid_window):
     dtype = torch.bfloat16
     micro = make_batches(6, dtype=dtype, device=device)
 
-    def wrapped(scale, seed=0):
-        model = make_model(seed, dtype=dtype, device=device)
-        return model, wrap(adamw(model.parameters()), accumulation_steps=2, loss_scale=scale)
-
-    model_a, opt_a = wrapped("dynamic")
+    model_a, opt_a = _bf16_k2(device, "dynamic")
     cut = 3 if mid_window else 2
     for batch in micro[:cut]:
         _micro(model_a, opt_a, batch)
     saved = copy.deepcopy(opt_a.state_dict())
-    model_b, opt_b = wrapped(128.0, seed=5)
+    model_b, opt_b = _bf16_k2(device, 128.0, seed=5)
     model_b.load_state_dict(model_a.state_dict())
     opt_b.load_state_dict(saved)
     assert opt_b.loss_scale == (2.0**16 if mid_window else 128.0)
@@ -916,20 +915,16 @@ def test_a_static_loss_scale_comes_back_when_another_load_ends_a_loaded_window(d
     dtype = torch.bfloat16
     micro = make_batches(4, dtype=dtype, device=device)
 
-    def wrapped(scale, seed=0):
-        model = make_model(seed, dtype=dtype, device=device)
-        return model, wrap(adamw(model.parameters()), accumulation_steps=2, loss_scale=scale)
-
-    model_a, opt_a = wrapped("dynamic")
+    model_a, opt_a = _bf16_k2(device, "dynamic")
     _micro(model_a, opt_a, micro[0])
-    model_b, opt_b = wrapped(128.0, seed=5)
+    model_b, opt_b = _bf16_k2(device, 128.0, seed=5)
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
     assert opt_b.micro_step == 1 and opt_b.loss_scale == 2.0**16
     if second == "boundary":
         _micro(model_a, opt_a, micro[1])
         other = copy.deepcopy(opt_a.state_dict())
     else:
-        model_c, opt_c = wrapped(128.0, seed=7)
+        model_c, opt_c = _bf16_k2(device, 128.0, seed=7)
         _micro(model_c, opt_c, micro[0])
         other = copy.deepcopy(opt_c.state_dict())
     opt_b.load_state_dict(other)
