@@ -220,7 +220,7 @@ def test_dynamic_scale_does_not_grow_past_the_largest_float(device):
     window non-finite, skipped, and the halved scale still infinite. Only windows of tiny
     gradients get there (111 growths from 2^16): the window's fp32 2-norm with the scale
     in overflows above about 1.8e19, which skips the window and halves the scale first
-    (README, "Known differences in the numbers"), so these are about 1e-20."""
+    (docs/usage.md, "Known differences in the numbers"), so these are about 1e-20."""
     p = torch.nn.Parameter(torch.tensor([1.0, -1.0], device=device))
     c = torch.tensor([1e-20, 2e-20], device=device)
     opt = wrap(torch.optim.SGD([p], lr=1e-4), loss_scale="dynamic")

@@ -281,10 +281,10 @@ def test_direct_accumulation_as_the_python_hook(place, clip, monkeypatch):
 def test_direct_first_gradient_overwrites_a_dirty_accumulator_written_since(place,
                                                                             monkeypatch):
     """The boundary leaves the stepped accumulators dirty (the window just applied); a
-    write to the buffer before the next backward (``p.main_grad.add_``: not kept, README)
-    moves its version off clean_version. A dirty param's first gradient of the window is
-    still written over its accumulator, by the C++ direct add as by the Python hook (not
-    added to the old window and the write)."""
+    write to the buffer before the next backward (``p.main_grad.add_``: not kept,
+    docs/internals.md) moves its version off clean_version. A dirty param's first
+    gradient of the window is still written over its accumulator, by the C++ direct add
+    as by the Python hook (not added to the old window and the write)."""
     monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", 16)  # fc1.weight, fc2.weight direct
 
     def write(model):

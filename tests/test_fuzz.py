@@ -171,7 +171,7 @@ class Run:
         self.fp32_head = self.dtype != torch.float32 and \
             random.Random(f"{seed}/fp32_head").random() < 0.2
         # an inner optimizer step pre-hook that rewrites .grad (_INNER_HOOKS); its hooks see
-        # no .grad on half params without masters (README), so not there
+        # no .grad on half params without masters (docs/usage.md), so not there
         self.inner_hook = random.Random(f"{seed}/inner_hook").choice(
             [None] * 8 + sorted(_INNER_HOOKS)) if self.master_weights is None else None
 
@@ -710,7 +710,7 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
     run.master_weights = None  # (not with ZeRO-1's shards of masters; the local fuzz has it)
     # (ZeRO-1 needs the fused path)
     shard = run.opt_name not in ("rmsprop", *_GENERIC) and r.random() < 0.5
-    if shard:  # (with ZeRO-1 the inner hooks see no .grad: README)
+    if shard:  # (with ZeRO-1 the inner hooks see no .grad: docs/usage.md)
         run.inner_hook = None
     kw = dict(process_group=group, shard_optimizer_state=shard)
     model = _model(run, device, seed)
