@@ -1204,6 +1204,70 @@ def test_an_inner_pre_hook_that_sets_a_sparse_grad_is_refused_and_changes_nothin
     assert_params_close(got, want, **MASTER_TOL)
 
 
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum", "rmsprop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_inner_pre_hook_finds_every_grad_of_the_window_and_edits_it_in_place(
+        device, dtype, opt_name):
+    """docs/usage.md: the inner optimizer's pre-hooks find every param of the window with
+    its .grad, also one whose .grad a zero_grad() cleared after its last backward (here
+    every param's, in each window's last micro-batch), and a .grad they edit in place is
+    what the update uses, as torch's step reads it after them. The reference is plain
+    torch on fp32 masters with the same hook."""
+    k = 2
+    windows = make_windows(3, k, dtype=dtype, device=device)
+
+    def make_hook(seen):
+        def hook(o, args, kwargs):
+            stepped = [t for g in o.param_groups for t in g["params"]]
+            seen.append([t.grad is not None for t in stepped])
+            for t in stepped:
+                if t.grad is not None:
+                    t.grad.clamp_(-0.02, 0.02).add_(0.01)  # (not a mere rescaling)
+        return hook
+
+    model = make_model(dtype=dtype, device=device)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    seen, emu_seen = [], []
+    inner.register_step_pre_hook(make_hook(seen))
+    opt = wrap(inner, accumulation_steps=k)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), OPTIMIZERS[opt_name])
+    emu.opt.register_step_pre_hook(make_hook(emu_seen))
+    for window in windows:
+        for i, (x, y) in enumerate(window):
+            emu.backward(mse(emu.model(x), y))
+            mse(model(x), y).backward()
+            if i == k - 1:
+                opt.zero_grad()  # after the last backward of the window, before the boundary
+            opt.step()
+            opt.zero_grad()
+        emu.step(k)
+    assert opt.update_count == len(windows)
+    assert seen == emu_seen == [[True] * 4] * len(windows)
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL.get(dtype, MASTER_TOL))
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
+    assert _changed(model, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+def test_inner_hooks_see_no_grad_on_half_params_without_masters(device, opt_name):
+    """docs/usage.md: the inner optimizer's hooks see .grad (the prepared gradient) on the
+    fp32 tensors it steps, not on half params without masters, which the fused path steps
+    from the fp32 accumulators directly: there every .grad is None in the hooks, and the
+    update is applied all the same."""
+    model = make_model(dtype=torch.bfloat16, device=device)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    seen = []
+    for register in (inner.register_step_pre_hook, inner.register_step_post_hook):
+        register(lambda o, args, kwargs: seen.append(
+            [t.grad for g in o.param_groups for t in g["params"]]))
+    opt = wrap(inner, accumulation_steps=2, master_weights=False)
+    run_managed(model, opt, make_windows(1, 2, dtype=torch.bfloat16, device=device))
+    assert opt.update_count == 1
+    assert seen == [[None] * 4] * 2
+    assert _changed(model, dtype=torch.bfloat16, device=device)
+
+
 @pytest.mark.parametrize("hook", [None, "pre", "post"])
 @pytest.mark.parametrize("opt_name,bad", [
     ("adamw", None), ("sgd_momentum", None), ("adamw", (0.9,)), ("adamw", (0.9, 0.999, 0.5)),
@@ -3146,6 +3210,68 @@ def test_half_params_written_after_wrapping_resync_their_masters(device, dtype):
     # fc2's masters hold bits the half type cannot: had the resync re-read them from the
     # half params, the comparison of the masters above would have failed
     assert not torch.equal(masters[2], masters[2].to(dtype).float())
+
+
+@pytest.mark.parametrize("write", ["nn.init", "mul_", "p.data"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_writes_to_half_params_are_seen_through_p_and_not_through_p_data(device, dtype, write):
+    """docs/usage.md: writes to the model after wrapping (nn.init, p.mul_ under no_grad) are
+    seen: the written half params' fp32 masters are re-read at the next boundary. A write
+    through p.data bypasses the param's version counter and is not seen: the boundary
+    steps the old master and rounds it back over the write. The reference is the master
+    emulation given the same writes, its masters re-read from them or not."""
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(OPTIMIZERS["sgd"](model.parameters()), accumulation_steps=k)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), OPTIMIZERS["sgd"])
+    run_with_emulation(model, opt, emu, windows[:1])
+
+    def do(p):
+        if write == "nn.init":
+            nn.init.constant_(p, 0.25)
+        elif write == "mul_":
+            with torch.no_grad():
+                p.mul_(2.0)
+        else:
+            p.data.mul_(2.0)
+
+    for p, e, m in zip(model.fc1.parameters(), emu.model.fc1.parameters(), emu.masters):
+        do(p)
+        do(e)  # (the next forward sees the write in both)
+        if write != "p.data":
+            with torch.no_grad():
+                m.copy_(e.float())  # the resync
+    run_with_emulation(model, opt, emu, windows[1:])
+    assert_params_close(group_tensors(opt), emu.masters, **MASTER_TOL)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_a_param_viewing_another_tensor_gets_a_buffer_of_its_own(device, dtype):
+    """docs/usage.md: a param made over part of another tensor's memory trains on a buffer
+    of its own: that tensor no longer sees its updates (plain torch.optim updates it in
+    place, so there the tensor would), and the param trains as one that views nothing."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(IN * OUT + OUT, generator=g).to(device=device, dtype=dtype)
+    init = base.clone()
+    w = nn.Parameter(base[:IN * OUT].view(OUT, IN))
+    b = nn.Parameter(base[IN * OUT:])
+    assert w.data_ptr() == base.data_ptr()
+    ref = [nn.Parameter(t.detach().clone()) for t in (w, b)]
+    runs = [(w, b), tuple(ref)]
+    opts = [wrap(OPTIMIZERS["sgd_momentum"](list(ps)), accumulation_steps=2) for ps in runs]
+    for x, _ in make_batches(4, dtype=dtype, device=device):
+        for (pw, pb), opt in zip(runs, opts):
+            (torch.tanh(x @ pw.t() + pb).float() ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert [opt.update_count for opt in opts] == [2, 2]
+    assert w.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+    torch.testing.assert_close(base, init, rtol=0, atol=0)  # untouched by the updates
+    assert not torch.equal(w.detach(), init[:IN * OUT].view(OUT, IN))
+    for p, r in zip((w, b), ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=0, atol=0)
 
 
 def test_sgd_momentum_buffer_kept_while_momentum_is_zero(device):

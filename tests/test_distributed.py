@@ -714,6 +714,62 @@ def test_a_param_only_another_rank_gave_a_gradient_is_updated_on_every_rank(tmp_
                                        msg=lambda m, i=i, rank=rank: f"rank {rank}, param {i}: {m}")
 
 
+def _hook_sees_other_ranks_grads_worker(rank, world, port, out_dir):
+    """Rank r's micro-batches reach head r % 2 only; the inner optimizer's pre-hook records
+    each stepped tensor's .grad at the boundary (the heads' ones this rank never reached
+    included). fp32 params, bf16 ones (fp32 masters), and fp32 ones with ZeRO-1."""
+    with _rank(rank, world, port):
+        x, y = _data(world)
+        out = {}
+        for dtype, shard in ((torch.float32, False), (torch.bfloat16, False),
+                             (torch.float32, True)):
+            torch.manual_seed(11)
+            model = _TwoHeads().to(device=DEVICE, dtype=dtype)
+            inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            seen = out[str(dtype), shard] = []
+            inner.register_step_pre_hook(lambda o, args, kwargs, seen=seen: seen.append(
+                [None if t.grad is None else t.grad.detach().clone()
+                 for g in o.param_groups for t in g["params"]]))
+            opt = fusedaccum.FusedAccumulator(inner, backend=BACKEND, accumulation_steps=K,
+                                              process_group=dist.group.WORLD,
+                                              shard_optimizer_state=shard)
+            for x_mb, y_mb in _micro_batches(x, y, 0, world, rank):
+                torch.nn.functional.mse_loss(model(x_mb.to(dtype), rank % 2).float(),
+                                             y_mb).backward()
+                opt.step()
+                opt.zero_grad()
+            assert opt.update_count == 1
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_an_inner_pre_hook_sees_the_grad_only_another_rank_gave(tmp_path):
+    """docs/usage.md: with a process group, the inner optimizer's pre-hooks find every param
+    of the window with its .grad, also one only another rank's backward reached (here each
+    rank's head the other rank trained): the same prepared (all-reduced) gradient on every
+    rank; the third head, which no rank reached, has none. fp32 and bf16 params. With
+    ZeRO-1 (the update reads the rank's reduced shard, which no .grad views) the hooks
+    see no prepared gradient: a .grad is None, or zeros (the params this rank's backward
+    reached: their accumulators, reduce-scattered away)."""
+    world = 2
+    mp.spawn(_hook_sees_other_ranks_grads_worker, args=(world, _free_port(), str(tmp_path)),
+             nprocs=world, join=True)
+    seen = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    for rank in range(world):
+        calls = seen[rank][str(torch.float32), True]
+        assert len(calls) == 1, f"ZeRO-1, rank {rank}"
+        assert all(g is None or not g.any() for g in calls[0]), f"ZeRO-1, rank {rank}"
+    for dtype in (torch.float32, torch.bfloat16):
+        for rank in range(world):
+            calls = seen[rank][str(dtype), False]
+            assert len(calls) == 1, (dtype, rank)
+            grads = calls[0]  # trunk (2 tensors), heads 0, 1, 2 (2 each)
+            assert all(g is not None for g in grads[:6]), (dtype, rank)
+            assert grads[6] is None and grads[7] is None, (dtype, rank)
+            assert all(float(g.abs().sum()) > 0 for g in grads[:6]), (dtype, rank)
+            for a, b in zip(grads[:6], seen[0][str(dtype), False][0][:6]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _resume_at_shard_edge_worker(rank, world, port, out_dir):
     """ZeRO-1 with params that fill their shards to the last element (no alignment padding
     at the shard edge: elements 95 and 96 of the flat buffers are both fc1.weight's): a

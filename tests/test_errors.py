@@ -847,3 +847,68 @@ def test_state_after_errors_still_trains_like_torch():
     ref = make_model()
     reference_big_batch(ref, adamw, windows)
     assert_params_close(model, ref)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch_save"])
+def test_a_wrapper_cannot_be_pickled_or_deep_copied(how):
+    """docs/usage.md: a wrapper is tied to its model by hooks, so a copy of it would train
+    nothing (or the model behind the original's back): pickling, deep-copying and
+    torch.save of the wrapper itself are refused with a pointer to state dicts, and the
+    wrapper trains on as before."""
+    import copy
+    import io
+    import pickle
+
+    model = make_model()
+    opt = wrap(adamw(model.parameters()), accumulation_steps=2)
+    windows = make_windows(2, 2)
+    run_managed(model, opt, windows[:1])
+    copier = {"pickle": pickle.dumps, "deepcopy": copy.deepcopy,
+              "torch_save": lambda o: torch.save(o, io.BytesIO())}[how]
+    with pytest.raises(TypeError, match=r"cannot be pickled or deep-copied.*state_dict"):
+        copier(opt)
+    run_managed(model, opt, windows[1:])
+    ref = make_model()
+    reference_big_batch(ref, adamw, windows)
+    assert_params_close(model, ref)
+
+
+@pytest.mark.parametrize("conversion", ["to(float64)", "load_state_dict(assign=True)"])
+def test_swapping_wrapped_params_on_conversion_fails_inside_torch(conversion):
+    """docs/usage.md: with torch.__future__.set_swap_module_params_on_conversion(True) a
+    module conversion (or a load with assign=True) swaps each param's tensor in place,
+    which torch refuses for a tensor something holds a weak reference to, as the wrapper
+    does for its params: the error comes from torch's swap_tensors."""
+    model = make_model()
+    opt = wrap(adamw(model.parameters()))  # (alive: a collected wrapper leaves the params)
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            if conversion == "to(float64)":
+                model.to(torch.float64)
+            else:
+                model.load_state_dict(make_model(seed=3).state_dict(), assign=True)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+    messages = f"{caught.value} {caught.value.__cause__}"
+    assert "has weakref associated with it" in messages
+    assert opt.param_groups[0]["params"][0] is model.fc1.weight
+
+
+def test_max_grad_norm_set_mid_window_clips_that_windows_update():
+    """docs/usage.md: a max_grad_norm set after construction applies from the next
+    boundary: set in the middle of a window, it clips the update that ends that window
+    (plain SGD moves by lr times the clipped gradient, whose norm is the threshold)."""
+    model = make_model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2)
+    (x, y), (x2, y2) = make_batches(2)
+    mse(model(x), y).backward()
+    opt.step()
+    opt.max_grad_norm = 1e-3
+    before = [p.detach().clone() for p in model.parameters()]
+    mse(model(x2), y2).backward()
+    opt.step()
+    assert opt.stepped and float(opt.grad_norm) > 1e-2  # (so that 1e-3 clips)
+    moved = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before)])
+    torch.testing.assert_close(moved.norm(), torch.tensor(0.1 * 1e-3), rtol=1e-4, atol=0)

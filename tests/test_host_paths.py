@@ -461,3 +461,59 @@ def test_zero_grad_clears_a_grad_assigned_by_hand(device, dtype, set_to_none):
     _backward(model, seed=1)
     opt.step()
     assert opt.stepped and opt.update_count == 1
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum", "rmsprop"])
+def test_inner_step_hooks_get_no_arguments_on_the_fused_path(device, opt_name):
+    """docs/usage.md: the inner optimizer's step hooks run once per applied update; on the
+    fused path (AdamW, SGD: no inner.step() call) with no arguments, args () and kwargs {},
+    whatever step() got; on the generic path (RMSprop) as torch calls them around
+    inner.step(): the optimizer itself as the first argument."""
+    from _models import OPTIMIZERS
+
+    k = 2
+    model = make_model(device=device)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    calls = []
+    inner.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", args, kwargs)))
+    inner.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", args, kwargs)))
+    opt = wrap(inner, accumulation_steps=k)
+    for i in range(2 * k):
+        _backward(model, seed=i)
+        opt.step(num_items=4)
+    assert opt.update_count == 2
+    assert [c[0] for c in calls] == ["pre", "post"] * 2
+    for _, args, kwargs in calls:
+        if opt_name == "rmsprop":
+            assert args == (inner,) and kwargs == {}
+        else:
+            assert args == () and kwargs == {}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_step_hooks_read_from_stepped_whether_an_update_was_applied(device, k):
+    """docs/usage.md: the wrapper's step hooks fire every micro-batch; a post-hook reads
+    opt.stepped to tell a micro-batch that applied an update from one that did not (a
+    skipped window included), and a pre-hook sees the previous call's value."""
+    import warnings
+
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o.stepped)))
+    opt.register_step_post_hook(
+        lambda o, args, kwargs: seen.append(("post", o.stepped, o.update_count)))
+    n = 3 * k
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the skip's)
+        for i in range(n):
+            (x, y), = make_batches(1, seed=i, device=device)
+            loss = mse(model(x), y)
+            (loss * float("inf") if i // k == 1 else loss).backward()  # window 1 skipped
+            opt.step()
+            opt.zero_grad()
+    assert (opt.update_count, opt.skipped_steps) == (2, 1)
+    applied = [i % k == k - 1 and i // k != 1 for i in range(n)]
+    counts = [sum(applied[:i + 1]) for i in range(n)]
+    assert seen[1::2] == [("post", a, c) for a, c in zip(applied, counts)]
+    assert seen[0::2] == [("pre", False)] + [("pre", a) for a in applied[:-1]]

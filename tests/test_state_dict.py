@@ -1071,6 +1071,59 @@ def test_saved_param_ids_are_paired_with_the_params_as_torch_pairs_them(device, 
                if k != "step" and isinstance(v, torch.Tensor))
 
 
+@pytest.mark.parametrize("dtype,master_weights", [
+    (torch.float32, None), (torch.bfloat16, False), (torch.bfloat16, True)],
+    ids=["fp32", "bf16_no_masters", "bf16_masters"])
+def test_distributed_checkpoint_state_dict_functions_work_where_documented(
+        device, dtype, master_weights):
+    """docs/usage.md: torch.distributed.checkpoint's get_optimizer_state_dict and
+    set_optimizer_state_dict (which key the state by the model's param names) work for
+    fp32 params and with master_weights=False: the state comes back into another wrapper
+    and training goes on alike. With fp32 masters of half params in the groups they fail
+    inside torch with a KeyError (the masters are not the model's params). On a wrapper
+    with no optimizer state yet, get_optimizer_state_dict calls step(): one micro-batch."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    k = 2
+    windows = make_windows(3, k, dtype=dtype, device=device)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, master_weights=master_weights)
+    if not master_weights:  # (a fresh wrapper: no state, a step() is called)
+        sd = get_optimizer_state_dict(model, opt)
+        assert opt.micro_step == 1 and opt.update_count == 0 and sd["state"] == {}
+        opt.reset_accumulation()
+    run_managed(model, opt, windows[:1])
+    other = make_model(seed=3, dtype=dtype, device=device)
+    other_opt = wrap(adamw(other.parameters()), accumulation_steps=k,
+                     master_weights=master_weights)
+    run_managed(other, other_opt, windows[1:2] * 2)  # (state of its own, to be replaced)
+    if master_weights:
+        with pytest.raises(KeyError):
+            get_optimizer_state_dict(model, opt)
+        twin = make_model(dtype=dtype, device=device)  # (a state dict keyed by names)
+        twin_opt = wrap(adamw(twin.parameters()), accumulation_steps=k, master_weights=False)
+        run_managed(twin, twin_opt, windows[:1])
+        with pytest.raises(KeyError):
+            set_optimizer_state_dict(other, other_opt, get_optimizer_state_dict(twin, twin_opt))
+        return
+    sd = get_optimizer_state_dict(model, opt)
+    names = [name for name, _ in model.named_parameters()]
+    assert sorted(sd["state"]) == sorted(names)
+    assert "fusedaccum" not in sd  # (the state and the groups only)
+    other.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(other, other_opt, sd)
+    # (loaded as a plain state dict: the loader keeps its own counters)
+    assert (other_opt.update_count, opt.update_count) == (2, 1)
+    assert_states_close(other_opt, opt, rtol=0, atol=0)
+    run_managed(model, opt, windows[2:])
+    run_managed(other, other_opt, windows[2:])
+    assert_params_close(other, model, rtol=0, atol=0)
+    assert_states_close(other_opt, opt, rtol=0, atol=0)
+
+
 def test_the_fusedaccum_entry_is_paired_by_the_same_ids(device):
     """A load pre-hook relabels the saved ids for params listed in another order (what
     plain torch needs): each param gets its own optimizer state, fp32 master, model
@@ -1238,6 +1291,68 @@ def test_edits_of_opt_state_are_read_as_torch_reads_them(device, opt_name, edit)
     run_managed(model, opt, more)
     run_managed(model2, opt2, more)
     assert_params_close(model2, model, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opt_name,key", [("adamw_amsgrad", "exp_avg"),
+                                          ("sgd_momentum", "momentum_buffer")])
+def test_a_state_value_put_in_place_is_copied_in_and_not_updated_after(device, opt_name, key):
+    """docs/usage.md: a value put in place of a state entry (opt.state[p]["exp_avg"] = x) is
+    what the next update reads, as in torch; it is copied into the flat buffers at that
+    boundary and the entry then views them again, so x itself is not updated after, where
+    torch's step updates x in place (x is its state)."""
+    k = 2
+    windows = make_windows(3, k, device=device)
+    make_opt = OPTIMIZERS[opt_name]
+    model, ref = make_model(device=device), make_model(device=device)
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=k)
+    ref_opt = make_opt(ref.parameters())
+    run_managed(model, opt, windows[:1])
+    big_batch_update(ref, ref_opt, windows[0])
+    t, ref_t = group_tensors(opt)[0], group_tensors(ref_opt)[0]
+    x = torch.full_like(opt.state[t][key], 0.03)
+    ref_x = x.clone()
+    opt.state[t][key] = x
+    ref_opt.state[ref_t][key] = ref_x
+    for window in windows[1:]:
+        run_managed(model, opt, [window])
+        big_batch_update(ref, ref_opt, window)
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+    assert torch.equal(x, torch.full_like(x, 0.03))  # not updated after
+    entry = opt.state[t][key]
+    assert entry is not x
+    # the entry views the buffers again: in one storage with the other params' entries
+    other = opt.state[group_tensors(opt)[1]][key]
+    assert entry.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+    assert ref_opt.state[ref_t][key] is ref_x  # (torch: x is the state, updated in place)
+    assert not torch.equal(ref_x, torch.full_like(x, 0.03))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_pickled_param_takes_its_main_grad_with_its_whole_bucket(device, dtype):
+    """docs/usage.md: save model.state_dict(), not the params: pickling a param (torch.save
+    of the param, the module, a list of params) also takes its p.main_grad, a view of the
+    fp32 accumulator of its whole bucket; a state dict of the model holds the params'
+    values alone."""
+    model, opt = _wrapped(dtype, device)
+    _micro(model, opt, make_batches(1, dtype=dtype, device=device)[0])
+    p = model.fc2.bias
+    bucket_bytes = p.main_grad.untyped_storage().nbytes()
+    assert bucket_bytes >= 4 * sum(q.numel() for q in model.parameters())
+    buf = io.BytesIO()
+    torch.save(p, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.main_grad.untyped_storage().nbytes() == bucket_bytes
+    torch.testing.assert_close(loaded.main_grad, p.main_grad, rtol=0, atol=0)
+    unpickled = pickle.loads(pickle.dumps(p))
+    assert unpickled.main_grad.untyped_storage().nbytes() == bucket_bytes
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    assert not hasattr(saved["fc2.bias"], "main_grad")
+    assert saved["fc2.bias"].untyped_storage().nbytes() == p.numel() * p.element_size()
 
 
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
