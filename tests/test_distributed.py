@@ -884,3 +884,243 @@ def test_a_window_whose_scaled_norm_overflows_fp32_is_applied(tmp_path, shard, h
         torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-5, atol=0)
         for a, b in zip(got["params"], want["params"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _fp32_late_ddp_worker(rank, world, port, out_dir):
+    """fp32 params (process_group= set) train window 0 plainly, then the other windows'
+    backwards through a DistributedDataParallel wrapped around the model; rank 0 saves
+    what step() said and the params."""
+    with _rank(rank, world, port):
+        cfg = dict(dtype=torch.float32, num_items=False, opt="adamw", clip=0.05)
+        x, y = _data(world)
+        model = _model(torch.float32)
+        opt = _opt(cfg, model, accumulation_steps=K, process_group=dist.group.WORLD)
+        _train(cfg, model, opt, x, y, world, rank, [0])
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        msg = "no error"
+        try:
+            for w in range(1, WINDOWS):
+                for x_mb, y_mb in _micro_batches(x, y, w, world, rank):
+                    _loss(ddp, x_mb, y_mb, cfg).backward()
+                    opt.step()
+        except RuntimeError as exc:
+            msg = f"RuntimeError: {exc}"
+        if rank == 0:
+            torch.save({"msg": msg, "updates": opt.update_count,
+                        "params": [p.detach().clone() for p in model.parameters()]},
+                       os.path.join(out_dir, "late.pt"))
+
+
+def test_an_fp32_model_wrapped_in_ddp_after_the_first_step_still_sums_the_window(tmp_path):
+    """README, Data parallel: fp32 params are not checked for a DDP wrapped after the first
+    step(), because DDP averages their accumulator views in place every micro-batch, which
+    still sums the window correctly: the update is one process's over all the
+    micro-batches, clipped on the global norm."""
+    world = 2
+    mp.spawn(_fp32_late_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
+             join=True)
+    got = torch.load(tmp_path / "late.pt")
+    cfg = dict(dtype=torch.float32, num_items=False, opt="adamw", clip=0.05)
+    model, opt = _single(cfg, world)
+    assert got["msg"] == "no error"
+    assert got["updates"] == opt.update_count == WINDOWS
+    for a, b in zip(got["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _zero1_views_worker(rank, world, port, out_dir):
+    """ZeRO-1 on fp32 and bf16 params: what opt.state and opt.param_groups hold between
+    state_dict() calls, and what state_dict() returns; then a wrapper of RMSprop (not the
+    fused path) with shard_optimizer_state=True. Rank 0 saves what it saw."""
+    with _rank(rank, world, port):
+        out = {}
+        x, y = _data(world)
+        for dtype in (torch.float32, torch.bfloat16):
+            model = _model(dtype)
+            opt = _opt(dict(opt="adamw", clip=None), model, accumulation_steps=K,
+                       process_group=dist.group.WORLD, shard_optimizer_state=True)
+            _train(dict(dtype=dtype, num_items=False), model, opt, x, y, world, rank, [0, 1])
+            seen = {"updates": opt.update_count, "state": len(opt.state),
+                    "groups_are_the_models": [a is b for a, b in zip(
+                        opt.param_groups[0]["params"], model.parameters())]}
+            sd = opt.state_dict()  # (a collective: every rank)
+            seen["sd_state"] = sorted(sd["state"])
+            seen["state_after_sd"] = len(opt.state)
+            out[str(dtype)] = seen
+        try:
+            fusedaccum.FusedAccumulator(torch.optim.RMSprop(_model(torch.float32).parameters()),
+                                        backend=BACKEND, process_group=dist.group.WORLD,
+                                        shard_optimizer_state=True)
+            out["rmsprop"] = "no error"
+        except (ValueError, RuntimeError, TypeError) as exc:
+            out["rmsprop"] = f"{type(exc).__name__}: {exc}"
+        if rank == 0:
+            torch.save(out, os.path.join(out_dir, "zero1.pt"))
+
+
+def test_zero1_leaves_opt_state_empty_and_the_models_params_in_the_groups(tmp_path):
+    """README, Data parallel: with shard_optimizer_state=True opt.state stays empty between
+    state_dict() calls (each rank's state is a shard of flat buffers), before and after
+    one, while state_dict() returns every param's state; opt.param_groups holds the
+    model's params, not fp32 masters (bf16 too); and sharding an optimizer that is not on
+    the fused path (AdamW, Adam, SGD) is refused with a ValueError."""
+    world = 2
+    mp.spawn(_zero1_views_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
+             join=True)
+    out = torch.load(tmp_path / "zero1.pt")
+    n_params = len(list(_model(torch.float32).parameters()))
+    for dtype in (torch.float32, torch.bfloat16):
+        seen = out[str(dtype)]
+        assert seen["updates"] == 2
+        assert seen["state"] == seen["state_after_sd"] == 0
+        assert seen["groups_are_the_models"] == [True] * n_params
+        assert seen["sd_state"] == list(range(n_params))
+    assert out["rmsprop"].startswith("ValueError: shard_optimizer_state=True runs on the "
+                                     "fused path only")
+
+
+def _load_onto_zero1_worker(rank, world, port, cfg, ckpt, out_dir):
+    """Load one process's state dict, saved at a boundary, onto ``world`` ranks with
+    ZeRO-1, and train the spare window; each rank saves its params and its state dict."""
+    with _rank(rank, world, port):
+        x, y = _data(world)
+        saved = torch.load(ckpt)
+        model = _model(cfg["dtype"])
+        model.load_state_dict(saved["model"])
+        opt = _opt(cfg, model, accumulation_steps=K, process_group=dist.group.WORLD,
+                   shard_optimizer_state=True)
+        opt.load_state_dict(saved["opt"])
+        _train(cfg, model, opt, x, y, world, rank, [WINDOWS])
+        sd = opt.state_dict()  # (a collective: every rank)
+        torch.save({"params": [p.detach().clone() for p in model.parameters()],
+                    "state": sd["state"], "counts": (opt.update_count, opt.skipped_steps)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("cfg", [CASES[0], CASES[3]], ids=[_case_id(CASES[0]), _case_id(CASES[3])])
+def test_a_boundary_checkpoint_of_one_process_resumes_on_zero1_ranks(cfg, tmp_path):
+    """README, Data parallel: a state dict saved at a boundary loads onto any world size,
+    with or without sharding: one process's, unsharded, resumes on ``world`` ranks with
+    ZeRO-1 (each rank takes its shard of the masters and the optimizer state), on the
+    trajectory of one process that does not stop."""
+    world = cfg["world"]
+    model, opt = _single(cfg, world)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    mp.spawn(_load_onto_zero1_worker,
+             args=(world, _free_port(), cfg, str(tmp_path / "ckpt.pt"), str(tmp_path)),
+             nprocs=world, join=True)
+    want_model, want_opt = _single(cfg, world, WINDOWS + 1)
+    want_sd = want_opt.state_dict()
+    half = cfg["dtype"] != torch.float32
+    tol = dict(rtol=1e-2, atol=1e-2) if half else dict(rtol=1e-5, atol=1e-6)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["counts"] == (want_opt.update_count, want_opt.skipped_steps) == (WINDOWS + 1, 0)
+        for a, b in zip(got["params"], want_model.parameters()):
+            torch.testing.assert_close(a, b.detach(), **tol)
+        assert set(got["state"]) == set(want_sd["state"])
+        for idx, st in want_sd["state"].items():
+            for key, value in st.items():
+                torch.testing.assert_close(got["state"][idx][key], value, rtol=1e-4, atol=1e-6)
+
+
+def _local_then_summed_worker(rank, world, port, out_dir):
+    """fp32, unsharded: after a window's boundary, a backward of this rank's own
+    micro-batch, state_dict() (at the boundary: local), then step() and state_dict() again
+    (mid-window: summed over the ranks). Each rank saves both state dicts' accumulators and
+    its own gradients, by plain autograd on a copy of the model, and their sum."""
+    with _rank(rank, world, port):
+        cfg = dict(dtype=torch.float32, num_items=False, opt="sgd", clip=None)
+        x, y = _data(world)
+        model = _model(torch.float32)
+        opt = _opt(cfg, model, accumulation_steps=K, process_group=dist.group.WORLD)
+        _train(cfg, model, opt, x, y, world, rank, [0])
+        x_mb, y_mb = next(_micro_batches(x, y, 1, world, rank))
+        plain = copy.deepcopy(model)  # (a plain model: the hooks are not copied)
+        _loss(plain, x_mb, y_mb, cfg).backward()
+        own = [p.grad.detach().clone() for p in plain.parameters()]
+        summed = [g.clone() for g in own]
+        for g in summed:
+            dist.all_reduce(g)
+        _loss(model, x_mb, y_mb, cfg).backward()
+        at_boundary = copy.deepcopy(opt.state_dict()["fusedaccum"])
+        opt.step()
+        mid_window = copy.deepcopy(opt.state_dict()["fusedaccum"])  # (a collective)
+        torch.save({"own": own, "summed": summed, "at_boundary": at_boundary,
+                    "mid_window": mid_window}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_a_state_dict_at_a_boundary_holds_this_ranks_gradients_and_mid_window_their_sum(
+        tmp_path):
+    """README, Data parallel: without sharding, state_dict() at a boundary is local, and
+    gradients a backward left since that step are this rank's own; in the middle of a
+    window it sums the partial window over the ranks."""
+    world = 2
+    mp.spawn(_local_then_summed_worker, args=(world, _free_port(), str(tmp_path)),
+             nprocs=world, join=True)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["at_boundary"]["micro_step"] == 0 and got["mid_window"]["micro_step"] == 1
+        for when, want in (("at_boundary", got["own"]), ("mid_window", got["summed"])):
+            accs = got[when]["accumulators"]
+            assert sorted(accs) == list(range(len(want))), when
+            for i, g in enumerate(want):
+                torch.testing.assert_close(accs[i], g, rtol=1e-6, atol=1e-7,
+                                           msg=lambda m, when=when, i=i: f"{when} {i}: {m}")
+        assert not torch.equal(got["own"][0], got["summed"][0])  # (the ranks' data differ)
+
+
+def _count_all_reduces_worker(rank, world, port, out_dir):
+    """fp32 params and a bf16 layer (two flat buffers: one per dtype), K micro-batches per
+    window: each step()'s calls of dist.all_reduce (async or not, dtype, elements)."""
+    with _rank(rank, world, port):
+        x, y = _data(world)
+        model = _model(torch.float32)
+        model[2].to(torch.bfloat16)
+        opt = fusedaccum.FusedAccumulator(torch.optim.AdamW(model.parameters()),
+                                          accumulation_steps=K, backend=BACKEND,
+                                          process_group=dist.group.WORLD)
+        calls, per_step = [], []
+        all_reduce = dist.all_reduce
+
+        def counting(tensor, *args, **kwargs):
+            calls.append((kwargs.get("async_op", False), tensor.dtype, tensor.numel()))
+            return all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting
+        try:
+            for w in range(2):
+                for x_mb, y_mb in _micro_batches(x, y, w, world, rank):
+                    h = torch.tanh(model[0](x_mb)).bfloat16()
+                    torch.nn.functional.mse_loss(model[2](h).float(), y_mb).backward()
+                    opt.step()
+                    per_step.append(list(calls))
+                    calls.clear()
+        finally:
+            dist.all_reduce = all_reduce
+        if rank == 0:
+            torch.save(per_step, os.path.join(out_dir, "calls.pt"))
+
+
+def test_the_window_is_exchanged_in_one_async_all_reduce_per_flat_buffer(tmp_path):
+    """README, Data parallel: at the window's boundary the fp32 accumulators are summed
+    across the group once, one asynchronous all-reduce per flat buffer (here two: the fp32
+    params' and the bf16 params' fp32 accumulators, each holding all of its params'
+    elements); no micro-batch before the boundary exchanges anything. (Besides, a small
+    synchronous check the ranks agree: test_data_parallel_misuse_is_refused_on_every_rank.)"""
+    world = 2
+    mp.spawn(_count_all_reduces_worker, args=(world, _free_port(), str(tmp_path)),
+             nprocs=world, join=True)
+    per_step = torch.load(tmp_path / "calls.pt")
+    model = _model(torch.float32)
+    fp32_elems = sum(p.numel() for p in model[0].parameters())
+    bf16_elems = sum(p.numel() for p in model[2].parameters())
+    assert len(per_step) == 2 * K
+    for j, calls in enumerate(per_step):
+        exchanged = sorted(n for is_async, _, n in calls if is_async)
+        if j % K < K - 1:
+            assert calls == [], j
+        else:
+            assert all(dt == torch.float32 for is_async, dt, _ in calls if is_async), calls
+            assert len(exchanged) == 2, calls
+            assert bf16_elems <= exchanged[0] < fp32_elems <= exchanged[1], calls

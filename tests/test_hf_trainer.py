@@ -188,3 +188,99 @@ def test_trainer_with_wrapper_matches_plain_adamw(tmp_path, grad_accum):
                                            msg=lambda m, where=where: f"{where}: {m}")
             else:
                 assert got_val == ref_val, where
+
+
+# ------------------------------------------------------------------ accelerate on its own
+
+K, WINDOWS, CLIP = 3, 4, 0.05
+
+
+def _fresh_accelerator():
+    """A new Accelerator accumulating K micro-batches (its state is a process singleton:
+    reset, as a new process would start)."""
+    import accelerate
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return accelerate.Accelerator(cpu=True, gradient_accumulation_steps=K)
+
+
+def _accelerate_build(acc, wrap, dtype):
+    """The model prepared first, then the optimizer (the wrapper's default
+    accumulation_steps=1, clipping with max_grad_norm for half params) and a schedule."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(),
+                                torch.nn.Linear(10, 3)).to(dtype)
+    model = acc.prepare(model)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = inner
+    if wrap:
+        opt = fusedaccum.FusedAccumulator(
+            inner, max_grad_norm=CLIP if dtype != torch.float32 else None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 10)
+    opt, sched = acc.prepare(opt, sched)
+    return model, opt, sched
+
+
+def _accelerate_run(wrap, dtype=torch.float32, resume_after=None, tmp_path=None):
+    """accelerate's accumulation loop (accumulate(), clip_grad_norm_ on sync, step,
+    scheduler step, zero_grad every micro-batch) over K * WINDOWS micro-batches; with
+    ``resume_after=n``, save_state after micro-batch n and go on from load_state in a new
+    Accelerator, model and optimizer. The params, the norms clip_grad_norm_ returned and
+    the (inner) optimizer."""
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g))
+               for _ in range(K * WINDOWS)]
+    acc = _fresh_accelerator()
+    try:
+        model, opt, sched = _accelerate_build(acc, wrap, dtype)
+        norms = []
+        for i, (x, y) in enumerate(batches):
+            with acc.accumulate(model):
+                acc.backward(torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y))
+                if acc.sync_gradients:
+                    norms.append(float(acc.clip_grad_norm_(model.parameters(), CLIP)))
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            if i + 1 == resume_after:
+                acc.save_state(str(tmp_path))
+                acc = _fresh_accelerator()
+                model, opt, sched = _accelerate_build(acc, wrap, dtype)
+                acc.load_state(str(tmp_path))
+        return [p.detach().clone() for p in model.parameters()], norms, opt.optimizer
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["straight", "resume_mid_window"])
+def test_accelerate_loop_with_wrapper_matches_plain_adamw(tmp_path, resume):
+    """docs/usage.md: under accelerate's own accumulation (gradient_accumulation_steps=K, the
+    wrapper's default accumulation_steps=1) the wrapper trains as plain AdamW, its clipping
+    and schedule included, also resumed (save_state/load_state) from a checkpoint taken in
+    the middle of a window: the wrapper's state dict holds the partial window, which plain
+    torch's would lose."""
+    want, want_norms, _ = _accelerate_run(False)
+    got, norms, opt = _accelerate_run(True, resume_after=K + 1 if resume else None,
+                                      tmp_path=tmp_path)
+    assert isinstance(opt, fusedaccum.FusedAccumulator)
+    assert opt.update_count == WINDOWS
+    assert norms == pytest.approx(want_norms, rel=1e-5)
+    assert max(want_norms) > CLIP  # (the clipping scaled something)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_accelerate_clip_grad_norm_of_half_params_is_zero_and_grad_norm_has_it():
+    """docs/usage.md: fp16/bf16 params have no p.grad for accelerate's clip_grad_norm_,
+    which then clips nothing and returns a norm of 0; the wrapper's max_grad_norm clips
+    and opt.grad_norm holds the window's norm (here as the fp32 run's, to bf16 rounding)."""
+    _, norms, opt = _accelerate_run(True, torch.bfloat16)
+    _, fp32_norms, _ = _accelerate_run(False)
+    assert norms == [0.0] * WINDOWS and opt.update_count == WINDOWS
+    assert float(opt.grad_norm) > CLIP
+    assert float(opt.grad_norm) == pytest.approx(fp32_norms[-1], rel=0.05)
