@@ -1196,6 +1196,19 @@ def test_inner_step_hooks_that_raise_or_touch_the_model_lose_nothing(device, opt
         assert_params_close(got, want, **HALF_TOL[torch.bfloat16])
 
 
+def _pre_hooked(dtype, device, opt_name, make_hook, k):
+    """A wrapped model and its master emulation with the same inner step pre-hook, made by
+    make_hook(list it records into); returns both, and the two lists."""
+    model = make_model(dtype=dtype, device=device)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    calls, emu_calls = [], []
+    inner.register_step_pre_hook(make_hook(calls))
+    opt = wrap(inner, accumulation_steps=k)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), OPTIMIZERS[opt_name])
+    emu.opt.register_step_pre_hook(make_hook(emu_calls))
+    return model, opt, emu, calls, emu_calls
+
+
 @pytest.mark.parametrize("edit", ["lr", "replace_grad", "drop_grad", "state"])
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum", "rmsprop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -1227,13 +1240,7 @@ def test_what_an_inner_pre_hook_writes_is_what_the_update_uses(device, dtype, op
                 st[key] = torch.full_like(st[key], 0.5 if key == "square_avg" else 0.0)
         return hook
 
-    model = make_model(dtype=dtype, device=device)
-    inner = OPTIMIZERS[opt_name](model.parameters())
-    calls, emu_calls = [], []
-    inner.register_step_pre_hook(make_hook(calls))
-    opt = wrap(inner, accumulation_steps=k)
-    emu = MasterEmulation(make_model(dtype=dtype, device=device), OPTIMIZERS[opt_name])
-    emu.opt.register_step_pre_hook(make_hook(emu_calls))
+    model, opt, emu, calls, emu_calls = _pre_hooked(dtype, device, opt_name, make_hook, k)
     run_with_emulation(model, opt, emu, windows)
     assert len(calls) == len(emu_calls) == len(windows) == opt.update_count
     assert_params_close(model, emu.model, **HALF_TOL.get(dtype, MASTER_TOL))
@@ -1314,13 +1321,7 @@ def test_an_inner_pre_hook_finds_every_grad_of_the_window_and_edits_it_in_place(
                     t.grad.clamp_(-0.02, 0.02).add_(0.01)  # (not a mere rescaling)
         return hook
 
-    model = make_model(dtype=dtype, device=device)
-    inner = OPTIMIZERS[opt_name](model.parameters())
-    seen, emu_seen = [], []
-    inner.register_step_pre_hook(make_hook(seen))
-    opt = wrap(inner, accumulation_steps=k)
-    emu = MasterEmulation(make_model(dtype=dtype, device=device), OPTIMIZERS[opt_name])
-    emu.opt.register_step_pre_hook(make_hook(emu_seen))
+    model, opt, emu, seen, emu_seen = _pre_hooked(dtype, device, opt_name, make_hook, k)
     for window in windows:
         for i, (x, y) in enumerate(window):
             emu.backward(mse(emu.model(x), y))
