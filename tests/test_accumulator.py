@@ -1917,6 +1917,17 @@ def test_create_graph_leaves_p_grad_the_accumulator_without_a_graph(device):
 # ------------------------------------------------------------------- the user's own hooks
 
 
+def _sgd_hooked(model, register, hook, when, k):
+    """model's params wrapped (SGD, windows of k) with hook registered through register
+    "before" or "after" the wrapping."""
+    if when == "before":
+        register(hook)
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=k)
+    if when == "after":
+        register(hook)
+    return opt
+
+
 def _fresh_grads(dtype, device, window):
     """Each micro-batch's gradient of fc1.weight alone, by plain autograd."""
     fresh = []
@@ -1943,11 +1954,7 @@ def test_a_tensor_hook_sees_each_fresh_gradient_and_its_change_joins_the_window(
         seen.append(g.clone())
         return g * 0.5
 
-    if when == "before":
-        model.fc1.weight.register_hook(halve)
-    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=k)
-    if when == "after":
-        model.fc1.weight.register_hook(halve)
+    opt = _sgd_hooked(model, model.fc1.weight.register_hook, halve, when, k)
     for x, y in window[:-1]:
         mse(model(x), y).backward()
         opt.step()
@@ -1992,11 +1999,8 @@ def test_a_post_accumulate_hook_sees_the_grad_the_docs_name(device, dtype, when,
         if scale and p.grad is not None:
             p.grad.mul_(0.5)
 
-    if when == "before":
-        model.fc1.weight.register_post_accumulate_grad_hook(hook)
-    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=k)
-    if when == "after":
-        model.fc1.weight.register_post_accumulate_grad_hook(hook)
+    opt = _sgd_hooked(model, model.fc1.weight.register_post_accumulate_grad_hook, hook, when,
+                      k)
     for x, y in window[:-1]:
         mse(model(x), y).backward()
         opt.step()
