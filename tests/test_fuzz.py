@@ -813,16 +813,15 @@ def test_random_data_parallel_runs_match_plain_torch(tmp_path):
     and without ZeRO-1: each rank trains on its own micro-batches, the emulation on all of
     them (the window's gradient is the sum over the ranks, D = k * ranks or the ranks'
     num_items summed)."""
-    import torch.multiprocessing as mp
-    from test_distributed import DEVICE, _free_port
+    from test_distributed import DEVICE, _free_port, spawn_ranks
 
     if not _backend_runs_on(DEVICE):
         pytest.skip("the backend runs on no device here")
     failures = []
     try:
-        mp.spawn(_dp_worker, args=(_DP_WORLD, _free_port(), DEVICE, FIRST, DP_SEEDS,
-                                   str(tmp_path)),
-                 nprocs=_DP_WORLD, join=True)
+        spawn_ranks(_dp_worker, args=(_DP_WORLD, _free_port(), DEVICE, FIRST, DP_SEEDS,
+                                      str(tmp_path)),
+                    nprocs=_DP_WORLD)
     except Exception as exc:  # noqa: BLE001 - a rank that failed says why in its file
         failures.append(f"{type(exc).__name__}: {str(exc)[-2000:]}")
     for rank in range(_DP_WORLD):
