@@ -2829,6 +2829,63 @@ def test_single_rank_process_group_equals_one_process(world, shard):
     assert_states_close(plain, ref_opt)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "zero1"])
+def test_zero1_boundary_zeroes_the_accumulators(world, shard, dtype):
+    """docs/internals.md: with ZeRO-1 the boundary zeroes the accumulators as before (the
+    step reads the reduce-scatter's output); without sharding it leaves them the window
+    just applied, for the next window's first gradients to overwrite."""
+    model = make_model(dtype=dtype)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=2, process_group=world,
+               shard_optimizer_state=shard)
+    for x, y in make_windows(1, 2, dtype=dtype)[0]:
+        mse(model(x), y).backward()
+        opt.step()
+    assert opt.stepped
+    left = [int(torch.count_nonzero(p.main_grad)) for p in model.parameters()]
+    if shard:
+        assert left == [0] * len(left), "ZeRO-1's boundary left gradients in the accumulators"
+    else:
+        assert all(n > 0 for n in left)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_an_empty_window_after_a_boundary_sums_no_old_gradient(world, dtype):
+    """docs/internals.md: what reads the accumulators before the window's first backward
+    (here the boundary's sums over the ranks, then its norm) zeroes the applied window
+    first: a window no backward reached updates nothing and its norm is 0."""
+    model = make_model(dtype=dtype)
+    opt = wrap(adamw(model.parameters()), process_group=world, max_grad_norm=1.0)
+    x, y = make_batches(1, dtype=dtype)[0]
+    mse(model(x), y).backward()
+    opt.step()
+    assert opt.stepped
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # no backward in this window
+    assert opt.grad_norm.item() == 0.0
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_the_norm_does_not_ride_with_a_process_group(world, monkeypatch):
+    """docs/internals.md: the clipping norm rides on the last micro-batch's accumulations
+    in a single process only; with a process group (even of one rank) the boundary makes
+    one norm pass over the whole buffer, after the window is summed over the ranks."""
+    k = 2
+    model = make_model(dtype=torch.bfloat16)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k, max_grad_norm=0.1,
+               process_group=world)
+    calls = _count_grad_norm_calls(monkeypatch)
+    for x, y in make_batches(k, dtype=torch.bfloat16):
+        mse(model(x), y).backward()
+        if opt.accumulation_boundary:
+            want = _expected_norm(model, k, 2.0)
+        opt.step()
+    assert opt.stepped and len(calls) == 1
+    assert sum(t.numel() for t in calls[0]) >= sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(opt.grad_norm, want, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------- the norm riding on the last accumulation
 
 
@@ -3155,6 +3212,82 @@ def test_empty_window_after_a_boundary_reads_no_old_gradient(monkeypatch, device
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_the_applied_window_stays_until_the_next_backward_and_a_write_to_it_is_lost(
+        monkeypatch, device, dtype):
+    """docs/internals.md (the boundary does not zero the accumulators): until the next
+    backward that reaches the wrapper's params, p.main_grad holds the window just applied,
+    bitwise; a write to it then (p.main_grad.add_) is not kept: that backward's gradients
+    are written over it (half params large and batched, fp32 params), and a param it gave
+    no gradient reads zeros."""
+    _ride_above(monkeypatch, 8)  # half params: the weights direct, the biases batched
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2)
+    w0, w1 = make_windows(2, 2, dtype=dtype, device=device)
+    for x, y in w0:
+        mse(model(x), y).backward()
+        if opt.accumulation_boundary:
+            applied = [p.main_grad.clone() for p in model.parameters()]
+        opt.step()
+    assert opt.stepped
+    for p, a in zip(model.parameters(), applied):
+        assert torch.equal(p.main_grad, a)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.main_grad.add_(1.0)
+    model.fc2.requires_grad_(False)  # fc2 gets no gradient in the next backward
+    x, y = w1[0]
+    ref = make_model(dtype=dtype, device=device)
+    ref.load_state_dict(model.state_dict())
+    mse(ref(x), y).backward()
+    mse(model(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if name.startswith("fc2"):
+            assert main_grad_is_clear(p), f"{name}: the old window or the write outlived it"
+        else:
+            assert torch.equal(p.main_grad, q.grad.float()), name
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_a_backward_through_another_wrappers_model_leaves_the_applied_window(monkeypatch,
+                                                                           device, dtype):
+    """docs/internals.md: after a boundary, a backward that reached none of the wrapper's
+    params (another model's, under another wrapper) leaves p.main_grad the window just
+    applied; that other wrapper's accumulators are its backward's gradient, and this
+    wrapper's next backward writes over its own as usual."""
+    _ride_above(monkeypatch, 8)
+    models = [make_model(seed, dtype=dtype, device=device) for seed in (0, 1)]
+    opts = [wrap(torch.optim.SGD(m.parameters(), lr=0.1), accumulation_steps=2)
+            for m in models]
+    w0, w1 = make_windows(2, 2, dtype=dtype, device=device)
+    applied = []
+    for model, opt in zip(models, opts):  # both wrappers at a boundary, their windows left
+        for x, y in w0:
+            mse(model(x), y).backward()
+            if opt.accumulation_boundary:
+                applied.append([p.main_grad.clone() for p in model.parameters()])
+            opt.step()
+        assert opt.stepped
+    model, other = models
+    x, y = w1[0]
+
+    def grads(m):  # each param's fp32 gradient of (x, y), by plain autograd
+        ref = make_model(dtype=dtype, device=device)
+        ref.load_state_dict(m.state_dict())
+        mse(ref(x), y).backward()
+        return [q.grad.float() for q in ref.parameters()]
+
+    want_other, want = grads(other), grads(model)
+    mse(other(x), y).backward()
+    for p, a in zip(model.parameters(), applied[0]):
+        assert torch.equal(p.main_grad, a), "another model's backward changed the window"
+    for p, g in zip(other.parameters(), want_other):
+        assert torch.equal(p.main_grad, g)
+    mse(model(x), y).backward()
+    for p, g in zip(model.parameters(), want):
+        assert torch.equal(p.main_grad, g)
+
+
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 def test_second_backward_in_the_last_micro_batch_makes_the_batch_statistic_stale(
         monkeypatch, device, norm_type):
@@ -3357,6 +3490,71 @@ def test_each_backend_batches_half_grads_up_to_its_own_limit(monkeypatch, device
         assert waiting == sorted(p.numel() for p in model.parameters() if p.numel() <= own)
         opt._flush(b)
         assert not b.pending
+
+
+def test_a_batch_is_flushed_at_2_mib_on_cpus_and_at_32_mib_on_gpus(monkeypatch, device):
+    """docs/internals.md: a batch is flushed at 32 MiB, 2 MiB on CPUs (the default sizes).
+    Five bf16 gradients of 512 KiB: on a CPU the fourth fills the batch (one call for
+    four, the fifth at the end of backward); on a GPU all five wait for the end of
+    backward. (The C++ hook takes the same size: test_batch_hook.py.)"""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "0")
+    monkeypatch.setattr(accumulator, "_BATCH_MAX_NUMEL", None)  # (test_backend_matrix sets one)
+    assert accumulator._flush_bytes(torch.device("cpu")) == 2 << 20
+    assert accumulator._flush_bytes(torch.device("cuda")) == 32 << 20
+    n = 1 << 18  # (512 KiB of bf16, under every backend's batching limit)
+    gen = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(n, generator=gen).to(device, torch.bfloat16))
+          for _ in range(5)]
+    opt = wrap(torch.optim.SGD(ps, lr=0.1), accumulation_steps=2)
+    (b,) = opt._all_buckets()
+    calls = _count_accumulate_many(b)
+    x = torch.randn(n, generator=gen).to(device, torch.bfloat16)
+    sum((p * x).float().sum() for p in ps).backward()
+    assert calls == ([4, 1] if device == "cpu" else [5])
+    for p in ps:
+        assert torch.equal(p.main_grad, x.float())
+
+
+class _Probe(torch.autograd.Function):
+    """The identity; its backward first appends ``read()`` to ``seen``."""
+
+    @staticmethod
+    def forward(ctx, x, read, seen):
+        ctx.read, ctx.seen = read, seen
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.seen.append(ctx.read())
+        return g, None, None
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp_hook", "python_hook"])
+def test_a_large_half_gradient_is_added_as_it_arrives(monkeypatch, device, fast):
+    """docs/internals.md: larger half gradients are added as they arrive, small ones wait
+    in their batch. Seen from inside the backward, after fc2's gradients were handed over
+    (autograd runs AccumulateGrad nodes first): fc2.weight's accumulator holds its
+    gradient, fc2.bias's (batched) is still zero; after backward both hold theirs."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
+    _ride_above(monkeypatch, 8)  # the weights (24 and 18 elements) direct, the biases batched
+    model = make_model(dtype=torch.bfloat16, device=device)
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2)
+    x, y = make_batches(1, dtype=torch.bfloat16, device=device)[0]
+    ref = make_model(dtype=torch.bfloat16, device=device)
+    mse(ref(x), y).backward()
+    seen = []
+
+    def read():
+        return model.fc2.weight.main_grad.clone(), model.fc2.bias.main_grad.clone()
+
+    h = _Probe.apply(model.fc1(x), read, seen)
+    mse(model.fc2(torch.tanh(h)), y).backward()
+    ((weight, bias),) = seen
+    assert torch.equal(weight, ref.fc2.weight.grad.float()), "not added as it arrived"
+    assert torch.count_nonzero(bias) == 0, "a small gradient did not wait in its batch"
+    torch.testing.assert_close(model.fc2.bias.main_grad, ref.fc2.bias.grad.float(),
+                               rtol=0, atol=0)
+    assert opt.micro_step == 0  # (nothing stepped: the window goes on)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)

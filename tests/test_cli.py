@@ -67,6 +67,27 @@ def test_info_survives_a_bad_backend_override():
     assert "error: RuntimeError" in proc.stdout
 
 
+def test_info_lists_the_environment_and_says_why_the_extension_did_not_build(tmp_path):
+    """README "Backends": `python -m fusedaccum info` lists the environment variables of
+    the README's table (with the value of each one set), and where the first-use build of
+    the C++ extension failed (no compiler), says why the cpu backend does not run."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Backends\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([A-Z_]+)=", section, re.M))
+    assert documented == set(fusedaccum.ops.ENV_VARS), documented
+    proc = _run("info", env={"FUSEDACCUM_NATIVE": "jit", "FUSEDACCUM_CPU_ISA": "baseline",
+                             "CXX": str(tmp_path / "no-such-c++"),
+                             "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert proc.returncode == 0, _explain(proc)
+    out = proc.stdout
+    for var in fusedaccum.ops.ENV_VARS:
+        assert re.search(rf"^{var}\s*= ", out, re.M), f"{var} missing from info:\n{out}"
+    assert re.search(r"^FUSEDACCUM_CPU_ISA\s*= baseline$", out, re.M), out
+    lines = out.split("\nbackends:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    cpu = next(ln for ln in lines if ln.split()[:1] == ["cpu"])
+    assert "does not run here: " in cpu and "no C++ compiler found" in cpu, cpu
+
+
 def test_demo_curves_agree():
     proc = _run("demo", "--steps", "6", "--accumulation-steps", "3", "--micro-batch", "8",
                 "--no-progress")

@@ -107,6 +107,37 @@ def test_a_build_lock_is_waited_for_and_removed_when_stale(tmp_path, monkeypatch
     assert not lock.exists() and capsys.readouterr().err == ""
 
 
+def test_the_wait_for_a_build_lock_names_the_file_and_ends_at_15_minutes(tmp_path,
+                                                                        monkeypatch, capsys):
+    """README "Backends": the next build waits for the lock file an interrupted build
+    left, says so on stderr naming the file to delete, and removes it itself once it is
+    15 minutes old (the real limit: a 14-minute-old lock is waited for, with no warning;
+    a 16-minute-old one is removed at once, with nothing on stderr)."""
+    import warnings
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    folder = native._build_folder("fusedaccum_native_cpu_locktest15")
+    lock = folder / "lock"
+    lock.touch()
+    young = time.time() - 14 * 60
+    os.utime(lock, (young, young))
+    threading.Timer(0.3, lock.unlink).start()  # (the other build finishes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a removal would warn)
+        native._check_build_lock(folder, poll_s=0.05)
+    err = capsys.readouterr().err
+    assert f"its lock {lock} is" in err and "delete it" in err, err
+    assert "removed at 15 minutes" in err, err
+    lock.touch()
+    old = time.time() - 16 * 60
+    os.utime(lock, (old, old))
+    # (a limit above 16 minutes would wait: the lock goes after 5 s, and no warning says so)
+    threading.Timer(5.0, lambda: lock.unlink(missing_ok=True)).start()
+    with pytest.warns(RuntimeWarning, match="16 minutes ago by an interrupted first-use build"):
+        native._check_build_lock(folder, poll_s=0.05)
+    assert not lock.exists() and capsys.readouterr().err == ""
+
+
 def test_a_build_after_an_interrupted_one_compiles(tmp_path):
     """End to end: with the lock of an interrupted build in the cache (where torch's own
     build looks for it), the first-use build removes it and compiles, where it waited

@@ -1395,6 +1395,29 @@ _TRITON_OP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("value, on_gpu, interpreted, want", [
+    (None, True, False, True), (None, True, True, False), (None, False, True, False),
+    ("0", True, False, False), (" 1 ", False, True, True), ("", True, False, True),
+])
+def test_triton_op_registration_follows_the_environment(monkeypatch, value, on_gpu,
+                                                        interpreted, want):
+    """README "Backends", FUSEDACCUM_TRITON_OP: ``1``/``0`` force torch.library.triton_op
+    or the opaque custom_op; unset (or empty), triton_op on a GPU, custom_op under the
+    interpreter (where triton_op fails opcheck)."""
+    # this process's registration (made at import, with this process's environment)
+    forced = os.environ.get("FUSEDACCUM_TRITON_OP", "").strip()
+    here = forced == "1" if forced in ("0", "1") else (
+        DEV == "cuda" and not T._INTERPRETED and hasattr(torch.library, "triton_op"))
+    assert T._TRITON_OP is here
+    if value is None:
+        monkeypatch.delenv("FUSEDACCUM_TRITON_OP", raising=False)
+    else:
+        monkeypatch.setenv("FUSEDACCUM_TRITON_OP", value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: on_gpu)
+    monkeypatch.setattr(T, "_INTERPRETED", interpreted)
+    assert T._use_triton_op() is want
+
+
 def test_ops_registered_as_triton_op_compute_the_same():
     """On a GPU the ops are torch.library.triton_op (inductor sees the kernels); here,
     under the interpreter, they are custom_op + fake (triton_op fails opcheck there).
