@@ -1700,8 +1700,9 @@ class FusedAccumulator(torch.optim.Optimizer):
 
         When some param of the window has a statistic from its latest accumulation (its
         own, or its batch's) and nothing but our own accumulations wrote the accumulator
-        since (not GradScaler's unscale_, user code or a reset: the version counter
-        tells), the statistic is those combined with one ``grad_norm`` pass over the
+        since (no user code or reset: the version counter tells; GradScaler's unscale_,
+        which bumps no version, is ruled out by the caller), the statistic is those
+        combined with one ``grad_norm`` pass over the
         other touched params' accumulators only. Otherwise None: the caller reads the
         whole buffer.
         """

@@ -141,8 +141,10 @@ class Bucket:
         # The accumulator's version while every param neither touched in this window nor
         # dirty (below) is known to hold zeros in it (-1: not known). Kept after each of
         # our own writes (they write touched or dirty params only), set at every boundary
-        # (which zeroes the rest); any other write to the buffer (p.main_grad.add_(...),
-        # unscale_) changes the version. While it holds, a param's first gradient of the
+        # (which zeroes the rest); any other write to the buffer through torch's ops
+        # (p.main_grad.add_(...)) changes the version (GradScaler's unscale_ does not, but
+        # it runs right before a boundary, which resets the window). While it holds, a
+        # param's first gradient of the
         # window is written into its accumulator instead of added (overwrite: 4 bytes per
         # element less to read). overwrite_first=False turns that off, and the dirty
         # accumulators with it (benchmarks).
