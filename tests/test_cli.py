@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -116,8 +117,11 @@ def test_demo_and_bench_refuse_bad_arguments_cleanly(tmp_path):
            ("bench", "--quick", "--out", str(not_a_folder / "reports"))]
     if fusedaccum.ops.unavailable_reason("cuda", None) is not None:
         bad.append(("bench", "--quick", "--backends", "cuda"))  # nothing that runs: refused
-    for args in bad:
-        proc = _run(*args, "--no-progress", timeout=120)
+    # (side by side, as many at a time as there are cores: each process spends seconds
+    # importing torch)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        procs = list(pool.map(lambda args: _run(*args, "--no-progress", timeout=120), bad))
+    for args, proc in zip(bad, procs):
         assert proc.returncode == 2, (args, _explain(proc))
         assert "Traceback" not in proc.stderr and proc.stderr.strip(), _explain(proc)
 
