@@ -162,6 +162,18 @@ print(fusedaccum.available_backends()["cpu"])
     assert "interrupted first-use build" in proc.stderr
     # the build says it runs (a silent minute looks like a hang, and invites a Ctrl-C)
     assert "compiling the C++ extension on first use" in proc.stderr
+    # ... once: the next process loads the cached build (README "Backends")
+    def builds():
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "ext").rglob("*.so")}
+
+    built = builds()
+    assert len(built) == 1, built
+    again = subprocess.run([sys.executable, "-c", "import fusedaccum; "
+                            "print(fusedaccum.available_backends()['cpu'])"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == "None", again.stderr[-3000:]
+    assert "compiling" not in again.stderr, again.stderr[-3000:]
+    assert builds() == built, "built again"
 
 
 def test_first_use_build_finds_the_ninja_of_this_environment(tmp_path, monkeypatch):
