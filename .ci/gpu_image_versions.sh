@@ -6,7 +6,7 @@
 # here), and runs the wrapper suite with backend="cpu", the ops and the hook tests on the
 # CPU (the CUDA build of torch runs there too), and the Triton op tests under the
 # interpreter, from a copy of the checkout so that the main environment's build is left
-# alone. About 4 minutes.
+# alone. About 3 minutes.
 #   bash .ci/gpu_image_versions.sh        (VENV=... to reuse a venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
