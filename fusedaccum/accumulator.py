@@ -1830,8 +1830,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 items = self._reduced
             world = torch.distributed.get_world_size(self._pg)
             denom = items if items is not None else self._window_k * world
-            if scaler_found_inf is not None:
-                scaler_found_inf = dp.any_rank(scaler_found_inf.to(dev), self._pg)
+            # (no scaler_found_inf here: step() refuses a GradScaler with a process group)
         if isinstance(denom, torch.Tensor):
             denom = denom.to(device=dev, dtype=torch.float32)
         scale = grad_scale if grad_scale is not None else (

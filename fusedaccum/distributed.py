@@ -160,13 +160,6 @@ def global_norm(local_norm: torch.Tensor, norm_type: float, group) -> torch.Tens
     return sq.sqrt()
 
 
-def any_rank(flag: torch.Tensor, group) -> torch.Tensor:
-    """A found-inf flag set on any rank is set on every rank."""
-    flag = flag.to(torch.float32).clone()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return flag
-
-
 def sum_squares_if_finite(sq: torch.Tensor, finite: bool, group):
     """ZeRO-1's overflow retry: (the float64 sum of squares over the ranks, whether every
     rank's shard is finite)."""
