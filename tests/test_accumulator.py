@@ -176,6 +176,31 @@ def test_tutorial_loop_half_params_clip_through_max_grad_norm(device, dtype):
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+def test_tutorial_loop_with_accumulation_steps_4_makes_windows_of_16(device):
+    """README "Usage": pick one of the two loops. The wrapper counts step() calls, so the
+    tutorial loop (loss / 4, step() every 4th micro-batch) on a wrapper with
+    accumulation_steps=4 makes windows of 16 micro-batches: a quarter of the updates
+    intended, each plain torch's on the big batch of all 16 (the mean of 16 losses: each
+    one divided by 4 by the loop, the window's sum by 4 by the wrapper)."""
+    k = 4
+    micro = make_batches(2 * k * k, device=device)
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()), accumulation_steps=k)
+    stepped = []
+    for i, (x, y) in enumerate(micro):
+        (mse(model(x), y) / k).backward()
+        if (i + 1) % k == 0:
+            opt.step()
+            opt.zero_grad()
+            stepped.append(opt.stepped)
+    assert stepped == [False, False, False, True] * 2
+    assert opt.update_count == 2  # (8 intended)
+    ref = make_model(device=device)
+    ref_opt, _ = reference_big_batch(ref, adamw, [micro[:k * k], micro[k * k:]])
+    assert_params_close(model, ref)
+    assert_states_close(opt, ref_opt)
+
+
 # ------------------------------------------------------------------------ optimizers
 
 
@@ -1521,6 +1546,50 @@ def test_a_generic_step_that_fails_half_way_leaves_the_model_as_its_state(device
             assert torch.equal(p, stepped[i].to(p.dtype))
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
+def test_inner_pre_hooks_on_the_generic_path_see_the_fp32_copies_of_half_params(device, dtype):
+    """README "What works today": without masters the generic path steps a temporary fp32
+    copy of each half param, and the inner optimizer's step pre-hooks see those copies in
+    its groups (fp32, the param's values, .grad the prepared gradient: the window's sum /
+    k). Its post-hooks run once the copies are rounded back into the half params, which
+    the groups hold again then (.grad None); the update is the emulation's."""
+    k = 2
+    model = make_model(dtype=dtype, device=device)
+    params = list(model.parameters())
+    inner = _rmsprop(model.parameters())
+    seen = {}
+
+    def look(when):
+        def hook(o, args, kwargs):
+            seen[when] = [(t, t.detach().clone(), None if t.grad is None else t.grad.clone())
+                          for g in o.param_groups for t in g["params"]]
+        return hook
+
+    inner.register_step_pre_hook(look("pre"))
+    inner.register_step_post_hook(look("post"))
+    opt = wrap(inner, accumulation_steps=k, master_weights=False)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), _rmsprop,
+                          master_weights=False)
+    before = []
+    for x, y in make_windows(1, k, dtype=dtype, device=device)[0]:
+        mse(model(x), y).backward()
+        emu.backward(mse(emu.model(x), y))
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        opt.zero_grad()
+    assert opt.stepped and sorted(seen) == ["post", "pre"]
+    for j, ((t, value, grad), p, b, acc) in enumerate(zip(seen["pre"], params, before, emu.acc)):
+        assert t is not p and t.dtype == torch.float32 and t.shape == p.shape, j
+        assert torch.equal(value, b.float()), j
+        assert grad is not None, j
+        torch.testing.assert_close(grad, acc / k, rtol=1e-6, atol=1e-8)
+    for j, ((t, value, grad), p) in enumerate(zip(seen["post"], params)):
+        assert t is p and grad is None and torch.equal(value, p.detach()), j
+    emu.step(k)
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
+
+
 def test_inner_hooks_may_save_state_while_the_generic_path_steps_copies(device):
     """Half params without masters are stepped as fp32 copies that sit in the inner
     optimizer's groups during its step(): a hook that saves the state then is not taken
@@ -1657,6 +1726,38 @@ def test_a_backward_that_failed_part_way_is_dropped_with_reset_accumulation(devi
     for got, want in zip(*runs):
         assert torch.equal(got, want)
     assert _changed(model, dtype=dtype, device=device, cls=FailsMidBackward)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_zero_grad_keeps_what_a_backward_that_failed_part_way_left_in_the_window(device,
+                                                                                   dtype):
+    """README "Usage": a backward that raised part-way leaves in the window the gradients
+    autograd had handed out (fc2's); zero_grad() (the wrapper's and the model's) keeps
+    them, only reset_accumulation() drops them. The update after zero_grad() and a full
+    backward is bitwise that of the same run without the zero_grad() calls (fc2's
+    gradients counted twice), and not that of a run whose window was reset."""
+    micro = make_batches(2, dtype=dtype, device=device)
+
+    def run(between):
+        model = make_model(dtype=dtype, device=device, cls=FailsMidBackward)
+        opt = wrap(adamw(model.parameters()))
+        x, y = micro[0]
+        backward_failing_part_way(mse(model(x), y))
+        if between == "zero_grad":
+            opt.zero_grad()
+            model.zero_grad()
+        elif between == "reset":
+            opt.reset_accumulation()
+        x, y = micro[1]
+        mse(model(x), y).backward()
+        opt.step()
+        assert opt.stepped
+        return [opt.grad_norm.clone()] + [p.detach().clone() for p in group_tensors(opt)]
+
+    kept, cleared, reset = run(None), run("zero_grad"), run("reset")
+    for a, b in zip(cleared, kept):
+        assert torch.equal(a, b)
+    assert not torch.equal(cleared[0], reset[0])  # (the failed backward's gradients count)
 
 
 def test_a_backward_that_failed_in_the_last_micro_batch_and_is_kept_gives_its_norm(device):

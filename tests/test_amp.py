@@ -169,6 +169,52 @@ def test_dynamic_loss_scale_half_params_equals_emulation(device, dtype):
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+@pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"], ids=["fused", "generic"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
+def test_dynamic_loss_scale_half_params_without_masters_equals_emulation(device, dtype,
+                                                                          opt_name):
+    """README "What works today": GradScaler is refused with master_weights=False and half
+    params; loss_scale="dynamic" is what to use there. It trains as the emulation without
+    masters (fp32 math, the scale removed before the update) on the fused and the generic
+    path; a window with an inf is skipped (the half params untouched) and halves the
+    scale, as GradScaler's policy."""
+    k = 2
+    make_opt = OPTIMIZERS[opt_name]
+    windows = make_windows(3, k, dtype=dtype, device=device, x_scale=0.5, y_scale=0.2)
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(make_opt(model.parameters()), accumulation_steps=k, master_weights=False,
+               loss_scale="dynamic")
+    emu = MasterEmulation(make_model(dtype=dtype, device=device), make_opt,
+                          master_weights=False)
+    s = 2.0**16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for w, window in enumerate(windows):
+            for i, (x, y) in enumerate(window):
+                hooks = [m.fc1.bias.register_hook(poison(INF)) for m in (model, emu.model)] \
+                    if (w, i) == (1, 0) else []
+                opt.scale_loss(mse(model(x).float(), y.float())).backward()
+                emu.backward(mse(emu.model(x).float(), y.float()) * s)
+                for h in hooks:
+                    h.remove()
+                if (w, i) == (1, k - 1):
+                    snap = snapshot(model, opt)
+                opt.step()
+                opt.zero_grad()
+            norm, applied = emu.step(k, loss_scale=s)
+            assert opt.stepped == applied == (w != 1), w
+            if applied:
+                torch.testing.assert_close(opt.grad_norm, norm, rtol=1e-5, atol=1e-7)
+            else:
+                assert_unchanged(snap, model, opt)
+                s /= 2
+            assert as_float(opt.loss_scale) == s, w
+    assert opt.update_count == 2 and opt.skipped_steps == 1
+    assert all(a is b for a, b in zip(group_tensors(opt), model.parameters()))  # no masters
+    assert_params_close(model, emu.model, **HALF_TOL[dtype])
+    assert_states_close(opt, emu.opt, **MASTER_TOL)
+
+
 def _tiny():
     """A two-element model: the cheapest thing that has a gradient."""
     p = nn.Parameter(torch.tensor([0.5, -0.25], device=DEFAULT_DEVICE))

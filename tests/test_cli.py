@@ -62,6 +62,27 @@ def test_info_lists_every_backend():
             assert line.split(" -> ", 1)[1].startswith(want), (dev, want, line)
 
 
+def test_info_names_the_cpp_build_and_its_cpu_instruction_set(capsys):
+    """README "What works today": `python -m fusedaccum info` lists the C++ build and its
+    CPU instruction set: its "C++ extension:" line is the loader's account (how the
+    extension was loaded, its kernels, the instruction set of its CPU loops as the
+    library reports it), or why it did not load. (In-process: the same loader state.)"""
+    import torch
+
+    from fusedaccum import __main__ as cli
+    from fusedaccum.ops import native
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    line = next((ln for ln in out.splitlines() if ln.startswith("C++ extension: ")), None)
+    assert line == f"C++ extension: {native.build_info()}", out
+    if native.unavailable_reason("cpu", None) is None:  # (built: its loops' set is named)
+        isa = next(f.split("=", 1)[1] for f in
+                   torch.ops.fusedaccum_native.build_info().split(",") if f.startswith("cpu-isa="))
+        assert isa in ("avx512", "avx2", "baseline") and line.endswith(f"CPU loops: {isa})"), \
+            line
+
+
 def test_info_survives_a_bad_backend_override():
     proc = _run("info", env={"FUSEDACCUM_BACKEND": "no-such-backend"})
     assert proc.returncode == 0, _explain(proc)
@@ -188,7 +209,8 @@ def test_bench_refuses_a_max_buffer_sets_below_one(tmp_path):
 
 def test_bench_keeps_an_earlier_report_of_the_same_day(tmp_path):
     """A second run on the same day writes its own report (named with the time) instead
-    of overwriting the first one, which the README may cite."""
+    of overwriting the first one, which the README may cite (README "What works today":
+    the next one gets the time in its name)."""
     args = ("bench", "--quick", "--ops", "none", "--no-windows", "--copy-size", "1M",
             "--no-plot", "--no-progress", "--device", "cpu", "--out", str(tmp_path))
     for _ in range(2):
@@ -196,6 +218,9 @@ def test_bench_keeps_an_earlier_report_of_the_same_day(tmp_path):
         assert proc.returncode == 0, _explain(proc)
     reports = sorted(p.name for p in tmp_path.glob("*.md"))
     assert len(reports) == 2 and all(r.endswith("_quick.md") for r in reports), reports
+    first, second = sorted(reports, key=len)
+    assert re.fullmatch(re.escape(first[:-len("_quick.md")]) + r"_\d{6}_quick\.md", second), \
+        reports  # (the first one's name, and the time as HHMMSS)
 
 
 def test_demo_rejects_a_backend_that_cannot_run():
