@@ -14,8 +14,8 @@ import contextlib
 import copy
 import math
 import os
-import socket
 import sys
+import uuid
 
 import pytest
 import torch
@@ -51,11 +51,10 @@ def _finish() -> None:
 
 
 @contextlib.contextmanager
-def _rank(rank, world, port):
-    """This process as rank ``rank`` of a Gloo group on 127.0.0.1 for the body; then leave
+def _rank(rank, world, init):
+    """This process as rank ``rank`` of a Gloo group met at ``init`` for the body; then leave
     together (_finish), or tear the group down and re-raise."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         yield
     except BaseException:
@@ -64,10 +63,11 @@ def _rank(rank, world, port):
     _finish()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous(tmp_path) -> str:
+    """Where a test's ranks meet: a file of its own (FileStore) rather than a free TCP
+    port, which another process on the machine could take between our look and rank 0's
+    bind."""
+    return f"file://{tmp_path}/rendezvous-{uuid.uuid4().hex}"
 
 
 # What a rank imports before it runs (spawned, a rank spent 2-3 s of CPU importing torch,
@@ -156,9 +156,9 @@ def _train(cfg, model, opt, x, y, world, rank, windows, poison_window=None):
             opt.step(num_items=K * MB if cfg["num_items"] else None)
 
 
-def _worker(rank, world, port, cfg, out_dir):
+def _worker(rank, world, init, cfg, out_dir):
     idle = int(cfg.get("idle_rank", False))
-    with _rank(rank, world + idle, port):
+    with _rank(rank, world + idle, init):
         group = dist.group.WORLD
         if idle:  # the group is global ranks 1..world; global rank 0 is not in it
             group = dist.new_group(list(range(1, world + 1)))  # (every process calls it)
@@ -263,7 +263,7 @@ def _case_id(c):
 @pytest.mark.parametrize("cfg", CASES, ids=[_case_id(c) for c in CASES])
 def test_data_parallel_equals_single_process(cfg, tmp_path):
     world = cfg["world"]
-    spawn_ranks(_worker, args=(world, _free_port(), cfg, str(tmp_path)),
+    spawn_ranks(_worker, args=(world, _rendezvous(tmp_path), cfg, str(tmp_path)),
                 nprocs=world + cfg.get("idle_rank", False))
     got = torch.load(tmp_path / "result.pt")
     model, opt = _single(cfg, world)
@@ -287,9 +287,9 @@ def test_data_parallel_equals_single_process(cfg, tmp_path):
         assert got["memory"] == full
 
 
-def _refusal_worker(rank, world, port, out_dir, case):
+def _refusal_worker(rank, world, init, out_dir, case):
     """Build the wrapper on a model the wrapper must refuse; rank 0 saves the error."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         model = _model(torch.float32)
         if case == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
@@ -320,7 +320,7 @@ def _refusal_worker(rank, world, port, out_dir, case):
 
 
 def _refusal(tmp_path, case) -> str:
-    spawn_ranks(_refusal_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2)
+    spawn_ranks(_refusal_worker, args=(2, _rendezvous(tmp_path), str(tmp_path), case), nprocs=2)
     return torch.load(tmp_path / "msg.pt")
 
 
@@ -339,7 +339,7 @@ def test_a_ddp_around_another_module_is_not_refused(tmp_path):
     assert _refusal(tmp_path, "other ddp") == "no error"
 
 
-def _late_ddp_worker(rank, world, port, out_dir, case):
+def _late_ddp_worker(rank, world, init, out_dir, case):
     """A bf16 model trains one window under the wrapper (process_group= set), then the
     second window's backwards run through a DistributedDataParallel wrapped around it
     ("late_ddp"; "late_ddp_static" with static_graph=True and "late_ddp_unused" with
@@ -347,7 +347,7 @@ def _late_ddp_worker(rank, world, port, out_dir, case):
     see their hooks), or with a .grad set by hand on each param ("by_hand"). Rank 0 saves
     what the second boundary's step() did and whether params, masters and state
     changed."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         model = _model(torch.bfloat16)
         static, unused = case == "late_ddp_static", case == "late_ddp_unused"
         backend = "cpu" if (static or unused) and DEVICE == "cpu" else BACKEND
@@ -405,7 +405,7 @@ def test_ddp_wrapped_after_the_first_step_is_refused_at_the_boundary(tmp_path, c
     hooks see its node hooks). A
     .grad set by hand is no DDP, and steps as before (the boundary drops it); a DDP wrapped
     after such a window and a window without any is refused as well."""
-    spawn_ranks(_late_ddp_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2)
+    spawn_ranks(_late_ddp_worker, args=(2, _rendezvous(tmp_path), str(tmp_path), case), nprocs=2)
     got = torch.load(tmp_path / "late.pt")
     if got["msg"] == "no C++ hooks":
         pytest.skip("the C++ extension's hooks do not run here")
@@ -465,7 +465,7 @@ def test_bytes_per_window_counts_one_exchange_per_window():
 def test_sharded_checkpoint_resumes_on_another_world_size(cfg, tmp_path):
     """The consolidated state dict of N ranks resumes in one process, same trajectory."""
     world = cfg["world"]
-    spawn_ranks(_worker, args=(world, _free_port(), cfg, str(tmp_path)), nprocs=world)
+    spawn_ranks(_worker, args=(world, _rendezvous(tmp_path), cfg, str(tmp_path)), nprocs=world)
     got = torch.load(tmp_path / "result.pt")
     model = _model(cfg["dtype"])
     opt = _opt(cfg, model, accumulation_steps=world * K)
@@ -484,10 +484,10 @@ def test_sharded_checkpoint_resumes_on_another_world_size(cfg, tmp_path):
             torch.testing.assert_close(got_sd["state"][idx][key], value, rtol=1e-4, atol=1e-6)
 
 
-def _misuse_worker(rank, world, port, out_dir, case):
+def _misuse_worker(rank, world, init, out_dir, case):
     """Data-parallel misuse each rank must refuse with the same clear error (or, for the
     state dict cases, use that must work); rank 0 saves what happened."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         torch.manual_seed(0)
         model = _model(torch.float32)
         group = dist.group.WORLD
@@ -590,7 +590,8 @@ def _misuse_worker(rank, world, port, out_dir, case):
     ("mid-window state dict", 2, "no error"),
 ])
 def test_data_parallel_misuse_is_refused_on_every_rank(tmp_path, case, world, expected):
-    spawn_ranks(_misuse_worker, args=(world, _free_port(), str(tmp_path), case), nprocs=world)
+    spawn_ranks(_misuse_worker, args=(world, _rendezvous(tmp_path), str(tmp_path), case),
+                nprocs=world)
     out = torch.load(tmp_path / "out.pt")
     if expected is not None:
         assert out["msg"].startswith(expected), out["msg"]
@@ -610,13 +611,13 @@ def test_data_parallel_misuse_is_refused_on_every_rank(tmp_path, case, world, ex
         assert out["refused"]
 
 
-def _retry_worker(rank, world, port, out_dir, shard, how):
+def _retry_worker(rank, world, init, out_dir, shard, how):
     """A boundary that raises, then retried: an inner pre-hook that raises after the
     gradients were exchanged ("hook"), or a group's betas the update cannot read, refused
     before the exchange ("betas", set right for the retry). The same update as without
     the failure, bitwise (the window is not exchanged twice, nor lost under ZeRO-1, nor
     left unexchanged)."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         def train(fail):
             torch.manual_seed(0)
             model = _model(torch.float32)
@@ -658,7 +659,7 @@ def _retry_worker(rank, world, port, out_dir, shard, how):
 @pytest.mark.parametrize("shard,how", [(False, "hook"), (True, "hook"), (True, "betas")],
                          ids=["allreduce", "zero1", "zero1-refused_before_the_exchange"])
 def test_a_boundary_retried_after_the_exchange_is_not_exchanged_again(tmp_path, shard, how):
-    spawn_ranks(_retry_worker, args=(2, _free_port(), str(tmp_path), shard, how), nprocs=2)
+    spawn_ranks(_retry_worker, args=(2, _rendezvous(tmp_path), str(tmp_path), shard, how), nprocs=2)
     assert torch.load(tmp_path / "same.pt")
 
 
@@ -704,8 +705,8 @@ def _two_heads(shard, dtype, world, out_dir, rank=None):
     return None
 
 
-def _two_heads_worker(rank, world, port, shard, dtype, out_dir):
-    with _rank(rank, world, port):
+def _two_heads_worker(rank, world, init, shard, dtype, out_dir):
+    with _rank(rank, world, init):
         _two_heads(shard, dtype, world, out_dir, rank)
 
 
@@ -722,7 +723,7 @@ def test_a_param_only_another_rank_gave_a_gradient_is_updated_on_every_rank(tmp_
     accumulated). The state dict, consolidated with ZeRO-1, has an entry for each param
     that was stepped, as one process's, and none for a head no rank reached."""
     world = 2
-    spawn_ranks(_two_heads_worker, args=(world, _free_port(), shard, dtype, str(tmp_path)),
+    spawn_ranks(_two_heads_worker, args=(world, _rendezvous(tmp_path), shard, dtype, str(tmp_path)),
                 nprocs=world)
     want, want_keys = _two_heads(shard, dtype, world, str(tmp_path))
     assert not {6, 7} & set(want_keys)  # (the third head's params)
@@ -735,11 +736,11 @@ def test_a_param_only_another_rank_gave_a_gradient_is_updated_on_every_rank(tmp_
                                        msg=lambda m, i=i, rank=rank: f"rank {rank}, param {i}: {m}")
 
 
-def _hook_sees_other_ranks_grads_worker(rank, world, port, out_dir):
+def _hook_sees_other_ranks_grads_worker(rank, world, init, out_dir):
     """Rank r's micro-batches reach head r % 2 only; the inner optimizer's pre-hook records
     each stepped tensor's .grad at the boundary (the heads' ones this rank never reached
     included). fp32 params, bf16 ones (fp32 masters), and fp32 ones with ZeRO-1."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         x, y = _data(world)
         out = {}
         for dtype, shard in ((torch.float32, False), (torch.bfloat16, False),
@@ -772,8 +773,8 @@ def test_an_inner_pre_hook_sees_the_grad_only_another_rank_gave(tmp_path):
     see no prepared gradient: a .grad is None, or zeros (the params this rank's backward
     reached: their accumulators, reduce-scattered away)."""
     world = 2
-    spawn_ranks(_hook_sees_other_ranks_grads_worker, args=(world, _free_port(), str(tmp_path)),
-                nprocs=world)
+    spawn_ranks(_hook_sees_other_ranks_grads_worker,
+                args=(world, _rendezvous(tmp_path), str(tmp_path)), nprocs=world)
     seen = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
     for rank in range(world):
         calls = seen[rank][str(torch.float32), True]
@@ -791,12 +792,12 @@ def test_an_inner_pre_hook_sees_the_grad_only_another_rank_gave(tmp_path):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _resume_at_shard_edge_worker(rank, world, port, out_dir):
+def _resume_at_shard_edge_worker(rank, world, init, out_dir):
     """ZeRO-1 with params that fill their shards to the last element (no alignment padding
     at the shard edge: elements 95 and 96 of the flat buffers are both fc1.weight's): a
     run that saves a state dict part-way through window 1 and resumes from it in a new
     model and wrapper, against one that does not stop."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         x, y = _data(world)
 
         def build():
@@ -841,7 +842,7 @@ def test_sharded_resume_with_params_filling_the_shard_edge(tmp_path):
     the optimizer state, the shard's last one too (the cases above have alignment padding
     there, which a load that missed the last element would not show)."""
     world = 2
-    spawn_ranks(_resume_at_shard_edge_worker, args=(world, _free_port(), str(tmp_path)),
+    spawn_ranks(_resume_at_shard_edge_worker, args=(world, _rendezvous(tmp_path), str(tmp_path)),
                 nprocs=world)
     for rank in range(world):
         out = torch.load(tmp_path / f"rank{rank}.pt")
@@ -882,8 +883,8 @@ def _overflow_run(shard, hooked, world, out_dir, rank=None):
     return None
 
 
-def _overflow_worker(rank, world, port, shard, hooked, out_dir):
-    with _rank(rank, world, port):
+def _overflow_worker(rank, world, init, shard, hooked, out_dir):
+    with _rank(rank, world, init):
         _overflow_run(shard, hooked, world, out_dir, rank)
 
 
@@ -895,7 +896,7 @@ def test_a_window_whose_scaled_norm_overflows_fp32_is_applied(tmp_path, shard, h
     fp32 sum of squares overflows; with ZeRO-1 too, where each rank holds a shard of the
     window (with a fixed loss scale it was skipped, every window, for good)."""
     world = 2
-    spawn_ranks(_overflow_worker, args=(world, _free_port(), shard, hooked, str(tmp_path)),
+    spawn_ranks(_overflow_worker, args=(world, _rendezvous(tmp_path), shard, hooked, str(tmp_path)),
                 nprocs=world)
     want = _overflow_run(shard, hooked, world, str(tmp_path))
     assert want["counts"] == (WINDOWS, 0)
@@ -907,11 +908,11 @@ def test_a_window_whose_scaled_norm_overflows_fp32_is_applied(tmp_path, shard, h
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _fp32_late_ddp_worker(rank, world, port, out_dir):
+def _fp32_late_ddp_worker(rank, world, init, out_dir):
     """fp32 params (process_group= set) train window 0 plainly, then the other windows'
     backwards through a DistributedDataParallel wrapped around the model; rank 0 saves
     what step() said and the params."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         cfg = dict(dtype=torch.float32, num_items=False, opt="adamw", clip=0.05)
         x, y = _data(world)
         model = _model(torch.float32)
@@ -938,7 +939,8 @@ def test_an_fp32_model_wrapped_in_ddp_after_the_first_step_still_sums_the_window
     still sums the window correctly: the update is one process's over all the
     micro-batches, clipped on the global norm."""
     world = 2
-    spawn_ranks(_fp32_late_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    spawn_ranks(_fp32_late_ddp_worker, args=(world, _rendezvous(tmp_path), str(tmp_path)),
+                nprocs=world)
     got = torch.load(tmp_path / "late.pt")
     cfg = dict(dtype=torch.float32, num_items=False, opt="adamw", clip=0.05)
     model, opt = _single(cfg, world)
@@ -948,11 +950,11 @@ def test_an_fp32_model_wrapped_in_ddp_after_the_first_step_still_sums_the_window
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
 
-def _zero1_views_worker(rank, world, port, out_dir):
+def _zero1_views_worker(rank, world, init, out_dir):
     """ZeRO-1 on fp32 and bf16 params: what opt.state and opt.param_groups hold between
     state_dict() calls, and what state_dict() returns; then a wrapper of RMSprop (not the
     fused path) with shard_optimizer_state=True. Rank 0 saves what it saw."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         out = {}
         x, y = _data(world)
         for dtype in (torch.float32, torch.bfloat16):
@@ -985,7 +987,8 @@ def test_zero1_leaves_opt_state_empty_and_the_models_params_in_the_groups(tmp_pa
     model's params, not fp32 masters (bf16 too); and sharding an optimizer that is not on
     the fused path (AdamW, Adam, SGD) is refused with a ValueError."""
     world = 2
-    spawn_ranks(_zero1_views_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    spawn_ranks(_zero1_views_worker, args=(world, _rendezvous(tmp_path), str(tmp_path)),
+                nprocs=world)
     out = torch.load(tmp_path / "zero1.pt")
     n_params = len(list(_model(torch.float32).parameters()))
     for dtype in (torch.float32, torch.bfloat16):
@@ -998,10 +1001,10 @@ def test_zero1_leaves_opt_state_empty_and_the_models_params_in_the_groups(tmp_pa
                                      "fused path only")
 
 
-def _load_onto_zero1_worker(rank, world, port, cfg, ckpt, out_dir):
+def _load_onto_zero1_worker(rank, world, init, cfg, ckpt, out_dir):
     """Load one process's state dict, saved at a boundary, onto ``world`` ranks with
     ZeRO-1, and train the spare window; each rank saves its params and its state dict."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         x, y = _data(world)
         saved = torch.load(ckpt)
         model = _model(cfg["dtype"])
@@ -1026,7 +1029,7 @@ def test_a_boundary_checkpoint_of_one_process_resumes_on_zero1_ranks(cfg, tmp_pa
     model, opt = _single(cfg, world)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
     spawn_ranks(_load_onto_zero1_worker,
-                args=(world, _free_port(), cfg, str(tmp_path / "ckpt.pt"), str(tmp_path)),
+                args=(world, _rendezvous(tmp_path), cfg, str(tmp_path / "ckpt.pt"), str(tmp_path)),
                 nprocs=world)
     want_model, want_opt = _single(cfg, world, WINDOWS + 1)
     want_sd = want_opt.state_dict()
@@ -1043,12 +1046,12 @@ def test_a_boundary_checkpoint_of_one_process_resumes_on_zero1_ranks(cfg, tmp_pa
                 torch.testing.assert_close(got["state"][idx][key], value, rtol=1e-4, atol=1e-6)
 
 
-def _local_then_summed_worker(rank, world, port, out_dir):
+def _local_then_summed_worker(rank, world, init, out_dir):
     """fp32, unsharded: after a window's boundary, a backward of this rank's own
     micro-batch, state_dict() (at the boundary: local), then step() and state_dict() again
     (mid-window: summed over the ranks). Each rank saves both state dicts' accumulators and
     its own gradients, by plain autograd on a copy of the model, and their sum."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         cfg = dict(dtype=torch.float32, num_items=False, opt="sgd", clip=None)
         x, y = _data(world)
         model = _model(torch.float32)
@@ -1075,7 +1078,7 @@ def test_a_state_dict_at_a_boundary_holds_this_ranks_gradients_and_mid_window_th
     gradients a backward left since that step are this rank's own; in the middle of a
     window it sums the partial window over the ranks."""
     world = 2
-    spawn_ranks(_local_then_summed_worker, args=(world, _free_port(), str(tmp_path)),
+    spawn_ranks(_local_then_summed_worker, args=(world, _rendezvous(tmp_path), str(tmp_path)),
                 nprocs=world)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
@@ -1089,10 +1092,10 @@ def test_a_state_dict_at_a_boundary_holds_this_ranks_gradients_and_mid_window_th
         assert not torch.equal(got["own"][0], got["summed"][0])  # (the ranks' data differ)
 
 
-def _count_all_reduces_worker(rank, world, port, out_dir):
+def _count_all_reduces_worker(rank, world, init, out_dir):
     """fp32 params and a bf16 layer (two flat buffers: one per dtype), K micro-batches per
     window: each step()'s calls of dist.all_reduce (async or not, dtype, elements)."""
-    with _rank(rank, world, port):
+    with _rank(rank, world, init):
         x, y = _data(world)
         model = _model(torch.float32)
         model[2].to(torch.bfloat16)
@@ -1128,7 +1131,7 @@ def test_the_window_is_exchanged_in_one_async_all_reduce_per_flat_buffer(tmp_pat
     elements); no micro-batch before the boundary exchanges anything. (Besides, a small
     synchronous check the ranks agree: test_data_parallel_misuse_is_refused_on_every_rank.)"""
     world = 2
-    spawn_ranks(_count_all_reduces_worker, args=(world, _free_port(), str(tmp_path)),
+    spawn_ranks(_count_all_reduces_worker, args=(world, _rendezvous(tmp_path), str(tmp_path)),
                 nprocs=world)
     per_step = torch.load(tmp_path / "calls.pt")
     model = _model(torch.float32)

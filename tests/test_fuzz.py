@@ -776,13 +776,13 @@ def _dp_seed(seed, rank, world, device, group, monkeypatch):
     return failure
 
 
-def _dp_worker(rank, world, port, device, first, seeds, out_dir):
+def _dp_worker(rank, world, init, device, first, seeds, out_dir):
     from datetime import timedelta
 
     from test_distributed import _finish
 
     # (a collective that one rank never reaches fails after a minute instead of hanging)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+    torch.distributed.init_process_group("gloo", init_method=init,
                                          rank=rank, world_size=world,
                                          timeout=timedelta(seconds=60))
     failures = []
@@ -813,13 +813,13 @@ def test_random_data_parallel_runs_match_plain_torch(tmp_path):
     and without ZeRO-1: each rank trains on its own micro-batches, the emulation on all of
     them (the window's gradient is the sum over the ranks, D = k * ranks or the ranks'
     num_items summed)."""
-    from test_distributed import DEVICE, _free_port, spawn_ranks
+    from test_distributed import DEVICE, _rendezvous, spawn_ranks
 
     if not _backend_runs_on(DEVICE):
         pytest.skip("the backend runs on no device here")
     failures = []
     try:
-        spawn_ranks(_dp_worker, args=(_DP_WORLD, _free_port(), DEVICE, FIRST, DP_SEEDS,
+        spawn_ranks(_dp_worker, args=(_DP_WORLD, _rendezvous(tmp_path), DEVICE, FIRST, DP_SEEDS,
                                       str(tmp_path)),
                     nprocs=_DP_WORLD)
     except Exception as exc:  # noqa: BLE001 - a rank that failed says why in its file
