@@ -1702,9 +1702,8 @@ class FusedAccumulator(torch.optim.Optimizer):
         own, or its batch's) and nothing but our own accumulations wrote the accumulator
         since (no user code or reset: the version counter tells; GradScaler's unscale_,
         which bumps no version, is ruled out by the caller), the statistic is those
-        combined with one ``grad_norm`` pass over the
-        other touched params' accumulators only. Otherwise None: the caller reads the
-        whole buffer.
+        combined with one ``grad_norm`` pass over the other touched params' accumulators
+        only. Otherwise None: the caller reads the whole buffer.
         """
         if not b.is_half or b.stats_version < 0 or b.acc._version != b.stats_version:
             return None

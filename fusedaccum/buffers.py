@@ -144,10 +144,9 @@ class Bucket:
         # (which zeroes the rest); any other write to the buffer through torch's ops
         # (p.main_grad.add_(...)) changes the version (GradScaler's unscale_ does not, but
         # it runs right before a boundary, which resets the window). While it holds, a
-        # param's first gradient of the
-        # window is written into its accumulator instead of added (overwrite: 4 bytes per
-        # element less to read). overwrite_first=False turns that off, and the dirty
-        # accumulators with it (benchmarks).
+        # param's first gradient of the window is written into its accumulator instead of
+        # added (overwrite: 4 bytes per element less to read). overwrite_first=False turns
+        # that off, and the dirty accumulators with it (benchmarks).
         self.overwrite_first = True
         self.clean_version = self.acc._version if self.is_half else -1
         # Params whose accumulator still holds an earlier window's sum (no gradient of
