@@ -450,17 +450,22 @@ def _with_step_hooks(func):
     return step
 
 
+def _check_pre_hook_result(who, result) -> tuple:
+    """A step pre-hook's ``result`` (not None): the (new_args, new_kwargs) it returned, or
+    torch's step wrapper's error, naming ``who`` as torch does."""
+    if isinstance(result, tuple) and len(result) == 2:
+        return result
+    raise RuntimeError(f"{who} must return None or a tuple of (new_args, new_kwargs), but got "
+                       f"{result}.")
+
+
 def _run_step(func, self, args, kwargs):
     pre_hooks = self._optimizer_step_pre_hooks
     if _global_optimizer_pre_hooks or pre_hooks:
         for pre_hook in chain(_global_optimizer_pre_hooks.values(), pre_hooks.values()):
             result = pre_hook(self, args, kwargs)
             if result is not None:
-                if isinstance(result, tuple) and len(result) == 2:
-                    args, kwargs = result
-                else:
-                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
-                                       f"new_kwargs), but got {result}.")
+                args, kwargs = _check_pre_hook_result(func, result)
     self._in_step = True
     try:
         out = func(*args, **kwargs)
@@ -2057,12 +2062,16 @@ class FusedAccumulator(torch.optim.Optimizer):
                     seen[i] = params[i]._version
 
     # -- fused path ----------------------------------------------------------------
-    def _inner_step_hooks(self, hooks) -> None:
+    def _inner_step_hooks(self, hooks, pre: bool = False) -> None:
         """Run the inner optimizer's own step pre- or post-hooks (not the global ones: the
         wrapper's step() ran those) for an update of the fused path, which replaces
-        ``inner.step()``, as the generic path's call of it does; they get no arguments."""
+        ``inner.step()``, as the generic path's call of it does; they get no arguments,
+        and a pre-hook's (args, kwargs) has none to replace, but what else it returns is
+        refused as torch's step wrapper refuses it."""
         for hook in list(hooks.values()):
-            hook(self.inner, (), {})
+            result = hook(self.inner, (), {})
+            if pre and result is not None:
+                _check_pre_hook_result(hook, result)
 
     def _inner_pre_hooks(self, hooks) -> list:
         """The inner optimizer's step pre-hooks before a fused update, which then uses what
@@ -2088,7 +2097,7 @@ class FusedAccumulator(torch.optim.Optimizer):
                 if before is None and t.dtype == torch.float32:
                     t.grad = b.main_grads[i]
                 shown.append(t.grad)
-            self._inner_step_hooks(hooks)
+            self._inner_step_hooks(hooks, pre=True)
             changed = [(b, i, g, b.stepped[i].grad) for (b, i, _), g in zip(held, shown)
                        if b.stepped[i].grad is not g]
             # (torch itself refuses a .grad of another shape, dtype or device)
@@ -2141,10 +2150,7 @@ class FusedAccumulator(torch.optim.Optimizer):
         for hook in list(inner._optimizer_step_pre_hooks.values()):
             result = hook(inner, args, kwargs)
             if result is not None:
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(f"{hook} must return None or a tuple of (new_args, "
-                                       f"new_kwargs), but got {result}.")
-                args, kwargs = result
+                args, kwargs = _check_pre_hook_result(hook, result)
         raw(*args, **kwargs)
         inner._optimizer_step_code()
         hooks = list(inner._optimizer_step_post_hooks.values())

@@ -1281,23 +1281,35 @@ def test_what_an_inner_pre_hook_writes_is_what_the_update_uses(device, dtype, op
             assert counts[0] == len(windows) - 1
 
 
-@pytest.mark.parametrize("sparse", [True, False])
-def test_an_inner_pre_hook_that_sets_a_sparse_grad_is_refused_and_changes_nothing(
-        device, sparse):
-    """A hook that gives a stepped tensor a sparse .grad (torch's AdamW refuses it too): a
-    RuntimeError naming the param, every .grad put back, nothing stepped; once the hook
-    behaves, the retried step() gives the update of no failure. (False: the control.)"""
+_PRE_HOOK_FAULTS = {  # what a misbehaving inner pre-hook does -> the error it gets
+    "sparse": r"pre-hook set the \.grad of parameter \(group 0, index 0.*sparse",
+    "bad_return": r"must return None or a tuple of \(new_args, new_kwargs\), but got 5\.",
+}
+
+
+@pytest.mark.parametrize("opt_name, fault", [
+    ("adamw", "sparse"), ("adamw", "bad_return"), ("rmsprop", "bad_return"),
+    ("adamw", None)])
+def test_an_inner_pre_hook_that_misbehaves_is_refused_and_changes_nothing(
+        device, opt_name, fault):
+    """A hook that gives a stepped tensor a sparse .grad (torch's AdamW refuses it too), or
+    that returns something other than None or (args, kwargs) (torch's step wrapper raises
+    then; on the fused path, whose hooks get no arguments, as on the generic one): a
+    RuntimeError saying so, every .grad put back, nothing stepped; once the hook behaves,
+    the retried step() gives the update of no failure. (None: the control.)"""
     k = 2
     windows = make_windows(2, k, device=device)
 
     def run(bad):
         model = make_model(device=device)
-        inner = adamw(model.parameters())
+        inner = OPTIMIZERS[opt_name](model.parameters())
         armed = [bad]
 
         def hook(o, args, kwargs):
             if armed[0]:
-                armed[0] = False
+                armed[0] = None
+                if bad == "bad_return":
+                    return 5
                 t = o.param_groups[0]["params"][0]
                 t.grad = t.grad.detach().clone().to_sparse()
 
@@ -1309,8 +1321,7 @@ def test_an_inner_pre_hook_that_sets_a_sparse_grad_is_refused_and_changes_nothin
                 if armed[0] and opt.accumulation_boundary:
                     snap = snapshot(model, opt)
                     grads = [p.grad for p in model.parameters()]
-                    with pytest.raises(RuntimeError, match=r"pre-hook set the \.grad of "
-                                       r"parameter \(group 0, index 0.*sparse"):
+                    with pytest.raises(RuntimeError, match=_PRE_HOOK_FAULTS[bad]):
                         opt.step()
                     assert_unchanged(snap, model, opt)
                     assert all(p.grad is g for p, g in zip(model.parameters(), grads))
@@ -1319,8 +1330,8 @@ def test_an_inner_pre_hook_that_sets_a_sparse_grad_is_refused_and_changes_nothin
         assert opt.update_count == 2
         return [p.detach().clone() for p in model.parameters()]
 
-    want = run(False)
-    got = run(sparse)
+    want = run(None)
+    got = run(fault)
     # (the undone prepared gradient, acc * m / m, may differ from acc in the last bit)
     assert_params_close(got, want, **MASTER_TOL)
 
