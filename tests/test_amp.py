@@ -141,8 +141,13 @@ def test_a_window_whose_scaled_norm_overflows_fp32_is_applied(device, path):
                 assert 0 < float(a.grad_norm) < INF
                 torch.testing.assert_close(a.grad_norm, b.grad_norm, rtol=1e-6, atol=0)
     assert a.update_count == b.update_count == 2
-    assert_params_close(a_model, b_model, rtol=1e-6, atol=1e-8)
-    assert_states_close(a, b, rtol=1e-6, atol=1e-8)
+    # (a's norm is taken in float64, the retry's, b's in fp32: the two clip coefficients
+    # may differ in their last bit, as the norms did in window 2 on an AMD EPYC. Where a
+    # value ends near 0 as the sum of larger terms, that bit is a larger relative
+    # difference: 5e-6 in one element of RMSprop's momentum buffer there (-0.0945 from
+    # terms near 4), 2.7e-6 in one param with backend=triton)
+    assert_params_close(a_model, b_model, rtol=1e-5, atol=1e-8)
+    assert_states_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

@@ -388,6 +388,29 @@ def _clone(xs):
     return [None if x is None else x.clone() for x in xs]
 
 
+def _sqrt_not_correctly_rounded(x):
+    """Where torch's sqrt of the fp32 tensor ``x`` (on its device) is not the correctly
+    rounded square root (fp32's sqrt taken in float64 and rounded once: 53 >= 2 * 24 + 2
+    bits). On CPU torch's sqrt differs in some elements, how many depends on the CPU: 17%
+    of them on an AMD EPYC (Zen 4, 2026-11-29)."""
+    return torch.sqrt(x) != torch.sqrt(x.double()).float()
+
+
+def _assert_adam_param(got, want, prev, sqrt_of):
+    """An Adam/AdamW param of ours against torch's (or the reference's: torch's ops) from
+    the same ``prev``, torch's denominator being the sqrt of ``sqrt_of`` (exp_avg_sq, or
+    max_exp_avg_sq with amsgrad), which is bitwise ours. Where torch's sqrt of it is
+    correctly rounded, as ours always is: within 1e-6 (bitwise on CPU); elsewhere within
+    two ulps of the operands of the last operation, p and the update (the sqrt's one ulp
+    moves p by up to two of its own ulps: a large relative difference where p and the
+    update nearly cancel)."""
+    inexact = _sqrt_not_correctly_rounded(sqrt_of)
+    torch.testing.assert_close(got[~inexact], want[~inexact], rtol=1e-6, atol=0)
+    ulp = torch.finfo(torch.float32).eps * (prev.float().abs() + (prev.float() - want).abs())
+    diff = (got - want).abs()
+    assert bool((diff[inexact] <= 2 * ulp[inexact]).all()), float((diff / ulp)[inexact].max())
+
+
 ADAM_CASES = [
     # (param dtype, model_out dtype, amsgrad, maximize, decoupled, weight_decay)
     (torch.float32, None, False, False, True, 0.1),
@@ -502,7 +525,7 @@ def test_adam_moments_are_the_references_bitwise(backend_device, n, case):
     for name, i in (("exp_avg", 2), ("exp_avg_sq", 3), ("max_exp_avg_sq", 4)):
         if got[i] is not None:
             assert torch.equal(got[i], want[i]), name
-    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+    _assert_adam_param(got[0], want[0], param, want[4] if amsgrad else want[3])
 
 
 @pytest.mark.parametrize("where", ["max_exp_avg_sq", "exp_avg_sq"])
@@ -1529,13 +1552,14 @@ def test_kernels_give_the_cpu_backends_bits(backend, device):
 
 @pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam], ids=["AdamW", "Adam"])
 @pytest.mark.parametrize("backend", [b for b in ops.BACKENDS if b != "reference"])
-def test_adam_differs_from_torch_by_an_ulp_in_few_elements_on_cpu(backend, cls):
-    """docs/usage.md: the cpu and triton backends differ from torch's CPU Adam/AdamW step in
-    a few elements in ten thousand (torch's SLEEF sqrt is not correctly rounded, ours
-    is); exp_avg and exp_avg_sq are bitwise torch's. Each of three steps starts from
-    torch's own state, so that differences do not compound. (Measured here: 0.01% to 0.03%
-    of the elements; the sqrt's one ulp moves the param by up to two of its own ulps, so
-    the bound is two roundings of the operands of the last operation.)"""
+def test_adam_differs_from_torch_only_where_its_cpu_sqrt_is_not_correctly_rounded(backend, cls):
+    """docs/usage.md: the cpu and triton backends' Adam/AdamW step on CPU is bitwise torch's
+    (foreach=False) but in elements where torch's sqrt of exp_avg_sq is not correctly
+    rounded (ours is), and there within two ulps of the operands of the last operation;
+    exp_avg and exp_avg_sq are bitwise torch's. Each of three steps starts from torch's own
+    state, so that differences do not compound. How many elements differ depends on the
+    CPU torch runs on: 0.01% to 0.03% (once 0.15%) on the CPUs of earlier sessions, 0.3% to
+    0.6% on an AMD EPYC (Zen 4, 2026-11-29), whose torch sqrt was off in 17% of them."""
     _cpu_backend(backend)
     n, wd = 1 << 16, 0.1 if cls is torch.optim.AdamW else 0.01
     p_t = torch.nn.Parameter(torch.randn(n, generator=_gen(80)))
@@ -1556,11 +1580,9 @@ def test_adam_differs_from_torch_by_an_ulp_in_few_elements_on_cpu(backend, cls):
         want = p_t.detach()
         assert torch.equal(m, opt.state[p_t]["exp_avg"]), step
         assert torch.equal(v, opt.state[p_t]["exp_avg_sq"]), step
-        diff = (p - want).abs()
-        # an ulp of the operands of the last operation, p and the update
-        ulp = torch.finfo(torch.float32).eps * (prev.abs() + (prev - want).abs())
-        assert bool((diff <= 2 * ulp).all()), (step, float((diff / ulp).max()))
-        assert float((diff > 0).float().mean()) <= 0.003, step
+        inexact = _sqrt_not_correctly_rounded(v)
+        assert torch.equal(p[~inexact], want[~inexact]), step
+        _assert_adam_param(p, want, prev, v)
 
 
 def test_reference_adam_is_torch_bitwise_on_cpu():
