@@ -506,6 +506,26 @@ def test_empty_buffers(device):
                      maximize=False, first_step=True)
 
 
+@pytest.mark.skipif("cpu" not in DEVICES, reason="the C++ CPU backend is not built here")
+def test_cpu_norm_reads_past_2_31_elements():
+    """int64 indexing in the CPU norm's chunk table (csrc/cpu/kernels.cpp reduce_chunks):
+    a buffer of 2^31 + 70000 fp32 elements after a small one, its only large value 7
+    elements from its end. The big buffer costs no memory: torch.empty of 8 GiB is fresh
+    pages from the kernel, which read as zeros from its one zero page until written; only
+    the two written pages become memory of their own (about 2 s, nearly all page faults)."""
+    n = (1 << 31) + 70_000
+    big = torch.empty(n)
+    big[5] = 3.0
+    big[n - 7] = 1000.0
+    small = _rand(1023, scale=0.1)
+    # torch's own norms over the same memory (whatever the untouched pages hold)
+    big2, bigmax = torch.linalg.vector_norm(big), torch.linalg.vector_norm(big, math.inf)
+    assert bigmax.item() == 1000.0  # (the pages read as zeros: the test's premise)
+    want2 = (big2.double().square() + small.double().square().sum()).sqrt().float()
+    torch.testing.assert_close(native.grad_norm([small, big], 2.0), want2, rtol=1e-6, atol=0)
+    assert native.grad_norm([small, big], math.inf).item() == 1000.0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_inf_norm_nan_wins_over_inf(device):
     t = _rand(10_000, device=device)
