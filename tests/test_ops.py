@@ -511,9 +511,8 @@ def test_adam_moments_are_the_references_bitwise(backend_device, n, case):
     0.5 or less (the lerp weight 1 - beta1 at or above 0.5) takes torch's second lerp
     form, end - (end - start) * (1 - w), rounded once."""
     backend, dev = backend_device
-    if dev.type == "cpu" and not _TORCH_CPU_FMA:  # (then torch's lerp rounds twice)
-        pytest.skip("hardware: torch's CPU kernels fuse no multiply-add on this CPU "
-                    f"({torch.backends.cpu.get_cpu_capability()})")
+    if dev.type == "cpu":  # (without fused multiply-adds torch's lerp rounds twice)
+        _skip_without_torch_cpu_fma()
     beta1, decoupled, wd, maximize, amsgrad = case
     param, acc, (m, v, vmax), _ = _step_inputs(n, torch.float32, dev, None)
     if not amsgrad:
@@ -1405,13 +1404,19 @@ SGD_TORCH_CASES = [
 ]
 
 
+def _skip_without_torch_cpu_fma():
+    """Tests that compare with torch's CPU ops bitwise: those ops round like ours only where
+    torch's kernels fuse multiply-adds (AVX2, AVX-512)."""
+    if not _TORCH_CPU_FMA:
+        pytest.skip("hardware: torch's CPU kernels fuse no multiply-add on this CPU "
+                    f"({torch.backends.cpu.get_cpu_capability()})")
+
+
 def _cpu_backend(backend):
     why = ops.unavailable_reason(backend, "cpu")
     if why is not None:
         pytest.skip(f"backend {backend} not available on cpu: {why}")
-    if not _TORCH_CPU_FMA:
-        pytest.skip("hardware: torch's CPU kernels fuse no multiply-add on this CPU "
-                    f"({torch.backends.cpu.get_cpu_capability()})")
+    _skip_without_torch_cpu_fma()
 
 
 @pytest.mark.parametrize("hp", SGD_TORCH_CASES, ids=lambda hp: ",".join(hp) or "plain")
