@@ -2050,13 +2050,17 @@ def _fresh_grads(dtype, device, window):
     return fresh
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["cxx_hook", "python_hook"])
 @pytest.mark.parametrize("when", ["before", "after"], ids=["hook_before", "hook_after"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_tensor_hook_sees_each_fresh_gradient_and_its_change_joins_the_window(device, dtype,
-                                                                                when):
+def test_a_tensor_hook_sees_each_fresh_gradient_and_its_change_joins_the_window(
+        monkeypatch, device, dtype, when, fast):
     """docs/usage.md: a register_hook hook (registered before or after wrapping) sees each
     micro-batch's fresh gradient and may return a changed one, as in torch: the window
-    sums what the hooks returned (here half of each gradient)."""
+    sums what the hooks returned (here half of each gradient). With the C++ batching hook
+    (where the backend has it) and with the Python hook alone (FUSEDACCUM_FAST_HOOKS=0),
+    which takes the half gradients on every backend."""
+    monkeypatch.setenv("FUSEDACCUM_FAST_HOOKS", "1" if fast else "0")
     k = 3
     window = make_windows(1, k, dtype=dtype, device=device)[0]
     model = make_model(dtype=dtype, device=device)
