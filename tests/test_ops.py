@@ -91,6 +91,27 @@ def test_accumulate_norm_sees_nonfinite(backend_device, norm_type, bad):
         assert torch.isnan(stat)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("n", [1, 1023, 4097])
+def test_accumulate_norm_of_an_infinite_scale_is_inf(backend_device, n, overwrite, norm_type):
+    """scale=inf makes every element +-inf (no grad is 0 here), so the statistic is inf,
+    as the reference's: not NaN from lanes past the tensor's end, where scale * 0 is NaN
+    (the Triton kernel's last block took them in)."""
+    backend, dev = backend_device
+    grad = _rand(n, torch.float16, dev, 4)
+    grad[grad == 0] = 1.0
+    want_acc = _rand(n, torch.float32, dev, 5)
+    got_acc = want_acc.clone()
+    want = reference.accumulate_(want_acc, grad, math.inf, overwrite=overwrite,
+                                 norm_type=norm_type)
+    got = ops.accumulate_(got_acc, grad, math.inf, overwrite=overwrite, norm_type=norm_type,
+                          backend=backend)
+    assert torch.isinf(want) and want > 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_acc, want_acc, equal_nan=True)
+
+
 # ---------------------------------------------------------------------------------------
 # accumulate_many_: bitwise the per-pair accumulate_ of the same backend
 # ---------------------------------------------------------------------------------------

@@ -381,10 +381,12 @@ def _accumulate_kernel(acc_ptr, grad_ptr, partial_ptr, n, scale,
                        INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = _block_offsets(pid, BLOCK)
-    acc = _accumulate_block(acc_ptr, grad_ptr, offs, offs < n, scale, GRAD_KIND, OVERWRITE,
+    mask = offs < n
+    acc = _accumulate_block(acc_ptr, grad_ptr, offs, mask, scale, GRAD_KIND, OVERWRITE,
                             INTERPRETED)
-    if NORM != 0:  # this block's statistic of the updated accumulator
-        tl.store(partial_ptr + pid, _block_stat(acc, NORM))
+    if NORM != 0:  # this block's statistic of the updated accumulator, past n left out
+        # (there the lanes hold scale * 0: NaN for an infinite scale)
+        tl.store(partial_ptr + pid, _block_stat(tl.where(mask, acc, 0.0), NORM))
 
 
 def _launch_accumulate(acc, grad, scale, overwrite, norm, wrap=_raw):
