@@ -556,6 +556,23 @@ def test_direct_launch_key_holds_the_device(monkeypatch):
     assert len(T._COMPILED) == 2
 
 
+def test_direct_launch_only_for_constexprs_in_the_kernels_order(monkeypatch):
+    """The compiled kernel is launched with every argument by position: a launch whose
+    constexprs are not the kernel's remaining parameters in its order (here NORM and SQRT
+    swapped, which the launcher binds by name) keeps no compiled kernel and goes through
+    Triton's launcher every time."""
+    kernel = _launches(monkeypatch, "_finish_kernel")
+    monkeypatch.setattr(T, "_LAUNCH", "direct")
+    partials, out = torch.zeros(7), torch.zeros(())
+    for _ in range(2):
+        T._run(kernel, 1, (partials, out, 7), dict(SQRT=False, NORM=1, BLOCK=16), 1)
+    assert [c[0] for c in kernel.calls] == ["jit", "jit"] and T._COMPILED == {}
+    for _ in range(2):  # (the kernel's order: kept, then launched directly)
+        T._run(kernel, 1, (partials, out, 7), dict(NORM=1, SQRT=False, BLOCK=16), 1)
+    assert [c[0] for c in kernel.calls] == ["jit", "jit", "jit", "direct"]
+    assert len(T._COMPILED) == 1
+
+
 # _accumulate_many_kernel compiled for a GPU by this Triton (no GPU needed: its NVIDIA
 # backend and ptxas), in a process without the interpreter (_run_python)
 _COMPILE_MANY = """
@@ -1471,3 +1488,226 @@ def test_fma_rounds_once(emulate):
                      EMULATE=emulate, BLOCK=triton.next_power_of_2(n))
     got = out_dev.cpu()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------
+# launch plumbing: blocks, flush tables, uploads, GPU-only branches through stand-ins
+# ---------------------------------------------------------------------------------------
+def test_each_kernel_launches_with_its_own_block(distinct_blocks, monkeypatch):
+    """Every launch passes its own kernel's BLOCK (and the finishing program its own,
+    which fixes the order of the partials' fold): grad_norm, accumulate_ with its
+    statistic, accumulate_many_ and both steps, with a different block per kernel."""
+    seen = {}
+    run = T._run
+
+    def recording(kernel, grid, args, consts, warps, *rest, **kw):
+        name = getattr(kernel, "fn", kernel).__name__
+        seen.setdefault(name, set()).add(consts["BLOCK"])
+        return run(kernel, grid, args, consts, warps, *rest, **kw)
+
+    monkeypatch.setattr(T, "_run", recording)
+    ts = [_rand(n, seed=150 + i) for i, n in enumerate((5000, 63))]
+    T.grad_norm(ts, 2.0)
+    T.accumulate_(ts[0], ts[0].clone(), 0.5, norm_type=math.inf)
+    T.accumulate_many_(ts, [t.clone() for t in ts], 0.5)
+    p, acc, m, v = (_rand(300, seed=160 + i).abs() for i in range(4))
+    T.adamw_step_(p, acc, m, v, grad_mult=_scalar(1.0), found_inf=_scalar(0.0), lr=1e-3,
+                  beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, step=1)
+    T.sgd_step_(p, acc, None, None, grad_mult=_scalar(1.0), found_inf=_scalar(0.0), lr=0.1,
+                momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False, first_step=False)
+    b = distinct_blocks
+    assert seen == {"_norm_partials_kernel": {b["norm"]}, "_finish_kernel": {b["finish"]},
+                    "_accumulate_kernel": {b["accumulate"]},
+                    "_accumulate_many_kernel": {b["accumulate"]},
+                    "_adamw_kernel": {b["adamw"]}, "_sgd_kernel": {b["sgd"]}}
+
+
+def test_launch_switches_to_a_gpu_that_is_not_the_current_one(monkeypatch):
+    """_device_of on GPU tensors, without a GPU (a stand-in tensor on cuda:0 and cuda:1,
+    cuda:0 current): no switch for the current device, torch.cuda.device of the tensor's
+    own for another."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    class OnDevice:
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    assert T._device_of(OnDevice(0)) is T._NO_SWITCH
+    switch = T._device_of(OnDevice(1))
+    assert isinstance(switch, torch.cuda.device) and switch.idx == 1
+
+
+def test_table_flush_on_a_gpu_without_the_interpreter(monkeypatch):
+    """What the C++ hook gets for a GPU when the kernels are compiled (not interpreted):
+    the table launcher, the accumulate kernel's GPU block and the grad dtype's kind; None
+    for a dtype the kernels do not store, and under the interpreter (which cannot read a
+    GPU table)."""
+    monkeypatch.setattr(T, "_INTERPRETED", False)
+    cuda = torch.device("cuda", 0)
+    block = T._GPU_CONFIG["accumulate"][0]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert T.table_flush(cuda, dtype) == (T._launch_table, block, T._KIND[dtype])
+    assert T.table_flush(cuda, torch.float64) is None
+    monkeypatch.setattr(T, "_INTERPRETED", True)
+    assert T.table_flush(cuda, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("sizes", [[0], [0, 0], [0, 5, 9], [0, 5, 0, 9], [5, 0, 9, 0]])
+def test_flush_table_has_a_row_for_each_non_empty_pair_only(sizes):
+    """_many_table: empty pairs get no row wherever they are (first included), so the
+    block starts strictly increase and a batch of only empty pairs is no table at all;
+    the overwrite flags stay with their pairs (a negated numel)."""
+    block = 4
+    accs = [torch.zeros(n) for n in sizes]
+    grads = [torch.ones(n, dtype=torch.bfloat16) for n in sizes]
+    flags = [i % 2 for i in range(len(sizes))]
+    entries, count, grid = T._many_table(accs, grads, block, flags)
+    kept = [i for i, n in enumerate(sizes) if n]
+    assert count == len(kept) and grid == sum(-(-sizes[i] // block) for i in kept)
+    if not kept:
+        assert entries == []
+        return
+    assert entries[:count] == [accs[i].data_ptr() for i in kept]
+    assert entries[count:2 * count] == [grads[i].data_ptr() for i in kept]
+    assert entries[2 * count:3 * count] == [-sizes[i] if flags[i] else sizes[i] for i in kept]
+    starts = entries[3 * count:]
+    assert starts[0] == 0 and starts[-1] == grid and len(starts) == count + 1
+    assert all(a < b for a, b in zip(starts, starts[1:]))
+
+
+def test_gpu_flushes_register_for_cpp_quietly_only_for_auto(monkeypatch):
+    """A flush of a GPU table (a stand-in on cuda:0) hands its compiled kernel to
+    _register_cxx in "auto" (quietly: a refusal leaves it "direct") and "cxx" (a refusal
+    warns), and not at all in "direct" or "jit"."""
+    _fresh_launch_state(monkeypatch, _RecordingKernel())
+    registered = []
+    monkeypatch.setattr(T, "_CXX_REFUSED", [])
+    monkeypatch.setattr(T, "_register_cxx",
+                        lambda *a, quiet=False: registered.append((a[1:], quiet)))
+
+    class CudaTable:
+        device = torch.device("cuda", 0)
+
+    for mode in ("auto", "cxx", "direct", "jit"):
+        T._launch_many_kernel(3, CudaTable(), 2, 0.5, 1, T._BF16, 1024, 4, mode)
+    assert registered == [((0, 1, T._BF16, 1024), True), ((0, 1, T._BF16, 1024), False)]
+
+
+def test_accumulate_many_uploads_its_table_as_asked(monkeypatch):
+    """_launch_accumulate_many's ``upload`` overrides the module's mode for that flush:
+    "cached" keeps the table, the default ("pageable") does not, and a mode that is not
+    one fails before any launch."""
+    monkeypatch.setattr(T, "_TABLE_CACHE", type(T._TABLE_CACHE)())
+    monkeypatch.setattr(T, "_TABLE_UPLOAD", "pageable")
+    accs = [_rand(n, seed=170 + i) for i, n in enumerate((5, 70))]
+    grads = [_rand(n, torch.bfloat16, seed=180 + i) for i, n in enumerate((5, 70))]
+    want = _per_pair(accs, grads, 0.5)
+    T._launch_accumulate_many(accs, grads, 0.5, upload="cached")
+    assert len(T._TABLE_CACHE) == 1
+    T._launch_accumulate_many([a.clone() for a in accs], grads, 0.5)
+    assert len(T._TABLE_CACHE) == 1
+    with pytest.raises(ValueError, match="table upload mode"):
+        T._launch_accumulate_many(accs, grads, 0.5, upload="nope")
+    for got, w in zip(accs, want):
+        assert torch.equal(got, w)
+
+
+def test_steps_leave_an_unused_state_buffer_alone_version_included():
+    """A state buffer the step does not use (SGD's momentum_buffer with momentum=0,
+    AdamW's max_exp_avg_sq without amsgrad) is neither written nor has its version
+    counter bumped (the wrapper reads in-place changes from ``_version``)."""
+    n = 100
+    param, acc, buf = _rand(n, seed=190), _rand(n, seed=191), _rand(n, seed=192)
+    b0, v0, p0 = buf.clone(), buf._version, param._version
+    T.sgd_step_(param, acc, buf, None, grad_mult=_scalar(1.0), found_inf=_scalar(0.0), lr=0.1,
+                momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False, first_step=False)
+    assert param._version > p0 and buf._version == v0 and torch.equal(buf, b0)
+    m, v = _rand(n, seed=193).abs(), _rand(n, seed=194).abs()
+    T.adamw_step_(param, _rand(n, seed=195), m, v, buf, grad_mult=_scalar(1.0),
+                  found_inf=_scalar(0.0), lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
+                  weight_decay=0.0, step=1, amsgrad=False)
+    assert buf._version == v0 and torch.equal(buf, b0)
+
+
+def test_interpreter_flushes_gpu_pairs_one_by_one_with_their_flags(monkeypatch):
+    """Under the interpreter a table of GPU addresses cannot be read: accumulate_many_
+    on tensors off the CPU (stand-ins on the meta device here) runs accumulate_ per pair,
+    each with its own overwrite flag, and no table launch."""
+    monkeypatch.setattr(T, "_INTERPRETED", True)
+    calls = []
+    monkeypatch.setattr(T, "_launch_accumulate", lambda *a: calls.append(a))
+    monkeypatch.setattr(T, "_launch_table", lambda *a, **k: pytest.fail("a table launch"))
+    accs = [torch.empty(n, device="meta") for n in (3, 5, 7)]
+    grads = [torch.empty(n, dtype=torch.bfloat16, device="meta") for n in (3, 5, 7)]
+    T._launch_accumulate_many(accs, grads, 0.5, [1, 0, 1])
+    assert [(c[0], c[1], c[2], c[3], c[4]) for c in calls] == [
+        (accs[0], grads[0], 0.5, True, T._NORM_NONE), (accs[1], grads[1], 0.5, False, T._NORM_NONE),
+        (accs[2], grads[2], 0.5, True, T._NORM_NONE)]
+    calls.clear()
+    T._launch_accumulate_many(accs, grads, 0.5)
+    assert [c[3] for c in calls] == [False, False, False]
+
+
+def test_cached_flush_tables_are_per_device(monkeypatch):
+    """upload "cached": the same entries on another device are another table (a table's
+    addresses are only valid on its own device; a stand-in second device without a GPU)."""
+    monkeypatch.setattr(T, "_TABLE_CACHE", type(T._TABLE_CACHE)())
+    a = T._upload_table([1, 2, 3], torch.device("cpu"), "cached")
+    b = T._upload_table([1, 2, 3], torch.device("meta"), "cached")
+    assert b is not a and len(T._TABLE_CACHE) == 2
+    assert T._upload_table([1, 2, 3], torch.device("cpu"), "cached") is a
+
+
+def test_forget_cxx_undoes_registrations_and_refusals(monkeypatch):
+    """_forget_cxx: the C++ side's registrations cleared first, then the kernels kept here
+    and any refusal, so that the next launches register anew."""
+    from fusedaccum.ops import native
+
+    cleared = []
+    hooks = types.SimpleNamespace(clear_triton_kernels=lambda: cleared.append(True))
+    monkeypatch.setattr(native, "hooks_module", lambda load=True: hooks)
+    monkeypatch.setattr(T, "_CXX_KERNELS", {(0, 2, 3, 1024): object()})
+    monkeypatch.setattr(T, "_CXX_REFUSED", ["the extension was built without CUDA"])
+    T._forget_cxx()
+    assert cleared == [True] and T._CXX_KERNELS == {} and T._CXX_REFUSED == []
+
+
+def test_unavailable_reason_for_cuda_without_cuda(monkeypatch):
+    """A CUDA device where torch has no CUDA: a reason that says so (not None)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    why = T.unavailable_reason("triton", torch.device("cuda"))
+    assert isinstance(why, str) and "CUDA is not available" in why
+
+
+def test_accumulate_many_stays_opaque_where_the_ops_are_triton_op():
+    """FUSEDACCUM_TRITON_OP=1 makes the ops triton_op, but accumulate_many_ (a host-side
+    table of data pointers) stays an opaque custom_op with its fake: traced on fake
+    tensors it reads no data pointer."""
+    res = _run_python("""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from fusedaccum.ops import triton as T
+        assert T._TRITON_OP
+        with FakeTensorMode():
+            accs, grads = [torch.zeros(5), torch.zeros(7)], [torch.ones(5), torch.ones(7)]
+            torch.ops.fusedaccum.triton_accumulate_many_(accs, grads, 0.5, [1, 0])
+        print("ok")
+    """, FUSEDACCUM_TRITON_OP="1", TRITON_INTERPRET="1")
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_accumulate_many_op_keeps_the_overwrite_flags():
+    """torch.ops.fusedaccum.triton_accumulate_many_ (what a compiled graph calls) honours
+    each pair's overwrite flag as the eager op does; an empty list means none."""
+    sizes = (5, 3000, 1)
+    accs = [_rand(n, seed=200 + i) for i, n in enumerate(sizes)]
+    grads = [_rand(n, torch.bfloat16, seed=210 + i) for i, n in enumerate(sizes)]
+    for flags in ([1, 0, 1], []):
+        want = [a.clone() for a in accs]
+        reference.accumulate_many_(want, grads, 0.5, overwrite=flags or None)
+        got = [a.clone() for a in accs]
+        torch.ops.fusedaccum.triton_accumulate_many_(got, grads, 0.5, flags)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), flags
