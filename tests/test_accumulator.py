@@ -1174,6 +1174,38 @@ def test_inner_step_hooks_see_and_change_what_inner_step_would(device, dtype, op
     assert_params_close(model, emu.model, **HALF_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_inner_post_hook_alone_sees_the_prepared_gradient(device, dtype):
+    """As above with a post-hook and no pre-hook (the boundary then reads its found-inf
+    flag after queueing the update): the post-hook sees each .grad as after torch's step,
+    the prepared window gradient (divided by k, loss scale removed, clipped), not the raw
+    sum of the micro-batches."""
+    k = 2
+    windows = make_windows(2, k, dtype=dtype, device=device)
+
+    def hooked(opt, seen):
+        opt.register_step_post_hook(lambda o, args, kwargs: seen.append(
+            [t.grad.clone() for t in group_tensors(o)]))
+        return opt
+
+    seen, emu_seen = [], []
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(hooked(adamw(model.parameters()), seen), accumulation_steps=k,
+               max_grad_norm=0.5, loss_scale=64.0)
+    emu = MasterEmulation(make_model(dtype=dtype, device=device),
+                          lambda ps: hooked(adamw(ps), emu_seen))
+    for window in windows:
+        for x, y in window:
+            opt.scale_loss(mse(model(x), y)).backward()
+            emu.backward(mse(emu.model(x), y) * 64.0)
+            opt.step()
+            opt.zero_grad()
+        emu.step(k, max_grad_norm=0.5, loss_scale=64.0)
+    assert len(seen) == len(emu_seen) == len(windows)
+    for got, want in zip(seen, emu_seen):
+        torch.testing.assert_close(got, want, **MASTER_TOL_CLIPPED)
+
+
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "rmsprop"])
 def test_inner_step_hooks_that_raise_or_touch_the_model_lose_nothing(device, opt_name):
     """A pre-hook that raises once: the retried step() gives the update of no failure (the
@@ -1373,6 +1405,30 @@ def test_an_inner_pre_hook_finds_every_grad_of_the_window_and_edits_it_in_place(
     assert_params_close(model, emu.model, **HALF_TOL.get(dtype, MASTER_TOL))
     assert_states_close(opt, emu.opt, **MASTER_TOL)
     assert _changed(model, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_inner_pre_hook_sees_no_grad_on_a_param_the_window_did_not_reach(
+        device, dtype, opt_name):
+    """DESIGN.md section 2, "who is updated": a param no backward of the window reached
+    takes no part in the update, as torch's step skips a param whose .grad is None; the
+    inner optimizer's pre-hooks see it so (.grad None), as around torch's own step, and
+    the params the window reached with their .grad."""
+    model = make_model(dtype=dtype, device=device)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    seen = []
+    inner.register_step_pre_hook(lambda o, args, kwargs: seen.append(
+        [t.grad is not None for g in o.param_groups for t in g["params"]]))
+    opt = wrap(inner, accumulation_steps=2)
+    for x, y in make_batches(2, dtype=dtype, device=device):
+        hidden = torch.tanh(model.fc1(x)).detach()
+        mse(model.fc2(hidden), y).backward()  # fc1 gets no gradient in this window
+        opt.step()
+        opt.zero_grad()
+    assert opt.stepped
+    assert seen == [[False, False, True, True]]
+    assert all(t.grad is None for t in group_tensors(opt))
 
 
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
@@ -1616,6 +1672,33 @@ def test_inner_hooks_may_save_state_while_the_generic_path_steps_copies(device):
     assert opt.stepped and len(saved) == 1
 
 
+def test_an_inner_pre_hook_may_replace_the_arguments_of_the_generic_step(device):
+    """On the generic path the inner optimizer's own step pre-hooks run as torch's step
+    wrapper runs them: the (args, kwargs) one returns are what the inner step is called
+    with, here a closure, which the inner step then calls once per update, as without the
+    wrapper."""
+    calls = {"wrapped": 0, "torch": 0}
+
+    def make_hook(name):
+        def closure():
+            calls[name] += 1
+
+        return lambda o, args, kwargs: (args, {"closure": closure})
+
+    model, ref = make_model(device=device), make_model(device=device)
+    inner = OPTIMIZERS["rmsprop"](model.parameters())
+    inner.register_step_pre_hook(make_hook("wrapped"))
+    ref_opt = OPTIMIZERS["rmsprop"](ref.parameters())
+    ref_opt.register_step_pre_hook(make_hook("torch"))
+    opt = wrap(inner, accumulation_steps=2)
+    windows = make_windows(2, 2, device=device)
+    run_managed(model, opt, windows)
+    for window in windows:
+        big_batch_update(ref, ref_opt, window)
+    assert calls == {"wrapped": 2, "torch": 2}
+    assert_params_close(model, ref)
+
+
 @pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"])
 def test_an_inner_post_hook_sees_the_window_ended_and_may_checkpoint(device, opt_name):
     """By the time the inner optimizer's post-hooks run, the window is over and counted
@@ -1645,6 +1728,26 @@ def test_an_inner_post_hook_sees_the_window_ended_and_may_checkpoint(device, opt
     assert opt2.update_count == 3
     for p, q in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"], ids=["fused", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_boundary_clears_every_grad_also_with_an_inner_post_hook(device, dtype, opt_name):
+    """The .grad views of the window are cleared by the boundary that ends it (DESIGN.md
+    section 2: .grad views the accumulator while the window holds a gradient): also when
+    the inner optimizer has a post-hook, which sees them (the applied gradient) first."""
+    model = make_model(dtype=dtype, device=device)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    seen = []
+    inner.register_step_post_hook(lambda o, args, kwargs: seen.append(
+        [t.grad is not None for g in o.param_groups for t in g["params"]]))
+    opt = wrap(inner, accumulation_steps=2)
+    for x, y in make_batches(2, dtype=dtype, device=device):
+        mse(model(x), y).backward()
+        opt.step()
+    assert opt.stepped and seen == [[True] * 4]
+    assert all(t.grad is None for t in group_tensors(opt))
+    assert all(p.grad is None for p in model.parameters())
 
 
 # -------------------------------------------------------------- adaptive accumulation
@@ -4038,6 +4141,29 @@ def test_backward_through_params_an_update_changed_raises_as_in_torch(device, dt
     assert [p._version for p in model.parameters()] == versions
 
 
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_backward_through_params_updated_in_a_partial_window_raises_as_in_torch(
+        device, dtype, opt_name):
+    """As above, for a window in which only some params got a gradient (DESIGN.md section
+    2, "who is updated"): the params the update wrote have their version bumped, so a
+    graph that saved them before the update refuses its backward; the others are left
+    alone, as torch's step leaves a param whose .grad is None."""
+    model = make_model(dtype=dtype, device=device)
+    opt = wrap(OPTIMIZERS[opt_name](model.parameters()))
+    x, y = make_batches(1, dtype=dtype, device=device)[0]
+    hidden = torch.tanh(model.fc1(x)).detach()
+    mse(model.fc2(hidden), y).backward()  # fc1 gets no gradient in this window
+    versions = [p._version for p in model.parameters()]
+    saved = mse(model.fc2(hidden.requires_grad_()), y)  # saves fc2.weight for hidden's grad
+    opt.step()
+    assert opt.stepped
+    after = [p._version for p in model.parameters()]
+    assert after[:2] == versions[:2]  # fc1: no gradient, not written
+    assert all(a > v for a, v in zip(after[2:], versions[2:]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_sgd_without_momentum_keeps_no_state_entries(device, dtype):
     """torch's SGD makes no state entry while momentum is 0: the wrapper's state dict is
@@ -4097,6 +4223,24 @@ def test_deleted_optimizer_state_starts_afresh_as_in_torch(device, how):
     assert_params_close(model, ref)
     assert_states_close(opt, ref_opt)
 
+
+def test_adamw_groups_without_a_decoupled_weight_decay_key_decay_as_adamw(device):
+    """The fused path runs AdamW with AdamW's decoupled weight decay (DESIGN.md section 2:
+    the same numbers as the inner optimizer). torch's AdamW groups have not always held a
+    ``decoupled_weight_decay`` key (pyproject allows torch>=2.4): a group without it is
+    still AdamW's, not Adam's L2 decay."""
+    k = 2
+    windows = make_windows(2, k, device=device)
+    model, ref = make_model(device=device), make_model(device=device)
+    inner = adamw(model.parameters())
+    for group in inner.param_groups:
+        group.pop("decoupled_weight_decay", None)
+    opt = wrap(inner, accumulation_steps=k)
+    ref_opt = adamw(ref.parameters())
+    run_managed(model, opt, windows)
+    for window in windows:
+        big_batch_update(ref, ref_opt, window)
+    assert_params_close(model, ref)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_zero_grad_adopts_a_group_added_to_the_inner_optimizer(device, dtype):

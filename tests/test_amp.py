@@ -437,6 +437,36 @@ def test_gradscaler_fp32_params_documented_accumulation_pattern(device, mode, in
     assert_states_close(opt, ref_opt)
 
 
+@pytest.mark.parametrize("opt_name", ["adamw", "rmsprop"], ids=["fused", "generic"])
+def test_gradscaler_found_inf_skips_the_window_after_unscale_made_the_grads_finite(
+        device, opt_name):
+    """GradScaler's found_inf is honoured (DESIGN.md section 2, loss scaling): unscale_
+    found an inf, so scaler.step skips the window as it skips plain torch's step, also
+    when the user made every .grad finite again (nan_to_num_) before scaler.step."""
+    model, ref = make_model(device=device), make_model(device=device)
+    opt, ref_opt = wrap(OPTIMIZERS[opt_name](model.parameters())), \
+        OPTIMIZERS[opt_name](ref.parameters())
+    scaler, ref_scaler = torch.amp.GradScaler(device), torch.amp.GradScaler(device)
+    (x, y), = make_batches(1, device=device)
+    snap = snapshot(model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for m, o, s in ((model, opt, scaler), (ref, ref_opt, ref_scaler)):
+            handle = m.fc2.weight.register_hook(poison(INF))
+            s.scale(mse(m(x), y)).backward()
+            handle.remove()
+            s.unscale_(o)
+            for p in m.parameters():
+                p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            s.step(o)
+            s.update()
+            o.zero_grad()
+    assert ref_scaler.get_scale() == scaler.get_scale() == 2.0**15
+    assert not opt.stepped and opt.skipped_steps == 1 and opt.update_count == 0
+    assert_unchanged(snap, model, opt)
+    assert_params_close(model, ref)
+
+
 @pytest.mark.parametrize("clear", ["opt", "model", "opt_compiled_autograd"])
 def test_gradscaler_sees_the_window_of_a_param_zero_grad_cleared(device, clear):
     """The wrapper keeps the window through zero_grad(), so a loop may call it every

@@ -1437,6 +1437,58 @@ def test_every_state_key_put_into_opt_state_is_checked_naming_it(device, opt_nam
     assert opt.stepped and opt.update_count == 2
 
 
+def test_a_refused_state_edit_leaves_another_edited_entry_as_it_was(device):
+    """DESIGN.md section 2: bad input gets a clear error, and nothing is lost. Of two edits
+    of opt.state made before one update (a param's entry cleared, another's exp_avg put
+    with a wrong shape), the bad one refuses the step before any is taken in: the cleared
+    param's state tensors, still held by the user, keep their values ("no state was
+    changed")."""
+    model = make_model(device=device)
+    opt = wrap(adamw(model.parameters()))
+    (x, y), = make_batches(1, device=device)
+    for _ in range(2):
+        mse(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    t0, t1 = group_tensors(opt)[:2]
+    held = dict(opt.state[t0])
+    before = {key: v.clone() for key, v in held.items()}
+    opt.state[t0].clear()  # (taken in at the next update: t0 starts afresh)
+    opt.state[t1]["exp_avg"] = torch.zeros(7, device=device)  # refused: not t1's shape
+    mse(model(x), y).backward()
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.step()
+    assert opt.update_count == 2
+    for key, v in held.items():
+        torch.testing.assert_close(v, before[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opt_name,key", [("adamw", "exp_avg"),
+                                          ("sgd_momentum", "momentum_buffer")])
+def test_a_number_put_in_place_of_a_state_tensor_is_refused_naming_the_param(
+        device, opt_name, key):
+    """As a tensor of another shape: a plain number put into opt.state in place of a state
+    tensor (only ``step`` may be a number) is refused at the boundary with ValueError,
+    naming the param and the key, before anything changes; with a tensor that fits, the
+    retried step() goes on."""
+    model = make_model(device=device)
+    opt = wrap(OPTIMIZERS[opt_name](model.named_parameters()))
+    (x, y), = make_batches(1, device=device)
+    mse(model(x), y).backward()
+    opt.step()
+    t = group_tensors(opt)[0]
+    opt.state[t][key] = 0.5
+    mse(model(x), y).backward()
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=rf"'fc1.weight'.*'{key}' = float"):
+        opt.step()
+    assert_unchanged(snap, model, opt)
+    assert opt.update_count == 1
+    opt.state[t][key] = torch.zeros_like(t)
+    opt.step()
+    assert opt.stepped and opt.update_count == 2
+
+
 @pytest.mark.parametrize("bad", ["string", "meta", "shape", "complex"])
 def test_wrapping_refuses_existing_state_it_cannot_use(device, bad):
     """State the inner optimizer holds when wrapped is copied into the flat buffers: a
